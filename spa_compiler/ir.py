@@ -1,0 +1,520 @@
+"""Loading, shape binding and saving: the one place that knows onnx protobufs and graphsurgeon.
+
+``load_model`` turns an ONNX file into a :class:`Graph`: weights held in ``Constant`` nodes or
+computed by constant subgraphs (``ConstantOfShape``, ``Unsqueeze`` of a constant, ...) are folded
+into initializers, dynamic input dimensions are bound to concrete sizes for analysis, and every
+tensor gets a concrete shape. The graph keeps the model's own (possibly dynamic) input and output
+declarations, so the pruned model stays as dynamic as the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import helper, numpy_helper
+
+from .errors import InputError, ModelError, OutputError, UnsupportedModelError
+
+__all__ = [
+    "Node",
+    "Graph",
+    "load_model",
+    "parse_input_shapes",
+    "synthetic_inputs",
+    "save_model",
+    "check_output_path",
+    "MIN_OPSET",
+    "MAX_OPSET",
+]
+
+log = logging.getLogger(__name__)
+onnxruntime.set_default_logger_severity(3)
+
+MIN_OPSET = 9
+MAX_OPSET = 23
+_QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm", "QAttention",
+}
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold a model over 2 GiB
+
+
+@dataclass
+class Node:
+    """One ONNX node as the compiler sees it: names of its tensors and decoded attributes."""
+
+    name: str
+    op_type: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    subgraph_inputs: set[str] = field(default_factory=set)
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+    @property
+    def has_subgraph(self) -> bool:
+        return any(
+            isinstance(v, list) and v and isinstance(v[0], onnx.GraphProto) for v in self.attrs.values()
+        )
+
+    def __str__(self) -> str:
+        return f"{self.op_type} node '{self.name}'"
+
+
+@dataclass
+class Graph:
+    """A folded ONNX model with concrete shapes for every tensor.
+
+    ``model`` is the folded ModelProto the rewriter edits; ``constants`` maps initializer names
+    to arrays; ``shapes`` holds concrete shapes with dynamic dimensions bound.
+    """
+
+    model: onnx.ModelProto
+    nodes: list[Node]
+    constants: dict[str, np.ndarray]
+    inputs: list[str]
+    outputs: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, int]
+    input_shapes: dict[str, tuple[int, ...]]
+    opset: int
+    source: Path | None = None
+    uses_external_data: bool = False
+
+    def __post_init__(self) -> None:
+        self.producer: dict[str, Node] = {}
+        self.consumers: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for out in node.outputs:
+                if out:
+                    self.producer[out] = node
+            for name in [*node.inputs, *node.subgraph_inputs]:
+                if name:
+                    self.consumers.setdefault(name, []).append(node)
+        self.node_by_name = {node.name: node for node in self.nodes}
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.constants
+
+    def rank(self, name: str) -> int:
+        return len(self.shapes[name])
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give the path of an .onnx file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path} is not readable; check its permissions")
+
+
+def _read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
+    """The parsed model with its external data loaded, and whether it had external data."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning and others
+        raise InputError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}); "
+            "check that the file is complete and was exported as ONNX"
+        ) from None
+    if model.ir_version == 0 or not model.graph.node or not model.opset_import:
+        raise InputError(
+            f"{path} is not an ONNX model (no graph or opset found); "
+            "check that the file is complete and was exported as ONNX"
+        )
+    uses_external = any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)
+    )
+    if uses_external:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise InputError(
+                f"{path}: its external weight data could not be read ({exc}); "
+                "keep the .data file next to the model"
+            ) from None
+    return model, uses_external
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            for sub in _subgraphs(attr):
+                yield from _all_tensors(sub)
+
+
+def _subgraphs(attr: onnx.AttributeProto):
+    if attr.type == onnx.AttributeProto.GRAPH:
+        yield attr.g
+    elif attr.type == onnx.AttributeProto.GRAPHS:
+        yield from attr.graphs
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise InputError("the model imports no default ONNX opset; re-export it with a standard opset")
+
+
+def _reject_unsupported(model: onnx.ModelProto, path: Path) -> int:
+    opset = _default_opset(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{path} uses opset {opset}; spa-prune reads opsets {MIN_OPSET} to {MAX_OPSET}: "
+            "convert it with onnx.version_converter.convert_version(model, 13)"
+        )
+    if opset > MAX_OPSET:
+        raise UnsupportedModelError(
+            f"{path} uses opset {opset}; spa-prune reads opsets {MIN_OPSET} to {MAX_OPSET}: "
+            f"re-export it with opset {MAX_OPSET} or lower"
+        )
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
+    if quantized:
+        raise UnsupportedModelError(
+            f"{path} is a quantized model ({', '.join(quantized)}); "
+            "prune the float model first and quantize the pruned result"
+        )
+    return opset
+
+
+def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold Constant nodes and constant-only subgraphs into initializers (graphsurgeon + ORT)."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.CRITICAL
+    graph = gs.import_onnx(model)
+    graph.fold_constants(fold_shapes=True, error_ok=True)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    folded = gs.export_onnx(graph, do_type_check=False)
+    folded.ir_version = model.ir_version
+    del folded.opset_import[:]
+    folded.opset_import.extend(model.opset_import)
+    folded.producer_name = model.producer_name
+    folded.producer_version = model.producer_version
+    del folded.metadata_props[:]
+    folded.metadata_props.extend(model.metadata_props)
+    return folded
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME=1x3x224x224`` strings (the ``--input-shape`` option)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition("=")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+            raise InputError(
+                f"--input-shape '{spec}' is not of the form NAME=1x3x224x224"
+            )
+        shapes[name] = tuple(int(d) for d in dims.split("x"))
+    return shapes
+
+
+def _bind_input_shapes(
+    model: onnx.ModelProto, user: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    initializers = {t.name for t in model.graph.initializer}
+    real_inputs = [i for i in model.graph.input if i.name not in initializers]
+    unknown = set(user) - {i.name for i in real_inputs}
+    if unknown:
+        names = ", ".join(i.name for i in real_inputs)
+        raise InputError(
+            f"--input-shape names {', '.join(sorted(unknown))}, which is not a graph input; "
+            f"the inputs are: {names}"
+        )
+    bound: dict[str, tuple[int, ...]] = {}
+    for value in real_inputs:
+        dims = value.type.tensor_type.shape.dim
+        if not value.type.HasField("tensor_type"):
+            raise ModelError(f"graph input '{value.name}' is not a tensor; spa-prune needs tensor inputs")
+        if value.name in user:
+            shape = user[value.name]
+            if len(shape) != len(dims):
+                raise InputError(
+                    f"--input-shape {value.name} has {len(shape)} dimensions; "
+                    f"the model's input has {len(dims)}"
+                )
+            for axis, (dim, size) in enumerate(zip(dims, shape)):
+                if dim.dim_value > 0 and dim.dim_value != size:
+                    raise InputError(
+                        f"--input-shape {value.name}: dimension {axis} is fixed to "
+                        f"{dim.dim_value} in the model, not {size}"
+                    )
+            bound[value.name] = shape
+            continue
+        shape = []
+        for axis, dim in enumerate(dims):
+            if dim.dim_value > 0:
+                shape.append(dim.dim_value)
+            elif axis == 0:
+                shape.append(1)  # batch defaults to 1
+            else:
+                example = "x".join(
+                    str(d.dim_value) if d.dim_value > 0 else ("1" if i == 0 else "N")
+                    for i, d in enumerate(dims)
+                )
+                raise ModelError(
+                    f"graph input '{value.name}' has an unknown dimension {axis} "
+                    f"('{dim.dim_param or '?'}'); bind it with --input-shape "
+                    f"{value.name}={example}"
+                )
+        bound[value.name] = tuple(shape)
+    return bound
+
+
+def _with_bound_inputs(model: onnx.ModelProto, bound: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in copy.graph.input:
+        if value.name in bound:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, bound[value.name]):
+                dim.Clear()
+                dim.dim_value = size
+    del copy.graph.value_info[:]
+    for value in copy.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    return copy
+
+
+def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
+    return None if any(d < 0 for d in dims) else dims
+
+
+def synthetic_inputs(
+    input_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Seeded inputs of the bound shapes: standard normal floats, zeros for integers/bools."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape in input_shapes.items():
+        np_type = helper.tensor_dtype_to_np_dtype(dtypes[name])
+        if np.issubdtype(np_type, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(np_type)
+        else:
+            feeds[name] = np.zeros(shape, dtype=np_type)
+    return feeds
+
+
+def _infer_shapes(
+    model: onnx.ModelProto, bound: dict[str, tuple[int, ...]], dtypes: dict[str, int]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Concrete shapes of every tensor: ONNX shape inference, then onnxruntime for the rest."""
+    bound_model = _with_bound_inputs(model, bound)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bound_model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        log.debug("onnx shape inference failed: %s", exc)
+        inferred = bound_model
+    shapes: dict[str, tuple[int, ...]] = dict(bound)
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        shape = _shape_of(value)
+        if shape is not None:
+            shapes[value.name] = shape
+        if value.type.tensor_type.elem_type:
+            dtypes[value.name] = value.type.tensor_type.elem_type
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    missing = [
+        out for node in model.graph.node for out in node.output if out and out not in shapes
+    ]
+    if missing:
+        shapes.update(_run_for_shapes(bound_model, missing, bound, dtypes))
+    return shapes, dtypes
+
+
+def _run_for_shapes(
+    model: onnx.ModelProto,
+    names: list[str],
+    bound: dict[str, tuple[int, ...]],
+    dtypes: dict[str, int],
+) -> dict[str, tuple[int, ...]]:
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        outputs = session.run(names, synthetic_inputs(bound, dtypes))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not determine the shapes of {len(names)} tensors (e.g. '{names[0]}'): "
+            f"onnxruntime failed to run the model: {first}"
+        ) from None
+    found = {}
+    for name, value in zip(names, outputs):
+        found[name] = tuple(np.asarray(value).shape)
+        dtypes.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
+    return found
+
+
+def _decode_node(proto: onnx.NodeProto, index: int) -> Node:
+    attrs: dict[str, Any] = {}
+    referenced: set[str] = set()
+    for attr in proto.attribute:
+        subgraphs = list(_subgraphs(attr))
+        if subgraphs:
+            for sub in subgraphs:
+                referenced |= _outer_references(sub)
+            attrs[attr.name] = subgraphs
+        else:
+            attrs[attr.name] = helper.get_attribute_value(attr)
+    for key, value in list(attrs.items()):
+        if isinstance(value, bytes):
+            attrs[key] = value.decode()
+    return Node(
+        name=proto.name or f"{proto.op_type}_{index}",
+        op_type=proto.op_type,
+        domain=proto.domain or "",
+        inputs=list(proto.input),
+        outputs=list(proto.output),
+        attrs=attrs,
+        subgraph_inputs=referenced,
+    )
+
+
+def _outer_references(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from the enclosing scope."""
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local |= {o for n in graph.node for o in n.output}
+    used = set()
+    for node in graph.node:
+        used |= set(node.input)
+        for attr in node.attribute:
+            for sub in _subgraphs(attr):
+                used |= _outer_references(sub)
+    return {name for name in used - local if name}
+
+
+def load_model(
+    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> Graph:
+    """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input."""
+    path = Path(path)
+    _check_readable(path)
+    raw, uses_external = _read_proto(path)
+    opset = _reject_unsupported(raw, path)
+    bound = _bind_input_shapes(raw, dict(input_shapes or {}))
+    model = _fold_constants(raw)
+    dtypes = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]
+        if v.type.tensor_type.elem_type
+    }
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dtypes.update({t.name: t.data_type for t in model.graph.initializer})
+    shapes, dtypes = _infer_shapes(model, bound, dtypes)
+    nodes = [_decode_node(n, i) for i, n in enumerate(model.graph.node)]
+    _name_unnamed_nodes(model, nodes)
+    return Graph(
+        model=model,
+        nodes=nodes,
+        constants=constants,
+        inputs=[i.name for i in model.graph.input if i.name not in constants],
+        outputs=[o.name for o in model.graph.output],
+        shapes=shapes,
+        dtypes=dtypes,
+        input_shapes=bound,
+        opset=opset,
+        source=path,
+        uses_external_data=uses_external,
+    )
+
+
+def _name_unnamed_nodes(model: onnx.ModelProto, nodes: list[Node]) -> None:
+    """Give every node a unique name so reports and ``--exclude`` can refer to it."""
+    seen: set[str] = set()
+    for proto, node in zip(model.graph.node, nodes):
+        name = node.name
+        while name in seen:
+            name = f"{name}_"
+        seen.add(name)
+        node.name = proto.name = name
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early, before any work, when the output cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"cannot write {path}: the file exists and is read-only")
+    return path
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> Path:
+    """Write ``model`` atomically: to a temporary file beside ``path``, then renamed into place.
+
+    Models too large for one protobuf (or when ``external_data`` is asked) keep their weights in
+    ``<name>.data`` beside the model, written atomically too.
+    """
+    path = check_output_path(path)
+    external = external_data or model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_data = None
+    try:
+        if external:
+            tmp_data = f".{data_name}.tmp"
+            onnx.save_model(
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                location=tmp_data, size_threshold=1024,
+            )
+            _rename_external_location(tmp, tmp_data, data_name)
+            os.replace(path.parent / tmp_data, path.parent / data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        for leftover in (tmp, tmp_data and str(path.parent / tmp_data)):
+            if leftover and os.path.exists(leftover):
+                os.unlink(leftover)
+    return path
+
+
+def _rename_external_location(model_path: str, old: str, new: str) -> None:
+    """Point the external-data references of a saved model at the final data file name."""
+    saved = onnx.load(model_path, load_external_data=False)
+    for tensor in _all_tensors(saved.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    with open(model_path, "wb") as handle:
+        handle.write(saved.SerializeToString())

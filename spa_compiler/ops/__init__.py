@@ -1,0 +1,24 @@
+"""Op rules. Importing this package registers every built-in rule."""
+
+from __future__ import annotations
+
+from . import elementwise, layout, linear, norm, spatial  # noqa: F401  (registration)
+from .registry import (
+    Coupler,
+    OpRule,
+    Rewriter,
+    Unsupported,
+    get_rule,
+    register_op,
+    registered_ops,
+)
+
+__all__ = [
+    "Coupler",
+    "OpRule",
+    "Rewriter",
+    "Unsupported",
+    "get_rule",
+    "register_op",
+    "registered_ops",
+]

@@ -1,0 +1,341 @@
+"""Ops that move, join, cut or regroup axes: Concat, Split, Slice, Gather, Transpose, Squeeze,
+Unsqueeze, Flatten, Reshape, Expand, Tile.
+
+Reshape and Flatten are described by blocks: both shapes are cut into the shortest runs of axes
+whose sizes multiply to the same number. A run of one axis on each side is identity. A *merge*
+(input axes ``a0, a1, ...`` into one output axis, as Flatten does with ``C, H, W``) couples output
+element ``f`` with element ``f // (|a1| * |a2| * ...)`` of the outermost input axis ``a0``: removing
+channel c removes the slab of features ``c*HW .. (c+1)*HW - 1``; the inner axes are barriers. A
+*split* (one input axis into ``b0, b1, ...``) couples input element i with element
+``i % |b_last|`` of the innermost output axis: removing it removes the same position from every
+outer block, which is what keeps a channel shuffle (Reshape-Transpose-Reshape) exact. Any other
+regrouping is a barrier.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
+from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
+
+if TYPE_CHECKING:
+    from ..ir import Node
+
+__all__ = [
+    "Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+    "Reshape", "Expand", "Tile", "reshape_blocks", "couple_reshape",
+]
+
+
+@register_op("Concat")
+class Concat(OpRule):
+    """Input k's element i on the concat axis is output element ``offset_k + i``."""
+
+    summary = "offset map on the concat axis; other axes identity"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        y = node.outputs[0]
+        axis = normalize_axis(int(node.attr("axis")), len(c.shape(y)))
+        offset = 0
+        for x in node.inputs:
+            n = c.shape(x)[axis]
+            c.couple(x, axis, y, axis, np.arange(n), offset + np.arange(n))
+            couple_same(c, x, y, [k for k in range(len(c.shape(y))) if k != axis])
+            offset += n
+
+
+@register_op("Split")
+class Split(OpRule):
+    """Output k's element i on the split axis is input element ``offset_k + i``; the split sizes
+    (attribute, input or ``num_outputs``) are rewritten."""
+
+    summary = "offset map on the split axis; split sizes rewritten"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x = node.inputs[0]
+        axis = normalize_axis(int(node.attr("axis", 0)), len(c.shape(x)))
+        offset = 0
+        for y in node.outputs:
+            n = c.shape(y)[axis]
+            c.couple(y, axis, x, axis, np.arange(n), offset + np.arange(n))
+            couple_same(c, x, y, [k for k in range(len(c.shape(x))) if k != axis])
+            offset += n
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        axis = normalize_axis(int(node.attr("axis", 0)), len(r.old_shape(node.inputs[0])))
+        old = [r.old_shape(y)[axis] for y in node.outputs]
+        new = [r.new_shape(y)[axis] for y in node.outputs]
+        if new == old:
+            return
+        if "split" in node.attrs or r.opset < 13:
+            r.set_attr(node, "split", new)
+        else:
+            r.remove_attr(node, "num_outputs")
+            r.set_input(node, 1, np.asarray(new, dtype=np.int64))
+
+
+def _slice_params(node: "Node", c: Coupler | Rewriter, rank: int):
+    if c.opset < 10:
+        starts, ends = node.attr("starts"), node.attr("ends")
+        axes, steps = node.attr("axes"), None
+    else:
+        starts, ends = int_param(node, c, "starts", 1), int_param(node, c, "ends", 2)
+        axes, steps = int_param(node, c, "axes", 3), int_param(node, c, "steps", 4)
+    axes = list(axes) if axes else list(range(len(starts)))
+    steps = list(steps) if steps else [1] * len(starts)
+    return list(starts), list(ends), [normalize_axis(a, rank) for a in axes], steps
+
+
+def _clamp(value: int, dim: int) -> int:
+    value = value + dim if value < 0 else value
+    return min(max(value, 0), dim)
+
+
+@register_op("Slice")
+class Slice(OpRule):
+    """On a sliced axis with step 1, input element ``start + i`` is output element i; input
+    elements outside the slice may be removed freely (the bounds are rewritten). A strided
+    slice axis is a barrier."""
+
+    summary = "sliced axes offset-mapped (step 1); bounds rewritten"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        shape = c.shape(x)
+        starts, ends, axes, steps = _slice_params(node, c, len(shape))
+        sliced = dict(zip(axes, zip(starts, ends, steps)))
+        for axis, dim in enumerate(shape):
+            if axis not in sliced:
+                c.couple(x, axis, y, axis)
+                continue
+            start, end, step = sliced[axis]
+            if step != 1:
+                continue
+            start, end = _clamp(start, dim), _clamp(end, dim)
+            inside = np.arange(start, max(start, end))
+            c.couple(x, axis, y, axis, inside, inside - start)
+            outside = np.setdiff1d(np.arange(dim), inside)
+            c.free(x, axis, outside)
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        x = node.inputs[0]
+        shape = r.old_shape(x)
+        starts, ends, axes, steps = _slice_params(node, r, len(shape))
+        changed = False
+        for k, axis in enumerate(axes):
+            removed = r.removed(x, axis)
+            if not removed.size:
+                continue
+            dim = shape[axis]
+            start = _clamp(starts[k], dim)
+            new_start = start - int(np.count_nonzero(removed < start))
+            starts[k] = new_start
+            if ends[k] < dim:
+                ends[k] = new_start + r.new_shape(node.outputs[0])[axis]
+            changed = True
+        if changed and r.opset < 10:
+            r.set_attr(node, "starts", starts)
+            r.set_attr(node, "ends", ends)
+        elif changed:
+            write_int_param(node, r, "starts", 1, starts)
+            write_int_param(node, r, "ends", 2, ends)
+
+
+@register_op("Gather")
+class Gather(OpRule):
+    """``y = take(data, indices, axis)``. Non-gathered axes are identity. With constant 1-D
+    indices, output position p is data element ``indices[p]`` and data elements never gathered
+    may be removed; the indices are rewritten. Run-time indices over an axis make it a barrier,
+    except that the indices' own axes map to the output positions."""
+
+    summary = "constant 1-D indices: positions mapped, indices rewritten"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        rank = len(c.shape(data))
+        axis = normalize_axis(int(node.attr("axis", 0)), rank)
+        index_rank = len(c.shape(indices))
+        for k in range(rank):
+            if k < axis:
+                c.couple(data, k, y, k)
+            elif k > axis:
+                c.couple(data, k, y, k + index_rank - 1)
+        if not c.is_constant(indices):
+            for k in range(index_rank):
+                c.couple(indices, k, y, axis + k)
+            return
+        if index_rank != 1:
+            return
+        dim = c.shape(data)[axis]
+        picked = np.asarray(c.constant(indices)).astype(np.int64)
+        picked = np.where(picked < 0, picked + dim, picked)
+        c.couple(data, axis, y, axis, picked, np.arange(picked.size))
+        c.free(data, axis, np.setdiff1d(np.arange(dim), picked))
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        axis = normalize_axis(int(node.attr("axis", 0)), len(r.old_shape(data)))
+        if not r.is_constant(indices) or r.constant(indices).ndim != 1:
+            return
+        removed_data, removed_pos = r.removed(data, axis), r.removed(y, axis)
+        if not removed_data.size and not removed_pos.size:
+            return
+        dim = r.old_shape(data)[axis]
+        picked = np.asarray(r.constant(indices)).astype(np.int64)
+        picked = np.where(picked < 0, picked + dim, picked)
+        kept = np.delete(picked, removed_pos)
+        new_index = np.cumsum(~np.isin(np.arange(dim), removed_data)) - 1
+        r.set_input(node, 1, new_index[kept].astype(r.constant(indices).dtype))
+
+
+@register_op("Transpose")
+class Transpose(OpRule):
+    """Output axis k is input axis ``perm[k]``."""
+
+    summary = "axes permuted"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = len(c.shape(x))
+        perm = node.attr("perm") or list(reversed(range(rank)))
+        for k, source in enumerate(perm):
+            c.couple(x, source, y, k)
+
+
+def _couple_in_order(c: Coupler, x: str, y: str, x_axes: list[int], y_axes: list[int]) -> None:
+    for a, b in zip(x_axes, y_axes):
+        c.couple(x, a, y, b)
+
+
+@register_op("Squeeze")
+class Squeeze(OpRule):
+    """Removes size-1 axes; the others map in order."""
+
+    summary = "remaining axes identity"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        shape = c.shape(x)
+        axes = int_param(node, c, "axes", 1)
+        gone = set(normalized_axes(axes, len(shape))) if axes else {k for k, d in enumerate(shape) if d == 1}
+        _couple_in_order(c, x, y, [k for k in range(len(shape)) if k not in gone], list(range(len(c.shape(y)))))
+
+
+@register_op("Unsqueeze")
+class Unsqueeze(OpRule):
+    """Inserts size-1 axes; the input axes map in order to the others."""
+
+    summary = "existing axes identity"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        out_rank = len(c.shape(y))
+        added = set(normalized_axes(int_param(node, c, "axes", 1) or [], out_rank))
+        _couple_in_order(c, x, y, list(range(len(c.shape(x)))), [k for k in range(out_rank) if k not in added])
+
+
+def reshape_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Cut two shapes of equal size into the shortest runs of axes with equal products.
+
+    >>> reshape_blocks((1, 64, 7, 7), (1, 3136))
+    [([0], [0]), ([1, 2, 3], [1])]
+    """
+    blocks: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        ia, jb = [], []
+        pa = pb = 1
+        if i < len(a):
+            ia.append(i); pa = a[i]; i += 1
+        if j < len(b):
+            jb.append(j); pb = b[j]; j += 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                ia.append(i); pa *= a[i]; i += 1
+            elif pb < pa and j < len(b):
+                jb.append(j); pb *= b[j]; j += 1
+            else:
+                raise Unsupported(f"shapes {a} and {b} do not have the same size")
+        blocks.append((ia, jb))
+    return blocks
+
+
+def couple_reshape(c: Coupler, x: str, y: str) -> None:
+    """Couple a reshape's input and output by blocks (see the module docstring)."""
+    a, b = c.shape(x), c.shape(y)
+    for ia, jb in reshape_blocks(a, b):
+        big_a = [k for k in ia if a[k] > 1]
+        big_b = [k for k in jb if b[k] > 1]
+        if len(big_a) == 1 and len(big_b) == 1:
+            c.couple(x, big_a[0], y, big_b[0])
+        elif len(big_b) == 1 and len(big_a) > 1:
+            outer = big_a[0]
+            inner = math.prod(a[k] for k in big_a[1:])
+            n = b[big_b[0]]
+            c.couple(y, big_b[0], x, outer, np.arange(n), np.arange(n) // inner)
+        elif len(big_a) == 1 and len(big_b) > 1:
+            innermost = big_b[-1]
+            n = a[big_a[0]]
+            c.couple(x, big_a[0], y, innermost, np.arange(n), np.arange(n) % b[innermost])
+
+
+@register_op("Flatten")
+class Flatten(OpRule):
+    """``[d0..dk-1, dk..] -> [prod(d0..dk-1), prod(dk..)]``: a merge (see module docstring)."""
+
+    summary = "merge: features of channel c are the slab c*HW..(c+1)*HW-1"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        couple_reshape(c, node.inputs[0], node.outputs[0])
+
+
+@register_op("Reshape")
+class Reshape(OpRule):
+    """Coupled by blocks of the input and output shapes; the constant target shape is
+    rewritten (``-1`` and ``0`` entries are kept where their axis keeps its size)."""
+
+    summary = "identity/merge/split blocks; constant target rewritten"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        if not c.is_constant(node.inputs[1]):
+            raise Unsupported(f"its target shape '{node.inputs[1]}' is computed at run time")
+        couple_reshape(c, node.inputs[0], node.outputs[0])
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        y = node.outputs[0]
+        old, new = r.old_shape(y), r.new_shape(y)
+        if old == new:
+            return
+        target = [int(v) for v in r.constant(node.inputs[1]).reshape(-1)]
+        for k, value in enumerate(target):
+            if old[k] != new[k] and value != -1:
+                target[k] = new[k]
+        r.set_input(node, 1, np.asarray(target, dtype=np.int64))
+
+
+@register_op("Expand")
+class Expand(OpRule):
+    """Broadcasts to a constant shape: input axes of the output's size are identity."""
+
+    summary = "broadcast: equal-size axes identity"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        if not c.is_constant(node.inputs[1]):
+            raise Unsupported(f"its shape input '{node.inputs[1]}' is computed at run time")
+        couple_broadcast(c, [node.inputs[0]], node.outputs[0])
+
+
+@register_op("Tile")
+class Tile(OpRule):
+    """Axes repeated once are identity; repeated axes are barriers."""
+
+    summary = "axes with repeat 1 identity"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        repeats = int_param(node, c, "repeats", 1)
+        x, y = node.inputs[0], node.outputs[0]
+        couple_same(c, x, y, [k for k, rep in enumerate(repeats) if rep == 1])

@@ -1,0 +1,167 @@
+"""The op-rule registry: for each ONNX op, how its channel axes couple and how to rewrite it.
+
+A rule is a class with two methods:
+
+``couple(node, c)``
+    declares, through the :class:`Coupler` ``c``, which elements of which axes of the node's
+    tensors must be removed together (``c.couple``), which elements the node tolerates losing
+    without any coupling because ``rewrite`` fixes it up (``c.free``), which weight axes are
+    *roots* where pruning starts (``c.root``), and criterion tags on weights (``c.tag``).
+    Every element of every axis of every tensor the node reads or writes that the rule does not
+    declare is *blocked*: never removed. Unknown ops have no rule and so block everything.
+``rewrite(node, r)``
+    edits attributes and parameter inputs (group counts, split sizes, slice bounds, reshape
+    targets) once the :class:`Rewriter` ``r`` knows which indices leave every axis. Constant
+    tensors are sliced generically; a rule only fixes what slicing cannot express.
+
+Rules register with ``@register_op("Conv", "ConvTranspose", opsets=(1, 23))``; third-party
+packages can add rules through the ``spa_prune.op_rules`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..ir import Node
+
+__all__ = [
+    "OpRule",
+    "Coupler",
+    "Rewriter",
+    "Unsupported",
+    "register_op",
+    "get_rule",
+    "registered_ops",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Unsupported(Exception):
+    """Raised by a rule that cannot map this node exactly: the node becomes a barrier."""
+
+
+class Coupler(Protocol):
+    """What a rule's ``couple`` may ask of and declare to the analysis."""
+
+    opset: int
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def is_constant(self, name: str) -> bool: ...
+    def constant(self, name: str) -> np.ndarray: ...
+    def couple(
+        self, a: str, a_axis: int, b: str, b_axis: int,
+        a_idx: np.ndarray | None = None, b_idx: np.ndarray | None = None,
+    ) -> None: ...
+    def free(self, name: str, axis: int, idx: np.ndarray | None = None) -> None: ...
+    def root(self, name: str, axis: int) -> None: ...
+    def tag(self, name: str, axis: int, tag: str) -> None: ...
+
+
+class Rewriter(Protocol):
+    """What a rule's ``rewrite`` may ask of and do to the model being rewritten."""
+
+    opset: int
+
+    def removed(self, name: str, axis: int) -> np.ndarray: ...
+    def old_shape(self, name: str) -> tuple[int, ...]: ...
+    def new_shape(self, name: str) -> tuple[int, ...]: ...
+    def constant(self, name: str) -> np.ndarray: ...
+    def is_constant(self, name: str) -> bool: ...
+    def set_attr(self, node: "Node", key: str, value: object) -> None: ...
+    def set_input(self, node: "Node", slot: int, value: np.ndarray) -> None: ...
+    def remove_attr(self, node: "Node", key: str) -> None: ...
+
+
+class OpRule:
+    """Base rule: declares nothing (a barrier) and rewrites nothing."""
+
+    summary = "barrier"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        raise Unsupported(f"no rule for {node.op_type}")
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        return None
+
+    def macs_axes(
+        self, node: "Node", shape: Callable[[str], tuple[int, ...]]
+    ) -> list[tuple[str, int]] | None:
+        """Axes whose sizes multiply to the node's multiply-accumulate count (None: no MACs)."""
+        return None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    domain: str
+    op_type: str
+    min_opset: int
+    max_opset: int
+    rule: OpRule
+
+
+_REGISTRY: dict[tuple[str, str], list[_Entry]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_op(
+    *op_types: str, domain: str = "", opsets: tuple[int, int] = (1, 23)
+) -> Callable[[type[OpRule]], type[OpRule]]:
+    """Class decorator registering one rule instance for ``op_types`` in an opset range."""
+
+    def decorate(cls: type[OpRule]) -> type[OpRule]:
+        rule = cls()
+        for op_type in op_types:
+            _REGISTRY.setdefault((domain, op_type), []).insert(
+                0, _Entry(domain, op_type, opsets[0], opsets[1], rule)
+            )
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for entry in metadata.entry_points(group="spa_prune.op_rules"):
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plugin must not break pruning
+            log.warning("could not load op-rule plugin %s: %s", entry.name, exc)
+
+
+def get_rule(domain: str, op_type: str, opset: int) -> OpRule | None:
+    """The rule for an op at an opset, or None (the op is then a barrier)."""
+    _load_entry_points()
+    domain = "" if domain == "ai.onnx" else domain
+    for entry in _REGISTRY.get((domain, op_type), []):
+        if entry.min_opset <= opset <= entry.max_opset:
+            return entry.rule
+    return None
+
+
+def registered_ops() -> list[tuple[str, str, int, int, str]]:
+    """``(domain, op_type, min_opset, max_opset, summary)`` for every registered rule."""
+    _load_entry_points()
+    rows = [
+        (e.domain, e.op_type, e.min_opset, e.max_opset, e.rule.summary)
+        for entries in _REGISTRY.values()
+        for e in entries
+    ]
+    return sorted(rows)
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def each_output(node: "Node") -> Iterable[str]:
+    return (o for o in node.outputs if o)

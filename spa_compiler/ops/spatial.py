@@ -1,0 +1,163 @@
+"""Ops that act within each channel (pooling, resizing, padding) or reduce/normalise over axes.
+
+Batch and channel axes map to themselves; spatial axes change size and are never pruned. An
+axis that is reduced or normalised over (Reduce*, Softmax) is a barrier: removing one of its
+elements would change every output.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .common import couple_except, couple_same, input_at, int_param, normalized_axes
+from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
+
+if TYPE_CHECKING:
+    from ..ir import Node
+
+__all__ = ["Pool", "Reduce", "Softmax", "Resize", "Pad", "DepthToSpace", "SpaceToDepth"]
+
+
+@register_op("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+             "GlobalLpPool", "MaxRoiPool")
+class Pool(OpRule):
+    """Pooling windows stay within a channel. MaxPool's optional Indices output encodes channel
+    offsets in its values, so when it is used the channel axis is a barrier."""
+
+    summary = "batch and channel identity; spatial axes resized"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        has_indices = len(node.outputs) > 1 and bool(node.outputs[1])
+        couple_same(c, x, y, [0] if has_indices else [0, 1])
+
+
+@register_op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+             "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin")
+class Reduce(OpRule):
+    """Kept axes are identity; reduced axes are barriers. Axes come from the attribute (older
+    opsets) or the second input (ReduceSum 13+, all reductions 18+)."""
+
+    summary = "kept axes identity; reduced axes blocked"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = len(c.shape(x))
+        if node.op_type in ("ArgMax", "ArgMin"):
+            axes = [int(node.attr("axis", 0))]
+        else:
+            axes = int_param(node, c, "axes", 1)
+        if axes is None:
+            if node.attr("noop_with_empty_axes", 0):
+                couple_same(c, x, y)
+            return  # all axes reduced
+        reduced = set(normalized_axes(axes, rank))
+        keepdims = int(node.attr("keepdims", 1))
+        out_axis = 0
+        for axis in range(rank):
+            if axis not in reduced:
+                c.couple(x, axis, y, out_axis)
+            if axis not in reduced or keepdims:
+                out_axis += 1
+
+
+@register_op("Softmax", "LogSoftmax", "Hardmax")
+class Softmax(OpRule):
+    """Normalises over ``axis`` (opset 13+) or, before opset 13, over the input flattened from
+    ``axis`` on: those axes are barriers, the others identity."""
+
+    summary = "softmax axis (and, before opset 13, all following axes) blocked"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = len(c.shape(x))
+        if c.opset >= 13:
+            axis = normalized_axes([int(node.attr("axis", -1))], rank)[0]
+            couple_except(c, x, y, {axis})
+        else:
+            axis = normalized_axes([int(node.attr("axis", 1))], rank)[0]
+            couple_same(c, x, y, range(axis))
+
+
+@register_op("Resize", "Upsample")
+class Resize(OpRule):
+    """Interpolation within each channel: an axis whose size does not change (scale 1) is
+    identity, resized axes are not pruned. Scales and sizes must be constants."""
+
+    summary = "unresized axes identity (scale 1); sizes input rewritten"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        for name in node.inputs[1:]:
+            if name and not c.is_constant(name):
+                raise Unsupported(f"its scales/sizes input '{name}' is computed at run time")
+        x_shape, y_shape = c.shape(x), c.shape(y)
+        couple_same(c, x, y, [k for k in range(len(x_shape)) if x_shape[k] == y_shape[k]])
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        sizes = input_at(node, 3) if node.op_type == "Resize" else ""
+        if sizes and r.constant(sizes).size:
+            y = node.outputs[0]
+            axes = node.attr("axes") or range(len(r.old_shape(y)))
+            new = r.new_shape(y)
+            r.set_input(node, 3, np.asarray([new[a] for a in axes], dtype=np.int64))
+
+
+@register_op("Pad")
+class Pad(OpRule):
+    """Unpadded axes are identity. On a padded axis, input element i is output element
+    ``pad_begin + i`` in constant mode; edge/reflect modes copy neighbouring elements into the
+    padding, so a padded axis in those modes is a barrier."""
+
+    summary = "unpadded axes identity; constant padding maps interior elements"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        rank = len(c.shape(x))
+        pads = int_param(node, c, "pads", 1) or [0] * (2 * rank)
+        axes_given = int_param(node, c, "axes", 3) if c.opset >= 18 else None
+        axes = normalized_axes(axes_given, rank) if axes_given else list(range(rank))
+        begin = dict(zip(axes, pads[: len(axes)]))
+        end = dict(zip(axes, pads[len(axes):]))
+        constant_mode = node.attr("mode", "constant") == "constant"
+        for axis in range(rank):
+            b, e = begin.get(axis, 0), end.get(axis, 0)
+            if b == 0 and e == 0:
+                c.couple(x, axis, y, axis)
+            elif constant_mode and b >= 0 and e >= 0:
+                n = c.shape(x)[axis]
+                c.couple(x, axis, y, axis, np.arange(n), b + np.arange(n))
+
+
+@register_op("DepthToSpace")
+class DepthToSpace(OpRule):
+    """``[N, C*b*b, H, W] -> [N, C, H*b, W*b]``. Output channel c reads input channels
+    ``(i*b + j)*C + c`` (DCR mode) or ``c*b*b + i*b + j`` (CRD mode) for all i, j < b; removing c
+    removes all of those and keeps the layout of the rest."""
+
+    summary = "output channel c couples with its b*b input channels (DCR and CRD)"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        b = int(node.attr("blocksize"))
+        c_in, c_out = c.shape(x)[1], c.shape(y)[1]
+        source = np.arange(c_in)
+        target = source // (b * b) if node.attr("mode", "DCR") == "CRD" else source % c_out
+        c.couple(x, 0, y, 0)
+        c.couple(x, 1, y, 1, source, target)
+
+
+@register_op("SpaceToDepth")
+class SpaceToDepth(OpRule):
+    """``[N, C, H, W] -> [N, C*b*b, H/b, W/b]``; output channel ``(i*b + j)*C + c`` comes from
+    input channel c."""
+
+    summary = "input channel c couples with its b*b output channels"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        c_in, c_out = c.shape(x)[1], c.shape(y)[1]
+        c.couple(x, 0, y, 0)
+        c.couple(y, 1, x, 1, np.arange(c_out), np.arange(c_out) % c_in)
