@@ -1,0 +1,11 @@
+"""Criterion passes: each module registers one or more criteria by name.
+
+They reach the compiler through the ``spa_prune.criteria`` entry points declared in
+``pyproject.toml``; importing this package registers them directly as well.
+"""
+
+from __future__ import annotations
+
+from . import bn_scale, magnitude, random_score  # noqa: F401  (registration)
+
+__all__ = ["bn_scale", "magnitude", "random_score"]

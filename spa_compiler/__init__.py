@@ -1,0 +1,44 @@
+"""spa-prune: a structured pruning compiler for ONNX models.
+
+    >>> from spa_compiler import PruneConfig, prune
+    >>> report = prune("model.onnx", "small.onnx", PruneConfig(flops=0.5))  # doctest: +SKIP
+    >>> report.flops_ratio  # doctest: +SKIP
+    0.49...
+
+The pipeline (see ``pipeline``) loads and folds the model (``ir``), couples channels across
+the graph with the op-rule registry (``ops``, ``analysis``), scores groups with a registered
+criterion (``criteria``; the built-in ones live in the ``passes`` package), chooses what to
+remove (``cost``, ``allocate``), rewrites a dense smaller model (``rewrite``) and verifies it
+(``verify``) before writing it atomically.
+"""
+
+from __future__ import annotations
+
+from .allocate import Constraints, Plan, Target
+from .analysis import Analysis, Group, Unit, analyze_graph
+from .cost import CostModel
+from .criteria import Criterion, ScoreContext, available_criteria, get_criterion, register_criterion
+from .errors import (
+    InputError,
+    ModelError,
+    OutputError,
+    SpaError,
+    TargetError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from .ir import Graph, load_model, parse_input_shapes, save_model, synthetic_inputs
+from .ops import OpRule, register_op, registered_ops
+from .pipeline import PruneConfig, PruneResult, analyze, prune, prune_graph
+from .report import PruneReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Analysis", "Constraints", "CostModel", "Criterion", "Graph", "Group", "InputError", "ModelError",
+    "OpRule", "OutputError", "Plan", "PruneConfig", "PruneReport", "PruneResult", "ScoreContext",
+    "SpaError", "Target", "TargetError", "Unit", "UnsupportedModelError", "VerificationError",
+    "analyze", "analyze_graph", "available_criteria", "get_criterion", "load_model",
+    "parse_input_shapes", "prune", "prune_graph", "register_criterion", "register_op",
+    "registered_ops", "save_model", "synthetic_inputs",
+]

@@ -1,0 +1,214 @@
+"""Choosing which channels to remove to meet a target.
+
+*Global* scope ranks removal steps across all groups by normalised score per unit of cost saved
+and takes the cheapest until the target is met. A step removes the lowest-scored channels of one
+group, as many as bring its width to the next lower multiple of ``round_to``; costs are recounted
+after every step (a step's saving depends on the widths of neighbouring groups), lazily: a popped
+step whose priority went up is pushed back. *Uniform* scope removes the same fraction of every
+group, the fraction found by bisection. Every group keeps at least ``min_keep`` of its channels
+(and at least one), and no axis is emptied.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .analysis import Analysis, Group
+from .cost import CostModel
+from .errors import TargetError
+
+__all__ = ["Target", "Constraints", "Plan", "allocate"]
+
+Scope = Literal["global", "uniform"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """``kind`` "flops" or "params": keep at most ``value`` of the original; "ratio": remove
+    ``value`` of every group's channels."""
+
+    kind: Literal["flops", "params", "ratio"]
+    value: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.value < 1.0:
+            raise TargetError(f"--{self.kind} must be between 0 and 1 (exclusive), got {self.value}")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    scope: Scope = "global"
+    round_to: int = 8
+    min_keep: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.round_to < 1:
+            raise TargetError(f"--round-to must be at least 1, got {self.round_to}")
+        if not 0.0 <= self.min_keep <= 1.0:
+            raise TargetError(f"--min-keep must be between 0 and 1, got {self.min_keep}")
+
+
+@dataclass
+class Plan:
+    """Units to remove per group id, and the cost ratio reached in the target's cost kind."""
+
+    removed: dict[int, list[int]] = field(default_factory=dict)
+    achieved: float = 1.0
+
+    @property
+    def n_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+
+def unit_counts(group: Group, units: list[int]) -> dict[int, int]:
+    """Elements leaving each axis when ``units`` of ``group`` go."""
+    counts: dict[int, int] = {}
+    for k in units:
+        for axis, indices in group.units[k].members.items():
+            counts[axis] = counts.get(axis, 0) + len(indices)
+    return counts
+
+
+class _GroupSteps:
+    """The removal steps of one group, lowest scores first, respecting rounding and min-keep."""
+
+    def __init__(self, group: Group, scores: np.ndarray, c: Constraints) -> None:
+        self.group = group
+        self.scores = scores
+        prunable = group.prunable
+        self.order = sorted(prunable, key=lambda k: (scores[k], k))
+        self.n = len(group.units)
+        self.floor = max(1, math.ceil(c.min_keep * self.n))
+        self.round_to = c.round_to
+        self.taken = 0
+
+    def next_step(self) -> list[int] | None:
+        kept = self.n - self.taken
+        target = ((kept - 1) // self.round_to) * self.round_to
+        if target < self.floor or self.taken + kept - target > len(self.order):
+            return None
+        return self.order[self.taken:self.taken + kept - target]
+
+    def take(self, step: list[int]) -> None:
+        self.taken += len(step)
+
+    @property
+    def removed(self) -> list[int]:
+        return sorted(self.order[:self.taken])
+
+
+def _fits(cost: CostModel, counts: dict[int, int]) -> bool:
+    return all(cost.kept[a] - n >= 1 for a, n in counts.items())
+
+
+def _priority(cost: CostModel, steps: _GroupSteps, step: list[int]) -> float:
+    saving = cost.saving(unit_counts(steps.group, step))
+    return float(steps.scores[step].sum()) / saving if saving > 0 else math.inf
+
+
+def _allocate_global(
+    analysis: Analysis, scores: dict[int, np.ndarray], cost: CostModel, budget: float, floor: float,
+    c: Constraints,
+) -> dict[int, list[int]]:
+    """Greedy removal down to ``budget``; a step that would go below ``floor`` is set aside
+    and taken at the end only if no other step lands between the two."""
+    states = {g.id: _GroupSteps(g, scores[g.id], c) for g in analysis.groups}
+    heap: list[tuple[float, int]] = []
+    set_aside: list[int] = []
+    for gid, state in states.items():
+        step = state.next_step()
+        if step:
+            heapq.heappush(heap, (_priority(cost, state, step), gid))
+    while heap and cost.total > budget:
+        priority, gid = heapq.heappop(heap)
+        state = states[gid]
+        step = state.next_step()
+        current = _priority(cost, state, step)
+        if current > priority + 1e-12 and heap and current > heap[0][0]:
+            heapq.heappush(heap, (current, gid))
+            continue
+        if math.isinf(current):
+            continue
+        counts = unit_counts(state.group, step)
+        if not _fits(cost, counts):
+            continue
+        if cost.total - cost.saving(counts) < floor:
+            set_aside.append(gid)
+            continue
+        cost.remove(counts)
+        state.take(step)
+        following = state.next_step()
+        if following:
+            heapq.heappush(heap, (_priority(cost, state, following), gid))
+    if cost.total > budget and set_aside:
+        def remaining(gid: int) -> float:
+            return cost.total - cost.saving(unit_counts(states[gid].group, states[gid].next_step()))
+
+        gid = max(set_aside, key=remaining)
+        step = states[gid].next_step()
+        cost.remove(unit_counts(states[gid].group, step))
+        states[gid].take(step)
+    return {gid: s.removed for gid, s in states.items() if s.taken}
+
+
+def _uniform_removal(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, c: Constraints):
+    removed: dict[int, list[int]] = {}
+    for group in analysis.groups:
+        n = len(group.units)
+        keep = max(math.ceil(c.min_keep * n), 1, n - math.floor(ratio * n))
+        keep = min(n, math.ceil(keep / c.round_to) * c.round_to)
+        order = sorted(group.prunable, key=lambda k: (scores[group.id][k], k))
+        take = order[: max(0, min(n - keep, len(order)))]
+        if take:
+            removed[group.id] = sorted(take)
+    return removed
+
+
+def _cost_after(analysis: Analysis, kind: str, removed: dict[int, list[int]]) -> float:
+    cost = CostModel(analysis, kind)
+    groups = {g.id: g for g in analysis.groups}
+    for gid, units in removed.items():
+        cost.remove(unit_counts(groups[gid], units))
+    return cost.total / cost.original_total if cost.original_total else 1.0
+
+
+def _allocate_uniform(analysis, scores, kind, budget_ratio, c) -> dict[int, list[int]]:
+    low, high = 0.0, 1.0
+    best = _uniform_removal(analysis, scores, high, c)
+    if _cost_after(analysis, kind, best) > budget_ratio:
+        return best
+    for _ in range(30):
+        mid = (low + high) / 2
+        trial = _uniform_removal(analysis, scores, mid, c)
+        if _cost_after(analysis, kind, trial) <= budget_ratio:
+            high, best = mid, trial
+        else:
+            low = mid
+    return best
+
+
+def allocate(
+    analysis: Analysis, scores: dict[int, np.ndarray], target: Target, c: Constraints,
+    tolerance: float = 0.02,
+) -> Plan:
+    """Choose the units to remove. ``scores`` are normalised per group (higher = keep)."""
+    if target.kind == "ratio":
+        removed = _uniform_removal(analysis, scores, target.value, c)
+        return Plan(removed, _cost_after(analysis, "macs", removed))
+    kind = "macs" if target.kind == "flops" else "params"
+    cost = CostModel(analysis, kind)
+    if cost.original_total <= 0:
+        raise TargetError(f"the model has no {'Conv/Gemm/MatMul compute' if kind == 'macs' else 'weights'} to reduce")
+    if c.scope == "uniform":
+        removed = _allocate_uniform(analysis, scores, kind, target.value, c)
+    else:
+        total = cost.original_total
+        removed = _allocate_global(
+            analysis, scores, cost, target.value * total, (target.value - tolerance) * total, c
+        )
+    return Plan(removed, _cost_after(analysis, kind, removed))

@@ -1,0 +1,133 @@
+"""The criterion registry and what a criterion may read.
+
+A criterion scores every unit (channel) of a group; higher means keep. Criteria live in the
+``passes`` package (or any installed package) and reach the compiler through the
+``spa_prune.criteria`` entry-point group, or by calling :func:`register_criterion` from Python::
+
+    from spa_compiler import Criterion, register_criterion
+
+    @register_criterion("l1_out")
+    class L1Out(Criterion):
+        def score(self, group, ctx):
+            return ctx.per_unit(group, "weight", lambda slab: np.abs(slab).sum(axis=1))
+
+Scores from different groups are made comparable by :func:`normalize`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Callable
+
+import numpy as np
+
+from .analysis import Analysis, Group
+from .errors import InputError
+
+__all__ = [
+    "Criterion",
+    "ScoreContext",
+    "register_criterion",
+    "get_criterion",
+    "available_criteria",
+    "normalize",
+]
+
+log = logging.getLogger(__name__)
+
+_CRITERIA: dict[str, type["Criterion"]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+@dataclass
+class ScoreContext:
+    """What a criterion may read: the analysis (weights, groups) and a seeded generator."""
+
+    analysis: Analysis
+    seed: int = 0
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def per_unit(
+        self, group: Group, tag: str, per_index: Callable[[np.ndarray], np.ndarray]
+    ) -> np.ndarray:
+        """Sum, over the group's constant axes tagged ``tag``, of ``per_index(slabs)`` per unit.
+
+        For a tagged axis k of constant W, ``slabs`` is W with axis k moved first and the rest
+        flattened (``[size_k, -1]``); ``per_index`` returns one number per index of axis k, and a
+        unit's score adds those of all the indices it occupies.
+        """
+        totals = np.zeros(len(group.units))
+        constants = self.analysis.graph.constants
+        for axis_id in self.analysis.tagged(group, tag):
+            ref = self.analysis.axes[axis_id]
+            slabs = np.moveaxis(constants[ref.tensor], ref.axis, 0).reshape(ref.size, -1)
+            values = np.asarray(per_index(slabs.astype(np.float64)), dtype=np.float64)
+            for k, unit in enumerate(group.units):
+                indices = unit.members.get(axis_id)
+                if indices is not None:
+                    totals[k] += values[indices].sum()
+        return totals
+
+    def has_tag(self, group: Group, tag: str) -> bool:
+        return bool(self.analysis.tagged(group, tag))
+
+
+class Criterion:
+    """Base class: ``score(group, ctx)`` returns one non-negative score per unit of ``group``."""
+
+    name = ""
+    description = ""
+
+    def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
+        raise NotImplementedError
+
+
+def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
+    """Class decorator registering a criterion under ``name`` (``--criterion NAME``)."""
+
+    def decorate(cls: type[Criterion]) -> type[Criterion]:
+        cls.name = name
+        _CRITERIA[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for entry in metadata.entry_points(group="spa_prune.criteria"):
+        try:
+            cls = entry.load()
+        except Exception as exc:  # a broken plugin must not break the others
+            log.warning("could not load criterion %s: %s", entry.name, exc)
+            continue
+        _CRITERIA.setdefault(entry.name, cls)
+
+
+def available_criteria() -> dict[str, str]:
+    """Registered criterion names with their one-line descriptions."""
+    _load_entry_points()
+    return {name: cls.description for name, cls in sorted(_CRITERIA.items())}
+
+
+def get_criterion(name: str) -> Criterion:
+    _load_entry_points()
+    if name not in _CRITERIA:
+        known = ", ".join(sorted(_CRITERIA)) or "none (is spa-prune installed?)"
+        raise InputError(f"unknown criterion '{name}'; available: {known}")
+    return _CRITERIA[name]()
+
+
+def normalize(scores: np.ndarray) -> np.ndarray:
+    """Divide by the group's mean score, so a unit's score says how it compares within its
+    group and groups of different layers compare globally (all-zero scores stay zero)."""
+    mean = float(np.mean(scores)) if scores.size else 0.0
+    return scores / mean if mean > 0 else np.zeros_like(scores, dtype=np.float64)

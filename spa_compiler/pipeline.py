@@ -1,0 +1,218 @@
+"""The pruning pipeline: load -> analyse -> score -> allocate -> rewrite -> verify -> save -> report.
+
+``prune_graph`` works in memory and returns the pruned ModelProto with everything learnt on the
+way; ``prune`` adds reading, atomic saving and the latency benchmark around it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import onnx
+
+from .allocate import Constraints, Plan, Target, allocate
+from .analysis import Analysis, analyze_graph
+from .bench import measure_latency
+from .cost import CostModel
+from .criteria import ScoreContext, get_criterion, normalize
+from .errors import TargetError
+from .ir import Graph, check_output_path, load_model, save_model, synthetic_inputs
+from .report import GroupChange, PruneReport
+from .rewrite import expected_shapes, rewrite_model
+from .verify import Fidelity, verify_model
+
+__all__ = ["PruneConfig", "PruneResult", "prune_graph", "prune", "analyze", "TARGET_TOLERANCE"]
+
+TARGET_TOLERANCE = 0.02
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides the output. Exactly one of flops/params/ratio is set."""
+
+    flops: float | None = None
+    params: float | None = None
+    ratio: float | None = None
+    criterion: str = "l2"
+    scope: Literal["global", "uniform"] = "global"
+    round_to: int = 8
+    min_keep: float = 0.1
+    exclude: tuple[str, ...] = ()
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    verify: bool = True
+    bench_runs: int = 20
+
+    def target(self) -> Target:
+        given = [(k, v) for k, v in (("flops", self.flops), ("params", self.params), ("ratio", self.ratio)) if v is not None]
+        if len(given) != 1:
+            raise TargetError("give exactly one target: --flops R, --params R or --ratio R (e.g. --flops 0.5)")
+        return Target(*given[0])
+
+    def constraints(self) -> Constraints:
+        if self.scope not in ("global", "uniform"):
+            raise TargetError(f"--scope must be global or uniform, got '{self.scope}'")
+        return Constraints(self.scope, self.round_to, self.min_keep)
+
+
+@dataclass
+class PruneResult:
+    """A pruned model in memory and what it took."""
+
+    model: onnx.ModelProto
+    graph: Graph
+    analysis: Analysis
+    plan: Plan
+    removed_by_axis: dict[int, np.ndarray]
+    fidelity: Fidelity | None
+    timings: dict[str, float]
+
+
+def analyze(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
+            exclude: tuple[str, ...] = ()) -> Analysis:
+    """Load a model and return its groups, without changing anything."""
+    return analyze_graph(load_model(path, input_shapes), exclude)
+
+
+def _note(progress: Progress | None, stage: str) -> None:
+    if progress:
+        progress(stage)
+
+
+def _blocked_summary(analysis: Analysis) -> str:
+    reasons = Counter(u.blocked_by for g in analysis.groups for u in g.units if u.blocked_by)
+    reasons.update(f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers)
+    top = [reason for reason, _ in reasons.most_common(3)]
+    return "; ".join(top) if top else "no channel is blocked"
+
+
+def _check_reachable(analysis: Analysis, target: Target, plan: Plan) -> None:
+    if target.kind == "ratio" or plan.achieved <= target.value + TARGET_TOLERANCE:
+        return
+    kind = "MACs" if target.kind == "flops" else "parameters"
+    cost = CostModel(analysis, "macs" if target.kind == "flops" else "params")
+    prunable_axes = {a for g in analysis.groups for u in g.units if not u.blocked for a in u.members}
+    fixed = sum(v for t, v in zip(cost.terms, cost.values) if not prunable_axes.intersection(t.axes))
+    raise TargetError(
+        f"cannot reach --{target.kind} {target.value:g}: the best reachable is {plan.achieved:.3f}, "
+        f"because {fixed / cost.original_total:.0%} of the {kind} are in layers whose channels cannot "
+        f"be pruned and the rest keep their minimum width; blocked by: {_blocked_summary(analysis)}"
+    )
+
+
+def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = None) -> PruneResult:
+    """Prune a loaded model in memory (no file is read or written)."""
+    target, constraints = config.target(), config.constraints()
+    criterion = get_criterion(config.criterion)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    _note(progress, "analysing channel dependencies")
+    analysis = analyze_graph(graph, config.exclude)
+    lap("analyse")
+    if not any(g.prunable for g in analysis.groups):
+        raise TargetError(f"nothing in this model can be pruned; blocked by: {_blocked_summary(analysis)}")
+    _note(progress, f"scoring {len(analysis.groups)} groups with '{config.criterion}'")
+    context = ScoreContext(analysis, config.seed)
+    scores = {g.id: normalize(np.asarray(criterion.score(g, context), dtype=np.float64)) for g in analysis.groups}
+    lap("score")
+    _note(progress, "allocating the target")
+    plan = allocate(analysis, scores, target, constraints, TARGET_TOLERANCE)
+    _check_reachable(analysis, target, plan)
+    lap("allocate")
+    _note(progress, "rewriting the model")
+    model, removed_by_axis = rewrite_model(analysis, plan.removed)
+    lap("rewrite")
+    fidelity = None
+    if config.verify:
+        _note(progress, "verifying with onnx.checker and onnxruntime")
+        fidelity = verify_model(graph, model, expected_shapes(analysis, removed_by_axis), config.seed)
+        lap("verify")
+    return PruneResult(model, graph, analysis, plan, removed_by_axis, fidelity, timings)
+
+
+def _file_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def prune(
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: PruneConfig,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Prune ``model_path`` into ``output_path`` (written atomically) and report what changed."""
+    start = time.perf_counter()
+    output = check_output_path(output_path)
+    config.target(), config.constraints()
+    _note(progress, "loading the model")
+    graph = load_model(model_path, config.input_shapes)
+    load_time = time.perf_counter() - start
+    result = prune_graph(graph, config, progress)
+    result.timings = {"load": load_time, **result.timings}
+    _note(progress, f"writing {output}")
+    clock = time.perf_counter()
+    save_model(result.model, output, external_data=graph.uses_external_data)
+    result.timings["save"] = time.perf_counter() - clock
+    report = build_report(result, config, Path(model_path), output)
+    if config.bench_runs:
+        _note(progress, "measuring onnxruntime latency (1 thread, batch as bound)")
+        feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, config.seed)
+        report.latency_before_ms = measure_latency(graph.model, feeds, config.bench_runs)
+        report.latency_after_ms = measure_latency(result.model, feeds, config.bench_runs)
+    return report
+
+
+def build_report(result: PruneResult, config: PruneConfig, source: Path, output: Path) -> PruneReport:
+    analysis = result.analysis
+    costs = {}
+    for kind in ("macs", "params"):
+        before = CostModel(analysis, kind)
+        after = CostModel(analysis, kind)
+        for axis, indices in result.removed_by_axis.items():
+            after.remove({axis: len(indices)})
+        costs[kind] = (before.total, after.total)
+    groups = [
+        GroupChange(
+            name=g.name,
+            channels_before=len(g.units),
+            channels_after=len(g.units) - len(result.plan.removed.get(g.id, [])),
+            blocked=len(g.units) - len(g.prunable),
+            blocked_by=g.blocked_reasons[0] if g.blocked_reasons else None,
+        )
+        for g in analysis.groups
+    ]
+    target = config.target()
+    return PruneReport(
+        input=str(source),
+        output=str(output),
+        criterion=config.criterion,
+        target_kind=target.kind,
+        target_value=target.value,
+        scope=config.scope,
+        round_to=config.round_to,
+        macs_before=costs["macs"][0],
+        macs_after=costs["macs"][1],
+        params_before=costs["params"][0],
+        params_after=costs["params"][1],
+        size_before=_file_size(source),
+        size_after=_file_size(output),
+        groups=groups,
+        barriers=[f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers],
+        fidelity=result.fidelity,
+        timings=result.timings,
+    )

@@ -1,0 +1,164 @@
+"""The rewriter: emit the physically smaller model once the units to remove are chosen.
+
+Constant tensors are sliced generically (``numpy.delete`` along every axis that loses indices);
+each op rule then fixes what slicing cannot express (group counts, split sizes, slice bounds,
+reshape targets, gather indices). Intermediate shapes are dropped from the model and inferred
+again; graph inputs and outputs are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .analysis import Analysis
+from .ir import Node
+from .ops import get_rule
+
+__all__ = ["removed_indices", "rewrite_model", "expected_shapes"]
+
+log = logging.getLogger(__name__)
+
+
+def removed_indices(analysis: Analysis, removed: dict[int, list[int]]) -> dict[int, np.ndarray]:
+    """Sorted indices leaving each axis (by axis id) when the given units of each group go."""
+    parts: dict[int, list[np.ndarray]] = {}
+    groups = {g.id: g for g in analysis.groups}
+    for gid, units in removed.items():
+        for k in units:
+            for axis, indices in groups[gid].units[k].members.items():
+                parts.setdefault(axis, []).append(indices)
+    return {axis: np.unique(np.concatenate(chunks)) for axis, chunks in parts.items()}
+
+
+def expected_shapes(analysis: Analysis, removed_by_axis: dict[int, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape after pruning (at the bound input shapes)."""
+    shapes = dict(analysis.graph.shapes)
+    for axis_id, indices in removed_by_axis.items():
+        ref = analysis.axes[axis_id]
+        shape = list(shapes[ref.tensor])
+        shape[ref.axis] -= len(indices)
+        shapes[ref.tensor] = tuple(shape)
+    return shapes
+
+
+class _ProtoRewriter:
+    """Implements :class:`spa_compiler.ops.Rewriter` over a copy of the folded model."""
+
+    def __init__(self, analysis: Analysis, removed_by_axis: dict[int, np.ndarray]) -> None:
+        self.analysis = analysis
+        self.graph = analysis.graph
+        self.opset = self.graph.opset
+        self.removed_by_axis = removed_by_axis
+        self.new_shapes = expected_shapes(analysis, removed_by_axis)
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(self.graph.model)
+        self.protos = {n.name: n for n in self.model.graph.node}
+        self.new_initializers: list[onnx.TensorProto] = []
+
+    def removed(self, name: str, axis: int) -> np.ndarray:
+        axis_id = self.analysis.axis_id(name, axis)
+        found = self.removed_by_axis.get(axis_id) if axis_id is not None else None
+        return found if found is not None else np.zeros(0, dtype=np.int64)
+
+    def old_shape(self, name: str) -> tuple[int, ...]:
+        return self.graph.shapes[name]
+
+    def new_shape(self, name: str) -> tuple[int, ...]:
+        return self.new_shapes[name]
+
+    def constant(self, name: str) -> np.ndarray:
+        return self.graph.constants[name]
+
+    def is_constant(self, name: str) -> bool:
+        return self.graph.is_constant(name)
+
+    def set_attr(self, node: Node, key: str, value: Any) -> None:
+        proto = self.protos[node.name]
+        kept = [a for a in proto.attribute if a.name != key]
+        del proto.attribute[:]
+        proto.attribute.extend(kept)
+        proto.attribute.append(helper.make_attribute(key, value))
+
+    def remove_attr(self, node: Node, key: str) -> None:
+        proto = self.protos[node.name]
+        kept = [a for a in proto.attribute if a.name != key]
+        del proto.attribute[:]
+        proto.attribute.extend(kept)
+
+    def set_input(self, node: Node, slot: int, value: np.ndarray) -> None:
+        """Give input ``slot`` a new constant of its own (the old one may be shared)."""
+        proto = self.protos[node.name]
+        name = f"{node.name}__spa_input{slot}"
+        self.new_initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        while len(proto.input) <= slot:
+            proto.input.append("")
+        proto.input[slot] = name
+
+    def slice_constants(self) -> None:
+        for tensor in self.model.graph.initializer:
+            value = self.graph.constants.get(tensor.name)
+            if value is None:
+                continue
+            sliced = value
+            for axis in range(value.ndim):
+                gone = self.removed(tensor.name, axis)
+                if gone.size:
+                    sliced = np.delete(sliced, gone, axis=axis)
+            if sliced is not value:
+                tensor.CopyFrom(numpy_helper.from_array(sliced, tensor.name))
+
+    def rewrite_nodes(self) -> None:
+        changed = {self.analysis.axes[a].tensor for a in self.removed_by_axis}
+        for node in self.graph.nodes:
+            if not changed.intersection(node.inputs) and not changed.intersection(node.outputs):
+                continue
+            rule = get_rule(node.domain, node.op_type, self.opset)
+            if rule is not None:
+                rule.rewrite(node, self)
+
+    def finish(self) -> onnx.ModelProto:
+        graph = self.model.graph
+        graph.initializer.extend(self.new_initializers)
+        used = {name for node in graph.node for name in node.input}
+        used |= {o.name for o in graph.output}
+        for node in self.graph.nodes:
+            used |= node.subgraph_inputs
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        self._sync_initializer_inputs()
+        del graph.value_info[:]
+        return self.model
+
+    def _sync_initializer_inputs(self) -> None:
+        """Models of IR version < 4 list every initializer among the graph inputs too: keep that
+        list in step with the sliced, new and removed initializers."""
+        graph = self.model.graph
+        initializers = {t.name: t for t in graph.initializer}
+        listed = {i.name for i in graph.input}
+        inputs = [i for i in graph.input if i.name in self.graph.inputs]
+        for value in graph.input:
+            if value.name in initializers:
+                inputs.append(self._initializer_input(initializers[value.name]))
+        if self.model.ir_version < 4:
+            inputs += [self._initializer_input(t) for n, t in initializers.items() if n not in listed]
+        del graph.input[:]
+        graph.input.extend(inputs)
+
+    @staticmethod
+    def _initializer_input(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+
+def rewrite_model(analysis: Analysis, removed: dict[int, list[int]]) -> tuple[onnx.ModelProto, dict[int, np.ndarray]]:
+    """The pruned model, and the indices removed from each axis."""
+    removed_by_axis = removed_indices(analysis, removed)
+    rewriter = _ProtoRewriter(analysis, removed_by_axis)
+    rewriter.slice_constants()
+    rewriter.rewrite_nodes()
+    return rewriter.finish(), removed_by_axis

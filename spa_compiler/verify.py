@@ -1,0 +1,134 @@
+"""Verification of a pruned model before anything is written.
+
+1. ``onnx.checker.check_model(full_check=True)`` (which includes strict shape inference);
+2. graph inputs and outputs keep their names, element types and ranks;
+3. shape inference at the bound input shapes gives every tensor exactly the shape the plan
+   predicts (the original shape minus the removed indices), which catches a rewrite that
+   left an attribute or shape constant stale;
+4. onnxruntime runs it, and its outputs have the original output shapes.
+
+The numbers of (4) compared with the original's are the *fidelity* in the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import VerificationError
+from .ir import Graph, synthetic_inputs
+
+__all__ = ["Fidelity", "verify_model", "run_model", "session_for"]
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How close the pruned outputs are to the original's on seeded synthetic inputs."""
+
+    max_abs_error: float
+    relative_error: float
+    cosine: float
+
+
+def session_for(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """All graph outputs of ``model`` on ``feeds`` with onnxruntime."""
+    return session_for(model).run(None, feeds)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_interface(original: Graph, pruned: onnx.ModelProto) -> None:
+    def signature(values, skip):
+        return [
+            (v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))
+            for v in values if v.name not in skip
+        ]
+
+    constants = set(original.constants)
+    initializers = {t.name for t in pruned.graph.initializer}
+    if signature(original.model.graph.input, constants) != signature(pruned.graph.input, initializers):
+        raise VerificationError("internal error: the pruned model's graph inputs differ; nothing was written")
+    if signature(original.model.graph.output, ()) != signature(pruned.graph.output, ()):
+        raise VerificationError("internal error: the pruned model's graph outputs differ; nothing was written")
+
+
+def _check_shapes(original: Graph, pruned: onnx.ModelProto, expected: dict[str, tuple[int, ...]]) -> None:
+    bound = onnx.ModelProto()
+    bound.CopyFrom(pruned)
+    for value in bound.graph.input:
+        if value.name in original.input_shapes:
+            for dim, size in zip(value.type.tensor_type.shape.dim, original.input_shapes[value.name]):
+                dim.Clear()
+                dim.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bound, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise VerificationError(
+            f"internal error: the pruned model fails shape inference ({_first_line(exc)}); nothing was written"
+        ) from None
+    for value in inferred.graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or any(not d.HasField("dim_value") for d in dims) or value.name not in expected:
+            continue
+        shape = tuple(d.dim_value for d in dims)
+        if shape != expected[value.name]:
+            producer = original.producer.get(value.name)
+            raise VerificationError(
+                f"internal error: tensor '{value.name}' (from {producer}) has shape {shape} after "
+                f"pruning, expected {expected[value.name]}; nothing was written"
+            )
+
+
+def verify_model(
+    original: Graph, pruned: onnx.ModelProto, expected: dict[str, tuple[int, ...]], seed: int = 0
+) -> Fidelity:
+    """Run every check; raise :class:`VerificationError` on the first failure."""
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except Exception as exc:
+        raise VerificationError(
+            f"internal error: the pruned model fails the ONNX checker ({_first_line(exc)}); nothing was written"
+        ) from None
+    _check_interface(original, pruned)
+    _check_shapes(original, pruned, expected)
+    feeds = synthetic_inputs(original.input_shapes, original.dtypes, seed)
+    try:
+        before = run_model(original.model, feeds)
+        after = run_model(pruned, feeds)
+    except Exception as exc:
+        raise VerificationError(
+            f"internal error: onnxruntime cannot run the pruned model ({_first_line(exc)}); nothing was written"
+        ) from None
+    for name, a, b in zip(original.outputs, before, after):
+        if np.shape(a) != np.shape(b):
+            raise VerificationError(
+                f"internal error: output '{name}' has shape {np.shape(b)}, expected {np.shape(a)}; nothing was written"
+            )
+    return fidelity(before, after)
+
+
+def fidelity(before: list[np.ndarray], after: list[np.ndarray]) -> Fidelity:
+    a = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in before])
+    b = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in after])
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return Fidelity(
+        max_abs_error=float(np.max(np.abs(a - b))) if a.size else 0.0,
+        relative_error=float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
+        cosine=float(a @ b / norm) if norm > 0 else 1.0,
+    )
