@@ -86,11 +86,13 @@ class Conv(_ConvBase):
         c.root(w, 0)
         if groups == 1:
             c.couple(x, 1, w, 1)
+            c.tag(w, 1, "consumer")
         elif by_whole_groups(c.shape(x)[1], c.shape(y)[1], groups):
             _couple_whole_groups(c, x, y, groups)
         else:
             _couple_positions(c, x, w, 1, groups)
             _couple_positions(c, y, y, 1, groups)
+            c.tag(w, 1, "consumer")
 
     def macs_axes(self, node: "Node", shape: Callable[[str], tuple[int, ...]]):
         y, w = node.outputs[0], node.inputs[1]
@@ -105,6 +107,7 @@ class ConvTranspose(_ConvBase):
 
     def _couple_channels(self, c: Coupler, x: str, w: str, y: str, groups: int) -> None:
         c.couple(w, 0, x, 1)
+        c.tag(w, 0, "consumer")
         if groups == 1:
             c.couple(w, 1, y, 1)
             c.root(w, 1)
@@ -147,6 +150,7 @@ class Gemm(OpRule):
             c.root(b, b_n)
             c.tag(b, b_n, "weight")
             c.tag(b, b_k, "weight")
+            c.tag(b, b_k, "consumer")
         if c.is_constant(a):
             c.root(a, a_m)
 
@@ -176,6 +180,7 @@ class MatMul(OpRule):
             c.root(b, 1)
             c.tag(b, 1, "weight")
             c.tag(b, 0, "weight")
+            c.tag(b, 0, "consumer")
         if c.is_constant(a) and ra == 2:
             c.root(a, 0)
 

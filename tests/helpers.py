@@ -1,0 +1,81 @@
+"""Test helpers: seeded weights, and the exactness check of DESIGN invariant 3.
+
+Exactness: choose channels to remove, zero every weight slab that *reads* them (Conv/Gemm/MatMul
+input slices), then prune. The removed channels had no effect on the outputs, so the pruned
+model must reproduce the zeroed model's outputs. Any wrong index map, stale attribute or
+mis-sliced constant shows up as a difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from spa_compiler import Graph, PruneConfig, prune_graph, synthetic_inputs
+from spa_compiler.rewrite import rewrite_model
+from spa_compiler.verify import run_model
+
+__all__ = ["randomize_weights", "set_constant", "assert_exact", "relative_error"]
+
+
+def set_constant(graph: Graph, name: str, value: np.ndarray) -> None:
+    """Replace a constant both in the analysis view and in the model proto."""
+    graph.constants[name] = value
+    for tensor in graph.model.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(numpy_helper.from_array(value, name))
+
+
+WEIGHT_CONSUMERS = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+    "GroupNormalization", "Add", "Sub", "Mul", "PRelu",
+}
+
+
+def randomize_weights(graph: Graph, seed: int = 0) -> Graph:
+    """Give every float constant read by a weighted or affine op seeded random values (positive
+    where it is a BatchNorm variance) so that no two channels are alike; parameters such as
+    Resize scales keep their values."""
+    rng = np.random.default_rng(seed)
+    variances = {n.inputs[4] for n in graph.nodes if n.op_type == "BatchNormalization"}
+    weights = {name for n in graph.nodes if n.op_type in WEIGHT_CONSUMERS for name in n.inputs}
+    for name, value in list(graph.constants.items()):
+        if name not in weights or not np.issubdtype(value.dtype, np.floating) or value.size < 2:
+            continue
+        fan_in = max(1, int(np.prod(value.shape[1:]))) if value.ndim > 1 else 1
+        fresh = rng.standard_normal(value.shape) / np.sqrt(fan_in)
+        if name in variances:
+            fresh = 0.5 + np.abs(fresh)
+        set_constant(graph, name, fresh.astype(value.dtype))
+    return graph
+
+
+def relative_error(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in expected])
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in actual])
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def assert_exact(graph: Graph, config: PruneConfig, rtol: float = 1e-4, seed: int = 0) -> onnx.ModelProto:
+    """Prune with ``config``, after zeroing what reads the removed channels; outputs must match
+    within ``rtol`` (relative L2). Returns the pruned model."""
+    result = prune_graph(graph, config)
+    analysis = result.analysis
+    consumer_axes = set(analysis.tags.get("consumer", []))
+    assert result.plan.n_removed > 0, "the plan removes nothing: the test would prove nothing"
+    for group in analysis.groups:
+        for k in result.plan.removed.get(group.id, []):
+            for axis_id, indices in group.units[k].members.items():
+                if axis_id in consumer_axes:
+                    ref = analysis.axes[axis_id]
+                    value = graph.constants[ref.tensor].copy()
+                    np.moveaxis(value, ref.axis, 0)[indices] = 0
+                    set_constant(graph, ref.tensor, value)
+    pruned, _ = rewrite_model(analysis, result.plan.removed)
+    onnx.checker.check_model(pruned, full_check=True)
+    feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, seed)
+    expected, actual = run_model(graph.model, feeds), run_model(pruned, feeds)
+    error = relative_error(expected, actual)
+    assert error <= rtol, f"pruned outputs differ from the zeroed original: relative error {error:.3g}"
+    return pruned
