@@ -428,7 +428,7 @@ def _densenet(
 
 
 def densenet_tiny(
-    num_classes: int = 10, growth_rate: int = 8, block_layers: Sequence[int] = (3, 3), seed: int = 0
+    num_classes: int = 10, growth_rate: int = 16, block_layers: Sequence[int] = (3, 3), seed: int = 0
 ) -> nn.Module:
     """DenseNet-BC with two dense blocks joined by a transition layer."""
     return _seeded(seed, lambda: _densenet(block_layers, growth_rate, 2 * growth_rate, 2, num_classes))
@@ -495,7 +495,7 @@ def shufflenet_v2_tiny(num_classes: int = 10, width: int = 16, seed: int = 0) ->
 # Conv -> flatten -> FC
 # --------------------------------------------------------------------------- #
 def conv_fc(
-    num_classes: int = 10, width: int = 8, image_size: int = 8, in_channels: int = 1, seed: int = 0
+    num_classes: int = 10, width: int = 16, image_size: int = 8, in_channels: int = 1, seed: int = 0
 ) -> nn.Module:
     """Conv-ReLU-MaxPool x2 -> Flatten -> Linear -> Linear.
 

@@ -32,6 +32,7 @@ __all__ = [
     "synthetic_inputs",
     "save_model",
     "check_output_path",
+    "shape_skeleton",
     "MIN_OPSET",
     "MAX_OPSET",
 ]
@@ -194,8 +195,20 @@ def _reject_unsupported(model: onnx.ModelProto, path: Path) -> int:
     return opset
 
 
+def _needs_folding(model: onnx.ModelProto) -> bool:
+    """Whether any node is a Constant, reads only constants, or reads a shape."""
+    constants = {t.name for t in model.graph.initializer}
+    return any(
+        node.op_type in ("Constant", "Shape", "Size")
+        or all(not name or name in constants for name in node.input)
+        for node in model.graph.node
+    )
+
+
 def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold Constant nodes and constant-only subgraphs into initializers (graphsurgeon + ORT)."""
+    if not _needs_folding(model):
+        return model
     import onnx_graphsurgeon as gs
     from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -279,10 +292,30 @@ def _bind_input_shapes(
     return bound
 
 
-def _with_bound_inputs(model: onnx.ModelProto, bound: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+def shape_skeleton(
+    model: onnx.ModelProto, bound: dict[str, tuple[int, ...]], strip_weights: bool = True
+) -> onnx.ModelProto:
+    """A copy with inputs bound to concrete shapes and intermediate shapes cleared. With
+    ``strip_weights`` (for shape inference, which needs their shapes, not their values) large
+    float weights become graph inputs of their shapes."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for value in copy.graph.input:
+    graph = copy.graph
+    large = [
+        t for t in graph.initializer
+        if strip_weights
+        and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        and np.prod(t.dims) > 64
+    ]
+    large_names = {t.name for t in large}
+    kept = [t for t in graph.initializer if t.name not in large_names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    listed = {i.name for i in graph.input}
+    graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in listed
+    )
+    for value in graph.input:
         if value.name in bound:
             dims = value.type.tensor_type.shape.dim
             for dim, size in zip(dims, bound[value.name]):
@@ -321,7 +354,7 @@ def _infer_shapes(
     model: onnx.ModelProto, bound: dict[str, tuple[int, ...]], dtypes: dict[str, int]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Concrete shapes of every tensor: ONNX shape inference, then onnxruntime for the rest."""
-    bound_model = _with_bound_inputs(model, bound)
+    bound_model = shape_skeleton(model, bound)
     try:
         inferred = onnx.shape_inference.infer_shapes(bound_model, strict_mode=False, data_prop=True)
     except Exception as exc:
@@ -340,7 +373,7 @@ def _infer_shapes(
         out for node in model.graph.node for out in node.output if out and out not in shapes
     ]
     if missing:
-        shapes.update(_run_for_shapes(bound_model, missing, bound, dtypes))
+        shapes.update(_run_for_shapes(shape_skeleton(model, bound, strip_weights=False), missing, bound, dtypes))
     return shapes, dtypes
 
 

@@ -93,17 +93,28 @@ def _blocked_summary(analysis: Analysis) -> str:
     return "; ".join(top) if top else "no channel is blocked"
 
 
-def _check_reachable(analysis: Analysis, target: Target, plan: Plan) -> None:
+def _check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints: Constraints) -> None:
+    """Raise a TargetError explaining why, when the plan misses the target by more than the
+    tolerance: the share of cost no pruning can touch, and the groups too narrow to round."""
     if target.kind == "ratio" or plan.achieved <= target.value + TARGET_TOLERANCE:
         return
     kind = "MACs" if target.kind == "flops" else "parameters"
     cost = CostModel(analysis, "macs" if target.kind == "flops" else "params")
     prunable_axes = {a for g in analysis.groups for u in g.units if not u.blocked for a in u.members}
     fixed = sum(v for t, v in zip(cost.terms, cost.values) if not prunable_axes.intersection(t.axes))
+    reasons = [
+        f"{fixed / cost.original_total:.0%} of the {kind} are in layers whose channels cannot be pruned "
+        f"(blocked by: {_blocked_summary(analysis)})"
+    ]
+    narrow = [g for g in analysis.groups if g.prunable and len(g.units) < 2 * constraints.round_to]
+    if narrow and constraints.round_to > 1:
+        reasons.append(
+            f"{len(narrow)} of {len(analysis.groups)} groups have fewer than 2 x {constraints.round_to} "
+            f"channels and keep their width (a smaller --round-to lets them shrink)"
+        )
     raise TargetError(
-        f"cannot reach --{target.kind} {target.value:g}: the best reachable is {plan.achieved:.3f}, "
-        f"because {fixed / cost.original_total:.0%} of the {kind} are in layers whose channels cannot "
-        f"be pruned and the rest keep their minimum width; blocked by: {_blocked_summary(analysis)}"
+        f"cannot reach --{target.kind} {target.value:g}: the best reachable is {plan.achieved:.3f}; "
+        + "; ".join(reasons)
     )
 
 
@@ -131,7 +142,7 @@ def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = N
     lap("score")
     _note(progress, "allocating the target")
     plan = allocate(analysis, scores, target, constraints, TARGET_TOLERANCE)
-    _check_reachable(analysis, target, plan)
+    _check_reachable(analysis, target, plan, constraints)
     lap("allocate")
     _note(progress, "rewriting the model")
     model, removed_by_axis = rewrite_model(analysis, plan.removed)
