@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import spa_compiler
 from spa_compiler import PruneConfig, SpaError
@@ -62,7 +63,9 @@ def _list_criteria() -> None:
 @app.command(help="Prune MODEL (an .onnx file) to a target and write a smaller dense ONNX model." + EXAMPLES)
 def run(
     model: Optional[Path] = typer.Argument(None, help="Input .onnx model (never modified).", show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path [default: MODEL.pruned.onnx]."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output path.", show_default="MODEL.pruned.onnx"
+    ),
     flops: Optional[float] = typer.Option(None, help="Keep at most this fraction of the FLOPs (MACs), e.g. 0.5."),
     params: Optional[float] = typer.Option(None, help="Keep at most this fraction of the parameters."),
     ratio: Optional[float] = typer.Option(None, help="Remove this fraction of the channels of every group."),
@@ -74,7 +77,7 @@ def run(
     input_shape: List[str] = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable)."),
     seed: int = typer.Option(0, help="Seed of synthetic inputs and the random criterion."),
     json_report: Optional[Path] = typer.Option(None, help="Also write the report as JSON to this path."),
-    bench_runs: int = typer.Option(20, help="onnxruntime timing runs before and after (0: skip)."),
+    bench_runs: int = typer.Option(20, min=0, help="onnxruntime timing runs before and after (0: skip)."),
     analyze: bool = typer.Option(False, "--analyze", help="Print the channel groups and barriers; prune nothing."),
     list_ops: bool = typer.Option(False, "--list-ops", help="List the ops spa-prune understands."),
     list_criteria: bool = typer.Option(False, "--list-criteria", help="List the available criteria."),
@@ -107,24 +110,39 @@ def run(
     except SpaError as exc:
         if debug:
             raise
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error("error", str(exc))
         raise typer.Exit(code=2)
     except KeyboardInterrupt:
-        errors.print("interrupted; nothing was written")
+        _error("interrupted", "nothing was written")
         raise typer.Exit(code=130)
     except Exception as exc:  # a bug: still one line, and the way to see more
         if debug:
             raise
-        errors.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}; nothing was written. "
-            "Rerun with --debug and report the traceback.", highlight=False, soft_wrap=True,
+        _error(
+            "internal error",
+            f"{type(exc).__name__}: {exc}; nothing was written. Rerun with --debug and report the traceback.",
         )
         raise typer.Exit(code=3)
 
 
+def _error(label: str, message: str) -> None:
+    """One line on stderr; the message is printed verbatim (paths may contain brackets)."""
+    errors.print(Text.assemble((f"{label}: ", "bold red"), " ".join(message.split())), soft_wrap=True)
+
+
 def main() -> None:
-    app(prog_name="spa-prune")
+    """Console-script entry point: usage errors are one line too, with exit code 2."""
+    try:
+        code = app(prog_name="spa-prune", standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors: bad option, bad value
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _error("error", f"{message} (see spa-prune --help)")
+        code = getattr(exc, "exit_code", 2)
+    except typer.Abort:
+        _error("interrupted", "nothing was written")
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -32,7 +32,10 @@ __all__ = [
     "synthetic_inputs",
     "save_model",
     "check_output_path",
+    "check_input_path",
     "shape_skeleton",
+    "first_line",
+    "STANDARD_DOMAINS",
     "MIN_OPSET",
     "MAX_OPSET",
 ]
@@ -46,6 +49,7 @@ _QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
     "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm", "QAttention",
 }
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold a model over 2 GiB
 
 
@@ -113,7 +117,8 @@ class Graph:
         return len(self.shapes[name])
 
 
-def _check_readable(path: Path) -> None:
+def check_input_path(path: Path) -> None:
+    """Fail early when the input model cannot be read."""
     if not path.exists():
         raise InputError(f"{path}: no such file; check the path")
     if path.is_dir():
@@ -369,6 +374,10 @@ def _infer_shapes(
             dtypes[value.name] = value.type.tensor_type.elem_type
     for init in model.graph.initializer:
         shapes[init.name] = tuple(init.dims)
+    for value in [*model.graph.value_info, *model.graph.output]:
+        declared = _shape_of(value)
+        if declared is not None and value.name not in shapes:
+            shapes[value.name] = declared
     missing = [
         out for node in model.graph.node for out in node.output if out and out not in shapes
     ]
@@ -398,16 +407,20 @@ def _run_for_shapes(
         )
         outputs = session.run(names, synthetic_inputs(bound, dtypes))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"could not determine the shapes of {len(names)} tensors (e.g. '{names[0]}'): "
-            f"onnxruntime failed to run the model: {first}"
-        ) from None
+        # e.g. a custom op: the nodes touching these tensors become barriers
+        log.warning("shapes of %d tensors unknown (e.g. '%s'): %s", len(names), names[0], first_line(exc))
+        return {}
     found = {}
     for name, value in zip(names, outputs):
         found[name] = tuple(np.asarray(value).shape)
         dtypes.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
     return found
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (onnxruntime's run over many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _decode_node(proto: onnx.NodeProto, index: int) -> Node:
@@ -453,7 +466,7 @@ def load_model(
 ) -> Graph:
     """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input."""
     path = Path(path)
-    _check_readable(path)
+    check_input_path(path)
     raw, uses_external = _read_proto(path)
     opset = _reject_unsupported(raw, path)
     bound = _bind_input_shapes(raw, dict(input_shapes or {}))
@@ -494,9 +507,11 @@ def _name_unnamed_nodes(model: onnx.ModelProto, nodes: list[Node]) -> None:
         node.name = proto.name = name
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail early, before any work, when the output cannot be written."""
+def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Fail early, before any work, when the output cannot be written (or is the input)."""
     path = Path(path)
+    if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+        raise OutputError(f"output {path} is the input model; give another path with -o (the input is never modified)")
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"output {path} is a directory; give a file name such as {path / 'model.onnx'}")
@@ -518,10 +533,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     path = check_output_path(path)
     external = external_data or model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_data = None
+    tmp = tmp_data = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         if external:
             tmp_data = f".{data_name}.tmp"
             onnx.save_model(
@@ -540,6 +556,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _rename_external_location(model_path: str, old: str, new: str) -> None:

@@ -22,10 +22,10 @@ from .bench import measure_latency
 from .cost import CostModel
 from .criteria import ScoreContext, get_criterion, normalize
 from .errors import TargetError
-from .ir import Graph, check_output_path, load_model, save_model, synthetic_inputs
+from .ir import Graph, check_input_path, check_output_path, load_model, save_model, synthetic_inputs
 from .report import GroupChange, PruneReport
 from .rewrite import expected_shapes, rewrite_model
-from .verify import Fidelity, verify_model
+from .verify import Fidelity, custom_ops, verify_model
 
 __all__ = ["PruneConfig", "PruneResult", "prune_graph", "prune", "analyze", "TARGET_TOLERANCE"]
 
@@ -168,7 +168,8 @@ def prune(
 ) -> PruneReport:
     """Prune ``model_path`` into ``output_path`` (written atomically) and report what changed."""
     start = time.perf_counter()
-    output = check_output_path(output_path)
+    check_input_path(Path(model_path))
+    output = check_output_path(output_path, source=model_path)
     config.target(), config.constraints()
     _note(progress, "loading the model")
     graph = load_model(model_path, config.input_shapes)
@@ -180,7 +181,7 @@ def prune(
     save_model(result.model, output, external_data=graph.uses_external_data)
     result.timings["save"] = time.perf_counter() - clock
     report = build_report(result, config, Path(model_path), output)
-    if config.bench_runs:
+    if config.bench_runs and not report.custom_ops:
         _note(progress, "measuring onnxruntime latency (1 thread, batch as bound)")
         feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, config.seed)
         report.latency_before_ms = measure_latency(graph.model, feeds, config.bench_runs)
@@ -225,5 +226,6 @@ def build_report(result: PruneResult, config: PruneConfig, source: Path, output:
         groups=groups,
         barriers=[f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers],
         fidelity=result.fidelity,
+        custom_ops=custom_ops(result.graph),
         timings=result.timings,
     )

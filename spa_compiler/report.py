@@ -39,6 +39,7 @@ class PruneReport:
     groups: list[GroupChange]
     barriers: list[str]
     fidelity: Any = None
+    custom_ops: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
@@ -103,6 +104,11 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(
             f"verified: onnx.checker full check, onnxruntime run; outputs vs original on synthetic "
             f"inputs: cosine {f.cosine:.4f}, relative error {f.relative_error:.3g}"
+        )
+    elif report.custom_ops:
+        console.print(
+            f"verified with onnx.checker and shape inference only: onnxruntime cannot run "
+            f"{', '.join(report.custom_ops)}, so outputs were not compared"
         )
     if report.barriers:
         console.print(f"barriers ({len(report.barriers)}): " + "; ".join(report.barriers[:5]))

@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import VerificationError
-from .ir import Graph, shape_skeleton, synthetic_inputs
+from .errors import ModelError, VerificationError
+from .ir import STANDARD_DOMAINS, Graph, first_line, shape_skeleton, synthetic_inputs
 
-__all__ = ["Fidelity", "verify_model", "run_model", "session_for"]
+__all__ = ["Fidelity", "verify_model", "run_model", "session_for", "custom_ops", "fidelity"]
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,6 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bo
     return session_for(model, optimize=optimize).run(None, feeds)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _check_interface(original: Graph, pruned: onnx.ModelProto) -> None:
     def signature(values, skip):
         return [
@@ -78,7 +73,7 @@ def _check_shapes(original: Graph, pruned: onnx.ModelProto, expected: dict[str, 
         inferred = onnx.shape_inference.infer_shapes(bound, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         raise VerificationError(
-            f"internal error: the pruned model fails shape inference ({_first_line(exc)}); nothing was written"
+            f"internal error: the pruned model fails shape inference ({first_line(exc)}); nothing was written"
         ) from None
     for value in inferred.graph.value_info:
         dims = value.type.tensor_type.shape.dim
@@ -95,23 +90,29 @@ def _check_shapes(original: Graph, pruned: onnx.ModelProto, expected: dict[str, 
 
 def verify_model(
     original: Graph, pruned: onnx.ModelProto, expected: dict[str, tuple[int, ...]], seed: int = 0
-) -> Fidelity:
-    """Run every check; raise :class:`VerificationError` on the first failure."""
+) -> Fidelity | None:
+    """Run every check; raise :class:`VerificationError` on the first failure. Returns None
+    (checks 1-3 only) when the model has custom ops onnxruntime cannot run."""
     try:
         onnx.checker.check_model(pruned)
     except Exception as exc:
         raise VerificationError(
-            f"internal error: the pruned model fails the ONNX checker ({_first_line(exc)}); nothing was written"
+            f"internal error: the pruned model fails the ONNX checker ({first_line(exc)}); nothing was written"
         ) from None
     _check_interface(original, pruned)
     _check_shapes(original, pruned, expected)
     feeds = synthetic_inputs(original.input_shapes, original.dtypes, seed)
     try:
         before = run_model(original.model, feeds, optimize=False)
+    except Exception as exc:
+        if custom_ops(original):
+            return None
+        raise ModelError(f"onnxruntime cannot run the input model ({first_line(exc)})") from None
+    try:
         after = run_model(pruned, feeds, optimize=False)
     except Exception as exc:
         raise VerificationError(
-            f"internal error: onnxruntime cannot run the pruned model ({_first_line(exc)}); nothing was written"
+            f"internal error: onnxruntime cannot run the pruned model ({first_line(exc)}); nothing was written"
         ) from None
     for name, a, b in zip(original.outputs, before, after):
         if np.shape(a) != np.shape(b):
@@ -119,6 +120,11 @@ def verify_model(
                 f"internal error: output '{name}' has shape {np.shape(b)}, expected {np.shape(a)}; nothing was written"
             )
     return fidelity(before, after)
+
+
+def custom_ops(graph: Graph) -> list[str]:
+    """``domain::op`` of the nodes outside the standard ONNX domains."""
+    return sorted({f"{n.domain}::{n.op_type}" for n in graph.nodes if n.domain not in STANDARD_DOMAINS})
 
 
 def fidelity(before: list[np.ndarray], after: list[np.ndarray]) -> Fidelity:

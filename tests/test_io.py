@@ -1,0 +1,339 @@
+"""Reading and writing models through the Python API: dynamic batch, external data, old opsets,
+atomic saving, the errors ``load_model`` raises, and registering a criterion."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import spa_compiler
+from spa_compiler import (
+    InputError,
+    ModelError,
+    OutputError,
+    PruneConfig,
+    UnsupportedModelError,
+    load_model,
+    parse_input_shapes,
+    prune,
+    prune_graph,
+    save_model,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    return out
+
+
+def seeded_input(*shape: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+
+
+def small_model(nodes, inputs, outputs, inits=(), opset=13) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7 if opset >= 13 else 3
+    return model
+
+
+# --------------------------------------------------------------------------- exported models
+
+
+@pytest.fixture(scope="module")
+def tiny_resnets(tmp_path_factory) -> dict[str, Path]:
+    """resnet_tiny_basic exported with a dynamic batch (opset 17) and at opsets 9 and 13."""
+    pytest.importorskip("torch")
+    from models.export import export_architecture, export_onnx
+    from models.zoo import ARCHITECTURES
+
+    root = tmp_path_factory.mktemp("tiny_resnets")
+    spec = ARCHITECTURES["resnet_tiny_basic"]
+    paths = {"dynamic": export_onnx(spec.builder(), spec.input_shape, root / "dyn.onnx", dynamic_batch=True)}
+    for opset in (9, 13):
+        try:
+            paths[f"opset{opset}"] = export_architecture("resnet_tiny_basic", root / f"o{opset}.onnx", opset)
+        except Exception:  # the exporter may not reach this opset
+            if opset != 9:
+                raise
+            paths["opset9"] = export_architecture("resnet_tiny_basic", root / "o10.onnx", 10)
+    return paths
+
+
+def test_dynamic_batch_is_kept(tmp_path, tiny_resnets):
+    source = tiny_resnets["dynamic"]
+    digest = sha(source)
+    report = prune(source, tmp_path / "out.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert 0.45 <= report.flops_ratio <= 0.52
+    assert sha(source) == digest
+    pruned = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(pruned, full_check=True)
+    (inp,) = [i for i in pruned.graph.input if i.name == "input"]
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value"), "the batch dimension became fixed"
+    assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert pruned.graph.output[0].type.tensor_type.shape.dim[0].dim_param
+    x = seeded_input(3, 3, 32, 32)
+    out = run(tmp_path / "out.onnx", x)
+    assert out.shape == (3, 10)
+    # each sample is computed independently: batch 3 equals three batch-1 runs
+    singles = np.concatenate([run(tmp_path / "out.onnx", x[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(out, singles, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["opset9", "opset13"])
+def test_old_opsets(tmp_path, tiny_resnets, key):
+    source = tiny_resnets[key]
+    original = onnx.load(str(source))
+    report = prune(source, tmp_path / "out.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert 0.45 <= report.flops_ratio <= 0.52
+    assert report.params_ratio < 1
+    pruned = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert default_opset(pruned) == default_opset(original), "the opset changed"
+    assert pruned.ir_version == original.ir_version
+    assert run(tmp_path / "out.onnx", seeded_input(1, 3, 32, 32)).shape == (1, 10)
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def test_external_data_round_trip(tmp_path):
+    source = tmp_path / "ext.onnx"
+    onnx.save_model(onnx.load(str(EXAMPLE)), str(source), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    inputs = {p.name: sha(p) for p in tmp_path.iterdir()}
+    assert set(inputs) == {"ext.onnx", "w.data"}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "small.onnx"
+
+    report = prune(source, out, PruneConfig(flops=0.5, bench_runs=0))
+
+    assert 0.45 <= report.flops_ratio <= 0.52
+    assert {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file()} == inputs, "the input changed"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["small.onnx", "small.onnx.data"]
+    header = onnx.load(str(out), load_external_data=False)
+    locations = {
+        entry.value
+        for t in header.graph.initializer if t.data_location == TensorProto.EXTERNAL
+        for entry in t.external_data if entry.key == "location"
+    }
+    assert locations == {"small.onnx.data"}
+    assert report.size_after == out.stat().st_size + (out_dir / "small.onnx.data").stat().st_size
+    onnx.checker.check_model(str(out), full_check=True)
+    loaded = onnx.load(str(out))
+    assert all(t.data_location != TensorProto.EXTERNAL for t in loaded.graph.initializer)
+
+    # the same model stored inline prunes to the same weights and outputs
+    inline = prune(EXAMPLE, tmp_path / "inline.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert inline.flops_ratio == report.flops_ratio
+    x = seeded_input(1, 3, 32, 32)
+    out_ext, out_inline = run(out, x), run(tmp_path / "inline.onnx", x)
+    assert out_ext.shape == (1, 10)
+    np.testing.assert_array_equal(out_ext, out_inline)
+
+
+def test_external_data_moved_away_is_an_input_error(tmp_path):
+    source = tmp_path / "ext.onnx"
+    onnx.save_model(onnx.load(str(EXAMPLE)), str(source), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    (tmp_path / "w.data").rename(tmp_path / "elsewhere.data")
+    with pytest.raises(InputError, match="external"):
+        load_model(source)
+
+
+# --------------------------------------------------------------------------- load_model errors
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(InputError, match="directory"):
+        load_model(tmp_path)
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(InputError, match="ONNX"):
+        load_model(tmp_path / "text.onnx")
+    data = EXAMPLE.read_bytes()
+    (tmp_path / "half.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="ONNX"):
+        load_model(tmp_path / "half.onnx")
+
+
+def test_load_quantized_and_old_opset_are_unsupported(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
+    qdq = small_model(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        [x], [y],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")],
+    )
+    onnx.save(qdq, str(tmp_path / "q.onnx"))
+    with pytest.raises(UnsupportedModelError, match="quantized"):
+        load_model(tmp_path / "q.onnx")
+    old = small_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=8)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    with pytest.raises(UnsupportedModelError, match="opset 8"):
+        load_model(tmp_path / "old.onnx")
+
+
+def test_dynamic_dimension_binding(tmp_path):
+    model = onnx.load(str(EXAMPLE))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for axis, name in ((0, "N"), (2, "H"), (3, "W")):
+        dims[axis].Clear()
+        dims[axis].dim_param = name
+    onnx.save(model, str(tmp_path / "dyn.onnx"))
+    with pytest.raises(ModelError, match=r"'input'.*--input-shape input="):
+        load_model(tmp_path / "dyn.onnx")
+    graph = load_model(tmp_path / "dyn.onnx", {"input": (2, 3, 32, 32)})
+    assert graph.input_shapes == {"input": (2, 3, 32, 32)}
+    assert graph.shapes[graph.outputs[0]] == (2, 10)
+    with pytest.raises(InputError, match="4"):
+        load_model(tmp_path / "dyn.onnx", {"input": (1, 3, 32)})
+    with pytest.raises(InputError, match="foo"):
+        load_model(tmp_path / "dyn.onnx", {"foo": (1, 3, 32, 32)})
+
+
+def test_parse_input_shapes():
+    assert parse_input_shapes(["x=1x3x224x224", "y=2x5"]) == {"x": (1, 3, 224, 224), "y": (2, 5)}
+    assert parse_input_shapes([]) == {} and parse_input_shapes(None) == {}
+    for bad in ("x=1x3x", "x=", "=1x3", "1x3", "x=1,3", "x=-1x3"):
+        with pytest.raises(InputError, match="NAME=1x3x224x224"):
+            parse_input_shapes([bad])
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def test_save_model_is_atomic_and_cleans_up(tmp_path, monkeypatch):
+    model = onnx.load(str(EXAMPLE))
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous")
+
+    def broken_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", broken_save)
+    with pytest.raises(OutputError, match="cannot write"):
+        save_model(model, target)
+    assert target.read_bytes() == b"previous", "a failed save damaged the existing file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "a temporary file was left behind"
+
+    monkeypatch.undo()
+    save_model(model, target)
+    assert onnx.load(str(target)).graph.node[0].name == model.graph.node[0].name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_save_model_external_data(tmp_path):
+    model = onnx.load(str(EXAMPLE))
+    out = save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx").stat().st_size < (tmp_path / "m.onnx.data").stat().st_size
+    assert run(out, seeded_input(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_save_model_output_errors(tmp_path):
+    model = onnx.load(str(EXAMPLE))
+    with pytest.raises(OutputError, match="does not exist"):
+        save_model(model, tmp_path / "nodir" / "m.onnx")
+    with pytest.raises(OutputError, match="directory"):
+        save_model(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_model_into_unwritable_directory_is_an_output_error(tmp_path):
+    model = onnx.load(str(EXAMPLE))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        target = locked / "m.onnx" if not os.access(locked, os.W_OK) else Path("/proc/spa_prune_test_m.onnx")
+        with pytest.raises(OutputError, match="cannot write|not writable"):
+            save_model(model, target)
+        assert not target.exists()
+    finally:
+        locked.chmod(0o755)
+
+
+def test_prune_failure_writes_nothing(tmp_path):
+    """A run that fails after loading (nothing prunable) leaves no output and no temp file."""
+    model = small_model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "W")],
+    )
+    onnx.save(model, str(tmp_path / "one.onnx"))
+    with pytest.raises(spa_compiler.TargetError, match="nothing"):
+        prune(tmp_path / "one.onnx", tmp_path / "out.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx"]
+
+
+# --------------------------------------------------------------------------- criterion registry
+
+
+@pytest.fixture
+def first_channels():
+    from spa_compiler import criteria
+
+    @spa_compiler.register_criterion("first_channels")
+    class FirstChannels(spa_compiler.Criterion):
+        description = "keeps the lowest channel indices"
+
+        def score(self, group, ctx):
+            return len(group.units) - np.arange(len(group.units), dtype=np.float64)  # higher = keep
+
+    yield FirstChannels
+    criteria._CRITERIA.pop("first_channels", None)
+
+
+@pytest.mark.parametrize("scope", ["global", "uniform"])
+def test_registered_criterion_decides_what_goes(first_channels, scope):
+    assert "first_channels" in spa_compiler.available_criteria()
+    assert isinstance(spa_compiler.get_criterion("first_channels"), first_channels)
+    graph = load_model(EXAMPLE)
+    result = prune_graph(graph, PruneConfig(flops=0.5, criterion="first_channels", scope=scope, bench_runs=0))
+    assert result.plan.n_removed > 0
+    groups = {g.id: g for g in result.analysis.groups}
+    for group_id, removed in result.plan.removed.items():
+        if not removed:
+            continue
+        prunable = groups[group_id].prunable
+        assert sorted(removed) == prunable[len(prunable) - len(removed):], (
+            f"group {groups[group_id].name}: removed {sorted(removed)}, not the last channels"
+        )
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_unknown_criterion_is_an_input_error():
+    graph = load_model(EXAMPLE)
+    with pytest.raises(InputError, match="unknown criterion 'nope'"):
+        prune_graph(graph, PruneConfig(flops=0.5, criterion="nope"))
+
+
+def test_example_model_is_unchanged_by_the_suite():
+    """Other tests copy or read the bundled example; it must still be a valid model."""
+    model = onnx.load(str(EXAMPLE))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"]
