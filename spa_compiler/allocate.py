@@ -157,13 +157,23 @@ def _allocate_global(
 
 
 def _uniform_removal(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, c: Constraints):
+    """The lowest-scored ``ratio`` of every group (rounded, at least ``min_keep``), skipping
+    any unit whose removal would empty an axis."""
+    kept = np.asarray([ref.size for ref in analysis.axes], dtype=np.int64)
     removed: dict[int, list[int]] = {}
     for group in analysis.groups:
         n = len(group.units)
         keep = max(math.ceil(c.min_keep * n), 1, n - math.floor(ratio * n))
         keep = min(n, math.ceil(keep / c.round_to) * c.round_to)
-        order = sorted(group.prunable, key=lambda k: (scores[group.id][k], k))
-        take = order[: max(0, min(n - keep, len(order)))]
+        take = []
+        for k in sorted(group.prunable, key=lambda k: (scores[group.id][k], k)):
+            if len(take) == n - keep:
+                break
+            counts = unit_counts(group, [k])
+            if all(kept[a] - m >= 1 for a, m in counts.items()):
+                for a, m in counts.items():
+                    kept[a] -= m
+                take.append(k)
         if take:
             removed[group.id] = sorted(take)
     return removed

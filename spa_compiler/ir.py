@@ -218,6 +218,10 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnx_graphsurgeon.logger import G_LOGGER
 
     G_LOGGER.severity = G_LOGGER.CRITICAL
+    try:  # known static shapes let graphsurgeon fold Shape nodes too
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        log.debug("shape inference before folding failed: %s", exc)
     graph = gs.import_onnx(model)
     graph.fold_constants(fold_shapes=True, error_ok=True)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -213,16 +213,29 @@ def _couple_in_order(c: Coupler, x: str, y: str, x_axes: list[int], y_axes: list
 
 @register_op("Squeeze")
 class Squeeze(OpRule):
-    """Removes size-1 axes; the others map in order."""
+    """Removes size-1 axes; the others map in order. Without an ``axes`` parameter the
+    squeezed axes are written out, so that an axis pruned to one element is not squeezed too."""
 
-    summary = "remaining axes identity"
+    summary = "remaining axes identity; implicit axes made explicit"
 
     def couple(self, node: "Node", c: Coupler) -> None:
         x, y = node.inputs[0], node.outputs[0]
         shape = c.shape(x)
-        axes = int_param(node, c, "axes", 1)
-        gone = set(normalized_axes(axes, len(shape))) if axes else {k for k, d in enumerate(shape) if d == 1}
+        gone = self._squeezed(node, c, shape)
         _couple_in_order(c, x, y, [k for k in range(len(shape)) if k not in gone], list(range(len(c.shape(y)))))
+
+    @staticmethod
+    def _squeezed(node: "Node", c: Coupler | Rewriter, shape: tuple[int, ...]) -> set[int]:
+        axes = int_param(node, c, "axes", 1)
+        return set(normalized_axes(axes, len(shape))) if axes else {k for k, d in enumerate(shape) if d == 1}
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        if int_param(node, r, "axes", 1) is None:
+            axes = sorted(self._squeezed(node, r, r.old_shape(node.inputs[0])))
+            if r.opset < 13:
+                r.set_attr(node, "axes", axes)
+            else:
+                r.set_input(node, 1, np.asarray(axes, dtype=np.int64))
 
 
 @register_op("Unsqueeze")
@@ -319,14 +332,27 @@ class Reshape(OpRule):
 
 @register_op("Expand")
 class Expand(OpRule):
-    """Broadcasts to a constant shape: input axes of the output's size are identity."""
+    """Broadcasts to a constant shape: input axes of the output's size are identity; target
+    entries other than 1 on a pruned axis are rewritten."""
 
-    summary = "broadcast: equal-size axes identity"
+    summary = "broadcast: equal-size axes identity; shape rewritten"
 
     def couple(self, node: "Node", c: Coupler) -> None:
         if not c.is_constant(node.inputs[1]):
             raise Unsupported(f"its shape input '{node.inputs[1]}' is computed at run time")
         couple_broadcast(c, [node.inputs[0]], node.outputs[0])
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        y = node.outputs[0]
+        old, new = r.old_shape(y), r.new_shape(y)
+        target = [int(v) for v in r.constant(node.inputs[1]).reshape(-1)]
+        offset = len(old) - len(target)
+        rewritten = [
+            new[offset + k] if value != 1 and old[offset + k] != new[offset + k] else value
+            for k, value in enumerate(target)
+        ]
+        if rewritten != target:
+            r.set_input(node, 1, np.asarray(rewritten, dtype=np.int64))
 
 
 @register_op("Tile")

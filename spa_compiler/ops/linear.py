@@ -49,6 +49,14 @@ def _couple_positions(c: Coupler, a: str, b: str, b_axis: int, groups: int) -> N
     c.couple(a, 1, b, b_axis, np.arange(n), np.arange(n) % (n // groups))
 
 
+def _tag_weight(c: Coupler, w: str, out_axis: int | None, in_axis: int) -> None:
+    """Tag a matrix weight's slabs for the criteria; its input axis reads the layer's input."""
+    if out_axis is not None:
+        c.tag(w, out_axis, "weight")
+    c.tag(w, in_axis, "weight")
+    c.tag(w, in_axis, "consumer")
+
+
 class _ConvBase(OpRule):
     """What Conv and ConvTranspose share: batch, bias, weight tags and the ``group`` rewrite."""
 
@@ -148,11 +156,10 @@ class Gemm(OpRule):
         couple_broadcast(c, [input_at(node, 2)], y)
         if c.is_constant(b):
             c.root(b, b_n)
-            c.tag(b, b_n, "weight")
-            c.tag(b, b_k, "weight")
-            c.tag(b, b_k, "consumer")
+            _tag_weight(c, b, b_n, b_k)
         if c.is_constant(a):
             c.root(a, a_m)
+            _tag_weight(c, a, a_m, a_k)
 
     def macs_axes(self, node: "Node", shape: Callable[[str], tuple[int, ...]]):
         a, y = node.inputs[0], node.outputs[0]
@@ -178,11 +185,12 @@ class MatMul(OpRule):
         self._couple_batch(c, b, rb, y, ry)
         if c.is_constant(b) and rb == 2:
             c.root(b, 1)
-            c.tag(b, 1, "weight")
-            c.tag(b, 0, "weight")
-            c.tag(b, 0, "consumer")
+            _tag_weight(c, b, 1, 0)
+        elif c.is_constant(b) and rb == 1:
+            _tag_weight(c, b, None, 0)
         if c.is_constant(a) and ra == 2:
             c.root(a, 0)
+            _tag_weight(c, a, 0, 1)
 
     @staticmethod
     def _couple_batch(c: Coupler, x: str, rx: int, y: str, ry: int) -> None:

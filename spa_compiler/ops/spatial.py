@@ -17,11 +17,11 @@ from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
 if TYPE_CHECKING:
     from ..ir import Node
 
-__all__ = ["Pool", "Reduce", "Softmax", "Resize", "Pad", "DepthToSpace", "SpaceToDepth"]
+__all__ = ["Pool", "RoiPool", "Reduce", "Softmax", "Resize", "Pad", "DepthToSpace", "SpaceToDepth"]
 
 
 @register_op("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-             "GlobalLpPool", "MaxRoiPool")
+             "GlobalLpPool")
 class Pool(OpRule):
     """Pooling windows stay within a channel. MaxPool's optional Indices output encodes channel
     offsets in its values, so when it is used the channel axis is a barrier."""
@@ -32,6 +32,16 @@ class Pool(OpRule):
         x, y = node.inputs[0], node.outputs[0]
         has_indices = len(node.outputs) > 1 and bool(node.outputs[1])
         couple_same(c, x, y, [0] if has_indices else [0, 1])
+
+
+@register_op("MaxRoiPool")
+class RoiPool(OpRule):
+    """``[N, C, H, W]`` and regions ``[R, 5]`` give ``[R, C, ph, pw]``: channels are identity."""
+
+    summary = "channel axis identity"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        c.couple(node.inputs[0], 1, node.outputs[0], 1)
 
 
 @register_op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
