@@ -16,15 +16,14 @@ Scores from different groups are made comparable by :func:`normalize`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Callable
 
 import numpy as np
 
 from .analysis import Analysis, Group
 from .errors import InputError
+from .plugins import load_entry_points
 
 __all__ = [
     "Criterion",
@@ -35,10 +34,8 @@ __all__ = [
     "normalize",
 ]
 
-log = logging.getLogger(__name__)
 
 _CRITERIA: dict[str, type["Criterion"]] = {}
-_ENTRY_POINTS_LOADED = False
 
 
 @dataclass
@@ -99,17 +96,8 @@ def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]
 
 
 def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for entry in metadata.entry_points(group="spa_prune.criteria"):
-        try:
-            cls = entry.load()
-        except Exception as exc:  # a broken plugin must not break the others
-            log.warning("could not load criterion %s: %s", entry.name, exc)
-            continue
-        _CRITERIA.setdefault(entry.name, cls)
+    for name, cls in load_entry_points("spa_prune.criteria"):
+        _CRITERIA.setdefault(name, cls)
 
 
 def available_criteria() -> dict[str, str]:

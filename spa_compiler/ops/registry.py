@@ -20,12 +20,12 @@ packages can add rules through the ``spa_prune.op_rules`` entry-point group.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 import numpy as np
+
+from ..plugins import load_entry_points
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -40,7 +40,6 @@ __all__ = [
     "registered_ops",
 ]
 
-log = logging.getLogger(__name__)
 
 
 class Unsupported(Exception):
@@ -107,7 +106,6 @@ class _Entry:
 
 
 _REGISTRY: dict[tuple[str, str], list[_Entry]] = {}
-_ENTRY_POINTS_LOADED = False
 
 
 def register_op(
@@ -127,15 +125,7 @@ def register_op(
 
 
 def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for entry in metadata.entry_points(group="spa_prune.op_rules"):
-        try:
-            entry.load()
-        except Exception as exc:  # a broken plugin must not break pruning
-            log.warning("could not load op-rule plugin %s: %s", entry.name, exc)
+    load_entry_points("spa_prune.op_rules")
 
 
 def get_rule(domain: str, op_type: str, opset: int) -> OpRule | None:
