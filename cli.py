@@ -71,7 +71,9 @@ def run(
     ratio: Optional[float] = typer.Option(None, help="Remove this fraction of the channels of every group."),
     criterion: str = typer.Option("l2", help="Channel importance criterion (see --list-criteria)."),
     scope: str = typer.Option("global", help="global: rank channels across layers; uniform: same ratio everywhere."),
-    round_to: int = typer.Option(8, help="Keep channel counts multiples of N (8 suits AVX2, 16 AVX-512)."),
+    round_to: int = typer.Option(
+        16, help="Keep channel counts multiples of N: onnxruntime's fast CPU kernels need 8 (AVX2) or 16 (AVX-512)."
+    ),
     min_keep: float = typer.Option(0.1, help="Keep at least this fraction of every group's channels."),
     exclude: List[str] = typer.Option([], help="Node name whose channels must not be pruned (repeatable)."),
     input_shape: List[str] = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable)."),

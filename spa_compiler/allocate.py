@@ -42,8 +42,12 @@ class Target:
 
 @dataclass(frozen=True)
 class Constraints:
+    """``round_to``: kept channel counts are multiples of it (16 suits both AVX2's 8-wide and
+    AVX-512's 16-wide blocked kernels); a group narrower than ``2 * round_to`` rounds to the
+    largest halving of it that still lets the group shrink."""
+
     scope: Scope = "global"
-    round_to: int = 8
+    round_to: int = 16
     min_keep: float = 0.1
 
     def __post_init__(self) -> None:
@@ -51,6 +55,12 @@ class Constraints:
             raise TargetError(f"--round-to must be at least 1, got {self.round_to}")
         if not 0.0 <= self.min_keep <= 1.0:
             raise TargetError(f"--min-keep must be between 0 and 1, got {self.min_keep}")
+
+    def rounding_for(self, width: int) -> int:
+        step = self.round_to
+        while step > 1 and width < 2 * step:
+            step //= 2
+        return step
 
 
 @dataclass
@@ -84,12 +94,13 @@ class _GroupSteps:
         self.order = sorted(prunable, key=lambda k: (scores[k], k))
         self.n = len(group.units)
         self.floor = max(1, math.ceil(c.min_keep * self.n))
-        self.round_to = c.round_to
+        self.constraints = c
         self.taken = 0
 
     def next_step(self) -> list[int] | None:
         kept = self.n - self.taken
-        target = ((kept - 1) // self.round_to) * self.round_to
+        step = self.constraints.rounding_for(kept)
+        target = ((kept - 1) // step) * step
         if target < self.floor or self.taken + kept - target > len(self.order):
             return None
         return self.order[self.taken:self.taken + kept - target]
@@ -164,7 +175,8 @@ def _uniform_removal(analysis: Analysis, scores: dict[int, np.ndarray], ratio: f
     for group in analysis.groups:
         n = len(group.units)
         keep = max(math.ceil(c.min_keep * n), 1, n - math.floor(ratio * n))
-        keep = min(n, math.ceil(keep / c.round_to) * c.round_to)
+        step = c.rounding_for(n)
+        keep = min(n, math.ceil(keep / step) * step)
         take = []
         for k in sorted(group.prunable, key=lambda k: (scores[group.id][k], k)):
             if len(take) == n - keep:

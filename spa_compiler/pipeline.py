@@ -42,7 +42,7 @@ class PruneConfig:
     ratio: float | None = None
     criterion: str = "l2"
     scope: Literal["global", "uniform"] = "global"
-    round_to: int = 8
+    round_to: int = 16
     min_keep: float = 0.1
     exclude: tuple[str, ...] = ()
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -110,8 +110,9 @@ def _check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints
     if narrow and constraints.round_to > 1:
         reasons.append(
             f"{len(narrow)} of {len(analysis.groups)} groups have fewer than 2 x {constraints.round_to} "
-            f"channels and keep their width (a smaller --round-to lets them shrink)"
+            f"channels and round more finely or keep their width (--round-to 1 removes rounding)"
         )
+    reasons.append(f"every group keeps at least {constraints.min_keep:g} of its channels (--min-keep)")
     raise TargetError(
         f"cannot reach --{target.kind} {target.value:g}: the best reachable is {plan.achieved:.3f}; "
         + "; ".join(reasons)

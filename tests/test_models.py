@@ -84,15 +84,22 @@ def test_onnx_light_model_is_exact(name):
 
 
 @pytest.mark.real_model
-def test_light_shufflenet_explains_and_prunes_with_finer_rounding(tmp_path):
-    """ShuffleNet v1 couples its grouped convs through every channel shuffle into units of few
-    channels: with --round-to 8 the target is out of reach and the message says why."""
+def test_light_shufflenet_prunes_with_narrow_groups_rounding_finer(tmp_path):
+    """ShuffleNet v1 couples its grouped convs through every channel shuffle into groups of few
+    units; those round to a halving of --round-to and still shrink."""
     source = onnx_light_model_paths()["shufflenet"]
-    with pytest.raises(TargetError, match=r"best reachable is 0\.6\d+.*smaller --round-to"):
-        prune(source, tmp_path / "a.onnx", PruneConfig(flops=0.5, bench_runs=0))
-    assert not (tmp_path / "a.onnx").exists()
-    report = prune(source, tmp_path / "b.onnx", PruneConfig(flops=0.5, round_to=4, bench_runs=0))
-    _assert_valid_pruned(source, tmp_path / "b.onnx", report)
+    report = prune(source, tmp_path / "pruned.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    _assert_valid_pruned(source, tmp_path / "pruned.onnx", report)
+
+
+@pytest.mark.real_model
+def test_unreachable_target_says_what_blocks_it(tmp_path):
+    """AlexNet's first two convolutions feed LRNs, which mix neighbouring channels: a third of
+    its compute cannot shrink, so --flops 0.2 is out of reach and the message says why."""
+    source = onnx_light_model_paths()["bvlc_alexnet"]
+    with pytest.raises(TargetError, match=r"best reachable is 0\.5\d+; 47% of the MACs .*LRN node"):
+        prune(source, tmp_path / "pruned.onnx", PruneConfig(flops=0.2, bench_runs=0))
+    assert not (tmp_path / "pruned.onnx").exists()
 
 
 @pytest.mark.real_model
