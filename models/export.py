@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ import torch
 
 from .zoo import ARCHITECTURES
 
-__all__ = ["TOLERANCE", "ExportVerificationError", "export_architecture", "export_onnx"]
+__all__ = ["TOLERANCE", "ExportVerificationError", "export_architecture", "export_onnx", "verify_onnx"]
 
 TOLERANCE = 1e-4
 """Absolute and relative tolerance between onnxruntime and torch outputs."""
@@ -35,19 +36,29 @@ def export_onnx(
     path: str | os.PathLike[str],
     opset: int = 17,
     dynamic_batch: bool = False,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    input_dtype: str = "float32",
 ) -> pathlib.Path:
     """Export ``model`` (put in eval mode) to ``path`` with input "input" and output "output".
 
-    The file is checked with ``onnx.checker`` (full check) and run with onnxruntime on a
-    seeded random input (batch 2 when ``dynamic_batch``); raises
-    ``ExportVerificationError`` if outputs differ by more than ``TOLERANCE``.
+    The seeded sample input has ``input_shape`` and the torch dtype named ``input_dtype``;
+    integer inputs are token ids in ``[0, n)``, ``n`` the size of the model's first
+    ``nn.Embedding``.  ``dynamic_axes`` maps "input"/"output" to ``{axis: label}`` as in
+    ``torch.onnx.export``; ``dynamic_batch`` adds axis 0 "batch" to both.  The file is checked
+    with ``onnx.checker`` (full check) and run with onnxruntime on the sample and, when some
+    input axis is dynamic, on a sample with those axes resized (size 1 -> 2, n -> n // 2);
+    raises ``ExportVerificationError`` if outputs differ by more than ``TOLERANCE``.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
+    axes = {name: dict(named) for name, named in (dynamic_axes or {}).items()}
+    if dynamic_batch:
+        for name in ("input", "output"):
+            axes.setdefault(name, {}).setdefault(0, "batch")
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(input_shape, generator=generator)
-    dynamic_axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    dtype = getattr(torch, input_dtype)
+    sample = _sample_input(model, input_shape, dtype, generator)
     with torch.no_grad(), warnings.catch_warnings():
         for message in _EXPORTER_DEPRECATIONS:
             warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
@@ -59,21 +70,39 @@ def export_onnx(
             opset_version=opset,
             input_names=["input"],
             output_names=["output"],
-            dynamic_axes=dynamic_axes,
+            dynamic_axes=axes or None,
             do_constant_folding=True,
         )
     onnx.checker.check_model(str(path), full_check=True)
-    if dynamic_batch:
-        sample = torch.randn((2, *input_shape[1:]), generator=generator)
-    _verify(model, path, sample)
+    verify_onnx(model, path, {"input": sample})
+    resizable = axes.get("input", {})
+    if resizable:
+        resized = tuple((2 if n == 1 else n // 2) if axis in resizable else n for axis, n in enumerate(input_shape))
+        verify_onnx(model, path, {"input": _sample_input(model, resized, dtype, generator)})
     return path
 
 
-def _verify(model: torch.nn.Module, path: pathlib.Path, sample: torch.Tensor) -> None:
+def _sample_input(
+    model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if embedding is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Embedding to bound its {dtype} token-id input")
+    return torch.randint(0, embedding.num_embeddings, shape, generator=generator, dtype=dtype)
+
+
+def verify_onnx(model: torch.nn.Module, path: str | os.PathLike[str], inputs: Mapping[str, torch.Tensor]) -> None:
+    """Compare the ONNX model's first output with ``model(*inputs.values())`` on onnxruntime.
+
+    ``inputs`` maps the ONNX input names to tensors, in the order of ``model``'s arguments.
+    Raises ``ExportVerificationError`` on a shape mismatch or a difference above ``TOLERANCE``.
+    """
     with torch.no_grad():
-        expected = model(sample).numpy()
+        expected = model(*inputs.values()).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(["output"], {"input": sample.numpy()})
+    actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
     if actual.shape != expected.shape:
         raise ExportVerificationError(f"{path}: onnxruntime shape {actual.shape} != torch shape {expected.shape}")
     if not np.allclose(actual, expected, rtol=TOLERANCE, atol=TOLERANCE):
@@ -86,4 +115,4 @@ def export_architecture(name: str, path: str | os.PathLike[str], opset: int = 17
     if name not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {name!r}; available: {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[name]
-    return export_onnx(spec.builder(), spec.input_shape, path, opset)
+    return export_onnx(spec.builder(), spec.input_shape, path, opset, input_dtype=spec.input_dtype)

@@ -1,14 +1,16 @@
-"""Small reference CNNs, each built to exercise a channel-pruning coupling pattern.
+"""Small reference CNNs and transformers, each built to exercise a channel-pruning coupling pattern.
 
-Everything is defined from scratch (no torchvision).  Builders are seeded, return
-models in eval mode and perturb BatchNorm statistics/affine parameters so that
-folded BatchNorm is never an identity.  Tiny variants take 32x32 inputs (8x8 for
-``conv_fc``) so exporting and running them is fast.
+Everything is defined from scratch (no torchvision, no fused attention modules).
+Builders are seeded, return models in eval mode and perturb BatchNorm statistics and
+BatchNorm/LayerNorm affine parameters so that a normalisation is never an identity.
+Tiny variants take 32x32 inputs (8x8 for ``conv_fc``, 32 token ids for ``gpt2_tiny``)
+so exporting and running them is fast.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ __all__ = [
     "conv_bn_act",
     "conv_fc",
     "densenet_tiny",
+    "gpt2_tiny",
     "mobilenet_v2",
     "mobilenet_v2_tiny",
     "mobilenet_v3_small",
@@ -34,6 +37,7 @@ __all__ = [
     "resnext_tiny",
     "shufflenet_v2_tiny",
     "unet_tiny",
+    "vit_tiny",
     "yolo_c2f_tiny",
 ]
 
@@ -85,12 +89,13 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-def _perturb_batchnorm(model: nn.Module) -> None:
+def _perturb_norms(model: nn.Module) -> None:
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(0.0, 0.1)
+            if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.normal_(0.0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
 
@@ -100,7 +105,7 @@ def _seeded(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory()
-        _perturb_batchnorm(model)
+        _perturb_norms(model)
     return model.eval()
 
 
@@ -614,16 +619,187 @@ def yolo_c2f_tiny(num_classes: int = 10, width: int = 16, seed: int = 0) -> nn.M
 
 
 # --------------------------------------------------------------------------- #
+# Transformers (ViT, GPT-2)
+# --------------------------------------------------------------------------- #
+class _MultiHeadAttention(nn.Module):
+    """Explicit multi-head attention, exported as plain MatMul/Softmax/Reshape/Transpose ops.
+
+    q, k and v are reshaped ``(b, l, hidden) -> (b, l, heads, head_dim)`` and transposed to
+    ``(b, heads, l, head_dim)``; ``softmax(q @ k^T / sqrt(head_dim)) @ v`` is transposed back
+    and reshaped to ``(b, l, hidden)`` before the output Linear.  Pruning must remove whole
+    heads, or the same ``head_dim`` positions of q and k in every head, and v's channels
+    together with the output Linear's input features.  Subclasses produce q, k, v and an
+    optional boolean mask of the score positions to keep.
+    """
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.proj = nn.Linear(hidden, hidden)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def keep_mask(self, length: int) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, hidden = x.shape
+        q, k, v = (t.view(b, l, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        mask = self.keep_mask(l)
+        if mask is not None:
+            scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+        out = scores.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, l, hidden))
+
+
+class SelfAttention(_MultiHeadAttention):
+    """Separate q, k, v Linear projections (ViT/BERT style): three producers of the attention channels."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__(hidden, heads)
+        self.q = nn.Linear(hidden, hidden)
+        self.k = nn.Linear(hidden, hidden)
+        self.v = nn.Linear(hidden, hidden)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q(x), self.k(x), self.v(x)
+
+
+class CausalSelfAttention(_MultiHeadAttention):
+    """GPT-2 attention: one fused ``c_attn`` Linear (3 * hidden outputs) split into q, k, v, causal mask.
+
+    The Split makes q, k and v three fixed slices of one weight's output channels; the
+    lower-triangular bool buffer, sliced to the sequence length, is applied with Where.
+    """
+
+    def __init__(self, hidden: int, heads: int, max_len: int) -> None:
+        super().__init__(hidden, heads)
+        self.hidden = hidden
+        self.c_attn = nn.Linear(hidden, 3 * hidden)
+        self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril(), persistent=False)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.c_attn(x).split(self.hidden, dim=2)
+        return q, k, v
+
+    def keep_mask(self, length: int) -> torch.Tensor:
+        return self.causal[:length, :length]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))`` with a Linear -> GELU -> Linear MLP.
+
+    Both residual Adds tie the attention output Linear, the MLP's second Linear and the
+    LayerNorms (which normalise over the whole hidden axis) to one hidden-channel group;
+    the MLP's inner channels are free.
+    """
+
+    def __init__(self, hidden: int, attention: _MultiHeadAttention, mlp_ratio: int, act: Activation) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = attention
+        self.ln2 = nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), act(), nn.Linear(mlp_ratio * hidden, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Patch-embedding Conv2d -> tokens (flatten(2).transpose(1, 2)) -> Concat class token -> + position embedding.
+
+    The Conv's output channels become the hidden axis of the token sequence; the class
+    token and position embedding are parameters joined by Concat and Add.  The head reads
+    the final LayerNorm's output at the class token (a Gather on the sequence axis).
+    """
+
+    def __init__(
+        self, num_classes: int, image_size: int, patch: int, hidden: int, heads: int, depth: int, mlp_ratio: int
+    ) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image size {image_size} is not divisible by patch size {patch}")
+        self.patch_embed = nn.Conv2d(3, hidden, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, hidden))
+        self.blocks = nn.Sequential(
+            *(TransformerBlock(hidden, SelfAttention(hidden, heads), mlp_ratio, nn.GELU) for _ in range(depth))
+        )
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+def vit_tiny(
+    num_classes: int = 10,
+    image_size: int = 32,
+    patch: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    depth: int = 2,
+    mlp_ratio: int = 4,
+    seed: int = 0,
+) -> nn.Module:
+    """Vision transformer for 32x32 images: 64 patch tokens + class token, separate q/k/v, exact GELU."""
+    return _seeded(seed, lambda: VisionTransformer(num_classes, image_size, patch, hidden, heads, depth, mlp_ratio))
+
+
+class GPT2(nn.Module):
+    """Decoder-only language model: token + learned position embeddings (Gather), causal blocks, untied lm_head.
+
+    Positions come from ``torch.arange`` of the input's sequence length (a Range op when
+    that axis is dynamic), so the same graph serves any length up to ``max_len``.  The
+    embeddings' columns are the hidden channels tied through every residual Add.
+    """
+
+    def __init__(self, vocab: int, max_len: int, hidden: int, heads: int, depth: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, hidden)
+        self.wpe = nn.Embedding(max_len, hidden)
+        gelu = functools.partial(nn.GELU, approximate="tanh")
+        self.blocks = nn.Sequential(
+            *(TransformerBlock(hidden, CausalSelfAttention(hidden, heads, max_len), 4, gelu) for _ in range(depth))
+        )
+        self.ln_f = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.lm_head(self.ln_f(self.blocks(self.wte(input_ids) + self.wpe(positions))))
+
+
+def gpt2_tiny(
+    vocab: int = 256, seq_len: int = 32, hidden: int = 64, heads: int = 4, depth: int = 2, seed: int = 0
+) -> nn.Module:
+    """GPT-2 with a fused c_attn Split, causal Where mask and tanh GELU; input int64 token ids (1, seq_len)."""
+    return _seeded(seed, lambda: GPT2(vocab, seq_len, hidden, heads, depth))
+
+
+# --------------------------------------------------------------------------- #
 # Registry
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
 class Spec:
-    """A registered architecture: ``builder()`` returns the model for an input of ``input_shape``."""
+    """A registered architecture: ``builder()`` returns the model for an input of ``input_shape``.
+
+    ``input_dtype`` names a torch dtype; integer inputs are token ids.
+    """
 
     name: str
     builder: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
     description: str
+    input_dtype: str = "float32"
 
 
 _TINY = (1, 3, 32, 32)
@@ -642,6 +818,8 @@ ARCHITECTURES: dict[str, Spec] = {
         Spec("conv_fc", conv_fc, (1, 1, 8, 8), "conv channels feeding Flatten -> Linear"),
         Spec("unet_tiny", unet_tiny, _TINY, "skip Concat, ConvTranspose and Resize upsampling"),
         Spec("yolo_c2f_tiny", yolo_c2f_tiny, _TINY, "C2f: Split halves, bottleneck chain, Concat, SiLU"),
+        Spec("vit_tiny", vit_tiny, _TINY, "ViT: patch Conv, class token Concat, q/k/v attention, LayerNorm"),
+        Spec("gpt2_tiny", gpt2_tiny, (1, 32), "GPT-2: fused c_attn Split, causal mask, embeddings", "int64"),
         Spec("resnet50", functools.partial(resnet, 50), _IMAGENET, "full ResNet-50 (bottlenecks [3, 4, 6, 3])"),
         Spec("mobilenet_v2", mobilenet_v2, _IMAGENET, "full MobileNetV2 (width 1.0)"),
     )

@@ -24,6 +24,7 @@ import numpy as np
 from .ir import Graph, Node
 from .ops import get_rule
 from .ops.registry import Unsupported, normalize_axis
+from .shape_values import ShapeValues
 
 __all__ = ["AxisRef", "Unit", "Group", "Barrier", "Analysis", "analyze_graph", "connected_components"]
 
@@ -91,6 +92,7 @@ class Analysis:
     tags: dict[str, list[int]]
     barriers: list[Barrier]
     offsets: np.ndarray = field(repr=False)
+    shape_values: ShapeValues | None = field(default=None, repr=False)
 
     def axis_id(self, tensor: str, axis: int) -> int | None:
         return self.axis_index.get((tensor, axis))
@@ -130,9 +132,10 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Builder:
     """Collects the couplings op rules declare; implements :class:`spa_compiler.ops.Coupler`."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, shape_values: ShapeValues) -> None:
         self.graph = graph
         self.opset = graph.opset
+        self.shape_values = shape_values
         self.axes: list[AxisRef] = []
         self.axis_index: dict[tuple[str, int], int] = {}
         self.offsets: list[int] = []
@@ -176,6 +179,15 @@ class _Builder:
 
     def tag(self, name: str, axis: int, tag: str) -> None:
         self.tags.append((self._axis(name, axis), tag))
+
+    def shape_value(self, name: str) -> list | None:
+        return self.shape_values.value(name)
+
+    def shape_value_escapes(self, name: str) -> bool:
+        return self.shape_values.escapes(name)
+
+    def consumers(self, name: str) -> list[Node]:
+        return self.graph.consumers.get(name, [])
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _axis(self, name: str, axis: int) -> int:
@@ -258,7 +270,8 @@ def analyze_graph(graph: Graph, exclude: Iterable[str] = ()) -> Analysis:
         from .errors import InputError
 
         raise InputError(f"--exclude names {', '.join(sorted(unknown))}, which is not a node of the model")
-    builder = _Builder(graph)
+    shape_values = ShapeValues(graph)
+    builder = _Builder(graph, shape_values)
     barriers = _couple_nodes(graph, builder, exclude)
     for name in graph.inputs:
         builder.block_axes(name, f"graph input '{name}'", undeclared_only=False)
@@ -278,7 +291,7 @@ def analyze_graph(graph: Graph, exclude: Iterable[str] = ()) -> Analysis:
     for axis_id, tag in builder.tags:
         tags.setdefault(tag, []).append(axis_id)
     log.debug("analysis: %d axes, %d elements, %d groups", len(builder.axes), n, len(groups))
-    return Analysis(graph, builder.axes, builder.axis_index, groups, tags, barriers, offsets)
+    return Analysis(graph, builder.axes, builder.axis_index, groups, tags, barriers, offsets, shape_values)
 
 
 def _build_groups(builder: _Builder, labels: np.ndarray, offsets: np.ndarray) -> list[Group]:

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .analysis import Analysis
+from .errors import VerificationError
 from .ir import Node
 from .ops import get_rule
 
@@ -59,6 +60,7 @@ class _ProtoRewriter:
         self.model.CopyFrom(self.graph.model)
         self.protos = {n.name: n for n in self.model.graph.node}
         self.new_initializers: list[onnx.TensorProto] = []
+        self.constant_edits: dict[str, dict[int, int]] = {}
 
     def removed(self, name: str, axis: int) -> np.ndarray:
         axis_id = self.analysis.axis_id(name, axis)
@@ -99,6 +101,28 @@ class _ProtoRewriter:
             proto.input.append("")
         proto.input[slot] = name
 
+    def shape_value(self, name: str) -> list | None:
+        return self.analysis.shape_values.value(name) if self.analysis.shape_values else None
+
+    def set_constant_element(self, name: str, index: int, value: int) -> None:
+        """Change one element of a shape constant (a head count feeding a run-time target)."""
+        edits = self.constant_edits.setdefault(name, {})
+        if edits.get(index, value) != value:
+            raise VerificationError(
+                f"internal error: shape constant '{name}' would need two values at index {index}; nothing was written"
+            )
+        edits[index] = value
+
+    def _apply_constant_edits(self) -> None:
+        for tensor in self.model.graph.initializer:
+            edits = self.constant_edits.get(tensor.name)
+            if edits:
+                value = numpy_helper.to_array(tensor).copy()
+                flat = value.reshape(-1)
+                for index, new in edits.items():
+                    flat[index] = new
+                tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+
     def slice_constants(self) -> None:
         for tensor in self.model.graph.initializer:
             value = self.graph.constants.get(tensor.name)
@@ -122,6 +146,7 @@ class _ProtoRewriter:
                 rule.rewrite(node, self)
 
     def finish(self) -> onnx.ModelProto:
+        self._apply_constant_edits()
         graph = self.model.graph
         graph.initializer.extend(self.new_initializers)
         used = {name for node in graph.node for name in node.input}

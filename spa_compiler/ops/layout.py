@@ -7,9 +7,16 @@ whose sizes multiply to the same number. A run of one axis on each side is ident
 element ``f`` with element ``f // (|a1| * |a2| * ...)`` of the outermost input axis ``a0``: removing
 channel c removes the slab of features ``c*HW .. (c+1)*HW - 1``; the inner axes are barriers. A
 *split* (one input axis into ``b0, b1, ...``) couples input element i with element
-``i % |b_last|`` of the innermost output axis: removing it removes the same position from every
-outer block, which is what keeps a channel shuffle (Reshape-Transpose-Reshape) exact. Any other
-regrouping is a barrier.
+``i // (|b1| * ...)`` of the outermost output axis: hidden index ``h*D + d`` belongs to head h, so
+heads (or groups) leave whole and the merge back ``[H, D] -> H*D`` maps them again. A split that a
+Transpose and a Reshape follow is a channel shuffle: there input element i couples with element
+``i % |b_last|`` of the innermost axis, removing the same position from every group, which the
+merge of the transposed axes maps exactly. Any other regrouping is a barrier.
+
+Targets computed at run time (``Shape -> Gather -> Unsqueeze -> Concat``) are followed
+symbolically (``spa_compiler.shape_values``): an entry that is the run-time size of an axis couples
+that axis with the output axis it sizes; a constant entry (a head count) is rewritten at its
+source.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
+from ..shape_values import Const, Dim
 from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
 
 if TYPE_CHECKING:
@@ -27,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
-    "Reshape", "Expand", "Tile", "reshape_blocks", "couple_reshape",
+    "Reshape", "Shape", "Expand", "Tile", "reshape_blocks", "couple_reshape",
 ]
 
 
@@ -291,9 +299,42 @@ def couple_reshape(c: Coupler, x: str, y: str) -> None:
             n = b[big_b[0]]
             c.couple(y, big_b[0], x, outer, np.arange(n), np.arange(n) // inner)
         elif len(big_a) == 1 and len(big_b) > 1:
-            innermost = big_b[-1]
             n = a[big_a[0]]
-            c.couple(x, big_a[0], y, innermost, np.arange(n), np.arange(n) % b[innermost])
+            if _followed_by_shuffle(c, y):
+                innermost = big_b[-1]
+                c.couple(x, big_a[0], y, innermost, np.arange(n), np.arange(n) % b[innermost])
+            else:
+                outer = big_b[0]
+                c.couple(x, big_a[0], y, outer, np.arange(n), np.arange(n) // (n // b[outer]))
+                if _feeds_attention(c, y):
+                    c.tag(y, outer, "heads")
+
+
+def _through_transposes(c: Coupler, name: str) -> list["Node"]:
+    """The consumers of ``name``, looking through Transpose nodes."""
+    found = []
+    for node in c.consumers(name):
+        if node.op_type == "Transpose":
+            found += _through_transposes(c, node.outputs[0])
+        else:
+            found.append(node)
+    return found
+
+
+def _followed_by_shuffle(c: Coupler, name: str) -> bool:
+    direct = c.consumers(name)
+    return (
+        len(direct) == 1 and direct[0].op_type == "Transpose"
+        and all(n.op_type in ("Reshape", "Flatten") for n in _through_transposes(c, name))
+    )
+
+
+def _feeds_attention(c: Coupler, name: str) -> bool:
+    """Whether the split tensor reaches a product of two activations (Q·Kᵀ, P·V)."""
+    return any(
+        n.op_type == "MatMul" and not any(c.is_constant(i) for i in n.inputs)
+        for n in _through_transposes(c, name)
+    )
 
 
 @register_op("Flatten")
@@ -308,26 +349,56 @@ class Flatten(OpRule):
 
 @register_op("Reshape")
 class Reshape(OpRule):
-    """Coupled by blocks of the input and output shapes; the constant target shape is
-    rewritten (``-1`` and ``0`` entries are kept where their axis keeps its size)."""
+    """Coupled by blocks of the input and output shapes. A constant target is rewritten
+    (``-1`` and ``0`` entries are kept where their axis keeps its size); a run-time target is
+    followed symbolically (see the module docstring)."""
 
-    summary = "identity/merge/split blocks; constant target rewritten"
+    summary = "identity/merge/split (heads) blocks; constant or run-time target rewritten"
 
     def couple(self, node: "Node", c: Coupler) -> None:
-        if not c.is_constant(node.inputs[1]):
-            raise Unsupported(f"its target shape '{node.inputs[1]}' is computed at run time")
-        couple_reshape(c, node.inputs[0], node.outputs[0])
+        x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        couple_reshape(c, x, y)
+        if c.is_constant(target):
+            return
+        value = c.shape_value(target)
+        if value is None or any(e is None for e in value) or len(value) != len(c.shape(y)):
+            raise Unsupported(f"its target shape '{target}' is computed at run time in a way spa-prune cannot follow")
+        for k, element in enumerate(value):
+            if isinstance(element, Dim):
+                c.couple(y, k, element.tensor, element.axis)
+            elif c.shape_value_escapes(element.source):
+                raise Unsupported(f"the shape constant '{element.source}' of its target is used elsewhere")
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
-        y = node.outputs[0]
+        y, target = node.outputs[0], node.inputs[1]
         old, new = r.old_shape(y), r.new_shape(y)
         if old == new:
             return
-        target = [int(v) for v in r.constant(node.inputs[1]).reshape(-1)]
-        for k, value in enumerate(target):
+        if not r.is_constant(target):
+            for k, element in enumerate(r.shape_value(target)):
+                if old[k] != new[k] and isinstance(element, Const) and element.value != -1:
+                    r.set_constant_element(element.source, element.index, new[k])
+            return
+        values = [int(v) for v in r.constant(target).reshape(-1)]
+        for k, value in enumerate(values):
             if old[k] != new[k] and value != -1:
-                target[k] = new[k]
-        r.set_input(node, 1, np.asarray(target, dtype=np.int64))
+                values[k] = new[k]
+        r.set_input(node, 1, np.asarray(values, dtype=np.int64))
+
+
+@register_op("Shape")
+class Shape(OpRule):
+    """Reads sizes, not values: the input may lose channels when every use of the result is
+    followed symbolically (run-time Reshape targets), which then keeps the sizes consistent."""
+
+    summary = "input axes free when the shape value only feeds followed Reshape targets"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        if c.shape_value_escapes(node.outputs[0]):
+            raise Unsupported("its value is used in a way spa-prune cannot follow")
+        x = node.inputs[0]
+        for axis in range(len(c.shape(x))):
+            c.free(x, axis)
 
 
 @register_op("Expand")

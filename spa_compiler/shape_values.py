@@ -1,0 +1,143 @@
+"""Symbolic values of run-time shape computations.
+
+Exporters compute Reshape targets at run time when shapes are dynamic: PyTorch writes
+``x.view(x.size(0), x.size(1), 12, 64)`` as ``Shape -> Gather -> Unsqueeze -> Concat`` with constant
+head counts. This module evaluates such small integer subgraphs symbolically: every element of
+a shape-like tensor is either
+
+* ``Dim(tensor, axis)``: the run-time size of that axis (it follows pruning by itself once the
+  consumer's axis is coupled with it), or
+* ``Const(value, source, index)``: element ``index`` of the constant ``source`` (the rewriter
+  changes it there when the axis it sizes loses channels), or
+* ``None``: unknown (arithmetic, data-dependent values): the consumer is then a barrier.
+
+Only ``Shape``, ``Gather``, ``Slice``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Cast`` and ``Identity``
+over 0-D/1-D integer tensors are followed; a shape value read by anything else *escapes*, and
+the tensor whose shape was taken keeps all its channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from .ir import Graph, Node
+
+__all__ = ["Dim", "Const", "Element", "ShapeValues", "SHAPE_TARGET_SLOTS"]
+
+
+@dataclass(frozen=True)
+class Dim:
+    tensor: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class Const:
+    value: int
+    source: str
+    index: int
+
+
+Element = Union[Dim, Const, None]
+
+_FOLLOWED = {"Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity"}
+# inputs that read a shape value and whose rules understand a symbolic one
+SHAPE_TARGET_SLOTS = {("Reshape", 1)}
+
+
+class ShapeValues:
+    """Symbolic values of every shape-like tensor of a graph, and which Shape nodes escape."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.values: dict[str, list[Element]] = {}
+        self.derived: set[str] = set()  # tensors computed from some Shape
+        for node in graph.nodes:
+            if node.op_type in _FOLLOWED and node.domain in ("", "ai.onnx"):
+                self._evaluate(node)
+
+    def value(self, name: str) -> list[Element] | None:
+        if name in self.values:
+            return self.values[name]
+        constant = self.graph.constants.get(name)
+        if constant is not None and constant.ndim <= 1 and np.issubdtype(constant.dtype, np.integer):
+            return [Const(int(v), name, k) for k, v in enumerate(constant.reshape(-1))]
+        return None
+
+    def escapes(self, name: str) -> bool:
+        """Whether the shape value ``name`` (or a constant feeding shape values) reaches anything
+        but followed ops and Reshape targets: then what it sizes must not change."""
+        pending, seen = [name], set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in self.graph.outputs:
+                return True
+            for consumer in self.graph.consumers.get(name, []):
+                slots = {k for k, n in enumerate(consumer.inputs) if n == name}
+                if all((consumer.op_type, k) in SHAPE_TARGET_SLOTS for k in slots):
+                    continue
+                if consumer.op_type not in _FOLLOWED or consumer.outputs[0] not in self.values:
+                    return True
+                pending.extend(o for o in consumer.outputs if o)
+        return False
+
+    def _evaluate(self, node: Node) -> None:
+        result = self._compute(node)
+        if result is not None:
+            self.values[node.outputs[0]] = result
+            self.derived.add(node.outputs[0])
+
+    def _compute(self, node: Node) -> list[Element] | None:
+        op = node.op_type
+        if op == "Shape":
+            shape = self.graph.shapes.get(node.inputs[0])
+            if shape is None:
+                return None
+            rank = len(shape)
+            start, end = int(node.attr("start", 0)), node.attr("end")
+            start = max(0, start + rank if start < 0 else start)
+            end = rank if end is None else max(0, int(end) + rank if int(end) < 0 else int(end))
+            return [Dim(node.inputs[0], a) for a in range(start, min(end, rank))]
+        if op == "Concat":
+            return self._concat(node)
+        if not node.inputs or node.inputs[0] not in self.derived:
+            return None
+        source = self.values[node.inputs[0]]
+        if op in ("Cast", "Identity", "Unsqueeze", "Squeeze"):
+            return list(source)
+        if op == "Gather":
+            return self._gather(node, source)
+        return self._slice(node, source)
+
+    def _indices(self, name: str) -> list[int] | None:
+        constant = self.graph.constants.get(name)
+        return None if constant is None else [int(v) for v in constant.reshape(-1)]
+
+    def _gather(self, node: Node, source: list[Element]) -> list[Element] | None:
+        indices = self._indices(node.inputs[1])
+        if indices is None or int(node.attr("axis", 0)) != 0:
+            return None
+        n = len(source)
+        return [source[i + n if i < 0 else i] for i in indices]
+
+    def _slice(self, node: Node, source: list[Element]) -> list[Element] | None:
+        if "starts" in node.attrs:
+            starts, ends, steps = node.attrs["starts"], node.attrs["ends"], None
+        else:
+            starts, ends = self._indices(node.inputs[1]), self._indices(node.inputs[2])
+            steps = self._indices(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else None
+        if starts is None or ends is None:
+            return None
+        return source[slice(int(starts[0]), int(ends[0]), int(steps[0]) if steps else 1)]
+
+    def _concat(self, node: Node) -> list[Element] | None:
+        parts = [self.value(name) for name in node.inputs]
+        if any(p is None for p in parts) or not any(name in self.derived for name in node.inputs):
+            return None
+        return [e for part in parts for e in part]

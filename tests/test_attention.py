@@ -1,0 +1,111 @@
+"""Attention: heads found from the graph, pruned whole, with run-time Reshape targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from helpers import assert_exact
+from spa_compiler import PruneConfig, analyze_graph, load_model, prune_graph
+from spa_compiler.verify import run_model
+
+HEADS, HEAD_DIM, HIDDEN = 4, 8, 32
+
+# x: [B, L, 32] with dynamic B and L; targets [B, L, 4, 8] and [B, L, 32] computed from Shape(x)
+# as PyTorch writes x.view(x.size(0), x.size(1), heads, head_dim).
+ATTENTION = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[B, L, {HIDDEN}] x) => (float[B, L, {HIDDEN}] y) {{
+        s = Shape (x)
+        b = Gather <axis = 0> (s, Zero)
+        l = Gather <axis = 0> (s, One)
+        bu = Unsqueeze (b, Axis0)
+        lu = Unsqueeze (l, Axis0)
+        split_target = Concat <axis = 0> (bu, lu, Heads, HeadDim)
+        merge_target = Concat <axis = 0> (bu, lu, Hidden)
+        q0 = MatMul (x, Wq)
+        q1 = Add (q0, Bq)
+        k0 = MatMul (x, Wk)
+        k1 = Add (k0, Bk)
+        v0 = MatMul (x, Wv)
+        v1 = Add (v0, Bv)
+        q2 = Reshape (q1, split_target)
+        k2 = Reshape (k1, split_target)
+        v2 = Reshape (v1, split_target)
+        q = Transpose <perm = [0, 2, 1, 3]> (q2)
+        k = Transpose <perm = [0, 2, 3, 1]> (k2)
+        v = Transpose <perm = [0, 2, 1, 3]> (v2)
+        scores0 = MatMul (q, k)
+        scores = Div (scores0, Scale)
+        probs = Softmax <axis = -1> (scores)
+        context0 = MatMul (probs, v)
+        context1 = Transpose <perm = [0, 2, 1, 3]> (context0)
+        context = Reshape (context1, merge_target)
+        o0 = MatMul (context, Wo)
+        y = Add (o0, Bo)
+    }}
+"""
+
+
+def _attention_model(path, seed=0):
+    model = onnx.parser.parse_model(ATTENTION)
+    rng = np.random.default_rng(seed)
+    weights = {f"W{n}": rng.standard_normal((HIDDEN, HIDDEN)) / np.sqrt(HIDDEN) for n in "qkvo"}
+    weights.update({f"B{n}": rng.standard_normal(HIDDEN) * 0.1 for n in "qkvo"})
+    weights["Scale"] = np.array(np.sqrt(HEAD_DIM))
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), n) for n, v in weights.items())
+    ints = {"Zero": np.array(0), "One": np.array(1), "Axis0": np.array([0]), "Heads": np.array([HEADS]),
+            "HeadDim": np.array([HEAD_DIM]), "Hidden": np.array([HIDDEN])}
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.int64), n) for n, v in ints.items())
+    onnx.save(model, path)
+    return path
+
+
+def test_heads_are_units_across_q_k_v_and_output(tmp_path):
+    graph = load_model(_attention_model(tmp_path / "attention.onnx"), {"x": (1, 6, HIDDEN)})
+    analysis = analyze_graph(graph)
+    (heads,) = [g for g in analysis.groups if analysis.tagged(g, "heads")]
+    assert (len(heads.units), len(heads.prunable)) == (HEADS, HEADS)
+    for h, unit in enumerate(heads.units):
+        for weight, axis in (("Wq", 1), ("Wk", 1), ("Wv", 1), ("Wo", 0), ("Bq", 0)):
+            rows = unit.members[analysis.axis_id(weight, axis)]
+            np.testing.assert_array_equal(rows, np.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM))
+
+
+def test_pruning_heads_is_exact_and_keeps_dynamic_shapes(tmp_path):
+    graph = load_model(_attention_model(tmp_path / "attention.onnx"), {"x": (1, 6, HIDDEN)})
+    pruned = assert_exact(graph, PruneConfig(ratio=0.5, round_to=1), rtol=1e-5)
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert initializers["Wq"].shape == (HIDDEN, HIDDEN // 2)
+    assert initializers["Wo"].shape == (HIDDEN // 2, HIDDEN)
+    assert initializers["Heads"].tolist() == [HEADS // 2]
+    assert initializers["Hidden"].tolist() == [HIDDEN // 2]
+    assert initializers["HeadDim"].tolist() == [HEAD_DIM]
+    dims = [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[:2] == ["B", "L"]
+    x = np.random.default_rng(3).standard_normal((3, 11, HIDDEN)).astype(np.float32)
+    assert run_model(pruned, {"x": x})[0].shape == (3, 11, HIDDEN)
+
+
+def test_flops_target_counts_heads_with_all_their_projections(tmp_path):
+    graph = load_model(_attention_model(tmp_path / "attention.onnx"), {"x": (1, 16, HIDDEN)})
+    result = prune_graph(graph, PruneConfig(flops=0.5, round_to=1, min_keep=0.0))
+    heads = next(g for g in result.analysis.groups if result.analysis.tagged(g, "heads"))
+    assert len(result.plan.removed[heads.id]) == HEADS // 2
+    assert result.plan.achieved == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_shape_value_used_elsewhere_keeps_the_heads(tmp_path):
+    """If the shape constant holding the head count also feeds something spa-prune does not
+    follow, the heads must stay."""
+    path = _attention_model(tmp_path / "attention.onnx")
+    model = onnx.load(path)
+    model.graph.node.append(onnx.helper.make_node("Add", ["bu", "Heads"], ["odd"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("odd", onnx.TensorProto.INT64, [1]))
+    onnx.save(model, path)
+    analysis = analyze_graph(load_model(path, {"x": (1, 6, HIDDEN)}))
+    assert not [g for g in analysis.groups if analysis.tagged(g, "heads")]
+    projections = [g for g in analysis.groups if g.root_node in {"MatMul_1", "MatMul_2", "MatMul_3"}]
+    assert [(len(g.units), len(g.prunable)) for g in projections] == [(HIDDEN, 0)] * 3
+    assert all("'Heads' of its target is used elsewhere" in g.blocked_reasons[0] for g in projections)
