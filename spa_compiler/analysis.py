@@ -102,6 +102,10 @@ class Analysis:
         wanted = set(self.tags.get(tag, []))
         return [a for a in group.axes if a in wanted]
 
+    def kind(self, group: Group) -> str:
+        """"heads" for attention heads (whole heads are the units), else "channels"."""
+        return "heads" if self.tagged(group, "heads") else "channels"
+
     def describe_axis(self, axis_id: int) -> str:
         ref = self.axes[axis_id]
         return f"{ref.tensor}[axis {ref.axis}]"

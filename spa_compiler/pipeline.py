@@ -202,6 +202,7 @@ def build_report(result: PruneResult, config: PruneConfig, source: Path, output:
     groups = [
         GroupChange(
             name=g.name,
+            kind=analysis.kind(g),
             channels_before=len(g.units),
             channels_after=len(g.units) - len(result.plan.removed.get(g.id, [])),
             blocked=len(g.units) - len(g.prunable),

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["GroupChange", "PruneReport", "render_report", "render_analysis"]
@@ -15,6 +16,7 @@ __all__ = ["GroupChange", "PruneReport", "render_report", "render_analysis"]
 @dataclass
 class GroupChange:
     name: str
+    kind: str
     channels_before: int
     channels_after: int
     blocked: int
@@ -80,7 +82,7 @@ def _count(value: float) -> str:
 
 
 def render_report(report: PruneReport, console: Console) -> None:
-    table = Table(title=f"spa-prune: {report.input} -> {report.output}")
+    table = Table(title=escape(f"spa-prune: {report.input} -> {report.output}"))
     for column in ("", "before", "after", "ratio"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("FLOPs (MACs)", _count(report.macs_before), _count(report.macs_after),
@@ -110,21 +112,24 @@ def render_report(report: PruneReport, console: Console) -> None:
             f"verified with onnx.checker and shape inference only: onnxruntime cannot run "
             f"{', '.join(report.custom_ops)}, so outputs were not compared"
         )
+    heads = [g for g in report.groups if g.kind == "heads"]
+    if heads:
+        console.print("attention heads kept per layer: " + ", ".join(f"{g.channels_after}/{g.channels_before}" for g in heads))
     if report.barriers:
-        console.print(f"barriers ({len(report.barriers)}): " + "; ".join(report.barriers[:5]))
+        console.print(escape(f"barriers ({len(report.barriers)}): " + "; ".join(report.barriers[:5])))
 
 
 def render_analysis(analysis, console: Console) -> None:
     """Print every group: its members, sizes, and what blocked which channels."""
     table = Table(title=f"{len(analysis.groups)} groups")
-    for column in ("group", "channels", "prunable", "members", "blocked by"):
+    for column in ("group", "units", "prunable", "members", "blocked by"):
         table.add_column(column)
     for group in analysis.groups:
         members = ", ".join(analysis.describe_axis(a) for a in group.axes[:4])
         if len(group.axes) > 4:
             members += f", ... ({len(group.axes)} axes)"
-        table.add_row(group.name, str(len(group.units)), str(len(group.prunable)), members,
-                      "; ".join(group.blocked_reasons[:2]) or "-")
+        table.add_row(escape(group.name), f"{len(group.units)} {analysis.kind(group)}", str(len(group.prunable)),
+                      escape(members), escape("; ".join(group.blocked_reasons[:2]) or "-"))
     console.print(table)
     for barrier in analysis.barriers:
-        console.print(f"barrier: {barrier.op_type} node '{barrier.node}': {barrier.reason}")
+        console.print(escape(f"barrier: {barrier.op_type} node '{barrier.node}': {barrier.reason}"))
