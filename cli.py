@@ -77,6 +77,9 @@ def run(
     min_keep: float = typer.Option(0.1, help="Keep at least this fraction of every group's channels."),
     exclude: List[str] = typer.Option([], help="Node name whose channels must not be pruned (repeatable)."),
     input_shape: List[str] = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable)."),
+    prune_hidden: bool = typer.Option(
+        False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
+    ),
     seed: int = typer.Option(0, help="Seed of synthetic inputs and the random criterion."),
     json_report: Optional[Path] = typer.Option(None, help="Also write the report as JSON to this path."),
     bench_runs: int = typer.Option(20, min=0, help="onnxruntime timing runs before and after (0: skip)."),
@@ -94,11 +97,12 @@ def run(
             raise spa_compiler.InputError("give a model: spa-prune MODEL.onnx --flops 0.5 (see --help)")
         shapes = spa_compiler.parse_input_shapes(input_shape)
         if analyze:
-            render_analysis(spa_compiler.analyze(model, shapes, tuple(exclude)), console)
+            render_analysis(spa_compiler.analyze(model, shapes, tuple(exclude), prune_hidden), console)
             return
         config = PruneConfig(
             flops=flops, params=params, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
-            min_keep=min_keep, exclude=tuple(exclude), input_shapes=shapes, seed=seed, bench_runs=bench_runs,
+            min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden, input_shapes=shapes, seed=seed,
+            bench_runs=bench_runs,
         )
         if json_report is not None:
             spa_compiler.ir.check_output_path(json_report)

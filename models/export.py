@@ -1,11 +1,12 @@
-"""Export PyTorch models to ONNX with the classic (TorchScript) exporter and verify the result."""
+"""Export PyTorch models to ONNX (classic TorchScript exporter unless asked otherwise) and verify the result."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,7 +15,7 @@ import torch
 
 from .zoo import ARCHITECTURES
 
-__all__ = ["TOLERANCE", "ExportVerificationError", "export_architecture", "export_onnx", "verify_onnx"]
+__all__ = ["TOLERANCE", "ExportVerificationError", "export_architecture", "export_checked", "export_onnx", "verify_onnx"]
 
 TOLERANCE = 1e-4
 """Absolute and relative tolerance between onnxruntime and torch outputs."""
@@ -44,41 +45,59 @@ def export_onnx(
     The seeded sample input has ``input_shape`` and the torch dtype named ``input_dtype``;
     integer inputs are token ids in ``[0, n)``, ``n`` the size of the model's first
     ``nn.Embedding``.  ``dynamic_axes`` maps "input"/"output" to ``{axis: label}`` as in
-    ``torch.onnx.export``; ``dynamic_batch`` adds axis 0 "batch" to both.  The file is checked
-    with ``onnx.checker`` (full check) and run with onnxruntime on the sample and, when some
-    input axis is dynamic, on a sample with those axes resized (size 1 -> 2, n -> n // 2);
-    raises ``ExportVerificationError`` if outputs differ by more than ``TOLERANCE``.
+    ``torch.onnx.export``; ``dynamic_batch`` adds axis 0 "batch" to both.  Checked as by
+    ``export_checked``, and also run on a sample with the dynamic input axes resized
+    (size 1 -> 2, n -> n // 2) when there are any.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model.eval()
     axes = {name: dict(named) for name, named in (dynamic_axes or {}).items()}
     if dynamic_batch:
         for name in ("input", "output"):
             axes.setdefault(name, {}).setdefault(0, "batch")
+    model.eval()
     generator = torch.Generator().manual_seed(0)
     dtype = getattr(torch, input_dtype)
     sample = _sample_input(model, input_shape, dtype, generator)
+    export_checked(model, {"input": sample}, path, opset, dynamic_axes=axes or None)
+    resizable = axes.get("input", {})
+    if resizable:
+        resized = tuple((2 if n == 1 else n // 2) if axis in resizable else n for axis, n in enumerate(input_shape))
+        verify_onnx(model, path, {"input": _sample_input(model, resized, dtype, generator)})
+    return pathlib.Path(path)
+
+
+def export_checked(
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    opset: int = 17,
+    output_names: Sequence[str] = ("output",),
+    dynamo: bool = False,
+    **options: Any,
+) -> pathlib.Path:
+    """``torch.onnx.export`` the eval-mode ``model`` called as ``model(*inputs.values())``, then check it.
+
+    ONNX inputs are named after the keys of ``inputs``; ``options`` go to ``torch.onnx.export``
+    (``dynamic_axes``, or ``dynamic_shapes``/``external_data`` with ``dynamo=True``).  The file
+    is checked with ``onnx.checker`` (full check) and verified with ``verify_onnx`` on ``inputs``.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         for message in _EXPORTER_DEPRECATIONS:
             warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
         torch.onnx.export(
             model,
-            (sample,),
+            tuple(inputs.values()),
             str(path),
-            dynamo=False,
+            dynamo=dynamo,
             opset_version=opset,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes=axes or None,
-            do_constant_folding=True,
+            input_names=list(inputs),
+            output_names=list(output_names),
+            **{"verbose": False, **options},
         )
     onnx.checker.check_model(str(path), full_check=True)
-    verify_onnx(model, path, {"input": sample})
-    resizable = axes.get("input", {})
-    if resizable:
-        resized = tuple((2 if n == 1 else n // 2) if axis in resizable else n for axis, n in enumerate(input_shape))
-        verify_onnx(model, path, {"input": _sample_input(model, resized, dtype, generator)})
+    verify_onnx(model, path, inputs)
     return path
 
 

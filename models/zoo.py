@@ -715,8 +715,11 @@ class VisionTransformer(nn.Module):
     """Patch-embedding Conv2d -> tokens (flatten(2).transpose(1, 2)) -> Concat class token -> + position embedding.
 
     The Conv's output channels become the hidden axis of the token sequence; the class
-    token and position embedding are parameters joined by Concat and Add.  The head reads
-    the final LayerNorm's output at the class token (a Gather on the sequence axis).
+    token and position embedding are parameters joined by Concat and Add.  Even at static
+    shapes the classic exporter writes ``flatten(2)`` as a Reshape to the run-time target
+    ``Concat(Slice(Shape(conv), 0, 2), [-1])`` and the class token's ``expand`` as an Expand
+    whose shape is computed with ConstantOfShape/Equal/Where.  The head reads the final
+    LayerNorm's output at the class token (a Gather on the sequence axis).
     """
 
     def __init__(

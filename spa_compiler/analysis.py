@@ -103,8 +103,11 @@ class Analysis:
         return [a for a in group.axes if a in wanted]
 
     def kind(self, group: Group) -> str:
-        """"heads" for attention heads (whole heads are the units), else "channels"."""
-        return "heads" if self.tagged(group, "heads") else "channels"
+        """"heads" for attention heads (whole heads are the units), "hidden" for a hidden size
+        pruned through LayerNorms (lossy), else "channels"."""
+        if self.tagged(group, "heads"):
+            return "heads"
+        return "hidden" if self.tagged(group, "lossy") else "channels"
 
     def describe_axis(self, axis_id: int) -> str:
         ref = self.axes[axis_id]
@@ -136,9 +139,10 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Builder:
     """Collects the couplings op rules declare; implements :class:`spa_compiler.ops.Coupler`."""
 
-    def __init__(self, graph: Graph, shape_values: ShapeValues) -> None:
+    def __init__(self, graph: Graph, shape_values: ShapeValues, prune_hidden: bool = False) -> None:
         self.graph = graph
         self.opset = graph.opset
+        self.prune_hidden = prune_hidden
         self.shape_values = shape_values
         self.axes: list[AxisRef] = []
         self.axis_index: dict[tuple[str, int], int] = {}
@@ -266,8 +270,9 @@ def _couple_nodes(graph: Graph, builder: _Builder, exclude: set[str]) -> list[Ba
     return barriers
 
 
-def analyze_graph(graph: Graph, exclude: Iterable[str] = ()) -> Analysis:
-    """Couple every axis of ``graph`` and return its prunable groups."""
+def analyze_graph(graph: Graph, exclude: Iterable[str] = (), prune_hidden: bool = False) -> Analysis:
+    """Couple every axis of ``graph`` and return its prunable groups. ``prune_hidden`` lets the
+    hidden axis of LayerNorms lose elements (lossy)."""
     exclude = set(exclude)
     unknown = exclude - set(graph.node_by_name)
     if unknown:
@@ -275,7 +280,7 @@ def analyze_graph(graph: Graph, exclude: Iterable[str] = ()) -> Analysis:
 
         raise InputError(f"--exclude names {', '.join(sorted(unknown))}, which is not a node of the model")
     shape_values = ShapeValues(graph)
-    builder = _Builder(graph, shape_values)
+    builder = _Builder(graph, shape_values, prune_hidden)
     barriers = _couple_nodes(graph, builder, exclude)
     for name in graph.inputs:
         builder.block_axes(name, f"graph input '{name}'", undeclared_only=False)

@@ -6,6 +6,7 @@ way; ``prune`` adds reading, atomic saving and the latency benchmark around it.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -29,6 +30,8 @@ from .verify import Fidelity, custom_ops, verify_model
 
 __all__ = ["PruneConfig", "PruneResult", "prune_graph", "prune", "analyze", "TARGET_TOLERANCE"]
 
+log = logging.getLogger(__name__)
+
 TARGET_TOLERANCE = 0.02
 Progress = Callable[[str], None]
 
@@ -45,6 +48,7 @@ class PruneConfig:
     round_to: int = 16
     min_keep: float = 0.1
     exclude: tuple[str, ...] = ()
+    prune_hidden: bool = False
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     verify: bool = True
@@ -76,9 +80,9 @@ class PruneResult:
 
 
 def analyze(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
-            exclude: tuple[str, ...] = ()) -> Analysis:
+            exclude: tuple[str, ...] = (), prune_hidden: bool = False) -> Analysis:
     """Load a model and return its groups, without changing anything."""
-    return analyze_graph(load_model(path, input_shapes), exclude)
+    return analyze_graph(load_model(path, input_shapes), exclude, prune_hidden)
 
 
 def _note(progress: Progress | None, stage: str) -> None:
@@ -133,7 +137,7 @@ def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = N
         clock = now
 
     _note(progress, "analysing channel dependencies")
-    analysis = analyze_graph(graph, config.exclude)
+    analysis = analyze_graph(graph, config.exclude, config.prune_hidden)
     lap("analyse")
     if not any(g.prunable for g in analysis.groups):
         raise TargetError(f"nothing in this model can be pruned; blocked by: {_blocked_summary(analysis)}")
@@ -149,6 +153,9 @@ def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = N
     model, removed_by_axis = rewrite_model(analysis, plan.removed)
     lap("rewrite")
     fidelity = None
+    lossy = [g.name for g in analysis.groups if analysis.kind(g) == "hidden" and plan.removed.get(g.id)]
+    if lossy:
+        log.warning("hidden size pruned through LayerNorm in %d groups: lossy by design", len(lossy))
     if config.verify:
         _note(progress, "verifying with onnx.checker and onnxruntime")
         fidelity = verify_model(graph, model, expected_shapes(analysis, removed_by_axis), config.seed)

@@ -112,6 +112,13 @@ def render_report(report: PruneReport, console: Console) -> None:
             f"verified with onnx.checker and shape inference only: onnxruntime cannot run "
             f"{', '.join(report.custom_ops)}, so outputs were not compared"
         )
+    hidden = [g for g in report.groups if g.kind == "hidden" and g.channels_after < g.channels_before]
+    if hidden:
+        console.print(
+            "lossy: the hidden size was pruned through LayerNorm ("
+            + ", ".join(f"{g.channels_after}/{g.channels_before}" for g in hidden)
+            + "); normalisation statistics change, so expect a larger output change"
+        )
     heads = [g for g in report.groups if g.kind == "heads"]
     if heads:
         console.print("attention heads kept per layer: " + ", ".join(f"{g.channels_after}/{g.channels_before}" for g in heads))

@@ -76,15 +76,24 @@ class GroupNorm(OpRule):
 @register_op("LayerNormalization", opsets=(17, 23))
 class LayerNorm(OpRule):
     """Normalises over axes ``axis..rank-1``: those axes are barriers, the leading axes identity
-    (also for the optional Mean and InvStdDev outputs)."""
+    (also for the optional Mean and InvStdDev outputs). With ``--prune-hidden`` a single
+    normalised last axis is coupled through, with scale and bias: lossy, since mean and
+    variance are then taken over the kept elements only."""
 
-    summary = "leading axes identity; normalised axes blocked"
+    summary = "leading axes identity; normalised axes blocked (coupled, lossy, with --prune-hidden)"
 
     def couple(self, node: "Node", c: Coupler) -> None:
-        x = node.inputs[0]
-        axis = normalize_axis(int(node.attr("axis", -1)), len(c.shape(x)))
+        x, y = node.inputs[0], node.outputs[0]
+        rank = len(c.shape(x))
+        axis = normalize_axis(int(node.attr("axis", -1)), rank)
         for out in each_output(node):
             couple_same(c, x, out, range(axis))
+        if c.prune_hidden and axis == rank - 1:
+            c.couple(x, axis, y, axis)
+            c.tag(y, axis, "lossy")
+            for param in node.inputs[1:3]:
+                if param:
+                    c.couple(param, len(c.shape(param)) - 1, y, axis)
 
 
 @register_op("LRN")

@@ -50,6 +50,7 @@ class Coupler(Protocol):
     """What a rule's ``couple`` may ask of and declare to the analysis."""
 
     opset: int
+    prune_hidden: bool  # the user accepts lossy pruning through normalisations of the hidden axis
 
     def shape(self, name: str) -> tuple[int, ...]: ...
     def is_constant(self, name: str) -> bool: ...

@@ -48,7 +48,8 @@ class RoiPool(OpRule):
              "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin")
 class Reduce(OpRule):
     """Kept axes are identity; reduced axes are barriers. Axes come from the attribute (older
-    opsets) or the second input (ReduceSum 13+, all reductions 18+)."""
+    opsets) or the second input (ReduceSum 13+, all reductions 18+). With ``--prune-hidden`` a
+    ReduceMean over the last axis (a decomposed LayerNorm) lets that axis lose elements: lossy."""
 
     summary = "kept axes identity; reduced axes blocked"
 
@@ -65,6 +66,9 @@ class Reduce(OpRule):
             return  # all axes reduced
         reduced = set(normalized_axes(axes, rank))
         keepdims = int(node.attr("keepdims", 1))
+        if c.prune_hidden and node.op_type == "ReduceMean" and reduced == {rank - 1} and keepdims:
+            c.free(x, rank - 1)  # a decomposed LayerNorm's statistics: lossy, asked for
+            c.tag(x, rank - 1, "lossy")
         out_axis = 0
         for axis in range(rank):
             if axis not in reduced:
