@@ -182,6 +182,12 @@ class _Builder:
     def free(self, name: str, axis: int, idx: np.ndarray | None = None) -> None:
         self._ids(name, axis, idx)
 
+    def block(self, name: str, axis: int, reason: str) -> None:
+        """Keep every element of this axis, whatever else couples it."""
+        axis_id = self._axis(name, axis)
+        self.blocks.append((self.offsets[axis_id] + np.arange(self.axes[axis_id].size), len(self.reasons)))
+        self.reasons.append(f"{self.node}: {reason}" if self.node else reason)
+
     def root(self, name: str, axis: int) -> None:
         self.roots.append((self._axis(name, axis), self.node.name if self.node else name))
 

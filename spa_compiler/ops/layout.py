@@ -366,8 +366,8 @@ class Reshape(OpRule):
         for k, element in enumerate(value):
             if isinstance(element, Dim):
                 c.couple(y, k, element.tensor, element.axis)
-            elif c.shape_value_escapes(element.source):
-                raise Unsupported(f"the shape constant '{element.source}' of its target is used elsewhere")
+            elif element.value != -1 and c.shape_value_escapes(element.source):
+                c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         y, target = node.outputs[0], node.inputs[1]
