@@ -122,7 +122,8 @@ class _LastHiddenState(torch.nn.Module):
 
 
 def export_minilm(
-    path: str | os.PathLike[str], seq_len: int = 128, dynamo: bool = False, opset: int = 17
+    path: str | os.PathLike[str], seq_len: int = 128, dynamo: bool = False, opset: int = 17,
+    encoder: torch.nn.Module | None = None,
 ) -> pathlib.Path:
     """Export all-MiniLM-L6-v2 to ``path``, check and verify it against torch.
 
@@ -135,8 +136,10 @@ def export_minilm(
     ``seq_len`` tokens (batch 2: ``torch.export`` would specialise a batch of 1).  The file
     passes ``onnx.checker`` (full check) and reproduces torch within ``TOLERANCE`` on that
     sample and on three sentences at ``seq_len // 2`` tokens, else ``ExportVerificationError``.
+    ``encoder`` exports a modified MiniLM (e.g. pruned in PyTorch) instead of the original.
     """
-    tokenizer, encoder = load_minilm()
+    tokenizer, original = load_minilm()
+    encoder = original if encoder is None else encoder
     model = _LastHiddenState(encoder)
 
     def sample(count: int, length: int) -> dict[str, torch.Tensor]:

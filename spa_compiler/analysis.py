@@ -63,6 +63,21 @@ class Group:
     units: list[Unit]
     root_node: str
 
+    def by_axis(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """For each member axis: (unit of each occupied index, the index), computed once."""
+        cached = self.__dict__.get("_by_axis")
+        if cached is None:
+            parts: dict[int, list[tuple[int, np.ndarray]]] = {}
+            for k, unit in enumerate(self.units):
+                for axis, indices in unit.members.items():
+                    parts.setdefault(axis, []).append((k, indices))
+            cached = {
+                axis: (np.concatenate([np.full(len(i), k) for k, i in pairs]), np.concatenate([i for _, i in pairs]))
+                for axis, pairs in parts.items()
+            }
+            self.__dict__["_by_axis"] = cached
+        return cached
+
     @property
     def prunable(self) -> list[int]:
         return [k for k, unit in enumerate(self.units) if not unit.blocked]

@@ -32,6 +32,7 @@ __all__ = [
     "get_criterion",
     "available_criteria",
     "normalize",
+    "comparable_scores",
 ]
 
 
@@ -60,14 +61,23 @@ class ScoreContext:
         """
         totals = np.zeros(len(group.units))
         constants = self.analysis.graph.constants
+        by_axis = group.by_axis()
         for axis_id in self.analysis.tagged(group, tag):
             ref = self.analysis.axes[axis_id]
             slabs = np.moveaxis(constants[ref.tensor], ref.axis, 0).reshape(ref.size, -1)
             values = np.asarray(per_index(slabs.astype(np.float64)), dtype=np.float64)
-            for k, unit in enumerate(group.units):
-                indices = unit.members.get(axis_id)
-                if indices is not None:
-                    totals[k] += values[indices].sum()
+            units, indices = by_axis[axis_id]
+            totals += np.bincount(units, weights=values[indices], minlength=len(group.units))
+        return totals
+
+    def weights_owned(self, group: Group) -> np.ndarray:
+        """How many weights each unit owns: its slabs on the group's "weight" axes."""
+        totals = np.zeros(len(group.units))
+        by_axis = group.by_axis()
+        for axis_id in self.analysis.tagged(group, "weight"):
+            ref = self.analysis.axes[axis_id]
+            slab = self.analysis.graph.constants[ref.tensor].size // ref.size
+            totals += slab * np.bincount(by_axis[axis_id][0], minlength=len(group.units))
         return totals
 
     def has_tag(self, group: Group, tag: str) -> bool:
@@ -116,6 +126,17 @@ def get_criterion(name: str) -> Criterion:
 
 def normalize(scores: np.ndarray) -> np.ndarray:
     """Divide by the group's mean score, so a unit's score says how it compares within its
-    group and groups of different layers compare globally (all-zero scores stay zero)."""
+    group, whatever the scale of its layer's weights (all-zero scores stay zero)."""
     mean = float(np.mean(scores)) if scores.size else 0.0
     return scores / mean if mean > 0 else np.zeros_like(scores, dtype=np.float64)
+
+
+def comparable_scores(group: Group, scores: np.ndarray, ctx: ScoreContext) -> np.ndarray:
+    """Scores that compare across groups: ``normalize(scores) * n_u``, with ``n_u`` the number
+    of weights unit u owns. Normalising alone would make an average attention head (which owns
+    ``4 * head_dim * hidden`` weights) weigh as much as an average FFN neuron (``2 * hidden``);
+    scaling by size makes the score estimate what removing the unit takes away, in units of
+    the layer's average weight. A group with no weights keeps the normalised scores."""
+    normalized = normalize(np.asarray(scores, dtype=np.float64))
+    sizes = ctx.weights_owned(group)
+    return normalized * sizes if sizes.any() else normalized

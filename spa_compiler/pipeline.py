@@ -21,7 +21,7 @@ from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
 from .cost import CostModel
-from .criteria import ScoreContext, get_criterion, normalize
+from .criteria import ScoreContext, comparable_scores, get_criterion
 from .errors import TargetError
 from .ir import Graph, check_input_path, check_output_path, load_model, save_model, synthetic_inputs
 from .report import GroupChange, PruneReport
@@ -143,7 +143,7 @@ def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = N
         raise TargetError(f"nothing in this model can be pruned; blocked by: {_blocked_summary(analysis)}")
     _note(progress, f"scoring {len(analysis.groups)} groups with '{config.criterion}'")
     context = ScoreContext(analysis, config.seed)
-    scores = {g.id: normalize(np.asarray(criterion.score(g, context), dtype=np.float64)) for g in analysis.groups}
+    scores = {g.id: comparable_scores(g, criterion.score(g, context), context) for g in analysis.groups}
     lap("score")
     _note(progress, "allocating the target")
     plan = allocate(analysis, scores, target, constraints, TARGET_TOLERANCE)
