@@ -6,9 +6,12 @@ whose sizes multiply to the same number. A run of one axis on each side is ident
 (input axes ``a0, a1, ...`` into one output axis, as Flatten does with ``C, H, W``) couples output
 element ``f`` with element ``f // (|a1| * |a2| * ...)`` of the outermost input axis ``a0``: removing
 channel c removes the slab of features ``c*HW .. (c+1)*HW - 1``; the inner axes are barriers. A
-*split* (one input axis into ``b0, b1, ...``) couples input element i with element
-``i // (|b1| * ...)`` of the outermost output axis: hidden index ``h*D + d`` belongs to head h, so
-heads (or groups) leave whole and the merge back ``[H, D] -> H*D`` maps them again. A split that a
+*split* (one input axis into ``b0, b1, ...``) couples input element i with its digit on one
+output axis ``bk``, ``(i // (|b(k+1)| * ...)) % |bk|``: the outermost axis that nothing downstream
+slices, gathers or splits along. Hidden index ``h*D + d`` belongs to head h, so heads (or
+groups) leave whole and the merge back ``[H, D] -> H*D`` maps them again; a fused projection
+split as ``[3, H, D]`` and then sliced into q, k, v couples on H. The other axes of the split
+are never pruned. A split that a
 Transpose and a Reshape follow is a channel shuffle: there input element i couples with element
 ``i % |b_last|`` of the innermost axis, removing the same position from every group, which the
 merge of the transposed axes maps exactly. Any other regrouping is a barrier.
@@ -304,10 +307,12 @@ def couple_reshape(c: Coupler, x: str, y: str) -> None:
                 innermost = big_b[-1]
                 c.couple(x, big_a[0], y, innermost, np.arange(n), np.arange(n) % b[innermost])
             else:
-                outer = big_b[0]
-                c.couple(x, big_a[0], y, outer, np.arange(n), np.arange(n) // (n // b[outer]))
+                selected = _selected_downstream(c, y)
+                unit_axis = next((k for k in big_b if k not in selected), big_b[0])
+                inner = math.prod(b[k] for k in big_b if k > unit_axis)
+                c.couple(x, big_a[0], y, unit_axis, np.arange(n), (np.arange(n) // inner) % b[unit_axis])
                 if _feeds_attention(c, y):
-                    c.tag(y, outer, "heads")
+                    c.tag(y, unit_axis, "heads")
 
 
 def _through_transposes(c: Coupler, name: str) -> list["Node"]:
@@ -321,6 +326,27 @@ def _through_transposes(c: Coupler, name: str) -> list["Node"]:
     return found
 
 
+def _selected_downstream(c: Coupler, name: str, to_origin: list[int] | None = None) -> set[int]:
+    """Axes of ``name`` that a consumer (looking through Transposes) slices, gathers or
+    splits along."""
+    rank = len(c.shape(name))
+    to_origin = to_origin if to_origin is not None else list(range(rank))
+    found: set[int] = set()
+    for node in c.consumers(name):
+        if node.op_type == "Transpose":
+            perm = node.attr("perm") or list(reversed(range(rank)))
+            found |= _selected_downstream(c, node.outputs[0], [to_origin[p] for p in perm])
+        elif node.op_type in ("Gather", "Split"):
+            found.add(to_origin[normalize_axis(int(node.attr("axis", 0)), rank)])
+        elif node.op_type == "Slice":
+            try:
+                axes = node.attr("axes") if c.opset < 10 else int_param(node, c, "axes", 3)
+            except Unsupported:
+                axes = None
+            found |= {to_origin[normalize_axis(a, rank)] for a in (axes or range(rank))}
+    return found
+
+
 def _followed_by_shuffle(c: Coupler, name: str) -> bool:
     direct = c.consumers(name)
     return (
@@ -329,12 +355,19 @@ def _followed_by_shuffle(c: Coupler, name: str) -> bool:
     )
 
 
-def _feeds_attention(c: Coupler, name: str) -> bool:
-    """Whether the split tensor reaches a product of two activations (Q·Kᵀ, P·V)."""
-    return any(
-        n.op_type == "MatMul" and not any(c.is_constant(i) for i in n.inputs)
-        for n in _through_transposes(c, name)
-    )
+_ON_THE_WAY_TO_ATTENTION = ("Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")
+
+
+def _feeds_attention(c: Coupler, name: str, depth: int = 4) -> bool:
+    """Whether the split tensor reaches a product of two activations (Q·Kᵀ, P·V) through a
+    few data-movement or scaling ops; only labels the group as heads in reports."""
+    for node in c.consumers(name):
+        if node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs):
+            return True
+        if depth and node.op_type in _ON_THE_WAY_TO_ATTENTION:
+            if any(_feeds_attention(c, out, depth - 1) for out in node.outputs if out):
+                return True
+    return False
 
 
 @register_op("Flatten")
