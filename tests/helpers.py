@@ -81,14 +81,14 @@ def assert_exact(graph: Graph, config: PruneConfig, rtol: float = 1e-4, seed: in
     analysis = result.analysis
     consumer_axes = set(analysis.tags.get("consumer", []))
     assert result.plan.n_removed > 0, "the plan removes nothing: the test would prove nothing"
-    for group in analysis.groups:
-        for k in result.plan.removed.get(group.id, []):
-            for axis_id, indices in group.units[k].members.items():
-                if axis_id in consumer_axes:
-                    ref = analysis.axes[axis_id]
-                    value = graph.constants[ref.tensor].copy()
-                    np.moveaxis(value, ref.axis, 0)[indices] = 0
-                    set_constant(graph, ref.tensor, value)
+    zeroed: dict[str, np.ndarray] = {}
+    for axis_id, indices in result.removed_by_axis.items():
+        if axis_id in consumer_axes:
+            ref = analysis.axes[axis_id]
+            value = zeroed.setdefault(ref.tensor, graph.constants[ref.tensor].copy())
+            np.moveaxis(value, ref.axis, 0)[indices] = 0
+    for name, value in zeroed.items():
+        set_constant(graph, name, value)
     pruned, _ = rewrite_model(analysis, result.plan.removed)
     assert_checker_passes_unless_input_fails(graph.model, pruned)
     feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, seed)
