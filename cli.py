@@ -27,6 +27,8 @@ Examples:
 
   spa-prune model.onnx --params 0.6 --criterion l1 --scope uniform --round-to 16
 
+  spa-prune model.onnx --flops 0.5 --criterion obs --calib data.npz
+
   spa-prune model.onnx --analyze
 
   spa-prune --list-ops | --list-criteria
@@ -80,6 +82,11 @@ def run(
     prune_hidden: bool = typer.Option(
         False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
     ),
+    calib: Optional[Path] = typer.Option(
+        None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
+    ),
+    calib_samples: int = typer.Option(128, min=1, help="Calibration samples used (synthetic ones without --calib)."),
+    calib_batch: int = typer.Option(16, min=1, help="Samples per onnxruntime run while collecting statistics."),
     seed: int = typer.Option(0, help="Seed of synthetic inputs and the random criterion."),
     json_report: Optional[Path] = typer.Option(None, help="Also write the report as JSON to this path."),
     bench_runs: int = typer.Option(20, min=0, help="onnxruntime timing runs before and after (0: skip)."),
@@ -102,7 +109,8 @@ def run(
         config = PruneConfig(
             flops=flops, params=params, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
             min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden, input_shapes=shapes, seed=seed,
-            bench_runs=bench_runs,
+            bench_runs=bench_runs, calibration=str(calib) if calib else None, calibration_samples=calib_samples,
+            calibration_batch=calib_batch,
         )
         if json_report is not None:
             spa_compiler.ir.check_output_path(json_report)

@@ -6,6 +6,6 @@ They reach the compiler through the ``spa_prune.criteria`` entry points declared
 
 from __future__ import annotations
 
-from . import bn_scale, magnitude, random_score  # noqa: F401  (registration)
+from . import activation, bn_scale, magnitude, obs, random_score  # noqa: F401  (registration)
 
-__all__ = ["bn_scale", "magnitude", "random_score"]
+__all__ = ["activation", "bn_scale", "magnitude", "obs", "random_score"]

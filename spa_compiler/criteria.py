@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .analysis import Analysis, Group
+from .calibrate import LayerStatistics
 from .errors import InputError
 from .plugins import load_entry_points
 
@@ -41,14 +42,25 @@ _CRITERIA: dict[str, type["Criterion"]] = {}
 
 @dataclass
 class ScoreContext:
-    """What a criterion may read: the analysis (weights, groups) and a seeded generator."""
+    """What a criterion may read: the analysis (weights, groups), a seeded generator, and for
+    criteria that need them the input statistics of consumer layers by node name."""
 
     analysis: Analysis
     seed: int = 0
+    statistics: dict[str, LayerStatistics] = field(default_factory=dict)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+
+    def all_statistics(self) -> list[tuple[int, LayerStatistics]]:
+        """``(axis id of the weight axis reading channels, statistics)`` of every consumer layer."""
+        return [(self.analysis.axis_id(s.layer.weight, s.layer.axis), s) for s in self.statistics.values()]
+
+    def statistics_for(self, group: Group) -> list[tuple[int, LayerStatistics]]:
+        """The consumer layers that read this group's channels."""
+        members = set(group.axes)
+        return [(axis, stats) for axis, stats in self.all_statistics() if axis in members]
 
     def per_unit(
         self, group: Group, tag: str, per_index: Callable[[np.ndarray], np.ndarray]
@@ -85,13 +97,24 @@ class ScoreContext:
 
 
 class Criterion:
-    """Base class: ``score(group, ctx)`` returns one non-negative score per unit of ``group``."""
+    """Base class: ``score(group, ctx)`` returns one non-negative score per unit of ``group``.
+
+    ``needs_statistics``: the pipeline fills ``ctx.statistics`` (calibration or data-free) first.
+    ``self_normalized``: scores already compare across groups (e.g. relative output errors) and
+    are used as they are, instead of through :func:`comparable_scores`.
+    ``compensate``: after the choice, new values for constants (e.g. updated consumer weights).
+    """
 
     name = ""
     description = ""
+    needs_statistics = False
+    self_normalized = False
 
     def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
         raise NotImplementedError
+
+    def compensate(self, ctx: ScoreContext, removed_by_axis: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        return {}
 
 
 def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:

@@ -25,7 +25,8 @@ from .criteria import ScoreContext, comparable_scores, get_criterion
 from .errors import TargetError
 from .ir import Graph, check_input_path, check_output_path, load_model, save_model, synthetic_inputs
 from .report import GroupChange, PruneReport
-from .rewrite import expected_shapes, rewrite_model
+from .calibrate import collect_statistics, consumer_layers, load_calibration, synthetic_calibration
+from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .verify import Fidelity, custom_ops, verify_model
 
 __all__ = ["PruneConfig", "PruneResult", "prune_graph", "prune", "analyze", "TARGET_TOLERANCE"]
@@ -53,6 +54,9 @@ class PruneConfig:
     seed: int = 0
     verify: bool = True
     bench_runs: int = 20
+    calibration: str | None = None
+    calibration_samples: int = 128
+    calibration_batch: int = 16
 
     def target(self) -> Target:
         given = [(k, v) for k, v in (("flops", self.flops), ("params", self.params), ("ratio", self.ratio)) if v is not None]
@@ -77,6 +81,8 @@ class PruneResult:
     removed_by_axis: dict[int, np.ndarray]
     fidelity: Fidelity | None
     timings: dict[str, float]
+    calibration: str | None = None
+    compensated: list[str] = field(default_factory=list)
 
 
 def analyze(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -141,16 +147,21 @@ def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = N
     lap("analyse")
     if not any(g.prunable for g in analysis.groups):
         raise TargetError(f"nothing in this model can be pruned; blocked by: {_blocked_summary(analysis)}")
-    _note(progress, f"scoring {len(analysis.groups)} groups with '{config.criterion}'")
     context = ScoreContext(analysis, config.seed)
-    scores = {g.id: comparable_scores(g, criterion.score(g, context), context) for g in analysis.groups}
+    calibration = None
+    if criterion.needs_statistics:
+        context.statistics, calibration = _statistics(graph, analysis, config, progress)
+        lap("calibrate")
+    _note(progress, f"scoring {len(analysis.groups)} groups with '{config.criterion}'")
+    scores = _scores(criterion, analysis, context)
     lap("score")
     _note(progress, "allocating the target")
     plan = allocate(analysis, scores, target, constraints, TARGET_TOLERANCE)
     _check_reachable(analysis, target, plan, constraints)
     lap("allocate")
     _note(progress, "rewriting the model")
-    model, removed_by_axis = rewrite_model(analysis, plan.removed)
+    overrides = criterion.compensate(context, removed_indices(analysis, plan.removed))
+    model, removed_by_axis = rewrite_model(analysis, plan.removed, overrides)
     lap("rewrite")
     fidelity = None
     lossy = [g.name for g in analysis.groups if analysis.kind(g) == "hidden" and plan.removed.get(g.id)]
@@ -160,7 +171,45 @@ def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = N
         _note(progress, "verifying with onnx.checker and onnxruntime")
         fidelity = verify_model(graph, model, expected_shapes(analysis, removed_by_axis), config.seed)
         lap("verify")
-    return PruneResult(model, graph, analysis, plan, removed_by_axis, fidelity, timings)
+    return PruneResult(model, graph, analysis, plan, removed_by_axis, fidelity, timings, calibration, sorted(overrides))
+
+
+def _statistics(graph: Graph, analysis: Analysis, config: PruneConfig, progress: Progress | None):
+    """Consumer-layer statistics from ``config.calibration`` or, without it, synthetic inputs;
+    and a sentence saying which."""
+    layers = consumer_layers(analysis)
+    if config.calibration:
+        data = load_calibration(config.calibration, graph, config.calibration_samples)
+        source = f"{len(next(iter(data.values())))} samples from {config.calibration}"
+    else:
+        data = synthetic_calibration(graph, config.calibration_samples, config.seed)
+        source = f"data-free: {config.calibration_samples} synthetic inputs (standard normal; integers 0)"
+
+    def report(done: int, total: int) -> None:
+        _note(progress, f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
+
+    stats = collect_statistics(graph, layers, data, config.calibration_batch, seed=config.seed, progress=report)
+    return stats, source
+
+
+def _scores(criterion, analysis: Analysis, context: ScoreContext) -> dict[int, np.ndarray]:
+    """Scores comparable across groups. A self-normalised criterion's scores are used as they
+    are; a group it cannot score (no consumer layer with statistics) falls back to the L2
+    magnitude's comparable scores, rescaled to the median of the scored groups' mean score."""
+    if not criterion.self_normalized:
+        return {g.id: comparable_scores(g, criterion.score(g, context), context) for g in analysis.groups}
+    scores, unscored = {}, []
+    for group in analysis.groups:
+        if context.statistics_for(group):
+            scores[group.id] = np.asarray(criterion.score(group, context), dtype=np.float64)
+        else:
+            unscored.append(group)
+    if unscored:
+        fallback, scale = get_criterion("l2"), float(np.median([s.mean() for s in scores.values()] or [1.0]))
+        for group in unscored:
+            raw = comparable_scores(group, fallback.score(group, context), context)
+            scores[group.id] = raw * scale / (raw.mean() or 1.0)
+    return scores
 
 
 def _file_size(path: Path) -> int:
@@ -236,5 +285,7 @@ def build_report(result: PruneResult, config: PruneConfig, source: Path, output:
         barriers=[f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers],
         fidelity=result.fidelity,
         custom_ops=custom_ops(result.graph),
+        calibration=result.calibration,
+        compensated=len(result.compensated),
         timings=result.timings,
     )

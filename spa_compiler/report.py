@@ -42,6 +42,8 @@ class PruneReport:
     barriers: list[str]
     fidelity: Any = None
     custom_ops: list[str] = field(default_factory=list)
+    calibration: str | None = None
+    compensated: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
@@ -112,6 +114,8 @@ def render_report(report: PruneReport, console: Console) -> None:
             f"verified with onnx.checker and shape inference only: onnxruntime cannot run "
             f"{', '.join(report.custom_ops)}, so outputs were not compared"
         )
+    if report.calibration:
+        console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
     hidden = [g for g in report.groups if g.kind == "hidden" and g.channels_after < g.channels_before]
     if hidden:
         console.print(

@@ -50,8 +50,11 @@ def expected_shapes(analysis: Analysis, removed_by_axis: dict[int, np.ndarray]) 
 class _ProtoRewriter:
     """Implements :class:`spa_compiler.ops.Rewriter` over a copy of the folded model."""
 
-    def __init__(self, analysis: Analysis, removed_by_axis: dict[int, np.ndarray]) -> None:
+    def __init__(
+        self, analysis: Analysis, removed_by_axis: dict[int, np.ndarray], overrides: dict[str, np.ndarray]
+    ) -> None:
         self.analysis = analysis
+        self.overrides = overrides
         self.graph = analysis.graph
         self.opset = self.graph.opset
         self.removed_by_axis = removed_by_axis
@@ -125,15 +128,16 @@ class _ProtoRewriter:
 
     def slice_constants(self) -> None:
         for tensor in self.model.graph.initializer:
-            value = self.graph.constants.get(tensor.name)
-            if value is None:
+            original = self.graph.constants.get(tensor.name)
+            if original is None:
                 continue
+            value = self.overrides.get(tensor.name, original)
             sliced = value
             for axis in range(value.ndim):
                 gone = self.removed(tensor.name, axis)
                 if gone.size:
                     sliced = np.delete(sliced, gone, axis=axis)
-            if sliced is not value:
+            if sliced is not original:
                 tensor.CopyFrom(numpy_helper.from_array(sliced, tensor.name))
 
     def rewrite_nodes(self) -> None:
@@ -180,10 +184,13 @@ class _ProtoRewriter:
         return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
-def rewrite_model(analysis: Analysis, removed: dict[int, list[int]]) -> tuple[onnx.ModelProto, dict[int, np.ndarray]]:
-    """The pruned model, and the indices removed from each axis."""
+def rewrite_model(
+    analysis: Analysis, removed: dict[int, list[int]], overrides: dict[str, np.ndarray] | None = None
+) -> tuple[onnx.ModelProto, dict[int, np.ndarray]]:
+    """The pruned model, and the indices removed from each axis. ``overrides`` gives new values
+    (before slicing) for some constants, e.g. compensated weights."""
     removed_by_axis = removed_indices(analysis, removed)
-    rewriter = _ProtoRewriter(analysis, removed_by_axis)
+    rewriter = _ProtoRewriter(analysis, removed_by_axis, overrides or {})
     rewriter.slice_constants()
     rewriter.rewrite_nodes()
     return rewriter.finish(), removed_by_axis

@@ -1,0 +1,285 @@
+"""Calibration data and the input statistics of consumer layers.
+
+A *consumer layer* reads a group's channels through a weight: a Conv (one group), a Gemm, or a
+MatMul with a constant 2-D weight. For each, the second-order and activation-aware criteria
+need ``H = Xᵀ X`` over its input *features*: for a Conv the im2col patches (channel-major, then
+kernel row and column, with the layer's stride, dilation and padding), for a linear layer the
+last axis. A constant 1 is appended to every row, so ``H`` also carries the feature sums and the
+sample count, which lets compensation update the bias.
+
+Statistics stream: a model exposing every consumer input runs batch by batch in onnxruntime and
+``H`` accumulates in float64, so memory stays ``sum (features + 1)^2`` whatever the number of
+samples. Each layer uses at most ``ROWS_PER_FEATURE * (features + 1)`` rows in all (patches or
+tokens, a seeded random subset spread evenly over the batches): enough for a well-conditioned
+``H``, and it bounds the time on large feature maps.
+
+Without calibration data, statistics come from seeded synthetic inputs: standard normal floats
+for float inputs, zeros for integer inputs. They pass through the model's own BatchNorm and
+activation layers, so each consumer sees activations shaped by the trained network; no
+BatchNorm arithmetic is needed, and models whose exporter folded BatchNorm away work the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+
+from .analysis import Analysis
+from .errors import InputError
+from .ir import Graph, Node, synthetic_inputs
+from .verify import session_for
+
+__all__ = [
+    "ConsumerLayer",
+    "LayerStatistics",
+    "consumer_layers",
+    "load_calibration",
+    "synthetic_calibration",
+    "collect_statistics",
+    "conv_patches",
+]
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_FEATURE = 16
+
+
+@dataclass(frozen=True)
+class ConsumerLayer:
+    """A weighted node reading channels: ``matrix(W)`` is ``[outputs, features]``."""
+
+    node: str
+    op_type: str
+    activation: str
+    weight: str
+    axis: int  # the weight axis that reads input channels
+    features_per_channel: int  # kernel positions of a Conv, 1 for linear layers
+    bias: str | None
+
+    def matrix(self, weight: np.ndarray) -> np.ndarray:
+        if self.op_type == "Conv":
+            return weight.reshape(weight.shape[0], -1)
+        return np.moveaxis(weight, self.axis, -1).reshape(-1, weight.shape[self.axis])
+
+    def from_matrix(self, matrix: np.ndarray, like: np.ndarray) -> np.ndarray:
+        if self.op_type == "Conv":
+            return matrix.reshape(like.shape).astype(like.dtype)
+        moved = np.moveaxis(like, self.axis, -1).shape
+        return np.moveaxis(matrix.reshape(moved), -1, self.axis).astype(like.dtype)
+
+
+@dataclass
+class LayerStatistics:
+    """``hessian`` is ``sum rowsᵀ rows`` over input features plus a trailing constant 1."""
+
+    layer: ConsumerLayer
+    hessian: np.ndarray
+    rows: int = 0
+
+    def inverse(self, damping: float, with_bias: bool = True) -> np.ndarray:
+        """``(H + damping * mean(diag H) * I)⁻¹``, over the features and (``with_bias``) the
+        constant feature; computed once per argument pair."""
+        cache = self.__dict__.setdefault("_inverses", {})
+        key = (damping, with_bias)
+        if key not in cache:
+            hessian = self.hessian if with_bias else self.hessian[:-1, :-1]
+            diagonal = np.diag(hessian)
+            scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
+            cache[key] = np.linalg.inv(hessian + damping * scale * np.eye(len(hessian)))
+        return cache[key]
+
+
+def _bias_of(graph: Graph, node: Node, outputs: int) -> str | None:
+    """The constant bias added to this layer's output, if it is a plain per-output vector."""
+    if node.op_type in ("Conv", "Gemm"):
+        name = node.inputs[2] if len(node.inputs) > 2 else ""
+        if name and graph.is_constant(name) and graph.constants[name].size == outputs:
+            return name
+        return None
+    consumers = graph.consumers.get(node.outputs[0], [])
+    if len(consumers) == 1 and consumers[0].op_type == "Add":
+        other = [n for n in consumers[0].inputs if n != node.outputs[0]]
+        if len(other) == 1 and graph.is_constant(other[0]) and graph.constants[other[0]].shape == (outputs,):
+            return other[0]
+    return None
+
+
+def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
+    """Every Conv (one group), Gemm (A not transposed) and MatMul reading a group's channels
+    through a constant weight."""
+    graph = analysis.graph
+    layers = {}
+    for axis_id in analysis.tags.get("consumer", []):
+        ref = analysis.axes[axis_id]
+        for node in graph.consumers.get(ref.tensor, []):
+            weight = graph.constants[ref.tensor]
+            if node.op_type == "Conv" and node.inputs[1] == ref.tensor and int(node.attr("group", 1)) == 1:
+                per_channel = int(np.prod(weight.shape[2:]))
+                outputs = weight.shape[0]
+            elif node.op_type == "Gemm" and node.inputs[1] == ref.tensor and not node.attr("transA", 0):
+                per_channel, outputs = 1, weight.shape[1 - ref.axis]
+            elif node.op_type == "MatMul" and node.inputs[1] == ref.tensor and weight.ndim == 2:
+                per_channel, outputs = 1, weight.shape[1]
+            else:
+                continue
+            layers[node.name] = ConsumerLayer(
+                node.name, node.op_type, node.inputs[0], ref.tensor, ref.axis, per_channel,
+                _bias_of(graph, node, outputs),
+            )
+    return list(layers.values())
+
+
+def _check_array(name: str, array: np.ndarray, graph: Graph) -> np.ndarray:
+    expected = graph.input_shapes[name]
+    if array.ndim != len(expected) or tuple(array.shape[1:]) != tuple(expected[1:]):
+        raise InputError(
+            f"calibration array '{name}' has shape {array.shape}; expected (samples, "
+            f"{', '.join(map(str, expected[1:]))}) to match the model input"
+        )
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
+    return array.astype(dtype, copy=False)
+
+
+def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dict[str, np.ndarray]:
+    """Arrays keyed by graph input name, first axis = samples, from an ``.npz`` file or a
+    directory holding ``NAME.npy`` per input (or, for a one-input model, any ``*.npy`` files,
+    concatenated in name order)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"--calib {path}: no such file or directory")
+    try:
+        if path.is_dir():
+            files = {p.stem: p for p in sorted(path.glob("*.npy"))}
+            if set(graph.inputs) <= set(files):
+                arrays = {name: np.load(files[name]) for name in graph.inputs}
+            elif len(graph.inputs) == 1 and files:
+                arrays = {graph.inputs[0]: np.concatenate([np.load(p) for p in files.values()])}
+            else:
+                raise InputError(f"--calib {path}: expected {', '.join(n + '.npy' for n in graph.inputs)}")
+        else:
+            with np.load(path) as data:
+                arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--calib {path} cannot be read as numpy data ({exc})") from None
+    missing = [name for name in graph.inputs if name not in arrays]
+    if missing:
+        raise InputError(f"--calib {path} has no array for input(s) {', '.join(missing)}; keys: {', '.join(arrays)}")
+    arrays = {name: _check_array(name, arrays[name], graph)[:samples] for name in graph.inputs}
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise InputError(f"--calib {path}: every input needs the same, non-zero number of samples")
+    return arrays
+
+
+def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``samples`` seeded synthetic inputs (see the module docstring)."""
+    shapes = {name: (samples, *shape[1:]) for name, shape in graph.input_shapes.items()}
+    return synthetic_inputs(shapes, graph.dtypes, seed)
+
+
+def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.ndarray | None) -> np.ndarray:
+    """im2col rows ``[positions, C * prod(kernel)]`` (channel-major) of a 2-D Conv's input;
+    ``rows`` picks flat output positions (all when None)."""
+    strides = node.attr("strides") or [1, 1]
+    dilations = node.attr("dilations") or [1, 1]
+    pads = node.attr("pads") or [0, 0, 0, 0]
+    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        pads = _same_pads(x.shape[2:], kernel, strides, dilations, node.attr("auto_pad"))
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
+    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    n, c, oh, ow = windows.shape[:4]
+    flat = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c, *kernel)
+    if rows is not None:
+        flat = flat[rows]
+    return flat.reshape(flat.shape[0], -1)
+
+
+def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
+    begin, end = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+        small, large = total // 2, total - total // 2
+        begin.append(large if mode == "SAME_LOWER" else small)
+        end.append(small if mode == "SAME_LOWER" else large)
+    return begin + end
+
+
+def _features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray:
+    if layer.op_type == "Conv":
+        node = graph.node_by_name[layer.node]
+        kernel = graph.constants[layer.weight].shape[2:]
+        if len(kernel) != 2:
+            return np.zeros((0, x.shape[1] * layer.features_per_channel))
+        out = graph.shapes[node.outputs[0]]
+        positions = x.shape[0] * out[2] * out[3]
+        rows = None if positions <= max_rows else np.sort(rng.choice(positions, max_rows, replace=False))
+        return conv_patches(x, node, kernel, rows)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] > max_rows:
+        flat = flat[np.sort(rng.choice(flat.shape[0], max_rows, replace=False))]
+    return flat
+
+
+def _batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+    total = len(next(iter(arrays.values())))
+    for start in range(0, total, size):
+        yield {name: a[start:start + size] for name, a in arrays.items()}
+
+
+def _fixed_batch(graph: Graph, name: str) -> bool:
+    value = next(v for v in graph.model.graph.input if v.name == name)
+    dims = value.type.tensor_type.shape.dim
+    return bool(dims) and dims[0].HasField("dim_value")
+
+
+def _exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return probe
+
+
+def collect_statistics(
+    graph: Graph,
+    layers: list[ConsumerLayer],
+    data: dict[str, np.ndarray],
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, LayerStatistics]:
+    """Run ``data`` through the model batch by batch (one sample at a time when the model's
+    batch dimension is fixed) and accumulate every layer's ``H``."""
+    activations = sorted({layer.activation for layer in layers})
+    if any(_fixed_batch(graph, name) for name in graph.inputs):
+        batch_size = 1
+    session = session_for(_exposing(graph.model, activations), optimize=False)
+    stats = {}
+    for layer in layers:
+        width = graph.shapes[layer.activation][1] * layer.features_per_channel if layer.op_type == "Conv" \
+            else graph.shapes[layer.activation][-1]
+        stats[layer.node] = LayerStatistics(layer, np.zeros((width + 1, width + 1)))
+    rng = np.random.default_rng(seed)
+    total = len(next(iter(data.values())))
+    batches = -(-total // batch_size)
+    done = 0
+    for feeds in _batches(data, batch_size):
+        values = dict(zip(activations, session.run(activations, feeds)))
+        for layer in layers:
+            budget = -(-ROWS_PER_FEATURE * len(stats[layer.node].hessian) // batches)
+            rows = _features(layer, graph, values[layer.activation], rng, budget).astype(np.float64)
+            rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
+            stats[layer.node].hessian += rows.T @ rows
+            stats[layer.node].rows += rows.shape[0]
+        done += len(next(iter(feeds.values())))
+        if progress:
+            progress(done, total)
+    return stats

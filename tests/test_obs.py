@@ -1,0 +1,149 @@
+"""The second-order pass: its maths against numpy, im2col against onnxruntime, and the pipeline
+with calibration data and data-free."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import passes.obs as obs
+from spa_compiler import InputError, PruneConfig, load_model, prune, prune_graph, synthetic_inputs
+from spa_compiler.calibrate import conv_patches, load_calibration
+from spa_compiler.verify import run_model
+from helpers import relative_error
+
+
+def _design(rng, samples=200, features=6):
+    x = rng.standard_normal((samples, features))
+    return x, np.hstack([x, np.ones((samples, 1))])
+
+
+def test_compensation_is_the_least_squares_solution():
+    """Removing features B and compensating gives, on the remaining features and the bias, the
+    least-squares fit of the original outputs on the calibration activations."""
+    rng = np.random.default_rng(0)
+    x, augmented_x = _design(rng)
+    weights = rng.standard_normal((4, 7))  # 6 features + bias
+    hessian = augmented_x.T @ augmented_x
+    removed = np.array([1, 4])
+    result = obs.compensated(weights, np.linalg.inv(hessian), removed)
+    np.testing.assert_allclose(result[:, removed], 0, atol=1e-12)
+    kept = np.setdiff1d(np.arange(7), removed)
+    expected, *_ = np.linalg.lstsq(augmented_x[:, kept], augmented_x @ weights.T, rcond=None)
+    np.testing.assert_allclose(result[:, kept], expected.T, atol=1e-5)
+
+
+def test_removal_cost_is_the_increase_of_squared_error():
+    rng = np.random.default_rng(1)
+    x, augmented_x = _design(rng)
+    weights = rng.standard_normal((3, 7))
+    inverse = np.linalg.inv(augmented_x.T @ augmented_x)
+    costs = obs.removal_costs(weights, inverse, np.arange(6), 1)
+    for channel in range(6):
+        result = obs.compensated(weights, inverse, np.array([channel]))
+        error = np.sum((augmented_x @ weights.T - augmented_x @ result.T) ** 2)
+        assert costs[channel] == pytest.approx(error, rel=1e-6)
+
+
+def _two_layer_model(path, combination: bool):
+    """x[N,4] -> MatMul W1 (4->8) -> MatMul W2 (8->3) -> y; hidden channel 7 = channel 0 + 1."""
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 3] y) {
+            h = MatMul (x, W1)
+            y = MatMul (h, W2)
+        }
+    """
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((4, 8))
+    if combination:
+        w1[:, 7] = w1[:, 0] + w1[:, 1]
+    w2 = rng.standard_normal((8, 3))
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(w1.astype(np.float32), "W1"),
+                                    onnx.numpy_helper.from_array(w2.astype(np.float32), "W2")])
+    onnx.save(model, path)
+    return path
+
+
+def test_a_channel_that_is_a_linear_combination_is_removed_with_no_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(obs, "DAMPING", 1e-9)
+    source = _two_layer_model(tmp_path / "m.onnx", combination=True)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 4)).astype(np.float32))
+    graph = load_model(source, {"x": (1, 4)})
+    result = prune_graph(graph, PruneConfig(ratio=0.125, round_to=1, min_keep=0.0, criterion="obs",
+                                            calibration=str(tmp_path / "calib.npz")))
+    hidden = result.analysis.axis_id("W1", 1)
+    assert result.removed_by_axis[hidden].tolist()[0] in (0, 1, 7)
+    fresh = {"x": rng.standard_normal((32, 4)).astype(np.float32)}
+    assert relative_error(run_model(graph.model, fresh), run_model(result.model, fresh)) < 1e-5
+    assert result.compensated == ["W2"]
+
+
+def test_without_compensation_the_same_removal_loses_accuracy(tmp_path):
+    source = _two_layer_model(tmp_path / "m.onnx", combination=True)
+    rng = np.random.default_rng(3)
+    graph = load_model(source, {"x": (1, 4)})
+    result = prune_graph(graph, PruneConfig(ratio=0.125, round_to=1, min_keep=0.0, criterion="l2"))
+    fresh = {"x": rng.standard_normal((32, 4)).astype(np.float32)}
+    assert relative_error(run_model(graph.model, fresh), run_model(result.model, fresh)) > 0.05
+
+
+@pytest.mark.parametrize("attrs", [
+    "strides = [1, 1], pads = [1, 1, 1, 1]",
+    "strides = [2, 2], pads = [0, 1, 1, 0]",
+    "strides = [1, 2], dilations = [2, 2], pads = [2, 2, 2, 2]",
+    'strides = [2, 2], auto_pad = "SAME_UPPER"',
+])
+def test_im2col_rows_reproduce_the_conv_in_onnxruntime(tmp_path, attrs):
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3, 9, 10] x) => (float[2, 5, ?, ?] y) {{
+            y = Conv <{attrs}> (x, W, B)
+        }}
+    """
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(4)
+    w, b = rng.standard_normal((5, 3, 3, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(b, "B")])
+    onnx.save(model, tmp_path / "conv.onnx")
+    graph = load_model(tmp_path / "conv.onnx")
+    x = rng.standard_normal((2, 3, 9, 10)).astype(np.float32)
+    (y,) = run_model(graph.model, {"x": x})
+    rows = conv_patches(x.astype(np.float64), graph.nodes[0], (3, 3), None)
+    expected = y.transpose(0, 2, 3, 1).reshape(-1, 5)
+    np.testing.assert_allclose(rows @ w.reshape(5, -1).T + b, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["densenet_tiny", "resnet_tiny_basic"])
+def test_data_free_obs_with_and_without_batchnorm(exported, tmp_path, name):
+    """densenet_tiny keeps BatchNorm in the graph, resnet_tiny_basic's is folded by the exporter;
+    both prune data-free and say so."""
+    source = exported(name)
+    has_bn = any(n.op_type == "BatchNormalization" for n in onnx.load(source).graph.node)
+    assert has_bn == (name == "densenet_tiny")
+    report = prune(source, tmp_path / "p.onnx", PruneConfig(flops=0.5, criterion="obs", calibration_samples=16,
+                                                            bench_runs=0))
+    assert report.calibration == "data-free: 16 synthetic inputs (standard normal; integers 0)"
+    assert report.compensated > 0 and report.flops_ratio <= 0.52
+    l2 = prune(source, tmp_path / "l2.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert report.fidelity.cosine > l2.fidelity.cosine
+
+
+def test_calibration_files(tmp_path, exported):
+    graph = load_model(exported("conv_fc"))
+    data = synthetic_inputs({"input": (10, *graph.input_shapes["input"][1:])}, graph.dtypes, 1)["input"]
+    np.savez(tmp_path / "c.npz", input=data)
+    assert load_calibration(tmp_path / "c.npz", graph, 4)["input"].shape == (4, *data.shape[1:])
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    np.save(folder / "input.npy", data)
+    np.testing.assert_array_equal(load_calibration(folder, graph, 100)["input"], data)
+    np.savez(tmp_path / "wrong.npz", other=data)
+    with pytest.raises(InputError, match="no array for input"):
+        load_calibration(tmp_path / "wrong.npz", graph, 4)
+    np.savez(tmp_path / "shape.npz", input=data[:, :, :2])
+    with pytest.raises(InputError, match="expected \\(samples"):
+        load_calibration(tmp_path / "shape.npz", graph, 4)
