@@ -44,7 +44,7 @@ __all__ = [
 INPUT_SHAPE = (1, 1, 8, 8)
 """Shape of one exported sample: a single-channel 8x8 image (the batch axis is dynamic)."""
 
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 15
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 WEIGHT_DECAY = 1e-4

@@ -54,9 +54,11 @@ def compensated(weights: np.ndarray, inverse: np.ndarray, columns: np.ndarray) -
 
 
 def augmented(layer: ConsumerLayer, constants: dict[str, np.ndarray]) -> np.ndarray:
-    """The layer's ``[outputs, features + 1]`` matrix, its bias (or zeros) last."""
+    """The layer's ``[rows, features + 1]`` matrix, its bias (or zeros) last; with channel
+    statistics each output's bias is shared evenly by its kernel positions' rows."""
     matrix = layer.matrix(constants[layer.weight]).astype(np.float64)
-    bias = constants[layer.bias].reshape(-1).astype(np.float64) if layer.bias else np.zeros(len(matrix))
+    k = layer.rows_per_output
+    bias = np.repeat(constants[layer.bias].reshape(-1).astype(np.float64) / k, k) if layer.bias else np.zeros(len(matrix))
     return np.hstack([matrix, bias[:, None]])
 
 
@@ -73,7 +75,7 @@ class OBS(Criterion):
             layer = stats.layer
             weights = augmented(layer, ctx.analysis.graph.constants)
             inverse = stats.inverse(DAMPING)
-            energy = float(np.einsum("rf,fg,rg->", weights, stats.hessian, weights)) or 1.0
+            energy = float(np.sum((weights @ stats.hessian) * weights)) or 1.0
             units, channels = by_axis[axis_id]
             costs = removal_costs(weights, inverse, channels, layer.features_per_channel)
             totals += np.bincount(units, weights=costs / energy, minlength=len(group.units))
@@ -93,5 +95,6 @@ class OBS(Criterion):
             result = compensated(weights if layer.bias else weights[:, :-1], inverse, columns)
             updates[layer.weight] = layer.from_matrix(result[:, : weights.shape[1] - 1], constants[layer.weight])
             if layer.bias:
-                updates[layer.bias] = result[:, -1].reshape(constants[layer.bias].shape).astype(constants[layer.bias].dtype)
+                bias = constants[layer.bias]
+                updates[layer.bias] = result[:, -1].reshape(-1, layer.rows_per_output).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
         return updates

@@ -7,6 +7,11 @@ kernel row and column, with the layer's stride, dilation and padding), for a lin
 last axis. A constant 1 is appended to every row, so ``H`` also carries the feature sums and the
 sample count, which lets compensation update the bias.
 
+A Conv with more than ``MAX_PATCH_FEATURES`` patch features (a 3x3 conv over 256 channels has
+2304) uses the Kronecker approximation instead: ``H`` over input channels only, from the input's
+pixels, shared by all kernel positions, each (output, kernel position) pair then being a row of
+the weight matrix. The inverse of a 2305-wide ``H`` would cost 700 times that of a 257-wide one.
+
 Statistics stream: a model exposing every consumer input runs batch by batch in onnxruntime and
 ``H`` accumulates in float64, so memory stays ``sum (features + 1)^2`` whatever the number of
 samples. Each layer uses at most ``ROWS_PER_FEATURE * (features + 1)`` rows in all (patches or
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -47,7 +52,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_FEATURE = 16
+ROWS_PER_FEATURE = 8
+MAX_ROWS = 16384
+MAX_PATCH_FEATURES = 1152
+CHUNK_ROWS = 2048  # rows buffered per layer before one Gram update (few-row updates are memory-bound)
 
 
 @dataclass(frozen=True)
@@ -59,16 +67,21 @@ class ConsumerLayer:
     activation: str
     weight: str
     axis: int  # the weight axis that reads input channels
-    features_per_channel: int  # kernel positions of a Conv, 1 for linear layers
+    features_per_channel: int  # kernel positions of a Conv with patch statistics, else 1
     bias: str | None
+    rows_per_output: int = 1  # kernel positions of a Conv with channel statistics, else 1
+
+    @property
+    def patches(self) -> bool:
+        return self.op_type == "Conv" and self.rows_per_output == 1
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
-        if self.op_type == "Conv":
+        if self.patches:
             return weight.reshape(weight.shape[0], -1)
         return np.moveaxis(weight, self.axis, -1).reshape(-1, weight.shape[self.axis])
 
     def from_matrix(self, matrix: np.ndarray, like: np.ndarray) -> np.ndarray:
-        if self.op_type == "Conv":
+        if self.patches:
             return matrix.reshape(like.shape).astype(like.dtype)
         moved = np.moveaxis(like, self.axis, -1).shape
         return np.moveaxis(matrix.reshape(moved), -1, self.axis).astype(like.dtype)
@@ -81,6 +94,21 @@ class LayerStatistics:
     layer: ConsumerLayer
     hessian: np.ndarray
     rows: int = 0
+    pending: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def add(self, rows: np.ndarray) -> None:
+        """Queue feature rows (without the constant 1); fold them in by chunks."""
+        self.pending.append(rows)
+        if sum(len(r) for r in self.pending) >= CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            rows = np.vstack(self.pending).astype(np.float64)
+            rows = np.hstack([rows, np.ones((len(rows), 1))])
+            self.hessian += rows.T @ rows
+            self.rows += len(rows)
+            self.pending = []
 
     def inverse(self, damping: float, with_bias: bool = True) -> np.ndarray:
         """``(H + damping * mean(diag H) * I)⁻¹``, over the features and (``with_bias``) the
@@ -119,9 +147,12 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
         ref = analysis.axes[axis_id]
         for node in graph.consumers.get(ref.tensor, []):
             weight = graph.constants[ref.tensor]
+            rows_per_output = 1
             if node.op_type == "Conv" and node.inputs[1] == ref.tensor and int(node.attr("group", 1)) == 1:
                 per_channel = int(np.prod(weight.shape[2:]))
                 outputs = weight.shape[0]
+                if len(weight.shape) != 4 or per_channel * weight.shape[1] > MAX_PATCH_FEATURES:
+                    per_channel, rows_per_output = 1, int(np.prod(weight.shape[2:]))
             elif node.op_type == "Gemm" and node.inputs[1] == ref.tensor and not node.attr("transA", 0):
                 per_channel, outputs = 1, weight.shape[1 - ref.axis]
             elif node.op_type == "MatMul" and node.inputs[1] == ref.tensor and weight.ndim == 2:
@@ -130,7 +161,7 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
                 continue
             layers[node.name] = ConsumerLayer(
                 node.name, node.op_type, node.inputs[0], ref.tensor, ref.axis, per_channel,
-                _bias_of(graph, node, outputs),
+                _bias_of(graph, node, outputs), rows_per_output,
             )
     return list(layers.values())
 
@@ -213,16 +244,14 @@ def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
 
 
 def _features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray:
-    if layer.op_type == "Conv":
+    if layer.patches:
         node = graph.node_by_name[layer.node]
         kernel = graph.constants[layer.weight].shape[2:]
-        if len(kernel) != 2:
-            return np.zeros((0, x.shape[1] * layer.features_per_channel))
         out = graph.shapes[node.outputs[0]]
         positions = x.shape[0] * out[2] * out[3]
         rows = None if positions <= max_rows else np.sort(rng.choice(positions, max_rows, replace=False))
         return conv_patches(x, node, kernel, rows)
-    flat = x.reshape(-1, x.shape[-1])
+    flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if layer.op_type == "Conv" else x.reshape(-1, x.shape[-1])
     if flat.shape[0] > max_rows:
         flat = flat[np.sort(rng.choice(flat.shape[0], max_rows, replace=False))]
     return flat
@@ -274,12 +303,11 @@ def collect_statistics(
     for feeds in _batches(data, batch_size):
         values = dict(zip(activations, session.run(activations, feeds)))
         for layer in layers:
-            budget = -(-ROWS_PER_FEATURE * len(stats[layer.node].hessian) // batches)
-            rows = _features(layer, graph, values[layer.activation], rng, budget).astype(np.float64)
-            rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
-            stats[layer.node].hessian += rows.T @ rows
-            stats[layer.node].rows += rows.shape[0]
+            budget = -(-min(ROWS_PER_FEATURE * len(stats[layer.node].hessian), MAX_ROWS) // batches)
+            stats[layer.node].add(_features(layer, graph, values[layer.activation], rng, budget))
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, total)
+    for layer_stats in stats.values():
+        layer_stats.flush()
     return stats
