@@ -28,7 +28,7 @@ from spa_compiler.analysis import Group
 from spa_compiler.calibrate import ConsumerLayer, LayerStatistics
 from spa_compiler.criteria import Criterion, ScoreContext, register_criterion
 
-__all__ = ["OBS", "removal_costs", "compensated", "feature_columns", "DAMPING"]
+__all__ = ["OBS", "OBSAbsolute", "removal_costs", "compensated", "feature_columns", "DAMPING"]
 
 DAMPING = 0.01
 
@@ -67,6 +67,7 @@ class OBS(Criterion):
     description = "second-order output error after compensation (needs --calib, else data-free)"
     needs_statistics = True
     self_normalized = True
+    relative = True  # divide each layer's costs by its output energy
 
     def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
         totals = np.zeros(len(group.units))
@@ -75,7 +76,7 @@ class OBS(Criterion):
             layer = stats.layer
             weights = augmented(layer, ctx.analysis.graph.constants)
             inverse = stats.inverse(DAMPING)
-            energy = float(np.sum((weights @ stats.hessian) * weights)) or 1.0
+            energy = (float(np.sum((weights @ stats.hessian) * weights)) or 1.0) if self.relative else 1.0
             units, channels = by_axis[axis_id]
             costs = removal_costs(weights, inverse, channels, layer.features_per_channel)
             totals += np.bincount(units, weights=costs / energy, minlength=len(group.units))
@@ -98,3 +99,12 @@ class OBS(Criterion):
                 bias = constants[layer.bias]
                 updates[layer.bias] = result[:, -1].reshape(-1, layer.rows_per_output).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
         return updates
+
+
+@register_criterion("obs_absolute")
+class OBSAbsolute(OBS):
+    """Ablation: the same costs in absolute squared output error, not relative to each layer's
+    output energy, so layers with large activations look expensive to prune."""
+
+    description = "obs without per-layer normalisation (ablation)"
+    relative = False

@@ -1,0 +1,65 @@
+"""The trained digits model: split, accuracy of the exported file, and pruning it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from models.digits import export_digits_model, load_digits_split, onnx_accuracy, save_calibration
+from spa_compiler import PruneConfig, prune
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """``(path, onnxruntime test accuracy)`` of the digits ResNet, trained once per module."""
+    return export_digits_model(tmp_path_factory.mktemp("digits") / "digits.onnx")
+
+
+def test_split_is_80_20_with_random_state_0(split):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x_train, x_test, y_train, y_test = split
+    assert (len(x_train), len(x_test), len(y_train), len(y_test)) == (1437, 360, 1437, 360)
+    assert x_train.shape[1:] == (1, 8, 8) and x_train.dtype == np.float32
+    _, _, expected_train, expected_test = train_test_split(
+        np.arange(1797), load_digits().target, test_size=0.2, random_state=0
+    )
+    np.testing.assert_array_equal(y_train, expected_train)
+    np.testing.assert_array_equal(y_test, expected_test)
+    assert abs(float(x_train.mean())) < 1e-5 and abs(float(x_train.std()) - 1.0) < 1e-5
+
+
+def test_exported_model_is_accurate(digits_model, split):
+    path, accuracy = digits_model
+    _, x_test, _, y_test = split
+    assert accuracy > 0.97
+    assert onnx_accuracy(path, x_test, y_test) == accuracy
+    batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # the whole split runs in one call
+
+
+def test_calibration_file(tmp_path, split):
+    x_train = split[0]
+    path = save_calibration(tmp_path / "calib.npz", x_train, samples=64)
+    with np.load(path) as data:
+        assert list(data) == ["input"]
+        assert data["input"].shape == (64, 1, 8, 8) and data["input"].dtype == np.float32
+        np.testing.assert_array_equal(data["input"], x_train[:64])
+
+
+def test_prune_l2_half_flops(digits_model, split, tmp_path):
+    path, _ = digits_model
+    _, x_test, _, y_test = split
+    output = tmp_path / "digits_l2_0.5.onnx"
+    report = prune(path, output, PruneConfig(flops=0.5, criterion="l2", round_to=8, bench_runs=0))
+    onnx.checker.check_model(str(output), full_check=True)
+    assert report.flops_ratio <= 0.52
+    accuracy = onnx_accuracy(output, x_test, y_test)
+    assert 0.0 <= accuracy <= 1.0
