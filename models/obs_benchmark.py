@@ -33,9 +33,15 @@ from typing import Any
 
 from spa_compiler import PruneConfig, SpaError, available_criteria, prune
 
-from .digits import DEFAULT_EPOCHS, export_digits_model, load_digits_split, onnx_accuracy, save_calibration
+from .digits import (
+    DEFAULT_EPOCHS,
+    export_digits_model,
+    load_digits_split,
+    onnx_accuracy,
+    save_calibration,
+)
 
-__all__ = ["CRITERIA", "TARGETS", "ROUND_TO", "main", "run"]
+__all__ = ["CRITERIA", "ROUND_TO", "TARGETS", "main", "run"]
 
 TARGETS = (0.75, 0.5, 0.3)
 ROUND_TO = 8
@@ -65,13 +71,21 @@ def _unavailable(criterion: str, calibrated: bool) -> str | None:
     return None
 
 
-def _prune_one(source: Path, output: Path, target: float, criterion: str, calibration: Path | None) -> dict[str, Any]:
-    options: dict[str, Any] = dict(flops=target, criterion=criterion, round_to=ROUND_TO, bench_runs=0, seed=SEED)
+def _prune_one(
+    source: Path, output: Path, target: float, criterion: str, calibration: Path | None
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "flops": target, "criterion": criterion, "round_to": ROUND_TO, "bench_runs": 0, "seed": SEED,
+    }
     if "calibration" in _config_fields():
         options["calibration"] = str(calibration) if calibration is not None else None
     start = time.perf_counter()
     report = prune(source, output, PruneConfig(**options))
-    return dict(flops_ratio=report.flops_ratio, params_ratio=report.params_ratio, prune_seconds=time.perf_counter() - start)
+    return {
+        "flops_ratio": report.flops_ratio,
+        "params_ratio": report.params_ratio,
+        "prune_seconds": time.perf_counter() - start,
+    }
 
 
 def run(folder: Path, epochs: int = DEFAULT_EPOCHS, samples: int = 256) -> dict[str, Any]:
@@ -83,7 +97,7 @@ def run(folder: Path, epochs: int = DEFAULT_EPOCHS, samples: int = 256) -> dict[
     calibration = save_calibration(folder / "digits_calib.npz", x_train, samples=samples)
     rows = []
     for label, criterion, calibrated in CRITERIA:
-        row: dict[str, Any] = dict(label=label, criterion=criterion, calibration=calibrated, results={})
+        row: dict[str, Any] = {"label": label, "criterion": criterion, "calibration": calibrated, "results": {}}
         reason = _unavailable(criterion, calibrated)
         if reason is not None:
             row.update(status="n/a", reason=reason)
@@ -99,24 +113,26 @@ def run(folder: Path, epochs: int = DEFAULT_EPOCHS, samples: int = 256) -> dict[
                 if "unknown criterion" in message:
                     row.update(status="n/a", reason=message, results={})
                     break
-                row["results"][str(target)] = dict(status="error", error=message)
+                row["results"][str(target)] = {"status": "error", "error": message}
                 continue
             except TypeError as error:  # PruneConfig without the calibration fields
+                if "calibration" not in str(error):
+                    raise
                 row.update(status="n/a", reason=str(error), results={})
                 break
             result.update(status="ok", accuracy=onnx_accuracy(output, x_test, y_test))
             row["results"][str(target)] = result
         rows.append(row)
-    return dict(
-        model=dict(
-            accuracy=accuracy, epochs=epochs, seed=SEED, train_export_seconds=train_seconds,
-            test_images=len(y_test), calibration_samples=min(samples, len(x_train)),
-        ),
-        round_to=ROUND_TO,
-        targets=list(TARGETS),
-        available_criteria=sorted(available_criteria()),
-        rows=rows,
-    )
+    return {
+        "model": {
+            "accuracy": accuracy, "epochs": epochs, "seed": SEED, "train_export_seconds": train_seconds,
+            "test_images": len(y_test), "calibration_samples": min(samples, len(x_train)),
+        },
+        "round_to": ROUND_TO,
+        "targets": list(TARGETS),
+        "available_criteria": sorted(available_criteria()),
+        "rows": rows,
+    }
 
 
 def _cell(row: dict[str, Any], target: float) -> str:
@@ -132,8 +148,8 @@ def render(results: dict[str, Any]) -> str:
     unpruned = f"{results['model']['accuracy']:.3f}"
     header = f"{'criterion':16s} {'unpruned':>9s} " + " ".join(f"{'flops ' + format(t, 'g'):>15s}" for t in TARGETS)
     lines = [
-        f"digits ResNet, {results['model']['test_images']} test images, round_to={results['round_to']}, "
-        "no fine-tuning; cells: accuracy (achieved FLOPs ratio)",
+        (f"digits ResNet, {results['model']['test_images']} test images, round_to={results['round_to']}, "
+        "no fine-tuning; cells: accuracy (achieved FLOPs ratio)"),
         header,
     ]
     for row in results["rows"]:

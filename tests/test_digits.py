@@ -6,7 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from models.digits import export_digits_model, load_digits_split, onnx_accuracy, save_calibration
+from models.digits import (
+    export_digits_model,
+    load_digits_split,
+    onnx_accuracy,
+    save_calibration,
+)
 from spa_compiler import PruneConfig, prune
 
 
