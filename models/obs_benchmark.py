@@ -1,6 +1,6 @@
 """Benchmark: test accuracy of a trained digits ResNet pruned by each criterion, with no fine-tuning anywhere.
 
-    python -m models.obs_benchmark [--json results.json] [--epochs 15] [--samples 256] [--keep DIR]
+    python -m models.obs_benchmark [--json results.json] [--epochs 15] [--samples 512] [--keep DIR]
 
 Trains ``models.digits.digits_resnet`` (width 32/64, stride-2 block with a 1x1 projection)
 once on scikit-learn's bundled 8x8 digits (80/20 split, ``random_state=0``, fixed seed),
@@ -24,7 +24,6 @@ criterion error; ``PruneConfig`` without a ``calibration`` field for data-aware 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -55,32 +54,19 @@ CRITERIA: tuple[tuple[str, str, bool], ...] = (
     ("activation", "activation", True),
     ("obs", "obs", True),
     ("obs (data-free)", "obs", False),
+    ("obs_relative (ablation)", "obs_relative", True),
 )
 
 
-def _config_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(PruneConfig)}
-
-
-def _unavailable(criterion: str, calibrated: bool) -> str | None:
-    """Why this row cannot run with the installed compiler, or None."""
-    if criterion not in available_criteria():
-        return f"criterion '{criterion}' is not registered"
-    if calibrated and "calibration" not in _config_fields():
-        return "PruneConfig has no 'calibration' field"
-    return None
-
-
 def _prune_one(
-    source: Path, output: Path, target: float, criterion: str, calibration: Path | None
+    source: Path, output: Path, target: float, criterion: str, calibration: Path | None, samples: int
 ) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "flops": target, "criterion": criterion, "round_to": ROUND_TO, "bench_runs": 0, "seed": SEED,
-    }
-    if "calibration" in _config_fields():
-        options["calibration"] = str(calibration) if calibration is not None else None
+    config = PruneConfig(
+        flops=target, criterion=criterion, round_to=ROUND_TO, bench_runs=0, seed=SEED,
+        calibration=str(calibration) if calibration is not None else None, calibration_samples=samples,
+    )
     start = time.perf_counter()
-    report = prune(source, output, PruneConfig(**options))
+    report = prune(source, output, config)
     return {
         "flops_ratio": report.flops_ratio,
         "params_ratio": report.params_ratio,
@@ -88,7 +74,7 @@ def _prune_one(
     }
 
 
-def run(folder: Path, epochs: int = DEFAULT_EPOCHS, samples: int = 256) -> dict[str, Any]:
+def run(folder: Path, epochs: int = DEFAULT_EPOCHS, samples: int = 512) -> dict[str, Any]:
     """Train, export, write calibration and prune every (criterion, target) in ``folder``."""
     x_train, x_test, _, y_test = load_digits_split(SEED)
     start = time.perf_counter()
@@ -97,29 +83,15 @@ def run(folder: Path, epochs: int = DEFAULT_EPOCHS, samples: int = 256) -> dict[
     calibration = save_calibration(folder / "digits_calib.npz", x_train, samples=samples)
     rows = []
     for label, criterion, calibrated in CRITERIA:
-        row: dict[str, Any] = {"label": label, "criterion": criterion, "calibration": calibrated, "results": {}}
-        reason = _unavailable(criterion, calibrated)
-        if reason is not None:
-            row.update(status="n/a", reason=reason)
-            rows.append(row)
-            continue
-        row["status"] = "ok"
+        row: dict[str, Any] = {"label": label, "criterion": criterion, "calibration": calibrated, "results": {},
+                               "status": "ok"}
         for target in TARGETS:
             output = folder / f"digits_{criterion}{'_calib' if calibrated else ''}_{target:g}.onnx"
             try:
-                result = _prune_one(source, output, target, criterion, calibration if calibrated else None)
+                result = _prune_one(source, output, target, criterion, calibration if calibrated else None, samples)
             except SpaError as error:
-                message = str(error)
-                if "unknown criterion" in message:
-                    row.update(status="n/a", reason=message, results={})
-                    break
-                row["results"][str(target)] = {"status": "error", "error": message}
+                row["results"][str(target)] = {"status": "error", "error": str(error)}
                 continue
-            except TypeError as error:  # PruneConfig without the calibration fields
-                if "calibration" not in str(error):
-                    raise
-                row.update(status="n/a", reason=str(error), results={})
-                break
             result.update(status="ok", accuracy=onnx_accuracy(output, x_test, y_test))
             row["results"][str(target)] = result
         rows.append(row)
@@ -167,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default %(default)s)")
-    parser.add_argument("--samples", type=int, default=256, help="calibration images (default %(default)s)")
+    parser.add_argument("--samples", type=int, default=512, help="calibration images (default %(default)s)")
     parser.add_argument("--keep", type=Path, help="write the models and calibration here instead of a temporary folder")
     args = parser.parse_args(argv)
     if args.keep is not None:
