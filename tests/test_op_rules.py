@@ -148,7 +148,7 @@ def case(case_id: str, opset: int, body: str, out: str, consts: dict, expect: di
     return pytest.param(opset, body, out, consts, expect, id=case_id)
 
 
-def run_case(tmp_path, opset, body, out, consts, expect):
+def check_exact_case(tmp_path, opset, body, out, consts, expect):
     consts = {"W1": (8, 3, 3, 3), "B1": (8,), **consts}
     graph = build(tmp_path, chain(body, out), opset, consts)
     result, pruned = prune_exact(graph)
@@ -189,7 +189,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("opset, body, out, consts, expect", CONV_CASES)
 def test_conv_exact(tmp_path, opset, body, out, consts, expect):
-    run_case(tmp_path, opset, body, out, consts, expect)
+    check_exact_case(tmp_path, opset, body, out, consts, expect)
 
 
 def test_conv1d(tmp_path):
@@ -295,7 +295,7 @@ NORM_CASES = [
 
 @pytest.mark.parametrize("opset, body, out, consts, expect", NORM_CASES)
 def test_norm_exact(tmp_path, opset, body, out, consts, expect):
-    run_case(tmp_path, opset, body, out, consts, expect)
+    check_exact_case(tmp_path, opset, body, out, consts, expect)
 
 
 @pytest.mark.parametrize("opset, param_len, param_after", [
@@ -377,7 +377,7 @@ UNARY = [
 
 @pytest.mark.parametrize("body, opset, consts", [pytest.param(b, o, c, id=i) for i, b, o, c in UNARY])
 def test_unary_exact(tmp_path, body, opset, consts):
-    run_case(tmp_path, opset, body + "\n" + CONSUMER, Y4, {**consts, **W2}, W2_HALF)
+    check_exact_case(tmp_path, opset, body + "\n" + CONSUMER, Y4, {**consts, **W2}, W2_HALF)
 
 
 K8 = (8, 1, 1)
@@ -427,7 +427,7 @@ BINARY = [
 
 @pytest.mark.parametrize("opset, body, out, consts, expect", BINARY)
 def test_broadcast_exact(tmp_path, opset, body, out, consts, expect):
-    _, result, _ = run_case(tmp_path, opset, body + "\n" + CONSUMER, out, {**consts, **W2},
+    _, result, _ = check_exact_case(tmp_path, opset, body + "\n" + CONSUMER, out, {**consts, **W2},
                             {**W2_HALF, **expect})
     group = group_of(result.analysis, "W1", 0)
     assert (len(group.units), len(group.prunable)) == (8, 8)
@@ -797,7 +797,7 @@ EXPAND_TILE = [
 
 @pytest.mark.parametrize("opset, body, out, consts, expect", EXPAND_TILE)
 def test_expand_tile(tmp_path, opset, body, out, consts, expect):
-    run_case(tmp_path, opset, body + "\n" + CONSUMER, out, {**consts, **W2}, W2_HALF)
+    check_exact_case(tmp_path, opset, body + "\n" + CONSUMER, out, {**consts, **W2}, W2_HALF)
 
 
 # -- spatial ops -----------------------------------------------------------------------------
@@ -835,7 +835,7 @@ SPATIAL = [
 
 @pytest.mark.parametrize("opset, body, out, consts, expect", SPATIAL)
 def test_spatial_exact(tmp_path, opset, body, out, consts, expect):
-    run_case(tmp_path, opset, body + "\n" + CONSUMER, out, {**consts, **W2}, {**W2_HALF, **expect})
+    check_exact_case(tmp_path, opset, body + "\n" + CONSUMER, out, {**consts, **W2}, {**W2_HALF, **expect})
 
 
 @pytest.mark.parametrize("opset, body, consts, sizes_after", [
@@ -903,13 +903,13 @@ REDUCE_OPS = ["ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "R
 def test_reduce_family(tmp_path, op):
     """Every reduction over H, W (of a positive input, for the logarithms and the product)."""
     body = f"s = Sigmoid(a)\nt = Add(s, half)\nh = {op} <axes = [2, 3]> (t)\n" + CONSUMER
-    run_case(tmp_path, 13, body, "float[1,4,1,1] y", {"half": np.float32(0.5), **W2}, W2_HALF)
+    check_exact_case(tmp_path, 13, body, "float[1,4,1,1] y", {"half": np.float32(0.5), **W2}, W2_HALF)
 
 
 @pytest.mark.parametrize("op", ["ArgMax", "ArgMin"])
 def test_argmax_argmin_spatial(tmp_path, op):
     body = f"m = {op} <axis = 3, keepdims = 1> (a)\nf = Cast <to = 1> (m)\n" + CONSUMER.replace("(h", "(f")
-    run_case(tmp_path, 13, body, "float[1,4,8,1] y", W2, W2_HALF)
+    check_exact_case(tmp_path, 13, body, "float[1,4,8,1] y", W2, W2_HALF)
 
 
 @pytest.mark.parametrize("mode", ["DCR", "CRD"])
