@@ -82,6 +82,9 @@ def run(
     prune_hidden: bool = typer.Option(
         False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
     ),
+    head_dims: bool = typer.Option(
+        False, "--head-dims", help="Prune attention head dimensions instead of whole heads."
+    ),
     calib: Optional[Path] = typer.Option(
         None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
     ),
@@ -104,11 +107,11 @@ def run(
             raise spa_compiler.InputError("give a model: spa-prune MODEL.onnx --flops 0.5 (see --help)")
         shapes = spa_compiler.parse_input_shapes(input_shape)
         if analyze:
-            render_analysis(spa_compiler.analyze(model, shapes, tuple(exclude), prune_hidden), console)
+            render_analysis(spa_compiler.analyze(model, shapes, tuple(exclude), prune_hidden, head_dims), console)
             return
         config = PruneConfig(
             flops=flops, params=params, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
-            min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden, input_shapes=shapes, seed=seed,
+            min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden, head_dims=head_dims, input_shapes=shapes, seed=seed,
             bench_runs=bench_runs, calibration=str(calib) if calib else None, calibration_samples=calib_samples,
             calibration_batch=calib_batch,
         )

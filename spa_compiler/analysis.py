@@ -122,6 +122,8 @@ class Analysis:
         pruned through LayerNorms (lossy), else "channels"."""
         if self.tagged(group, "heads"):
             return "heads"
+        if self.tagged(group, "head_dims"):
+            return "head dims"
         return "hidden" if self.tagged(group, "lossy") else "channels"
 
     def describe_axis(self, axis_id: int) -> str:
@@ -154,10 +156,13 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Builder:
     """Collects the couplings op rules declare; implements :class:`spa_compiler.ops.Coupler`."""
 
-    def __init__(self, graph: Graph, shape_values: ShapeValues, prune_hidden: bool = False) -> None:
+    def __init__(
+        self, graph: Graph, shape_values: ShapeValues, prune_hidden: bool = False, head_dims: bool = False
+    ) -> None:
         self.graph = graph
         self.opset = graph.opset
         self.prune_hidden = prune_hidden
+        self.head_dims = head_dims
         self.shape_values = shape_values
         self.axes: list[AxisRef] = []
         self.axis_index: dict[tuple[str, int], int] = {}
@@ -170,6 +175,7 @@ class _Builder:
         self.tags: list[tuple[int, str]] = []
         self.node: Node | None = None
         self.declared: dict[int, np.ndarray] = {}
+        self.anchors: dict[object, tuple[str, int]] = {}
 
     # -- the Coupler protocol ---------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
@@ -203,6 +209,12 @@ class _Builder:
         self.blocks.append((self.offsets[axis_id] + np.arange(self.axes[axis_id].size), len(self.reasons)))
         self.reasons.append(f"{self.node}: {reason}" if self.node else reason)
 
+    def share(self, key: object, name: str, axis: int) -> None:
+        """Axes sized by one shared value (a shape-constant entry) are coupled together."""
+        first = self.anchors.setdefault(key, (name, axis))
+        if first != (name, axis):
+            self.couple(name, axis, *first)
+
     def root(self, name: str, axis: int) -> None:
         self.roots.append((self._axis(name, axis), self.node.name if self.node else name))
 
@@ -217,6 +229,9 @@ class _Builder:
 
     def consumers(self, name: str) -> list[Node]:
         return self.graph.consumers.get(name, [])
+
+    def producer(self, name: str) -> Node | None:
+        return self.graph.producer.get(name)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _axis(self, name: str, axis: int) -> int:
@@ -291,9 +306,12 @@ def _couple_nodes(graph: Graph, builder: _Builder, exclude: set[str]) -> list[Ba
     return barriers
 
 
-def analyze_graph(graph: Graph, exclude: Iterable[str] = (), prune_hidden: bool = False) -> Analysis:
+def analyze_graph(
+    graph: Graph, exclude: Iterable[str] = (), prune_hidden: bool = False, head_dims: bool = False
+) -> Analysis:
     """Couple every axis of ``graph`` and return its prunable groups. ``prune_hidden`` lets the
-    hidden axis of LayerNorms lose elements (lossy)."""
+    hidden axis of LayerNorms lose elements (lossy); ``head_dims`` makes the units of attention
+    head dimensions (the same dimension of every head) instead of whole heads."""
     exclude = set(exclude)
     unknown = exclude - set(graph.node_by_name)
     if unknown:
@@ -301,7 +319,7 @@ def analyze_graph(graph: Graph, exclude: Iterable[str] = (), prune_hidden: bool 
 
         raise InputError(f"--exclude names {', '.join(sorted(unknown))}, which is not a node of the model")
     shape_values = ShapeValues(graph)
-    builder = _Builder(graph, shape_values, prune_hidden)
+    builder = _Builder(graph, shape_values, prune_hidden, head_dims)
     barriers = _couple_nodes(graph, builder, exclude)
     for name in graph.inputs:
         builder.block_axes(name, f"graph input '{name}'", undeclared_only=False)

@@ -50,6 +50,7 @@ class PruneConfig:
     min_keep: float = 0.1
     exclude: tuple[str, ...] = ()
     prune_hidden: bool = False
+    head_dims: bool = False
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     verify: bool = True
@@ -86,9 +87,9 @@ class PruneResult:
 
 
 def analyze(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
-            exclude: tuple[str, ...] = (), prune_hidden: bool = False) -> Analysis:
+            exclude: tuple[str, ...] = (), prune_hidden: bool = False, head_dims: bool = False) -> Analysis:
     """Load a model and return its groups, without changing anything."""
-    return analyze_graph(load_model(path, input_shapes), exclude, prune_hidden)
+    return analyze_graph(load_model(path, input_shapes), exclude, prune_hidden, head_dims)
 
 
 def _note(progress: Progress | None, stage: str) -> None:
@@ -143,7 +144,7 @@ def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = N
         clock = now
 
     _note(progress, "analysing channel dependencies")
-    analysis = analyze_graph(graph, config.exclude, config.prune_hidden)
+    analysis = analyze_graph(graph, config.exclude, config.prune_hidden, config.head_dims)
     lap("analyse")
     if not any(g.prunable for g in analysis.groups):
         raise TargetError(f"nothing in this model can be pruned; blocked by: {_blocked_summary(analysis)}")

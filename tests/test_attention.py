@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import assert_exact
+from helpers import assert_exact, set_constant
 from spa_compiler import PruneConfig, analyze_graph, load_model, prune_graph
 from spa_compiler.verify import run_model
 
@@ -109,3 +109,33 @@ def test_a_shape_value_used_elsewhere_keeps_the_heads(tmp_path):
     assert [(len(g.units), len(g.prunable)) for g in heads] == [(HEADS, 0)]
     projections = heads
     assert all("'Heads' sizing axis 2 is also used elsewhere" in g.blocked_reasons[0] for g in projections)
+
+
+def test_head_dims_are_units_when_asked(tmp_path):
+    """--head-dims: the units are position d of every head; the head count stays, the
+    run-time head-dim constant is rewritten."""
+    graph = load_model(_attention_model(tmp_path / "attention.onnx"), {"x": (1, 6, HIDDEN)})
+    analysis = analyze_graph(graph, head_dims=True)
+    (dims,) = [g for g in analysis.groups if analysis.kind(g) == "head dims"]
+    assert (len(dims.units), len(dims.prunable)) == (HEAD_DIM, HEAD_DIM)
+    rows = dims.units[3].members[analysis.axis_id("Wq", 1)]
+    np.testing.assert_array_equal(rows, np.arange(HEADS) * HEAD_DIM + 3)
+    np.testing.assert_array_equal(dims.units[3].members[analysis.axis_id("Wv", 1)], rows)
+    # Q·Kᵀ reads head dims through no weight: zero Q's odd dims so that removing them is exact
+    odd = (np.arange(HEADS)[:, None] * HEAD_DIM + np.arange(1, HEAD_DIM, 2)).ravel()
+    for name in ("Wq", "Bq"):
+        value = graph.constants[name].copy()
+        value[..., odd] = 0
+        set_constant(graph, name, value)
+    pruned = assert_exact(graph, PruneConfig(ratio=0.5, round_to=1, head_dims=True), rtol=1e-5)
+    assert initializer_shape(pruned, "Wq") == (HIDDEN, HIDDEN // 2)
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert initializers["Heads"].tolist() == [HEADS]
+    assert initializers["HeadDim"].tolist() == [HEAD_DIM // 2]
+    assert initializers["Hidden"].tolist() == [HIDDEN // 2]
+    x = np.random.default_rng(5).standard_normal((2, 7, HIDDEN)).astype(np.float32)
+    assert run_model(pruned, {"x": x})[0].shape == (2, 7, HIDDEN)
+
+
+def initializer_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...]:
+    return next(tuple(t.dims) for t in model.graph.initializer if t.name == name)

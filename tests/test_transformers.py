@@ -122,3 +122,22 @@ def test_ppocr_recogniser_heads(tmp_path):
     assert [len(result.plan.removed[g.id]) for g in heads] == [4, 4]
     assert_exact(randomize_weights(load_model(source, shapes), seed=3),
                  PruneConfig(ratio=0.5, round_to=1, input_shapes=shapes, verify=False), rtol=1e-4)
+
+
+def test_prune_hidden_is_lossy_and_says_so(exported, tmp_path):
+    """--prune-hidden couples the residual stream through every LayerNorm: the hidden size
+    shrinks (its LayerNorm scales with it), outputs change even for zeroed channels, and the
+    report marks it."""
+    source = exported("vit_tiny", 17)
+    without = analyze_graph(load_model(source))
+    assert not [g for g in without.groups if without.kind(g) == "hidden"]
+    analysis = analyze_graph(load_model(source), prune_hidden=True)
+    (hidden,) = [g for g in analysis.groups if analysis.kind(g) == "hidden"]
+    assert (len(hidden.units), len(hidden.prunable)) == (64, 64)
+    report = prune(source, tmp_path / "p.onnx", PruneConfig(ratio=0.25, round_to=1, prune_hidden=True, bench_runs=0))
+    (change,) = [g for g in report.groups if g.kind == "hidden"]
+    assert (change.channels_before, change.channels_after) == (64, 48)
+    pruned = onnx.load(tmp_path / "p.onnx")
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert [shapes[f"blocks.{k}.ln{j}.weight"] for k in (0, 1) for j in (1, 2)] == [(48,)] * 4
+    assert shapes["norm.weight"] == (48,) and shapes["patch_embed.weight"][0] == 48

@@ -16,6 +16,10 @@ Transpose and a Reshape follow is a channel shuffle: there input element i coupl
 ``i % |b_last|`` of the innermost axis, removing the same position from every group, which the
 merge of the transposed axes maps exactly. Any other regrouping is a barrier.
 
+With ``--head-dims`` the splits and merges of attention couple the innermost axis instead: the
+units are head dimensions, position d of every head (Q·Kᵀ couples Q's and K's, P·V V's with the
+output projection).
+
 Targets computed at run time (``Shape -> Gather -> Unsqueeze -> Concat``) are followed
 symbolically (``spa_compiler.shape_values``): an entry that is the run-time size of an axis couples
 that axis with the output axis it sizes; a constant entry (a head count) is rewritten at its
@@ -297,22 +301,29 @@ def couple_reshape(c: Coupler, x: str, y: str) -> None:
         if len(big_a) == 1 and len(big_b) == 1:
             c.couple(x, big_a[0], y, big_b[0])
         elif len(big_b) == 1 and len(big_a) > 1:
-            outer = big_a[0]
-            inner = math.prod(a[k] for k in big_a[1:])
             n = b[big_b[0]]
-            c.couple(y, big_b[0], x, outer, np.arange(n), np.arange(n) // inner)
+            if c.head_dims and _comes_from_attention(c, x):
+                innermost = big_a[-1]
+                c.couple(y, big_b[0], x, innermost, np.arange(n), np.arange(n) % a[innermost])
+            else:
+                outer = big_a[0]
+                inner = math.prod(a[k] for k in big_a[1:])
+                c.couple(y, big_b[0], x, outer, np.arange(n), np.arange(n) // inner)
         elif len(big_a) == 1 and len(big_b) > 1:
             n = a[big_a[0]]
             if _followed_by_shuffle(c, y):
                 innermost = big_b[-1]
                 c.couple(x, big_a[0], y, innermost, np.arange(n), np.arange(n) % b[innermost])
             else:
+                attention = _feeds_attention(c, y)
                 selected = _selected_downstream(c, y)
                 unit_axis = next((k for k in big_b if k not in selected), big_b[0])
+                if attention and c.head_dims:
+                    unit_axis = big_b[-1]
                 inner = math.prod(b[k] for k in big_b if k > unit_axis)
                 c.couple(x, big_a[0], y, unit_axis, np.arange(n), (np.arange(n) // inner) % b[unit_axis])
-                if _feeds_attention(c, y):
-                    c.tag(y, unit_axis, "heads")
+                if attention:
+                    c.tag(y, unit_axis, "head_dims" if c.head_dims else "heads")
 
 
 def _through_transposes(c: Coupler, name: str) -> list["Node"]:
@@ -353,6 +364,14 @@ def _followed_by_shuffle(c: Coupler, name: str) -> bool:
         len(direct) == 1 and direct[0].op_type == "Transpose"
         and all(n.op_type in ("Reshape", "Flatten") for n in _through_transposes(c, name))
     )
+
+
+def _comes_from_attention(c: Coupler, name: str) -> bool:
+    """Whether ``name`` is (through Transposes) the product of two activations (P·V)."""
+    node = c.producer(name)
+    while node is not None and node.op_type == "Transpose":
+        node = c.producer(node.inputs[0])
+    return node is not None and node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs)
 
 
 _ON_THE_WAY_TO_ATTENTION = ("Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")
@@ -401,6 +420,8 @@ class Reshape(OpRule):
                 c.couple(y, k, element.tensor, element.axis)
             elif element.value != -1 and c.shape_value_escapes(element.source):
                 c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
+            elif element.value != -1:
+                c.share((element.source, element.index), y, k)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         y, target = node.outputs[0], node.inputs[1]
