@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from spa_compiler.analysis import Group
-from spa_compiler.calibrate import ConsumerLayer, LayerStatistics
+from spa_compiler.calibrate import ConsumerLayer
 from spa_compiler.criteria import Criterion, ScoreContext, register_criterion
 
 __all__ = ["OBS", "OBSRelative", "removal_costs", "compensated", "feature_columns", "DAMPING"]

@@ -7,12 +7,11 @@ import onnx
 import pytest
 import torch
 
-from helpers import assert_exact, randomize_weights
+from helpers import assert_exact
 from models.zoo import ARCHITECTURES
 from spa_compiler import (
     CostModel, PruneConfig, ScoreContext, analyze_graph, get_criterion, load_model, prune_graph,
 )
-from spa_compiler.rewrite import rewrite_model
 
 
 def torch_macs(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
