@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .export import export_architecture
+from .table import print_table, write_json
 
 __all__ = ["main"]
 
@@ -78,13 +79,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = Path(folder) / "resnet50.onnx"
         result = _run(source, Path(folder) / "resnet50_obs.onnx", args.flops, 16, args.runs, "obs")
         rows.append(dict(model="resnet50", criterion="obs", round_to=16, **result))
-    header = f"{'model':14s} {'criterion':9s} {'round-to':>8s} {'prune s':>8s} {'peak MB':>8s} {'FLOPs':>6s} {'latency':>8s} {'ms before':>9s} {'ms after':>9s}"
-    print(header)
-    for r in rows:
-        print(f"{r['model']:14s} {r['criterion']:9s} {r['round_to']:8d} {r['prune_seconds']:8.2f} {r['peak_mb']:8.0f} "
-              f"{r['flops_ratio']:6.3f} {r['latency_ratio']:8.3f} {r['latency_before_ms']:9.2f} {r['latency_after_ms']:9.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    print_table(rows, [
+        ("model", "model", "14s"), ("criterion", "criterion", "9s"), ("round_to", "round-to", "8d"),
+        ("prune_seconds", "prune s", "8.2f"), ("peak_mb", "peak MB", "8.0f"), ("flops_ratio", "FLOPs", "6.3f"),
+        ("latency_ratio", "latency", "8.3f"), ("latency_before_ms", "ms before", "9.2f"),
+        ("latency_after_ms", "ms after", "9.2f"),
+    ])
+    write_json(args.json, rows)
     return rows
 
 

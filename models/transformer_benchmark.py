@@ -13,7 +13,6 @@ fine-tuning anywhere. Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from spa_compiler.bench import measure_latency
 
 from .real import export_minilm, load_minilm
 from .sentences import ENCODER_INPUTS, SENTENCES, embed, mean_cosine, tokenize
+from .table import print_table, write_json
 
 __all__ = ["main", "torch_pruning_minilm"]
 
@@ -117,12 +117,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(_torch_pruning_row(folder, l2_macs, original_macs, inputs, reference, feeds, base_latency, args.runs))
     print(f"MiniLM-L6 at sequence {SEQ_LEN}, batch 1, 1 thread; original {base_latency:.2f} ms, "
           f"{original_macs / 1e9:.3f} GMACs; {len(SENTENCES)} sentences")
-    print(f"{'tool':20s} {'criterion':9s} {'FLOPs':>6s} {'prune s':>8s} {'latency':>8s} {'cosine':>7s}")
-    for r in rows:
-        print(f"{r['tool']:20s} {r['criterion']:9s} {r['flops_ratio']:6.3f} {r['prune_seconds']:8.2f} "
-              f"{r['latency_ratio']:8.3f} {r['cosine']:7.4f}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    print_table(rows, [
+        ("tool", "tool", "20s"), ("criterion", "criterion", "9s"), ("flops_ratio", "FLOPs", "6.3f"),
+        ("prune_seconds", "prune s", "8.2f"), ("latency_ratio", "latency", "8.3f"), ("cosine", "cosine", "7.4f"),
+    ])
+    write_json(args.json, rows)
     return rows
 
 

@@ -83,11 +83,8 @@ class _ProtoRewriter:
         return self.graph.is_constant(name)
 
     def set_attr(self, node: Node, key: str, value: Any) -> None:
-        proto = self.protos[node.name]
-        kept = [a for a in proto.attribute if a.name != key]
-        del proto.attribute[:]
-        proto.attribute.extend(kept)
-        proto.attribute.append(helper.make_attribute(key, value))
+        self.remove_attr(node, key)
+        self.protos[node.name].attribute.append(helper.make_attribute(key, value))
 
     def remove_attr(self, node: Node, key: str) -> None:
         proto = self.protos[node.name]
