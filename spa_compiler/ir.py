@@ -532,7 +532,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     """Write ``model`` atomically: to a temporary file beside ``path``, then renamed into place.
 
     Models too large for one protobuf (or when ``external_data`` is asked) keep their weights in
-    ``<name>.data`` beside the model, written atomically too.
+    ``<name>.data`` beside the model, written atomically too. ``model`` itself is left as it was:
+    its weights stay in memory, so it can still be run or saved again.
     """
     path = check_output_path(path)
     external = external_data or model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
@@ -543,37 +544,60 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         if external:
-            tmp_data = f".{data_name}.tmp"
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=tmp_data, size_threshold=1024,
-            )
-            _rename_external_location(tmp, tmp_data, data_name)
-            os.replace(path.parent / tmp_data, path.parent / data_name)
+            tmp_data = str(path.parent / f".{data_name}.tmp")
+            _save_with_external_data(model, tmp, tmp_data, data_name)
+            os.replace(tmp_data, path.parent / data_name)
         else:
             onnx.save_model(model, tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        for leftover in (tmp, tmp_data and str(path.parent / tmp_data)):
+        for leftover in (tmp, tmp_data):
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
     return path
+
+
+_EXTERNAL_MIN_BYTES = 1024
+_EXTERNAL_ALIGNMENT = 4096  # page-aligned offsets let runtimes memory-map the weights
+
+
+def _save_with_external_data(model: onnx.ModelProto, header_path: str, data_path: str, location: str) -> None:
+    """Write every tensor of at least 1 KiB to ``data_path`` and the rest of the model to
+    ``header_path``, the tensors referring to ``location`` (the data file's final name).
+
+    Tensors are moved out one at a time and put back afterwards, so ``model`` ends unchanged and
+    no second copy of the weights is made.
+    """
+    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
+    try:
+        with open(data_path, "wb") as data:
+            for tensor in _all_tensors(model.graph):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < _EXTERNAL_MIN_BYTES:
+                    continue
+                offset = -(-data.tell() // _EXTERNAL_ALIGNMENT) * _EXTERNAL_ALIGNMENT
+                data.write(b"\0" * (offset - data.tell()))
+                raw = tensor.raw_data
+                data.write(raw)
+                moved.append((tensor, raw, tensor.HasField("data_location")))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+        with open(header_path, "wb") as header:
+            header.write(model.SerializeToString())
+    finally:
+        for tensor, raw, location_was_set in moved:
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            if location_was_set:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _rename_external_location(model_path: str, old: str, new: str) -> None:
-    """Point the external-data references of a saved model at the final data file name."""
-    saved = onnx.load(model_path, load_external_data=False)
-    for tensor in _all_tensors(saved.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    with open(model_path, "wb") as handle:
-        handle.write(saved.SerializeToString())

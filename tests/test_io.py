@@ -152,6 +152,39 @@ def test_external_data_round_trip(tmp_path):
     np.testing.assert_array_equal(out_ext, out_inline)
 
 
+def test_external_data_output_elsewhere_with_latency(tmp_path, monkeypatch):
+    """Input, output and working directory all differ, and latency is measured after saving:
+    the saved model's weights must still be in memory (onnxruntime 1.32 refuses a model handed
+    over as bytes whose tensors point at files)."""
+    for name in ("in", "out", "cwd"):
+        (tmp_path / name).mkdir()
+    source = tmp_path / "in" / "ext.onnx"
+    onnx.save_model(onnx.load(str(EXAMPLE)), str(source), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="w.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path / "cwd")
+
+    report = prune(source, tmp_path / "out" / "m.onnx", PruneConfig(flops=0.5, bench_runs=2))
+
+    assert report.latency_before_ms > 0 and report.latency_after_ms > 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert list((tmp_path / "cwd").iterdir()) == []
+    assert run(tmp_path / "out" / "m.onnx", seeded_input(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_save_model_leaves_the_model_in_memory(tmp_path):
+    model = onnx.load(str(EXAMPLE))
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert model.SerializeToString() == before
+    header = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    offsets = [
+        int(entry.value)
+        for t in header.graph.initializer if t.data_location == TensorProto.EXTERNAL
+        for entry in t.external_data if entry.key == "offset"
+    ]
+    assert offsets and all(offset % 4096 == 0 for offset in offsets)
+
+
 def test_external_data_moved_away_is_an_input_error(tmp_path):
     source = tmp_path / "ext.onnx"
     onnx.save_model(onnx.load(str(EXAMPLE)), str(source), save_as_external_data=True,
