@@ -1,8 +1,5 @@
-"""Criterion passes: each module registers one or more criteria by name.
-
-They reach the compiler through the ``spa_prune.criteria`` entry points declared in
-``pyproject.toml``; importing this package registers them directly as well.
-"""
+"""The built-in criterion passes, installed as ``spa_compiler.passes``: one module per
+criterion family, each registering its criteria by name when imported."""
 
 from __future__ import annotations
 

@@ -29,8 +29,12 @@ import numpy as np
 from spa_compiler.analysis import Group
 from spa_compiler.calibrate import ConsumerLayer
 from spa_compiler.criteria import Criterion, ScoreContext, register_criterion
+from spa_compiler.pipeline import Pass
+from spa_compiler.state import PruneState
 
-__all__ = ["OBS", "OBSRelative", "removal_costs", "compensated", "feature_columns", "DAMPING"]
+from .magnitude import L2Magnitude
+
+__all__ = ["OBS", "OBSRelative", "OBSCompensation", "removal_costs", "compensated", "feature_columns", "DAMPING"]
 
 DAMPING = 0.01
 
@@ -64,11 +68,40 @@ def augmented(layer: ConsumerLayer, constants: dict[str, np.ndarray]) -> np.ndar
     return np.hstack([matrix, bias[:, None]])
 
 
+class OBSCompensation(Pass):
+    """After allocation, re-fit every consumer layer that lost input channels:
+    ``W ← W − W[:, B] ((H⁻¹)_BB)⁻¹ (H⁻¹)[B, :]`` with the bias as the constant feature."""
+
+    name, description = "compensate", "re-fitting the remaining weights (least squares)"
+    requires, provides = ("analysis", "statistics", "removed_by_axis"), ("compensated",)
+
+    def run(self, state: PruneState) -> PruneState:
+        constants = state.analysis.graph.constants
+        for stats in state.statistics.values():
+            layer = stats.layer
+            channels = state.removed_by_axis.get(state.analysis.axis_id(layer.weight, layer.axis))
+            if channels is None or not len(channels):
+                continue
+            weights = augmented(layer, constants)
+            columns = feature_columns(channels, layer.features_per_channel)
+            inverse = stats.inverse(DAMPING, with_bias=layer.bias is not None)
+            result = compensated(weights if layer.bias else weights[:, :-1], inverse, columns)
+            state.compensated[layer.weight] = layer.from_matrix(result[:, : weights.shape[1] - 1], constants[layer.weight])
+            if layer.bias:
+                bias = constants[layer.bias]
+                state.compensated[layer.bias] = (
+                    result[:, -1].reshape(-1, layer.rows_per_output).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
+                )
+        return state
+
+
 @register_criterion("obs")
 class OBS(Criterion):
     description = "second-order output error after compensation (needs --calib, else data-free)"
     needs_statistics = True
     self_normalized = True
+    fallback = L2Magnitude
+    compensation = OBSCompensation
     relative = False  # divide each layer's costs by its output energy (the obs_relative ablation)
 
     def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
@@ -83,24 +116,6 @@ class OBS(Criterion):
             costs = removal_costs(weights, inverse, channels, layer.features_per_channel)
             totals += np.bincount(units, weights=costs / energy, minlength=len(group.units))
         return totals
-
-    def compensate(self, ctx: ScoreContext, removed_by_axis: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-        updates: dict[str, np.ndarray] = {}
-        constants = ctx.analysis.graph.constants
-        for axis_id, stats in ctx.all_statistics():
-            channels = removed_by_axis.get(axis_id)
-            layer = stats.layer
-            if channels is None or not len(channels):
-                continue
-            weights = augmented(layer, constants)
-            columns = feature_columns(channels, layer.features_per_channel)
-            inverse = stats.inverse(DAMPING, with_bias=layer.bias is not None)
-            result = compensated(weights if layer.bias else weights[:, :-1], inverse, columns)
-            updates[layer.weight] = layer.from_matrix(result[:, : weights.shape[1] - 1], constants[layer.weight])
-            if layer.bias:
-                bias = constants[layer.bias]
-                updates[layer.bias] = result[:, -1].reshape(-1, layer.rows_per_output).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
-        return updates
 
 
 @register_criterion("obs_relative")

@@ -5,11 +5,12 @@
     >>> report.flops_ratio  # doctest: +SKIP
     0.49...
 
-The pipeline (see ``pipeline``) loads and folds the model (``ir``), couples channels across
-the graph with the op-rule registry (``ops``, ``analysis``), scores groups with a registered
-criterion (``criteria``; the built-in ones live in the ``passes`` package), chooses what to
-remove (``cost``, ``allocate``), rewrites a dense smaller model (``rewrite``) and verifies it
-(``verify``) before writing it atomically.
+``prune`` runs a pipeline of passes (``pipeline``, ``stages``, ``api``) over a pruning state
+(``state``): it loads and folds the model (``ir``), couples channels across the graph with the
+op-rule registry (``ops``, ``analysis``), scores groups with a registered criterion
+(``criteria``; the built-in ones live in ``spa_compiler.passes``), chooses what to remove
+(``cost``, ``allocate``), rewrites a dense smaller model (``rewrite``) and verifies it
+(``verify``) before writing it atomically and reporting (``report``).
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ from .errors import (
 )
 from .ir import Graph, load_model, parse_input_shapes, save_model, synthetic_inputs
 from .ops import OpRule, register_op, registered_ops
-from .pipeline import PruneConfig, PruneResult, analyze, prune, prune_graph
+from .api import analyze, default_passes, prune, prune_graph
+from .config import PruneConfig
+from .pipeline import Pass, Pipeline, PipelineError
 from .report import PruneReport
+from .state import PruneState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analysis", "Constraints", "CostModel", "Criterion", "Graph", "Group", "InputError", "ModelError",
-    "OpRule", "OutputError", "Plan", "PruneConfig", "PruneReport", "PruneResult", "ScoreContext",
-    "SpaError", "Target", "TargetError", "Unit", "UnsupportedModelError", "VerificationError",
-    "analyze", "analyze_graph", "available_criteria", "get_criterion", "load_model",
+    "OpRule", "OutputError", "Pass", "Pipeline", "PipelineError", "Plan", "PruneConfig", "PruneReport",
+    "PruneState", "ScoreContext", "SpaError", "Target", "TargetError", "Unit", "UnsupportedModelError",
+    "VerificationError", "analyze", "analyze_graph", "available_criteria", "default_passes", "get_criterion", "load_model",
     "parse_input_shapes", "prune", "prune_graph", "register_criterion", "register_op",
     "registered_ops", "save_model", "synthetic_inputs",
 ]

@@ -1,8 +1,9 @@
 """The criterion registry and what a criterion may read.
 
-A criterion scores every unit (channel) of a group; higher means keep. Criteria live in the
-``passes`` package (or any installed package) and reach the compiler through the
-``spa_prune.criteria`` entry-point group, or by calling :func:`register_criterion` from Python::
+A criterion scores every unit (channel) of a group; higher means keep. The built-in criteria
+live in :mod:`spa_compiler.passes` and register when first asked for; an installed package adds
+its own through the ``spa_prune.criteria`` entry-point group, and Python code by calling
+:func:`register_criterion`::
 
     from spa_compiler import Criterion, register_criterion
 
@@ -16,8 +17,9 @@ Scores from different groups are made comparable by :func:`normalize`.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -25,6 +27,9 @@ from .analysis import Analysis, Group
 from .calibrate import LayerStatistics
 from .errors import InputError
 from .plugins import load_entry_points
+
+if TYPE_CHECKING:
+    from .pipeline import PassLike
 
 __all__ = [
     "Criterion",
@@ -99,28 +104,32 @@ class ScoreContext:
 class Criterion:
     """Base class: ``score(group, ctx)`` returns one non-negative score per unit of ``group``.
 
-    ``needs_statistics``: the pipeline fills ``ctx.statistics`` (calibration or data-free) first.
-    ``self_normalized``: scores already compare across groups (e.g. relative output errors) and
-    are used as they are, instead of through :func:`comparable_scores`.
-    ``compensate``: after the choice, new values for constants (e.g. updated consumer weights).
+    ``needs_statistics``: the pipeline collects ``ctx.statistics`` (calibration or data-free) first.
+    ``self_normalized``: scores already compare across groups (e.g. absolute output errors) and
+    are used as they are, instead of through :func:`comparable_scores`; a group such a criterion
+    cannot score (no statistics) is scored by ``fallback``.
+    ``compensation``: a pass class run after allocation that re-fits the remaining weights.
     """
 
     name = ""
     description = ""
     needs_statistics = False
     self_normalized = False
+    fallback: type[Criterion] | None = None
+    compensation: Callable[[], PassLike] | None = None
 
     def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
         raise NotImplementedError
 
-    def compensate(self, ctx: ScoreContext, removed_by_axis: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-        return {}
-
 
 def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
-    """Class decorator registering a criterion under ``name`` (``--criterion NAME``)."""
+    """Class decorator registering a criterion under ``name`` (``--criterion NAME``); a name
+    already taken by another class is an error."""
 
     def decorate(cls: type[Criterion]) -> type[Criterion]:
+        taken = _CRITERIA.get(name)
+        if taken is not None and taken is not cls:
+            raise ValueError(f"criterion '{name}' is already registered by {taken.__module__}.{taken.__qualname__}")
         cls.name = name
         _CRITERIA[name] = cls
         return cls
@@ -128,22 +137,23 @@ def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]
     return decorate
 
 
-def _load_entry_points() -> None:
+def _load_criteria() -> None:
+    """The built-in criteria (importing them registers them), then third-party entry points."""
+    importlib.import_module("spa_compiler.passes")
     for name, cls in load_entry_points("spa_prune.criteria"):
-        _CRITERIA.setdefault(name, cls)
+        register_criterion(name)(cls)
 
 
 def available_criteria() -> dict[str, str]:
     """Registered criterion names with their one-line descriptions."""
-    _load_entry_points()
+    _load_criteria()
     return {name: cls.description for name, cls in sorted(_CRITERIA.items())}
 
 
 def get_criterion(name: str) -> Criterion:
-    _load_entry_points()
+    _load_criteria()
     if name not in _CRITERIA:
-        known = ", ".join(sorted(_CRITERIA)) or "none (is spa-prune installed?)"
-        raise InputError(f"unknown criterion '{name}'; available: {known}")
+        raise InputError(f"unknown criterion '{name}'; available: {', '.join(sorted(_CRITERIA))}")
     return _CRITERIA[name]()
 
 

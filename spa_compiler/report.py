@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["GroupChange", "PruneReport", "render_report", "render_analysis"]
+from .cost import CostModel
+from .verify import custom_ops
+
+if TYPE_CHECKING:
+    from .state import PruneState
+
+__all__ = ["GroupChange", "PruneReport", "build_report", "render_report", "render_analysis"]
 
 
 @dataclass
@@ -81,6 +88,59 @@ def _count(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.2f}{unit}"
     return f"{value:.0f}"
+
+
+def _file_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def build_report(state: PruneState) -> PruneReport:
+    """The report of a finished run: costs before and after, per-group widths, fidelity."""
+    analysis, plan, config = state.analysis, state.plan, state.config
+    costs = {}
+    for kind in ("macs", "params"):
+        cost = CostModel(analysis, kind)
+        before = cost.total
+        for axis, indices in state.removed_by_axis.items():
+            cost.remove({axis: len(indices)})
+        costs[kind] = (before, cost.total)
+    groups = [
+        GroupChange(
+            name=g.name,
+            kind=analysis.kind(g),
+            channels_before=len(g.units),
+            channels_after=len(g.units) - len(plan.removed.get(g.id, [])),
+            blocked=len(g.units) - len(g.prunable),
+            blocked_by=g.blocked_reasons[0] if g.blocked_reasons else None,
+        )
+        for g in analysis.groups
+    ]
+    target = config.target()
+    return PruneReport(
+        input=str(state.source),
+        output=str(state.output),
+        criterion=config.criterion,
+        target_kind=target.kind,
+        target_value=target.value,
+        scope=config.scope,
+        round_to=config.round_to,
+        macs_before=costs["macs"][0],
+        macs_after=costs["macs"][1],
+        params_before=costs["params"][0],
+        params_after=costs["params"][1],
+        size_before=_file_size(state.source),
+        size_after=_file_size(state.output),
+        groups=groups,
+        barriers=[f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers],
+        fidelity=state.fidelity,
+        custom_ops=custom_ops(state.graph),
+        calibration=state.calibration,
+        compensated=len(state.compensated),
+        timings=state.timings,
+        latency_before_ms=state.latency_before_ms,
+        latency_after_ms=state.latency_after_ms,
+    )
 
 
 def render_report(report: PruneReport, console: Console) -> None:

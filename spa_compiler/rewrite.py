@@ -51,10 +51,10 @@ class _ProtoRewriter:
     """Implements :class:`spa_compiler.ops.Rewriter` over a copy of the folded model."""
 
     def __init__(
-        self, analysis: Analysis, removed_by_axis: dict[int, np.ndarray], overrides: dict[str, np.ndarray]
+        self, analysis: Analysis, removed_by_axis: dict[int, np.ndarray], replaced: dict[str, np.ndarray]
     ) -> None:
         self.analysis = analysis
-        self.overrides = overrides
+        self.replaced = replaced
         self.graph = analysis.graph
         self.opset = self.graph.opset
         self.removed_by_axis = removed_by_axis
@@ -128,7 +128,7 @@ class _ProtoRewriter:
             original = self.graph.constants.get(tensor.name)
             if original is None:
                 continue
-            value = self.overrides.get(tensor.name, original)
+            value = self.replaced.get(tensor.name, original)
             sliced = value
             for axis in range(value.ndim):
                 gone = self.removed(tensor.name, axis)
@@ -182,12 +182,11 @@ class _ProtoRewriter:
 
 
 def rewrite_model(
-    analysis: Analysis, removed: dict[int, list[int]], overrides: dict[str, np.ndarray] | None = None
-) -> tuple[onnx.ModelProto, dict[int, np.ndarray]]:
-    """The pruned model, and the indices removed from each axis. ``overrides`` gives new values
+    analysis: Analysis, removed_by_axis: dict[int, np.ndarray], replaced: dict[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """The pruned model, given the sorted indices leaving each axis. ``replaced`` gives new values
     (before slicing) for some constants, e.g. compensated weights."""
-    removed_by_axis = removed_indices(analysis, removed)
-    rewriter = _ProtoRewriter(analysis, removed_by_axis, overrides or {})
+    rewriter = _ProtoRewriter(analysis, removed_by_axis, replaced or {})
     rewriter.slice_constants()
     rewriter.rewrite_nodes()
-    return rewriter.finish(), removed_by_axis
+    return rewriter.finish()

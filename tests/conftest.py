@@ -1,12 +1,11 @@
-"""Shared fixtures: reference models exported once per session."""
+"""Shared fixtures: reference models exported once per session (with PyTorch, imported only
+by the tests that use them, so the pure-ONNX tests run without it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-from models.export import export_architecture
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +15,8 @@ def exported(tmp_path_factory):
     cache: dict[tuple[str, int], Path] = {}
 
     def get(name: str, opset: int = 17) -> Path:
+        from models.export import export_architecture
+
         if (name, opset) not in cache:
             cache[(name, opset)] = export_architecture(name, folder / f"{name}_{opset}.onnx", opset=opset)
         return cache[(name, opset)]

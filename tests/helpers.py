@@ -13,8 +13,8 @@ import re
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
+from models.exactness import relative_error, set_constant, zero_readers
 from spa_compiler import Graph, PruneConfig, prune_graph, synthetic_inputs
 from spa_compiler.rewrite import rewrite_model
 from spa_compiler.verify import run_model
@@ -23,14 +23,6 @@ __all__ = [
     "randomize_weights", "set_constant", "assert_exact", "relative_error",
     "assert_checker_passes_unless_input_fails",
 ]
-
-
-def set_constant(graph: Graph, name: str, value: np.ndarray) -> None:
-    """Replace a constant both in the analysis view and in the model proto."""
-    graph.constants[name] = value
-    for tensor in graph.model.graph.initializer:
-        if tensor.name == name:
-            tensor.CopyFrom(numpy_helper.from_array(value, name))
 
 
 WEIGHT_CONSUMERS = {
@@ -68,28 +60,14 @@ def assert_checker_passes_unless_input_fails(original: onnx.ModelProto, pruned: 
             onnx.checker.check_model(original, full_check=True)
 
 
-def relative_error(expected: list[np.ndarray], actual: list[np.ndarray]) -> float:
-    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in expected])
-    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in actual])
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
-
-
 def assert_exact(graph: Graph, config: PruneConfig, rtol: float = 1e-4, seed: int = 0) -> onnx.ModelProto:
     """Prune with ``config``, after zeroing what reads the removed channels; outputs must match
     within ``rtol`` (relative L2). Returns the pruned model."""
     result = prune_graph(graph, config)
     analysis = result.analysis
-    consumer_axes = set(analysis.tags.get("consumer", []))
     assert result.plan.n_removed > 0, "the plan removes nothing: the test would prove nothing"
-    zeroed: dict[str, np.ndarray] = {}
-    for axis_id, indices in result.removed_by_axis.items():
-        if axis_id in consumer_axes:
-            ref = analysis.axes[axis_id]
-            value = zeroed.setdefault(ref.tensor, graph.constants[ref.tensor].copy())
-            np.moveaxis(value, ref.axis, 0)[indices] = 0
-    for name, value in zeroed.items():
-        set_constant(graph, name, value)
-    pruned, _ = rewrite_model(analysis, result.plan.removed)
+    zero_readers(graph, analysis, result.removed_by_axis)
+    pruned = rewrite_model(analysis, result.removed_by_axis)
     assert_checker_passes_unless_input_fails(graph.model, pruned)
     feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, seed)
     expected, actual = run_model(graph.model, feeds), run_model(pruned, feeds)

@@ -24,7 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
-CLI = [sys.executable, "-m", "cli"]
+CLI = [sys.executable, "-m", "spa_compiler.cli"]
 
 
 # --------------------------------------------------------------------------- helpers

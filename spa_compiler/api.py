@@ -1,0 +1,60 @@
+"""The default pipelines: ``prune_graph`` (in memory) and ``prune`` (file to file), and ``analyze``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .analysis import Analysis, analyze_graph
+from .config import PruneConfig
+from .criteria import get_criterion
+from .ir import Graph, check_input_path, check_output_path, load_model
+from .pipeline import PassLike, Pipeline
+from .report import PruneReport
+from .stages import Allocate, Analyse, BuildReport, CollectStatistics, Load, MeasureLatency, Rewrite, Save, Score, Verify
+from .state import Progress, PruneState
+
+__all__ = ["default_passes", "prune_graph", "prune", "analyze"]
+
+
+def default_passes(config: PruneConfig) -> list[PassLike]:
+    """In memory, from a loaded graph to the verified pruned model: analyse, (calibrate), score,
+    allocate, (compensate), rewrite, verify. The criterion decides the optional passes."""
+    config.target(), config.constraints()
+    criterion = get_criterion(config.criterion)
+    passes: list[PassLike] = [Analyse()]
+    if criterion.needs_statistics:
+        passes.append(CollectStatistics())
+    passes += [Score(criterion), Allocate()]
+    if criterion.compensation is not None:
+        passes.append(criterion.compensation())
+    passes.append(Rewrite())
+    if config.verify:
+        passes.append(Verify())
+    return passes
+
+
+def prune_graph(graph: Graph, config: PruneConfig, progress: Progress | None = None) -> PruneState:
+    """Prune a loaded model in memory (no file is read or written)."""
+    return Pipeline(default_passes(config), progress)(PruneState(config, graph=graph))
+
+
+def prune(
+    model_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: PruneConfig,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Prune ``model_path`` into ``output_path`` (written atomically) and report what changed."""
+    source = Path(model_path)
+    check_input_path(source)
+    output = check_output_path(output_path, source=model_path)
+    passes = [Load(), *default_passes(config), Save(output), MeasureLatency(), BuildReport()]
+    state = Pipeline(passes, progress)(PruneState(config, source=source))
+    return state.report
+
+
+def analyze(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
+            exclude: tuple[str, ...] = (), prune_hidden: bool = False, head_dims: bool = False) -> Analysis:
+    """Load a model and return its groups, without changing anything."""
+    return analyze_graph(load_model(path, input_shapes), exclude, prune_hidden, head_dims)

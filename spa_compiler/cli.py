@@ -1,0 +1,170 @@
+"""The ``spa-prune`` command: a thin typer front end over :mod:`spa_compiler`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .api import analyze as analyze_model
+from .api import prune
+from .config import PruneConfig
+from .criteria import available_criteria
+from .errors import InputError, SpaError
+from .ir import check_output_path, parse_input_shapes
+from .ops import registered_ops
+from .report import render_analysis, render_report
+
+__all__ = ["app", "main"]
+
+EXAMPLES = """
+Examples:
+
+  spa-prune model.onnx --flops 0.5 -o small.onnx
+
+  spa-prune det.onnx --flops 0.5 --input-shape x=1x3x640x640 --json-report report.json
+
+  spa-prune model.onnx --params 0.6 --criterion l1 --scope uniform --round-to 16
+
+  spa-prune model.onnx --flops 0.5 --criterion obs --calib data.npz
+
+  spa-prune model.onnx --analyze
+
+  spa-prune --list-ops | --list-criteria
+"""
+
+app = typer.Typer(add_completion=False, help="Structured pruning for ONNX models." + EXAMPLES)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _default_output(model: Path) -> Path:
+    return model.with_name(model.stem + ".pruned.onnx")
+
+
+def _list_ops() -> None:
+    table = Table(title="op rules")
+    for column in ("op", "opsets", "channel mapping"):
+        table.add_column(column)
+    for domain, op_type, low, high, summary in registered_ops():
+        table.add_row(f"{domain + '::' if domain else ''}{op_type}", f"{low}-{high}", summary)
+    console.print(table)
+    console.print("Any other op is a barrier: channels reaching it are never pruned.")
+
+
+def _list_criteria() -> None:
+    table = Table(title="criteria (--criterion NAME)")
+    table.add_column("name")
+    table.add_column("score")
+    for name, description in available_criteria().items():
+        table.add_row(name, description)
+    console.print(table)
+
+
+@app.command(help="Prune MODEL (an .onnx file) to a target and write a smaller dense ONNX model." + EXAMPLES)
+def run(
+    model: Optional[Path] = typer.Argument(None, help="Input .onnx model (never modified).", show_default=False),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output path.", show_default="MODEL.pruned.onnx"
+    ),
+    flops: Optional[float] = typer.Option(None, help="Keep at most this fraction of the FLOPs (MACs), e.g. 0.5."),
+    params: Optional[float] = typer.Option(None, help="Keep at most this fraction of the parameters."),
+    ratio: Optional[float] = typer.Option(None, help="Remove this fraction of the channels of every group."),
+    criterion: str = typer.Option("l2", help="Channel importance criterion (see --list-criteria)."),
+    scope: str = typer.Option("global", help="global: rank channels across layers; uniform: same ratio everywhere."),
+    round_to: int = typer.Option(
+        16, help="Keep channel counts multiples of N: onnxruntime's fast CPU kernels need 8 (AVX2) or 16 (AVX-512)."
+    ),
+    min_keep: float = typer.Option(0.1, help="Keep at least this fraction of every group's channels."),
+    exclude: List[str] = typer.Option([], help="Node name whose channels must not be pruned (repeatable)."),
+    input_shape: List[str] = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable)."),
+    prune_hidden: bool = typer.Option(
+        False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
+    ),
+    head_dims: bool = typer.Option(
+        False, "--head-dims", help="Prune attention head dimensions instead of whole heads."
+    ),
+    calib: Optional[Path] = typer.Option(
+        None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
+    ),
+    calib_samples: int = typer.Option(128, min=1, help="Calibration samples used (synthetic ones without --calib)."),
+    calib_batch: int = typer.Option(16, min=1, help="Samples per onnxruntime run while collecting statistics."),
+    seed: int = typer.Option(0, help="Seed of synthetic inputs and the random criterion."),
+    json_report: Optional[Path] = typer.Option(None, help="Also write the report as JSON to this path."),
+    bench_runs: int = typer.Option(20, min=0, help="onnxruntime timing runs before and after (0: skip)."),
+    analyze: bool = typer.Option(False, "--analyze", help="Print the channel groups and barriers; prune nothing."),
+    list_ops: bool = typer.Option(False, "--list-ops", help="List the ops spa-prune understands."),
+    list_criteria: bool = typer.Option(False, "--list-criteria", help="List the available criteria."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logging."),
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if list_ops or list_criteria:
+            _list_ops() if list_ops else _list_criteria()
+            return
+        if model is None:
+            raise InputError("give a model: spa-prune MODEL.onnx --flops 0.5 (see --help)")
+        shapes = parse_input_shapes(input_shape)
+        if analyze:
+            render_analysis(analyze_model(model, shapes, tuple(exclude), prune_hidden, head_dims), console)
+            return
+        config = PruneConfig(
+            flops=flops, params=params, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
+            min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden, head_dims=head_dims, input_shapes=shapes, seed=seed,
+            bench_runs=bench_runs, calibration=str(calib) if calib else None, calibration_samples=calib_samples,
+            calibration_batch=calib_batch,
+        )
+        if json_report is not None:
+            check_output_path(json_report)
+        with console.status("pruning") as status:
+            report = prune(
+                model, output or _default_output(model), config, progress=lambda s: status.update(s)
+            )
+        render_report(report, console)
+        if json_report is not None:
+            json_report.write_text(report.to_json())
+    except SpaError as exc:
+        if debug:
+            raise
+        _error("error", str(exc))
+        raise typer.Exit(code=2)
+    except KeyboardInterrupt:
+        _error("interrupted", "nothing was written")
+        raise typer.Exit(code=130)
+    except Exception as exc:  # a bug: still one line, and the way to see more
+        if debug:
+            raise
+        _error(
+            "internal error",
+            f"{type(exc).__name__}: {exc}; nothing was written. Rerun with --debug and report the traceback.",
+        )
+        raise typer.Exit(code=3)
+
+
+def _error(label: str, message: str) -> None:
+    """One line on stderr; the message is printed verbatim (paths may contain brackets)."""
+    errors.print(Text.assemble((f"{label}: ", "bold red"), " ".join(message.split())), soft_wrap=True)
+
+
+def main() -> None:
+    """Console-script entry point: usage errors are one line too, with exit code 2."""
+    try:
+        code = app(prog_name="spa-prune", standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors: bad option, bad value
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _error("error", f"{message} (see spa-prune --help)")
+        code = getattr(exc, "exit_code", 2)
+    except typer.Abort:
+        _error("interrupted", "nothing was written")
+        code = 130
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

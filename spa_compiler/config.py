@@ -1,0 +1,47 @@
+"""What the user asks for: the target, the constraints and the options of one pruning run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .allocate import Constraints, Target
+from .errors import TargetError
+
+__all__ = ["PruneConfig", "TARGET_TOLERANCE"]
+
+TARGET_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides the output. Exactly one of flops/params/ratio is set."""
+
+    flops: float | None = None
+    params: float | None = None
+    ratio: float | None = None
+    criterion: str = "l2"
+    scope: Literal["global", "uniform"] = "global"
+    round_to: int = 16
+    min_keep: float = 0.1
+    exclude: tuple[str, ...] = ()
+    prune_hidden: bool = False
+    head_dims: bool = False
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    verify: bool = True
+    bench_runs: int = 20
+    calibration: str | None = None
+    calibration_samples: int = 128
+    calibration_batch: int = 16
+
+    def target(self) -> Target:
+        given = [(k, v) for k, v in (("flops", self.flops), ("params", self.params), ("ratio", self.ratio)) if v is not None]
+        if len(given) != 1:
+            raise TargetError("give exactly one target: --flops R, --params R or --ratio R (e.g. --flops 0.5)")
+        return Target(*given[0])
+
+    def constraints(self) -> Constraints:
+        if self.scope not in ("global", "uniform"):
+            raise TargetError(f"--scope must be global or uniform, got '{self.scope}'")
+        return Constraints(self.scope, self.round_to, self.min_keep)

@@ -1,0 +1,238 @@
+"""The stages of the default pipeline, each a :class:`~spa_compiler.pipeline.Pass`.
+
+In memory: :class:`Analyse`, :class:`CollectStatistics`, :class:`Score`, :class:`Allocate`,
+:class:`Rewrite`, :class:`Verify` (a criterion that re-fits weights brings its own compensation
+pass, run between allocation and rewriting). Around them for files: :class:`Load`,
+:class:`Save`, :class:`MeasureLatency`, :class:`BuildReport`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .allocate import Constraints, Plan, Target, allocate
+from .analysis import Analysis, analyze_graph
+from .bench import measure_latency
+from .calibrate import collect_statistics, consumer_layers, load_calibration, synthetic_calibration
+from .config import TARGET_TOLERANCE
+from .cost import CostModel
+from .criteria import Criterion, ScoreContext, comparable_scores
+from .errors import TargetError
+from .ir import load_model, save_model, synthetic_inputs
+from .pipeline import Pass
+from .report import build_report
+from .rewrite import expected_shapes, removed_indices, rewrite_model
+from .state import PruneState
+from .verify import custom_ops, verify_model
+
+__all__ = [
+    "Load", "Analyse", "CollectStatistics", "Score", "Allocate", "Rewrite", "Verify", "Save",
+    "MeasureLatency", "BuildReport",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Load(Pass):
+    """Read ``state.source``, fold constants and bind the dynamic dimensions."""
+
+    name, description, requires, provides = "load", "loading the model", ("source",), ("graph",)
+
+    def run(self, state: PruneState) -> PruneState:
+        state.graph = load_model(state.source, state.config.input_shapes)
+        return state
+
+
+def blocked_summary(analysis: Analysis) -> str:
+    """The three most common reasons channels are blocked, for messages."""
+    reasons = Counter(u.blocked_by for g in analysis.groups for u in g.units if u.blocked_by)
+    reasons.update(f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers)
+    top = [reason for reason, _ in reasons.most_common(3)]
+    return "; ".join(top) if top else "no channel is blocked"
+
+
+class Analyse(Pass):
+    """Couple channels across the graph into groups; fail when nothing can be pruned."""
+
+    name, description, requires, provides = "analyse", "analysing channel dependencies", ("graph",), ("analysis",)
+
+    def run(self, state: PruneState) -> PruneState:
+        config = state.config
+        analysis = analyze_graph(state.graph, config.exclude, config.prune_hidden, config.head_dims)
+        if not any(g.prunable for g in analysis.groups):
+            raise TargetError(f"nothing in this model can be pruned; blocked by: {blocked_summary(analysis)}")
+        state.analysis = analysis
+        return state
+
+
+class CollectStatistics(Pass):
+    """Input statistics of every consumer layer, from ``--calib`` or seeded synthetic inputs."""
+
+    name, description = "calibrate", "collecting layer statistics"
+    requires, provides = ("graph", "analysis"), ("statistics", "calibration")
+
+    def run(self, state: PruneState) -> PruneState:
+        config, graph = state.config, state.graph
+        layers = consumer_layers(state.analysis)
+        if config.calibration:
+            data = load_calibration(config.calibration, graph, config.calibration_samples)
+            source = f"{len(next(iter(data.values())))} samples from {config.calibration}"
+        else:
+            data = synthetic_calibration(graph, config.calibration_samples, config.seed)
+            source = f"data-free: {config.calibration_samples} synthetic inputs (standard normal; integers 0)"
+
+        def report(done: int, total: int) -> None:
+            state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
+
+        state.statistics = collect_statistics(
+            graph, layers, data, config.calibration_batch, seed=config.seed, progress=report
+        )
+        state.calibration = source
+        return state
+
+
+class Score(Pass):
+    """One score per unit of every group (higher = keep), comparable across groups."""
+
+    name, requires, provides = "score", ("analysis",), ("scores",)
+
+    def __init__(self, criterion: Criterion) -> None:
+        self.criterion = criterion
+        self.description = f"scoring channels with '{criterion.name}'"
+
+    def run(self, state: PruneState) -> PruneState:
+        """A self-normalised criterion's scores are used as they are; a group it cannot score
+        (no consumer layer with statistics) takes its fallback criterion's comparable scores,
+        rescaled to the median of the scored groups' mean score."""
+        criterion, analysis = self.criterion, state.analysis
+        context = ScoreContext(analysis, state.config.seed, state.statistics or {})
+        if not criterion.self_normalized:
+            state.scores = {g.id: comparable_scores(g, criterion.score(g, context), context) for g in analysis.groups}
+            return state
+        scores, unscored = {}, []
+        for group in analysis.groups:
+            if context.statistics_for(group):
+                scores[group.id] = np.asarray(criterion.score(group, context), dtype=np.float64)
+            else:
+                unscored.append(group)
+        if unscored:
+            fallback, scale = criterion.fallback(), float(np.median([s.mean() for s in scores.values()] or [1.0]))
+            for group in unscored:
+                raw = comparable_scores(group, fallback.score(group, context), context)
+                scores[group.id] = raw * scale / (raw.mean() or 1.0)
+        state.scores = scores
+        return state
+
+
+def check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints: Constraints) -> None:
+    """Raise a TargetError explaining why, when the plan misses the target by more than the
+    tolerance: the share of cost no pruning can touch, and the groups too narrow to round."""
+    if target.kind == "ratio" or plan.achieved <= target.value + TARGET_TOLERANCE:
+        return
+    kind = "MACs" if target.kind == "flops" else "parameters"
+    cost = CostModel(analysis, "macs" if target.kind == "flops" else "params")
+    prunable_axes = {a for g in analysis.groups for u in g.units if not u.blocked for a in u.members}
+    fixed = sum(v for t, v in zip(cost.terms, cost.values) if not prunable_axes.intersection(t.axes))
+    reasons = [
+        f"{fixed / cost.original_total:.0%} of the {kind} are in layers whose channels cannot be pruned "
+        f"(blocked by: {blocked_summary(analysis)})"
+    ]
+    narrow = [g for g in analysis.groups if g.prunable and len(g.units) < 2 * constraints.round_to]
+    if narrow and constraints.round_to > 1:
+        reasons.append(
+            f"{len(narrow)} of {len(analysis.groups)} groups have fewer than 2 x {constraints.round_to} "
+            f"channels and round more finely or keep their width (--round-to 1 removes rounding)"
+        )
+    reasons.append(f"every group keeps at least {constraints.min_keep:g} of its channels (--min-keep)")
+    raise TargetError(
+        f"cannot reach --{target.kind} {target.value:g}: the best reachable is {plan.achieved:.3f}; "
+        + "; ".join(reasons)
+    )
+
+
+class Allocate(Pass):
+    """Choose the units to remove to meet the target, and the indices leaving every axis."""
+
+    name, description = "allocate", "allocating the target"
+    requires, provides = ("analysis", "scores"), ("plan", "removed_by_axis")
+
+    def run(self, state: PruneState) -> PruneState:
+        target, constraints = state.config.target(), state.config.constraints()
+        plan = allocate(state.analysis, state.scores, target, constraints, TARGET_TOLERANCE)
+        check_reachable(state.analysis, target, plan, constraints)
+        state.plan = plan
+        state.removed_by_axis = removed_indices(state.analysis, plan.removed)
+        return state
+
+
+class Rewrite(Pass):
+    """Emit the smaller dense model: constants sliced (re-fitted ones where compensated),
+    attributes and shape constants fixed by the op rules."""
+
+    name, description = "rewrite", "rewriting the model"
+    requires, provides = ("analysis", "removed_by_axis"), ("model",)
+
+    def run(self, state: PruneState) -> PruneState:
+        analysis = state.analysis
+        state.model = rewrite_model(analysis, state.removed_by_axis, state.compensated)
+        lossy = [g.name for g in analysis.groups if analysis.kind(g) == "hidden" and state.plan.removed.get(g.id)]
+        if lossy:
+            log.warning("hidden size pruned through LayerNorm in %d groups: lossy by design", len(lossy))
+        return state
+
+
+class Verify(Pass):
+    """The checker, the predicted shapes, an onnxruntime run, and the fidelity figures."""
+
+    name, description = "verify", "verifying with onnx.checker and onnxruntime"
+    requires, provides = ("graph", "analysis", "removed_by_axis", "model"), ("fidelity",)
+
+    def run(self, state: PruneState) -> PruneState:
+        shapes = expected_shapes(state.analysis, state.removed_by_axis)
+        state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed)
+        return state
+
+
+class Save(Pass):
+    """Write the pruned model atomically (external data when the input had it)."""
+
+    name, requires, provides = "save", ("graph", "model"), ("output",)
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.description = f"writing {self.path}"
+
+    def run(self, state: PruneState) -> PruneState:
+        state.output = save_model(state.model, self.path, external_data=state.graph.uses_external_data)
+        return state
+
+
+class MeasureLatency(Pass):
+    """onnxruntime latency before and after (one thread), unless ``bench_runs`` is 0 or the
+    model has custom ops onnxruntime cannot run."""
+
+    name, description = "latency", "measuring onnxruntime latency (1 thread, batch as bound)"
+    requires = ("graph", "model")
+
+    def run(self, state: PruneState) -> PruneState:
+        config, graph = state.config, state.graph
+        if config.bench_runs and not custom_ops(graph):
+            feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, config.seed)
+            state.latency_before_ms = measure_latency(graph.model, feeds, config.bench_runs)
+            state.latency_after_ms = measure_latency(state.model, feeds, config.bench_runs)
+        return state
+
+
+class BuildReport(Pass):
+    """What changed and what it bought (see :mod:`spa_compiler.report`)."""
+
+    name, description = "report", "building the report"
+    requires, provides = ("source", "output", "analysis", "plan"), ("report",)
+
+    def run(self, state: PruneState) -> PruneState:
+        state.report = build_report(state)
+        return state

@@ -1,0 +1,73 @@
+"""The pruning state: what the passes of a pipeline learn about one model, field by field.
+
+Each pass reads the fields it ``requires`` and fills the ones it ``provides``; nothing is filled
+in twice or reached back into. In the default pipeline::
+
+    load      -> graph
+    analyse   -> analysis
+    calibrate -> statistics, calibration       (criteria that read activations)
+    score     -> scores
+    allocate  -> plan, removed_by_axis
+    compensate-> compensated                   (criteria that re-fit the remaining weights)
+    rewrite   -> model
+    verify    -> fidelity
+    save      -> output
+    latency   -> latency_before_ms, latency_after_ms
+    report    -> report
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import onnx
+
+from .config import PruneConfig
+
+if TYPE_CHECKING:
+    from .allocate import Plan
+    from .analysis import Analysis
+    from .calibrate import LayerStatistics
+    from .ir import Graph
+    from .report import PruneReport
+    from .verify import Fidelity
+
+__all__ = ["PruneState", "Progress"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class PruneState:
+    """One model on its way through a pipeline (see the module docstring for who fills what).
+
+    ``compensated`` holds new values, before slicing, for constants a compensation pass re-fitted;
+    the rewriter slices those instead of the originals. ``timings`` holds seconds per pass.
+    """
+
+    config: PruneConfig
+    source: Path | None = None
+    graph: Graph | None = None
+    analysis: Analysis | None = None
+    statistics: dict[str, LayerStatistics] | None = None
+    calibration: str | None = None
+    scores: dict[int, np.ndarray] | None = None
+    plan: Plan | None = None
+    removed_by_axis: dict[int, np.ndarray] | None = None
+    compensated: dict[str, np.ndarray] = field(default_factory=dict)
+    model: onnx.ModelProto | None = None
+    fidelity: Fidelity | None = None
+    output: Path | None = None
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    report: PruneReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    progress: Progress | None = field(default=None, repr=False)
+
+    def note(self, message: str) -> None:
+        """Tell the user what is happening now (a progress line), if anyone listens."""
+        if self.progress:
+            self.progress(message)

@@ -1,0 +1,149 @@
+"""The pass pipeline: composing, stopping, inserting and replacing passes, failures named by
+pass, and the installed package's layout (only ``spa_compiler``; built-in criteria without any
+entry-point metadata)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spa_compiler import (
+    Pass,
+    Pipeline,
+    PipelineError,
+    PruneConfig,
+    PruneState,
+    TargetError,
+    default_passes,
+    load_model,
+    prune_graph,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "models" / "examples" / "mini_resnet.onnx"
+
+
+def state_for(config: PruneConfig) -> PruneState:
+    return PruneState(config, graph=load_model(EXAMPLE))
+
+
+def test_default_pipeline_names_its_passes():
+    assert Pipeline(default_passes(PruneConfig(flops=0.5))).names == ["analyse", "score", "allocate", "rewrite", "verify"]
+    assert Pipeline(default_passes(PruneConfig(flops=0.5, criterion="obs"))).names == [
+        "analyse", "calibrate", "score", "allocate", "compensate", "rewrite", "verify",
+    ]
+
+
+def test_stop_after_allocation():
+    config = PruneConfig(flops=0.5)
+    state = Pipeline(default_passes(config)).until("allocate")(state_for(config))
+    assert state.model is None and state.fidelity is None
+    assert 0.48 <= state.plan.achieved <= 0.52
+    assert list(state.timings) == ["analyse", "score", "allocate"]
+    full = prune_graph(load_model(EXAMPLE), config)
+    assert state.plan.removed == full.plan.removed
+
+
+class KeepFirstHalf(Pass):
+    """A user pass replacing the scores: the first half of every group's channels scores 1."""
+
+    name, requires, provides = "first_half", ("analysis",), ("scores",)
+
+    def run(self, state: PruneState) -> PruneState:
+        state.scores = {
+            g.id: (np.arange(len(g.units)) < len(g.units) // 2).astype(np.float64) * 1e6 + 1.0
+            for g in state.analysis.groups
+        }
+        return state
+
+
+def test_custom_pass_replaces_the_scoring():
+    config = PruneConfig(ratio=0.5, round_to=1)
+    pipeline = Pipeline(default_passes(config)).replace("score", KeepFirstHalf())
+    state = pipeline(state_for(config))
+    assert pipeline.names == ["analyse", "first_half", "allocate", "rewrite", "verify"]
+    for group in state.analysis.groups:
+        removed = state.plan.removed.get(group.id, [])
+        prunable_second_half = [k for k in group.prunable if k >= len(group.units) // 2]
+        assert removed == prunable_second_half[: len(removed)]
+        assert all(k >= len(group.units) // 2 for k in removed)
+    assert state.fidelity is not None and state.model is not None
+
+
+def test_inserted_pass_sees_the_state_between_passes():
+    seen = {}
+
+    def count_groups(state: PruneState) -> PruneState:
+        seen["groups"] = len(state.analysis.groups)
+        seen["plan"] = state.plan
+        return state
+
+    config = PruneConfig(flops=0.5)
+    pipeline = Pipeline(default_passes(config)).insert_after("analyse", count_groups)
+    pipeline(state_for(config))
+    assert pipeline.names[1] == "count_groups"
+    assert seen == {"groups": 9, "plan": None}
+
+
+def test_failing_pass_is_named_with_the_passes_before_it():
+    def broken(state: PruneState) -> PruneState:
+        raise KeyError("weights")
+
+    config = PruneConfig(flops=0.5)
+    pipeline = Pipeline(default_passes(config)).insert_after("score", broken)
+    with pytest.raises(PipelineError, match=r"pass 'broken' failed \(after analyse, score\): KeyError: 'weights'") as info:
+        pipeline(state_for(config))
+    assert info.value.pass_name == "broken" and info.value.completed == ["analyse", "score"]
+
+
+def test_user_errors_pass_through_unwrapped():
+    config = PruneConfig(flops=0.01, min_keep=0.5)
+    with pytest.raises(TargetError, match="cannot reach --flops 0.01"):
+        Pipeline(default_passes(config))(state_for(config))
+
+
+def test_a_pass_missing_its_inputs_says_so():
+    config = PruneConfig(flops=0.5)
+    allocate = Pipeline(default_passes(config)).passes[2]
+    with pytest.raises(PipelineError, match=r"pass 'allocate' failed .*needs analysis, scores"):
+        Pipeline([allocate])(state_for(config))
+
+
+def test_builtin_criteria_need_no_entry_points():
+    """A plain checkout: spa_compiler imported from the source tree with no metadata at all."""
+    code = (
+        "import importlib.metadata as m, sys; sys.path.insert(0, sys.argv[1]);"
+        "m.entry_points = lambda **kw: [];"
+        "from spa_compiler import get_criterion, available_criteria;"
+        "print(get_criterion('l2').name, len(available_criteria()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["l2", "7"]
+
+
+def test_registering_a_taken_name_raises():
+    from spa_compiler import Criterion, register_criterion
+
+    with pytest.raises(ValueError, match="criterion 'l2' is already registered"):
+        @register_criterion("l2")
+        class Impostor(Criterion):
+            pass
+
+
+def test_wheel_installs_only_spa_compiler(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("spa_prune-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"spa_compiler"}
+    assert "spa_compiler/passes/obs.py" in names and "spa_compiler/cli.py" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "spa-prune = spa_compiler.cli:main" in entry_points and "spa_prune.criteria" not in entry_points
