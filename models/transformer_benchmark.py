@@ -33,7 +33,7 @@ SHAPES = {name: (1, SEQ_LEN) for name in ENCODER_INPUTS}
 
 
 def _macs(path: Path) -> float:
-    return CostModel(analyze_graph(load_model(path, SHAPES)), "macs").total
+    return CostModel(analyze_graph(load_model(path, SHAPES)), "flops").total
 
 
 def torch_pruning_minilm(ratio: float, example: dict):

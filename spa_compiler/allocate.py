@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 
 from .analysis import Analysis, Group
-from .cost import CostModel
+from .cost import CostMetric, CostModel
 from .errors import TargetError
 
 __all__ = ["Target", "Constraints", "Plan", "allocate"]
@@ -34,10 +34,10 @@ Scope = Literal["global", "uniform"]
 
 @dataclass(frozen=True)
 class Target:
-    """``kind`` "flops" or "params": keep at most ``value`` of the original; "ratio": remove
-    ``value`` of every group's channels."""
+    """``kind`` a cost metric's name ("flops", "params", ...): keep at most ``value`` of the
+    original cost; "ratio": remove ``value`` of every group's channels."""
 
-    kind: Literal["flops", "params", "ratio"]
+    kind: str
     value: float
 
     def __post_init__(self) -> None:
@@ -199,23 +199,23 @@ def _uniform_removal(analysis: Analysis, scores: dict[int, np.ndarray], ratio: f
     return removed
 
 
-def _cost_after(analysis: Analysis, kind: str, removed: dict[int, list[int]]) -> float:
-    cost = CostModel(analysis, kind)
+def _cost_after(analysis: Analysis, metric: CostMetric, removed: dict[int, list[int]]) -> float:
+    cost = CostModel(analysis, metric)
     groups = {g.id: g for g in analysis.groups}
     for gid, units in removed.items():
         cost.remove(unit_counts(groups[gid], units))
     return cost.total / cost.original_total if cost.original_total else 1.0
 
 
-def _allocate_uniform(analysis, scores, kind, budget_ratio, c) -> dict[int, list[int]]:
+def _allocate_uniform(analysis, scores, metric, budget_ratio, c) -> dict[int, list[int]]:
     low, high = 0.0, 1.0
     best = _uniform_removal(analysis, scores, high, c)
-    if _cost_after(analysis, kind, best) > budget_ratio:
+    if _cost_after(analysis, metric, best) > budget_ratio:
         return best
     for _ in range(30):
         mid = (low + high) / 2
         trial = _uniform_removal(analysis, scores, mid, c)
-        if _cost_after(analysis, kind, trial) <= budget_ratio:
+        if _cost_after(analysis, metric, trial) <= budget_ratio:
             high, best = mid, trial
         else:
             low = mid
@@ -223,22 +223,22 @@ def _allocate_uniform(analysis, scores, kind, budget_ratio, c) -> dict[int, list
 
 
 def allocate(
-    analysis: Analysis, scores: dict[int, np.ndarray], target: Target, c: Constraints,
+    analysis: Analysis, scores: dict[int, np.ndarray], target: Target, c: Constraints, metric: CostMetric,
     tolerance: float = 0.02,
 ) -> Plan:
-    """Choose the units to remove. ``scores`` are normalised per group (higher = keep)."""
+    """Choose the units to remove. ``scores`` are normalised per group (higher = keep).
+    ``metric`` is the target's cost metric (MACs for a ``ratio`` target, for the figure)."""
     if target.kind == "ratio":
         removed = _uniform_removal(analysis, scores, target.value, c)
-        return Plan(removed, _cost_after(analysis, "macs", removed))
-    kind = "macs" if target.kind == "flops" else "params"
-    cost = CostModel(analysis, kind)
+        return Plan(removed, _cost_after(analysis, metric, removed))
+    cost = CostModel(analysis, metric)
     if cost.original_total <= 0:
-        raise TargetError(f"the model has no {'Conv/Gemm/MatMul compute' if kind == 'macs' else 'weights'} to reduce")
+        raise TargetError(f"the model has no {metric.label} to reduce ({metric.description})")
     if c.scope == "uniform":
-        removed = _allocate_uniform(analysis, scores, kind, target.value, c)
+        removed = _allocate_uniform(analysis, scores, metric, target.value, c)
     else:
         total = cost.original_total
         removed = _allocate_global(
             analysis, scores, cost, target.value * total, (target.value - tolerance) * total, c
         )
-    return Plan(removed, _cost_after(analysis, kind, removed))
+    return Plan(removed, _cost_after(analysis, metric, removed))

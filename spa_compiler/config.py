@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .allocate import Constraints, Target
+from .cost import CostMetric, get_metric
 from .errors import TargetError
 
 __all__ = ["PruneConfig", "TARGET_TOLERANCE"]
@@ -40,6 +41,11 @@ class PruneConfig:
         if len(given) != 1:
             raise TargetError("give exactly one target: --flops R, --params R or --ratio R (e.g. --flops 0.5)")
         return Target(*given[0])
+
+    def metric(self) -> CostMetric:
+        """The cost metric the target counts (MACs for a per-group ``ratio``)."""
+        kind = self.target().kind
+        return get_metric("flops" if kind == "ratio" else kind)
 
     def constraints(self) -> Constraints:
         if self.scope not in ("global", "uniform"):

@@ -1,42 +1,124 @@
-"""Exact cost model: multiply-accumulates and parameters as functions of channel counts.
+"""Cost metrics: what a target counts, as functions of channel counts.
 
-Both costs are sums of products of axis sizes. A Conv costs ``|Y| * |W| / Co`` MACs, i.e. the
-product of the sizes of Y's axes and W's axes 1..; a Gemm or MatMul ``|Y| * K``; a constant tensor
-holds the product of its axis sizes in parameters. Each term is a list of axis ids, so the cost
-after removing channels is the same sum with each axis' *kept* size, and removing a unit changes
-only the terms that contain one of its axes. "FLOPs" targets in spa-prune are MAC ratios of the
-Conv, ConvTranspose, Gemm and MatMul nodes, which dominate the compute of these models;
-element-wise ops scale with the same channel counts.
+A metric turns an analysis into *terms*, each a list of axis ids and a function of those axes'
+kept sizes; the model's cost is the sum of its terms. Removing channels changes only the terms
+that contain one of their axes, which is what lets allocation recount costs cheaply after every
+step. Metrics are registered by the name of their target option (``--flops``, ``--params``):
+
+- ``flops``: multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes (which
+  dominate the compute of these models; element-wise ops scale with the same channel counts).
+  A Conv costs ``|Y| * |W| / Co`` MACs, i.e. the product of the sizes of Y's axes and W's axes
+  1..; a Gemm or MatMul ``|Y| * K``. Each term is the product of its axes' sizes.
+- ``params``: every floating-point constant holds the product of its axis sizes.
+
+A new metric is a class with ``terms(analysis)``, registered with :func:`register_metric`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .analysis import Analysis
+from .errors import InputError
 from .ops import get_rule
 
-__all__ = ["CostModel", "CostKind", "node_macs"]
-
-CostKind = Literal["macs", "params"]
+__all__ = [
+    "Term", "CostMetric", "CostModel", "register_metric", "get_metric", "available_metrics", "node_macs",
+]
 
 
 @dataclass
-class _Term:
+class Term:
+    """One summand of a cost: ``value(sizes)`` of the kept sizes of ``axes`` (their product
+    unless a metric says otherwise)."""
+
     name: str
     axes: list[int]
+    value: Callable[[Sequence[float]], float] = math.prod
+
+
+class CostMetric:
+    """Base class of a metric: ``terms(analysis)`` lists its summands."""
+
+    name = ""
+    label = ""  # how the report names the quantity
+    description = ""
+
+    def terms(self, analysis: Analysis) -> list[Term]:
+        raise NotImplementedError
+
+
+_METRICS: dict[str, type[CostMetric]] = {}
+
+
+def register_metric(name: str) -> Callable[[type[CostMetric]], type[CostMetric]]:
+    """Class decorator registering a metric under the name of its target option."""
+
+    def decorate(cls: type[CostMetric]) -> type[CostMetric]:
+        taken = _METRICS.get(name)
+        if taken is not None and taken is not cls:
+            raise ValueError(f"cost metric '{name}' is already registered by {taken.__module__}.{taken.__qualname__}")
+        cls.name = name
+        _METRICS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_metric(name: str) -> CostMetric:
+    if name not in _METRICS:
+        raise InputError(f"unknown cost metric '{name}'; available: {', '.join(sorted(_METRICS))}")
+    return _METRICS[name]()
+
+
+def available_metrics() -> dict[str, str]:
+    return {name: cls.description for name, cls in sorted(_METRICS.items())}
+
+
+@register_metric("flops")
+class MACs(CostMetric):
+    label, description = "MACs", "multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul nodes"
+
+    def terms(self, analysis: Analysis) -> list[Term]:
+        graph = analysis.graph
+        terms = []
+        for node in graph.nodes:
+            rule = get_rule(node.domain, node.op_type, graph.opset)
+            if rule is None or any(n and n not in graph.shapes for n in [*node.inputs, *node.outputs]):
+                continue
+            axes = rule.macs_axes(node, graph.shapes.__getitem__)
+            if axes:
+                terms.append(Term(node.name, [analysis.axis_index[(t, a)] for t, a in axes]))
+        return terms
+
+
+@register_metric("params")
+class Parameters(CostMetric):
+    label, description = "parameters", "elements of the floating-point constants"
+
+    def terms(self, analysis: Analysis) -> list[Term]:
+        graph = analysis.graph
+        terms = []
+        for name, value in graph.constants.items():
+            if not np.issubdtype(value.dtype, np.floating) or name not in graph.consumers:
+                continue
+            axes = [analysis.axis_index.get((name, k)) for k in range(value.ndim)]
+            if any(a is None for a in axes):
+                continue
+            terms.append(Term(name, axes))
+        return terms
 
 
 class CostModel:
-    """MACs or parameter count of a model as channels are removed."""
+    """A metric's cost of a model as channels are removed."""
 
-    def __init__(self, analysis: Analysis, kind: CostKind) -> None:
-        self.kind = kind
-        self.terms = _macs_terms(analysis) if kind == "macs" else _param_terms(analysis)
+    def __init__(self, analysis: Analysis, metric: CostMetric | str) -> None:
+        self.metric = get_metric(metric) if isinstance(metric, str) else metric
+        self.terms = self.metric.terms(analysis)
         self.kept = np.asarray([ref.size for ref in analysis.axes], dtype=np.float64)
         self.values = np.asarray([self._value(t) for t in self.terms], dtype=np.float64)
         self.terms_of_axis: dict[int, list[int]] = {}
@@ -45,9 +127,9 @@ class CostModel:
                 self.terms_of_axis.setdefault(axis, []).append(k)
         self.original_total = float(self.values.sum())
 
-    def _value(self, term: _Term, minus: dict[int, int] | None = None) -> float:
+    def _value(self, term: Term, minus: dict[int, int] | None = None) -> float:
         minus = minus or {}
-        return math.prod(self.kept[a] - minus.get(a, 0) for a in term.axes)
+        return float(term.value([self.kept[a] - minus.get(a, 0) for a in term.axes]))
 
     @property
     def total(self) -> float:
@@ -71,30 +153,4 @@ class CostModel:
 
 def node_macs(analysis: Analysis) -> dict[str, float]:
     """MACs of every compute node at the model's bound shapes."""
-    return CostModel(analysis, "macs").per_term()
-
-
-def _macs_terms(analysis: Analysis) -> list[_Term]:
-    graph = analysis.graph
-    terms = []
-    for node in graph.nodes:
-        rule = get_rule(node.domain, node.op_type, graph.opset)
-        if rule is None or any(n and n not in graph.shapes for n in [*node.inputs, *node.outputs]):
-            continue
-        axes = rule.macs_axes(node, graph.shapes.__getitem__)
-        if axes:
-            terms.append(_Term(node.name, [analysis.axis_index[(t, a)] for t, a in axes]))
-    return terms
-
-
-def _param_terms(analysis: Analysis) -> list[_Term]:
-    graph = analysis.graph
-    terms = []
-    for name, value in graph.constants.items():
-        if not np.issubdtype(value.dtype, np.floating) or name not in graph.consumers:
-            continue
-        axes = [analysis.axis_index.get((name, k)) for k in range(value.ndim)]
-        if any(a is None for a in axes):
-            continue
-        terms.append(_Term(name, axes))
-    return terms
+    return CostModel(analysis, "flops").per_term()

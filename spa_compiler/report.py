@@ -99,7 +99,7 @@ def build_report(state: PruneState) -> PruneReport:
     """The report of a finished run: costs before and after, per-group widths, fidelity."""
     analysis, plan, config = state.analysis, state.plan, state.config
     costs = {}
-    for kind in ("macs", "params"):
+    for kind in ("flops", "params"):
         cost = CostModel(analysis, kind)
         before = cost.total
         for axis, indices in state.removed_by_axis.items():
@@ -125,8 +125,8 @@ def build_report(state: PruneState) -> PruneReport:
         target_value=target.value,
         scope=config.scope,
         round_to=config.round_to,
-        macs_before=costs["macs"][0],
-        macs_after=costs["macs"][1],
+        macs_before=costs["flops"][0],
+        macs_after=costs["flops"][1],
         params_before=costs["params"][0],
         params_after=costs["params"][1],
         size_before=_file_size(state.source),

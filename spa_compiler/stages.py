@@ -19,7 +19,7 @@ from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
 from .calibrate import collect_statistics, consumer_layers, load_calibration, synthetic_calibration
 from .config import TARGET_TOLERANCE
-from .cost import CostModel
+from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
 from .ir import load_model, save_model, synthetic_inputs
@@ -128,17 +128,16 @@ class Score(Pass):
         return state
 
 
-def check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints: Constraints) -> None:
+def check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints: Constraints, metric: CostMetric) -> None:
     """Raise a TargetError explaining why, when the plan misses the target by more than the
     tolerance: the share of cost no pruning can touch, and the groups too narrow to round."""
     if target.kind == "ratio" or plan.achieved <= target.value + TARGET_TOLERANCE:
         return
-    kind = "MACs" if target.kind == "flops" else "parameters"
-    cost = CostModel(analysis, "macs" if target.kind == "flops" else "params")
+    cost = CostModel(analysis, metric)
     prunable_axes = {a for g in analysis.groups for u in g.units if not u.blocked for a in u.members}
     fixed = sum(v for t, v in zip(cost.terms, cost.values) if not prunable_axes.intersection(t.axes))
     reasons = [
-        f"{fixed / cost.original_total:.0%} of the {kind} are in layers whose channels cannot be pruned "
+        f"{fixed / cost.original_total:.0%} of the {metric.label} are in layers whose channels cannot be pruned "
         f"(blocked by: {blocked_summary(analysis)})"
     ]
     narrow = [g for g in analysis.groups if g.prunable and len(g.units) < 2 * constraints.round_to]
@@ -161,9 +160,10 @@ class Allocate(Pass):
     requires, provides = ("analysis", "scores"), ("plan", "removed_by_axis")
 
     def run(self, state: PruneState) -> PruneState:
-        target, constraints = state.config.target(), state.config.constraints()
-        plan = allocate(state.analysis, state.scores, target, constraints, TARGET_TOLERANCE)
-        check_reachable(state.analysis, target, plan, constraints)
+        config = state.config
+        target, constraints, metric = config.target(), config.constraints(), config.metric()
+        plan = allocate(state.analysis, state.scores, target, constraints, metric, TARGET_TOLERANCE)
+        check_reachable(state.analysis, target, plan, constraints, metric)
         state.plan = plan
         state.removed_by_axis = removed_indices(state.analysis, plan.removed)
         return state

@@ -40,7 +40,7 @@ def test_macs_match_an_independent_count(exported, name):
     spec = ARCHITECTURES[name]
     expected = torch_macs(spec.builder(), spec.input_shape)
     analysis = analyze_graph(load_model(exported(name)))
-    assert CostModel(analysis, "macs").total == expected
+    assert CostModel(analysis, "flops").total == expected
     if name == "resnet50":
         assert expected == 4_089_184_256
 
@@ -57,12 +57,12 @@ def test_params_match_the_torch_parameter_count(exported):
 @pytest.mark.parametrize("name", ["resnet_tiny_bottleneck", "mobilenet_v3_tiny", "yolo_c2f_tiny"])
 def test_predicted_cost_equals_cost_of_the_pruned_model(exported, tmp_path, name):
     result = prune_graph(load_model(exported(name)), PruneConfig(flops=0.5))
-    predicted = CostModel(result.analysis, "macs")
+    predicted = CostModel(result.analysis, "flops")
     for axis, indices in result.removed_by_axis.items():
         predicted.remove({axis: len(indices)})
     onnx.save(result.model, tmp_path / "pruned.onnx")
     measured = analyze_graph(load_model(tmp_path / "pruned.onnx"))
-    assert predicted.total == CostModel(measured, "macs").total
+    assert predicted.total == CostModel(measured, "flops").total
     assert predicted.total / predicted.original_total == pytest.approx(result.plan.achieved)
 
 
