@@ -37,10 +37,16 @@ class Fidelity:
     cosine: float
 
 
-def session_for(model: onnx.ModelProto, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
-    """A CPU session; ``optimize=False`` skips graph optimisations (quicker to create)."""
+def session_for(
+    model: onnx.ModelProto, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None
+) -> ort.InferenceSession:
+    """A CPU session; ``optimize=False`` skips graph optimisations (quicker to create);
+    ``profile_prefix`` turns on onnxruntime's profiler, writing ``<prefix>_<time>.json``."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
