@@ -9,6 +9,7 @@ from .analysis import Analysis, analyze_graph
 from .config import PruneConfig
 from .criteria import get_criterion
 from .ir import Graph, check_input_path, check_output_path, load_model
+from .latency import AllocateLatency
 from .pipeline import PassLike, Pipeline
 from .report import PruneReport
 from .stages import Allocate, Analyse, BuildReport, CollectStatistics, Load, MeasureLatency, Rewrite, Save, Score, Verify
@@ -19,13 +20,14 @@ __all__ = ["default_passes", "prune_graph", "prune", "analyze"]
 
 def default_passes(config: PruneConfig) -> list[PassLike]:
     """In memory, from a loaded graph to the verified pruned model: analyse, (calibrate), score,
-    allocate, (compensate), rewrite, verify. The criterion decides the optional passes."""
+    allocate, (compensate), rewrite, verify. The criterion decides the optional passes; a
+    ``latency`` target allocates on measured latency and times the result."""
     config.target(), config.constraints()
     criterion = get_criterion(config.criterion)
     passes: list[PassLike] = [Analyse()]
     if criterion.needs_statistics:
         passes.append(CollectStatistics())
-    passes += [Score(criterion), Allocate()]
+    passes += [Score(criterion), AllocateLatency() if config.target().kind == "latency" else Allocate()]
     if criterion.compensation is not None:
         passes.append(criterion.compensation())
     passes.append(Rewrite())

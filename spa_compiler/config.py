@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from .allocate import Constraints, Target
 from .cost import CostMetric, get_metric
@@ -16,11 +16,12 @@ TARGET_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Everything that decides the output. Exactly one of flops/params/ratio is set."""
+    """Everything that decides the output. Exactly one of flops/params/ratio/latency is set."""
 
     flops: float | None = None
     params: float | None = None
     ratio: float | None = None
+    latency: float | None = None
     criterion: str = "l2"
     scope: Literal["global", "uniform"] = "global"
     round_to: int = 16
@@ -37,14 +38,20 @@ class PruneConfig:
     calibration_batch: int = 16
 
     def target(self) -> Target:
-        given = [(k, v) for k, v in (("flops", self.flops), ("params", self.params), ("ratio", self.ratio)) if v is not None]
+        kinds = (("flops", self.flops), ("params", self.params), ("ratio", self.ratio), ("latency", self.latency))
+        given = [(k, v) for k, v in kinds if v is not None]
         if len(given) != 1:
-            raise TargetError("give exactly one target: --flops R, --params R or --ratio R (e.g. --flops 0.5)")
+            raise TargetError(
+                "give exactly one target: --flops R, --params R, --ratio R or --latency R (e.g. --flops 0.5)"
+            )
         return Target(*given[0])
 
-    def metric(self) -> CostMetric:
-        """The cost metric the target counts (MACs for a per-group ``ratio``)."""
+    def metric(self, progress: Callable[[str], None] | None = None) -> CostMetric:
+        """The cost metric the target counts (MACs for a per-group ``ratio``); the ``latency``
+        metric profiles under this run's constraints and tells ``progress`` how far it is."""
         kind = self.target().kind
+        if kind == "latency":
+            return get_metric(kind, constraints=self.constraints(), progress=progress)
         return get_metric("flops" if kind == "ratio" else kind)
 
     def constraints(self) -> Constraints:

@@ -10,6 +10,7 @@ step. Metrics are registered by the name of their target option (``--flops``, ``
   A Conv costs ``|Y| * |W| / Co`` MACs, i.e. the product of the sizes of Y's axes and W's axes
   1..; a Gemm or MatMul ``|Y| * K``. Each term is the product of its axes' sizes.
 - ``params``: every floating-point constant holds the product of its axis sizes.
+- ``latency``: onnxruntime latency measured on this machine (:mod:`spa_compiler.latency`).
 
 A new metric is a class with ``terms(analysis)``, registered with :func:`register_metric`.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -69,10 +70,12 @@ def register_metric(name: str) -> Callable[[type[CostMetric]], type[CostMetric]]
     return decorate
 
 
-def get_metric(name: str) -> CostMetric:
+def get_metric(name: str, **options: Any) -> CostMetric:
+    """A new instance of the metric registered as ``name``, given ``options`` (e.g. the
+    ``latency`` metric's constraints and progress callback)."""
     if name not in _METRICS:
         raise InputError(f"unknown cost metric '{name}'; available: {', '.join(sorted(_METRICS))}")
-    return _METRICS[name]()
+    return _METRICS[name](**options)
 
 
 def available_metrics() -> dict[str, str]:

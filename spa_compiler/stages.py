@@ -212,15 +212,16 @@ class Save(Pass):
 
 
 class MeasureLatency(Pass):
-    """onnxruntime latency before and after (one thread), unless ``bench_runs`` is 0 or the
-    model has custom ops onnxruntime cannot run."""
+    """onnxruntime latency before and after (one thread), unless ``bench_runs`` is 0, the
+    model has custom ops onnxruntime cannot run, or an earlier pass measured it (a ``latency``
+    target's allocation, whose measurement the report then shows)."""
 
     name, description = "latency", "measuring onnxruntime latency (1 thread, batch as bound)"
     requires = ("graph", "model")
 
     def run(self, state: PruneState) -> PruneState:
         config, graph = state.config, state.graph
-        if config.bench_runs and not custom_ops(graph):
+        if config.bench_runs and not custom_ops(graph) and state.latency_after_ms is None:
             feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, config.seed)
             state.latency_before_ms = measure_latency(graph.model, feeds, config.bench_runs)
             state.latency_after_ms = measure_latency(state.model, feeds, config.bench_runs)
