@@ -32,6 +32,8 @@ Examples:
 
   spa-prune model.onnx --params 0.6 --criterion l1 --scope uniform --round-to 16
 
+  spa-prune model.onnx --latency 0.5    (measured: onnxruntime, 1 thread, on this machine)
+
   spa-prune model.onnx --flops 0.5 --criterion obs --calib data.npz
 
   spa-prune model.onnx --analyze
@@ -76,6 +78,11 @@ def run(
     flops: Optional[float] = typer.Option(None, help="Keep at most this fraction of the FLOPs (MACs), e.g. 0.5."),
     params: Optional[float] = typer.Option(None, help="Keep at most this fraction of the parameters."),
     ratio: Optional[float] = typer.Option(None, help="Remove this fraction of the channels of every group."),
+    latency: Optional[float] = typer.Option(
+        None, help="Keep at most this fraction of the onnxruntime latency (1 thread, batch as bound), measured on "
+        "this machine: profiled per node, checked by timing the result (profiles cached in ~/.cache/spa-prune "
+        "or $SPA_PRUNE_CACHE).",
+    ),
     criterion: str = typer.Option("l2", help="Channel importance criterion (see --list-criteria)."),
     scope: str = typer.Option("global", help="global: rank channels across layers; uniform: same ratio everywhere."),
     round_to: int = typer.Option(
@@ -115,8 +122,9 @@ def run(
             render_analysis(analyze_model(model, shapes, tuple(exclude), prune_hidden, head_dims), console)
             return
         config = PruneConfig(
-            flops=flops, params=params, ratio=ratio, criterion=criterion, scope=scope, round_to=round_to,
-            min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden, head_dims=head_dims, input_shapes=shapes, seed=seed,
+            flops=flops, params=params, ratio=ratio, latency=latency, criterion=criterion, scope=scope,
+            round_to=round_to, min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden,
+            head_dims=head_dims, input_shapes=shapes, seed=seed,
             bench_runs=bench_runs, calibration=str(calib) if calib else None, calibration_samples=calib_samples,
             calibration_batch=calib_batch,
         )

@@ -163,6 +163,11 @@ def render_report(report: PruneReport, console: Console) -> None:
         f"target --{report.target_kind} {report.target_value:g} ({report.scope}, round-to {report.round_to}, "
         f"criterion {report.criterion}): {pruned} of {len(report.groups)} groups pruned"
     )
+    if report.target_kind == "latency":
+        console.print(
+            f"measured latency ratio {report.latency_ratio:.3f} (onnxruntime, 1 thread, batch as bound; CPU time "
+            f"of the inference thread, original and pruned model run in turns)"
+        )
     if report.fidelity is not None:
         f = report.fidelity
         console.print(
