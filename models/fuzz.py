@@ -260,30 +260,36 @@ class _Builder:
         shape = np.broadcast_shapes(self.shapes[a], self.shapes[b])
         return self.op(op, [a, b], tuple(shape))
 
-    def reshape(self, x: str, shape: tuple[int, ...], runtime_prefix: int = 0) -> str:
-        """Reshape to ``shape`` with a constant target (``0`` copying the batch, one ``-1`` at
-        times) or, when the first ``runtime_prefix`` sizes are ``x``'s own, a target computed
+    def reshape_target(self, x: str, shape: tuple[int, ...], runtime: dict[int, int] | None = None) -> str:
+        """A target to reshape ``x`` to ``shape``: constant (``0`` copying the batch, one ``-1``
+        at times) or, with ``runtime`` (output position -> axis of ``x`` of that size), computed
         at run time as PyTorch writes it (``Shape -> Gather -> Unsqueeze -> Concat``)."""
-        if runtime_prefix and self.choices.chance(0.4):
+        values: list[int] = list(shape)
+        if runtime and self.choices.chance(0.4):
             sizes = self.node("Shape", [x], [(len(self.shapes[x]),)], [TensorProto.INT64])[0]
+            fixed = [k for k in range(len(shape)) if k not in runtime]
+            if fixed and self.choices.chance(0.3):
+                values[self.choices.choice(fixed)] = -1
             parts = []
-            for k in range(runtime_prefix):
-                dim = self.node("Gather", [sizes, self.const(np.asarray(k, np.int64), "i")], [()],
+            for k in range(len(shape)):
+                if k not in runtime:
+                    parts.append(self.ints([values[k]]))
+                    continue
+                dim = self.node("Gather", [sizes, self.const(np.asarray(runtime[k], np.int64), "i")], [()],
                                 [TensorProto.INT64], axis=0)[0]
                 inputs, attrs = self.axes_param([dim], [0], 13)
                 parts.append(self.node("Unsqueeze", inputs, [(1,)], [TensorProto.INT64], **attrs)[0])
-            rest = list(shape[runtime_prefix:])
-            if rest and self.choices.chance(0.3):
-                rest[self.choices.integer(0, len(rest) - 1)] = -1
-            parts += [self.ints([d]) for d in rest]
-            target = self.node("Concat", parts, [(len(shape),)], [TensorProto.INT64], axis=0)[0]
-            return self.op("Reshape", [x, target], shape)
-        values = list(shape)
+            return self.node("Concat", parts, [(len(shape),)], [TensorProto.INT64], axis=0)[0]
         if self.shapes[x][0] == shape[0] and self.choices.chance(0.3):
             values[0] = 0
         if self.choices.chance(0.3):
             values[self.choices.integer(0, len(values) - 1)] = -1
-        return self.op("Reshape", [x, self.ints(values)], shape)
+        return self.ints(values)
+
+    def reshape(self, x: str, shape: tuple[int, ...], runtime: dict[int, int] | None = None,
+                target: str | None = None) -> str:
+        """Reshape ``x`` to ``shape`` with ``target``, or a new target (see ``reshape_target``)."""
+        return self.op("Reshape", [x, target or self.reshape_target(x, shape, runtime)], shape)
 
     def model(self, inputs: list[str], outputs: list[str], value_info: bool, dynamic_batch: bool,
               initializers_as_inputs: bool) -> onnx.ModelProto:
@@ -653,9 +659,9 @@ def _channel_shuffle(b: _Builder, x: str) -> str:
         raise _Skip
     g = b.choices.choice(groups)
     b.log.append(f"channel shuffle g{g}")
-    split = b.reshape(x, (n, g, c // g, h, w))
+    split = b.reshape(x, (n, g, c // g, h, w), runtime={0: 0, 3: 2, 4: 3})
     shuffled = b.op("Transpose", [split], (n, c // g, g, h, w), perm=[0, 2, 1, 3, 4])
-    return b.reshape(shuffled, (n, c, h, w))
+    return b.reshape(shuffled, (n, c, h, w), runtime={0: 0, 2: 3, 3: 4})
 
 
 def _concat_earlier(b: _Builder, x: str) -> str:
@@ -817,8 +823,11 @@ def _attention(b: _Builder, x: str) -> str:
         q, k, v = (b.linear(sequence, hidden) for _ in range(3))
         fused = ""
 
+    by_sequence = {0: 0, 1: 1}
+    shared = b.reshape_target(q, (n, length, heads, dim), by_sequence) if b.choices.chance(0.4) else None
+
     def split_heads(t: str, perm: list[int]) -> str:
-        t4 = b.reshape(t, (n, length, heads, dim), runtime_prefix=2)
+        t4 = b.reshape(t, (n, length, heads, dim), by_sequence, shared)
         out = tuple(b.shapes[t4][p] for p in perm)
         return b.op("Transpose", [t4], out, perm=perm)
 
@@ -831,10 +840,10 @@ def _attention(b: _Builder, x: str) -> str:
     probs = b.op("Softmax", [scores], b.shapes[scores], axis=-1 if b.opset >= 13 else 3)
     context = b.op("MatMul", [probs, vh], (n, heads, length, dim))
     merged = b.reshape(b.op("Transpose", [context], (n, length, heads, dim), perm=[0, 2, 1, 3]),
-                       (n, length, hidden), runtime_prefix=2)
+                       (n, length, hidden), by_sequence)
     y = b.op("Transpose", [b.linear(merged, c)], (n, c, length), perm=[0, 2, 1])
     y = b.reshape(y, (n, c, h, w))
-    b.log.append(f"attention{fused} {heads}x{dim}")
+    b.log.append(f"attention{fused} {heads}x{dim}" + " (one head-split target)" * bool(shared))
     return b.binary("Add", x, y) if b.choices.chance(0.6) else y
 
 
@@ -1078,7 +1087,9 @@ def _input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
 
 
 def _parameters(model: onnx.ModelProto) -> int:
-    return sum(math.prod(t.dims) for t in model.graph.initializer)
+    """Float weights, not the integer shape parameters a rewrite may add."""
+    floating = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    return sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floating)
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
