@@ -675,6 +675,28 @@ def _concat_earlier(b: _Builder, x: str) -> str:
     return b.op("Concat", parts, (n, sum(b.shapes[p][1] for p in parts), h, w), axis=1)
 
 
+def _spatial_join(b: _Builder, x: str) -> str:
+    """Two convolutions of one width stacked along the height (their channels are coupled one
+    to one), or the height split, the parts treated apart and concatenated back."""
+    n, c, h, w = _dims(b, x)
+    axis = b.choices.choice([2, 3, -1])
+    if b.choices.chance(0.5):
+        co = b.choices.integer(2, 12)
+        parts = [b.conv(x, co, 3, pad=1), b.conv(x, co, 1)]
+        b.log.append(f"two convs ->{co} concatenated along axis {axis}")
+    else:
+        side = b.shapes[x][axis]
+        if side < 2:
+            raise _Skip
+        first = b.choices.integer(1, side - 1)
+        top, bottom = b.split(x, axis, [first, side - first])
+        parts = [b.unary("Relu", top), b.binary("Mul", bottom, b.floats((c, 1, 1)))]
+        b.log.append(f"split along axis {axis}, concatenated back")
+    shape = list(b.shapes[parts[0]])
+    shape[axis] = sum(b.shapes[p][axis] for p in parts)
+    return b.op("Concat", parts, tuple(shape), axis=axis)
+
+
 def _channels_last_layout(b: _Builder, x: str) -> str:
     """Concat or Split along the last axis of the NHWC layout, between two Transposes."""
     n, c, h, w = _dims(b, x)
@@ -888,7 +910,7 @@ BLOCKS: dict[str, Callable[[_Builder, str], str]] = {
     "transpose": _transpose_round_trip, "pool": _pool, "resize": _resize, "pad": _pad, "center": _center,
     "depth_to_space": _depth_to_space, "attention": _attention, "barrier": _barrier, "expand": _expand,
     "squeeze": _squeeze_round_trip, "concat_earlier": _concat_earlier, "channels_last_layout": _channels_last_layout,
-    "spatial_gemm": _spatial_gemm, "height_linear": _height_linear, "conv1d": _conv1d,
+    "spatial_gemm": _spatial_gemm, "spatial_join": _spatial_join, "height_linear": _height_linear, "conv1d": _conv1d,
 }
 
 
