@@ -1,0 +1,97 @@
+"""Other pruning tools run on the same models, at the same FLOPs targets, for the accuracy benchmark.
+
+- **onnxsim 0.8.1** (``onnxsim.pruning``): ONNX in, like spa-prune.  Its own pipeline: ``simplify``
+  first (folds the weight ``Constant`` nodes of Paddle exports into initializers and BatchNorm into
+  the convolutions; without it nothing matches), then structured channel pruning
+  (``apply_structured_pruning_cpp``, L2 norm of each channel's weights, data-free) and attention
+  head pruning (``apply_attention_head_pruning_cpp``), or their calibrated Wanda versions
+  (``||W_row|| * ||X||``) followed by ``apply_pruning_finetune``, its least-squares re-fit of the
+  MatMul/Gemm layers against the original activations.  It removes the same fraction
+  ``sparsity`` of every chain it matches, so the channel counts depend on ``sparsity`` only; one
+  bisection over ``sparsity`` (data-free) serves both variants.
+- **Torch-Pruning 1.6.1**: PyTorch in, for tasks with a PyTorch model (``Task.torch_prune``),
+  bisected over its pruning ratio.
+
+Achieved FLOPs are counted on every output by spa-prune's own cost model (``flops_of``), the
+count spa-prune's own ratios use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from spa_compiler import CostModel, analyze
+
+from .tasks import Shapes
+
+__all__ = ["PeerError", "bisect_target", "flops_of", "onnxsim_prune", "onnxsim_simplify"]
+
+MAX_SPARSITY = 0.95
+BISECTION_STEPS = 6
+CALIBRATION_BATCH = 16
+
+
+class PeerError(RuntimeError):
+    """A peer tool cannot produce a model for a target."""
+
+
+def flops_of(path: str | Path, shapes: Shapes) -> float:
+    """MACs of the ONNX model at ``path`` with its inputs bound to ``shapes`` (spa-prune's cost model)."""
+    return CostModel(analyze(path, shapes), "flops").total
+
+
+def bisect_target(measure: Callable[[float], float], target: float,
+                  high: float = MAX_SPARSITY, steps: int = BISECTION_STEPS) -> tuple[float, float]:
+    """``(amount, achieved ratio)`` of the pruning amount in ``[0, high]`` whose FLOPs ratio
+    ``measure(amount)`` (decreasing in ``amount``) comes closest to ``target``, at or below it on
+    ties.  Tries ``high`` first: when even that misses the target, it is the closest the tool gets."""
+    tried = {high: measure(high)}
+    low = 0.0
+    if tried[high] < target:
+        for _ in range(steps):
+            middle = (low + high) / 2
+            tried[middle] = measure(middle)
+            low, high = (middle, high) if tried[middle] > target else (low, middle)
+    amount = min(tried, key=lambda a: (abs(tried[a] - target), tried[a] > target))
+    return amount, tried[amount]
+
+
+def onnxsim_simplify(source: Path, output: Path) -> Path:
+    """``onnxsim.simplify`` of ``source`` saved to ``output``: the model onnxsim's pruning works on."""
+    import onnxsim
+
+    model, checked = onnxsim.simplify(str(source))
+    if not checked:
+        raise PeerError("onnxsim.simplify could not verify its output")
+    onnx.save(model, str(output))
+    return output
+
+
+def _batches(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    count = len(next(iter(inputs.values())))
+    return [{name: array[start : start + CALIBRATION_BATCH] for name, array in inputs.items()}
+            for start in range(0, count, CALIBRATION_BATCH)]
+
+
+def onnxsim_prune(simplified: Path, sparsity: float, output: Path,
+                  calibration: dict[str, np.ndarray] | None = None) -> Path:
+    """onnxsim's channel and head pruning of ``simplified`` at ``sparsity``, saved to ``output``:
+    L2 magnitude without ``calibration``; with it, Wanda scores on those inputs (axis 0 = samples)
+    and then the least-squares re-fit of the MatMul/Gemm layers."""
+    import onnxsim
+
+    model = onnx.load(str(simplified))
+    if calibration is None:
+        pruned = onnxsim.apply_structured_pruning_cpp(model, sparsity=sparsity)
+        pruned = onnxsim.apply_attention_head_pruning_cpp(pruned, sparsity=sparsity)
+    else:
+        batches = _batches(calibration)
+        pruned = onnxsim.apply_structured_wanda_pruning(model, calibration_data=batches, sparsity=sparsity)
+        pruned = onnxsim.apply_attention_head_wanda_pruning(pruned, calibration_data=batches, sparsity=sparsity)
+        pruned = onnxsim.apply_pruning_finetune(model, pruned, calibration_data=batches)
+    onnx.save(pruned, str(output))
+    return output
