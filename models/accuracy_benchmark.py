@@ -1,0 +1,269 @@
+"""Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
+
+    python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits] [--flops 0.9,0.75,0.5]
+        [--criteria l2,obs] [--test-samples N] [--calib-samples N] [--no-peers] [--json results.json]
+
+Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint from test data):
+
+- ``rec``: PP-OCRv4 recogniser, character accuracy on rendered text lines (``models.ocr_tasks``);
+- ``cls``: PP-OCR direction classifier, 0/180 accuracy on the same lines, half upside down;
+- ``det``: PP-OCRv4 detector, text-line F1 on rendered pages;
+- ``minilm``: all-MiniLM-L6-v2, mean cosine and nearest-neighbour agreement of the pruned
+  sentence embeddings with the original ones (``models.minilm_task``);
+- ``digits``: the digits ResNet, top-1 accuracy on held-out images (``models.digits_task``).
+
+Each model is pruned to every ``--flops`` target through ``spa_compiler.prune`` with every
+``--criteria`` criterion: one data-free row per criterion, and a calibrated row for a criterion
+that uses activation statistics (``obs``: the ``.npz`` of ``--calib-samples`` calibration
+inputs).  Peers (``models.peers``): onnxsim's structured pruning, data-free and calibrated
+(Wanda + least-squares re-fit), and Torch-Pruning where a PyTorch model exists.  One table per
+task metric: a row per method, a column per target, cells ``metric (achieved FLOPs ratio)
+metric/unpruned``.  A failed pruning shows its error.  To iterate on one model::
+
+    from models.accuracy_benchmark import TASKS
+    task = TASKS["rec"]; source, shapes = task.source(); task.evaluate(source)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spa_compiler import PruneConfig, SpaError, get_criterion, prune
+
+from .digits_task import DigitsTask
+from .minilm_task import MiniLMTask
+from .ocr_tasks import ClsTask, DetTask, RecTask
+from .peers import PeerError, bisect_target, flops_of, onnxsim_prune, onnxsim_simplify
+from .table import print_table, write_json
+from .tasks import Task
+
+__all__ = ["TASKS", "TASK_TYPES", "Cell", "main", "method_rows", "run_task"]
+
+TASK_TYPES: dict[str, type[Task]] = {
+    task.name: task for task in (RecTask, ClsTask, DetTask, MiniLMTask, DigitsTask)
+}
+TASKS: dict[str, Task] = {name: task() for name, task in TASK_TYPES.items()}
+"""One instance of every task with its default number of test samples (built lazily)."""
+
+TARGETS = (0.9, 0.75, 0.5)
+CALIBRATION_SAMPLES = 128
+ERROR_WIDTH = 40
+TORCH_PRUNING_MAX = 0.75
+"""Largest Torch-Pruning ratio tried: above it, its global pruning is no longer monotone in FLOPs
+(on the digits ResNet 0.8 leaves 0.14 of the FLOPs, 0.9 leaves 0.45 and 0.95 prunes nothing)."""
+
+
+@dataclass
+class Cell:
+    """One pruned model: its metrics and achieved FLOPs ratio, or the error that stopped it."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    flops_ratio: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A table row: spa-prune with ``criterion`` (``tool`` "spa-prune") or a peer tool."""
+
+    label: str
+    tool: str
+    criterion: str = ""
+    calibrated: bool = False
+
+
+def method_rows(criteria: list[str], task: Task, peers: bool) -> list[Method]:
+    """spa-prune rows (a calibrated one too for criteria that collect statistics), then peers."""
+    rows = []
+    for criterion in criteria:
+        try:
+            data_aware = get_criterion(criterion).needs_statistics
+        except SpaError:
+            data_aware = False  # the error shows in the row's cells
+        if data_aware:
+            rows += [Method(f"{criterion} (data-free)", "spa-prune", criterion),
+                     Method(f"{criterion} (calibrated)", "spa-prune", criterion, calibrated=True)]
+        else:
+            rows.append(Method(criterion, "spa-prune", criterion))
+    if peers:
+        rows += [Method("onnxsim l2", "onnxsim"), Method("onnxsim wanda+refit", "onnxsim", calibrated=True)]
+        if task.torch_pruning:
+            rows.append(Method("Torch-Pruning l2", "torch-pruning"))
+    return rows
+
+
+class _Run:
+    """Prunes one task's model every way into ``folder``, reusing the peers' bisections."""
+
+    def __init__(self, task: Task, folder: Path, calibration_samples: int) -> None:
+        self.task, self.folder = task, folder
+        self.source, self.shapes = task.source()
+        self.calibration_path = task.calibration(folder / f"{task.name}_calibration.npz", calibration_samples)
+        with np.load(self.calibration_path) as data:
+            self.calibration = {name: data[name] for name in data.files}
+        self.calibration_samples = calibration_samples
+        self.original_flops = flops_of(self.source, self.shapes)
+
+    def ratio(self, path: Path) -> float:
+        return flops_of(path, self.shapes) / self.original_flops
+
+    def prune(self, method: Method, target: float, output: Path) -> float:
+        """Write the pruned model to ``output``; return its FLOPs ratio."""
+        if method.tool == "spa-prune":
+            config = PruneConfig(
+                flops=target, criterion=method.criterion, input_shapes=self.shapes, round_to=self.task.round_to,
+                calibration=str(self.calibration_path) if method.calibrated else None,
+                calibration_samples=self.calibration_samples, bench_runs=0,
+            )
+            return prune(self.source, output, config).flops_ratio
+        if method.tool == "onnxsim":
+            calibration = self.calibration if method.calibrated else None
+            onnxsim_prune(self.simplified, self.onnxsim_sparsity(target), output, calibration)
+            return self.ratio(output)
+        amount, ratio = bisect_target(self._torch_pruning_ratio, target, TORCH_PRUNING_MAX)
+        shutil.copyfile(self._torch_pruned(amount), output)
+        return ratio
+
+    @functools.cached_property
+    def simplified(self) -> Path:
+        """The source as simplified by onnxsim, the model its pruning works on."""
+        return onnxsim_simplify(self.source, self.folder / f"{self.task.name}_onnxsim.onnx")
+
+    def onnxsim_sparsity(self, target: float) -> float:
+        """The sparsity whose data-free onnxsim pruning comes closest to ``target``."""
+        sparsity, ratio = bisect_target(self._onnxsim_ratio, target)
+        if ratio > 0.999:
+            raise PeerError("onnxsim matches no prunable layer chain in this model")
+        return sparsity
+
+    @functools.cache
+    def _onnxsim_ratio(self, sparsity: float) -> float:
+        return self.ratio(onnxsim_prune(self.simplified, sparsity, self.folder / "onnxsim_probe.onnx"))
+
+    @functools.cache
+    def _torch_pruned(self, amount: float) -> Path:
+        return self.task.torch_prune(amount, self.folder / f"torch_pruning_{amount:.5f}.onnx")
+
+    def _torch_pruning_ratio(self, amount: float) -> float:
+        return self.ratio(self._torch_pruned(amount))
+
+
+def _short(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
+
+
+def run_task(task: Task, methods: list[Method], targets: tuple[float, ...], folder: Path,
+             calibration_samples: int) -> dict[str, Any]:
+    """Unpruned metrics, then a ``Cell`` per (method label, target); progress on stdout."""
+    start = time.perf_counter()
+    run = _Run(task, folder, calibration_samples)
+    unpruned = task.metrics(run.source)
+    print(f"[{task.name}] {task.description}: unpruned {_metric_text(task, unpruned)} "
+          f"(setup {time.perf_counter() - start:.1f} s)", flush=True)
+    cells: dict[str, dict[float, Cell]] = {}
+    for method in methods:
+        for target in targets:
+            output = folder / f"{task.name}_{method.label.replace(' ', '_')}_{target:g}.onnx"
+            clock = time.perf_counter()
+            cell = Cell()
+            try:
+                cell.flops_ratio = run.prune(method, target, output)
+                cell.metrics = task.metrics(output)
+            except SpaError as error:
+                cell.error = _short(error)
+            except Exception as error:  # a peer's failure is a result; so is a model that does not run
+                if method.tool == "spa-prune" and cell.flops_ratio is None:
+                    raise
+                cell.error = _short(error)
+            cell.seconds = time.perf_counter() - clock
+            cells.setdefault(method.label, {})[target] = cell
+            outcome = cell.error or f"{_metric_text(task, cell.metrics)} at FLOPs {cell.flops_ratio:.3f}"
+            print(f"[{task.name}] {method.label} --flops {target:g}: {outcome} ({cell.seconds:.1f} s)", flush=True)
+    return {"task": task, "unpruned": unpruned, "cells": cells, "seconds": time.perf_counter() - start}
+
+
+def _metric_text(task: Task, metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {metrics[name]:.3f}" for name in task.metric_names)
+
+
+def _cell_text(cell: Cell, metric: str, unpruned: float) -> str:
+    if cell.error is not None:
+        return cell.error if len(cell.error) <= ERROR_WIDTH else cell.error[: ERROR_WIDTH - 3] + "..."
+    value = cell.metrics[metric]
+    retained = f"{value / unpruned:.0%}" if unpruned else "-"
+    return f"{value:.3f} ({cell.flops_ratio:.3f}) {retained:>4s}"
+
+
+def render(result: dict[str, Any], targets: tuple[float, ...]) -> None:
+    """Print one table per metric of the task, then the full text of any error."""
+    task: Task = result["task"]
+    for metric in task.metric_names:
+        unpruned = result["unpruned"][metric]
+        print(f"\n{task.name}: {task.description}; {metric}, unpruned {unpruned:.3f}; "
+              "cells: metric (achieved FLOPs ratio) metric/unpruned")
+        rows = [{"method": label, **{str(t): _cell_text(cells[t], metric, unpruned) for t in targets}}
+                for label, cells in result["cells"].items()]
+        width = max([22, *(len(row[str(t)]) for row in rows for t in targets)])
+        print_table(rows, [("method", "method", "22s"), *((str(t), f"--flops {t:g}", f"{width}s") for t in targets)])
+    for label, cells in result["cells"].items():
+        for target, cell in cells.items():
+            if cell.error is not None and len(cell.error) > ERROR_WIDTH:
+                print(f"  {label} at --flops {target:g}: {cell.error}")
+
+
+def _as_json(result: dict[str, Any]) -> dict[str, Any]:
+    task: Task = result["task"]
+    return {
+        "task": task.name, "description": task.description, "unpruned": result["unpruned"],
+        "seconds": result["seconds"],
+        "cells": {label: {str(t): vars(cell) for t, cell in cells.items()} for label, cells in result["cells"].items()},
+    }
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(value) for value in text.split(","))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASK_TYPES), help="comma-separated, of: %(default)s")
+    parser.add_argument("--flops", type=_floats, default=TARGETS, help="FLOPs targets (default 0.9,0.75,0.5)")
+    parser.add_argument("--criteria", default="l2,obs", help="spa-prune criteria (default %(default)s)")
+    parser.add_argument("--test-samples", type=int, help="test samples per task (default: each task's own)")
+    parser.add_argument("--calib-samples", type=int, default=CALIBRATION_SAMPLES, help="default %(default)s")
+    parser.add_argument("--no-peers", action="store_true", help="spa-prune rows only")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    names = args.tasks.split(",")
+    unknown = sorted(set(names) - set(TASK_TYPES))
+    if unknown:
+        parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASK_TYPES)}")
+    start = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="spa_accuracy_") as name:
+        for task_name in names:
+            task = TASK_TYPES[task_name](args.test_samples)
+            methods = method_rows(args.criteria.split(","), task, not args.no_peers)
+            folder = Path(name) / task_name
+            folder.mkdir()
+            results.append(run_task(task, methods, args.flops, folder, args.calib_samples))
+            render(results[-1], args.flops)
+    print(f"\n==== all tables ({time.perf_counter() - start:.0f} s in all) ====")
+    for result in results:
+        render(result, args.flops)
+    write_json(args.json, [_as_json(result) for result in results])
+    return results
+
+
+if __name__ == "__main__":
+    main()
