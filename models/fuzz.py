@@ -1205,7 +1205,9 @@ class Summary:
         return sum(o.status == status for o in self.outcomes.values())
 
     def blocked_by(self) -> Counter:
-        return Counter(o.reason for o in self.outcomes.values() if o.status == "blocked")
+        """Fully blocked graphs by what blocked them; a graph blocked by several ops counts
+        under each."""
+        return Counter(r for o in self.outcomes.values() if o.status == "blocked" for r in o.reason.split("; "))
 
     def failures(self) -> dict[int, Outcome]:
         return {s: o for s, o in self.outcomes.items() if o.status == "failed"}
@@ -1226,7 +1228,7 @@ def _print_summary(summary: Summary, seconds: float) -> None:
     total = len(summary.outcomes)
     print(f"{total} graphs in {seconds:.0f} s")
     print(f"  pruned exactly  {summary.count('pruned'):5d}")
-    print(f"  fully blocked   {summary.count('blocked'):5d}")
+    print(f"  fully blocked   {summary.count('blocked'):5d}   by (a graph blocked by several ops counts under each):")
     for reason, count in summary.blocked_by().most_common():
         print(f"    {count:5d}  {reason}")
     failures = summary.failures()
