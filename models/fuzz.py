@@ -838,22 +838,28 @@ def _attention(b: _Builder, x: str) -> str:
     heads, dim = b.choices.integer(1, 4), b.choices.integer(1, 4)
     hidden = heads * dim
     sequence = b.op("Transpose", [b.reshape(x, (n, c, length))], (n, length, c), perm=[0, 2, 1])
-    if b.choices.chance(0.4):
-        q, k, v = b.split(b.linear(sequence, 3 * hidden), -1, [hidden] * 3)
-        fused = " fused"
-    else:
-        q, k, v = (b.linear(sequence, hidden) for _ in range(3))
-        fused = ""
-
     by_sequence = {0: 0, 1: 1}
-    shared = b.reshape_target(q, (n, length, heads, dim), by_sequence) if b.choices.chance(0.4) else None
+    form = b.choices.choice(["separate", "fused", "fused into [3, heads, dim]"])
+    shared = None
+    if form == "fused into [3, heads, dim]":
+        qkv = b.reshape(b.linear(sequence, 3 * hidden), (n, length, 3, heads, dim), by_sequence)
+        stacked = b.op("Transpose", [qkv], (3, n, heads, length, dim), perm=[2, 0, 3, 1, 4])
+        qh, k, vh = _unstack(b, stacked)
+        kh = b.op("Transpose", [k], (n, heads, dim, length), perm=[0, 1, 3, 2])
+    else:
+        if form == "fused":
+            q, k, v = b.split(b.linear(sequence, 3 * hidden), -1, [hidden] * 3)
+        else:
+            q, k, v = (b.linear(sequence, hidden) for _ in range(3))
+        if b.choices.chance(0.4):
+            shared = b.reshape_target(q, (n, length, heads, dim), by_sequence)
 
-    def split_heads(t: str, perm: list[int]) -> str:
-        t4 = b.reshape(t, (n, length, heads, dim), by_sequence, shared)
-        out = tuple(b.shapes[t4][p] for p in perm)
-        return b.op("Transpose", [t4], out, perm=perm)
+        def split_heads(t: str, perm: list[int]) -> str:
+            t4 = b.reshape(t, (n, length, heads, dim), by_sequence, shared)
+            out = tuple(b.shapes[t4][p] for p in perm)
+            return b.op("Transpose", [t4], out, perm=perm)
 
-    qh, kh, vh = split_heads(q, [0, 2, 1, 3]), split_heads(k, [0, 2, 3, 1]), split_heads(v, [0, 2, 1, 3])
+        qh, kh, vh = split_heads(q, [0, 2, 1, 3]), split_heads(k, [0, 2, 3, 1]), split_heads(v, [0, 2, 1, 3])
     scores = b.op("MatMul", [qh, kh], (n, heads, length, length))
     if b.choices.chance(0.5):
         scores = b.binary("Mul", scores, b.const(np.float32(1 / math.sqrt(dim))))
@@ -865,8 +871,22 @@ def _attention(b: _Builder, x: str) -> str:
                        (n, length, hidden), by_sequence)
     y = b.op("Transpose", [b.linear(merged, c)], (n, c, length), perm=[0, 2, 1])
     y = b.reshape(y, (n, c, h, w))
-    b.log.append(f"attention{fused} {heads}x{dim}" + " (one head-split target)" * bool(shared))
+    b.log.append(f"attention ({form}) {heads}x{dim}" + " (one head-split target)" * bool(shared))
     return b.binary("Add", x, y) if b.choices.chance(0.6) else y
+
+
+def _unstack(b: _Builder, stacked: str) -> list[str]:
+    """The three parts of a ``[3, ...]`` tensor, by Gather of a scalar index, by Split or by
+    Slice then Squeeze of the leading axis."""
+    part = b.shapes[stacked][1:]
+    how = b.choices.choice(["gather", "split", "slice"])
+    if how == "gather":
+        return [b.op("Gather", [stacked, b.const(np.asarray(i, np.int64), "i")], part, axis=0) for i in range(3)]
+    if how == "split":
+        pieces = b.split(stacked, 0, [1, 1, 1])
+    else:
+        pieces = [b.op("Slice", [stacked, b.ints([i]), b.ints([i + 1]), b.ints([0])], (1, *part)) for i in range(3)]
+    return [b.squeeze(p, [0]) for p in pieces]
 
 
 def _barrier(b: _Builder, x: str) -> str:

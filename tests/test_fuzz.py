@@ -47,9 +47,11 @@ def test_random_graphs_prune_exactly_or_refuse(data, workdir):
 # Seeds of `python -m models.fuzz`: a pattern of the graph and what the oracle finds.
 PINNED = [
     # single-head attention: Q·Kᵀ contracts the head dimensions, zeroed at the projections
-    (101, "attention 1x3", Outcome("pruned", "26 of 33 channels in 4 groups")),
-    # two heads from a fused projection, q, k and v split by one shared run-time target
-    (211, "attention fused 2x2 (one head-split target)", Outcome("pruned", "7 of 16 channels in 1 groups")),
+    (101, "attention (separate) 1x3", Outcome("pruned", "26 of 33 channels in 4 groups")),
+    # a fused projection reshaped to [3, heads, dim], transposed and cut into q, k and v
+    (211, "attention (fused into [3, heads, dim]) 2x2", Outcome("pruned", "14 of 32 channels in 2 groups")),
+    # three heads of a fused projection split by one target shared by q, k and v
+    (346, "attention (fused) 3x2 (one head-split target)", Outcome("pruned", "1 of 4 channels in 1 groups")),
     # Softmax over the channels of the only convolution
     (72, "Softmax over channels", Outcome("blocked", "Softmax: does not map this axis")),
     # a batch named N, and the weights listed among the graph inputs
