@@ -27,14 +27,17 @@ from __future__ import annotations
 import numpy as np
 
 from spa_compiler.analysis import Group
-from spa_compiler.calibrate import ConsumerLayer
+from spa_compiler.calibrate import ConsumerLayer, LayerStatistics
 from spa_compiler.criteria import Criterion, ScoreContext, register_criterion
 from spa_compiler.pipeline import Pass
 from spa_compiler.state import PruneState
 
 from .magnitude import L2Magnitude
 
-__all__ = ["OBS", "OBSRelative", "OBSCompensation", "removal_costs", "compensated", "feature_columns", "DAMPING"]
+__all__ = [
+    "OBS", "OBSRelative", "OBSCompensation", "removal_costs", "compensated", "compensate_layer", "feature_columns",
+    "DAMPING",
+]
 
 DAMPING = 0.01
 
@@ -68,6 +71,23 @@ def augmented(layer: ConsumerLayer, constants: dict[str, np.ndarray]) -> np.ndar
     return np.hstack([matrix, bias[:, None]])
 
 
+def compensate_layer(stats: LayerStatistics, constants: dict[str, np.ndarray], channels: np.ndarray) -> dict[str, np.ndarray]:
+    """New values of the layer's weight (and bias) once its input ``channels`` are removed,
+    at the original shapes (the removed columns become zero)."""
+    layer = stats.layer
+    weights = augmented(layer, constants)
+    columns = feature_columns(channels, layer.features_per_channel)
+    inverse = stats.inverse(DAMPING, with_bias=layer.bias is not None)
+    result = compensated(weights if layer.bias else weights[:, :-1], inverse, columns)
+    updates = {layer.weight: layer.from_matrix(result[:, : weights.shape[1] - 1], constants[layer.weight])}
+    if layer.bias:
+        bias = constants[layer.bias]
+        updates[layer.bias] = (
+            result[:, -1].reshape(-1, layer.rows_per_output).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
+        )
+    return updates
+
+
 class OBSCompensation(Pass):
     """After allocation, re-fit every consumer layer that lost input channels:
     ``W ← W − W[:, B] ((H⁻¹)_BB)⁻¹ (H⁻¹)[B, :]`` with the bias as the constant feature."""
@@ -76,22 +96,11 @@ class OBSCompensation(Pass):
     requires, provides = ("analysis", "statistics", "removed_by_axis"), ("compensated",)
 
     def run(self, state: PruneState) -> PruneState:
-        constants = state.analysis.graph.constants
         for stats in state.statistics.values():
-            layer = stats.layer
-            channels = state.removed_by_axis.get(state.analysis.axis_id(layer.weight, layer.axis))
-            if channels is None or not len(channels):
-                continue
-            weights = augmented(layer, constants)
-            columns = feature_columns(channels, layer.features_per_channel)
-            inverse = stats.inverse(DAMPING, with_bias=layer.bias is not None)
-            result = compensated(weights if layer.bias else weights[:, :-1], inverse, columns)
-            state.compensated[layer.weight] = layer.from_matrix(result[:, : weights.shape[1] - 1], constants[layer.weight])
-            if layer.bias:
-                bias = constants[layer.bias]
-                state.compensated[layer.bias] = (
-                    result[:, -1].reshape(-1, layer.rows_per_output).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
-                )
+            axis = state.analysis.axis_id(stats.layer.weight, stats.layer.axis)
+            channels = state.removed_by_axis.get(axis)
+            if channels is not None and len(channels):
+                state.compensated.update(compensate_layer(stats, state.analysis.graph.constants, channels))
         return state
 
 

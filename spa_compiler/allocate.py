@@ -27,7 +27,7 @@ from .analysis import Analysis, Group
 from .cost import CostMetric, CostModel
 from .errors import TargetError
 
-__all__ = ["Target", "Constraints", "Plan", "allocate"]
+__all__ = ["Target", "Constraints", "Plan", "allocate", "unit_counts", "COST_EXPONENT"]
 
 Scope = Literal["global", "uniform"]
 
@@ -125,14 +125,14 @@ def _fits(cost: CostModel, counts: dict[int, int]) -> bool:
 COST_EXPONENT = 0.5
 
 
-def _priority(cost: CostModel, steps: _GroupSteps, step: list[int]) -> float:
+def _priority(cost: CostModel, steps: _GroupSteps, step: list[int], exponent: float) -> float:
     saving = cost.saving(unit_counts(steps.group, step))
-    return float(steps.scores[step].sum()) / saving**COST_EXPONENT if saving > 0 else math.inf
+    return float(steps.scores[step].sum()) / saving**exponent if saving > 0 else math.inf
 
 
 def _allocate_global(
     analysis: Analysis, scores: dict[int, np.ndarray], cost: CostModel, budget: float, floor: float,
-    c: Constraints,
+    c: Constraints, exponent: float,
 ) -> dict[int, list[int]]:
     """Greedy removal down to ``budget``; a step that would go below ``floor`` is set aside
     and taken at the end only if no other step lands between the two."""
@@ -142,12 +142,12 @@ def _allocate_global(
     for gid, state in states.items():
         step = state.next_step()
         if step:
-            heapq.heappush(heap, (_priority(cost, state, step), gid))
+            heapq.heappush(heap, (_priority(cost, state, step, exponent), gid))
     while heap and cost.total > budget:
         priority, gid = heapq.heappop(heap)
         state = states[gid]
         step = state.next_step()
-        current = _priority(cost, state, step)
+        current = _priority(cost, state, step, exponent)
         if current > priority + 1e-12 and heap and current > heap[0][0]:
             heapq.heappush(heap, (current, gid))
             continue
@@ -163,7 +163,7 @@ def _allocate_global(
         state.take(step)
         following = state.next_step()
         if following:
-            heapq.heappush(heap, (_priority(cost, state, following), gid))
+            heapq.heappush(heap, (_priority(cost, state, following, exponent), gid))
     if cost.total > budget and set_aside:
         def remaining(gid: int) -> float:
             return cost.total - cost.saving(unit_counts(states[gid].group, states[gid].next_step()))
@@ -224,10 +224,13 @@ def _allocate_uniform(analysis, scores, metric, budget_ratio, c) -> dict[int, li
 
 def allocate(
     analysis: Analysis, scores: dict[int, np.ndarray], target: Target, c: Constraints, metric: CostMetric,
-    tolerance: float = 0.02,
+    tolerance: float = 0.02, cost_exponent: float = COST_EXPONENT,
 ) -> Plan:
     """Choose the units to remove. ``scores`` are normalised per group (higher = keep).
-    ``metric`` is the target's cost metric (MACs for a ``ratio`` target, for the figure)."""
+    ``metric`` is the target's cost metric (MACs for a ``ratio`` target, for the figure).
+    Global removal steps are ranked by score over saving to the power ``cost_exponent``: 0.5 for
+    criterion scores (see the module docstring), 1 for measured output distortions, whose ratio
+    to the cost saved is the knapsack's greedy order."""
     if target.kind == "ratio":
         removed = _uniform_removal(analysis, scores, target.value, c)
         return Plan(removed, _cost_after(analysis, metric, removed))
@@ -239,6 +242,6 @@ def allocate(
     else:
         total = cost.original_total
         removed = _allocate_global(
-            analysis, scores, cost, target.value * total, (target.value - tolerance) * total, c
+            analysis, scores, cost, target.value * total, (target.value - tolerance) * total, c, cost_exponent
         )
     return Plan(removed, _cost_after(analysis, metric, removed))

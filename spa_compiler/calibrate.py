@@ -43,6 +43,11 @@ from .verify import session_for
 __all__ = [
     "ConsumerLayer",
     "LayerStatistics",
+    "PairedStatistics",
+    "PairedRunner",
+    "with_weight_inputs",
+    "fixed_batch",
+    "layer_features",
     "consumer_layers",
     "load_calibration",
     "synthetic_calibration",
@@ -121,6 +126,23 @@ class LayerStatistics:
             scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
             cache[key] = np.linalg.inv(hessian + damping * scale * np.eye(len(hessian)))
         return cache[key]
+
+
+@dataclass
+class PairedStatistics:
+    """What re-fitting a layer on a pruned network's inputs toward the original outputs needs:
+    ``gram = Σ x̃ x̃ᵀ`` over the pruned input's features and ``cross = Σ x̃ xᵀ`` against the
+    original input's features at the same positions, both with a trailing constant 1."""
+
+    layer: ConsumerLayer
+    gram: np.ndarray
+    cross: np.ndarray
+
+    def add(self, pruned: np.ndarray, original: np.ndarray) -> None:
+        ones = np.ones((len(pruned), 1))
+        pruned = np.hstack([pruned.astype(np.float64), ones])
+        self.gram += pruned.T @ pruned
+        self.cross += pruned.T @ np.hstack([original.astype(np.float64), ones])
 
 
 def _bias_of(graph: Graph, node: Node, outputs: int) -> str | None:
@@ -227,9 +249,11 @@ def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.nd
     windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
     windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
     n, c, oh, ow = windows.shape[:4]
-    flat = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c, *kernel)
-    if rows is not None:
-        flat = flat[rows]
+    if rows is None:
+        flat = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c, *kernel)
+    else:
+        sample, position = np.divmod(np.asarray(rows), oh * ow)
+        flat = windows[sample, :, position // ow, position % ow]  # [rows, c, kh, kw], gathered directly
     return flat.reshape(flat.shape[0], -1)
 
 
@@ -243,24 +267,40 @@ def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
     return begin + end
 
 
-def _features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray:
+def _sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray | None:
+    """At most ``max_rows`` of the layer's feature rows (patch positions or tokens) of the batch
+    ``x``, a seeded random sorted subset; None for all."""
+    if layer.patches:
+        out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
+        total = x.shape[0] * out[2] * out[3]
+    else:
+        total = x.size // x.shape[1 if layer.op_type == "Conv" else -1]
+    return None if total <= max_rows else np.sort(rng.choice(total, max_rows, replace=False))
+
+
+def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The layer's feature rows of its input batch ``x`` (im2col patches, pixels or tokens);
+    ``x`` may have fewer channels than the original (a pruned model's activation)."""
     if layer.patches:
         node = graph.node_by_name[layer.node]
-        kernel = graph.constants[layer.weight].shape[2:]
-        out = graph.shapes[node.outputs[0]]
-        positions = x.shape[0] * out[2] * out[3]
-        rows = None if positions <= max_rows else np.sort(rng.choice(positions, max_rows, replace=False))
-        return conv_patches(x, node, kernel, rows)
+        return conv_patches(x, node, graph.constants[layer.weight].shape[2:], rows)
     flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if layer.op_type == "Conv" else x.reshape(-1, x.shape[-1])
-    if flat.shape[0] > max_rows:
-        flat = flat[np.sort(rng.choice(flat.shape[0], max_rows, replace=False))]
-    return flat
+    return flat if rows is None else flat[rows]
+
+
+def _feature_width(layer: ConsumerLayer, shape: tuple[int, ...]) -> int:
+    return shape[1] * layer.features_per_channel if layer.op_type == "Conv" else shape[-1]
 
 
 def _batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
     total = len(next(iter(arrays.values())))
     for start in range(0, total, size):
         yield {name: a[start:start + size] for name, a in arrays.items()}
+
+
+def fixed_batch(graph: Graph) -> bool:
+    """Whether any graph input's batch dimension is fixed (then samples run one at a time)."""
+    return any(_fixed_batch(graph, name) for name in graph.inputs)
 
 
 def _fixed_batch(graph: Graph, name: str) -> bool:
@@ -288,13 +328,12 @@ def collect_statistics(
     """Run ``data`` through the model batch by batch (one sample at a time when the model's
     batch dimension is fixed) and accumulate every layer's ``H``."""
     activations = sorted({layer.activation for layer in layers})
-    if any(_fixed_batch(graph, name) for name in graph.inputs):
+    if fixed_batch(graph):
         batch_size = 1
     session = session_for(_exposing(graph.model, activations), optimize=False)
     stats = {}
     for layer in layers:
-        width = graph.shapes[layer.activation][1] * layer.features_per_channel if layer.op_type == "Conv" \
-            else graph.shapes[layer.activation][-1]
+        width = _feature_width(layer, graph.shapes[layer.activation])
         stats[layer.node] = LayerStatistics(layer, np.zeros((width + 1, width + 1)))
     rng = np.random.default_rng(seed)
     total = len(next(iter(data.values())))
@@ -304,10 +343,67 @@ def collect_statistics(
         values = dict(zip(activations, session.run(activations, feeds)))
         for layer in layers:
             budget = -(-min(ROWS_PER_FEATURE * len(stats[layer.node].hessian), MAX_ROWS) // batches)
-            stats[layer.node].add(_features(layer, graph, values[layer.activation], rng, budget))
+            x = values[layer.activation]
+            stats[layer.node].add(layer_features(layer, graph, x, _sample_rows(layer, graph, x, rng, budget)))
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, total)
     for layer_stats in stats.values():
         layer_stats.flush()
     return stats
+
+
+def with_weight_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are also graph inputs: onnxruntime then
+    takes new values for them with every run, so changed weights need no new session."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    declared = {i.name for i in probe.graph.input}
+    for tensor in probe.graph.initializer:
+        if tensor.name in names and tensor.name not in declared:
+            probe.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return probe
+
+
+class PairedRunner:
+    """The original model and a pruned one (same tensor names, fewer channels) run side by side
+    on the same inputs. The pruned model's ``weights`` are graph inputs, so each run may give
+    them new values; onnxruntime computes only what the requested activations need."""
+
+    def __init__(self, graph: Graph, pruned: onnx.ModelProto, layers: list[ConsumerLayer], weights: set[str]) -> None:
+        self.graph = graph
+        activations = sorted({layer.activation for layer in layers})
+        self.original = session_for(_exposing(graph.model, activations))
+        self.pruned = session_for(with_weight_inputs(_exposing(pruned, activations), weights))
+        self.batch_size = 1 if fixed_batch(graph) else None
+
+    def statistics(
+        self,
+        layers: list[ConsumerLayer],
+        data: dict[str, np.ndarray],
+        weights: dict[str, np.ndarray],
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> dict[str, PairedStatistics]:
+        """Every layer's :class:`PairedStatistics`, the rows of both models taken at the same
+        positions; the pruned model runs with ``weights``."""
+        graph = self.graph
+        activations = sorted({layer.activation for layer in layers})
+        batch_size = self.batch_size or batch_size
+        stats: dict[str, PairedStatistics] = {}
+        rng = np.random.default_rng(seed)
+        batches = -(-len(next(iter(data.values()))) // batch_size)
+        for feeds in _batches(data, batch_size):
+            original = dict(zip(activations, self.original.run(activations, feeds)))
+            narrowed = dict(zip(activations, self.pruned.run(activations, {**feeds, **weights})))
+            for layer in layers:
+                x, x_pruned = original[layer.activation], narrowed[layer.activation]
+                if layer.node not in stats:
+                    width, pruned_width = _feature_width(layer, x.shape) + 1, _feature_width(layer, x_pruned.shape) + 1
+                    stats[layer.node] = PairedStatistics(
+                        layer, np.zeros((pruned_width, pruned_width)), np.zeros((pruned_width, width))
+                    )
+                budget = -(-min(ROWS_PER_FEATURE * stats[layer.node].cross.shape[1], MAX_ROWS) // batches)
+                rows = _sample_rows(layer, graph, x, rng, budget)
+                stats[layer.node].add(layer_features(layer, graph, x_pruned, rows), layer_features(layer, graph, x, rows))
+        return stats

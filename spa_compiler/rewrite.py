@@ -20,7 +20,7 @@ from .errors import VerificationError
 from .ir import Node
 from .ops import get_rule
 
-__all__ = ["removed_indices", "rewrite_model", "expected_shapes"]
+__all__ = ["removed_indices", "rewrite_model", "expected_shapes", "slice_constant"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,17 @@ def removed_indices(analysis: Analysis, removed: dict[int, list[int]]) -> dict[i
             for axis, indices in groups[gid].units[k].members.items():
                 parts.setdefault(axis, []).append(indices)
     return {axis: np.unique(np.concatenate(chunks)) for axis, chunks in parts.items()}
+
+
+def slice_constant(analysis: Analysis, removed_by_axis: dict[int, np.ndarray], name: str, value: np.ndarray) -> np.ndarray:
+    """``value`` (constant ``name`` at its original shape) without the indices leaving its axes;
+    ``value`` itself when nothing leaves."""
+    for axis in range(value.ndim):
+        axis_id = analysis.axis_id(name, axis)
+        gone = removed_by_axis.get(axis_id) if axis_id is not None else None
+        if gone is not None and gone.size:
+            value = np.delete(value, gone, axis=axis)
+    return value
 
 
 def expected_shapes(analysis: Analysis, removed_by_axis: dict[int, np.ndarray]) -> dict[str, tuple[int, ...]]:
@@ -128,12 +139,7 @@ class _ProtoRewriter:
             original = self.graph.constants.get(tensor.name)
             if original is None:
                 continue
-            value = self.replaced.get(tensor.name, original)
-            sliced = value
-            for axis in range(value.ndim):
-                gone = self.removed(tensor.name, axis)
-                if gone.size:
-                    sliced = np.delete(sliced, gone, axis=axis)
+            sliced = slice_constant(self.analysis, self.removed_by_axis, tensor.name, self.replaced.get(tensor.name, original))
             if sliced is not original:
                 tensor.CopyFrom(numpy_helper.from_array(sliced, tensor.name))
 

@@ -73,7 +73,7 @@ class CollectStatistics(Pass):
     """Input statistics of every consumer layer, from ``--calib`` or seeded synthetic inputs."""
 
     name, description = "calibrate", "collecting layer statistics"
-    requires, provides = ("graph", "analysis"), ("statistics", "calibration")
+    requires, provides = ("graph", "analysis"), ("statistics", "calibration", "calibration_data")
 
     def run(self, state: PruneState) -> PruneState:
         config, graph = state.config, state.graph
@@ -91,7 +91,7 @@ class CollectStatistics(Pass):
         state.statistics = collect_statistics(
             graph, layers, data, config.calibration_batch, seed=config.seed, progress=report
         )
-        state.calibration = source
+        state.calibration, state.calibration_data = source, data
         return state
 
 
@@ -162,7 +162,7 @@ class Allocate(Pass):
     def run(self, state: PruneState) -> PruneState:
         config = state.config
         target, constraints, metric = config.target(), config.constraints(), config.metric()
-        plan = allocate(state.analysis, state.scores, target, constraints, metric, TARGET_TOLERANCE)
+        plan = allocate(state.analysis, state.scores, target, constraints, metric, TARGET_TOLERANCE, state.cost_exponent)
         check_reachable(state.analysis, target, plan, constraints, metric)
         state.plan = plan
         state.removed_by_axis = removed_indices(state.analysis, plan.removed)

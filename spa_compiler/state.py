@@ -5,7 +5,7 @@ in twice or reached back into. In the default pipeline::
 
     load      -> graph
     analyse   -> analysis
-    calibrate -> statistics, calibration       (criteria that read activations)
+    calibrate -> statistics, calibration, calibration_data   (criteria that read activations)
     score     -> scores
     allocate  -> plan, removed_by_axis
     compensate-> compensated                   (criteria that re-fit the remaining weights)
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import onnx
 
+from .allocate import COST_EXPONENT
 from .config import PruneConfig
 
 if TYPE_CHECKING:
@@ -44,8 +45,11 @@ Progress = Callable[[str], None]
 class PruneState:
     """One model on its way through a pipeline (see the module docstring for who fills what).
 
-    ``compensated`` holds new values, before slicing, for constants a compensation pass re-fitted;
-    the rewriter slices those instead of the originals. ``timings`` holds seconds per pass.
+    ``calibration_data`` holds the inputs the statistics came from (keyed by graph input, first
+    axis samples). ``compensated`` holds new values, before slicing, for constants a compensation pass re-fitted;
+    the rewriter slices those instead of the originals. ``cost_exponent``: how allocation weighs
+    a removal's score against the cost it saves (``score / saving ** cost_exponent``; see
+    :func:`~spa_compiler.allocate.allocate`). ``timings`` holds seconds per pass.
     """
 
     config: PruneConfig
@@ -54,7 +58,9 @@ class PruneState:
     analysis: Analysis | None = None
     statistics: dict[str, LayerStatistics] | None = None
     calibration: str | None = None
+    calibration_data: dict[str, np.ndarray] | None = None
     scores: dict[int, np.ndarray] | None = None
+    cost_exponent: float = COST_EXPONENT
     plan: Plan | None = None
     removed_by_axis: dict[int, np.ndarray] | None = None
     compensated: dict[str, np.ndarray] = field(default_factory=dict)

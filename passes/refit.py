@@ -1,0 +1,116 @@
+"""Re-fitting toward the original outputs on the pruned network's own inputs.
+
+Compensation from the original network's statistics (:class:`~spa_compiler.passes.obs.OBSCompensation`)
+re-fits each layer as if its input were unchanged; but every pruned layer before it changes that
+input, and errors add up through the depth of the network. This pass re-fits every consumer
+layer (Conv, Gemm, MatMul with a constant weight) of the *pruned* network so that, on the
+calibration inputs, its outputs match the *original* layer's outputs. For a layer with original
+augmented weights ``W`` (bias last), original input features ``x`` and pruned input features
+``x̃`` (both with a constant 1 appended), the least-squares solution of
+``min Σ ‖W x − W̃ x̃‖²`` is
+
+    W̃ = W Cᵀ (G̃ + λ·mean(diag G̃)·I)⁻¹,   C = Σ x̃ xᵀ,   G̃ = Σ x̃ x̃ᵀ
+
+(a layer without a bias drops the constant feature: its bias stays as it was). Every layer is
+re-fitted in dependency order, level by level (layers of one level never feed each other), each
+level on the inputs that the already re-fitted levels before it produce: the sequential re-fit
+of OBC and SparseGPT. One onnxruntime session per network serves every level: the pruned
+network's re-fitted weights are graph inputs, fed anew at each level, and each run computes only
+the activations the level needs. ``rounds`` repeats the sequence. The bias term also corrects the
+shift of every output's mean that removed channels and upstream errors leave.
+
+Layers whose weight is shared with another node are left alone: one re-fit cannot serve both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spa_compiler.calibrate import ConsumerLayer, PairedRunner, PairedStatistics
+from spa_compiler.pipeline import Pass
+from spa_compiler.rewrite import rewrite_model, slice_constant
+from spa_compiler.state import PruneState
+
+from .obs import DAMPING, augmented, feature_columns
+
+__all__ = ["Refit", "refit_layer", "layer_levels"]
+
+
+def refit_layer(layer: ConsumerLayer, weights: np.ndarray, stats: PairedStatistics,
+                removed_channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix, bias)`` of the re-fitted layer at the original shape: ``W̃`` placed in the kept
+    feature columns (zeros in the removed ones, which the rewriter slices away). ``weights`` is
+    the layer's augmented original ``[rows, features + 1]`` matrix."""
+    features = weights.shape[1] - 1
+    kept = np.setdiff1d(np.arange(features), feature_columns(removed_channels, layer.features_per_channel))
+    gram, cross, target = stats.gram, stats.cross, weights
+    if layer.bias is None:
+        gram, cross, target = gram[:-1, :-1], cross[:-1, :-1], weights[:, :-1]
+    diagonal = np.diag(gram)
+    scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
+    solved = np.linalg.solve(gram + DAMPING * scale * np.eye(len(gram)), cross @ target.T).T
+    matrix = np.zeros((len(weights), features))
+    matrix[:, kept] = solved[:, : len(kept)]
+    bias = solved[:, -1] if layer.bias is not None else weights[:, -1]
+    return matrix, bias
+
+
+def layer_levels(graph, layers: list[ConsumerLayer]) -> list[list[ConsumerLayer]]:
+    """The layers in dependency order, grouped: a layer's level is one more than the highest
+    level of the layers its input depends on, so layers of one level never feed each other."""
+    by_node = {layer.node: layer for layer in layers}
+    depth: dict[str, int] = {}
+    levels: dict[int, list[ConsumerLayer]] = {}
+    for node in graph.nodes:
+        below = max((depth.get(name, 0) for name in node.inputs if name), default=0)
+        if node.name in by_node:
+            levels.setdefault(below, []).append(by_node[node.name])
+            below += 1
+        for name in node.outputs:
+            depth[name] = below
+    return [levels[k] for k in sorted(levels)]
+
+
+class Refit(Pass):
+    """Sequential re-fitting of every consumer layer on the pruned network's inputs, level by
+    level (see the module docstring); ``rounds`` repeats the whole sequence."""
+
+    name, description = "refit", "re-fitting layers on the pruned network's inputs"
+    requires = ("graph", "analysis", "statistics", "calibration_data", "removed_by_axis")
+    provides = ("compensated",)
+
+    def __init__(self, rounds: int = 1) -> None:
+        self.rounds = rounds
+
+    def run(self, state: PruneState) -> PruneState:
+        analysis, graph, config = state.analysis, state.graph, state.config
+        layers = [
+            s.layer for s in state.statistics.values() if len(graph.consumers.get(s.layer.weight, [])) == 1
+        ]
+        refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
+        runner = PairedRunner(graph, rewrite_model(analysis, state.removed_by_axis, state.compensated), layers, refitted)
+        levels = layer_levels(graph, layers)
+        for sweep in range(self.rounds):
+            for step, level in enumerate(levels):
+                state.note(f"re-fitting layers, level {step + 1}/{len(levels)} (sweep {sweep + 1}/{self.rounds})")
+                weights = {
+                    name: slice_constant(analysis, state.removed_by_axis, name, state.compensated.get(name, graph.constants[name]))
+                    for name in refitted
+                }
+                paired = runner.statistics(level, state.calibration_data, weights, config.calibration_batch, config.seed)
+                for layer in level:
+                    self._apply(state, layer, paired[layer.node])
+        return state
+
+    @staticmethod
+    def _apply(state: PruneState, layer: ConsumerLayer, paired: PairedStatistics) -> None:
+        constants = state.graph.constants
+        axis = state.analysis.axis_id(layer.weight, layer.axis)
+        removed = state.removed_by_axis.get(axis, np.zeros(0, dtype=np.int64))
+        matrix, bias = refit_layer(layer, augmented(layer, constants), paired, removed)
+        state.compensated[layer.weight] = layer.from_matrix(matrix, constants[layer.weight])
+        if layer.bias is not None:
+            original = constants[layer.bias]
+            state.compensated[layer.bias] = (
+                bias.reshape(-1, layer.rows_per_output).sum(axis=1).reshape(original.shape).astype(original.dtype)
+            )
