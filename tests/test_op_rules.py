@@ -735,6 +735,27 @@ def test_constant_operand_reading_channels(tmp_path, text, consts, reader, axis,
     assert shapes_of(pruned, [reader]) == {reader: after}
 
 
+@pytest.mark.parametrize("product", [
+    pytest.param("d = MatMul (a, V)", id="vector_right"),
+    pytest.param("d = MatMul (V, a)", id="vector_left"),
+])
+def test_matmul_with_a_vector_keeps_the_batch_axes(tmp_path, product):
+    """A 1-D operand adds no row (or column) axis to the product: [2, 2, 6, 6] with a vector of 6
+    gives [2, 2, 6], whose axis 1 holds the channels and axis 0 the batch, although both are 2."""
+    text = f"""g (float[2,3,6,6] x) => (float[2,4,6,1] y) {{
+        a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+        {product}
+        u = Unsqueeze (d, Ax)
+        y = Conv (u, W2)
+    }}"""
+    graph = build(tmp_path, text, 13, {"W1": (2, 3, 3, 3), "B1": (2,), "V": (6,), "Ax": i64(3), "W2": (4, 2, 1, 1)})
+    result, pruned = prune_exact(graph)
+    channels = group_of(result.analysis, "W1", 0)
+    assert result.analysis.axis_id("d", 1) in channels.axes
+    assert result.analysis.axis_id("d", 0) not in channels.axes
+    assert shapes_of(pruned, ["W1", "W2"]) == {"W1": (1, 3, 3, 3), "W2": (4, 1, 1, 1)}
+
+
 @pytest.mark.parametrize("opset, squeeze, unsqueeze, consts", [
     pytest.param(11, "s = Squeeze <axes = [2, 3]> (p)", "u = Unsqueeze <axes = [2, 3]> (s)", {},
                  id="attributes_opset11"),

@@ -181,8 +181,9 @@ class MatMul(OpRule):
             c.couple(a, ra - 2, y, ry - 2 if rb >= 2 else ry - 1)
         if rb >= 2:
             c.couple(b, rb - 1, y, ry - 1)
-        self._couple_batch(c, a, ra, y, ry)
-        self._couple_batch(c, b, rb, y, ry)
+        batch = ry - (ra >= 2) - (rb >= 2)  # Y's broadcast axes: a 1-D operand adds no M (or N) axis
+        self._couple_batch(c, a, ra, y, batch)
+        self._couple_batch(c, b, rb, y, batch)
         if c.is_constant(b) and rb == 2:
             c.root(b, 1)
             _tag_weight(c, b, 1, 0)
@@ -193,8 +194,8 @@ class MatMul(OpRule):
             _tag_weight(c, a, 0, 1)
 
     @staticmethod
-    def _couple_batch(c: Coupler, x: str, rx: int, y: str, ry: int) -> None:
-        batch = ry - 2 if ry >= 2 else 0
+    def _couple_batch(c: Coupler, x: str, rx: int, y: str, batch: int) -> None:
+        """Couple x's batch axes with the last of Y's ``batch`` leading axes (numpy broadcasting)."""
         x_shape, y_shape = c.shape(x), c.shape(y)
         for k in range(rx - 2):
             y_axis = batch - (rx - 2) + k
