@@ -744,15 +744,22 @@ def _conv1d(b: _Builder, x: str) -> str:
 
 
 def _transpose_round_trip(b: _Builder, x: str) -> str:
+    """Transpose (at times moving the batch axis too), an op on the new last axis (a bias, an
+    activation, or a MatMul that resizes it), and the inverse Transpose."""
     shape = b.shapes[x]
-    perm = [0, *(1 + k for k in b.choices.subset(3, 3))]
+    perm = b.choices.subset(4, 4) if b.choices.chance(0.3) else [0, *(1 + k for k in b.choices.subset(3, 3))]
     moved = b.op("Transpose", [x], tuple(shape[p] for p in perm), perm=perm)
     last = b.shapes[moved][-1]
-    inner = (b.binary("Add", moved, b.floats((last,), 0.1)) if b.choices.chance(0.5)
-             else b.unary("Relu", moved))
+    inner = b.choices.choice(["Relu", "Add", "MatMul"])
+    if inner == "MatMul":
+        changed = b.linear(moved, b.choices.integer(1, 6))
+    elif inner == "Add":
+        changed = b.binary("Add", moved, b.floats((last,), 0.1))
+    else:
+        changed = b.unary("Relu", moved)
     inverse = [perm.index(k) for k in range(4)]
-    b.log.append(f"transpose {perm} and back")
-    return b.op("Transpose", [inner], shape, perm=inverse)
+    b.log.append(f"transpose {perm}, {inner} and back")
+    return b.op("Transpose", [changed], tuple(b.shapes[changed][p] for p in inverse), perm=inverse)
 
 
 def _pool(b: _Builder, x: str) -> str:
