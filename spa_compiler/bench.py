@@ -13,23 +13,23 @@ from typing import Callable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .verify import session_for
 
-__all__ = ["Clock", "measure_latency", "measure_latencies"]
+__all__ = ["Clock", "time_rounds", "measure_latency", "measure_latencies"]
 
 Clock = Callable[[], float]
 
 
-def measure_latencies(
-    models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3,
-    threads: int = 1, min_seconds: float = 0.0, clock: Clock = time.perf_counter,
-) -> list[float]:
-    """Median milliseconds (by ``clock``) of one inference of each model. The models run in rounds,
-    one inference of each per round, so a change of machine load affects all of them alike and
-    their ratios stay steady; ``warmup`` rounds, then ``runs`` rounds, more (up to ``10 * runs``)
-    while the measured rounds have taken less than ``min_seconds``."""
-    sessions = [session_for(model, threads=threads) for model in models]
+def time_rounds(
+    sessions: list[ort.InferenceSession], feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3,
+    min_seconds: float = 0.0, clock: Clock = time.perf_counter,
+) -> list[list[float]]:
+    """Seconds (by ``clock``) of every measured inference of each session. The sessions run in
+    rounds, one inference of each per round, so a change of machine load affects all of them alike
+    and their ratios stay steady: ``warmup`` rounds, then ``runs`` rounds, more (up to ``10 * runs``)
+    while the measured rounds have taken less than ``min_seconds`` of wall time."""
     times: list[list[float]] = [[] for _ in sessions]
 
     def one_round() -> None:
@@ -46,7 +46,17 @@ def measure_latencies(
     while done < runs or (done < 10 * runs and time.perf_counter() - start < min_seconds):
         one_round()
         done += 1
-    return [float(np.median(spent) * 1e3) for spent in times]
+    return times
+
+
+def measure_latencies(
+    models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3,
+    threads: int = 1, min_seconds: float = 0.0, clock: Clock = time.perf_counter,
+) -> list[float]:
+    """Median milliseconds (by ``clock``) of one inference of each model, timed in rounds
+    (:func:`time_rounds`)."""
+    sessions = [session_for(model, threads=threads) for model in models]
+    return [float(np.median(spent) * 1e3) for spent in time_rounds(sessions, feeds, runs, warmup, min_seconds, clock)]
 
 
 def measure_latency(

@@ -3,32 +3,39 @@
 **The metric.** :class:`Latency` profiles the model at a few uniform widths: the model itself and
 variants keeping ``widths`` (0.8, 0.6, 0.4, 0.2) of every group's channels (uniform plans of
 :func:`~spa_compiler.allocate.allocate` under the run's constraints, so rounding is what the run
-will use, rewritten by :func:`~spa_compiler.rewrite.rewrite_model`). At each width ``w`` it measures
+will use, rewritten by :func:`~spa_compiler.rewrite.rewrite_model`). The widths run in rounds, one
+inference of each per round, with onnxruntime's profiler on and off (:mod:`spa_compiler.profiling`);
+at each width ``w`` that measures
 
-- ``T(w)``: the whole-model latency, the median over rounds that run every width once (one
-  thread, batch as bound, CPU time of the inference thread: see :mod:`spa_compiler.bench`);
-- ``t_n(w)``: the kernel time of each node ``n``, from onnxruntime's profiler (the fastest of
-  several runs; :mod:`spa_compiler.profiling` charges fused kernels to the original nodes),
+- ``T(w)``: the whole-model latency, the median over the rounds without the profiler (one thread,
+  batch as bound, CPU time of the inference thread: see :mod:`spa_compiler.bench`);
+- ``t_n(w)``: the kernel time of each node ``n``, the fastest over the profiled rounds
+  (fused kernels are charged to the original nodes);
 
-and scales the kernel times by ``T(w) / sum_n t_n(w)``, so that the session's overhead and the
-kernels no original node owns (inserted layout reorders) are spread in proportion and the times
-add up to ``T(w)``. A compute node's term has its MAC axes (as the ``flops`` metric); any other
-profiled node's (pooling, an Add onnxruntime did not fuse) the axes of its first output. The term
-is a function of ``x = prod(kept sizes) / prod(original sizes)``: piecewise linear through the
-points ``(x_n(w), t_n(w))`` (made non-decreasing by pooling adjacent violators), extended below the
-narrowest width along its first segment, never below zero. At the profiled widths the terms add
-up to the measured ``T(w)``; a node whose axes keep their sizes at every width is a constant.
+and the latency the kernels leave unaccounted for, ``T(w) - sum_n t_n(w)``: the session's overhead
+(running a graph, copying inputs and outputs) and kernels no original node owns (inserted layout
+reorders). Its constant part ``a`` (:meth:`LatencyProfile.overhead_ms`, the intercept of the line
+through the points ``(sum_n t_n(w), T(w))``) is a constant term; the rest is spread in proportion,
+each node's times scaled by ``(T(w) - a) / sum_n t_n(w)``. A compute node's term has its MAC axes
+(as the ``flops`` metric); any other profiled node's (pooling, an Add onnxruntime did not fuse) the
+axes of its first output. The term is a function of ``x = prod(kept sizes) / prod(original
+sizes)``: piecewise linear through the points ``(x_n(w), scaled t_n(w))`` (made non-decreasing by
+pooling adjacent violators), extended below the narrowest width along its first segment, never
+below zero. At the profiled widths the terms add up to the measured ``T(w)``; a node whose axes
+keep their sizes at every width is a constant.
 
 Profiles are cached in ``$SPA_PRUNE_CACHE`` (default ``~/.cache/spa-prune``) under a hash of the
 model, its bound input shapes, the channel counts of every width, the run counts, onnxruntime's
 version and the thread count, so a second run on the same model and constraints measures nothing.
 
 **The pass.** :class:`AllocateLatency` allocates on these terms, then times the whole pruned model
-against the original (rounds of both, :data:`CHECK_RUNS` at least) and, while the measured ratio
-``m`` misses the target ``t`` by more than half of :data:`LATENCY_TOLERANCE`, allocates again for the
-budget corrected by the profile's error, ``p * t / m`` (``p`` the ratio the terms predicted), in
-:data:`ROUNDS` rounds at most. It keeps the round measured closest to the target among those at most
-``t + LATENCY_TOLERANCE``, and raises :class:`~spa_compiler.errors.TargetError` when there is none.
+against the original (rounds of both, :data:`CHECK_RUNS` at least). While the measured ratio ``m``
+misses the target ``t`` by more than half of :data:`LATENCY_TOLERANCE`, it allocates again for the
+budget scaled by ``t / m`` (the budget, not the ratio the terms predicted for the plan, which is
+below it by up to a removal step: a model whose steps are coarse still moves), in :data:`ROUNDS`
+rounds at most, stopping early when a plan comes back. It keeps the round measured closest to the
+target among those at most ``t + LATENCY_TOLERANCE``, and raises
+:class:`~spa_compiler.errors.TargetError` when there is none.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from .config import TARGET_TOLERANCE
 from .cost import CostMetric, Term, get_metric, register_metric
 from .errors import TargetError
 from .ir import synthetic_inputs
-from .profiling import kernel_times
+from .profiling import profile_models
 from .rewrite import removed_indices, rewrite_model
 from .stages import Allocate, check_reachable
 from .state import PruneState
@@ -63,7 +70,7 @@ from .verify import custom_ops
 
 __all__ = [
     "Latency", "LatencyProfile", "Curve", "AllocateLatency", "cache_dir", "LATENCY_TOLERANCE", "CHECK_RUNS",
-    "ROUNDS", "WIDTHS",
+    "ROUNDS", "WIDTHS", "OVERHEAD",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,7 +80,8 @@ CHECK_RUNS = 20
 ROUNDS = 4
 CLOCK = time.thread_time
 WIDTHS = (0.8, 0.6, 0.4, 0.2)  # fractions of every group's channels kept by the profiled variants
-_FORMAT = 1  # of the cached profiles
+_FORMAT = 3  # of the cached profiles
+OVERHEAD = "onnxruntime session overhead"  # the name of the constant term
 
 
 def cache_dir() -> Path:
@@ -91,10 +99,22 @@ class LatencyProfile:
     latency_ms: list[float]
     kernel_ms: dict[str, list[float | None]]
 
+    def charged_ms(self) -> np.ndarray:
+        """The kernel time charged to some node, at each width."""
+        return np.nansum(np.asarray(list(self.kernel_ms.values()), dtype=np.float64), axis=0)
+
     def coverage(self) -> list[float]:
         """The share of each width's latency that the charged kernel times account for."""
-        times = np.asarray(list(self.kernel_ms.values()), dtype=np.float64)
-        return list(np.nansum(times, axis=0) / np.asarray(self.latency_ms))
+        return list(self.charged_ms() / np.asarray(self.latency_ms))
+
+    def overhead_ms(self) -> float:
+        """The part of the latency no width changes: the intercept ``a`` of the least-squares
+        line ``T(w) = a + c * charged(w)``, within ``[0, min_w (T(w) - charged(w))]``."""
+        charged, latency = self.charged_ms(), np.asarray(self.latency_ms)
+        if len(latency) < 2:
+            return 0.0
+        _, intercept = np.polyfit(charged, latency, 1)
+        return float(np.clip(intercept, 0.0, max(0.0, float(np.min(latency - charged)))))
 
 
 def _non_decreasing(y: np.ndarray) -> np.ndarray:
@@ -205,22 +225,21 @@ class Latency(CostMetric):
         return profile
 
     def measure(self, analysis: Analysis, removals: list[dict[int, np.ndarray]]) -> LatencyProfile:
-        """Profile every width's kernels, then time the widths together."""
+        """Profile the model and its uniformly narrowed variants, run in rounds."""
         graph = analysis.graph
         feeds = synthetic_inputs(graph.input_shapes, graph.dtypes)
         compute = {t.name for t in get_metric("flops").terms(analysis)}
-        keep = [1.0, *self.widths]
+        self.progress(f"rewriting the model at {len(self.widths)} uniform widths to profile its latency")
         models = [graph.model] + [rewrite_model(analysis, removed) for removed in removals[1:]]
-        kernel_ms: dict[str, list[float | None]] = {}
-        for k, model in enumerate(models):
-            self.progress(f"profiling latency per node at width {keep[k]:.0%} ({k + 1}/{len(models)})")
-            for node, ms in kernel_times(graph, model, feeds, compute, self.runs, threads=self.threads).items():
-                kernel_ms.setdefault(node, [None] * len(models))[k] = ms
-        self.progress(f"timing the {len(models)} widths")
-        latency_ms = measure_latencies(
-            models, feeds, runs=2 * self.runs, threads=self.threads, min_seconds=2.0, clock=CLOCK
+        self.progress(f"profiling latency per node at {len(models)} widths with onnxruntime")
+        charged, latency_ms = profile_models(
+            graph, models, feeds, compute, self.runs, threads=self.threads, clock=CLOCK
         )
-        return LatencyProfile(keep, latency_ms, kernel_ms)
+        kernel_ms: dict[str, list[float | None]] = {}
+        for k, times in enumerate(charged):
+            for node, ms in times.items():
+                kernel_ms.setdefault(node, [None] * len(models))[k] = ms
+        return LatencyProfile([1.0, *self.widths], latency_ms, kernel_ms)
 
     def _build_terms(self, analysis: Analysis, profile: LatencyProfile) -> list[Term]:
         if not profile.kernel_ms:
@@ -229,9 +248,10 @@ class Latency(CostMetric):
                 "attributed to channels"
             )
         times = np.asarray(list(profile.kernel_ms.values()), dtype=np.float64)
-        times *= np.asarray(profile.latency_ms) / np.maximum(np.nansum(times, axis=0), 1e-12)
+        overhead = profile.overhead_ms()
+        times *= (np.asarray(profile.latency_ms) - overhead) / np.maximum(np.nansum(times, axis=0), 1e-12)
         axes_of = _node_axes(analysis)
-        terms = []
+        terms = [Term(OVERHEAD, [], lambda sizes: overhead)]
         for node, measured in zip(profile.kernel_ms, times):
             axes = axes_of.get(node, [])
             full = math.prod(self.kept[0, axes])
@@ -279,7 +299,10 @@ class AllocateLatency(Allocate):
         rounds: list[_Round] = []
         budget = target.value
         for _ in range(ROUNDS):
-            plan = allocate(analysis, state.scores, Target(target.kind, budget), constraints, metric, TARGET_TOLERANCE)
+            plan = allocate(
+                analysis, state.scores, Target(target.kind, budget), constraints, metric, TARGET_TOLERANCE,
+                state.cost_exponent,
+            )
             if not rounds:
                 check_reachable(analysis, target, plan, constraints, metric)
             elif any(plan.removed == r.plan.removed for r in rounds):
@@ -293,7 +316,7 @@ class AllocateLatency(Allocate):
             state.note(f"latency ratio predicted {plan.achieved:.3f}, measured {after / before:.3f}")
             if abs(after / before - target.value) <= LATENCY_TOLERANCE / 2:
                 break
-            budget = float(np.clip(plan.achieved * target.value * before / after, 0.01, 0.99))
+            budget = float(np.clip(budget * target.value * before / after, 0.01, 0.99))
         chosen = _choose(rounds, target, analysis, constraints, metric)
         state.plan = Plan(chosen.plan.removed, chosen.measured)
         state.removed_by_axis = removed_indices(analysis, chosen.plan.removed)

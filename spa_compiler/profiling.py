@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
+from .bench import Clock, time_rounds
 from .ir import Graph, Node
 from .verify import session_for
 
-__all__ = ["kernel_times", "attribute_kernel"]
+__all__ = ["profile_models", "attribute_kernel"]
 
 _KERNEL = "_kernel_time"
 
@@ -43,19 +46,10 @@ def attribute_kernel(graph: Graph, compute: set[str], kernel: str, op: str) -> s
     return (node or fused).name
 
 
-def kernel_times(
-    graph: Graph, model: onnx.ModelProto, feeds: dict[str, np.ndarray], compute: set[str],
-    runs: int = 10, warmup: int = 3, threads: int = 1,
-) -> dict[str, float]:
-    """Milliseconds per inference of the kernels charged to each node of ``graph`` when
-    ``model`` (``graph``'s model or a pruned variant, same node names) runs: per kernel the
-    minimum over ``runs`` profiled inferences after ``warmup`` (the profiler times kernels by the
-    wall clock, and other processes taking the core only ever add to that), summed per node."""
-    with tempfile.TemporaryDirectory(prefix="spa-prune-profile-") as folder:
-        session = session_for(model, threads=threads, profile_prefix=str(Path(folder) / "profile"))
-        for _ in range(warmup + runs):
-            session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
+def _charged(graph: Graph, compute: set[str], events: list[dict[str, Any]], warmup: int) -> dict[str, float]:
+    """Milliseconds per inference charged to each node: per kernel the minimum over the measured
+    inferences (the profiler times kernels by the wall clock, and other processes taking the core
+    only ever add to that), summed per node."""
     durations: dict[str, list[float]] = defaultdict(list)
     ops: dict[str, str] = {}
     for event in events:
@@ -69,3 +63,24 @@ def kernel_times(
         if node is not None:
             times[node] += min(spent[warmup:] or spent) / 1e3
     return dict(times)
+
+
+def profile_models(
+    graph: Graph, models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], compute: set[str],
+    runs: int = 15, warmup: int = 3, threads: int = 1, min_seconds: float = 2.0, clock: Clock = time.thread_time,
+) -> tuple[list[dict[str, float]], list[float]]:
+    """For each of ``models`` (``graph``'s model and pruned variants of it, same node names): the
+    kernel milliseconds charged to each node of ``graph``, and the median milliseconds (by
+    ``clock``) of a whole inference. Every model runs in two sessions, one with the profiler on
+    and one without (the profiler adds a cost per kernel, a tenth of the latency of a narrow
+    MobileNetV2), all of them in rounds (:func:`~spa_compiler.bench.time_rounds`)."""
+    with tempfile.TemporaryDirectory(prefix="spa-prune-profile-") as folder:
+        plain = [session_for(model, threads=threads) for model in models]
+        profiled = [
+            session_for(model, threads=threads, profile_prefix=str(Path(folder) / f"model{k}"))
+            for k, model in enumerate(models)
+        ]
+        spent = time_rounds(plain + profiled, feeds, runs, warmup, min_seconds, clock)
+        events = [json.loads(Path(session.end_profiling()).read_text()) for session in profiled]
+    charged = [_charged(graph, compute, e, warmup) for e in events]
+    return charged, [float(np.median(s) * 1e3) for s in spent[: len(models)]]

@@ -17,11 +17,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa_compiler.latency as latency
-from spa_compiler import Constraints, CostModel, PruneConfig, TargetError, analyze_graph, load_model, prune_graph
+from spa_compiler import (
+    Constraints, CostModel, Pipeline, PruneConfig, PruneState, TargetError, analyze_graph, default_passes,
+    get_criterion, load_model,
+)
 from spa_compiler.allocate import unit_counts
 from spa_compiler.cost import get_metric
-from spa_compiler.latency import Curve, Latency
+from spa_compiler.latency import AllocateLatency, Curve, Latency, LatencyProfile
 from spa_compiler.profiling import attribute_kernel
+from spa_compiler.stages import Analyse, Rewrite, Score, Verify
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
 
@@ -85,6 +89,14 @@ def test_curve_interpolates_monotonically_and_extrapolates_to_no_less_than_zero(
     assert noisy([0.6]) <= noisy([1.0]) and noisy([0.3]) <= noisy([0.6])
 
 
+def test_the_constant_part_of_the_unaccounted_latency_is_the_intercept():
+    kernels = {"a": [6.0, 3.0, 1.0], "b": [4.0, 2.0, None]}  # charged: 10, 5, 1
+    profile = LatencyProfile([1.0, 0.5, 0.1], [13.0, 7.0, 2.2], kernels)  # 1 + 1.2 * charged
+    assert profile.coverage() == pytest.approx([10 / 13, 5 / 7, 1 / 2.2])
+    assert profile.overhead_ms() == pytest.approx(1.0)
+    assert LatencyProfile([1.0, 0.5], [9.0, 4.0], {"a": [10.0, 5.0]}).overhead_ms() == 0.0  # never negative
+
+
 def test_terms_add_up_to_the_measured_latency_at_the_profiled_widths(analysis, cache):
     metric = Latency(cache=cache)
     terms = metric.terms(analysis)
@@ -104,32 +116,44 @@ def test_terms_add_up_to_the_measured_latency_at_the_profiled_widths(analysis, c
 
 def test_profiles_are_cached(analysis, tmp_path, monkeypatch):
     calls = []
-    profile_once = latency.kernel_times
+    profile_once = latency.profile_models
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return profile_once(*args, **kwargs)
+    def counting(graph, models, *args, **kwargs):
+        calls.append(len(models))
+        return profile_once(graph, models, *args, **kwargs)
 
-    monkeypatch.setattr(latency, "kernel_times", counting)
+    monkeypatch.setattr(latency, "profile_models", counting)
     first = Latency(cache=tmp_path, runs=3)
     totals = first.profiled_totals(analysis)
-    assert len(calls) == 1 + len(latency.WIDTHS)
+    assert calls == [1 + len(latency.WIDTHS)]
     assert len(list(tmp_path.glob("latency-*.json"))) == 1
     second = Latency(cache=tmp_path, runs=3)
     assert second.profiled_totals(analysis_of_a_fresh_load()) == pytest.approx(totals)
-    assert len(calls) == 1 + len(latency.WIDTHS), "the second run profiled again"
+    assert len(calls) == 1, "the second run profiled again"
     Latency(Constraints(round_to=8), cache=tmp_path, runs=3).terms(analysis)
-    assert len(calls) == 2 * (1 + len(latency.WIDTHS)), "other widths are another profile"
+    assert len(calls) == 2, "other widths are another profile"
 
 
 def analysis_of_a_fresh_load():
     return analyze_graph(load_model(EXAMPLE))
 
 
+def prune_to_latency(config: PruneConfig, progress=None) -> PruneState:
+    """The latency allocation between scoring and verification, without the optional passes."""
+    passes = [Analyse(), Score(get_criterion(config.criterion)), AllocateLatency(), Rewrite(), Verify()]
+    return Pipeline(passes, progress)(PruneState(config, graph=load_model(EXAMPLE)))
+
+
+def test_default_pipeline_allocates_a_latency_target_with_the_latency_pass():
+    allocation = [p for p in default_passes(PruneConfig(latency=0.5)) if p.name == "allocate"]
+    assert [type(p) for p in allocation] == [AllocateLatency]
+
+
 def test_latency_target_is_measured_or_explained(env_cache):
     """A 0.4 ms model times noisily: the measured ratio lands near the target or the error says why."""
+    notes: list[str] = []
     try:
-        state = prune_graph(load_model(EXAMPLE), PruneConfig(latency=0.6))
+        state = prune_to_latency(PruneConfig(latency=0.6), notes.append)
     except TargetError as exc:
         assert "cannot reach --latency 0.6" in str(exc)
         return
@@ -137,11 +161,12 @@ def test_latency_target_is_measured_or_explained(env_cache):
     assert state.plan.achieved == pytest.approx(measured)
     assert abs(measured - 0.6) <= 0.1
     assert state.fidelity is not None and state.model is not None
+    assert any(n.startswith("latency ratio predicted") for n in notes), notes
 
 
 def test_unreachable_latency_target_says_why(env_cache):
     with pytest.raises(TargetError, match=r"cannot reach --latency 0\.05.*latency"):
-        prune_graph(load_model(EXAMPLE), PruneConfig(latency=0.05, min_keep=0.5))
+        prune_to_latency(PruneConfig(latency=0.05, min_keep=0.5))
 
 
 def run_cli(cwd: Path, *args: object) -> subprocess.CompletedProcess:
