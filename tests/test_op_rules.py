@@ -1015,6 +1015,8 @@ BARRIERS = [
     pytest.param(13, 'h = Pad <mode = "edge"> (a, P)\nh2 = Slice (h, St, En, Ax)',
                  {"P": i64(0, 1, 0, 0, 0, 0, 0, 0), "St": i64(0), "En": i64(8), "Ax": i64(1)}, "Pad",
                  id="Pad_edge_channel_axis"),
+    pytest.param(13, 'h = Resize <mode = "nearest"> (a, "", Sc)', {"Sc": f32(1, 1.1, 1, 1)}, "Resize",
+                 id="Resize_scale_keeping_the_channel_count"),
 ]
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .common import couple_except, couple_same, input_at, int_param, normalized_axes
-from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
+from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -97,8 +97,9 @@ class Softmax(OpRule):
 
 @register_op("Resize", "Upsample")
 class Resize(OpRule):
-    """Interpolation within each channel: an axis whose size does not change (scale 1) is
-    identity, resized axes are not pruned. Scales and sizes must be constants."""
+    """Interpolation within each channel: an axis whose size does not change and whose scale,
+    when scales are given, is 1 is identity; resized axes are not pruned (a scale of 1.1 keeps 8
+    elements 8 but resamples them). Scales and sizes must be constants."""
 
     summary = "unresized axes identity (scale 1); sizes input rewritten"
 
@@ -108,7 +109,21 @@ class Resize(OpRule):
             if name and not c.is_constant(name):
                 raise Unsupported(f"its scales/sizes input '{name}' is computed at run time")
         x_shape, y_shape = c.shape(x), c.shape(y)
-        couple_same(c, x, y, [k for k in range(len(x_shape)) if x_shape[k] == y_shape[k]])
+        scales = self._scales(node, c, len(x_shape))
+        unchanged = [k for k in range(len(x_shape)) if x_shape[k] == y_shape[k] and scales.get(k, 1.0) == 1.0]
+        couple_same(c, x, y, unchanged)
+
+    @staticmethod
+    def _scales(node: "Node", c: Coupler, rank: int) -> dict[int, float]:
+        """The scale of each axis that has one: Upsample's attribute (before opset 9), else the
+        scales input (Resize from opset 11 takes it after ``roi``), for ``axes`` or all axes."""
+        if "scales" in node.attrs:
+            values = list(node.attr("scales"))
+        else:
+            name = input_at(node, 2 if node.op_type == "Resize" and c.opset >= 11 else 1)
+            values = c.constant(name).reshape(-1).tolist() if name else []
+        axes = [normalize_axis(a, rank) for a in node.attr("axes") or range(rank)]
+        return dict(zip(axes, map(float, values)))
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         sizes = input_at(node, 3) if node.op_type == "Resize" else ""
