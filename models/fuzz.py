@@ -784,8 +784,12 @@ def _resize(b: _Builder, x: str) -> str:
     mode = b.choices.choice(["nearest", "linear"])
     empty = b.const(np.zeros(0, np.float32)) if b.opset < 13 else ""
     if b.choices.chance(0.5):
-        b.log.append(f"resize x2 {mode} (scales)")
-        return b.op("Resize", [x, empty, b.const(np.asarray([1, 1, 2, 2], np.float32))], out, mode=mode)
+        channels = 1.0
+        if mode == "nearest" and b.choices.chance(0.3):
+            channels = 1 + 0.9 / c  # keeps c channels, resampled: the last reads the one before
+        b.log.append(f"resize x2 {mode} (scales)" + f", channels by {channels:.3g}" * (channels != 1))
+        scales = np.asarray([1, channels, 2, 2], np.float32)
+        return b.op("Resize", [x, empty, b.const(scales)], out, mode=mode)
     if b.opset >= 18 and b.choices.chance(0.5):
         b.log.append(f"resize x2 {mode} (sizes of axes 2, 3)")
         return b.op("Resize", [x, "", "", b.ints([2 * h, 2 * w])], out, mode=mode, axes=[2, 3])

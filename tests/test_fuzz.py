@@ -58,6 +58,8 @@ PINNED = [
     (9, "weights listed as inputs", Outcome("pruned", "2 of 3 channels in 1 groups")),
     # one weight and bias used by two Conv nodes
     (41, "two convs sharing a weight", Outcome("pruned", "11 of 13 channels in 1 groups")),
+    # Resize by 1.23 keeps 4 channels 4 but resamples them: those channels stay (outputs differed)
+    (771, "channels by 1.23", Outcome("pruned", "17 of 36 channels in 1 groups")),
 ]
 
 
