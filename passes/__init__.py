@@ -3,6 +3,6 @@ criterion family, each registering its criteria by name when imported."""
 
 from __future__ import annotations
 
-from . import activation, bn_scale, magnitude, obs, random_score, refit, sensitivity  # noqa: F401  (registration)
+from . import activation, bn_scale, magnitude, obs, random_score  # noqa: F401  (registration)
 
-__all__ = ["activation", "bn_scale", "magnitude", "obs", "random_score", "refit", "sensitivity"]
+__all__ = ["activation", "bn_scale", "magnitude", "obs", "random_score"]

@@ -9,7 +9,7 @@ import numpy as np
 from spa_compiler.analysis import Group
 from spa_compiler.criteria import Criterion, ScoreContext, register_criterion
 
-from .obs import feature_columns
+from spa_compiler.secondorder import feature_columns
 
 __all__ = ["ActivationAware"]
 

@@ -8,10 +8,13 @@ from pathlib import Path
 from .analysis import Analysis, analyze_graph
 from .config import PruneConfig
 from .criteria import get_criterion
+from .evaluate import Evaluate
 from .ir import Graph, check_input_path, check_output_path, load_model
 from .latency import AllocateLatency
 from .pipeline import PassLike, Pipeline
+from .refit import Refit
 from .report import PruneReport
+from .sensitivity import MeasureSensitivity
 from .stages import Allocate, Analyse, BuildReport, CollectStatistics, Load, MeasureLatency, Rewrite, Save, Score, Verify
 from .state import Progress, PruneState
 
@@ -19,17 +22,23 @@ __all__ = ["default_passes", "prune_graph", "prune", "analyze"]
 
 
 def default_passes(config: PruneConfig) -> list[PassLike]:
-    """In memory, from a loaded graph to the verified pruned model: analyse, (calibrate), score,
-    allocate, (compensate), rewrite, verify. The criterion decides the optional passes; a
-    ``latency`` target allocates on measured latency and times the result."""
+    """In memory, from a loaded graph to the verified pruned model: analyse, calibrate, score,
+    measure sensitivity, allocate, (compensate), re-fit, rewrite, verify. The criterion and the
+    options decide the optional passes; a ``latency`` target allocates on measured latency and
+    times the result."""
     config.target(), config.constraints()
     criterion = get_criterion(config.criterion)
     passes: list[PassLike] = [Analyse()]
-    if criterion.needs_statistics:
+    if config.needs_statistics:
         passes.append(CollectStatistics())
-    passes += [Score(criterion), AllocateLatency() if config.target().kind == "latency" else Allocate()]
+    passes.append(Score(criterion))
+    if config.allocation == "sensitivity":
+        passes.append(MeasureSensitivity())
+    passes.append(AllocateLatency() if config.target().kind == "latency" else Allocate())
     if criterion.compensation is not None:
         passes.append(criterion.compensation())
+    if config.refit_rounds:
+        passes.append(Refit(config.refit_rounds))
     passes.append(Rewrite())
     if config.verify:
         passes.append(Verify())
@@ -51,7 +60,8 @@ def prune(
     source = Path(model_path)
     check_input_path(source)
     output = check_output_path(output_path, source=model_path)
-    passes = [Load(), *default_passes(config), Save(output), MeasureLatency(), BuildReport()]
+    evaluate = [Evaluate(config.evaluation)] if config.evaluation else []
+    passes = [Load(), *default_passes(config), Save(output), *evaluate, MeasureLatency(), BuildReport()]
     state = Pipeline(passes, progress)(PruneState(config, source=source))
     return state.report
 

@@ -34,7 +34,7 @@ Examples:
 
   spa-prune model.onnx --latency 0.5    (measured: onnxruntime, 1 thread, on this machine)
 
-  spa-prune model.onnx --flops 0.5 --criterion obs --calib data.npz
+  spa-prune model.onnx --flops 0.5 --criterion obs --calib data.npz --eval my_accuracy.py
 
   spa-prune model.onnx --analyze
 
@@ -102,6 +102,16 @@ def run(
     ),
     calib_samples: int = typer.Option(128, min=1, help="Calibration samples used (synthetic ones without --calib)."),
     calib_batch: int = typer.Option(16, min=1, help="Samples per onnxruntime run while collecting statistics."),
+    allocation: str = typer.Option(
+        "sensitivity", help="sensitivity: share the target by each group's measured effect on the outputs; "
+        "score: by criterion scores alone (faster)."
+    ),
+    eval_script: Optional[Path] = typer.Option(
+        None, "--eval", help="A Python file defining score(model_path) -> float: your metric, before and after."
+    ),
+    refit: int = typer.Option(
+        1, min=0, help="Rounds of re-fitting every layer toward the original outputs on the pruned network (0: off)."
+    ),
     seed: int = typer.Option(0, help="Seed of synthetic inputs and the random criterion."),
     json_report: Optional[Path] = typer.Option(None, help="Also write the report as JSON to this path."),
     bench_runs: int = typer.Option(20, min=0, help="onnxruntime timing runs before and after (0: skip)."),
@@ -126,7 +136,8 @@ def run(
             round_to=round_to, min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden,
             head_dims=head_dims, input_shapes=shapes, seed=seed,
             bench_runs=bench_runs, calibration=str(calib) if calib else None, calibration_samples=calib_samples,
-            calibration_batch=calib_batch,
+            calibration_batch=calib_batch, allocation=allocation, refit_rounds=refit,
+            evaluation=str(eval_script) if eval_script else None,
         )
         if json_report is not None:
             check_output_path(json_report)

@@ -7,6 +7,7 @@ from typing import Callable, Literal
 
 from .allocate import Constraints, Target
 from .cost import CostMetric, get_metric
+from .criteria import get_criterion
 from .errors import TargetError
 
 __all__ = ["PruneConfig", "TARGET_TOLERANCE"]
@@ -36,6 +37,15 @@ class PruneConfig:
     calibration: str | None = None
     calibration_samples: int = 128
     calibration_batch: int = 16
+    allocation: Literal["sensitivity", "score"] = "sensitivity"
+    refit_rounds: int = 1
+    evaluation: str | None = None  # a Python file defining score(model_path) -> float
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether the run collects layer statistics (calibration or data-free)."""
+        return (get_criterion(self.criterion).needs_statistics or self.allocation == "sensitivity"
+                or self.refit_rounds > 0)
 
     def target(self) -> Target:
         kinds = (("flops", self.flops), ("params", self.params), ("ratio", self.ratio), ("latency", self.latency))
@@ -57,4 +67,8 @@ class PruneConfig:
     def constraints(self) -> Constraints:
         if self.scope not in ("global", "uniform"):
             raise TargetError(f"--scope must be global or uniform, got '{self.scope}'")
+        if self.allocation not in ("sensitivity", "score"):
+            raise TargetError(f"--allocation must be sensitivity or score, got '{self.allocation}'")
+        if self.refit_rounds < 0:
+            raise TargetError(f"--refit must be 0 or more rounds, got {self.refit_rounds}")
         return Constraints(self.scope, self.round_to, self.min_keep)

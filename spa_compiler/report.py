@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .cost import CostModel
 from .verify import custom_ops
@@ -54,6 +55,9 @@ class PruneReport:
     timings: dict[str, float] = field(default_factory=dict)
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
+    held_out_fidelity: Any = None
+    eval_before: float | None = None
+    eval_after: float | None = None
 
     @property
     def flops_ratio(self) -> float:
@@ -72,6 +76,7 @@ class PruneReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["fidelity"] = asdict(self.fidelity) if self.fidelity is not None else None
+        data["held_out_fidelity"] = asdict(self.held_out_fidelity) if self.held_out_fidelity is not None else None
         data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio, latency_ratio=self.latency_ratio)
         return data
 
@@ -140,6 +145,9 @@ def build_report(state: PruneState) -> PruneReport:
         timings=state.timings,
         latency_before_ms=state.latency_before_ms,
         latency_after_ms=state.latency_after_ms,
+        held_out_fidelity=state.held_out_fidelity,
+        eval_before=state.eval_before,
+        eval_after=state.eval_after,
     )
 
 
@@ -169,16 +177,19 @@ def render_report(report: PruneReport, console: Console) -> None:
             f"of the inference thread, original and pruned model run in turns)"
         )
     if report.fidelity is not None:
-        f = report.fidelity
-        console.print(
-            f"verified: onnx.checker full check, onnxruntime run; outputs vs original on synthetic "
-            f"inputs: cosine {f.cosine:.4f}, relative error {f.relative_error:.3g}"
-        )
+        console.print(f"verified: onnx.checker full check, onnxruntime run; {_describe(report.fidelity)}")
+        if report.held_out_fidelity is not None:
+            console.print(_describe(report.held_out_fidelity))
+        warning = fidelity_warning(report)
+        if warning:
+            console.print(Text(warning, style="bold yellow"))
     elif report.custom_ops:
         console.print(
             f"verified with onnx.checker and shape inference only: onnxruntime cannot run "
             f"{', '.join(report.custom_ops)}, so outputs were not compared"
         )
+    if report.eval_before is not None:
+        console.print(f"--eval score: {report.eval_before:.4g} before, {report.eval_after:.4g} after")
     if report.calibration:
         console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
     hidden = [g for g in report.groups if g.kind == "hidden" and g.channels_after < g.channels_before]
@@ -193,6 +204,29 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print("attention heads kept per layer: " + ", ".join(f"{g.channels_after}/{g.channels_before}" for g in heads))
     if report.barriers:
         console.print(escape(f"barriers ({len(report.barriers)}): " + "; ".join(report.barriers[:5])))
+
+
+def _describe(f) -> str:
+    agreement = f", top-1 agreement {f.top1_agreement:.3f}" if f.top1_agreement is not None else ""
+    return f"outputs vs original on {f.source}: cosine {f.cosine:.4f}{agreement}, relative error {f.relative_error:.3g}"
+
+
+POOR_COSINE, POOR_AGREEMENT = 0.9, 0.9
+
+
+def fidelity_warning(report: PruneReport) -> str | None:
+    """A plain warning, with what to do, when the pruned model's outputs (or the user's metric)
+    moved far from the original's: cosine or top-1 agreement under 0.9 on held-out samples
+    (on synthetic inputs when there are none), or the --eval score down by more than 10%."""
+    f = report.held_out_fidelity or report.fidelity
+    poor = f is not None and (f.cosine < POOR_COSINE or (f.top1_agreement is not None and f.top1_agreement < POOR_AGREEMENT))
+    if report.eval_before is not None and report.eval_after is not None:
+        poor = report.eval_after < 0.9 * report.eval_before
+    if not poor:
+        return None
+    advice = [] if report.calibration and "data-free" not in report.calibration else ["give real samples with --calib"]
+    advice += ["try a milder target", "fine-tune the pruned model"]
+    return f"warning: the pruned model's outputs differ markedly from the original's; {', '.join(advice)}"
 
 
 def render_analysis(analysis, console: Console) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
-from .calibrate import collect_statistics, consumer_layers, load_calibration, synthetic_calibration
+from .calibrate import collect_statistics, consumer_layers, fixed_batch, load_calibration, synthetic_calibration
 from .config import TARGET_TOLERANCE
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
@@ -27,7 +27,7 @@ from .pipeline import Pass
 from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
-from .verify import custom_ops, verify_model
+from .verify import custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
     "Load", "Analyse", "CollectStatistics", "Score", "Allocate", "Rewrite", "Verify", "Save",
@@ -70,17 +70,25 @@ class Analyse(Pass):
 
 
 class CollectStatistics(Pass):
-    """Input statistics of every consumer layer, from ``--calib`` or seeded synthetic inputs."""
+    """Input statistics of every consumer layer, from ``--calib`` or seeded synthetic inputs; none
+    (empty) when onnxruntime cannot run the model's custom ops."""
 
     name, description = "calibrate", "collecting layer statistics"
     requires, provides = ("graph", "analysis"), ("statistics", "calibration", "calibration_data")
 
     def run(self, state: PruneState) -> PruneState:
         config, graph = state.config, state.graph
+        unrunnable = custom_ops(graph)
+        if unrunnable:
+            state.statistics, state.calibration_data = {}, {}
+            state.calibration = f"none: onnxruntime cannot run {', '.join(unrunnable)}, so scores are magnitudes"
+            return state
         layers = consumer_layers(state.analysis)
         if config.calibration:
             data = load_calibration(config.calibration, graph, config.calibration_samples)
-            source = f"{len(next(iter(data.values())))} samples from {config.calibration}"
+            data, state.held_out = split_held_out(data)
+            kept_aside = f" ({len(next(iter(state.held_out.values())))} more held out to measure fidelity)" if state.held_out else ""
+            source = f"{len(next(iter(data.values())))} samples from {config.calibration}{kept_aside}"
         else:
             data = synthetic_calibration(graph, config.calibration_samples, config.seed)
             source = f"data-free: {config.calibration_samples} synthetic inputs (standard normal; integers 0)"
@@ -93,6 +101,19 @@ class CollectStatistics(Pass):
         )
         state.calibration, state.calibration_data = source, data
         return state
+
+
+HELD_OUT_SHARE, HELD_OUT_MAX = 8, 32
+
+
+def split_held_out(data: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Keep the last eighth of the calibration samples (at most 32) aside for measuring fidelity
+    on real data; fewer than 16 samples are all used for statistics."""
+    count = len(next(iter(data.values())))
+    held = min(count // HELD_OUT_SHARE, HELD_OUT_MAX) if count >= 2 * HELD_OUT_SHARE else 0
+    if not held:
+        return data, None
+    return {k: v[:-held] for k, v in data.items()}, {k: v[-held:] for k, v in data.items()}
 
 
 class Score(Pass):
@@ -186,7 +207,8 @@ class Rewrite(Pass):
 
 
 class Verify(Pass):
-    """The checker, the predicted shapes, an onnxruntime run, and the fidelity figures."""
+    """The checker, the predicted shapes, an onnxruntime run, and the fidelity figures: on
+    synthetic inputs, and on held-out calibration samples when the user gave data."""
 
     name, description = "verify", "verifying with onnx.checker and onnxruntime"
     requires, provides = ("graph", "analysis", "removed_by_axis", "model"), ("fidelity",)
@@ -194,6 +216,9 @@ class Verify(Pass):
     def run(self, state: PruneState) -> PruneState:
         shapes = expected_shapes(state.analysis, state.removed_by_axis)
         state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed)
+        if state.held_out is not None and state.fidelity is not None:
+            batch = 1 if fixed_batch(state.graph) else state.config.calibration_batch
+            state.held_out_fidelity = held_out_fidelity(state.graph, state.model, state.held_out, batch)
         return state
 
 

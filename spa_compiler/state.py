@@ -5,14 +5,15 @@ in twice or reached back into. In the default pipeline::
 
     load      -> graph
     analyse   -> analysis
-    calibrate -> statistics, calibration, calibration_data   (criteria that read activations)
+    calibrate -> statistics, calibration, calibration_data, held_out
     score     -> scores
     allocate  -> plan, removed_by_axis
     compensate-> compensated                   (criteria that re-fit the remaining weights)
     rewrite   -> model
-    verify    -> fidelity
+    verify    -> fidelity, held_out_fidelity
     save      -> output
     latency   -> latency_before_ms, latency_after_ms
+    evaluate  -> eval_before, eval_after        (--eval: the user's own task metric)
     report    -> report
 """
 
@@ -46,7 +47,7 @@ class PruneState:
     """One model on its way through a pipeline (see the module docstring for who fills what).
 
     ``calibration_data`` holds the inputs the statistics came from (keyed by graph input, first
-    axis samples). ``compensated`` holds new values, before slicing, for constants a compensation pass re-fitted;
+    axis samples); ``held_out`` the user's calibration samples kept aside to measure fidelity. ``compensated`` holds new values, before slicing, for constants a compensation pass re-fitted;
     the rewriter slices those instead of the originals. ``cost_exponent``: how allocation weighs
     a removal's score against the cost it saves (``score / saving ** cost_exponent``; see
     :func:`~spa_compiler.allocate.allocate`). ``timings`` holds seconds per pass.
@@ -59,6 +60,7 @@ class PruneState:
     statistics: dict[str, LayerStatistics] | None = None
     calibration: str | None = None
     calibration_data: dict[str, np.ndarray] | None = None
+    held_out: dict[str, np.ndarray] | None = None
     scores: dict[int, np.ndarray] | None = None
     cost_exponent: float = COST_EXPONENT
     plan: Plan | None = None
@@ -66,6 +68,9 @@ class PruneState:
     compensated: dict[str, np.ndarray] = field(default_factory=dict)
     model: onnx.ModelProto | None = None
     fidelity: Fidelity | None = None
+    held_out_fidelity: Fidelity | None = None
+    eval_before: float | None = None
+    eval_after: float | None = None
     output: Path | None = None
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None

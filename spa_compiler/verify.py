@@ -25,16 +25,26 @@ from .ir import STANDARD_DOMAINS, Graph, first_line, shape_skeleton, synthetic_i
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Fidelity", "verify_model", "run_model", "session_for", "custom_ops", "fidelity"]
+__all__ = ["Fidelity", "verify_model", "run_model", "session_for", "custom_ops", "fidelity", "held_out_fidelity"]
 
 
 @dataclass(frozen=True)
 class Fidelity:
-    """How close the pruned outputs are to the original's on seeded synthetic inputs."""
+    """How close the pruned outputs are to the original's on ``samples`` inputs (``source``).
+
+    ``cosine`` is the mean over samples of the cosine between the sample's original and pruned
+    outputs (all outputs flattened together); ``relative_error`` is ``‖after − before‖ / ‖before‖``
+    over everything; ``top1_agreement`` is the share of decisions kept, for outputs whose last
+    axis looks like class scores (rank >= 2, at least 2 classes): the fraction of positions
+    where the arg-max over the last axis is unchanged (None when no output qualifies).
+    """
 
     max_abs_error: float
     relative_error: float
     cosine: float
+    top1_agreement: float | None = None
+    samples: int = 1
+    source: str = "synthetic inputs"
 
 
 def session_for(
@@ -149,12 +159,38 @@ def custom_ops(graph: Graph) -> list[str]:
     return sorted({f"{n.domain}::{n.op_type}" for n in graph.nodes if n.domain not in STANDARD_DOMAINS})
 
 
-def fidelity(before: list[np.ndarray], after: list[np.ndarray]) -> Fidelity:
-    a = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in before])
-    b = np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in after])
-    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "synthetic inputs") -> Fidelity:
+    """Compare outputs whose first axis is the sample axis (see :class:`Fidelity`)."""
+    samples = len(before[0]) if before and np.ndim(before[0]) else 1
+
+    def per_sample(outputs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(x, dtype=np.float64).reshape(samples, -1) for x in outputs], axis=1)
+
+    a, b = per_sample(before), per_sample(after)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cosines = np.where(norms > 0, np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0), 1.0)
+    decisions = [(x, y) for x, y in zip(before, after) if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2]
+    agreement = (
+        float(np.mean(np.concatenate([(np.argmax(x, -1) == np.argmax(y, -1)).reshape(-1) for x, y in decisions])))
+        if decisions else None
+    )
     return Fidelity(
         max_abs_error=float(np.max(np.abs(a - b))) if a.size else 0.0,
         relative_error=float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
-        cosine=float(a @ b / norm) if norm > 0 else 1.0,
+        cosine=float(np.mean(cosines)),
+        top1_agreement=agreement,
+        samples=samples,
+        source=source,
     )
+
+
+def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[str, np.ndarray], batch: int) -> Fidelity:
+    """:func:`fidelity` on real held-out samples (keyed by input, first axis samples), run in
+    batches of ``batch`` (1 when the model's batch axis is fixed)."""
+    count = len(next(iter(samples.values())))
+    sessions = [session_for(original.model, optimize=False), session_for(pruned)]
+    outputs = []
+    for session in sessions:
+        runs = [session.run(None, {k: v[i:i + batch] for k, v in samples.items()}) for i in range(0, count, batch)]
+        outputs.append([np.concatenate(parts) for parts in zip(*runs)])
+    return fidelity(outputs[0], outputs[1], f"{count} held-out calibration samples")

@@ -277,20 +277,26 @@ def test_custom_op_is_a_barrier_in_analysis(tmp_path):
     assert any("com.example::Mystery" in line and "mystery" in line for line in barriers), result.stdout
 
 
-def test_custom_op_pruning_fails_cleanly_or_prunes_around_it(tmp_path):
+def test_custom_op_pruning_prunes_around_it(tmp_path):
     path = save(custom_op_model(), tmp_path / "custom.onnx")
     before = snapshot(tmp_path)
+    result = run_cli(tmp_path, "custom.onnx", "--flops", "0.85", "--bench-runs", "0", "-o", "out.onnx")
+    assert result.returncode == 0, result.stdout + result.stderr
+    pruned = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in pruned.graph.node].count("Mystery") == 1
+    kept = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert kept["W1"] == (8, 3, 3, 3) and kept["W2"] == (8, 8, 3, 3), "channels through the custom op changed"
+    assert kept["W3"][0] < 16
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before[str(path)]
+    assert "onnxruntime cannot run com.example::Mystery" in " ".join(result.stdout.split())
+
+
+def test_custom_op_beyond_reach_fails_cleanly(tmp_path):
+    save(custom_op_model(), tmp_path / "custom.onnx")
+    before = snapshot(tmp_path)
     result = run_cli(tmp_path, "custom.onnx", "--flops", "0.7", "--bench-runs", "0", "-o", "out.onnx")
-    if result.returncode == 0:  # pruned around the custom op
-        pruned = onnx.load(str(tmp_path / "out.onnx"))
-        assert [n.op_type for n in pruned.graph.node].count("Mystery") == 1
-        kept = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
-        assert kept["W1"] == (8, 3, 3, 3) and kept["W2"] == (8, 8, 3, 3), "channels through the custom op changed"
-        assert kept["W3"][0] < 16
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == before[str(path)]
-    else:
-        assert_one_line_error(result)
-        assert snapshot(tmp_path) == before
+    assert_one_line_error(result, r"cannot reach --flops 0\.7", r"best reachable is 0\.807", r"Mystery")
+    assert snapshot(tmp_path) == before
 
 
 def test_nothing_prunable(tmp_path):

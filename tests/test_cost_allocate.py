@@ -93,14 +93,14 @@ def test_uniform_scope_prunes_every_group_by_the_same_ratio(exported):
 
 def test_excluded_node_keeps_its_channels(exported):
     graph = load_model(exported("resnet_tiny_basic"))
-    first_conv = next(n for n in graph.nodes if n.op_type == "Conv" and n.inputs[0] == graph.inputs[0])
     later_conv = [n for n in graph.nodes if n.op_type == "Conv"][2]
     result = prune_graph(graph, PruneConfig(flops=0.6, exclude=(later_conv.name,), round_to=1))
     widths = _widths(result.model)
     assert widths[later_conv.inputs[1]] == graph.shapes[later_conv.inputs[1]][0]
     assert graph.shapes[later_conv.inputs[0]][1] == [
         t.dims[1] for t in result.model.graph.initializer if t.name == later_conv.inputs[1]][0]
-    assert first_conv.name  # the stem exists; the model still reached the target
+    narrowed = [w for w, width in widths.items() if width < graph.shapes[w][0]]
+    assert len(narrowed) >= 3 and later_conv.inputs[1] not in narrowed, "the target was met elsewhere"
     assert result.plan.achieved <= 0.62
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-import spa_compiler.passes.obs as obs
+import spa_compiler.secondorder as obs
 from spa_compiler import InputError, PruneConfig, load_model, prune, prune_graph, synthetic_inputs
 from spa_compiler.calibrate import conv_patches, load_calibration
 from spa_compiler.verify import run_model

@@ -9,14 +9,18 @@ augmented weights ``W`` (bias last), original input features ``x`` and pruned in
 ``x̃`` (both with a constant 1 appended), the least-squares solution of
 ``min Σ ‖W x − W̃ x̃‖²`` is
 
-    W̃ = W Cᵀ (G̃ + λ·mean(diag G̃)·I)⁻¹,   C = Σ x̃ xᵀ,   G̃ = Σ x̃ x̃ᵀ
+    W̃ = (W Cᵀ + λs P) (G̃ + λs I)⁻¹,   C = Σ x̃ xᵀ,   G̃ = Σ x̃ x̃ᵀ,   s = mean(diag G̃)
 
-(a layer without a bias drops the constant feature: its bias stays as it was). Every layer is
+a ridge regression pulled toward the layer's present weights ``P`` (kept columns), so that
+where the calibration rows are few the re-fit stays near them (a layer without a bias drops
+the constant feature: its bias stays as it was). Every layer is
 re-fitted in dependency order, level by level (layers of one level never feed each other), each
 level on the inputs that the already re-fitted levels before it produce: the sequential re-fit
 of OBC and SparseGPT. One onnxruntime session per network serves every level: the pruned
 network's re-fitted weights are graph inputs, fed anew at each level, and each run computes only
-the activations the level needs. ``rounds`` repeats the sequence. The bias term also corrects the
+the activations the level needs. ``rounds`` repeats the sequence. The cost is about one run of
+the calibration data per level, so the re-fit uses the first ``SAMPLES`` samples only (each
+gives many rows to a convolution: one per output position). The bias term also corrects the
 shift of every output's mean that removed channels and upstream errors leave.
 
 Layers whose weight is shared with another node are left alone: one re-fit cannot serve both.
@@ -26,29 +30,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa_compiler.calibrate import ConsumerLayer, PairedRunner, PairedStatistics
-from spa_compiler.pipeline import Pass
-from spa_compiler.rewrite import rewrite_model, slice_constant
-from spa_compiler.state import PruneState
+from .calibrate import ConsumerLayer, PairedRunner, PairedStatistics
+from .pipeline import Pass
+from .rewrite import rewrite_model, slice_constant
+from .secondorder import DAMPING, augmented, feature_columns
+from .state import PruneState
 
-from .obs import DAMPING, augmented, feature_columns
+__all__ = ["Refit", "refit_layer", "layer_levels", "SAMPLES"]
 
-__all__ = ["Refit", "refit_layer", "layer_levels"]
+SAMPLES = 32  # calibration samples a re-fit uses: each level runs them through both networks
 
 
-def refit_layer(layer: ConsumerLayer, weights: np.ndarray, stats: PairedStatistics,
+def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, stats: PairedStatistics,
                 removed_channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(matrix, bias)`` of the re-fitted layer at the original shape: ``W̃`` placed in the kept
     feature columns (zeros in the removed ones, which the rewriter slices away). ``weights`` is
-    the layer's augmented original ``[rows, features + 1]`` matrix."""
+    the layer's augmented original ``[rows, features + 1]`` matrix, ``current`` its present one
+    (compensated or not), toward which the ridge term pulls: ``W̃ = (W Cᵀ + λs P)(G̃ + λs I)⁻¹``
+    with ``P`` the kept columns of ``current`` and ``s = mean(diag G̃)``, so a layer that sees few
+    rows (a classifier after global pooling) stays near its present weights."""
     features = weights.shape[1] - 1
     kept = np.setdiff1d(np.arange(features), feature_columns(removed_channels, layer.features_per_channel))
-    gram, cross, target = stats.gram, stats.cross, weights
+    kept_columns = np.append(kept, features)  # and the bias
+    gram, cross, target, prior = stats.gram, stats.cross, weights, current[:, kept_columns]
     if layer.bias is None:
-        gram, cross, target = gram[:-1, :-1], cross[:-1, :-1], weights[:, :-1]
+        gram, cross, target, prior = gram[:-1, :-1], cross[:-1, :-1], weights[:, :-1], prior[:, :-1]
     diagonal = np.diag(gram)
-    scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
-    solved = np.linalg.solve(gram + DAMPING * scale * np.eye(len(gram)), cross @ target.T).T
+    ridge = DAMPING * (float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0)
+    solved = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross @ target.T + ridge * prior.T).T
     matrix = np.zeros((len(weights), features))
     matrix[:, kept] = solved[:, : len(kept)]
     bias = solved[:, -1] if layer.bias is not None else weights[:, -1]
@@ -79,10 +88,13 @@ class Refit(Pass):
     requires = ("graph", "analysis", "statistics", "calibration_data", "removed_by_axis")
     provides = ("compensated",)
 
-    def __init__(self, rounds: int = 1) -> None:
+    def __init__(self, rounds: int = 1, samples: int = SAMPLES) -> None:
         self.rounds = rounds
+        self.samples = samples
 
     def run(self, state: PruneState) -> PruneState:
+        if not state.calibration_data:
+            return state  # nothing to run the model on (custom ops onnxruntime cannot run)
         analysis, graph, config = state.analysis, state.graph, state.config
         layers = [
             s.layer for s in state.statistics.values() if len(graph.consumers.get(s.layer.weight, [])) == 1
@@ -90,6 +102,7 @@ class Refit(Pass):
         refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
         runner = PairedRunner(graph, rewrite_model(analysis, state.removed_by_axis, state.compensated), layers, refitted)
         levels = layer_levels(graph, layers)
+        data = {name: array[: self.samples] for name, array in state.calibration_data.items()}
         for sweep in range(self.rounds):
             for step, level in enumerate(levels):
                 state.note(f"re-fitting layers, level {step + 1}/{len(levels)} (sweep {sweep + 1}/{self.rounds})")
@@ -97,7 +110,7 @@ class Refit(Pass):
                     name: slice_constant(analysis, state.removed_by_axis, name, state.compensated.get(name, graph.constants[name]))
                     for name in refitted
                 }
-                paired = runner.statistics(level, state.calibration_data, weights, config.calibration_batch, config.seed)
+                paired = runner.statistics(level, data, weights, config.calibration_batch, config.seed)
                 for layer in level:
                     self._apply(state, layer, paired[layer.node])
         return state
@@ -107,7 +120,8 @@ class Refit(Pass):
         constants = state.graph.constants
         axis = state.analysis.axis_id(layer.weight, layer.axis)
         removed = state.removed_by_axis.get(axis, np.zeros(0, dtype=np.int64))
-        matrix, bias = refit_layer(layer, augmented(layer, constants), paired, removed)
+        current = augmented(layer, {**constants, **state.compensated})
+        matrix, bias = refit_layer(layer, augmented(layer, constants), current, paired, removed)
         state.compensated[layer.weight] = layer.from_matrix(matrix, constants[layer.weight])
         if layer.bias is not None:
             original = constants[layer.bias]

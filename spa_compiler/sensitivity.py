@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from spa_compiler.analysis import Group
-from spa_compiler.calibrate import LayerStatistics, fixed_batch, with_weight_inputs
-from spa_compiler.pipeline import Pass
-from spa_compiler.rewrite import removed_indices
-from spa_compiler.state import PruneState
-from spa_compiler.verify import session_for
 
-from .obs import compensate_layer
+from .analysis import Group
+from .calibrate import LayerStatistics, fixed_batch, with_weight_inputs
+from .pipeline import Pass
+from .rewrite import removed_indices
+from .secondorder import compensate_layer
+from .state import PruneState
+from .verify import session_for
 
 __all__ = ["MeasureSensitivity", "convex_increments"]
 
@@ -73,6 +73,8 @@ class MeasureSensitivity(Pass):
         self.samples = samples
 
     def run(self, state: PruneState) -> PruneState:
+        if not state.calibration_data:
+            return state  # nothing to run the model on (custom ops onnxruntime cannot run)
         graph, analysis, config = state.graph, state.analysis, state.config
         layers: dict[int, LayerStatistics] = {
             analysis.axis_id(s.layer.weight, s.layer.axis): s for s in state.statistics.values()
