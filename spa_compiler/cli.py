@@ -83,7 +83,7 @@ def run(
         "this machine: profiled per node, checked by timing the result (profiles cached in ~/.cache/spa-prune "
         "or $SPA_PRUNE_CACHE).",
     ),
-    criterion: str = typer.Option("l2", help="Channel importance criterion (see --list-criteria)."),
+    criterion: str = typer.Option("obs", help="Channel importance criterion (see --list-criteria)."),
     scope: str = typer.Option("global", help="global: rank channels across layers; uniform: same ratio everywhere."),
     round_to: int = typer.Option(
         16, help="Keep channel counts multiples of N: onnxruntime's fast CPU kernels need 8 (AVX2) or 16 (AVX-512)."

@@ -23,7 +23,7 @@ class PruneConfig:
     params: float | None = None
     ratio: float | None = None
     latency: float | None = None
-    criterion: str = "l2"
+    criterion: str = "obs"
     scope: Literal["global", "uniform"] = "global"
     round_to: int = 16
     min_keep: float = 0.1

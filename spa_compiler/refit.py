@@ -39,6 +39,7 @@ from .state import PruneState
 __all__ = ["Refit", "refit_layer", "layer_levels", "SAMPLES"]
 
 SAMPLES = 32  # calibration samples a re-fit uses: each level runs them through both networks
+ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 
 
 def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, stats: PairedStatistics,
@@ -110,7 +111,7 @@ class Refit(Pass):
                     name: slice_constant(analysis, state.removed_by_axis, name, state.compensated.get(name, graph.constants[name]))
                     for name in refitted
                 }
-                paired = runner.statistics(level, data, weights, config.calibration_batch, config.seed)
+                paired = runner.statistics(level, data, weights, config.calibration_batch, config.seed, ROWS_PER_FEATURE)
                 for layer in level:
                     self._apply(state, layer, paired[layer.node])
         return state

@@ -151,3 +151,14 @@ def test_wheel_installs_only_spa_compiler(tmp_path):
     assert "spa_compiler/passes/obs.py" in names and "spa_compiler/cli.py" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "spa-prune = spa_compiler.cli:main" in entry_points and "spa_prune.criteria" not in entry_points
+
+
+def test_readme_composed_pipeline_runs(monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- composed pipeline: run by tests/test_pipeline.py -->\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    state = namespace["state"]
+    assert namespace["pipeline"].names[4] == "widest_groups_first"
+    assert 0.48 <= state.plan.achieved <= 0.52 and state.fidelity.cosine > 0.5
