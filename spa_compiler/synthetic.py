@@ -1,0 +1,392 @@
+"""Data-free calibration inputs shaped like the modality each graph input expects.
+
+Layer statistics are only as good as the activations they come from. Without calibration data,
+each graph input is classified from the graph and filled accordingly:
+
+- **image** (float, rank 4, 1, 3 or 4 channels first or last, both spatial sides >= 8): synthetic
+  pictures ``z`` in ``[0, 1]`` of two families, *natural* (1/f "pink" noise, whose power
+  spectrum ``1/f²`` is that of photographs, under occluding rectangles, ellipses and strokes,
+  near-grey colours) and *text* (glyph-like dark strokes on rows of a light textured page), then
+  mapped into the model's range by ``x = a z + b`` (see below).
+- **token ids** (integer, read by a Gather on a constant ``[vocabulary, width]`` table, through
+  casts and reshapes): ids drawn with a Zipf law ``p(r) ∝ 1/(r + 2.7)`` over the rows of the
+  table in order (tokenizer vocabularies are ordered roughly by frequency), skipping the lowest
+  ids (special tokens) and rows whose norm is under half the median (never-trained rows such as
+  BERT's ``[unused]`` tokens). An input named like a mask gets ones, like token types or
+  segments zeros, like positions ``0, 1, ...`` along its last axis; other integers zeros.
+- **audio** (float ``[N, T]`` or ``[N, 1 or 2, T]``, ``T >= 1000``): a few sine tones of random
+  frequency and amplitude plus white noise, peak near 0.5.
+- anything else: standard normal floats.
+
+**Range fit.** A BatchNormalization right after a first Conv that reads the image directly
+records the mean ``μ_k`` and variance ``σ²_k`` of that Conv's output channel ``k`` on the
+training data. The Conv is linear, so on ``x = a z + b`` its output is ``a P_k + b Q_k + c_k``
+with ``P = W * z``, ``Q = W * 1`` (the response to a constant image) and ``c`` the Conv bias.
+Ignoring the border, where the padding makes ``Q`` vary, the variance is ``a² V_k`` with
+``V_k = Var P_k``, and the two least-squares problems are solved in closed form, each channel
+weighted by how much an error there moves the BatchNorm output (``γ_k`` its scale):
+
+    log a² = Σ_k γ_k² log(σ²_k / V_k) / Σ_k γ_k²                 (variances, in log scale)
+    b = Σ_k w_k Q̄_k (μ_k − c_k − a P̄_k) / Σ_k w_k Q̄_k²,  w_k = γ_k² / σ²_k     (means)
+
+with bars for means over samples and positions. Second-order statistics cannot tell dark on
+light from light on dark, nor pages from photographs, so every content (natural, text, their
+mixture) in both polarities gets its fit, a few samples of each run through the model, and the
+candidate whose activations best match the running statistics of *every* BatchNormalization
+wins: the smallest mean over layers of ``Σ_k γ_k² KL_k / Σ_k γ_k²``, ``KL_k`` the divergence
+of the Gaussian ``N(m_k, v_k)`` of the observed channel from ``N(μ_k, σ²_k)``. Without a
+BatchNorm to fit, images are mapped to ``[-1, 1]``, half of them inverted, half natural, and
+the description says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibrate import _exposing, conv_patches
+from .ir import Graph, Node
+from .verify import session_for
+
+__all__ = ["synthetic_calibration", "image_content", "token_ids", "fit_image_range"]
+
+log = logging.getLogger(__name__)
+
+MIN_IMAGE_SIDE = 8
+MIN_AUDIO_LENGTH = 1000
+FIT_SAMPLES = 16  # images through the first Conv for the closed-form fit
+FIT_ROWS = 8192  # output positions of those images used
+SCORE_SAMPLES = 6  # images per candidate run through the model to compare BatchNorm statistics
+PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+CONTENTS = {"natural": 0.0, "text": 1.0, "natural and text": 0.5}  # share of text images
+
+
+def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
+    """``samples`` synthetic inputs per graph input (first axis = samples, the input's dtype),
+    deterministic for ``seed``, and one line describing them (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    arrays, notes, images = {}, [], []
+    for name in graph.inputs:
+        shape = (samples, *graph.input_shapes[name][1:])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
+        if _image_layout(shape, dtype) is not None:
+            images.append(name)
+            continue
+        arrays[name], note = _non_image(graph, name, shape, dtype, rng)
+        notes.append(f"'{name}': {note}")
+    for name in images:
+        arrays[name], note = _image_input(graph, name, samples, arrays, rng)
+        notes.append(f"'{name}': {note}")
+    return {name: arrays[name] for name in graph.inputs}, f"data-free, {samples} synthetic samples: " + "; ".join(notes)
+
+
+def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """"NCHW" or "NHWC" for a float image-like shape, else None."""
+    if len(shape) != 4 or not np.issubdtype(dtype, np.floating):
+        return None
+    if shape[1] in (1, 3, 4) and min(shape[2:]) >= MIN_IMAGE_SIDE:
+        return "NCHW"
+    if shape[3] in (1, 3, 4) and min(shape[1:3]) >= MIN_IMAGE_SIDE:
+        return "NHWC"
+    return None
+
+
+def _non_image(graph: Graph, name: str, shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    lowered = name.lower()
+    if "mask" in lowered:
+        return np.ones(shape, dtype), "ones (a mask)"
+    if np.issubdtype(dtype, np.floating):
+        if len(shape) in (2, 3) and shape[-1] >= MIN_AUDIO_LENGTH and (len(shape) == 2 or shape[1] <= 2):
+            return _audio(rng, shape).astype(dtype), "tones plus noise (audio)"
+        return rng.standard_normal(shape).astype(dtype), "standard normal"
+    if "type" in lowered or "segment" in lowered:
+        return np.zeros(shape, dtype), "zeros (token types)"
+    if "position" in lowered:
+        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype), "0, 1, ... (positions)"
+    table = _embedding_table(graph, name)
+    if table is None or len(table) < 2:
+        return np.zeros(shape, dtype), "zeros"
+    ids, low = token_ids(table, shape, rng)
+    return ids.astype(dtype), f"Zipf token ids in [{low}, {len(table) - 1}] of a {len(table)}-row embedding"
+
+
+def _embedding_table(graph: Graph, name: str) -> np.ndarray | None:
+    """The constant 2-D table a Gather reads rows of with ``name``'s values, following casts and
+    reshapes; None when there is none."""
+    frontier, seen = [name], set()
+    while frontier:
+        tensor = frontier.pop()
+        seen.add(tensor)
+        for node in graph.consumers.get(tensor, []):
+            data = node.inputs[0]
+            if node.op_type == "Gather" and node.inputs[1] == tensor and graph.is_constant(data) \
+                    and graph.constants[data].ndim == 2 and int(node.attr("axis", 0)) == 0:
+                return graph.constants[data]
+            if node.op_type in PASS_THROUGH and node.inputs[0] == tensor:
+                frontier.extend(o for o in node.outputs if o not in seen)
+    return None
+
+
+def token_ids(table: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Ids of rows of the embedding ``table`` (``[vocabulary, width]``) with a Zipf law over
+    row order, from ``low`` (``min(1000, vocabulary // 30)``, past the special tokens) up,
+    skipping rows with a norm under half the median; returns ``(ids, low)``."""
+    norms = np.linalg.norm(table.astype(np.float64), axis=1)
+    low = min(1000, len(table) // 30)
+    candidates = np.flatnonzero(norms >= 0.5 * np.median(norms))
+    candidates = candidates[candidates >= low] if np.any(candidates >= low) else np.arange(len(table))
+    weights = 1.0 / (np.arange(len(candidates)) + 2.7)
+    return rng.choice(candidates, size=shape, p=weights / weights.sum()), int(candidates[0])
+
+
+def _audio(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Per sample two to five sine tones (60 Hz to 4 kHz at 16 kHz sampling) with random phases
+    and amplitudes plus white noise, scaled to a peak of 0.5."""
+    t = np.arange(shape[-1]) / 16000.0
+    flat = np.empty((int(np.prod(shape[:-1])), shape[-1]))
+    for row in flat:
+        tones = rng.integers(2, 6)
+        frequencies = np.exp(rng.uniform(np.log(60), np.log(4000), tones))
+        phases, amplitudes = rng.uniform(0, 2 * np.pi, tones), rng.uniform(0.2, 1.0, tones)
+        row[:] = (amplitudes[:, None] * np.sin(2 * np.pi * frequencies[:, None] * t + phases[:, None])).sum(0)
+        row += rng.normal(0, rng.uniform(0.02, 0.3), shape[-1])
+        row *= 0.5 / max(np.abs(row).max(), 1e-9)
+    return flat.reshape(shape)
+
+
+def _pink_noise(rng: np.random.Generator, n: int, height: int, width: int, exponent: float = 1.0) -> np.ndarray:
+    """``n`` fields ``[height, width]`` of zero mean and unit variance with amplitude spectrum
+    ``1/f^exponent`` (white noise filtered in the Fourier domain)."""
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    frequency = np.maximum(np.hypot(fy, fx), 1.0 / max(height, width))
+    field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((n, height, width))) / frequency**exponent, s=(height, width))
+    field -= field.mean(axis=(1, 2), keepdims=True)
+    return field / np.maximum(field.std(axis=(1, 2), keepdims=True), 1e-12)
+
+
+def _draw_segments(canvas: np.ndarray, segments: np.ndarray, width: float, level: float) -> None:
+    """Paint anti-aliased strokes of ``width`` pixels along ``segments`` (rows ``x0, y0, x1, y1``)
+    at ``level`` into ``canvas`` ``[H, W]``, within their bounding box."""
+    margin = width / 2 + 1
+    x_low, x_high = int(max(segments[:, [0, 2]].min() - margin, 0)), int(min(segments[:, [0, 2]].max() + margin + 1, canvas.shape[1]))
+    y_low, y_high = int(max(segments[:, [1, 3]].min() - margin, 0)), int(min(segments[:, [1, 3]].max() + margin + 1, canvas.shape[0]))
+    if x_low >= x_high or y_low >= y_high:
+        return
+    y, x = np.mgrid[y_low:y_high, x_low:x_high] + 0.5
+    start, step = segments[:, None, None, :2], segments[:, None, None, 2:] - segments[:, None, None, :2]
+    point = np.stack([x, y], axis=-1)[None] - start
+    t = np.clip((point * step).sum(-1) / np.maximum((step * step).sum(-1), 1e-9), 0, 1)
+    distance = np.linalg.norm(point - t[..., None] * step, axis=-1).min(axis=0)
+    cover = np.clip(width / 2 + 0.5 - distance, 0, 1)
+    window = canvas[y_low:y_high, x_low:x_high]
+    window += cover * (level - window)
+
+
+def _natural_scene(rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
+    """Luminance in [0, 1]: pink ``noise`` under two to seven occluding rectangles and ellipses
+    (each a flat level with a shifted copy of the noise as texture) and up to three strokes."""
+    height, width = noise.shape
+    scene = 0.5 + 0.15 * noise
+    y, x = np.mgrid[0:height, 0:width] + 0.5
+    for _ in range(rng.integers(2, 8)):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(0.05, 0.4) * height + 1, rng.uniform(0.05, 0.4) * width + 1
+        if rng.random() < 0.5:
+            cover = np.clip(ry - np.abs(y - cy) + 0.5, 0, 1) * np.clip(rx - np.abs(x - cx) + 0.5, 0, 1)
+        else:
+            cover = np.clip((1 - np.hypot((y - cy) / ry, (x - cx) / rx)) * min(ry, rx) + 0.5, 0, 1)
+        texture = rng.uniform(0.0, 0.12) * np.roll(noise, tuple(rng.integers(0, noise.shape)), axis=(0, 1))
+        scene += cover * (rng.uniform(0, 1) + texture - scene)
+    for _ in range(rng.integers(0, 4)):
+        ends = rng.uniform(0, 1, (1, 4)) * [width, height, width, height]
+        _draw_segments(scene, ends, rng.uniform(1, 4), rng.uniform(0, 1))
+    return np.clip(scene, 0, 1)
+
+
+def _glyph(rng: np.random.Generator, left: float, top: float, cell: float, glyph: float) -> np.ndarray:
+    """Stroke segments of one glyph in the cell ``[left, left + cell] x [top, top + glyph]``:
+    one to three strokes between points of a 3x3 grid spanning the lower 60% (x-height, 70% of
+    glyphs) or the whole height (capitals), a bowl (an ellipse as ten segments) in 40% of
+    glyphs, a stem (with ascender or descender) in 30%."""
+    low, bottom = top + (0.4 * glyph if rng.random() < 0.7 else 0.0), top + glyph
+    grid_x, grid_y = left + np.array([0.1, 0.5, 0.9]) * cell, low + np.array([0.05, 0.5, 0.95]) * (bottom - low)
+    points = rng.integers(0, 3, (rng.integers(1, 4), 4))
+    parts = [np.stack([grid_x[points[:, 0]], grid_y[points[:, 1]], grid_x[points[:, 2]], grid_y[points[:, 3]]], axis=1)]
+    if rng.random() < 0.4:
+        angle = np.linspace(0, 2 * np.pi, 11)
+        x, y = left + cell * (0.5 + 0.4 * np.cos(angle)), (low + bottom) / 2 + 0.45 * (bottom - low) * np.sin(angle)
+        parts.append(np.stack([x[:-1], y[:-1], x[1:], y[1:]], axis=1))
+    if rng.random() < 0.3:
+        x = left + cell * rng.choice([0.1, 0.9])
+        parts.append(np.array([[x, top + rng.choice([0.0, 0.4]) * glyph, x, bottom + rng.choice([0.0, 0.3]) * glyph]]))
+    return np.concatenate(parts)
+
+
+def _text_scene(rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
+    """Luminance in [0, 1]: rows of glyphs (:func:`_glyph`), dark ink on a light page textured by
+    ``noise``; glyphs are 0.45 to 0.85 of ``min(height, 48)`` pixels tall (a text line fills a
+    48-pixel-high image), 15% of the cells left blank as spaces."""
+    height, width = noise.shape
+    ink, page = rng.uniform(0.0, 0.35), rng.uniform(0.65, 1.0)
+    scene = page + 0.04 * noise
+    glyph = rng.uniform(0.45, 0.85) * min(height, 48)
+    pitch, stroke = glyph * rng.uniform(1.3, 2.2), max(glyph * rng.uniform(0.07, 0.14), 1.0)
+    top = rng.uniform(0, max(height - glyph, 0) if height < glyph + pitch else pitch - glyph)
+    while top + glyph <= height:
+        left, right = rng.uniform(0, 0.25) * width, rng.uniform(0.6, 1.0) * width
+        while True:
+            cell = glyph * rng.uniform(0.45, 0.85)
+            if left + cell > right:
+                break
+            if rng.random() > 0.15:
+                _draw_segments(scene, _glyph(rng, left, top, cell, glyph), stroke, ink)
+            left += cell * rng.uniform(1.0, 1.25)
+        top += pitch
+    return np.clip(scene, 0, 1)
+
+
+def image_content(rng: np.random.Generator, n: int, channels: int, height: int, width: int, text_share: float) -> np.ndarray:
+    """``n`` synthetic pictures ``[n, channels, height, width]`` in [0, 1], the first
+    ``round(text_share * n)`` text scenes, the rest natural ones; colour channels are the
+    luminance plus independent smooth (``1/f²``) fields of amplitude 0.05 (near-grey colours)."""
+    noise = _pink_noise(rng, n, height, width)
+    texts = int(round(text_share * n))
+    luminance = np.stack([(_text_scene if i < texts else _natural_scene)(rng, noise[i]) for i in range(n)])
+    images = np.repeat(luminance[:, None], channels, axis=1)
+    if channels > 1:
+        images += 0.05 * _pink_noise(rng, n * channels, height, width, 2.0).reshape(n, channels, height, width)
+    return np.clip(images, 0, 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A content family, a polarity and the map ``x = scale * z + shift`` of its pictures."""
+
+    content: str
+    inverted: bool
+    scale: float
+    shift: float
+
+    def text(self) -> str:
+        polarity = "inverted" if self.inverted else "as drawn"
+        return f"{self.content} pictures ({polarity}), x = {self.scale:.3g} z {self.shift:+.3g}"
+
+
+def _first_batchnorm(graph: Graph, name: str) -> tuple[Node, Node] | None:
+    """The ungrouped 2-D Conv reading input ``name`` directly and the BatchNormalization that
+    alone reads its output, both with constant parameters; None when there is no such pair."""
+    for conv in graph.consumers.get(name, []):
+        if conv.op_type != "Conv" or conv.inputs[0] != name or int(conv.attr("group", 1)) != 1 \
+                or not graph.is_constant(conv.inputs[1]) or graph.constants[conv.inputs[1]].ndim != 4:
+            continue
+        readers = graph.consumers.get(conv.outputs[0], [])
+        if len(readers) == 1 and readers[0].op_type == "BatchNormalization" \
+                and all(graph.is_constant(t) for t in readers[0].inputs[1:5]):
+            return conv, readers[0]
+    return None
+
+
+def _batchnorm_stats(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(γ², μ, σ²)`` of a BatchNormalization, float64, the variance at least its epsilon."""
+    gamma, _, mean, var = (graph.constants[t].astype(np.float64) for t in node.inputs[1:5])
+    return gamma**2, mean, np.maximum(var, float(node.attr("epsilon", 1e-5)))
+
+
+def fit_image_range(graph: Graph, conv: Node, batchnorm: Node, pictures: np.ndarray) -> tuple[float, float]:
+    """``(a, b)`` such that the ``conv`` outputs on ``a * pictures + b`` best match the running
+    statistics of ``batchnorm`` (the closed-form least squares of the module docstring)."""
+    weight = graph.constants[conv.inputs[1]].astype(np.float64)
+    bias = graph.constants[conv.inputs[2]] if len(conv.inputs) > 2 and conv.inputs[2] else np.zeros(len(weight))
+    out = graph.shapes[conv.outputs[0]]
+    positions = len(pictures) * out[2] * out[3]
+    rows = np.linspace(0, positions - 1, min(FIT_ROWS, positions)).astype(int)
+    matrix = weight.reshape(len(weight), -1).T
+
+    def response(images: np.ndarray) -> np.ndarray:
+        return conv_patches(images.astype(np.float64), conv, weight.shape[2:], rows) @ matrix
+
+    p, q = response(pictures), response(np.ones_like(pictures))
+    importance, mean, var = _batchnorm_stats(graph, batchnorm)
+    variance = p.var(axis=0)
+    live = variance > 1e-12 * variance.max()
+    log_scale2 = np.sum(importance[live] * np.log(var[live] / variance[live])) / max(importance[live].sum(), 1e-30)
+    scale = float(np.exp(log_scale2 / 2))
+    weights, ones = importance / var, q.mean(axis=0)
+    denominator = np.sum(weights * ones**2)
+    if denominator < 1e-12 * max(np.sum(weights), 1e-30):
+        return scale, -scale * float(pictures.mean())  # filters that ignore the mean: centre the pictures
+    return scale, float(np.sum(weights * ones * (mean - bias - scale * p.mean(axis=0))) / denominator)
+
+
+def _batchnorms(graph: Graph) -> list[Node]:
+    return [n for n in graph.nodes if n.op_type == "BatchNormalization" and all(graph.is_constant(t) for t in n.inputs[1:5])]
+
+
+def _batchnorm_mismatch(graph: Graph, session: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Mean over BatchNormalization layers of ``Σ_k γ_k² KL_k / Σ_k γ_k²`` between the Gaussian
+    of each channel observed on ``feeds`` (one sample each) and the running statistics;
+    ``session`` runs the model with every BatchNorm input exposed."""
+    layers = _batchnorms(graph)
+    names = sorted({n.inputs[0] for n in layers})
+    moments: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            flat = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1).astype(np.float64)
+            moments[name].append(np.stack([flat.mean(axis=1), (flat**2).mean(axis=1)]))
+    total = 0.0
+    for node in layers:
+        importance, mean, var = _batchnorm_stats(graph, node)
+        first, second = np.mean(moments[node.inputs[0]], axis=0)
+        observed = np.maximum(second - first**2, 1e-12)
+        divergence = 0.5 * (observed / var + (first - mean) ** 2 / var - 1 - np.log(observed / var))
+        total += np.sum(importance * divergence) / max(importance.sum(), 1e-30)
+    return total / len(layers)
+
+
+def _image_input(graph: Graph, name: str, samples: int, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """Pictures for image input ``name``: every candidate content and polarity fitted, the one
+    matching the BatchNorm statistics best kept (see the module docstring); ``arrays`` holds
+    the other inputs, fed alongside."""
+    shape = (samples, *graph.input_shapes[name][1:])
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
+    layout = _image_layout(shape, dtype)
+    channels, height, width = shape[1:] if layout == "NCHW" else (shape[3], shape[1], shape[2])
+
+    def as_input(pictures: np.ndarray, candidate: _Candidate, inverted: np.ndarray) -> np.ndarray:
+        pictures = np.where(inverted[:, None, None, None], 1 - pictures, pictures)
+        x = candidate.scale * pictures + candidate.shift
+        return (x if layout == "NCHW" else x.transpose(0, 2, 3, 1)).astype(dtype)
+
+    batchnorms = _batchnorms(graph)
+    if not batchnorms:
+        pictures = image_content(rng, samples, channels, height, width, CONTENTS["natural and text"])
+        candidate = _Candidate("natural and text", False, 2.0, -1.0)
+        x = as_input(pictures, candidate, np.arange(samples) % 2 == 1)
+        return x, f"{samples} natural and text pictures, half inverted, in [-1, 1] (a default: no BatchNorm to fit)"
+    fit = int(np.clip(2_000_000 // (channels * height * width), 2, FIT_SAMPLES))
+    texts, naturals = (image_content(rng, fit, channels, height, width, share) for share in (1.0, 0.0))
+    families = {"natural": naturals, "text": texts, "natural and text": np.stack([texts, naturals], 1).reshape(texts.shape[0] * 2, *texts.shape[1:])[:fit]}
+    pair = _first_batchnorm(graph, name) if layout == "NCHW" else None
+    session = session_for(_exposing(graph.model, sorted({n.inputs[0] for n in batchnorms})), optimize=False)
+    scored = []
+    for content, pictures in families.items():
+        for inverted in (False, True):
+            scale, shift = fit_image_range(graph, *pair, 1 - pictures if inverted else pictures) if pair else (2.0, -1.0)
+            candidate = _Candidate(content, inverted, scale, shift)
+            count = min(SCORE_SAMPLES, fit)
+            x = as_input(pictures[:count], candidate, np.full(count, inverted))
+            feeds = [{**{k: v[i : i + 1] for k, v in arrays.items()}, name: x[i : i + 1]} for i in range(count)]
+            scored.append((_batchnorm_mismatch(graph, session, feeds), candidate))
+            log.debug("'%s': %s, BatchNorm mismatch %.4g", name, candidate.text(), scored[-1][0])
+    mismatch, best = min(scored, key=lambda item: item[0])
+    pictures = image_content(rng, samples, channels, height, width, CONTENTS[best.content])
+    how = f"range fitted to BatchNorm '{pair[1].name}' after Conv '{pair[0].name}'" if pair \
+        else "range [-1, 1] (a default: no BatchNorm right after a first Conv)"
+    return as_input(pictures, best, np.full(samples, best.inverted)), (
+        f"{samples} {best.text()}, {how}; content and polarity matching {len(batchnorms)} BatchNorm "
+        f"layers best (mismatch {mismatch:.3g})"
+    )

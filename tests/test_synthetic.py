@@ -1,0 +1,154 @@
+"""Data-free calibration inputs: the modality read from the graph, the image range fitted to the
+first BatchNorm, token ids inside the embedding table, determinism, dtypes and shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from spa_compiler.ir import load_model
+from spa_compiler.synthetic import image_content, synthetic_calibration
+
+SAMPLES = 24
+TRUE_MEAN, TRUE_STD = 0.45, 0.25  # the "training" images are (z - 0.45) / 0.25
+
+
+def _save(tmp_path, nodes, inputs, outputs, initializers, name="model.onnx"):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def _conv(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """3x3 convolution with padding 1, stride 1: ``[n, c, h, w] -> [n, k, h, w]``."""
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
+    return np.einsum("nchwuv,kcuv->nkhw", windows, weight)
+
+
+def _image_model(tmp_path, batchnorm: bool):
+    """x [1, 3, 32, 32] -> Conv 3x3 (8) [-> BatchNorm with the statistics of (z - 0.45) / 0.25
+    on natural pictures] -> Relu -> Conv 1x1 (4)."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    weight[:, :, 1, 1] += 1.0  # filters with a mean response, as trained first layers have
+    head = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    truth = (image_content(np.random.default_rng(9), 32, 3, 32, 32, 0.0) - TRUE_MEAN) / TRUE_STD
+    response = _conv(truth.astype(np.float64), weight.astype(np.float64))
+    stats = {
+        "gamma": rng.uniform(0.5, 1.5, 8), "beta": rng.uniform(-0.5, 0.5, 8),
+        "mean": response.mean(axis=(0, 2, 3)), "var": response.var(axis=(0, 2, 3)),
+    }
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv")]
+    if batchnorm:
+        nodes.append(helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"))
+    nodes += [helper.make_node("Relu", ["b" if batchnorm else "c"], ["r"]), helper.make_node("Conv", ["r", "head"], ["y"])]
+    initializers = {"w": weight, "head": head, **({k: v.astype(np.float32) for k, v in stats.items()} if batchnorm else {})}
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32, 32])], initializers)
+    return load_model(path), weight, stats
+
+
+def test_image_range_matches_first_batchnorm(tmp_path):
+    graph, weight, stats = _image_model(tmp_path, batchnorm=True)
+    arrays, description = synthetic_calibration(graph, SAMPLES, seed=0)
+    x = arrays["x"]
+    assert x.shape == (SAMPLES, 3, 32, 32) and x.dtype == np.float32
+    assert "fitted to BatchNorm 'bn' after Conv 'conv'" in description
+    importance = stats["gamma"] ** 2 / np.sum(stats["gamma"] ** 2)
+
+    def mismatch(images: np.ndarray) -> tuple[float, float]:
+        """The γ²-weighted mean over channels of |mean - μ| / σ and |log(var / σ²)| of the
+        BatchNorm input on ``images``."""
+        response = _conv(images.astype(np.float64), weight.astype(np.float64))
+        mean, var = response.mean(axis=(0, 2, 3)), response.var(axis=(0, 2, 3))
+        return (float(np.sum(importance * np.abs(mean - stats["mean"]) / np.sqrt(stats["var"]))),
+                float(np.sum(importance * np.abs(np.log(var / stats["var"])))))
+
+    mean_error, variance_error = mismatch(x)
+    assert mean_error < 0.1 and variance_error < 0.25
+    # standard normal inputs miss by more than three times as much
+    assert sum(mismatch(np.random.default_rng(0).standard_normal(x.shape))) > 3 * (mean_error + variance_error)
+
+
+def test_image_without_batchnorm_defaults_to_unit_range(tmp_path):
+    graph, _, _ = _image_model(tmp_path, batchnorm=False)
+    arrays, description = synthetic_calibration(graph, SAMPLES, seed=0)
+    x = arrays["x"]
+    assert x.min() >= -1.0 and x.max() <= 1.0 and x.max() - x.min() > 1.5
+    assert "[-1, 1]" in description and "default" in description
+    # half the pictures inverted: dark and light backgrounds both present
+    medians = np.median(x.reshape(SAMPLES, -1), axis=1)
+    assert (medians > 0).any() and (medians < 0).any()
+
+
+def _token_model(tmp_path):
+    """BERT-style inputs: ids through a Cast into a Gather on a [1000, 16] table, token types and
+    positions into their own tables, the mask multiplying the sum."""
+    rng = np.random.default_rng(0)
+    tables = {
+        "words": rng.standard_normal((1000, 16)).astype(np.float32),
+        "types": rng.standard_normal((2, 16)).astype(np.float32),
+        "positions": rng.standard_normal((16, 16)).astype(np.float32),
+        "axis": np.array([2], dtype=np.int64),
+    }
+    tables["words"][500:520] *= 0.01  # never-trained rows: tiny norms
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["words", "ids32"], ["w"]),
+        helper.make_node("Gather", ["types", "token_type_ids"], ["t"]),
+        helper.make_node("Gather", ["positions", "position_ids"], ["p"]),
+        helper.make_node("Sum", ["w", "t", "p"], ["s"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["mu"]),
+        helper.make_node("Mul", ["s", "mu"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 16])
+              for n in ("input_ids", "attention_mask", "token_type_ids", "position_ids")]
+    path = _save(tmp_path, nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16])], tables)
+    return load_model(path)
+
+
+def test_token_inputs(tmp_path):
+    graph = _token_model(tmp_path)
+    arrays, description = synthetic_calibration(graph, SAMPLES, seed=0)
+    assert list(arrays) == graph.inputs
+    assert all(a.shape == (SAMPLES, 16) and a.dtype == np.int64 for a in arrays.values())
+    ids = arrays["input_ids"]
+    assert ids.min() >= 1000 // 30 and ids.max() < 1000
+    assert not np.isin(ids, np.arange(500, 520)).any()  # rows with tiny norms are skipped
+    assert len(np.unique(ids)) > 100  # spread over the vocabulary ...
+    assert np.mean(ids < 200) > np.mean(ids >= 800)  # ... more often low ids (Zipf)
+    assert (arrays["attention_mask"] == 1).all() and (arrays["token_type_ids"] == 0).all()
+    assert (arrays["position_ids"] == np.arange(16)).all()
+    assert "Zipf token ids in [33, 999]" in description
+
+
+def test_audio_and_other_floats(tmp_path):
+    nodes = [helper.make_node("Mul", ["waveform", "gain"], ["y"]), helper.make_node("Relu", ["features"], ["z"])]
+    inputs = [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, [1, 16000]),
+              helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 10])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16000]),
+               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 10])]
+    graph = load_model(_save(tmp_path, nodes, inputs, outputs, {"gain": np.array(2.0, dtype=np.float32)}))
+    arrays, description = synthetic_calibration(graph, 8, seed=0)
+    wave = arrays["waveform"].astype(np.float64)
+    assert wave.shape == (8, 16000) and np.allclose(np.abs(wave).max(axis=1), 0.5, atol=1e-6)
+    spectrum = np.abs(np.fft.rfft(wave, axis=1))
+    assert np.all(spectrum.max(axis=1) > 20 * np.median(spectrum, axis=1))  # tones stand out of the noise
+    features = arrays["features"]
+    assert features.shape == (8, 10) and abs(features.mean()) < 0.5 and 0.6 < features.std() < 1.4
+    assert "'waveform': tones plus noise (audio)" in description and "'features': standard normal" in description
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    graph, _, _ = _image_model(tmp_path, batchnorm=True)
+    first, text = synthetic_calibration(graph, 4, seed=3)
+    again, text_again = synthetic_calibration(graph, 4, seed=3)
+    other, _ = synthetic_calibration(graph, 4, seed=4)
+    assert np.array_equal(first["x"], again["x"]) and text == text_again
+    assert not np.array_equal(first["x"], other["x"])
