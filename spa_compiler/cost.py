@@ -26,6 +26,7 @@ import numpy as np
 from .analysis import Analysis
 from .errors import InputError
 from .ops import get_rule
+from .plugins import register_named
 
 __all__ = [
     "Term", "CostMetric", "CostModel", "register_metric", "get_metric", "available_metrics", "node_macs",
@@ -60,12 +61,7 @@ def register_metric(name: str) -> Callable[[type[CostMetric]], type[CostMetric]]
     """Class decorator registering a metric under the name of its target option."""
 
     def decorate(cls: type[CostMetric]) -> type[CostMetric]:
-        taken = _METRICS.get(name)
-        if taken is not None and taken is not cls:
-            raise ValueError(f"cost metric '{name}' is already registered by {taken.__module__}.{taken.__qualname__}")
-        cls.name = name
-        _METRICS[name] = cls
-        return cls
+        return register_named(_METRICS, "cost metric", name, cls)
 
     return decorate
 

@@ -26,7 +26,7 @@ import numpy as np
 from .analysis import Analysis, Group
 from .calibrate import LayerStatistics
 from .errors import InputError
-from .plugins import load_entry_points
+from .plugins import load_entry_points, register_named
 
 if TYPE_CHECKING:
     from .pipeline import PassLike
@@ -127,12 +127,7 @@ def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]
     already taken by another class is an error."""
 
     def decorate(cls: type[Criterion]) -> type[Criterion]:
-        taken = _CRITERIA.get(name)
-        if taken is not None and taken is not cls:
-            raise ValueError(f"criterion '{name}' is already registered by {taken.__module__}.{taken.__qualname__}")
-        cls.name = name
-        _CRITERIA[name] = cls
-        return cls
+        return register_named(_CRITERIA, "criterion", name, cls)
 
     return decorate
 

@@ -1,11 +1,12 @@
-"""Loading third-party extensions from Python entry points (criteria, op rules)."""
+"""Registries of named classes (criteria, cost metrics) and loading third-party extensions
+from Python entry points (criteria, op rules)."""
 
 from __future__ import annotations
 
 import logging
 from importlib import metadata
 
-__all__ = ["load_entry_points"]
+__all__ = ["load_entry_points", "register_named"]
 
 log = logging.getLogger(__name__)
 
@@ -25,3 +26,14 @@ def load_entry_points(group: str) -> list[tuple[str, object]]:
         except Exception as exc:  # a broken plugin must not break the others
             log.warning("could not load %s plugin %s: %s", group, entry.name, exc)
     return loaded
+
+
+def register_named(table: dict[str, type], kind: str, name: str, cls: type) -> type:
+    """Put ``cls`` in ``table`` under ``name`` (and set ``cls.name``); a name already taken by
+    another class is an error."""
+    taken = table.get(name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"{kind} '{name}' is already registered by {taken.__module__}.{taken.__qualname__}")
+    cls.name = name
+    table[name] = cls
+    return cls
