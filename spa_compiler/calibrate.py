@@ -18,10 +18,8 @@ samples. Each layer uses at most ``ROWS_PER_FEATURE * (features + 1)`` rows in a
 tokens, a seeded random subset spread evenly over the batches): enough for a well-conditioned
 ``H``, and it bounds the time on large feature maps.
 
-Without calibration data, statistics come from seeded synthetic inputs: standard normal floats
-for float inputs, zeros for integer inputs. They pass through the model's own BatchNorm and
-activation layers, so each consumer sees activations shaped by the trained network; no
-BatchNorm arithmetic is needed, and models whose exporter folded BatchNorm away work the same.
+Without calibration data, statistics come from seeded synthetic inputs shaped like the modality
+each graph input expects (:mod:`spa_compiler.synthetic`).
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ import onnx
 
 from .analysis import Analysis
 from .errors import InputError
-from .ir import Graph, Node, synthetic_inputs
+from .ir import Graph, Node
 from .verify import session_for
 
 __all__ = [
@@ -50,7 +48,6 @@ __all__ = [
     "layer_features",
     "consumer_layers",
     "load_calibration",
-    "synthetic_calibration",
     "collect_statistics",
     "conv_patches",
 ]
@@ -230,12 +227,6 @@ def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dic
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"--calib {path}: every input needs the same, non-zero number of samples")
     return arrays
-
-
-def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """``samples`` seeded synthetic inputs (see the module docstring)."""
-    shapes = {name: (samples, *shape[1:]) for name, shape in graph.input_shapes.items()}
-    return synthetic_inputs(shapes, graph.dtypes, seed)
 
 
 def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.ndarray | None) -> np.ndarray:

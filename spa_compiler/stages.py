@@ -17,7 +17,7 @@ import numpy as np
 from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
-from .calibrate import collect_statistics, consumer_layers, fixed_batch, load_calibration, synthetic_calibration
+from .calibrate import collect_statistics, consumer_layers, fixed_batch, load_calibration
 from .config import TARGET_TOLERANCE
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
@@ -27,6 +27,7 @@ from .pipeline import Pass
 from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
+from .synthetic import synthetic_calibration
 from .verify import custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
@@ -90,8 +91,7 @@ class CollectStatistics(Pass):
             kept_aside = f" ({len(next(iter(state.held_out.values())))} more held out to measure fidelity)" if state.held_out else ""
             source = f"{len(next(iter(data.values())))} samples from {config.calibration}{kept_aside}"
         else:
-            data = synthetic_calibration(graph, config.calibration_samples, config.seed)
-            source = f"data-free: {config.calibration_samples} synthetic inputs (standard normal; integers 0)"
+            data, source = synthetic_calibration(graph, config.calibration_samples, config.seed)
 
         def report(done: int, total: int) -> None:
             state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
