@@ -1,11 +1,34 @@
 """Shared fixtures: reference models exported once per session (with PyTorch, imported only
-by the tests that use them, so the pure-ONNX tests run without it)."""
+by the tests that use them, so the pure-ONNX tests run without it), and the fast pipeline.
+
+Most tests check structure (couplings, rewrites, errors, files), not accuracy, so they prune
+with the fast pipeline: L2 ranking, allocation by scores, no re-fit; the accurate default
+pipeline (obs, measured sensitivity, sequential re-fit) costs seconds per model. Tests of the
+default pipeline itself are marked ``accurate`` and see the real defaults.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+
+from spa_compiler import PruneConfig
+
+FAST = {"criterion": "l2", "allocation": "score", "refit_rounds": 0}
+
+
+@pytest.fixture(autouse=True)
+def fast_pipeline(request, monkeypatch):
+    """Unless the test is marked ``accurate``, PruneConfig's defaults are the fast pipeline's."""
+    if request.node.get_closest_marker("accurate"):
+        return
+    fields = [f.name for f in dataclasses.fields(PruneConfig)]
+    defaults = list(PruneConfig.__init__.__defaults__)
+    for name, value in FAST.items():
+        defaults[fields.index(name)] = value
+    monkeypatch.setattr(PruneConfig.__init__, "__defaults__", tuple(defaults))
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,8 @@ from spa_compiler.stages import split_held_out
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
 
+pytestmark = pytest.mark.accurate
+
 
 
 def test_convex_increments_follow_the_lower_hull():

@@ -25,16 +25,23 @@ from onnx import TensorProto, helper, numpy_helper
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
 CLI = [sys.executable, "-m", "spa_compiler.cli"]
+FAST_CLI = ("--criterion", "l2", "--allocation", "score", "--refit", "0")  # the fast pipeline (see conftest)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def run_cli(cwd: Path, *args: object, columns: int = 80) -> subprocess.CompletedProcess:
+def run_cli(cwd: Path, *args: object, columns: int = 80, fast: bool = True) -> subprocess.CompletedProcess:
+    """The CLI with ``args``; a pruning run uses the fast pipeline unless ``fast=False`` or the
+    arguments choose for themselves (see conftest)."""
     env = {**os.environ, "COLUMNS": str(columns), "PYTHONWARNINGS": "default"}
     env.pop("FORCE_COLOR", None)
+    words = [str(a) for a in args]
+    prunes = any(w in ("--flops", "--params", "--ratio", "--latency") for w in words)
+    chooses = any(w in ("--criterion", "--allocation", "--refit") for w in words)
+    extra = list(FAST_CLI) if fast and prunes and not chooses else []
     return subprocess.run(
-        [*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=180
+        [*CLI, *words, *extra], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
 
 
@@ -280,7 +287,7 @@ def test_custom_op_is_a_barrier_in_analysis(tmp_path):
 def test_custom_op_pruning_prunes_around_it(tmp_path):
     path = save(custom_op_model(), tmp_path / "custom.onnx")
     before = snapshot(tmp_path)
-    result = run_cli(tmp_path, "custom.onnx", "--flops", "0.85", "--bench-runs", "0", "-o", "out.onnx")
+    result = run_cli(tmp_path, "custom.onnx", "--flops", "0.85", "--bench-runs", "0", "-o", "out.onnx", fast=False)
     assert result.returncode == 0, result.stdout + result.stderr
     pruned = onnx.load(str(tmp_path / "out.onnx"))
     assert [n.op_type for n in pruned.graph.node].count("Mystery") == 1

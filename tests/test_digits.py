@@ -59,6 +59,7 @@ def test_calibration_file(tmp_path, split):
         np.testing.assert_array_equal(data["input"], x_train[:64])
 
 
+@pytest.mark.accurate
 def test_prune_half_flops_keeps_accuracy(digits_model, split, tmp_path):
     """The default pipeline with calibration data keeps the test accuracy at half the FLOPs;
     ranking by L2 magnitude alone, without sensitivity or re-fitting, does not."""

@@ -33,11 +33,13 @@ def state_for(config: PruneConfig) -> PruneState:
     return PruneState(config, graph=load_model(EXAMPLE))
 
 
+@pytest.mark.accurate
 def test_default_pipeline_names_its_passes():
-    assert Pipeline(default_passes(PruneConfig(flops=0.5))).names == ["analyse", "score", "allocate", "rewrite", "verify"]
-    assert Pipeline(default_passes(PruneConfig(flops=0.5, criterion="obs"))).names == [
-        "analyse", "calibrate", "score", "allocate", "compensate", "rewrite", "verify",
+    assert Pipeline(default_passes(PruneConfig(flops=0.5))).names == [
+        "analyse", "calibrate", "score", "sensitivity", "allocate", "compensate", "refit", "rewrite", "verify",
     ]
+    fast = PruneConfig(flops=0.5, criterion="l2", allocation="score", refit_rounds=0)
+    assert Pipeline(default_passes(fast)).names == ["analyse", "score", "allocate", "rewrite", "verify"]
 
 
 def test_stop_after_allocation():
@@ -153,6 +155,7 @@ def test_wheel_installs_only_spa_compiler(tmp_path):
     assert "spa-prune = spa_compiler.cli:main" in entry_points and "spa_prune.criteria" not in entry_points
 
 
+@pytest.mark.accurate
 def test_readme_composed_pipeline_runs(monkeypatch):
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- composed pipeline: run by tests/test_pipeline.py -->\n```python\n", 1)[1].split("```", 1)[0]
