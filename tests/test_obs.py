@@ -129,7 +129,7 @@ def test_data_free_obs_with_and_without_batchnorm(exported, tmp_path, name):
     report = prune(source, tmp_path / "p.onnx", PruneConfig(flops=0.5, criterion="obs", calibration_samples=16,
                                                             bench_runs=0))
     assert report.calibration.startswith("data-free, 16 synthetic samples: 'input': 16 ")
-    assert ("BatchNorm layers best" if has_bn else "in [-1, 1] (a default: no BatchNorm to fit)") in report.calibration
+    assert ("BatchNorm layers best" if has_bn else "standardised to zero mean and unit variance (a default: no BatchNorm to fit)") in report.calibration
     assert report.compensated > 0 and report.flops_ratio <= 0.52
     prune(source, tmp_path / "l2.onnx", PruneConfig(flops=0.5, criterion="l2", bench_runs=0))
     feeds, _ = synthetic_calibration(load_model(source), 8, seed=1)
