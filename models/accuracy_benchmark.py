@@ -2,6 +2,7 @@
 
     python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits] [--flops 0.9,0.75,0.5]
         [--criteria l2,obs] [--test-samples N] [--calib-samples N] [--no-peers] [--json results.json]
+        [--option FIELD=VALUE ...] [--pipeline-defaults]
 
 Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint from test data):
 
@@ -15,7 +16,10 @@ Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint fr
 Each model is pruned to every ``--flops`` target through ``spa_compiler.prune`` with every
 ``--criteria`` criterion: one data-free row per criterion, and a calibrated row for a criterion
 that uses activation statistics (``obs``: the ``.npz`` of ``--calib-samples`` calibration
-inputs).  Peers (``models.peers``): onnxsim's structured pruning, data-free and calibrated
+inputs).  The other ``PruneConfig`` fields are the task's ``round_to``, no latency runs,
+``CRITERION_ONLY`` (allocation by the criterion's scores, no re-fit; ``--pipeline-defaults`` drops
+it) and the defaults, unless ``--option`` sets them, e.g. ``--option refit_rounds=1``.
+Peers (``models.peers``): onnxsim's structured pruning, data-free and calibrated
 (Wanda + least-squares re-fit), and Torch-Pruning where a PyTorch model exists.  One table per
 task metric: a row per method, a column per target, cells ``metric (achieved FLOPs ratio)
 metric/unpruned``.  A failed pruning shows its error.  To iterate on one model::
@@ -27,11 +31,12 @@ metric/unpruned``.  A failed pruning shows its error.  To iterate on one model::
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from spa_compiler import PruneConfig, SpaError, get_criterion, prune
 from .digits_task import DigitsTask
 from .minilm_task import MiniLMTask
 from .ocr_tasks import ClsTask, DetTask, RecTask
-from .peers import PeerError, bisect_target, flops_of, onnxsim_prune, onnxsim_simplify
+from .peers import PeerError, match_target, flops_of, onnxsim_prune, onnxsim_simplify
 from .table import print_table, write_json
 from .tasks import Task
 
@@ -55,6 +60,13 @@ TASKS: dict[str, Task] = {name: task() for name, task in TASK_TYPES.items()}
 """One instance of every task with its default number of test samples (built lazily)."""
 
 TARGETS = (0.9, 0.75, 0.5)
+ROW_FIELDS = {"flops", "criterion", "input_shapes", "calibration", "calibration_samples"}
+"""``PruneConfig`` fields each row sets; ``--option`` sets any other."""
+CRITERION_ONLY = {"allocation": "score", "refit_rounds": 0}
+"""``PruneConfig`` fields the rows use unless ``--option`` or ``--pipeline-defaults`` says otherwise:
+channels allocated by the criterion's own scores and no sequential re-fit, so that the rows
+compare criteria.  The measured-sensitivity allocation and the re-fit (``PruneConfig``'s
+defaults) cost about 25 times as much: 6 CPU minutes per recogniser pruning instead of 15 s."""
 CALIBRATION_SAMPLES = 128
 ERROR_WIDTH = 40
 TORCH_PRUNING_MAX = 0.75
@@ -103,10 +115,10 @@ def method_rows(criteria: list[str], task: Task, peers: bool) -> list[Method]:
 
 
 class _Run:
-    """Prunes one task's model every way into ``folder``, reusing the peers' bisections."""
+    """Prunes one task's model every way into ``folder``, reusing the peers' searches."""
 
-    def __init__(self, task: Task, folder: Path, calibration_samples: int) -> None:
-        self.task, self.folder = task, folder
+    def __init__(self, task: Task, folder: Path, calibration_samples: int, options: dict[str, Any]) -> None:
+        self.task, self.folder, self.options = task, folder, options
         self.source, self.shapes = task.source()
         self.calibration_path = task.calibration(folder / f"{task.name}_calibration.npz", calibration_samples)
         with np.load(self.calibration_path) as data:
@@ -121,16 +133,17 @@ class _Run:
         """Write the pruned model to ``output``; return its FLOPs ratio."""
         if method.tool == "spa-prune":
             config = PruneConfig(
-                flops=target, criterion=method.criterion, input_shapes=self.shapes, round_to=self.task.round_to,
+                **{"round_to": self.task.round_to, "bench_runs": 0, **self.options},
+                flops=target, criterion=method.criterion, input_shapes=self.shapes,
                 calibration=str(self.calibration_path) if method.calibrated else None,
-                calibration_samples=self.calibration_samples, bench_runs=0,
+                calibration_samples=self.calibration_samples,
             )
             return prune(self.source, output, config).flops_ratio
         if method.tool == "onnxsim":
             calibration = self.calibration if method.calibrated else None
             onnxsim_prune(self.simplified, self.onnxsim_sparsity(target), output, calibration)
             return self.ratio(output)
-        amount, ratio = bisect_target(self._torch_pruning_ratio, target, TORCH_PRUNING_MAX)
+        amount, ratio = match_target(self._torch_pruning_ratio, target, TORCH_PRUNING_MAX)
         shutil.copyfile(self._torch_pruned(amount), output)
         return ratio
 
@@ -141,9 +154,9 @@ class _Run:
 
     def onnxsim_sparsity(self, target: float) -> float:
         """The sparsity whose data-free onnxsim pruning comes closest to ``target``."""
-        sparsity, ratio = bisect_target(self._onnxsim_ratio, target)
+        sparsity, ratio = match_target(self._onnxsim_ratio, target)
         if ratio > 0.999:
-            raise PeerError("onnxsim matches no prunable layer chain in this model")
+            raise PeerError("onnxsim: no layer chain it can prune")
         return sparsity
 
     @functools.cache
@@ -158,15 +171,18 @@ class _Run:
         return self.ratio(self._torch_pruned(amount))
 
 
-def _short(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}".replace("\n", " ")
+def _error_text(error: BaseException) -> str:
+    """A peer's own verdict as it is; anything else with its type."""
+    text = str(error) if isinstance(error, PeerError) else f"{type(error).__name__}: {error}"
+    return text.replace("\n", " ")
 
 
 def run_task(task: Task, methods: list[Method], targets: tuple[float, ...], folder: Path,
-             calibration_samples: int) -> dict[str, Any]:
-    """Unpruned metrics, then a ``Cell`` per (method label, target); progress on stdout."""
+             calibration_samples: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Unpruned metrics, then a ``Cell`` per (method label, target); progress on stdout.
+    ``options`` are further ``PruneConfig`` fields for every spa-prune row."""
     start = time.perf_counter()
-    run = _Run(task, folder, calibration_samples)
+    run = _Run(task, folder, calibration_samples, options or {})
     unpruned = task.metrics(run.source)
     print(f"[{task.name}] {task.description}: unpruned {_metric_text(task, unpruned)} "
           f"(setup {time.perf_counter() - start:.1f} s)", flush=True)
@@ -180,11 +196,11 @@ def run_task(task: Task, methods: list[Method], targets: tuple[float, ...], fold
                 cell.flops_ratio = run.prune(method, target, output)
                 cell.metrics = task.metrics(output)
             except SpaError as error:
-                cell.error = _short(error)
+                cell.error = _error_text(error)
             except Exception as error:  # a peer's failure is a result; so is a model that does not run
                 if method.tool == "spa-prune" and cell.flops_ratio is None:
                     raise
-                cell.error = _short(error)
+                cell.error = _error_text(error)
             cell.seconds = time.perf_counter() - clock
             cells.setdefault(method.label, {})[target] = cell
             outcome = cell.error or f"{_metric_text(task, cell.metrics)} at FLOPs {cell.flops_ratio:.3f}"
@@ -211,8 +227,9 @@ def render(result: dict[str, Any], targets: tuple[float, ...]) -> None:
         unpruned = result["unpruned"][metric]
         print(f"\n{task.name}: {task.description}; {metric}, unpruned {unpruned:.3f}; "
               "cells: metric (achieved FLOPs ratio) metric/unpruned")
+        original = Cell(metrics=result["unpruned"], flops_ratio=1.0)
         rows = [{"method": label, **{str(t): _cell_text(cells[t], metric, unpruned) for t in targets}}
-                for label, cells in result["cells"].items()]
+                for label, cells in {"unpruned": dict.fromkeys(targets, original), **result["cells"]}.items()]
         width = max([22, *(len(row[str(t)]) for row in rows for t in targets)])
         print_table(rows, [("method", "method", "22s"), *((str(t), f"--flops {t:g}", f"{width}s") for t in targets)])
     for label, cells in result["cells"].items():
@@ -234,6 +251,17 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(value) for value in text.split(","))
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``FIELD=VALUE``: the value as a Python literal (``0``, ``'score'``, ``True``), else as text."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in {f.name for f in fields(PruneConfig)}:
+        raise argparse.ArgumentTypeError(f"'{text}' is not FIELD=VALUE with a PruneConfig field")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASK_TYPES), help="comma-separated, of: %(default)s")
@@ -242,12 +270,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--test-samples", type=int, help="test samples per task (default: each task's own)")
     parser.add_argument("--calib-samples", type=int, default=CALIBRATION_SAMPLES, help="default %(default)s")
     parser.add_argument("--no-peers", action="store_true", help="spa-prune rows only")
+    parser.add_argument("--option", type=_option, action="append", default=[], metavar="FIELD=VALUE",
+                        help="a further PruneConfig field for every spa-prune row, e.g. refit_rounds=1 (repeatable)")
+    parser.add_argument("--pipeline-defaults", action="store_true",
+                        help=f"PruneConfig's own defaults instead of {CRITERION_ONLY} (slow)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    configurable = {f.name for f in fields(PruneConfig)}
+    base = {} if args.pipeline_defaults else {k: v for k, v in CRITERION_ONLY.items() if k in configurable}
+    args.option = {**base, **dict(args.option)}
+    taken = sorted(set(args.option) & ROW_FIELDS)
+    if taken:
+        parser.error(f"--option cannot set {', '.join(taken)}: each row sets it")
     names = args.tasks.split(",")
     unknown = sorted(set(names) - set(TASK_TYPES))
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASK_TYPES)}")
+    settings = (f"spa-prune rows: PruneConfig options {args.option or 'defaults'}, calibration "
+                f"{args.calib_samples} samples; no fine-tuning anywhere")
+    print(settings, flush=True)
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="spa_accuracy_") as name:
@@ -256,9 +297,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             methods = method_rows(args.criteria.split(","), task, not args.no_peers)
             folder = Path(name) / task_name
             folder.mkdir()
-            results.append(run_task(task, methods, args.flops, folder, args.calib_samples))
+            results.append(run_task(task, methods, args.flops, folder, args.calib_samples, args.option))
             render(results[-1], args.flops)
-    print(f"\n==== all tables ({time.perf_counter() - start:.0f} s in all) ====")
+    print(f"\n==== all tables ({time.perf_counter() - start:.0f} s in all) ====\n{settings}")
     for result in results:
         render(result, args.flops)
     write_json(args.json, [_as_json(result) for result in results])

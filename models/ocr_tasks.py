@@ -116,11 +116,10 @@ class _LineTask(Task):
     """Shared by the recogniser and the classifier: test and calibration text lines (the
     recogniser's test lines are the first of the classifier's)."""
 
-    model_key: str
     input_shape: tuple[int, ...]
 
     def source(self) -> tuple[Path, Shapes]:
-        return ppocr_model_paths()[self.model_key], {"x": self.input_shape}
+        return ppocr_model_paths()[self.name], {"x": self.input_shape}
 
     @cached_property
     def test_lines(self) -> list[TextLine]:
@@ -132,7 +131,6 @@ class _LineTask(Task):
 
 class RecTask(_LineTask):
     name = "rec"
-    model_key = "rec"
     input_shape = (1, 3, 48, 320)
     metric_names = ("character accuracy",)
     default_test_samples = 150
@@ -170,7 +168,6 @@ class RecTask(_LineTask):
 
 class ClsTask(_LineTask):
     name = "cls"
-    model_key = "cls"
     input_shape = (1, 3, 48, 192)
     metric_names = ("accuracy",)
     default_test_samples = 200
@@ -215,7 +212,7 @@ class DetTask(Task):
         return f"PP-OCRv4 detector, text-line F1 (IoU >= {IOU_THRESHOLD}) on {self.test_samples} rendered {DET_SIZE}x{DET_SIZE} pages"
 
     def source(self) -> tuple[Path, Shapes]:
-        return ppocr_model_paths()["det"], {"x": (1, 3, DET_SIZE, DET_SIZE)}
+        return ppocr_model_paths()[self.name], {"x": (1, 3, DET_SIZE, DET_SIZE)}
 
     @cached_property
     def _detector(self) -> Any:
@@ -227,8 +224,7 @@ class DetTask(Task):
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
         from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
 
-        config = self._detector
-        normalise = DetPreProcess(DET_SIZE, "min", config.mean, config.std)
+        normalise = DetPreProcess(DET_SIZE, "min", self._detector.mean, self._detector.std)
         return np.concatenate([normalise(image) for image in images])
 
     @cached_property

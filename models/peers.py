@@ -2,15 +2,15 @@
 
 - **onnxsim 0.8.1** (``onnxsim.pruning``): ONNX in, like spa-prune.  Its own pipeline: ``simplify``
   first (folds the weight ``Constant`` nodes of Paddle exports into initializers and BatchNorm into
-  the convolutions; without it nothing matches), then structured channel pruning
+  the convolutions; without it, it finds almost nothing to prune in these models), then structured channel pruning
   (``apply_structured_pruning_cpp``, L2 norm of each channel's weights, data-free) and attention
   head pruning (``apply_attention_head_pruning_cpp``), or their calibrated Wanda versions
   (``||W_row|| * ||X||``) followed by ``apply_pruning_finetune``, its least-squares re-fit of the
   MatMul/Gemm layers against the original activations.  It removes the same fraction
   ``sparsity`` of every chain it matches, so the channel counts depend on ``sparsity`` only; one
-  bisection over ``sparsity`` (data-free) serves both variants.
+  search over ``sparsity`` (data-free) serves both variants.
 - **Torch-Pruning 1.6.1**: PyTorch in, for tasks with a PyTorch model (``Task.torch_prune``),
-  bisected over its pruning ratio.
+  its pruning ratio searched the same way (``match_target``).
 
 Achieved FLOPs are counted on every output by spa-prune's own cost model (``flops_of``), the
 count spa-prune's own ratios use.
@@ -28,10 +28,11 @@ from spa_compiler import CostModel, analyze
 
 from .tasks import Shapes
 
-__all__ = ["PeerError", "bisect_target", "flops_of", "onnxsim_prune", "onnxsim_simplify"]
+__all__ = ["PeerError", "match_target", "flops_of", "onnxsim_prune", "onnxsim_simplify"]
 
 MAX_SPARSITY = 0.95
-BISECTION_STEPS = 6
+SEARCH_STEPS = 6
+TOLERANCE = 0.005
 CALIBRATION_BATCH = 16
 
 
@@ -44,18 +45,26 @@ def flops_of(path: str | Path, shapes: Shapes) -> float:
     return CostModel(analyze(path, shapes), "flops").total
 
 
-def bisect_target(measure: Callable[[float], float], target: float,
-                  high: float = MAX_SPARSITY, steps: int = BISECTION_STEPS) -> tuple[float, float]:
+def match_target(measure: Callable[[float], float], target: float, high: float = MAX_SPARSITY,
+                 steps: int = SEARCH_STEPS, tolerance: float = TOLERANCE) -> tuple[float, float]:
     """``(amount, achieved ratio)`` of the pruning amount in ``[0, high]`` whose FLOPs ratio
-    ``measure(amount)`` (decreasing in ``amount``) comes closest to ``target``, at or below it on
-    ties.  Tries ``high`` first: when even that misses the target, it is the closest the tool gets."""
+    ``measure(amount)`` (decreasing in ``amount``, 1 at 0) comes closest to ``target``, at or
+    below it on ties.  Tries ``high`` first (when even that misses the target, it is the closest
+    the tool gets), then up to ``steps`` amounts interpolated linearly inside the bracket around
+    the target (each kept within its middle 80%, so a steep step cannot stall the search),
+    stopping within ``tolerance`` of the target."""
     tried = {high: measure(high)}
-    low = 0.0
-    if tried[high] < target:
-        for _ in range(steps):
-            middle = (low + high) / 2
-            tried[middle] = measure(middle)
-            low, high = (middle, high) if tried[middle] > target else (low, middle)
+    low, low_ratio, high_ratio = 0.0, 1.0, tried[high]
+    for _ in range(steps if high_ratio < target else 0):
+        fraction = min(max((low_ratio - target) / max(low_ratio - high_ratio, 1e-9), 0.1), 0.9)
+        amount = low + fraction * (high - low)
+        ratio = tried[amount] = measure(amount)
+        if abs(ratio - target) <= tolerance:
+            break
+        if ratio > target:
+            low, low_ratio = amount, ratio
+        else:
+            high, high_ratio = amount, ratio
     amount = min(tried, key=lambda a: (abs(tried[a] - target), tried[a] > target))
     return amount, tried[amount]
 

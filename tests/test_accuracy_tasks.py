@@ -10,7 +10,7 @@ pytest.importorskip("cv2")
 
 from models.minilm_task import generate_sentences, nearest_neighbours  # noqa: E402
 from models.ocr_tasks import ClsTask, DetTask, RecTask, box_f1, character_accuracy, edit_distance  # noqa: E402
-from models.peers import bisect_target  # noqa: E402
+from models.peers import match_target  # noqa: E402
 from models.text_render import MAX_ASPECT, render_lines, render_pages  # noqa: E402
 
 
@@ -88,9 +88,12 @@ def test_sentences_and_nearest_neighbours():
     assert nearest_neighbours(embeddings).tolist() == [1, 0, 3, 2]
 
 
-def test_bisection_finds_the_closest_ratio():
-    def measure(amount: float) -> float:
-        return 1.0 - amount
-    amount, ratio = bisect_target(measure, 0.5, high=0.95, steps=8)
-    assert abs(ratio - 0.5) < 0.01 and amount == pytest.approx(1 - ratio)
-    assert bisect_target(lambda amount: 1.0 - amount / 4, 0.5, high=0.95) == (0.95, pytest.approx(0.7625))
+def test_target_search_finds_the_closest_ratio():
+    amount, ratio = match_target(lambda amount: 1.0 - amount, 0.5)
+    assert ratio == pytest.approx(0.5, abs=0.005) and amount == pytest.approx(1.0 - ratio)
+    steps = []
+    match_target(lambda amount: steps.append(amount) or 1.0 - amount ** 2, 0.5, steps=6)
+    assert len(steps) <= 7 and abs(1.0 - steps[-1] ** 2 - 0.5) <= 0.005
+    # out of reach: the most the tool prunes; a step: the closer side
+    assert match_target(lambda amount: 1.0 - amount / 4, 0.5, high=0.95) == (0.95, pytest.approx(0.7625))
+    assert match_target(lambda amount: 1.0 if amount < 0.3 else 0.42, 0.5)[1] == 0.42
