@@ -19,8 +19,10 @@ level on the inputs that the already re-fitted levels before it produce: the seq
 of OBC and SparseGPT. One onnxruntime session per network serves every level: the pruned
 network's re-fitted weights are graph inputs, fed anew at each level, and each run computes only
 the activations the level needs. ``rounds`` repeats the sequence. The cost is about one run of
-the calibration data per level, so the re-fit uses the first ``SAMPLES`` samples only (each
-gives many rows to a convolution: one per output position). The bias term also corrects the
+the calibration data per level, so a level uses the first ``SAMPLES`` samples, or as many as
+its layers need to see four rows per feature (a convolution gets one row per output position
+from each sample, a layer on tokens one per token, a classifier after pooling one), whichever
+is more. The bias term also corrects the
 shift of every output's mean that removed channels and upstream errors leave.
 
 Layers whose weight is shared with another node are left alone: one re-fit cannot serve both.
@@ -36,7 +38,7 @@ from .rewrite import rewrite_model, slice_constant
 from .secondorder import DAMPING, augmented, feature_columns
 from .state import PruneState
 
-__all__ = ["Refit", "refit_layer", "layer_levels", "SAMPLES"]
+__all__ = ["Refit", "refit_layer", "layer_levels", "samples_needed", "SAMPLES"]
 
 SAMPLES = 32  # calibration samples a re-fit uses: each level runs them through both networks
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
@@ -63,6 +65,22 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     matrix[:, kept] = solved[:, : len(kept)]
     bias = solved[:, -1] if layer.bias is not None else weights[:, -1]
     return matrix, bias
+
+
+def samples_needed(graph, layers: list[ConsumerLayer], least: int) -> int:
+    """Samples enough for every layer to see ``ROWS_PER_FEATURE`` rows per feature (at least
+    ``least``): a convolution gets one row per output position from each sample, a layer on
+    tokens one per token, a classifier after pooling one, so token and pooled layers need more."""
+    needed = least
+    for layer in layers:
+        shape = graph.shapes[layer.activation]
+        if layer.op_type == "Conv":
+            width = shape[1] * layer.features_per_channel
+            per_sample = int(np.prod(graph.shapes[graph.node_by_name[layer.node].outputs[0]][2:]))
+        else:
+            width, per_sample = shape[-1], int(np.prod(shape[1:-1]))
+        needed = max(needed, -(-ROWS_PER_FEATURE * (width + 1) // max(per_sample, 1)))
+    return needed
 
 
 def layer_levels(graph, layers: list[ConsumerLayer]) -> list[list[ConsumerLayer]]:
@@ -103,7 +121,6 @@ class Refit(Pass):
         refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
         runner = PairedRunner(graph, rewrite_model(analysis, state.removed_by_axis, state.compensated), layers, refitted)
         levels = layer_levels(graph, layers)
-        data = {name: array[: self.samples] for name, array in state.calibration_data.items()}
         for sweep in range(self.rounds):
             for step, level in enumerate(levels):
                 state.note(f"re-fitting layers, level {step + 1}/{len(levels)} (sweep {sweep + 1}/{self.rounds})")
@@ -111,6 +128,8 @@ class Refit(Pass):
                     name: slice_constant(analysis, state.removed_by_axis, name, state.compensated.get(name, graph.constants[name]))
                     for name in refitted
                 }
+                samples = samples_needed(graph, level, self.samples)
+                data = {name: array[:samples] for name, array in state.calibration_data.items()}
                 paired = runner.statistics(level, data, weights, config.calibration_batch, config.seed, ROWS_PER_FEATURE)
                 for layer in level:
                     self._apply(state, layer, paired[layer.node])
