@@ -72,10 +72,7 @@ class ConsumerLayer:
     features_per_channel: int  # kernel positions of a Conv with patch statistics, else 1
     bias: str | None
     rows_per_output: int = 1  # kernel positions of a Conv with channel statistics, else 1
-
-    @property
-    def patches(self) -> bool:
-        return self.op_type == "Conv" and self.rows_per_output == 1
+    patches: bool = False  # a 2-D Conv with im2col patch statistics (else channel statistics)
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         if self.patches:
@@ -168,11 +165,12 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
         ref = analysis.axes[axis_id]
         for node in graph.consumers.get(ref.tensor, []):
             weight = graph.constants[ref.tensor]
-            rows_per_output = 1
+            rows_per_output, patches = 1, False
             if node.op_type == "Conv" and node.inputs[1] == ref.tensor and int(node.attr("group", 1)) == 1:
                 per_channel = int(np.prod(weight.shape[2:]))
                 outputs = weight.shape[0]
-                if len(weight.shape) != 4 or per_channel * weight.shape[1] > MAX_PATCH_FEATURES:
+                patches = len(weight.shape) == 4 and per_channel * weight.shape[1] <= MAX_PATCH_FEATURES
+                if not patches:
                     per_channel, rows_per_output = 1, int(np.prod(weight.shape[2:]))
             elif node.op_type == "Gemm" and node.inputs[1] == ref.tensor and not node.attr("transA", 0):
                 per_channel, outputs = 1, weight.shape[1 - ref.axis]
@@ -182,7 +180,7 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
                 continue
             layers[node.name] = ConsumerLayer(
                 node.name, node.op_type, node.inputs[0], ref.tensor, ref.axis, per_channel,
-                _bias_of(graph, node, outputs), rows_per_output,
+                _bias_of(graph, node, outputs), rows_per_output, patches,
             )
     return list(layers.values())
 
