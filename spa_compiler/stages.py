@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
@@ -22,7 +23,7 @@ from .config import TARGET_TOLERANCE
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
-from .ir import load_model, save_model, synthetic_inputs
+from .ir import first_line, load_model, save_model, synthetic_inputs
 from .pipeline import Pass
 from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
@@ -96,9 +97,14 @@ class CollectStatistics(Pass):
         def report(done: int, total: int) -> None:
             state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
 
-        state.statistics = collect_statistics(
-            graph, layers, data, config.calibration_batch, seed=config.seed, progress=report
-        )
+        try:
+            state.statistics = collect_statistics(
+                graph, layers, data, config.calibration_batch, seed=config.seed, progress=report
+            )
+        except InvalidArgument as exc:  # the inputs' first axis is no sample axis (e.g. fixed at 2)
+            state.statistics, state.calibration_data, state.held_out = {}, {}, None
+            state.calibration = f"none: the model does not run on one sample at a time ({first_line(exc)}); scores are magnitudes"
+            return state
         state.calibration, state.calibration_data = source, data
         return state
 
