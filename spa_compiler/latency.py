@@ -48,7 +48,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -318,7 +318,7 @@ class AllocateLatency(Allocate):
                 break
             budget = float(np.clip(budget * target.value * before / after, 0.01, 0.99))
         chosen = _choose(rounds, target, analysis, constraints, metric)
-        state.plan = Plan(chosen.plan.removed, chosen.measured)
+        state.plan = replace(chosen.plan, achieved=chosen.measured)
         state.removed_by_axis = removed_indices(analysis, chosen.plan.removed)
         state.latency_before_ms, state.latency_after_ms = chosen.before_ms, chosen.after_ms
         return state
@@ -332,7 +332,7 @@ def _choose(
     if not fitting:
         closest = min(rounds, key=lambda r: r.measured)
         try:  # above the target by more than the allocation's tolerance: raises, saying why
-            check_reachable(analysis, target, Plan(closest.plan.removed, closest.measured), constraints, metric)
+            check_reachable(analysis, target, replace(closest.plan, achieved=closest.measured), constraints, metric)
         except TargetError as exc:
             raise TargetError(
                 f"{exc}; measured with onnxruntime after {len(rounds)} allocation rounds "
