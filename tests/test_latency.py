@@ -26,6 +26,7 @@ from spa_compiler.cost import get_metric
 from spa_compiler.latency import AllocateLatency, Curve, Latency, LatencyProfile
 from spa_compiler.profiling import attribute_kernel
 from spa_compiler.stages import Analyse, Rewrite, Score, Verify
+from test_cli import FAST_CLI
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
 
@@ -170,9 +171,10 @@ def test_unreachable_latency_target_says_why(env_cache):
 
 
 def run_cli(cwd: Path, *args: object) -> subprocess.CompletedProcess:
+    """The command with the fast pipeline's options (see conftest)."""
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "spa_compiler.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+    command = [sys.executable, "-m", "spa_compiler.cli", *map(str, args), *FAST_CLI]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 def test_cli_latency_with_another_target_is_a_one_line_error(tmp_path):
