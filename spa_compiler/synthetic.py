@@ -256,12 +256,13 @@ def _text_scene(rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
 
 
 def image_content(rng: np.random.Generator, n: int, channels: int, height: int, width: int, text_share: float) -> np.ndarray:
-    """``n`` synthetic pictures ``[n, channels, height, width]`` in [0, 1], the first
-    ``round(text_share * n)`` text scenes, the rest natural ones; colour channels are the
-    luminance plus independent smooth (``1/f²``) fields of amplitude 0.05 (near-grey colours)."""
+    """``n`` synthetic pictures ``[n, channels, height, width]`` in [0, 1], a share
+    ``text_share`` of them text scenes spread evenly among natural ones (any leading run of
+    samples has both); colour channels are the luminance plus independent smooth (``1/f²``)
+    fields of amplitude 0.05 (near-grey colours)."""
     noise = _pink_noise(rng, n, height, width)
-    texts = int(round(text_share * n))
-    luminance = np.stack([(_text_scene if i < texts else _natural_scene)(rng, noise[i]) for i in range(n)])
+    text = np.floor((np.arange(n) + 1) * text_share) > np.floor(np.arange(n) * text_share)
+    luminance = np.stack([(_text_scene if text[i] else _natural_scene)(rng, noise[i]) for i in range(n)])
     images = np.repeat(luminance[:, None], channels, axis=1)
     if channels > 1:
         images += 0.05 * _pink_noise(rng, n * channels, height, width, 2.0).reshape(n, channels, height, width)
@@ -377,14 +378,15 @@ def _image_input(
     batchnorms = _batchnorms(graph)
     if not batchnorms:
         pictures = image_content(rng, samples, channels, height, width, CONTENTS["natural and text"])
-        pictures[1::2] = 1 - pictures[1::2]
+        inverted = np.arange(samples) // 2 % 2 == 1  # pairs alternate: either kind of scene, both polarities
+        pictures[inverted] = 1 - pictures[inverted]
         return as_input(pictures, *_standardising(pictures)), (
             f"{samples} natural and text pictures, half inverted, standardised to zero mean and unit variance "
             "(a default: no BatchNorm to fit)"
         )
     fit = int(np.clip(2_000_000 // (channels * height * width), 2, FIT_SAMPLES))
     texts, naturals = (image_content(rng, fit, channels, height, width, share) for share in (1.0, 0.0))
-    alternating = np.stack([texts, naturals], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
+    alternating = np.stack([naturals, texts], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
     families = {"natural": naturals, "text": texts, "natural and text": alternating}
     pair = _first_batchnorm(graph, name) if layout == "NCHW" else None
     session = session_for(_exposing(graph.model, sorted({n.inputs[0] for n in batchnorms})), optimize=False)
