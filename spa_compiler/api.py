@@ -18,7 +18,7 @@ from .sensitivity import MeasureSensitivity
 from .stages import Allocate, Analyse, BuildReport, CollectStatistics, Load, MeasureLatency, Rewrite, Save, Score, Verify
 from .state import Progress, PruneState
 
-__all__ = ["default_passes", "prune_graph", "prune", "analyze"]
+__all__ = ["default_passes", "output_passes", "prune_graph", "prune", "analyze"]
 
 
 def default_passes(config: PruneConfig) -> list[PassLike]:
@@ -60,10 +60,15 @@ def prune(
     source = Path(model_path)
     check_input_path(source)
     output = check_output_path(output_path, source=model_path)
-    evaluate = [Evaluate(config.evaluation)] if config.evaluation else []
-    passes = [Load(), *default_passes(config), Save(output), *evaluate, MeasureLatency(), BuildReport()]
+    passes = [Load(), *default_passes(config), *output_passes(config, output)]
     state = Pipeline(passes, progress)(PruneState(config, source=source))
     return state.report
+
+
+def output_passes(config: PruneConfig, output: Path) -> list[PassLike]:
+    """After the pruned model is verified: save it, score it with ``--eval``, time it, report."""
+    evaluate = [Evaluate(config.evaluation)] if config.evaluation else []
+    return [Save(output), *evaluate, MeasureLatency(), BuildReport()]
 
 
 def analyze(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,

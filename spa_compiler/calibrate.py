@@ -49,6 +49,8 @@ __all__ = [
     "consumer_layers",
     "load_calibration",
     "collect_statistics",
+    "add_statistics",
+    "statistics_batch_size",
     "conv_patches",
 ]
 
@@ -315,22 +317,29 @@ def collect_statistics(
     batch_size: int = 16,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    first_batch: int = 0,
+    total_batches: int | None = None,
 ) -> dict[str, LayerStatistics]:
     """Run ``data`` through the model batch by batch (one sample at a time when the model's
-    batch dimension is fixed) and accumulate every layer's ``H``."""
+    batch dimension is fixed) and accumulate every layer's ``H``.
+
+    Batch ``b`` samples its rows with its own generator, seeded by ``(seed, b)``, so the rows
+    taken from a batch do not depend on which batches ran before it. A *shard* of a larger
+    collection passes its slice of the samples (whole batches), the index of its first batch and
+    the collection's ``total_batches`` (which sets the rows taken per batch); the statistics of
+    shards covering every batch add up (:func:`add_statistics`) to those of one run over all."""
     activations = sorted({layer.activation for layer in layers})
-    if fixed_batch(graph):
-        batch_size = 1
+    batch_size = statistics_batch_size(graph, batch_size)
     session = session_for(_exposing(graph.model, activations), optimize=False)
     stats = {}
     for layer in layers:
         width = _feature_width(layer, graph.shapes[layer.activation])
         stats[layer.node] = LayerStatistics(layer, np.zeros((width + 1, width + 1)))
-    rng = np.random.default_rng(seed)
     total = len(next(iter(data.values())))
-    batches = -(-total // batch_size)
+    batches = total_batches or -(-total // batch_size)
     done = 0
-    for feeds in _batches(data, batch_size):
+    for index, feeds in enumerate(_batches(data, batch_size), start=first_batch):
+        rng = np.random.default_rng([seed, index])
         values = dict(zip(activations, session.run(activations, feeds)))
         for layer in layers:
             budget = -(-min(ROWS_PER_FEATURE * len(stats[layer.node].hessian), MAX_ROWS) // batches)
@@ -342,6 +351,23 @@ def collect_statistics(
     for layer_stats in stats.values():
         layer_stats.flush()
     return stats
+
+
+def statistics_batch_size(graph: Graph, batch_size: int) -> int:
+    """Samples per onnxruntime run while collecting statistics: one when the batch is fixed."""
+    return 1 if fixed_batch(graph) else batch_size
+
+
+def add_statistics(parts: list[dict[str, LayerStatistics]]) -> dict[str, LayerStatistics]:
+    """The statistics of all the samples of ``parts`` (shards of one collection): ``H`` and
+    the row counts add up, since ``H = Σ rowsᵀ rows`` is a sum over rows."""
+    first, *rest = parts
+    return {
+        node: LayerStatistics(
+            stats.layer, stats.hessian + sum(p[node].hessian for p in rest), stats.rows + sum(p[node].rows for p in rest)
+        )
+        for node, stats in first.items()
+    }
 
 
 def with_weight_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:

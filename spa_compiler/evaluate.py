@@ -16,7 +16,7 @@ from .errors import InputError
 from .pipeline import Pass
 from .state import PruneState
 
-__all__ = ["load_score_function", "Evaluate"]
+__all__ = ["load_score_function", "scored", "Evaluate"]
 
 
 def load_score_function(path: str | Path) -> Callable[[str], float]:
@@ -36,7 +36,8 @@ def load_score_function(path: str | Path) -> Callable[[str], float]:
     return score
 
 
-def _scored(score: Callable[[str], float], model: Path, which: str) -> float:
+def scored(score: Callable[[str], float], model: Path, which: str) -> float:
+    """``score(model)`` as a float; one clear error when it fails or is not finite."""
     try:
         value = float(score(str(model)))
     except Exception as exc:
@@ -56,6 +57,8 @@ class Evaluate(Pass):
         self.score = load_score_function(script)
 
     def run(self, state: PruneState) -> PruneState:
-        state.eval_before = _scored(self.score, state.source, "original")
-        state.eval_after = _scored(self.score, state.output, "pruned")
+        """The original is scored unless an earlier step did (a sweep scores it once for all points)."""
+        if state.eval_before is None:
+            state.eval_before = scored(self.score, state.source, "original")
+        state.eval_after = scored(self.score, state.output, "pruned")
         return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
@@ -18,12 +19,12 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
-from .calibrate import collect_statistics, consumer_layers, fixed_batch, load_calibration
-from .config import TARGET_TOLERANCE
+from .calibrate import ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, fixed_batch, load_calibration
+from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
-from .ir import first_line, load_model, save_model, synthetic_inputs
+from .ir import Graph, first_line, load_model, save_model, synthetic_inputs
 from .pipeline import Pass
 from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
@@ -98,15 +99,18 @@ class CollectStatistics(Pass):
             state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
 
         try:
-            state.statistics = collect_statistics(
-                graph, layers, data, config.calibration_batch, seed=config.seed, progress=report
-            )
+            state.statistics = self.collect(graph, layers, data, state.config, report)
         except InvalidArgument as exc:  # the inputs' first axis is no sample axis (e.g. fixed at 2)
             state.statistics, state.calibration_data, state.held_out = {}, {}, None
             state.calibration = f"none: the model does not run on one sample at a time ({first_line(exc)}); scores are magnitudes"
             return state
         state.calibration, state.calibration_data = source, data
         return state
+
+    def collect(self, graph: Graph, layers: list[ConsumerLayer], data: dict[str, np.ndarray], config: PruneConfig,
+                progress: Callable[[int, int], None]) -> dict[str, LayerStatistics]:
+        """The layers' statistics over ``data``, in this process (a subclass may spread the work)."""
+        return collect_statistics(graph, layers, data, config.calibration_batch, seed=config.seed, progress=progress)
 
 
 HELD_OUT_SHARE, HELD_OUT_MAX = 8, 32
