@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -21,7 +23,7 @@ from .ir import check_output_path, parse_input_shapes
 from .ops import registered_ops
 from .report import render_analysis, render_report
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "make_config", "reported_errors", "check_report_dir"]
 
 EXAMPLES = """
 Examples:
@@ -35,6 +37,10 @@ Examples:
   spa-prune model.onnx --latency 0.5    (measured: onnxruntime, 1 thread, on this machine)
 
   spa-prune model.onnx --flops 0.5 --criterion obs --calib data.npz --eval my_accuracy.py
+
+  spa-prune model.onnx --flops 0.5 --report report/    (report.md and widths.png)
+
+  spa-prune sweep model.onnx --flops 0.9,0.7,0.5 --criterion l2,obs --report sweep/    (see spa-prune sweep --help)
 
   spa-prune model.onnx --analyze
 
@@ -69,85 +75,66 @@ def _list_criteria() -> None:
     console.print(table)
 
 
-@app.command(help="Prune MODEL (an .onnx file) to a target and write a smaller dense ONNX model." + EXAMPLES)
-def run(
-    model: Optional[Path] = typer.Argument(None, help="Input .onnx model (never modified).", show_default=False),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Output path.", show_default="MODEL.pruned.onnx"
-    ),
-    flops: Optional[float] = typer.Option(None, help="Keep at most this fraction of the FLOPs (MACs), e.g. 0.5."),
-    params: Optional[float] = typer.Option(None, help="Keep at most this fraction of the parameters."),
-    ratio: Optional[float] = typer.Option(None, help="Remove this fraction of the channels of every group."),
-    latency: Optional[float] = typer.Option(
-        None, help="Keep at most this fraction of the onnxruntime latency (1 thread, batch as bound), measured on "
-        "this machine: profiled per node, checked by timing the result (profiles cached in ~/.cache/spa-prune "
-        "or $SPA_PRUNE_CACHE).",
-    ),
-    criterion: str = typer.Option("obs", help="Channel importance criterion (see --list-criteria)."),
-    scope: str = typer.Option("global", help="global: rank channels across layers; uniform: same ratio everywhere."),
-    round_to: int = typer.Option(
-        16, help="Keep channel counts multiples of N: onnxruntime's fast CPU kernels need 8 (AVX2) or 16 (AVX-512)."
-    ),
-    min_keep: float = typer.Option(0.1, help="Keep at least this fraction of every group's channels."),
-    exclude: List[str] = typer.Option([], help="Node name whose channels must not be pruned (repeatable)."),
-    input_shape: List[str] = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable)."),
-    prune_hidden: bool = typer.Option(
-        False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
-    ),
-    head_dims: bool = typer.Option(
-        False, "--head-dims", help="Prune attention head dimensions instead of whole heads."
-    ),
-    calib: Optional[Path] = typer.Option(
-        None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
-    ),
-    calib_samples: int = typer.Option(128, min=1, help="Calibration samples used (synthetic ones without --calib)."),
-    calib_batch: int = typer.Option(16, min=1, help="Samples per onnxruntime run while collecting statistics."),
-    allocation: str = typer.Option(
-        "sensitivity", help="sensitivity: share the target by each group's measured effect on the outputs; "
-        "score: by criterion scores alone (faster)."
-    ),
-    eval_script: Optional[Path] = typer.Option(
-        None, "--eval", help="A Python file defining score(model_path) -> float: your metric, before and after."
-    ),
-    refit: int = typer.Option(
-        1, min=0, help="Rounds of re-fitting every layer toward the original outputs on the pruned network (0: off)."
-    ),
-    seed: int = typer.Option(0, help="Seed of synthetic inputs and the random criterion."),
-    json_report: Optional[Path] = typer.Option(None, help="Also write the report as JSON to this path."),
-    bench_runs: int = typer.Option(20, min=0, help="onnxruntime timing runs before and after (0: skip)."),
-    analyze: bool = typer.Option(False, "--analyze", help="Print the channel groups and barriers; prune nothing."),
-    list_ops: bool = typer.Option(False, "--list-ops", help="List the ops spa-prune understands."),
-    list_criteria: bool = typer.Option(False, "--list-criteria", help="List the available criteria."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logging."),
-) -> None:
+# Options a single run and a sweep share (one definition, used by both commands' signatures).
+SCOPE = typer.Option("global", help="global: rank channels across layers; uniform: same ratio everywhere.")
+ROUND_TO = typer.Option(
+    16, help="Keep channel counts multiples of N: onnxruntime's fast CPU kernels need 8 (AVX2) or 16 (AVX-512)."
+)
+MIN_KEEP = typer.Option(0.1, help="Keep at least this fraction of every group's channels.")
+EXCLUDE = typer.Option([], help="Node name whose channels must not be pruned (repeatable).")
+INPUT_SHAPE = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable).")
+PRUNE_HIDDEN = typer.Option(
+    False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
+)
+HEAD_DIMS = typer.Option(False, "--head-dims", help="Prune attention head dimensions instead of whole heads.")
+CALIB = typer.Option(
+    None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
+)
+CALIB_SAMPLES = typer.Option(128, min=1, help="Calibration samples used (synthetic ones without --calib).")
+CALIB_BATCH = typer.Option(16, min=1, help="Samples per onnxruntime run while collecting statistics.")
+ALLOCATION = typer.Option(
+    "sensitivity", help="sensitivity: share the target by each group's measured effect on the outputs; "
+    "score: by criterion scores alone (faster)."
+)
+EVAL_SCRIPT = typer.Option(
+    None, "--eval", help="A Python file defining score(model_path) -> float: your metric, before and after."
+)
+REFIT = typer.Option(
+    1, min=0, help="Rounds of re-fitting every layer toward the original outputs on the pruned network (0: off)."
+)
+SEED = typer.Option(0, help="Seed of synthetic inputs and the random criterion.")
+BENCH_RUNS = typer.Option(20, min=0, help="onnxruntime timing runs before and after (0: skip).")
+DEBUG = typer.Option(False, "--debug", help="Show tracebacks and debug logging.")
+
+
+def make_config(
+    criterion: str, scope: str, round_to: int, min_keep: float, exclude: List[str], input_shape: List[str],
+    prune_hidden: bool, head_dims: bool, calib: Optional[Path], calib_samples: int, calib_batch: int,
+    allocation: str, eval_script: Optional[Path], refit: int, seed: int, bench_runs: int, **target: Optional[float],
+) -> PruneConfig:
+    """The run's configuration from the shared options (``target``: flops/params/ratio/latency)."""
+    return PruneConfig(
+        **target, criterion=criterion, scope=scope, round_to=round_to, min_keep=min_keep, exclude=tuple(exclude),
+        prune_hidden=prune_hidden, head_dims=head_dims, input_shapes=parse_input_shapes(input_shape), seed=seed,
+        bench_runs=bench_runs, calibration=str(calib) if calib else None, calibration_samples=calib_samples,
+        calibration_batch=calib_batch, allocation=allocation, refit_rounds=refit,
+        evaluation=str(eval_script) if eval_script else None,
+    )
+
+
+def check_report_dir(directory: Path) -> None:
+    """A report directory may exist (its files are replaced) but must not be a file."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"--report {directory} is a file; give a directory for report.md and the pictures")
+
+
+@contextmanager
+def reported_errors(debug: bool) -> Iterator[None]:
+    """Every failure as one line on stderr and an exit code (2: the user's input, 130: interrupted,
+    3: a bug); ``debug`` shows tracebacks instead."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        if list_ops or list_criteria:
-            _list_ops() if list_ops else _list_criteria()
-            return
-        if model is None:
-            raise InputError("give a model: spa-prune MODEL.onnx --flops 0.5 (see --help)")
-        shapes = parse_input_shapes(input_shape)
-        if analyze:
-            render_analysis(analyze_model(model, shapes, tuple(exclude), prune_hidden, head_dims), console)
-            return
-        config = PruneConfig(
-            flops=flops, params=params, ratio=ratio, latency=latency, criterion=criterion, scope=scope,
-            round_to=round_to, min_keep=min_keep, exclude=tuple(exclude), prune_hidden=prune_hidden,
-            head_dims=head_dims, input_shapes=shapes, seed=seed,
-            bench_runs=bench_runs, calibration=str(calib) if calib else None, calibration_samples=calib_samples,
-            calibration_batch=calib_batch, allocation=allocation, refit_rounds=refit,
-            evaluation=str(eval_script) if eval_script else None,
-        )
-        if json_report is not None:
-            check_output_path(json_report)
-        with console.status("pruning") as status:
-            report = prune(
-                model, output or _default_output(model), config, progress=lambda s: status.update(s)
-            )
-        render_report(report, console)
-        if json_report is not None:
-            json_report.write_text(report.to_json())
+        yield
     except SpaError as exc:
         if debug:
             raise
@@ -166,15 +153,93 @@ def run(
         raise typer.Exit(code=3)
 
 
+@app.command(help="Prune MODEL (an .onnx file) to a target and write a smaller dense ONNX model." + EXAMPLES)
+def run(
+    model: Optional[Path] = typer.Argument(None, help="Input .onnx model (never modified).", show_default=False),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output path.", show_default="MODEL.pruned.onnx"
+    ),
+    flops: Optional[float] = typer.Option(None, help="Keep at most this fraction of the FLOPs (MACs), e.g. 0.5."),
+    params: Optional[float] = typer.Option(None, help="Keep at most this fraction of the parameters."),
+    ratio: Optional[float] = typer.Option(None, help="Remove this fraction of the channels of every group."),
+    latency: Optional[float] = typer.Option(
+        None, help="Keep at most this fraction of the onnxruntime latency (1 thread, batch as bound), measured on "
+        "this machine: profiled per node, checked by timing the result (profiles cached in ~/.cache/spa-prune "
+        "or $SPA_PRUNE_CACHE).",
+    ),
+    criterion: str = typer.Option("obs", help="Channel importance criterion (see --list-criteria)."),
+    scope: str = SCOPE,
+    round_to: int = ROUND_TO,
+    min_keep: float = MIN_KEEP,
+    exclude: List[str] = EXCLUDE,
+    input_shape: List[str] = INPUT_SHAPE,
+    prune_hidden: bool = PRUNE_HIDDEN,
+    head_dims: bool = HEAD_DIMS,
+    calib: Optional[Path] = CALIB,
+    calib_samples: int = CALIB_SAMPLES,
+    calib_batch: int = CALIB_BATCH,
+    allocation: str = ALLOCATION,
+    eval_script: Optional[Path] = EVAL_SCRIPT,
+    refit: int = REFIT,
+    seed: int = SEED,
+    json_report: Optional[Path] = typer.Option(None, help="Also write the report as JSON to this path."),
+    report_dir: Optional[Path] = typer.Option(
+        None, "--report", help="Also write report.md (widths per group before and after) and widths.png into DIR."
+    ),
+    bench_runs: int = BENCH_RUNS,
+    analyze: bool = typer.Option(False, "--analyze", help="Print the channel groups and barriers; prune nothing."),
+    list_ops: bool = typer.Option(False, "--list-ops", help="List the ops spa-prune understands."),
+    list_criteria: bool = typer.Option(False, "--list-criteria", help="List the available criteria."),
+    debug: bool = DEBUG,
+) -> None:
+    with reported_errors(debug):
+        if list_ops or list_criteria:
+            _list_ops() if list_ops else _list_criteria()
+            return
+        if model is None:
+            raise InputError("give a model: spa-prune MODEL.onnx --flops 0.5 (see --help)")
+        if analyze:
+            shapes = parse_input_shapes(input_shape)
+            render_analysis(analyze_model(model, shapes, tuple(exclude), prune_hidden, head_dims), console)
+            return
+        config = make_config(
+            criterion, scope, round_to, min_keep, exclude, input_shape, prune_hidden, head_dims, calib,
+            calib_samples, calib_batch, allocation, eval_script, refit, seed, bench_runs,
+            flops=flops, params=params, ratio=ratio, latency=latency,
+        )
+        if json_report is not None:
+            check_output_path(json_report)
+        if report_dir is not None:
+            check_report_dir(report_dir)
+        with console.status("pruning") as status:
+            report = prune(
+                model, output or _default_output(model), config, progress=lambda s: status.update(s)
+            )
+        render_report(report, console)
+        if json_report is not None:
+            json_report.write_text(report.to_json())
+        if report_dir is not None:
+            from .report_files import write_run_report
+
+            note = write_run_report(report, report_dir)
+            console.print(escape(f"report: {report_dir / 'report.md'}" + (f" ({note})" if note else "")))
+
+
 def _error(label: str, message: str) -> None:
     """One line on stderr; the message is printed verbatim (paths may contain brackets)."""
     errors.print(Text.assemble((f"{label}: ", "bold red"), " ".join(message.split())), soft_wrap=True)
 
 
 def main() -> None:
-    """Console-script entry point: usage errors are one line too, with exit code 2."""
+    """Console-script entry point: usage errors are one line too, with exit code 2.
+    ``spa-prune sweep ...`` runs the sweep command (:mod:`spa_compiler.sweep_cli`)."""
+    command, args, name = app, sys.argv[1:], "spa-prune"
+    if args[:1] == ["sweep"]:
+        from .sweep_cli import sweep_app
+
+        command, args, name = sweep_app, args[1:], "spa-prune sweep"
     try:
-        code = app(prog_name="spa-prune", standalone_mode=False)
+        code = command(args=args, prog_name=name, standalone_mode=False)
     except typer.TyperException as exc:  # usage errors: bad option, bad value
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _error("error", f"{message} (see spa-prune --help)")

@@ -185,12 +185,13 @@ class InProcess:
 
 @dataclass
 class SweepProgress:
-    """What a front end is told: a line while the shared passes run, then per point a line while it
-    runs and its outcome when done."""
+    """What a front end is told: a line while the shared passes run and when they are done, then
+    per point a line while it runs (in process) and its outcome when done."""
 
     shared: Progress | None = None
     point: Callable[[int], Progress | None] = field(default=lambda index: None)
     finished: Callable[[int, PointResult], None] = field(default=lambda index, result: None)
+    prepared: Callable[[], None] = field(default=lambda: None)
 
 
 def run_sweep(
@@ -203,6 +204,7 @@ def run_sweep(
     models.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     states = engine.prepare(Path(source), base, points, progress.shared)
+    progress.prepared()
     results: dict[int, PointResult] = {}
     for index, (report, error, seconds) in engine.run(states, points, base, models, progress.point):
         results[index] = PointResult(points[index], report, error, seconds)
