@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -18,17 +19,32 @@ from .verify import custom_ops
 if TYPE_CHECKING:
     from .state import PruneState
 
-__all__ = ["GroupChange", "PruneReport", "build_report", "render_report", "render_analysis"]
+__all__ = ["GroupChange", "InitializerChange", "PruneReport", "initializer_changes", "build_report", "render_report", "render_analysis"]
 
 
 @dataclass
 class GroupChange:
+    """One group's width before and after; ``kept`` lists the kept units (root channels, or heads)."""
+
     name: str
     kind: str
     channels_before: int
     channels_after: int
     blocked: int
     blocked_by: str | None
+    kept: list[int] = field(default_factory=list)
+
+
+@dataclass
+class InitializerChange:
+    """What became of one weight of the input model: ``kept[axis]`` lists the indices kept along
+    each axis that lost some (the others are whole), ``compensated`` whether its remaining values
+    were re-fitted (then the pruned file holds them, not a slice of the original)."""
+
+    name: str
+    shape: list[int]
+    kept: dict[int, list[int]]
+    compensated: bool = False
 
 
 @dataclass
@@ -58,6 +74,7 @@ class PruneReport:
     held_out_fidelity: Any = None
     eval_before: float | None = None
     eval_after: float | None = None
+    initializers: list[InitializerChange] = field(default_factory=list)
 
     @property
     def flops_ratio(self) -> float:
@@ -100,6 +117,21 @@ def _file_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+def initializer_changes(state: PruneState) -> list[InitializerChange]:
+    """Every initializer that lost indices or was re-fitted, with the indices kept per axis."""
+    analysis, changes = state.analysis, []
+    for name, value in state.graph.constants.items():
+        kept = {}
+        for axis, size in enumerate(value.shape):
+            axis_id = analysis.axis_id(name, axis)
+            gone = state.removed_by_axis.get(axis_id) if axis_id is not None else None
+            if gone is not None and gone.size:
+                kept[axis] = np.setdiff1d(np.arange(size), gone).tolist()
+        if kept or name in state.compensated:
+            changes.append(InitializerChange(name, list(value.shape), kept, name in state.compensated))
+    return changes
+
+
 def build_report(state: PruneState) -> PruneReport:
     """The report of a finished run: costs before and after, per-group widths, fidelity."""
     analysis, plan, config = state.analysis, state.plan, state.config
@@ -118,6 +150,7 @@ def build_report(state: PruneState) -> PruneReport:
             channels_after=len(g.units) - len(plan.removed.get(g.id, [])),
             blocked=len(g.units) - len(g.prunable),
             blocked_by=g.blocked_reasons[0] if g.blocked_reasons else None,
+            kept=sorted(set(range(len(g.units))) - set(plan.removed.get(g.id, []))),
         )
         for g in analysis.groups
     ]
@@ -148,6 +181,7 @@ def build_report(state: PruneState) -> PruneReport:
         held_out_fidelity=state.held_out_fidelity,
         eval_before=state.eval_before,
         eval_after=state.eval_after,
+        initializers=initializer_changes(state),
     )
 
 

@@ -1,0 +1,14 @@
+"""Back to PyTorch: fine-tune a pruned model, narrow the user's own module, or train from scratch.
+
+Needs the optional extra ``pip install 'spa-prune[torch]'`` (torch and onnx2torch); pruning itself
+never imports this package.
+
+- :func:`to_torch` turns any ONNX model (pruned or not, from any framework) into a trainable module.
+- :func:`narrow` applies a pruning report to the ``nn.Module`` the ONNX file was exported from.
+"""
+
+from __future__ import annotations
+
+from .convert import to_torch
+
+__all__ = ["to_torch"]
