@@ -13,6 +13,7 @@ from .ir import Graph, check_input_path, check_output_path, load_model
 from .latency import AllocateLatency
 from .pipeline import PassLike, Pipeline
 from .refit import Refit
+from .reinit import Reinitialise
 from .report import PruneReport
 from .sensitivity import MeasureSensitivity
 from .stages import Allocate, Analyse, BuildReport, CollectStatistics, Load, MeasureLatency, Rewrite, Save, Score, Verify
@@ -66,9 +67,11 @@ def prune(
 
 
 def output_passes(config: PruneConfig, output: Path) -> list[PassLike]:
-    """After the pruned model is verified: save it, score it with ``--eval``, time it, report."""
+    """After the pruned model is verified: (give it fresh weights with ``--reinit``,) save it, score
+    it with ``--eval``, time it, report."""
     evaluate = [Evaluate(config.evaluation)] if config.evaluation else []
-    return [Save(output), *evaluate, MeasureLatency(), BuildReport()]
+    reinit = [Reinitialise()] if config.reinit else []
+    return [*reinit, Save(output), *evaluate, MeasureLatency(), BuildReport()]
 
 
 def analyze(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,

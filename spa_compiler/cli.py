@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from contextlib import contextmanager
@@ -187,6 +188,10 @@ def run(
         None, "--report", help="Also write report.md (widths per group before and after) and widths.png into DIR."
     ),
     bench_runs: int = BENCH_RUNS,
+    reinit: bool = typer.Option(
+        False, "--reinit", help="Write the pruned architecture with fresh weights (PyTorch's default initialisation, "
+        "BatchNorm as identity), to train from scratch."
+    ),
     analyze: bool = typer.Option(False, "--analyze", help="Print the channel groups and barriers; prune nothing."),
     list_ops: bool = typer.Option(False, "--list-ops", help="List the ops spa-prune understands."),
     list_criteria: bool = typer.Option(False, "--list-criteria", help="List the available criteria."),
@@ -207,6 +212,7 @@ def run(
             calib_samples, calib_batch, allocation, eval_script, refit, seed, bench_runs,
             flops=flops, params=params, ratio=ratio, latency=latency,
         )
+        config = dataclasses.replace(config, reinit=reinit)
         if json_report is not None:
             check_output_path(json_report)
         if report_dir is not None:

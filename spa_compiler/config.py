@@ -40,6 +40,7 @@ class PruneConfig:
     allocation: Literal["sensitivity", "score"] = "sensitivity"
     refit_rounds: int = 1
     evaluation: str | None = None  # a Python file defining score(model_path) -> float
+    reinit: bool = False  # write the pruned architecture with fresh weights (spa_compiler.reinit)
 
     @property
     def needs_statistics(self) -> bool:
