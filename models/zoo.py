@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .zoo_patterns import convnext_tiny, crnn_tiny
+
 __all__ = [
     "ARCHITECTURES",
     "Spec",
@@ -823,6 +825,8 @@ ARCHITECTURES: dict[str, Spec] = {
         Spec("yolo_c2f_tiny", yolo_c2f_tiny, _TINY, "C2f: Split halves, bottleneck chain, Concat, SiLU"),
         Spec("vit_tiny", vit_tiny, _TINY, "ViT: patch Conv, class token Concat, q/k/v attention, LayerNorm"),
         Spec("gpt2_tiny", gpt2_tiny, (1, 32), "GPT-2: fused c_attn Split, causal mask, embeddings", "int64"),
+        Spec("crnn_tiny", crnn_tiny, (1, 1, 32, 128), "CRNN: conv features -> BiLSTM -> GRU -> per-column logits"),
+        Spec("convnext_tiny", convnext_tiny, _TINY, "ConvNeXt: depthwise 7x7, channels-last and written-out LayerNorms"),
         Spec("resnet50", functools.partial(resnet, 50), _IMAGENET, "full ResNet-50 (bottlenecks [3, 4, 6, 3])"),
         Spec("mobilenet_v2", mobilenet_v2, _IMAGENET, "full MobileNetV2 (width 1.0)"),
     )

@@ -8,7 +8,9 @@ step. Metrics are registered by the name of their target option (``--flops``, ``
 - ``flops``: multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes (which
   dominate the compute of these models; element-wise ops scale with the same channel counts).
   A Conv costs ``|Y| * |W| / Co`` MACs, i.e. the product of the sizes of Y's axes and W's axes
-  1..; a Gemm or MatMul ``|Y| * K``. Each term is the product of its axes' sizes.
+  1..; a Gemm or MatMul ``|Y| * K``. Each term is the product of its axes' sizes, unless the op
+  rule's ``macs_value`` says otherwise (an LSTM's ``seq * dirs * batch * 4H * (input + H)``).
+  Nodes inside control-flow subgraphs count once per subgraph (an If: both branches).
 - ``params``: every floating-point constant holds the product of its axis sizes.
 - ``latency``: onnxruntime latency measured on this machine (:mod:`spa_compiler.latency`).
 
@@ -80,7 +82,7 @@ def available_metrics() -> dict[str, str]:
 
 @register_metric("flops")
 class MACs(CostMetric):
-    label, description = "MACs", "multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul nodes"
+    label, description = "MACs", "multiply-accumulates of Conv, ConvTranspose, Gemm, MatMul and RNN/GRU/LSTM nodes"
 
     def terms(self, analysis: Analysis) -> list[Term]:
         graph = analysis.graph
@@ -91,7 +93,7 @@ class MACs(CostMetric):
                 continue
             axes = rule.macs_axes(node, graph.shapes.__getitem__)
             if axes:
-                terms.append(Term(node.name, [analysis.axis_index[(t, a)] for t, a in axes]))
+                terms.append(Term(node.name, [analysis.axis_index[(t, a)] for t, a in axes], rule.macs_value))
         return terms
 
 

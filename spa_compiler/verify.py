@@ -161,7 +161,8 @@ def custom_ops(graph: Graph) -> list[str]:
 
 def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "synthetic inputs") -> Fidelity:
     """Compare outputs whose first axis is the sample axis (see :class:`Fidelity`)."""
-    samples = len(before[0]) if before and np.ndim(before[0]) else 1
+    firsts = {np.shape(x)[0] if np.ndim(x) else 1 for x in before}
+    samples = firsts.pop() if len(firsts) == 1 else 1  # outputs disagreeing on the first axis: one sample
 
     def per_sample(outputs: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([np.asarray(x, dtype=np.float64).reshape(samples, -1) for x in outputs], axis=1)

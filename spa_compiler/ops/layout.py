@@ -19,6 +19,8 @@ merge of the transposed axes maps exactly. Any other regrouping is a barrier.
 With ``--head-dims`` the splits and merges of attention couple the innermost axis instead: the
 units are head dimensions, position d of every head (Q·Kᵀ couples Q's and K's, P·V V's with the
 output projection).
+A merge of a recurrent layer's ``[directions, hidden]`` couples the innermost (hidden) axis likewise:
+feature ``d*H + j`` is hidden unit ``j`` of direction ``d``.
 
 Targets computed at run time (``Shape -> Gather -> Unsqueeze -> Concat``) are followed
 symbolically (``spa_compiler.shape_values``): an entry that is the run-time size of an axis couples
@@ -302,7 +304,7 @@ def couple_reshape(c: Coupler, x: str, y: str) -> None:
             c.couple(x, big_a[0], y, big_b[0])
         elif len(big_b) == 1 and len(big_a) > 1:
             n = b[big_b[0]]
-            if c.head_dims and _comes_from_attention(c, x):
+            if (c.head_dims and _comes_from_attention(c, x)) or _comes_from_recurrent(c, x):
                 innermost = big_a[-1]
                 c.couple(y, big_b[0], x, innermost, np.arange(n), np.arange(n) % a[innermost])
             else:
@@ -372,6 +374,15 @@ def _comes_from_attention(c: Coupler, name: str) -> bool:
     while node is not None and node.op_type == "Transpose":
         node = c.producer(node.inputs[0])
     return node is not None and node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs)
+
+
+def _comes_from_recurrent(c: Coupler, name: str) -> bool:
+    """Whether ``name`` is (through Transposes) a recurrent node's Y, whose hidden units are the
+    innermost axis of a [directions, hidden] merge."""
+    node = c.producer(name)
+    while node is not None and node.op_type == "Transpose":
+        node = c.producer(node.inputs[0])
+    return node is not None and node.op_type in ("RNN", "GRU", "LSTM")
 
 
 _ON_THE_WAY_TO_ATTENTION = ("Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")

@@ -20,8 +20,9 @@ packages can add rules through the ``spa_prune.op_rules`` entry-point group.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -86,6 +87,7 @@ class Rewriter(Protocol):
     def remove_attr(self, node: "Node", key: str) -> None: ...
     def shape_value(self, name: str) -> list | None: ...
     def set_constant_element(self, name: str, index: int, value: int) -> None: ...
+    def consumers(self, name: str) -> list["Node"]: ...
 
 
 class OpRule:
@@ -102,8 +104,12 @@ class OpRule:
     def macs_axes(
         self, node: "Node", shape: Callable[[str], tuple[int, ...]]
     ) -> list[tuple[str, int]] | None:
-        """Axes whose sizes multiply to the node's multiply-accumulate count (None: no MACs)."""
+        """Axes whose sizes give the node's multiply-accumulate count (None: no MACs)."""
         return None
+
+    def macs_value(self, sizes: Sequence[float]) -> float:
+        """The MAC count from the kept sizes of the :meth:`macs_axes` (their product)."""
+        return math.prod(sizes)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Exactness of the recurrent rules (RNN, GRU, LSTM): hidden units leave with every gate's rows
+of W, R, B, P and the initial states, in every direction; the input features leave with W's
+columns. Models: ``x -> MatMul (producer of the input features) -> recurrent -> [Transpose ->
+Reshape, merging directions and hidden units] -> MatMul -> y``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spa_compiler import PruneConfig, analyze_graph, prune_graph
+from test_op_rules import CONFIG, attr, build, nodes, prune_exact, removed, shapes_of
+
+GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+T, IN, FEAT, H, OUT = 5, 6, 8, 8, 4
+
+
+def recurrent_model(op: str, direction: str, states: bool = True, peepholes: bool = False):
+    """Text and constants of a model around one recurrent node with hidden size 8."""
+    dirs = 2 if direction == "bidirectional" else 1
+    gates = GATES[op]
+    state_inputs = ", h0" + (", c0" if op == "LSTM" else "") if states else ""
+    extra = ", P" if peepholes else ""
+    outputs = "Y, Yh" + (", Yc" if op == "LSTM" else "")
+    state_shape = (dirs, 1, H)
+    skipped = ", " if states or peepholes else ""  # sequence_lens (and initial states) absent
+    text = f"""g (float[{T},1,{IN}] x) => (float[{T},1,{OUT}] y) {{
+        a = MatMul (x, Wx)
+        {outputs} = {op} <hidden_size = {H}, direction = "{direction}"> (a, W, R, B{skipped}{state_inputs}{extra})
+        t = Transpose <perm = [0, 2, 1, 3]> (Y)
+        m = Reshape (t, shape)
+        y = MatMul (m, Wo)
+    }}"""
+    consts = {
+        "Wx": (IN, FEAT), "W": (dirs, gates * H, FEAT), "R": (dirs, gates * H, H), "B": (dirs, 2 * gates * H),
+        "shape": np.asarray([T, 1, dirs * H], dtype=np.int64), "Wo": (dirs * H, OUT),
+    }
+    if states:
+        consts["h0"] = state_shape
+        if op == "LSTM":
+            consts["c0"] = state_shape
+    if peepholes:
+        consts["P"] = (dirs, 3 * H)
+    return text, consts
+
+
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_recurrent_exact(tmp_path, op, direction):
+    text, consts = recurrent_model(op, direction)
+    graph = build(tmp_path, text, 14, consts)
+    result, pruned = prune_exact(graph)
+    gates, dirs = GATES[op], 2 if direction == "bidirectional" else 1
+    hidden = removed(result, "Y", 3)
+    assert len(hidden) == H // 2
+    # every gate's rows of the same units, in every direction (one slab of axis 1)
+    assert removed(result, "W", 1).tolist() == sorted(g * H + j for g in range(gates) for j in hidden)
+    assert removed(result, "B", 1).tolist() == sorted(g * H + j for g in range(2 * gates) for j in hidden)
+    assert len(removed(result, "W", 2)) == FEAT // 2  # the input side, with the producer MatMul
+    expect = {"W": (dirs, gates * 4, 4), "R": (dirs, gates * 4, 4), "B": (dirs, 2 * gates * 4),
+              "h0": (dirs, 1, 4), "Wx": (IN, 4)}
+    assert shapes_of(pruned, expect) == expect
+    assert attr(nodes(pruned, op)[0], "hidden_size") == 4
+
+
+def test_lstm_peepholes(tmp_path):
+    """Peepholes P [dirs, 3H] are sliced per gate."""
+    text, consts = recurrent_model("LSTM", "bidirectional", peepholes=True)
+    graph = build(tmp_path, text, 14, consts)
+    result, pruned = prune_exact(graph)
+    hidden = removed(result, "Y", 3)
+    assert removed(result, "P", 1).tolist() == sorted(g * H + j for g in range(3) for j in hidden)
+    assert shapes_of(pruned, ["P", "c0"]) == {"P": (2, 12), "c0": (2, 1, 4)}
+
+
+def test_batch_first_layout_is_a_barrier(tmp_path):
+    """onnxruntime does not run layout = 1: such a node blocks, nothing is guessed."""
+    text, consts = recurrent_model("GRU", "forward", states=False)
+    graph = build(tmp_path, text.replace('direction = "forward"', 'direction = "forward", layout = 1'), 14, consts)
+    analysis = analyze_graph(graph)
+    assert [(b.op_type, b.reason) for b in analysis.barriers] == [("GRU", "batch-first layout (layout = 1) is not supported")]
+    assert sum(len(g.prunable) for g in analysis.groups) == 0
+
+
+def test_recurrent_outputs_are_graph_outputs(tmp_path):
+    """Y_h is a graph output: the hidden units stay; the input side still prunes."""
+    text, consts = recurrent_model("GRU", "forward", states=False)
+    text = text.replace(f"=> (float[{T},1,{OUT}] y)", f"=> (float[{T},1,{OUT}] y, float[1,1,{H}] Yh)")
+    graph = build(tmp_path, text, 14, consts)
+    analysis = analyze_graph(graph)
+    prunable = {g.name: len(g.prunable) for g in analysis.groups}
+    assert prunable == {"MatMul 'MatMul_0'": FEAT, "GRU 'GRU_1'": 0, "MatMul 'MatMul_4'": 0}
+    result = prune_graph(graph, CONFIG)
+    assert len(removed(result, "W", 2)) == FEAT // 2 and len(removed(result, "W", 1)) == 0
+
+
+def test_recurrent_macs(tmp_path):
+    """MACs of a recurrent node: seq * dirs * batch * G*H * (input + H), recounted as units go."""
+    from spa_compiler.cost import node_macs
+
+    text, consts = recurrent_model("LSTM", "bidirectional")
+    graph = build(tmp_path, text, 14, consts)
+    macs = node_macs(analyze_graph(graph))
+    assert macs["LSTM_1"] == T * 2 * 1 * 4 * H * (FEAT + H)
+    report = prune_graph(graph, PruneConfig(ratio=0.5, round_to=1, verify=False))
+    assert report.plan.achieved < 0.5
