@@ -115,6 +115,9 @@ class _ProtoRewriter:
     def shape_value(self, name: str) -> list | None:
         return self.analysis.shape_values.value(name) if self.analysis.shape_values else None
 
+    def consumers(self, name: str) -> list[Node]:
+        return self.graph.consumers.get(name, [])
+
     def set_constant_element(self, name: str, index: int, value: int) -> None:
         """Change one element of a shape constant (a head count feeding a run-time target)."""
         edits = self.constant_edits.setdefault(name, {})

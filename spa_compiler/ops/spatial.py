@@ -48,10 +48,18 @@ class RoiPool(OpRule):
              "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin")
 class Reduce(OpRule):
     """Kept axes are identity; reduced axes are barriers. Axes come from the attribute (older
-    opsets) or the second input (ReduceSum 13+, all reductions 18+). With ``--prune-hidden`` a
-    ReduceMean over the last axis (a decomposed LayerNorm) lets that axis lose elements: lossy."""
+    opsets) or the second input (ReduceSum 13+, all reductions 18+).
 
-    summary = "kept axes identity; reduced axes blocked"
+    With ``--prune-hidden`` the statistics of a LayerNorm written out as ops let their one
+    reduced axis lose elements (lossy: mean and variance are then taken over the kept elements):
+    a ReduceMean over the last axis, and a ReduceMean over any one axis, or a ReduceSum followed
+    by a division by the axis size (``ReduceSum(x) / N``, ``ReduceSum(x) * (1/N)``, as JAX and TF
+    exports write a mean), that is a LayerNorm statistic: its mean is subtracted from its input
+    (``x - mean``), or it reduces the square of a centred tensor (``(x - mean)^2``, ``d * d``) or
+    of a tensor that is centred elsewhere (``E[x^2] - E[x]^2``). The divisor N of a ReduceSum is
+    rewritten to the kept size."""
+
+    summary = "kept axes identity; reduced axes blocked (LayerNorm statistics lossy with --prune-hidden)"
 
     def couple(self, node: "Node", c: Coupler) -> None:
         x, y = node.inputs[0], node.outputs[0]
@@ -66,15 +74,114 @@ class Reduce(OpRule):
             return  # all axes reduced
         reduced = set(normalized_axes(axes, rank))
         keepdims = int(node.attr("keepdims", 1))
-        if c.prune_hidden and node.op_type == "ReduceMean" and reduced == {rank - 1} and keepdims:
-            c.free(x, rank - 1)  # a decomposed LayerNorm's statistics: lossy, asked for
-            c.tag(x, rank - 1, "lossy")
+        if c.prune_hidden and keepdims and len(reduced) == 1 and _is_norm_statistic(node, c, rank):
+            (axis,) = reduced
+            c.free(x, axis)  # a written-out LayerNorm's statistics: lossy, asked for
+            c.tag(x, axis, "lossy")
         out_axis = 0
         for axis in range(rank):
             if axis not in reduced:
                 c.couple(x, axis, y, out_axis)
             if axis not in reduced or keepdims:
                 out_axis += 1
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        x = node.inputs[0]
+        divisor = _mean_divisor(node, r, r.old_shape(x)) if node.op_type == "ReduceSum" else None
+        if divisor is None:
+            return
+        consumer, inverse = divisor
+        (axis,) = _reduced_axes(node, r, len(r.old_shape(x)))
+        kept = r.new_shape(x)[axis]
+        if kept == r.old_shape(x)[axis]:
+            return
+        value = r.constant(consumer.inputs[1])
+        r.set_input(consumer, 1, np.full(value.shape, 1.0 / kept if inverse else kept, dtype=value.dtype))
+
+
+def _reduced_axes(node: "Node", c: Coupler | Rewriter, rank: int) -> list[int] | None:
+    """The axes a reduction reduces, None when all or unknown (computed at run time)."""
+    try:
+        axes = int_param(node, c, "axes", 1)
+    except Unsupported:
+        return None
+    return None if axes is None else normalized_axes(axes, rank)
+
+
+def _mean_divisor(node: "Node", c: Coupler | Rewriter, shape: tuple[int, ...]) -> tuple["Node", bool] | None:
+    """For a ReduceSum over one axis of size N (of input ``shape``) whose only consumer divides
+    it by N (or multiplies it by 1/N), a scalar constant second operand: that consumer and
+    whether the constant is 1/N."""
+    consumers = c.consumers(node.outputs[0])
+    axes = _reduced_axes(node, c, len(shape))
+    if len(consumers) != 1 or axes is None or len(axes) != 1:
+        return None
+    (consumer,) = consumers
+    if consumer.op_type not in ("Div", "Mul") or len(consumer.inputs) != 2 or consumer.inputs[0] != node.outputs[0]:
+        return None
+    divisor = consumer.inputs[1]
+    if not c.is_constant(divisor) or c.constant(divisor).size != 1:
+        return None
+    inverse = consumer.op_type == "Mul"
+    size = shape[axes[0]]
+    expected = 1.0 / size if inverse else float(size)
+    return (consumer, inverse) if np.isclose(float(c.constant(divisor).reshape(-1)[0]), expected, rtol=1e-6) else None
+
+
+def _mean_of(node: "Node", c: Coupler) -> str | None:
+    """The tensor holding the mean a ReduceMean or ReduceSum (with its divisor) computes."""
+    if node.op_type == "ReduceMean":
+        return node.outputs[0]
+    if node.op_type == "ReduceSum":
+        divisor = _mean_divisor(node, c, c.shape(node.inputs[0]))
+        return divisor[0].outputs[0] if divisor else None
+    return None
+
+
+def _centres(name: str, mean: str | None, c: Coupler) -> bool:
+    """Whether some consumer computes ``name - mean``."""
+    return mean is not None and any(n.op_type == "Sub" and n.inputs == [name, mean] for n in c.consumers(name))
+
+
+def _is_centred(name: str, c: Coupler) -> bool:
+    """``name`` is ``b - mean(b)``, or its own mean is subtracted from it somewhere."""
+    if any(_centres(name, _mean_of(n, c), c) for n in c.consumers(name) if n.op_type in ("ReduceMean", "ReduceSum")):
+        return True
+    sub = c.producer(name)
+    if sub is None or sub.op_type != "Sub" or len(sub.inputs) != 2:
+        return False
+    mean_node = c.producer(sub.inputs[1])
+    if mean_node is not None and mean_node.op_type in ("Div", "Mul"):
+        mean_node = c.producer(mean_node.inputs[0])
+    return mean_node is not None and mean_node.inputs[0] == sub.inputs[0] and _mean_of(mean_node, c) == sub.inputs[1]
+
+
+def _squared(name: str, c: Coupler) -> str | None:
+    """``a`` when ``name`` is ``a^2`` (Pow by the constant 2) or ``a * a``."""
+    node = c.producer(name)
+    if node is None or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if node.op_type == "Mul" and a == b:
+        return a
+    if node.op_type == "Pow" and c.is_constant(b) and c.constant(b).size == 1 and float(np.asarray(c.constant(b)).reshape(-1)[0]) == 2.0:
+        return a
+    return None
+
+
+def _is_norm_statistic(node: "Node", c: Coupler, rank: int) -> bool:
+    """Whether a one-axis ReduceMean/ReduceSum computes a LayerNorm's mean or variance (see
+    :class:`Reduce`); a ReduceMean over the last axis always counts."""
+    x = node.inputs[0]
+    mean = _mean_of(node, c)
+    if mean is None:
+        return False
+    if node.op_type == "ReduceMean" and _reduced_axes(node, c, rank) == [rank - 1]:
+        return True
+    if _centres(x, mean, c):
+        return True
+    base = _squared(x, c)
+    return base is not None and _is_centred(base, c)
 
 
 @register_op("Softmax", "LogSoftmax", "Hardmax")
