@@ -9,23 +9,28 @@ a shape-like tensor is either
   consumer's axis is coupled with it), or
 * ``Const(value, source, index)``: element ``index`` of the constant ``source`` (the rewriter
   changes it there when the axis it sizes loses channels), or
-* ``None``: unknown (arithmetic, data-dependent values): the consumer is then a barrier.
+* ``Expr(op, left, right)``: integer arithmetic (``Add``, ``Sub``, ``Mul``, ``Div`` truncating) of
+  two elements, as ``torch.chunk`` bounds are computed (``(C + 1) // 2 * k``); :func:`evaluate`
+  gives its value for any sizes of the axes it reads, so a rule can check that it stays right
+  whatever is pruned, or
+* ``None``: unknown (data-dependent values): the consumer is then a barrier.
 
-Only ``Shape``, ``Gather``, ``Slice``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Cast`` and ``Identity``
-over 0-D/1-D integer tensors are followed; a shape value read by anything else *escapes*, and
-the tensor whose shape was taken keeps all its channels.
+Only ``Shape``, ``Gather``, ``Slice``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Cast``, ``Identity`` and
+the integer arithmetic above over 0-D/1-D integer tensors are followed; a shape value read by
+anything else *escapes*, and the tensor whose shape was taken keeps all its channels. A constant
+read by arithmetic escapes too (rewriting it would change the result).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 
 from .ir import Graph, Node
 
-__all__ = ["Dim", "Const", "Element", "ShapeValues", "SHAPE_TARGET_SLOTS"]
+__all__ = ["Dim", "Const", "Expr", "Element", "ShapeValues", "SHAPE_TARGET_SLOTS", "evaluate", "dims_of"]
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,58 @@ class Const:
     index: int
 
 
-Element = Union[Dim, Const, None]
+@dataclass(frozen=True)
+class Expr:
+    op: str
+    left: "Element"
+    right: "Element"
 
-_FOLLOWED = {"Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity"}
+
+Element = Union[Dim, Const, Expr, None]
+
+_ARITHMETIC = {"Add", "Sub", "Mul", "Div"}
+_INTEGER_TYPES = {2, 3, 4, 5, 6, 7, 12, 13}  # onnx uint8/int8/uint16/int16/int32/int64/uint32/uint64
+_FOLLOWED = {"Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", *_ARITHMETIC}
 # inputs that read a shape value and whose rules understand a symbolic one
-SHAPE_TARGET_SLOTS = {("Reshape", 1)}
+SHAPE_TARGET_SLOTS = {("Reshape", 1), ("Slice", 1), ("Slice", 2)}
+
+
+def _truncating_division(a: int, b: int) -> int | None:
+    if b == 0:
+        return None
+    quotient = abs(a) // abs(b)
+    return quotient if (a >= 0) == (b > 0) else -quotient
+
+
+_OPERATIONS: dict[str, Callable[[int, int], int | None]] = {
+    "Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b, "Div": _truncating_division,
+}
+
+
+def evaluate(element: Element, size: Callable[[Dim], int]) -> int | None:
+    """The integer value of ``element`` when each axis ``Dim`` has ``size(dim)`` elements
+    (None when it is unknown or divides by zero).
+
+    >>> evaluate(Expr("Div", Expr("Add", Dim("x", 1), Const(1, "c", 0)), Const(2, "d", 0)), lambda d: 63)
+    32
+    """
+    if isinstance(element, Dim):
+        return size(element)
+    if isinstance(element, Const):
+        return element.value
+    if isinstance(element, Expr):
+        left, right = evaluate(element.left, size), evaluate(element.right, size)
+        return None if left is None or right is None else _OPERATIONS[element.op](left, right)
+    return None
+
+
+def dims_of(element: Element) -> set[Dim]:
+    """The axes whose run-time sizes ``element`` reads."""
+    if isinstance(element, Dim):
+        return {element}
+    if isinstance(element, Expr):
+        return dims_of(element.left) | dims_of(element.right)
+    return set()
 
 
 class ShapeValues:
@@ -80,9 +132,13 @@ class ShapeValues:
                 return True
             for consumer in self.graph.consumers.get(name, []):
                 slots = {k for k, n in enumerate(consumer.inputs) if n == name}
-                if all((consumer.op_type, k) in SHAPE_TARGET_SLOTS for k in slots):
+                if all((consumer.op_type, k) in SHAPE_TARGET_SLOTS for k in slots) and (
+                    consumer.op_type == "Reshape" or name in self.derived
+                ):
                     continue
                 if consumer.op_type not in _FOLLOWED or consumer.outputs[0] not in self.values:
+                    return True
+                if consumer.op_type in _ARITHMETIC and name not in self.derived:
                     return True
                 pending.extend(o for o in consumer.outputs if o)
         return False
@@ -106,6 +162,8 @@ class ShapeValues:
             return [Dim(node.inputs[0], a) for a in range(start, min(end, rank))]
         if op == "Concat":
             return self._concat(node)
+        if op in _ARITHMETIC:
+            return self._arithmetic(node)
         if not node.inputs or node.inputs[0] not in self.derived:
             return None
         source = self.values[node.inputs[0]]
@@ -135,6 +193,22 @@ class ShapeValues:
         if starts is None or ends is None:
             return None
         return source[slice(int(starts[0]), int(ends[0]), int(steps[0]) if steps else 1)]
+
+    def _arithmetic(self, node: Node) -> list[Element] | None:
+        """Element-wise integer arithmetic of two shape values (one may be a single element,
+        broadcast); division only on integer tensors, where it truncates."""
+        if len(node.inputs) != 2 or not any(name in self.derived for name in node.inputs):
+            return None
+        if self.graph.dtypes.get(node.outputs[0]) not in _INTEGER_TYPES:
+            return None
+        left, right = self.value(node.inputs[0]), self.value(node.inputs[1])
+        if left is None or right is None or (len(left) != len(right) and 1 not in (len(left), len(right))):
+            return None
+        n = max(len(left), len(right))
+        left, right = (left * n if len(left) == 1 else left), (right * n if len(right) == 1 else right)
+        if any(e is None for e in [*left, *right]):
+            return None
+        return [Expr(node.op_type, a, b) for a, b in zip(left, right)]
 
     def _concat(self, node: Node) -> list[Element] | None:
         parts = [self.value(name) for name in node.inputs]

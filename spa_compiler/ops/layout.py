@@ -14,7 +14,10 @@ split as ``[3, H, D]`` and then sliced into q, k, v couples on H. The other axes
 are never pruned. A split that a
 Transpose and a Reshape follow is a channel shuffle: there input element i couples with element
 ``i % |b_last|`` of the innermost axis, removing the same position from every group, which the
-merge of the transposed axes maps exactly. Any other regrouping is a barrier.
+merge of the transposed axes maps exactly. A block that merges and splits at once (GroupNorm's
+``[N, C, H, W] -> [N, G, C/G * H * W]``) couples its outer axes slab by slab when one inner size
+divides the other, so that whole groups of channels leave together. Any other regrouping is a
+barrier.
 
 With ``--head-dims`` the splits and merges of attention couple the innermost axis instead: the
 units are head dimensions, position d of every head (Q·Kᵀ couples Q's and K's, P·V V's with the
@@ -36,8 +39,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
-from ..shape_values import Const, Dim
+from ..shape_values import Const, Dim, Expr
 from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
+from .runtime_shapes import bounds_at_run_time, clamp, couple_computed_entry, couple_run_time_slice, couple_sized_by
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -107,22 +111,21 @@ def _slice_params(node: "Node", c: Coupler | Rewriter, rank: int):
     return list(starts), list(ends), [normalize_axis(a, rank) for a in axes], steps
 
 
-def _clamp(value: int, dim: int) -> int:
-    value = value + dim if value < 0 else value
-    return min(max(value, 0), dim)
-
-
 @register_op("Slice")
 class Slice(OpRule):
     """On a sliced axis with step 1, input element ``start + i`` is output element i; input
     elements outside the slice may be removed freely (the bounds are rewritten). A strided
-    slice axis is a barrier."""
+    slice axis is a barrier. Bounds computed at run time from the sliced axis's own size
+    (``torch.chunk``) are followed symbolically: see :func:`~spa_compiler.ops.runtime_shapes.chunk_length`."""
 
-    summary = "sliced axes offset-mapped (step 1); bounds rewritten"
+    summary = "sliced axes offset-mapped (step 1); bounds rewritten, or run-time chunk bounds followed"
 
     def couple(self, node: "Node", c: Coupler) -> None:
         x, y = node.inputs[0], node.outputs[0]
         shape = c.shape(x)
+        if bounds_at_run_time(node, c):
+            couple_run_time_slice(node, c)
+            return
         starts, ends, axes, steps = _slice_params(node, c, len(shape))
         sliced = dict(zip(axes, zip(starts, ends, steps)))
         for axis, dim in enumerate(shape):
@@ -132,13 +135,15 @@ class Slice(OpRule):
             start, end, step = sliced[axis]
             if step != 1:
                 continue
-            start, end = _clamp(start, dim), _clamp(end, dim)
+            start, end = clamp(start, dim), clamp(end, dim)
             inside = np.arange(start, max(start, end))
             c.couple(x, axis, y, axis, inside, inside - start)
             outside = np.setdiff1d(np.arange(dim), inside)
             c.free(x, axis, outside)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
+        if bounds_at_run_time(node, r):
+            return  # checked at analysis to follow the pruned sizes by themselves
         x = node.inputs[0]
         shape = r.old_shape(x)
         starts, ends, axes, steps = _slice_params(node, r, len(shape))
@@ -148,7 +153,7 @@ class Slice(OpRule):
             if not removed.size:
                 continue
             dim = shape[axis]
-            start = _clamp(starts[k], dim)
+            start = clamp(starts[k], dim)
             new_start = start - int(np.count_nonzero(removed < start))
             starts[k] = new_start
             if ends[k] < dim:
@@ -294,28 +299,37 @@ def reshape_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[in
     return blocks
 
 
-def couple_reshape(c: Coupler, x: str, y: str) -> None:
-    """Couple a reshape's input and output by blocks (see the module docstring)."""
+def couple_reshape(c: Coupler, x: str, y: str) -> dict[int, int]:
+    """Couple a reshape's input and output by blocks (see the module docstring). Returns, for
+    each output axis that loses elements with an input axis, that input axis."""
     a, b = c.shape(x), c.shape(y)
+    coupled: dict[int, int] = {}
     for ia, jb in reshape_blocks(a, b):
         big_a = [k for k in ia if a[k] > 1]
         big_b = [k for k in jb if b[k] > 1]
         if len(big_a) == 1 and len(big_b) == 1:
             c.couple(x, big_a[0], y, big_b[0])
+            coupled[big_b[0]] = big_a[0]
         elif len(big_b) == 1 and len(big_a) > 1:
             n = b[big_b[0]]
             if (c.head_dims and _comes_from_attention(c, x)) or _comes_from_recurrent(c, x):
                 innermost = big_a[-1]
                 c.couple(y, big_b[0], x, innermost, np.arange(n), np.arange(n) % a[innermost])
+                coupled[big_b[0]] = innermost
             else:
                 outer = big_a[0]
                 inner = math.prod(a[k] for k in big_a[1:])
                 c.couple(y, big_b[0], x, outer, np.arange(n), np.arange(n) // inner)
+                coupled[big_b[0]] = outer
+        elif len(big_a) > 1 and len(big_b) > 1:
+            if _couple_outer_slabs(c, x, y, [a[k] for k in big_a], [b[k] for k in big_b], big_a[0], big_b[0]):
+                coupled[big_b[0]] = big_a[0]
         elif len(big_a) == 1 and len(big_b) > 1:
             n = a[big_a[0]]
             if _followed_by_shuffle(c, y):
                 innermost = big_b[-1]
                 c.couple(x, big_a[0], y, innermost, np.arange(n), np.arange(n) % b[innermost])
+                coupled[innermost] = big_a[0]
             else:
                 attention = _feeds_attention(c, y)
                 selected = _selected_downstream(c, y)
@@ -324,8 +338,32 @@ def couple_reshape(c: Coupler, x: str, y: str) -> None:
                     unit_axis = big_b[-1]
                 inner = math.prod(b[k] for k in big_b if k > unit_axis)
                 c.couple(x, big_a[0], y, unit_axis, np.arange(n), (np.arange(n) // inner) % b[unit_axis])
+                coupled[unit_axis] = big_a[0]
                 if attention:
                     c.tag(y, unit_axis, "head_dims" if c.head_dims else "heads")
+    return coupled
+
+
+def _couple_outer_slabs(
+    c: Coupler, x: str, y: str, sizes_a: list[int], sizes_b: list[int], outer_a: int, outer_b: int
+) -> bool:
+    """A block that merges and splits at once (``[C, H, W] -> [G, C/G * H * W]``, GroupNorm's
+    reshape): element i of the outer input axis is the contiguous slab of ``inner_a`` elements
+    starting at ``i * inner_a``, element j of the outer output axis that of ``inner_b``. When one
+    inner size divides the other, every slab of the coarser side is a whole number of slabs of
+    the finer side, so removing one coarse element and the fine elements inside it keeps the
+    rest in order: input element i couples with output element ``i // (inner_b / inner_a)`` (or
+    the reverse). The inner axes are barriers. Otherwise nothing couples (returns False)."""
+    inner_a, inner_b = math.prod(sizes_a[1:]), math.prod(sizes_b[1:])
+    if inner_b % inner_a == 0:
+        fine, coarse, fine_axis, coarse_axis, ratio = x, y, outer_a, outer_b, inner_b // inner_a
+    elif inner_a % inner_b == 0:
+        fine, coarse, fine_axis, coarse_axis, ratio = y, x, outer_b, outer_a, inner_a // inner_b
+    else:
+        return False
+    n = c.shape(fine)[fine_axis]
+    c.couple(fine, fine_axis, coarse, coarse_axis, np.arange(n), np.arange(n) // ratio)
+    return True
 
 
 def _through_transposes(c: Coupler, name: str) -> list["Node"]:
@@ -414,21 +452,27 @@ class Flatten(OpRule):
 class Reshape(OpRule):
     """Coupled by blocks of the input and output shapes. A constant target is rewritten
     (``-1`` and ``0`` entries are kept where their axis keeps its size); a run-time target is
-    followed symbolically (see the module docstring)."""
+    followed symbolically (see the module docstring); an entry computed by arithmetic
+    (``c // 2`` in a channel shuffle) must be right at every size pruning can leave
+    (:func:`~spa_compiler.ops.runtime_shapes.follows_pruning`), or its axis and the axes it reads keep their sizes."""
 
     summary = "identity/merge/split (heads) blocks; constant or run-time target rewritten"
 
     def couple(self, node: "Node", c: Coupler) -> None:
         x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        couple_reshape(c, x, y)
+        coupled = couple_reshape(c, x, y)
         if c.is_constant(target):
             return
         value = c.shape_value(target)
         if value is None or any(e is None for e in value) or len(value) != len(c.shape(y)):
+            for d in set().union(*(dims_of(e) for e in value or [])):
+                c.block(d.tensor, d.axis, "it sizes a run-time Reshape target spa-prune cannot follow")
             raise Unsupported(f"its target shape '{target}' is computed at run time in a way spa-prune cannot follow")
         for k, element in enumerate(value):
             if isinstance(element, Dim):
-                c.couple(y, k, element.tensor, element.axis)
+                couple_sized_by(c, x, y, k, element)
+            elif isinstance(element, Expr):
+                couple_computed_entry(c, x, y, k, element, coupled.get(k))
             elif element.value != -1 and c.shape_value_escapes(element.source):
                 c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
             elif element.value != -1:
