@@ -93,3 +93,89 @@ def test_unknown_op_is_refused_by_name(tmp_path):
     onnx.save(model, str(path))
     with pytest.raises(UnsupportedModelError, match="Mystery"):
         to_torch(path)
+
+
+# --------------------------------------------------------------------------- narrow
+
+def _fresh_layer(layer):
+    """A new layer of ``layer``'s class built from its (narrowed) attributes alone."""
+    nn = torch.nn
+    if isinstance(layer, nn.Conv2d):
+        return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                  layer.padding, layer.output_padding, layer.groups, layer.bias is not None)
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+    if isinstance(layer, nn.BatchNorm2d):
+        return nn.BatchNorm2d(layer.num_features, layer.eps)
+    if isinstance(layer, nn.LayerNorm):
+        return nn.LayerNorm(layer.normalized_shape, layer.eps)
+    if isinstance(layer, nn.Embedding):
+        return nn.Embedding(layer.num_embeddings, layer.embedding_dim)
+    return None
+
+
+def _rebuilt(module):
+    """A deep copy of ``module`` whose every torch layer is freshly constructed from its attributes."""
+    import copy
+
+    fresh = copy.deepcopy(module)
+    for name, layer in list(fresh.named_modules()):
+        replacement = _fresh_layer(layer)
+        if replacement is not None and name:
+            parent, _, child = name.rpartition(".")
+            setattr(fresh.get_submodule(parent) if parent else fresh, child, replacement)
+    return fresh.eval()
+
+
+NARROW = ["resnet_tiny_basic", "mobilenet_v3_tiny", "densenet_tiny"]
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_narrowed_module_equals_the_pruned_model_and_reloads(exported, tmp_path, name):
+    from models.zoo import ARCHITECTURES
+    from spa_compiler.torch import narrow
+
+    spec = ARCHITECTURES[name]
+    path, report = _prune_half(exported(name), tmp_path)
+    assert any(g.channels_after < g.channels_before for g in report.groups)
+    module = narrow(spec.builder(), report)
+    feeds = _feeds(path, seed=5)
+    expected = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+    fresh = _rebuilt(module)
+    fresh.load_state_dict(module.state_dict(), strict=True)
+    np.testing.assert_allclose(_run_torch(fresh, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+    assert sum(p.numel() for p in module.parameters()) < sum(p.numel() for p in spec.builder().parameters())
+
+
+def test_narrow_reads_the_json_report_and_refuses_a_foreign_module(exported, tmp_path):
+    import json
+
+    from models.zoo import resnet_tiny_basic
+    from spa_compiler import ModelError
+    from spa_compiler.torch import narrow
+
+    _, report = _prune_half(exported("resnet_tiny_basic"), tmp_path)
+    saved = tmp_path / "report.json"
+    saved.write_text(report.to_json())
+    assert json.loads(saved.read_text())["initializers"]
+    narrow(resnet_tiny_basic(), saved)
+    with pytest.raises(ModelError, match="matches no parameter"):
+        narrow(resnet_tiny_basic(seed=1), saved)
+
+
+def test_narrow_refuses_a_module_whose_code_fixes_the_attention_width(exported, tmp_path):
+    """The zoo ViT reshapes attention outputs to the input's hidden size, so it cannot run with
+    fewer heads: narrow updates ``heads`` yet its check against the pruned model fails loudly."""
+    from models.zoo import vit_tiny
+    from spa_compiler import ModelError
+    from spa_compiler.torch import narrow
+
+    _, report = _prune_half(exported("vit_tiny"), tmp_path)
+    heads = [g for g in report.groups if g.kind == "heads" and g.channels_after < g.channels_before]
+    assert heads
+    with pytest.raises(ModelError, match="no longer runs"):
+        narrow(vit_tiny(), report)

@@ -10,5 +10,6 @@ never imports this package.
 from __future__ import annotations
 
 from .convert import to_torch
+from .narrowing import narrow
 
-__all__ = ["to_torch"]
+__all__ = ["narrow", "to_torch"]
