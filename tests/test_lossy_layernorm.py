@@ -96,3 +96,24 @@ def test_channel_mean_outside_a_layernorm_stays_a_barrier(tmp_path):
     graph = build(tmp_path, text, 13, {"A": (C, 6), "W2": (3, C)})
     analysis = analyze_graph(graph, prune_hidden=True)
     assert sum(len(g.prunable) for g in analysis.groups) == 0
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_convnext_stream_prunes_with_prune_hidden(exported, tmp_path, opset):
+    """ConvNeXt's residual streams pass channels-first LayerNorms written out as ops (stem and
+    downsampling) and channels-last ones (LayerNormalization at 17, written out at 11): blocked
+    by default, pruned (lossy) with --prune-hidden, and the model stays valid."""
+    from spa_compiler import load_model, prune
+
+    source = exported("convnext_tiny", opset)
+    streams = [g for g in analyze_graph(load_model(source)).groups if g.name.startswith(("Conv '/stem", "Conv '/down"))]
+    assert [(len(g.units), len(g.prunable)) for g in streams] == [(32, 0), (64, 0)]
+    analysis = analyze_graph(load_model(source), prune_hidden=True)
+    hidden = [g for g in analysis.groups if analysis.kind(g) == "hidden"]
+    assert [(g.name.split("'")[1], len(g.units), len(g.prunable)) for g in hidden] == [
+        ("/stem/stem.0/Conv", 32, 32), ("/down/down.1/Conv", 64, 64)
+    ]
+    report = prune(source, tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=8, prune_hidden=True, bench_runs=0))
+    assert [(g.channels_before, g.channels_after) for g in report.groups if g.kind == "hidden"] == [(32, 16), (64, 32)]
+    assert report.flops_ratio < 0.3
+    onnx.checker.check_model(onnx.load(tmp_path / "p.onnx"), full_check=True)
