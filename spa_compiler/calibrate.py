@@ -128,19 +128,26 @@ class LayerStatistics:
 class PairedStatistics:
     """What re-fitting a layer on a pruned network's inputs toward the original outputs needs:
     ``gram = Σ x̃ x̃ᵀ`` over the pruned input's features and ``cross = Σ x̃ xᵀ`` against the
-    original input's features at the same positions, both with a trailing constant 1."""
+    original input's features at the same positions, both with a trailing constant 1. They are
+    kept in two folds (``gram[f]``, ``cross[f]``: the rows of alternate batches of samples), so
+    a re-fit can be checked on rows it was not fitted to."""
 
     layer: ConsumerLayer
-    gram: np.ndarray
-    cross: np.ndarray
+    gram: np.ndarray  # [2, pruned features + 1, pruned features + 1]
+    cross: np.ndarray  # [2, pruned features + 1, features + 1]
 
-    def add(self, pruned: np.ndarray, original: np.ndarray) -> None:
+    @classmethod
+    def empty(cls, layer: ConsumerLayer, pruned_width: int, width: int) -> "PairedStatistics":
+        """Zero sums for ``pruned_width`` and ``width`` features (without the constant 1)."""
+        return cls(layer, np.zeros((2, pruned_width + 1, pruned_width + 1)), np.zeros((2, pruned_width + 1, width + 1)))
+
+    def add(self, pruned: np.ndarray, original: np.ndarray, fold: int = 0) -> None:
         """Fold in one batch of rows: products in float32 (twice as fast; one batch's sums are
         well within its precision), accumulated in float64."""
         ones = np.ones((len(pruned), 1), dtype=np.float32)
         pruned = np.hstack([pruned.astype(np.float32), ones])
-        self.gram += pruned.T @ pruned
-        self.cross += pruned.T @ np.hstack([original.astype(np.float32), ones])
+        self.gram[fold] += pruned.T @ pruned
+        self.cross[fold] += pruned.T @ np.hstack([original.astype(np.float32), ones])
 
 
 def _bias_of(graph: Graph, node: Node, outputs: int) -> str | None:
@@ -408,26 +415,22 @@ class PairedRunner:
         ``weights``."""
         graph = self.graph
         activations = sorted({layer.activation for layer in layers})
-        batch_size = self.batch_size or batch_size
-        rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {layer.node: [] for layer in layers}
+        total = len(next(iter(data.values())))
+        batch_size = self.batch_size or min(batch_size, max(1, -(-total // 2)))  # two batches at least: two folds
+        stats: dict[str, PairedStatistics] = {}
         rng = np.random.default_rng(seed)
-        batches = -(-len(next(iter(data.values()))) // batch_size)
-        for feeds in _batches(data, batch_size):
+        batches = -(-total // batch_size)
+        for index, feeds in enumerate(_batches(data, batch_size)):
             original = dict(zip(activations, self.original.run(activations, feeds)))
             narrowed = dict(zip(activations, self.pruned.run(activations, {**feeds, **weights})))
             for layer in layers:
                 x, x_pruned = original[layer.activation], narrowed[layer.activation]
-                width = _feature_width(layer, x.shape) + 1
-                budget = -(-min(rows_per_feature * width, MAX_ROWS) // batches)
+                width = _feature_width(layer, x.shape)
+                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batches)
                 taken = _sample_rows(layer, graph, x, rng, budget)
-                rows[layer.node].append(
-                    (layer_features(layer, graph, x_pruned, taken).astype(np.float32),
-                     layer_features(layer, graph, x, taken).astype(np.float32))
+                if layer.node not in stats:
+                    stats[layer.node] = PairedStatistics.empty(layer, _feature_width(layer, x_pruned.shape), width)
+                stats[layer.node].add(
+                    layer_features(layer, graph, x_pruned, taken), layer_features(layer, graph, x, taken), index % 2
                 )
-        stats = {}
-        for layer in layers:
-            pruned, original_rows = (np.concatenate(part) for part in zip(*rows.pop(layer.node)))
-            width, pruned_width = original_rows.shape[1] + 1, pruned.shape[1] + 1
-            stats[layer.node] = PairedStatistics(layer, np.zeros((pruned_width, pruned_width)), np.zeros((pruned_width, width)))
-            stats[layer.node].add(pruned, original_rows)
         return stats

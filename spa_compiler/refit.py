@@ -9,11 +9,16 @@ augmented weights ``W`` (bias last), original input features ``x`` and pruned in
 ``x̃`` (both with a constant 1 appended), the least-squares solution of
 ``min Σ ‖W x − W̃ x̃‖²`` is
 
-    W̃ = (W Cᵀ + λs P) (G̃ + λs I)⁻¹,   C = Σ x̃ xᵀ,   G̃ = Σ x̃ x̃ᵀ,   s = mean(diag G̃)
+    W̃ = (W Cᵀ + P D) (G̃ + D)⁻¹,   C = Σ x̃ xᵀ,   G̃ = Σ x̃ x̃ᵀ,   D = λ mean(diag G̃) diag(1, ..., 1, 0)
 
-a ridge regression pulled toward the layer's present weights ``P`` (kept columns), so that
-where the calibration rows are few the re-fit stays near them (a layer without a bias drops
-the constant feature: its bias stays as it was). Every layer is
+a ridge regression pulled toward the layer's present weights ``P`` (kept columns; the bias is
+not pulled), so that where the calibration rows are few the re-fit stays near them (a layer
+without a bias drops the constant feature: its bias stays as it was). How strong a pull, or
+whether to re-fit only the bias or nothing at all, each layer decides on held-out rows: the
+rows come in two folds (alternate batches of samples), each candidate is fitted on one and
+its output error measured on the other, both ways, and the least error wins. So a layer whose
+rows are too few for its features (a 1536-wide layer on a few thousand tokens) does not
+over-fit them. Every layer is
 re-fitted in dependency order, level by level (layers of one level never feed each other), each
 level on the inputs that the already re-fitted levels before it produce: the sequential re-fit
 of OBC and SparseGPT. One onnxruntime session per network serves every level: the pruned
@@ -35,36 +40,83 @@ import numpy as np
 from .calibrate import ConsumerLayer, PairedRunner, PairedStatistics
 from .pipeline import Pass
 from .rewrite import rewrite_model, slice_constant
-from .secondorder import DAMPING, augmented, feature_columns
+from .secondorder import augmented, feature_columns
 from .state import PruneState
 
-__all__ = ["Refit", "refit_layer", "layer_levels", "samples_needed", "SAMPLES"]
+__all__ = ["Refit", "refit_layer", "held_out_ridge", "layer_levels", "samples_needed", "SAMPLES", "RIDGES"]
 
 SAMPLES = 32  # calibration samples a re-fit uses: each level runs them through both networks
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 
 
+RIDGES = (0.001, 0.01, 0.1, 1.0, 10.0, "bias only", "unchanged")
+"""The re-fits a layer may take: a ridge ``λ`` (in units of ``s = mean(diag G̃)``) on the weights,
+the bias free; the present weights with only the bias re-fitted (the shift of the outputs'
+mean corrected); or the layer left as it is."""
+
+
+def _refit(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, ridge: float | str, bias: bool) -> np.ndarray:
+    """The re-fitted augmented weights for ``target_cross = C Wᵀ``: for a number ``λ``,
+    ``(W Cᵀ + P D)(G̃ + D)⁻¹`` with ``D = λs diag(1, ..., 1, 0)`` (the bias, last, not pulled);
+    for "bias only", ``P`` with the mean residual ``(W Σx − P Σx̃) / n`` added to its bias
+    (``Σx̃`` and ``n`` are the last row of ``G̃``, ``W Σx`` the last row of ``C Wᵀ``); for
+    "unchanged", ``P``."""
+    if ridge == "unchanged" or (ridge == "bias only" and not bias):
+        return prior
+    if ridge == "bias only":
+        shifted = prior.copy()
+        shifted[:, -1] += (target_cross[-1] - prior @ gram[-1]) / gram[-1, -1]
+        return shifted
+    diagonal = np.diag(gram)
+    penalty = np.full(len(gram), ridge * (float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0))
+    if bias:
+        penalty[-1] = 0.0
+    return np.linalg.solve(gram + np.diag(penalty), target_cross + penalty[:, None] * prior.T).T
+
+
+def _output_error(solution: np.ndarray, gram: np.ndarray, target_cross: np.ndarray) -> float:
+    """``Σ ‖W x − W̃ x̃‖²`` over a fold's rows, up to the constant ``Σ ‖W x‖²``:
+    ``tr(W̃ G̃ W̃ᵀ) − 2 tr(W̃ C Wᵀ)``."""
+    return float(np.sum((solution @ gram) * solution) - 2 * np.sum(solution * target_cross.T))
+
+
+def held_out_ridge(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool) -> float | str:
+    """The re-fit of :data:`RIDGES` that, fitted on one fold and measured on the other (both
+    ways), leaves the least output error: a layer whose rows are too few to re-fit (a wide
+    layer on tokens, a classifier after pooling) keeps its present weights."""
+    errors = [
+        sum(
+            _output_error(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), gram[f], target_cross[f])
+            for f in (0, 1)
+        )
+        for ridge in RIDGES
+    ]
+    return RIDGES[int(np.argmin(errors))]
+
+
 def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, stats: PairedStatistics,
-                removed_channels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(matrix, bias)`` of the re-fitted layer at the original shape: ``W̃`` placed in the kept
-    feature columns (zeros in the removed ones, which the rewriter slices away). ``weights`` is
-    the layer's augmented original ``[rows, features + 1]`` matrix, ``current`` its present one
-    (compensated or not), toward which the ridge term pulls: ``W̃ = (W Cᵀ + λs P)(G̃ + λs I)⁻¹``
-    with ``P`` the kept columns of ``current`` and ``s = mean(diag G̃)``, so a layer that sees few
-    rows (a classifier after global pooling) stays near its present weights."""
+                removed_channels: np.ndarray, ridge: float | str | None = None) -> tuple[np.ndarray, np.ndarray, float | str]:
+    """``(matrix, bias, ridge)`` of the re-fitted layer at the original shape: ``W̃`` placed in the
+    kept feature columns (zeros in the removed ones, which the rewriter slices away). ``weights``
+    is the layer's augmented original ``[rows, features + 1]`` matrix, ``current`` its present one
+    (compensated or not), toward which the ridge term pulls (``P``, its kept columns): the re-fit
+    ``ridge`` of :data:`RIDGES` over both folds' rows, the one given or else the one chosen on
+    held-out rows (:func:`held_out_ridge`)."""
     features = weights.shape[1] - 1
     kept = np.setdiff1d(np.arange(features), feature_columns(removed_channels, layer.features_per_channel))
     kept_columns = np.append(kept, features)  # and the bias
     gram, cross, target, prior = stats.gram, stats.cross, weights, current[:, kept_columns]
     if layer.bias is None:
-        gram, cross, target, prior = gram[:-1, :-1], cross[:-1, :-1], weights[:, :-1], prior[:, :-1]
-    diagonal = np.diag(gram)
-    ridge = DAMPING * (float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0)
-    solved = np.linalg.solve(gram + ridge * np.eye(len(gram)), cross @ target.T + ridge * prior.T).T
+        gram, cross, target, prior = gram[:, :-1, :-1], cross[:, :-1, :-1], weights[:, :-1], prior[:, :-1]
+    target_cross = cross @ target.T  # C Wᵀ per fold
+    has_bias = layer.bias is not None
+    if ridge is None:
+        ridge = held_out_ridge(gram, target_cross, prior, has_bias)
+    solved = _refit(gram.sum(axis=0), target_cross.sum(axis=0), prior, ridge, has_bias)
     matrix = np.zeros((len(weights), features))
     matrix[:, kept] = solved[:, : len(kept)]
     bias = solved[:, -1] if layer.bias is not None else weights[:, -1]
-    return matrix, bias
+    return matrix, bias, ridge
 
 
 def samples_needed(graph, layers: list[ConsumerLayer], least: int) -> int:
@@ -141,7 +193,9 @@ class Refit(Pass):
         axis = state.analysis.axis_id(layer.weight, layer.axis)
         removed = state.removed_by_axis.get(axis, np.zeros(0, dtype=np.int64))
         current = augmented(layer, {**constants, **state.compensated})
-        matrix, bias = refit_layer(layer, augmented(layer, constants), current, paired, removed)
+        matrix, bias, ridge = refit_layer(layer, augmented(layer, constants), current, paired, removed)
+        if ridge == "unchanged":
+            return  # its own held-out rows say a re-fit would not help
         state.compensated[layer.weight] = layer.from_matrix(matrix, constants[layer.weight])
         if layer.bias is not None:
             original = constants[layer.bias]

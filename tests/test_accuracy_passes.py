@@ -37,22 +37,56 @@ def test_refit_layer_is_the_ridge_least_squares_solution():
     weights = np.hstack([rng.standard_normal((3, 6)), rng.standard_normal((3, 1))])  # bias last
     layer = ConsumerLayer("n", "Gemm", "x", "W", 1, 1, "B")
     ones = np.ones((4000, 1))
-    stats = PairedStatistics(layer, np.zeros((6, 6)), np.zeros((6, 7)))
-    stats.add(x_pruned, x)
+    stats = PairedStatistics.empty(layer, 5, 6)
+    stats.add(x_pruned[:2000], x[:2000], fold=0)
+    stats.add(x_pruned[2000:], x[2000:], fold=1)
     present = weights + 0.5 * rng.standard_normal(weights.shape)
-    matrix, bias = refit_layer(layer, weights, present, stats, np.array([1]))
+    matrix, bias, _ = refit_layer(layer, weights, present, stats, np.array([1]), ridge=0.01)
 
-    # min ‖X̃ W̃ᵀ − X Wᵀ‖² + λ‖W̃ − P‖², solved as one stacked least-squares problem
+    # min ‖X̃ W̃ᵀ − X Wᵀ‖² + λ‖W̃ − P‖² over the weights (not the bias), as one stacked least-squares problem
     design = np.hstack([x_pruned, ones])
     target = np.hstack([x, ones]) @ weights.T
     lam = 0.01 * np.mean(np.diag(design.T @ design))
     prior = present[:, [0, 2, 3, 4, 5, 6]]
-    stacked = np.vstack([design, np.sqrt(lam) * np.eye(6)])
-    expected = np.linalg.lstsq(stacked, np.vstack([target, np.sqrt(lam) * prior.T]), rcond=None)[0].T
+    stacked = np.vstack([design, np.sqrt(lam) * np.eye(6)[:5]])  # the bias is not pulled
+    expected = np.linalg.lstsq(stacked, np.vstack([target, np.sqrt(lam) * prior.T[:5]]), rcond=None)[0].T
     # the statistics' products are float32: agreement to ~1e-6 relative
     np.testing.assert_allclose(matrix[:, [0, 2, 3, 4, 5]], expected[:, :5], rtol=2e-5)
     np.testing.assert_allclose(bias, expected[:, 5], rtol=2e-5, atol=1e-6)
     assert np.all(matrix[:, 1] == 0)
+
+
+def test_refit_ridge_is_chosen_on_held_out_rows():
+    """Many rows of a clear linear relation: a weak ridge wins. Present weights that are already
+    the best (the removed inputs are independent of the kept ones) and a few rows: any re-fit
+    would fit the removed inputs' noise, and the present weights are kept."""
+    rng = np.random.default_rng(1)
+    layer = ConsumerLayer("n", "Gemm", "x", "W", 1, 1, "B")
+    weights = np.hstack([rng.standard_normal((4, 8)), rng.standard_normal((4, 1))])
+    present = weights + 0.3 * rng.standard_normal(weights.shape)
+
+    def paired(x: np.ndarray, x_pruned: np.ndarray) -> PairedStatistics:
+        stats = PairedStatistics.empty(layer, 6, 8)
+        half = len(x) // 2
+        stats.add(x_pruned[:half], x[:half], fold=0)
+        stats.add(x_pruned[half:], x[half:], fold=1)
+        return stats
+
+    x = rng.standard_normal((4000, 8))
+    informative = paired(x, x[:, 2:] + 0.01 * rng.standard_normal((4000, 6)))
+    assert refit_layer(layer, weights, present, informative, np.array([0, 1]))[2] <= 0.01
+    x = rng.standard_normal((16, 8))
+    present = weights
+    matrix, bias, ridge = refit_layer(layer, weights, present, paired(x, x[:, 2:]), np.array([0, 1]))
+    assert ridge == "unchanged"
+    np.testing.assert_array_equal(matrix[:, 2:], present[:, 2:8])
+    np.testing.assert_array_equal(bias, present[:, 8])
+    shifted = paired(x, x[:, 2:] + 1.0)  # every kept input off by one: only the bias needs re-fitting
+    matrix, bias, ridge = refit_layer(layer, weights, present, shifted, np.array([0, 1]))
+    assert ridge == "bias only"
+    residual = x @ weights[:, :8].T - (x[:, 2:] + 1.0) @ present[:, 2:8].T  # W x − P x̃, biases equal
+    np.testing.assert_allclose(bias, present[:, 8] + residual.mean(axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(matrix[:, 2:], present[:, 2:8])
 
 
 @pytest.fixture(scope="module")
