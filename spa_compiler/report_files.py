@@ -4,7 +4,7 @@ A single run (``--report DIR``) writes ``report.md`` (costs before and after, fi
 of every group before and after, what blocked what) and ``widths.png`` (a bar chart of those
 widths). A sweep writes ``sweep.json`` (every figure of every point), ``report.md`` (a table per
 criterion, the chosen points, what blocked what) and ``pareto.png`` (quality against measured
-latency and against FLOPs, one curve per criterion, the unpruned model marked).
+latency and against FLOPs, per criterion a line through its Pareto front, the unpruned model marked).
 
 *Quality* is the user's ``--eval`` score when given, else the cosine between the pruned and the
 original outputs on held-out calibration samples when there are any, else on synthetic inputs.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .report import PruneReport, _count, fidelity_warning
 
@@ -57,18 +57,19 @@ def _speed(report: PruneReport) -> float:
     return report.latency_ratio if report.latency_ratio is not None else report.flops_ratio
 
 
-def pareto_points(results: list[PointResult]) -> list[PointResult]:
-    """The finished points no other beats on both speed and quality (ties kept), fastest first."""
+def pareto_points(results: list[PointResult], speed: Callable[[PruneReport], float] = _speed) -> list[PointResult]:
+    """The finished points no other beats on both ``speed`` (lower is better) and quality (ties
+    kept), fastest first."""
     done = [r for r in results if r.report is not None and quality(r.report) is not None]
 
     def beaten(r: PointResult) -> bool:
-        s, q = _speed(r.report), quality(r.report)
+        s, q = speed(r.report), quality(r.report)
         return any(
-            _speed(o.report) <= s and quality(o.report) >= q and (_speed(o.report) < s or quality(o.report) > q)
+            speed(o.report) <= s and quality(o.report) >= q and (speed(o.report) < s or quality(o.report) > q)
             for o in done
         )
 
-    return sorted((r for r in done if not beaten(r)), key=lambda r: _speed(r.report))
+    return sorted((r for r in done if not beaten(r)), key=lambda r: speed(r.report))
 
 
 def chosen_point(results: list[PointResult]) -> PointResult | None:
@@ -214,14 +215,15 @@ def plot_widths(report: PruneReport, path: Path) -> None:
     axes.invert_yaxis()
     axes.set_xlabel("channels (units) per group")
     axes.set_title(f"{Path(report.input).name}: --{report.target_kind} {report.target_value:g} ({report.criterion})")
-    axes.legend(loc="lower right")
+    axes.legend(loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def plot_pareto(result: SweepResult, path: Path) -> None:
-    """Quality against the measured latency ratio (left) and the FLOPs ratio (right)."""
+    """Quality against the measured latency ratio (left) and the FLOPs ratio (right): per criterion
+    a line through its Pareto front, its other points as open circles, each labelled by its target."""
     plt = _pyplot()
     done = [r for r in result.points if r.report is not None and quality(r.report) is not None]
     if not done:
@@ -234,12 +236,16 @@ def plot_pareto(result: SweepResult, path: Path) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, (attribute, xlabel) in zip(axes[0], panels):
         for criterion in dict.fromkeys(r.point.criterion for r in done):
-            rows = sorted((r for r in done if r.point.criterion == criterion), key=lambda r: getattr(r.report, attribute))
-            xs, ys = [getattr(r.report, attribute) for r in rows], [quality(r.report) for r in rows]
-            line, = ax.plot(xs, ys, marker="o", label=criterion)
-            for r, x, y in zip(rows, xs, ys):
-                ax.annotate(f"{r.point.target_value:g}", (x, y), textcoords="offset points", xytext=(4, -10),
-                            fontsize=7, color=line.get_color())
+            rows = [r for r in done if r.point.criterion == criterion]
+            front = pareto_points(rows, lambda report: getattr(report, attribute))
+            line, = ax.plot([getattr(r.report, attribute) for r in front], [quality(r.report) for r in front],
+                            marker="o", label=f"{criterion} (Pareto front)")
+            others = [r for r in rows if r not in front]
+            ax.plot([getattr(r.report, attribute) for r in others], [quality(r.report) for r in others],
+                    marker="o", markerfacecolor="none", linestyle="none", color=line.get_color())
+            for r in rows:
+                ax.annotate(f"{r.point.target_value:g}", (getattr(r.report, attribute), quality(r.report)),
+                            textcoords="offset points", xytext=(4, -10), fontsize=7, color=line.get_color())
         ax.plot([1.0], [unpruned_quality], marker="*", markersize=14, color="black", linestyle="none", label="unpruned")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
