@@ -12,6 +12,16 @@ after every step (a step's saving depends on the widths of neighbouring groups),
 step whose priority went up is pushed back. *Uniform* scope removes the same fraction of every
 group, the fraction found by bisection. Every group keeps at least ``min_keep`` of its channels
 (and at least one), and no axis is emptied.
+
+*Rounding per group.* Each group first rounds as ``Constraints.rounding_for`` says. When that
+misses the target (short of it, or more than the tolerance past it, as coarse steps of narrow
+groups do: a 16-channel group only halves), groups are rounded finer, narrowest first
+(:func:`rounding_levels`): each level halves the rounding of the narrowest groups (by powers of
+two of their width) still rounded coarser than their floor, and the allocation runs again,
+until the target is met. Groups at least ``4 * round_to`` wide keep multiples of 8 (or of
+``round_to`` when smaller) while any narrower group can still round finer: they are the ones
+whose widths decide the kernels' speed. Only then do they round finer too, so the target is
+reached whenever channels remain to remove. The plan records the groups rounded finer.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 
@@ -27,7 +37,7 @@ from .analysis import Analysis, Group
 from .cost import CostMetric, CostModel
 from .errors import TargetError
 
-__all__ = ["Target", "Constraints", "Plan", "allocate", "unit_counts", "COST_EXPONENT"]
+__all__ = ["Target", "Constraints", "Plan", "allocate", "unit_counts", "rounding_levels", "COST_EXPONENT"]
 
 Scope = Literal["global", "uniform"]
 
@@ -71,10 +81,12 @@ class Constraints:
 
 @dataclass
 class Plan:
-    """Units to remove per group id, and the cost ratio reached in the target's cost kind."""
+    """Units to remove per group id, the cost ratio reached in the target's cost kind, and the
+    groups rounded finer than ``Constraints.rounding_for`` to reach it (group id -> rounding used)."""
 
     removed: dict[int, list[int]] = field(default_factory=dict)
     achieved: float = 1.0
+    rounded_finer: dict[int, int] = field(default_factory=dict)
 
     @property
     def n_removed(self) -> int:
@@ -93,14 +105,14 @@ def unit_counts(group: Group, units: list[int]) -> dict[int, int]:
 class _GroupSteps:
     """The removal steps of one group, lowest scores first, respecting rounding and min-keep."""
 
-    def __init__(self, group: Group, scores: np.ndarray, c: Constraints) -> None:
+    def __init__(self, group: Group, scores: np.ndarray, c: Constraints, step: int) -> None:
         self.group = group
         self.scores = scores
         prunable = group.prunable
         self.order = sorted(prunable, key=lambda k: (scores[k], k))
         self.n = len(group.units)
         self.floor = max(1, math.ceil(c.min_keep * self.n))
-        self.step = c.rounding_for(self.n)
+        self.step = step
         self.taken = 0
 
     def next_step(self) -> list[int] | None:
@@ -132,11 +144,11 @@ def _priority(cost: CostModel, steps: _GroupSteps, step: list[int], exponent: fl
 
 def _allocate_global(
     analysis: Analysis, scores: dict[int, np.ndarray], cost: CostModel, budget: float, floor: float,
-    c: Constraints, exponent: float,
+    c: Constraints, exponent: float, steps: dict[int, int],
 ) -> dict[int, list[int]]:
     """Greedy removal down to ``budget``; a step that would go below ``floor`` is set aside
     and taken at the end only if no other step lands between the two."""
-    states = {g.id: _GroupSteps(g, scores[g.id], c) for g in analysis.groups}
+    states = {g.id: _GroupSteps(g, scores[g.id], c, steps[g.id]) for g in analysis.groups}
     heap: list[tuple[float, int]] = []
     set_aside: list[int] = []
     for gid, state in states.items():
@@ -175,7 +187,9 @@ def _allocate_global(
     return {gid: s.removed for gid, s in states.items() if s.taken}
 
 
-def _uniform_removal(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, c: Constraints):
+def _uniform_removal(
+    analysis: Analysis, scores: dict[int, np.ndarray], ratio: float, c: Constraints, steps: dict[int, int]
+) -> dict[int, list[int]]:
     """The lowest-scored ``ratio`` of every group (rounded, at least ``min_keep``), skipping
     any unit whose removal would empty an axis."""
     kept = np.asarray([ref.size for ref in analysis.axes], dtype=np.int64)
@@ -183,7 +197,7 @@ def _uniform_removal(analysis: Analysis, scores: dict[int, np.ndarray], ratio: f
     for group in analysis.groups:
         n = len(group.units)
         keep = max(math.ceil(c.min_keep * n), 1, n - math.floor(ratio * n))
-        step = c.rounding_for(n)
+        step = steps[group.id]
         keep = min(n, math.ceil(keep / step) * step)
         take = []
         for k in sorted(group.prunable, key=lambda k: (scores[group.id][k], k)):
@@ -207,14 +221,14 @@ def _cost_after(analysis: Analysis, metric: CostMetric, removed: dict[int, list[
     return cost.total / cost.original_total if cost.original_total else 1.0
 
 
-def _allocate_uniform(analysis, scores, metric, budget_ratio, c) -> dict[int, list[int]]:
+def _allocate_uniform(analysis, scores, metric, budget_ratio, c, steps) -> dict[int, list[int]]:
     low, high = 0.0, 1.0
-    best = _uniform_removal(analysis, scores, high, c)
+    best = _uniform_removal(analysis, scores, high, c, steps)
     if _cost_after(analysis, metric, best) > budget_ratio:
         return best
     for _ in range(30):
         mid = (low + high) / 2
-        trial = _uniform_removal(analysis, scores, mid, c)
+        trial = _uniform_removal(analysis, scores, mid, c, steps)
         if _cost_after(analysis, metric, trial) <= budget_ratio:
             high, best = mid, trial
         else:
@@ -231,17 +245,50 @@ def allocate(
     Global removal steps are ranked by score over saving to the power ``cost_exponent``: 0.5 for
     criterion scores (see the module docstring), 1 for measured output distortions, whose ratio
     to the cost saved is the knapsack's greedy order."""
+    rule = {g.id: c.rounding_for(len(g.units)) for g in analysis.groups}
     if target.kind == "ratio":
-        removed = _uniform_removal(analysis, scores, target.value, c)
+        removed = _uniform_removal(analysis, scores, target.value, c, rule)
         return Plan(removed, _cost_after(analysis, metric, removed))
-    cost = CostModel(analysis, metric)
-    if cost.original_total <= 0:
+    if CostModel(analysis, metric).original_total <= 0:
         raise TargetError(f"the model has no {metric.label} to reduce ({metric.description})")
-    if c.scope == "uniform":
-        removed = _allocate_uniform(analysis, scores, metric, target.value, c)
-    else:
-        total = cost.original_total
-        removed = _allocate_global(
-            analysis, scores, cost, target.value * total, (target.value - tolerance) * total, c, cost_exponent
-        )
-    return Plan(removed, _cost_after(analysis, metric, removed))
+    best: Plan | None = None
+    for steps in rounding_levels(analysis.groups, c):
+        if c.scope == "uniform":
+            removed = _allocate_uniform(analysis, scores, metric, target.value, c, steps)
+        else:
+            cost = CostModel(analysis, metric)
+            total = cost.original_total
+            removed = _allocate_global(
+                analysis, scores, cost, target.value * total, (target.value - tolerance) * total, c, cost_exponent, steps
+            )
+        finer = {gid: steps[gid] for gid in removed if steps[gid] < rule[gid]}
+        plan = Plan(removed, _cost_after(analysis, metric, removed), finer)
+        if best is None or _miss(plan, target) < _miss(best, target):
+            best = plan
+        if target.value - tolerance <= plan.achieved <= target.value:
+            break
+    return best
+
+
+def _miss(plan: Plan, target: Target) -> tuple[bool, float]:
+    """Orders plans: those meeting the target first, then the closest to it."""
+    return plan.achieved > target.value, abs(plan.achieved - target.value)
+
+
+def rounding_levels(groups: list[Group], c: Constraints) -> Iterator[dict[int, int]]:
+    """Successively finer roundings per group id (see the module docstring): the rule's first,
+    then, level by level, the narrowest groups' rounding halved; groups ``4 * round_to`` wide
+    or wider stop at ``min(8, round_to)`` until no narrower group can round finer."""
+    steps = {g.id: c.rounding_for(len(g.units)) for g in groups}
+    yield dict(steps)
+    wide, speed = 4 * c.round_to, min(8, c.round_to)
+    for floor in (lambda n: speed if n >= wide else 1, lambda n: 1):
+        while True:
+            candidates = [g for g in groups if g.prunable and steps[g.id] > floor(len(g.units))]
+            if not candidates:
+                break
+            narrowest = min(len(g.units).bit_length() for g in candidates)
+            for g in candidates:
+                if len(g.units).bit_length() == narrowest:
+                    steps[g.id] //= 2
+            yield dict(steps)

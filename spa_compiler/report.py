@@ -33,6 +33,7 @@ class GroupChange:
     blocked: int
     blocked_by: str | None
     kept: list[int] = field(default_factory=list)
+    rounded_to: int | None = None  # rounding used when finer than --round-to's rule, to reach the target
 
 
 @dataclass
@@ -150,6 +151,7 @@ def build_report(state: PruneState) -> PruneReport:
             channels_after=len(g.units) - len(plan.removed.get(g.id, [])),
             blocked=len(g.units) - len(g.prunable),
             blocked_by=g.blocked_reasons[0] if g.blocked_reasons else None,
+            rounded_to=plan.rounded_finer.get(g.id),
             kept=sorted(set(range(len(g.units))) - set(plan.removed.get(g.id, []))),
         )
         for g in analysis.groups
@@ -233,6 +235,12 @@ def render_report(report: PruneReport, console: Console) -> None:
             + ", ".join(f"{g.channels_after}/{g.channels_before}" for g in hidden)
             + "); normalisation statistics change, so expect a larger output change"
         )
+    finer = [g for g in report.groups if g.rounded_to is not None]
+    if finer:
+        console.print(escape(
+            f"rounded finer than round-to {report.round_to} to reach the target: "
+            + ", ".join(f"{g.name} {g.channels_before} -> {g.channels_after} (multiples of {g.rounded_to})" for g in finer)
+        ))
     heads = [g for g in report.groups if g.kind == "heads"]
     if heads:
         console.print("attention heads kept per layer: " + ", ".join(f"{g.channels_after}/{g.channels_before}" for g in heads))

@@ -161,7 +161,8 @@ class Score(Pass):
 
 def check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints: Constraints, metric: CostMetric) -> None:
     """Raise a TargetError explaining why, when the plan misses the target by more than the
-    tolerance: the share of cost no pruning can touch, and the groups too narrow to round."""
+    tolerance: the share of cost no pruning can touch (rounding is never the reason: allocation
+    rounds groups finer until the target is met or nothing is left to remove)."""
     if target.kind == "ratio" or plan.achieved <= target.value + TARGET_TOLERANCE:
         return
     cost = CostModel(analysis, metric)
@@ -171,12 +172,6 @@ def check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints:
         f"{fixed / cost.original_total:.0%} of the {metric.label} are in layers whose channels cannot be pruned "
         f"(blocked by: {blocked_summary(analysis)})"
     ]
-    narrow = [g for g in analysis.groups if g.prunable and len(g.units) < 2 * constraints.round_to]
-    if narrow and constraints.round_to > 1:
-        reasons.append(
-            f"{len(narrow)} of {len(analysis.groups)} groups have fewer than 2 x {constraints.round_to} "
-            f"channels and round more finely or keep their width (--round-to 1 removes rounding)"
-        )
     reasons.append(f"every group keeps at least {constraints.min_keep:g} of its channels (--min-keep)")
     raise TargetError(
         f"cannot reach --{target.kind} {target.value:g}: the best reachable is {plan.achieved:.3f}; "

@@ -95,9 +95,10 @@ def test_light_shufflenet_prunes_with_narrow_groups_rounding_finer(tmp_path):
 @pytest.mark.real_model
 def test_unreachable_target_says_what_blocks_it(tmp_path):
     """AlexNet's first two convolutions feed LRNs, which mix neighbouring channels: a third of
-    its compute cannot shrink, so --flops 0.2 is out of reach and the message says why."""
+    its compute cannot shrink, so --flops 0.2 is out of reach and the message says why (the
+    best reachable, 0.497, once every group rounds finer down to its minimum width)."""
     source = onnx_light_model_paths()["bvlc_alexnet"]
-    with pytest.raises(TargetError, match=r"best reachable is 0\.5\d+; 47% of the MACs .*LRN node"):
+    with pytest.raises(TargetError, match=r"best reachable is 0\.497; 47% of the MACs .*LRN node"):
         prune(source, tmp_path / "pruned.onnx", PruneConfig(flops=0.2, bench_runs=0))
     assert not (tmp_path / "pruned.onnx").exists()
 

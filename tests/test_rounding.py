@@ -1,0 +1,85 @@
+"""Rounding per group (issue 7, item 5): when ``--round-to``'s rule cannot land on the target,
+allocation rounds groups finer, narrowest first, keeps multiples of 8 in wide groups as long as
+it can, and the report names the groups rounded finer."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from spa_compiler import PruneConfig, load_model, prune, prune_graph
+from spa_compiler.allocate import Constraints, rounding_levels
+from spa_compiler.analysis import Group, Unit
+from test_op_rules import make_model
+
+
+def _groups(*widths: int) -> list[Group]:
+    return [Group(k, f"g{k}", [k], [Unit({}) for _ in range(w)], f"n{k}") for k, w in enumerate(widths)]
+
+
+def test_levels_round_the_narrowest_groups_finer_first():
+    """Widths 16, 24 (one power-of-two class), 40 and 128 at --round-to 16: the rule gives 8, 8,
+    16, 16; then 16 and 24 halve to 1, then 40; 128 stops at 8 until every other group is at 1."""
+    levels = [tuple(s.values()) for s in rounding_levels(_groups(16, 24, 40, 128), Constraints(round_to=16))]
+    assert levels == [
+        (8, 8, 16, 16), (4, 4, 16, 16), (2, 2, 16, 16), (1, 1, 16, 16),
+        (1, 1, 8, 16), (1, 1, 4, 16), (1, 1, 2, 16), (1, 1, 1, 16),
+        (1, 1, 1, 8), (1, 1, 1, 4), (1, 1, 1, 2), (1, 1, 1, 1),
+    ]
+
+
+def _narrow_model(tmp_path, width: int = 24):
+    """Three 3x3 convs of ``width`` channels, pooled into a classifier: at --round-to 16 a group of
+    24 rounds to 8, whose steps (24 -> 16 -> 8) jump from 0.73 of the FLOPs past 0.5 to 0.35."""
+    text = f"""g (float[1,3,16,16] x) => (float[1,10] y) {{
+        a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+        ra = Relu (a)
+        b = Conv <pads = [1, 1, 1, 1]> (ra, W2, B2)
+        rb = Relu (b)
+        c = Conv <pads = [1, 1, 1, 1]> (rb, W3, B3)
+        rc = Relu (c)
+        p = GlobalAveragePool (rc)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, W4, B4)
+    }}"""
+    w = width
+    consts = {"W1": (w, 3, 3, 3), "B1": (w,), "W2": (w, w, 3, 3), "B2": (w,), "W3": (w, w, 3, 3), "B3": (w,),
+              "W4": (10, w), "B4": (10,)}
+    path = tmp_path / "narrow.onnx"
+    onnx.save_model(make_model(text, 13, consts), str(path))
+    return path
+
+
+def test_narrow_groups_round_finer_to_land_on_the_target(tmp_path, monkeypatch):
+    path = _narrow_model(tmp_path)
+    result = prune_graph(load_model(path), PruneConfig(flops=0.5, verify=False))
+    assert 0.48 <= result.plan.achieved <= 0.5
+    assert result.plan.rounded_finer and all(step < 8 for step in result.plan.rounded_finer.values())
+    for gid, units in result.plan.removed.items():
+        assert (24 - len(units)) % result.plan.rounded_finer.get(gid, 8) == 0
+    import spa_compiler.allocate as allocate_module
+
+    rule_only = lambda groups, c: iter([next(rounding_levels(groups, c))])  # noqa: E731
+    monkeypatch.setattr(allocate_module, "rounding_levels", rule_only)
+    assert prune_graph(load_model(path), PruneConfig(flops=0.5, verify=False)).plan.achieved < 0.46
+
+
+def test_report_names_the_groups_rounded_finer(tmp_path, capsys):
+    from rich.console import Console
+
+    from spa_compiler.report import render_report
+
+    report = prune(_narrow_model(tmp_path), tmp_path / "out.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    finer = [g for g in report.groups if g.rounded_to is not None]
+    assert finer and all(g.channels_after % g.rounded_to == 0 for g in finer)
+    render_report(report, Console(width=400))
+    assert "rounded finer than round-to 16 to reach the target: Conv" in capsys.readouterr().out
+    assert report.to_dict()["groups"][0]["rounded_to"] == report.groups[0].rounded_to
+
+
+@pytest.mark.accurate
+def test_sensitivity_allocation_rounds_finer_too(tmp_path):
+    """The accurate default (measured sensitivity, re-fit) goes through the same allocation."""
+    report = prune(_narrow_model(tmp_path), tmp_path / "out.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert 0.48 <= report.flops_ratio <= 0.5
+    assert any(g.rounded_to is not None for g in report.groups)
