@@ -35,6 +35,9 @@ Layers whose weight is shared with another node are left alone: one re-fit canno
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import numpy as np
 
 from .calibrate import ConsumerLayer, PairedRunner, PairedStatistics
@@ -43,24 +46,49 @@ from .rewrite import rewrite_model, slice_constant
 from .secondorder import augmented, feature_columns
 from .state import PruneState
 
+log = logging.getLogger(__name__)
+
 __all__ = ["Refit", "refit_layer", "held_out_ridge", "layer_levels", "samples_needed", "SAMPLES", "RIDGES"]
 
 SAMPLES = 32  # calibration samples a re-fit uses: each level runs them through both networks
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 
 
-RIDGES = (0.001, 0.01, 0.1, 1.0, 10.0, "bias only", "unchanged")
+RIDGES = (0.001, 0.01, 0.1, 1.0, 10.0, "scales", "bias only", "unchanged")
 """The re-fits a layer may take: a ridge ``λ`` (in units of ``s = mean(diag G̃)``) on the weights,
-the bias free; the present weights with only the bias re-fitted (the shift of the outputs'
-mean corrected); or the layer left as it is."""
+the bias free; one scale per input feature of the present weights, then the bias; the present
+weights with only the bias re-fitted (the shift of the outputs' mean corrected); or the layer
+left as it is. Fewer parameters need fewer rows: a scale per feature is what a layer on a few
+thousand tokens can afford."""
+
+SCALE_RIDGE = 0.001  # pull of the feature scales toward 1, in units of mean(diag M)
+
+
+def _feature_scales(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool) -> np.ndarray:
+    """``P diag(a)``, the bias ``b`` of ``P`` kept, with the feature scales ``a`` minimising
+    ``Σ ‖W x − b − P diag(a) x̃‖²`` over the weight features:
+    ``(PᵀP ∘ G̃) a = diag(Pᵀ (C Wᵀ)ᵀ) − (Pᵀ b) ∘ Σx̃``, pulled toward ``a = 1`` by ``SCALE_RIDGE``."""
+    features = len(gram) - 1 if bias else len(gram)
+    weights = prior[:, :features]
+    system = (weights.T @ weights) * gram[:features, :features]
+    target = np.sum(target_cross[:features] * weights.T, axis=1)
+    if bias:
+        target -= (weights.T @ prior[:, -1]) * gram[:features, -1]
+    pull = SCALE_RIDGE * max(float(np.diag(system).mean()), 1e-30)
+    scales = np.linalg.solve(system + pull * np.eye(features), target + pull)
+    scaled = prior.copy()
+    scaled[:, :features] *= scales
+    return scaled
 
 
 def _refit(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, ridge: float | str, bias: bool) -> np.ndarray:
     """The re-fitted augmented weights for ``target_cross = C Wᵀ``: for a number ``λ``,
     ``(W Cᵀ + P D)(G̃ + D)⁻¹`` with ``D = λs diag(1, ..., 1, 0)`` (the bias, last, not pulled);
-    for "bias only", ``P`` with the mean residual ``(W Σx − P Σx̃) / n`` added to its bias
-    (``Σx̃`` and ``n`` are the last row of ``G̃``, ``W Σx`` the last row of ``C Wᵀ``); for
-    "unchanged", ``P``."""
+    for "scales", :func:`_feature_scales` then "bias only"; for "bias only", ``P`` with the mean
+    residual ``(W Σx − P Σx̃) / n`` added to its bias (``Σx̃`` and ``n`` are the last row of ``G̃``,
+    ``W Σx`` the last row of ``C Wᵀ``); for "unchanged", ``P``."""
+    if ridge == "scales":
+        return _refit(gram, target_cross, _feature_scales(gram, target_cross, prior, bias), "bias only", bias)
     if ridge == "unchanged" or (ridge == "bias only" and not bias):
         return prior
     if ridge == "bias only":
@@ -173,6 +201,7 @@ class Refit(Pass):
         refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
         runner = PairedRunner(graph, rewrite_model(analysis, state.removed_by_axis, state.compensated), layers, refitted)
         levels = layer_levels(graph, layers)
+        chosen: Counter[str] = Counter()
         for sweep in range(self.rounds):
             for step, level in enumerate(levels):
                 state.note(f"re-fitting layers, level {step + 1}/{len(levels)} (sweep {sweep + 1}/{self.rounds})")
@@ -183,22 +212,24 @@ class Refit(Pass):
                 samples = samples_needed(graph, level, self.samples)
                 data = {name: array[:samples] for name, array in state.calibration_data.items()}
                 paired = runner.statistics(level, data, weights, config.calibration_batch, config.seed, ROWS_PER_FEATURE)
-                for layer in level:
-                    self._apply(state, layer, paired[layer.node])
+                chosen.update(self._apply(state, layer, paired[layer.node]) for layer in level)
+        log.info("re-fit chosen on held-out rows: %s", ", ".join(f"{n} {kind}" for kind, n in chosen.most_common()))
         return state
 
     @staticmethod
-    def _apply(state: PruneState, layer: ConsumerLayer, paired: PairedStatistics) -> None:
+    def _apply(state: PruneState, layer: ConsumerLayer, paired: PairedStatistics) -> str:
+        """Re-fit one layer; returns the kind of re-fit chosen (a ridge is "weights")."""
         constants = state.graph.constants
         axis = state.analysis.axis_id(layer.weight, layer.axis)
         removed = state.removed_by_axis.get(axis, np.zeros(0, dtype=np.int64))
         current = augmented(layer, {**constants, **state.compensated})
         matrix, bias, ridge = refit_layer(layer, augmented(layer, constants), current, paired, removed)
         if ridge == "unchanged":
-            return  # its own held-out rows say a re-fit would not help
+            return "unchanged"  # its own held-out rows say a re-fit would not help
         state.compensated[layer.weight] = layer.from_matrix(matrix, constants[layer.weight])
         if layer.bias is not None:
             original = constants[layer.bias]
             state.compensated[layer.bias] = (
                 bias.reshape(-1, layer.rows_per_output).sum(axis=1).reshape(original.shape).astype(original.dtype)
             )
+        return ridge if isinstance(ridge, str) else "weights"

@@ -89,6 +89,26 @@ def test_refit_ridge_is_chosen_on_held_out_rows():
     np.testing.assert_array_equal(matrix[:, 2:], present[:, 2:8])
 
 
+def test_refit_feature_scales_undo_a_per_feature_gain():
+    """Kept inputs that arrive scaled by a gain per feature (and the removed ones without
+    effect): one scale per feature restores the original outputs exactly, and with few rows
+    the held-out choice prefers it to a full re-fit."""
+    rng = np.random.default_rng(2)
+    layer = ConsumerLayer("n", "Gemm", "x", "W", 1, 1, "B")
+    weights = np.hstack([rng.standard_normal((5, 12)), rng.standard_normal((5, 1))])
+    weights[:, :2] = 0.0  # the removed inputs had no effect
+    gains = rng.uniform(0.5, 2.0, 10)
+    x = rng.standard_normal((24, 12))
+    stats = PairedStatistics.empty(layer, 10, 12)
+    stats.add(x[:12, 2:] * gains, x[:12], fold=0)
+    stats.add(x[12:, 2:] * gains, x[12:], fold=1)
+    matrix, bias, ridge = refit_layer(layer, weights, weights, stats, np.array([0, 1]), ridge="scales")
+    # exact but for the pull toward a = 1 (SCALE_RIDGE = 0.001) and float32 products: 0.5%
+    np.testing.assert_allclose(matrix[:, 2:] * gains, weights[:, 2:12], rtol=5e-3)
+    np.testing.assert_allclose(bias, weights[:, 12], atol=1e-2)
+    assert refit_layer(layer, weights, weights, stats, np.array([0, 1]))[2] == "scales"
+
+
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.npz"
