@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zoo_patterns import convnext_tiny, crnn_tiny
+from .zoo_patterns import convnext_tiny, crnn_tiny, if_vad_tiny
 
 __all__ = [
     "ARCHITECTURES",
@@ -827,6 +827,7 @@ ARCHITECTURES: dict[str, Spec] = {
         Spec("gpt2_tiny", gpt2_tiny, (1, 32), "GPT-2: fused c_attn Split, causal mask, embeddings", "int64"),
         Spec("crnn_tiny", crnn_tiny, (1, 1, 32, 128), "CRNN: conv features -> BiLSTM -> GRU -> per-column logits"),
         Spec("convnext_tiny", convnext_tiny, _TINY, "ConvNeXt: depthwise 7x7, channels-last and written-out LayerNorms"),
+        Spec("if_vad_tiny", if_vad_tiny, (1, 1, 512), "silero-VAD-like: an If around the whole network"),
         Spec("resnet50", functools.partial(resnet, 50), _IMAGENET, "full ResNet-50 (bottlenecks [3, 4, 6, 3])"),
         Spec("mobilenet_v2", mobilenet_v2, _IMAGENET, "full MobileNetV2 (width 1.0)"),
     )

@@ -298,7 +298,8 @@ def _couple_nodes(graph: Graph, builder: _Builder, exclude: set[str]) -> list[Ba
             builder.declared = {}
             reason = f"{node}: {exc}"
             barriers.append(Barrier(node.name, node.op_type, str(exc)))
-        for name in dict.fromkeys([*node.inputs, *node.outputs, *sorted(node.subgraph_inputs)]):
+        outer = [] if node.inner_nodes_analysed else sorted(node.subgraph_inputs)  # else inner nodes map them
+        for name in dict.fromkeys([*node.inputs, *node.outputs, *outer, *node.boundary]):
             if name:
                 builder.block_axes(
                     name, reason or f"{node} does not map this axis of '{name}'", undeclared_only=reason is None

@@ -167,12 +167,15 @@ def _bias_of(graph: Graph, node: Node, outputs: int) -> str | None:
 
 def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
     """Every Conv (one group), Gemm (A not transposed) and MatMul reading a group's channels
-    through a constant weight."""
+    through a constant weight, outside control-flow subgraphs (whose tensors onnxruntime cannot
+    return)."""
     graph = analysis.graph
     layers = {}
     for axis_id in analysis.tags.get("consumer", []):
         ref = analysis.axes[axis_id]
         for node in graph.consumers.get(ref.tensor, []):
+            if node.scope:
+                continue
             weight = graph.constants[ref.tensor]
             rows_per_output, patches = 1, False
             if node.op_type == "Conv" and node.inputs[1] == ref.tensor and int(node.attr("group", 1)) == 1:

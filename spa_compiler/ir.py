@@ -23,6 +23,9 @@ import onnxruntime
 from onnx import helper, numpy_helper
 
 from .errors import InputError, ModelError, OutputError, UnsupportedModelError
+from .subgraphs import (
+    all_initializers, attribute_subgraphs, boundary_names, flattenable, hoist_initializers, inner_value_infos,
+)
 
 __all__ = [
     "Node",
@@ -64,6 +67,9 @@ class Node:
     outputs: list[str]
     attrs: dict[str, Any]
     subgraph_inputs: set[str] = field(default_factory=set)
+    boundary: list[str] = field(default_factory=list)  # formal inputs/outputs of its subgraphs
+    inner_nodes_analysed: bool = False  # its subgraphs' nodes are nodes of the Graph too
+    scope: str = ""  # the control-flow node whose subgraph holds this node ("" at top level)
 
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attrs.get(key, default)
@@ -83,7 +89,9 @@ class Graph:
     """A folded ONNX model with concrete shapes for every tensor.
 
     ``model`` is the folded ModelProto the rewriter edits; ``constants`` maps initializer names
-    to arrays; ``shapes`` holds concrete shapes with dynamic dimensions bound.
+    (of every scope) to arrays; ``shapes`` holds concrete shapes with dynamic dimensions bound.
+    ``nodes`` lists the nodes inside control-flow subgraphs too, just before their owner, when
+    no name repeats across scopes (:mod:`spa_compiler.subgraphs`).
     """
 
     model: onnx.ModelProto
@@ -161,15 +169,8 @@ def _all_tensors(graph: onnx.GraphProto):
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
-            for sub in _subgraphs(attr):
+            for sub in attribute_subgraphs(attr):
                 yield from _all_tensors(sub)
-
-
-def _subgraphs(attr: onnx.AttributeProto):
-    if attr.type == onnx.AttributeProto.GRAPH:
-        yield attr.g
-    elif attr.type == onnx.AttributeProto.GRAPHS:
-        yield from attr.graphs
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -370,15 +371,15 @@ def _infer_shapes(
         log.debug("onnx shape inference failed: %s", exc)
         inferred = bound_model
     shapes: dict[str, tuple[int, ...]] = dict(bound)
-    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+    for value in [*inferred.graph.value_info, *inferred.graph.output, *inner_value_infos(inferred.graph)]:
         shape = _shape_of(value)
         if shape is not None:
             shapes[value.name] = shape
         if value.type.tensor_type.elem_type:
             dtypes[value.name] = value.type.tensor_type.elem_type
-    for init in model.graph.initializer:
+    for init in all_initializers(model.graph):
         shapes[init.name] = tuple(init.dims)
-    for value in [*model.graph.value_info, *model.graph.output]:
+    for value in [*model.graph.value_info, *model.graph.output, *inner_value_infos(model.graph)]:
         declared = _shape_of(value)
         if declared is not None and value.name not in shapes:
             shapes[value.name] = declared
@@ -431,7 +432,7 @@ def _decode_node(proto: onnx.NodeProto, index: int) -> Node:
     attrs: dict[str, Any] = {}
     referenced: set[str] = set()
     for attr in proto.attribute:
-        subgraphs = list(_subgraphs(attr))
+        subgraphs = list(attribute_subgraphs(attr))
         if subgraphs:
             for sub in subgraphs:
                 referenced |= _outer_references(sub)
@@ -449,6 +450,7 @@ def _decode_node(proto: onnx.NodeProto, index: int) -> Node:
         outputs=list(proto.output),
         attrs=attrs,
         subgraph_inputs=referenced,
+        boundary=boundary_names(proto),
     )
 
 
@@ -460,7 +462,7 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
     for node in graph.node:
         used |= set(node.input)
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
+            for sub in attribute_subgraphs(attr):
                 used |= _outer_references(sub)
     return {name for name in used - local if name}
 
@@ -475,16 +477,19 @@ def load_model(
     opset = _reject_unsupported(raw, path)
     bound = _bind_input_shapes(raw, dict(input_shapes or {}))
     model = _fold_constants(raw)
+    hoist_initializers(model)
     dtypes = {
         v.name: v.type.tensor_type.elem_type
         for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]
         if v.type.tensor_type.elem_type
     }
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    dtypes.update({t.name: t.data_type for t in model.graph.initializer})
+    constants = {t.name: numpy_helper.to_array(t) for t in all_initializers(model.graph)}
+    dtypes.update({t.name: t.data_type for t in all_initializers(model.graph)})
     shapes, dtypes = _infer_shapes(model, bound, dtypes)
     nodes = [_decode_node(n, i) for i, n in enumerate(model.graph.node)]
-    _name_unnamed_nodes(model, nodes)
+    _name_unnamed_nodes(model.graph.node, nodes)
+    if any(node.boundary for node in nodes) and flattenable(model):
+        nodes = _with_inner_nodes(model.graph.node, nodes)
     return Graph(
         model=model,
         nodes=nodes,
@@ -500,15 +505,32 @@ def load_model(
     )
 
 
-def _name_unnamed_nodes(model: onnx.ModelProto, nodes: list[Node]) -> None:
-    """Give every node a unique name so reports and ``--exclude`` can refer to it."""
+def _name_unnamed_nodes(protos, nodes: list[Node], prefix: str = "") -> None:
+    """Give every node of one scope a unique name so reports and ``--exclude`` can refer to it
+    (inner scopes' names start with their owner's)."""
     seen: set[str] = set()
-    for proto, node in zip(model.graph.node, nodes):
-        name = node.name
+    for proto, node in zip(protos, nodes):
+        name = node.name if proto.name else prefix + node.name
         while name in seen:
             name = f"{name}_"
         seen.add(name)
         node.name = proto.name = name
+
+
+def _with_inner_nodes(protos, nodes: list[Node], scope: str = "") -> list[Node]:
+    """``nodes`` with the nodes of their subgraphs (recursively) just before each owner."""
+    flat: list[Node] = []
+    for proto, node in zip(protos, nodes):
+        node.scope = scope
+        for attr in proto.attribute:
+            for k, sub in enumerate(attribute_subgraphs(attr)):
+                inner = [_decode_node(n, i) for i, n in enumerate(sub.node)]
+                scope = f"{node.name}/{attr.name}" + (f"{k}" if attr.type == onnx.AttributeProto.GRAPHS else "")
+                _name_unnamed_nodes(sub.node, inner, scope + "/")
+                flat += _with_inner_nodes(sub.node, inner, node.name)
+                node.inner_nodes_analysed = True
+        flat.append(node)
+    return flat
 
 
 def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .cost import CostModel
+from .subgraphs import control_flow_notes
 from .verify import custom_ops
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class PruneReport:
     held_out_fidelity: Any = None
     eval_before: float | None = None
     eval_after: float | None = None
+    control_flow: list[str] = field(default_factory=list)  # what became of each control-flow subgraph
     initializers: list[InitializerChange] = field(default_factory=list)
 
     @property
@@ -183,6 +185,7 @@ def build_report(state: PruneState) -> PruneReport:
         held_out_fidelity=state.held_out_fidelity,
         eval_before=state.eval_before,
         eval_after=state.eval_after,
+        control_flow=control_flow_notes(analysis),
         initializers=initializer_changes(state),
     )
 
@@ -246,6 +249,8 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print("attention heads kept per layer: " + ", ".join(f"{g.channels_after}/{g.channels_before}" for g in heads))
     if report.barriers:
         console.print(escape(f"barriers ({len(report.barriers)}): " + "; ".join(report.barriers[:5])))
+    for note in report.control_flow:
+        console.print(escape(f"control flow: {note}"))
 
 
 def _describe(f) -> str:

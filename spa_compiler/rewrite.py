@@ -19,6 +19,7 @@ from .analysis import Analysis
 from .errors import VerificationError
 from .ir import Node
 from .ops import get_rule
+from .subgraphs import all_initializers, subgraphs_of, walk_nodes
 
 __all__ = ["removed_indices", "rewrite_model", "expected_shapes", "slice_constant"]
 
@@ -72,7 +73,7 @@ class _ProtoRewriter:
         self.new_shapes = expected_shapes(analysis, removed_by_axis)
         self.model = onnx.ModelProto()
         self.model.CopyFrom(self.graph.model)
-        self.protos = {n.name: n for n in self.model.graph.node}
+        self.protos = {n.name: n for n in walk_nodes(self.model.graph)}
         self.new_initializers: list[onnx.TensorProto] = []
         self.constant_edits: dict[str, dict[int, int]] = {}
 
@@ -138,7 +139,7 @@ class _ProtoRewriter:
                 tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
 
     def slice_constants(self) -> None:
-        for tensor in self.model.graph.initializer:
+        for tensor in all_initializers(self.model.graph):
             original = self.graph.constants.get(tensor.name)
             if original is None:
                 continue
@@ -159,16 +160,29 @@ class _ProtoRewriter:
         self._apply_constant_edits()
         graph = self.model.graph
         graph.initializer.extend(self.new_initializers)
-        used = {name for node in graph.node for name in node.input}
+        used = {name for node in walk_nodes(graph) for name in node.input}
         used |= {o.name for o in graph.output}
-        for node in self.graph.nodes:
-            used |= node.subgraph_inputs
         kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept)
         self._sync_initializer_inputs()
         del graph.value_info[:]
+        self._reshape_subgraph_values()
         return self.model
+
+    def _reshape_subgraph_values(self) -> None:
+        """Inner value infos are dropped (inferred again); a subgraph's formal outputs keep
+        their types and get their new shapes."""
+        for node in walk_nodes(self.model.graph):
+            for sub in subgraphs_of(node):
+                del sub.value_info[:]
+                for value in sub.output:
+                    new = self.new_shapes.get(value.name)
+                    if new is not None and new != self.graph.shapes.get(value.name):
+                        dims = value.type.tensor_type.shape.dim
+                        for dim, size in zip(dims, new):
+                            dim.Clear()
+                            dim.dim_value = size
 
     def _sync_initializer_inputs(self) -> None:
         """Models of IR version < 4 list every initializer among the graph inputs too: keep that
