@@ -171,12 +171,12 @@ class _ProtoRewriter:
         return self.model
 
     def _reshape_subgraph_values(self) -> None:
-        """Inner value infos are dropped (inferred again); a subgraph's formal outputs keep
-        their types and get their new shapes."""
+        """Inner value infos are dropped (inferred again); a subgraph's formal inputs and outputs
+        keep their types and get their new shapes."""
         for node in walk_nodes(self.model.graph):
             for sub in subgraphs_of(node):
                 del sub.value_info[:]
-                for value in sub.output:
+                for value in [*sub.input, *sub.output]:
                     new = self.new_shapes.get(value.name)
                     if new is not None and new != self.graph.shapes.get(value.name):
                         dims = value.type.tensor_type.shape.dim

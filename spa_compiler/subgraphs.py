@@ -99,8 +99,8 @@ def hoist_initializers(model: onnx.ModelProto) -> None:
     """Move the initializers of every subgraph into the main graph, which every subgraph reads by
     name: one place for the weights the rewriter slices and the passes feed as inputs. Constant
     folding also copies the outer weights a subgraph reads into it (once per branch); copies of a
-    name that hold the same value become one. A name holding different values stays where it is
-    (and keeps the subgraphs from being analysed)."""
+    name that hold the same value become one. A name holding different values, or also computed
+    or fed in some scope, stays where it is (and keeps the subgraphs from being analysed)."""
     copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
 
     def collect(graph: onnx.GraphProto) -> None:
@@ -111,8 +111,9 @@ def hoist_initializers(model: onnx.ModelProto) -> None:
                 collect(sub)
 
     collect(model.graph)
+    computed = {o for n in walk_nodes(model.graph) for o in n.output} | _graph_inputs(model.graph)
     for name, found in copies.items():
-        if all(graph is model.graph for graph, _ in found):
+        if all(graph is model.graph for graph, _ in found) or name in computed:
             continue
         values = [numpy_helper.to_array(t) for _, t in found]
         if any(v.dtype != values[0].dtype or not np.array_equal(v, values[0]) for v in values[1:]):
@@ -122,6 +123,15 @@ def hoist_initializers(model: onnx.ModelProto) -> None:
         for graph, tensor in found:
             if graph is not model.graph:
                 graph.initializer.remove(tensor)
+
+
+def _graph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Formal inputs (not initializers) of ``graph`` and its subgraphs."""
+    names = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    for node in graph.node:
+        for sub in subgraphs_of(node):
+            names |= _graph_inputs(sub)
+    return names
 
 
 def control_flow_notes(analysis: "Analysis") -> list[str]:

@@ -89,9 +89,10 @@ LOOP_MODEL = """g (float[1,8,8,8] x) => (float[1,4,8,8] y) {
 }"""
 
 
-def test_loop_body_prunes_inside_carried_values_stay(tmp_path):
-    """A Loop has no rule: its carried value keeps every channel, while the channels its body
-    makes and consumes itself prune exactly."""
+def test_loop_body_prunes_inside_carried_graph_input_stays(tmp_path):
+    """The carried value starts as the graph input, so its channels stay (through the body's
+    input and output and the final value), while the channels the body makes and consumes
+    itself prune exactly."""
     consts = {"trip": np.asarray(2, dtype=np.int64), "cond0": np.asarray(True), "Wa": (16, 8, 3, 3), "Wb": (8, 16, 1, 1),
               "W2": (4, 8, 1, 1)}
     graph = build(tmp_path, LOOP_MODEL, 13, consts)
@@ -99,7 +100,8 @@ def test_loop_body_prunes_inside_carried_values_stay(tmp_path):
     assert {g.name: (len(g.units), len(g.prunable)) for g in analysis.groups} == {
         "Conv 'Loop_0/body/Conv_1'": (16, 16), "Conv 'Loop_0/body/Conv_3'": (8, 0), "Conv 'Conv_1'": (4, 0),
     }
-    assert [b.op_type for b in analysis.barriers] == ["Loop"]
+    assert analysis.barriers == []
+    assert group_of(analysis, "Wb", 0) is group_of(analysis, "W2", 1)  # next = carried = l
     result, pruned = prune_exact(graph)
     assert shapes_of(pruned, ["Wa", "Wb", "W2"]) == {"Wa": (8, 8, 3, 3), "Wb": (8, 8, 1, 1), "W2": (4, 8, 1, 1)}
 
@@ -110,14 +112,15 @@ def test_repeated_names_across_branches_keep_the_if_a_barrier(tmp_path):
     graph = build(tmp_path, text, 13, IF_CONSTS)
     analysis = analyze_graph(graph)
     assert [(b.op_type, b.reason) for b in analysis.barriers] == [
-        ("If", "its branches repeat names defined elsewhere, so they are not analysed")
+        ("If", "its subgraphs repeat names defined elsewhere, so they are not analysed")
     ]
     assert {g.name: len(g.prunable) for g in analysis.groups} == {"Conv 'Conv_0'": 0}
 
 
 def test_report_says_what_stays_inside(tmp_path):
     """The report names each control-flow node, how many of its inner nodes were analysed and
-    how many channels made inside stay (the Loop body's last Conv writes the carried value)."""
+    how many channels made inside stay (the Loop body's last Conv writes the carried value,
+    which starts as the graph input)."""
     from spa_compiler import PruneConfig, prune
     from spa_compiler.subgraphs import control_flow_notes
 
@@ -126,7 +129,61 @@ def test_report_says_what_stays_inside(tmp_path):
     graph = build(tmp_path, LOOP_MODEL, 13, consts)
     assert control_flow_notes(analyze_graph(graph)) == [
         "Loop node 'Loop_0': 4 inner nodes analysed with the graph; 8 of the 24 channels made inside stay "
-        "(Loop node 'Loop_0': control-flow op Loop is not pruned through)"
+        "(graph input 'x')"
     ]
     report = prune(tmp_path / "model.onnx", tmp_path / "p.onnx", PruneConfig(ratio=0.5, round_to=1, bench_runs=0))
     assert report.control_flow == control_flow_notes(analyze_graph(graph))
+
+
+def test_loop_carried_value_prunes_through_the_body(tmp_path):
+    """A carried value made by a Conv before the Loop: the initial value, the body's input and
+    output and the final value lose the same channels, and the scan output (the value of every
+    iteration, stacked) with them."""
+    text = """g (float[1,3,8,8] x) => (float[1,4,8,8] y, float[2,1,4,8,8] z) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
+        l, s = Loop (trip, cond0, a) <body = body_g (int64 i, bool cin, float[1,8,8,8] carried) => (bool cout, float[1,8,8,8] next, float[1,8,8,8] each) {
+            cout = Identity (cin)
+            h = Conv <pads = [1, 1, 1, 1]> (carried, Wa)
+            hr = Relu (h)
+            next = Conv (hr, Wb, Bb)
+            each = Relu (next)
+        }>
+        y = Conv (l, W2)
+        z = Conv (s, W3)
+    }"""
+    text = text.replace("z = Conv (s, W3)", "r = Reshape (s, flat)\n        q = Conv (r, W3)\n        z = Reshape (q, back)")
+    consts = {"W1": (8, 3, 3, 3), "B1": (8,), "trip": np.asarray(2, dtype=np.int64), "cond0": np.asarray(True),
+              "Wa": (16, 8, 3, 3), "Wb": (8, 16, 1, 1), "Bb": (8,), "W2": (4, 8, 1, 1), "W3": (4, 8, 1, 1),
+              "flat": np.asarray([2, 8, 8, 8], dtype=np.int64), "back": np.asarray([2, 1, 4, 8, 8], dtype=np.int64)}
+    graph = build(tmp_path, text, 13, consts)
+    analysis = analyze_graph(graph)
+    carried = group_of(analysis, "W1", 0)
+    assert carried is group_of(analysis, "Wb", 0) is group_of(analysis, "W2", 1) is group_of(analysis, "W3", 1)
+    assert (len(carried.units), len(carried.prunable)) == (8, 8)
+    result, pruned = prune_exact(graph)
+    gone = removed(result, "a", 1).tolist()
+    assert len(gone) == 4 and removed(result, "next", 1).tolist() == removed(result, "s", 2).tolist() == gone
+    body = {n.name: n for n in walk_nodes(pruned.graph)}["Loop_1"].attribute[0].g
+    assert [tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in [body.input[2], *body.output[1:]]] == [(1, 4, 8, 8)] * 3
+    assert shapes_of(pruned, ["W1", "Wa", "Wb", "Bb"]) == {"W1": (4, 3, 3, 3), "Wa": (8, 4, 3, 3), "Wb": (4, 8, 1, 1), "Bb": (4,)}
+
+
+def test_scan_state_and_slices_prune(tmp_path):
+    """Scan over the first axis: the features of the scanned input (made by a MatMul before it),
+    the state (a running sum) and the stacked outputs lose the same elements, exactly."""
+    text = """g (float[5,6] x) => (float[5,3] y) {
+        a = MatMul (x, A)
+        sfinal, ys = Scan (s0, a) <num_scan_inputs = 1, body = body_g (float[8] sin, float[8] at) => (float[8] sout, float[8] yt) {
+            sout = Add (sin, at)
+            yt = Tanh (sout)
+        }>
+        y = MatMul (ys, W2)
+    }"""
+    graph = build(tmp_path, text, 13, {"A": (6, 8), "s0": (8,), "W2": (8, 3)})
+    analysis = analyze_graph(graph)
+    group = group_of(analysis, "A", 1)
+    assert group is group_of(analysis, "s0", 0) is group_of(analysis, "W2", 0)
+    assert (len(group.units), len(group.prunable)) == (8, 8)
+    result, pruned = prune_exact(graph)
+    assert removed(result, "sfinal", 0).tolist() == removed(result, "ys", 1).tolist() == removed(result, "a", 1).tolist()
+    assert shapes_of(pruned, ["A", "s0", "W2"]) == {"A": (6, 4), "s0": (4,), "W2": (4, 3)}
