@@ -5,7 +5,8 @@ knows: conv stacks with residual Adds, grouped and depthwise convs, Concat/Split
 along channels, normalisations, activations, element-wise ops with per-channel and scalar
 constants, Transposes, pooling, resizing and padding, squeeze-and-excitation gates, channel
 shuffles, attention blocks (Reshape into heads, Transpose, MatMul, Softmax), Flatten into Gemm,
-and a few ops that must block (Softmax, LRN, reductions over channels). Every opset from 11 to 23
+GroupNorm as PyTorch exports it before opset 21 (Reshape, InstanceNormalization, Reshape),
+``torch.chunk`` at Slice bounds computed at run time, and a few ops that must block (Softmax, LRN, reductions over channels). Every opset from 11 to 23
 is drawn, and ops whose signature changed across opsets are written the way that opset wants
 (Split sizes, Squeeze/Unsqueeze and Reduce axes as attributes or inputs, Resize's ``roi``, ...).
 Every graph passes ``onnx.checker.check_model(full_check=True)`` before it is used.
@@ -407,10 +408,22 @@ def _instancenorm(b: _Builder, x: str) -> str:
 
 
 def _groupnorm(b: _Builder, x: str) -> str:
-    _, c, h, w = _dims(b, x)
-    if b.opset < 21 or c < 2 or h * w < 4:
-        raise _Skip  # GroupNormalization-18 is deprecated: the onnx checker rejects it
+    """GroupNormalization from opset 21 (GroupNormalization-18 is deprecated: the onnx checker
+    rejects it); before, as PyTorch exports ``nn.GroupNorm``: ``Reshape [0, G, -1] ->
+    InstanceNormalization -> Reshape(Shape(x)) -> Mul -> Add``."""
+    n, c, h, w = _dims(b, x)
+    if c < 2 or h * w < 4:
+        raise _Skip
     groups = b.choices.choice(_divisors(c, 1))
+    if b.opset < 21:
+        b.log.append(f"groupnorm g{groups} (decomposed)")
+        grouped = b.reshape(x, (n, groups, c // groups * h * w), target=b.ints([0, groups, -1]))
+        normed = b.op("InstanceNormalization", [grouped, b.floats((groups,), 0.0, low=1.0), b.floats((groups,), 0.0)],
+                      b.shapes[grouped], epsilon=1e-3)
+        sizes = b.node("Shape", [x], [(4,)], [TensorProto.INT64])[0]
+        back = b.reshape(normed, (n, c, h, w), target=sizes)
+        scaled = b.op("Mul", [back, b.floats((c, 1, 1), 0.5, low=0.75)], (n, c, h, w))
+        return b.op("Add", [scaled, b.floats((c, 1, 1), 0.1)], (n, c, h, w))
     b.log.append(f"groupnorm g{groups}")
     return b.op("GroupNormalization", [x, b.floats((c,), 0.5, low=0.75), b.floats((c,), 0.1)], b.shapes[x],
                 num_groups=groups, epsilon=1e-3)
@@ -662,6 +675,44 @@ def _channel_shuffle(b: _Builder, x: str) -> str:
     split = b.reshape(x, (n, g, c // g, h, w), runtime={0: 0, 3: 2, 4: 3})
     shuffled = b.op("Transpose", [split], (n, c // g, g, h, w), perm=[0, 2, 1, 3, 4])
     return b.reshape(shuffled, (n, c, h, w), runtime={0: 0, 2: 3, 3: 4})
+
+
+def _integer(b: _Builder, op: str, inputs: Sequence[str], shape: tuple[int, ...] = ()) -> str:
+    return b.node(op, inputs, [shape], [TensorProto.INT64], **({"axis": 0} if op in ("Gather", "Concat") else {}))[0]
+
+
+def _as_bound(b: _Builder, scalar: str) -> str:
+    inputs, attrs = b.axes_param([scalar], [0], 13)
+    return b.node("Unsqueeze", inputs, [(1,)], [TensorProto.INT64], **attrs)[0]
+
+
+def _run_time_chunk(b: _Builder, x: str) -> str:
+    """``torch.chunk(2)`` of channels an export hid behind ``view(n, -1, h, w)``: the Slice bounds
+    are computed at run time (``Shape -> Gather -> Add -> Div -> Mul``; they stay so when the batch
+    is named, and fold into constants otherwise); the second half goes through a branch and the
+    halves are joined again. At times the last k channels instead (``c - k``: no chunk, blocked)."""
+    n, c, h, w = _dims(b, x)
+    if c < 2 or c % 2:
+        raise _Skip
+    sizes = b.node("Shape", [x], [(4,)], [TensorProto.INT64])[0]
+    entries = [_as_bound(b, _integer(b, "Gather", [sizes, b.const(np.asarray(k, np.int64), "i")])) for k in (0, 2, 3)]
+    target = _integer(b, "Concat", [entries[0], b.ints([-1]), *entries[1:]], (4,))
+    hidden = b.reshape(x, (n, c, h, w), target=target)
+    count = _integer(b, "Gather", [b.node("Shape", [hidden], [(4,)], [TensorProto.INT64])[0],
+                                   b.const(np.asarray(1, np.int64), "i")])
+    axes = b.ints([1])
+    if b.choices.chance(0.2):
+        last = b.choices.integer(1, c - 1)
+        start = _as_bound(b, _integer(b, "Sub", [count, b.const(np.asarray(last, np.int64), "i")]))
+        b.log.append(f"last {last} channels at run-time bounds")
+        return b.op("Slice", [hidden, start, b.ints([INT64_MAX]), axes], (n, last, h, w))
+    one, two = b.const(np.asarray(1, np.int64), "i"), b.const(np.asarray(2, np.int64), "i")
+    half = _integer(b, "Div", [_integer(b, "Add", [count, one]), two])
+    middle, end = _as_bound(b, _integer(b, "Mul", [half, one])), _as_bound(b, _integer(b, "Mul", [half, two]))
+    first = b.op("Slice", [hidden, b.ints([0]), middle, axes], (n, c // 2, h, w))
+    second = _branch(b, b.op("Slice", [hidden, middle, end, axes], (n, c // 2, h, w)))
+    b.log.append("chunk(2) at run-time bounds")
+    return b.op("Concat", [first, second], (n, c // 2 + b.shapes[second][1], h, w), axis=1)
 
 
 def _concat_earlier(b: _Builder, x: str) -> str:
@@ -942,6 +993,7 @@ BLOCKS: dict[str, Callable[[_Builder, str], str]] = {
     "depth_to_space": _depth_to_space, "attention": _attention, "barrier": _barrier, "expand": _expand,
     "squeeze": _squeeze_round_trip, "concat_earlier": _concat_earlier, "channels_last_layout": _channels_last_layout,
     "spatial_gemm": _spatial_gemm, "spatial_join": _spatial_join, "height_linear": _height_linear, "conv1d": _conv1d,
+    "run_time_chunk": _run_time_chunk,
 }
 
 
@@ -1161,7 +1213,10 @@ def _prune_exactly(path: Path, seed: int) -> Outcome:
         return Outcome("failed", f"units of {silent[0]} are blocked without a reason")
     rng = np.random.default_rng(seed)
     ratio, chosen = _choose(analysis, rng)
-    config = PruneConfig(ratio=ratio, criterion="fuzz_chosen", round_to=1, min_keep=0.0, seed=seed, verify=False)
+    # the criterion steers the plan, so allocation ranks by its scores (measured sensitivity would
+    # replace them) and nothing is re-fitted: the oracle checks the op rules' index maps
+    config = PruneConfig(ratio=ratio, criterion="fuzz_chosen", allocation="score", refit_rounds=0, round_to=1,
+                         min_keep=0.0, seed=seed, verify=False)
     if not any(g.prunable for g in analysis.groups):
         try:
             prune_graph(graph, config)

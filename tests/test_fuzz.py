@@ -71,7 +71,7 @@ def test_pinned_seeds(seed, pattern, outcome, workdir):
 
 
 def test_graphs_are_valid_and_cover_every_opset_and_pattern():
-    graphs: list[FuzzGraph] = [fuzz_seed(seed) for seed in range(200)]
+    graphs: list[FuzzGraph] = [fuzz_seed(seed) for seed in range(300)]
     for graph in graphs[:30]:
         onnx.checker.check_model(graph.model, full_check=True)
     assert {g.opset for g in graphs} == set(range(OPSETS[0], OPSETS[1] + 1))
@@ -83,6 +83,9 @@ def test_graphs_are_valid_and_cover_every_opset_and_pattern():
         "PRelu", "Resize", "Pad", "MaxPool", "GlobalAveragePool", "DepthToSpace", "SpaceToDepth", "Expand",
         "LRN", "Tile", "Shape", "Constant",
     } <= ops
+    described = " ".join(g.describe() for g in graphs)
+    for block in ("groupnorm g2 (decomposed)", "chunk(2) at run-time bounds", "channels at run-time bounds"):
+        assert block in described
 
 
 SLICED = 1173  # a Slice of channels loses elements before its start: the bounds must be rewritten
