@@ -224,7 +224,7 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         log.debug("shape inference before folding failed: %s", exc)
     graph = gs.import_onnx(model)
-    graph.fold_constants(fold_shapes=True, error_ok=True)
+    graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False)  # its If flattening can break models
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     folded = gs.export_onnx(graph, do_type_check=False)
     folded.ir_version = model.ir_version
