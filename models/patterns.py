@@ -9,7 +9,9 @@
   exported with dynamic ``h, w``: run-time chunk bounds and a shuffle target ``[n, 2, c // 2, h, w]``.
 
 Each is exported with dynamic height and width (:func:`export_pattern`), which is what keeps the
-shape arithmetic in the graph; pruning binds them with ``input_shapes``.
+shape arithmetic in the graph; pruning binds them with ``input_shapes``. With ``dynamo=True`` the
+model goes through the dynamo exporter instead (static shapes): at opset 21 it writes
+``nn.GroupNorm`` as the ``GroupNormalization`` operator.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .export import export_onnx
+from .export import export_checked, export_onnx
 from .zoo import ShuffleUnit, _classifier, _seeded, conv_bn_act
 
 __all__ = ["PATTERNS", "Pattern", "groupnorm_tiny", "chunk_tiny", "shuffle_tiny", "export_pattern"]
@@ -119,7 +121,11 @@ PATTERNS: dict[str, Pattern] = {
 }
 
 
-def export_pattern(name: str, path: str | os.PathLike[str], opset: int = 17) -> pathlib.Path:
-    """Export the pattern model ``name`` with dynamic batch, height and width."""
+def export_pattern(name: str, path: str | os.PathLike[str], opset: int = 17, dynamo: bool = False) -> pathlib.Path:
+    """Export the pattern model ``name`` with dynamic batch, height and width (or, with ``dynamo``,
+    through the dynamo exporter at static shapes)."""
     pattern = PATTERNS[name]
-    return export_onnx(pattern.builder(), pattern.input_shape, path, opset, dynamic_axes=DYNAMIC_AXES)
+    if not dynamo:
+        return export_onnx(pattern.builder(), pattern.input_shape, path, opset, dynamic_axes=DYNAMIC_AXES)
+    sample = torch.randn(pattern.input_shape, generator=torch.Generator().manual_seed(0))
+    return export_checked(pattern.builder(), {"input": sample}, path, opset, dynamo=True)

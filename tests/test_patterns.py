@@ -45,3 +45,16 @@ def test_pattern_prunes_to_half_flops(exported_pattern, tmp_path, name, opset):
 def test_pattern_is_exact(exported_pattern, name):
     graph = randomize_weights(load_model(exported_pattern(name, 17), SHAPES), seed=3)
     assert_exact(graph, PruneConfig(flops=0.5, round_to=4, verify=False, input_shapes=SHAPES), rtol=1e-4)
+
+
+def test_group_normalization_operator_from_the_dynamo_exporter(tmp_path):
+    """At opset 21 the dynamo exporter writes nn.GroupNorm as GroupNormalization: whole groups go."""
+    from models.patterns import export_pattern
+
+    source = export_pattern("groupnorm_tiny", tmp_path / "gn21.onnx", 21, dynamo=True)
+    graph = load_model(source)
+    assert sum(n.op_type == "GroupNormalization" for n in graph.nodes) == 4
+    report = prune(source, tmp_path / "pruned.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    _assert_valid_pruned(source, tmp_path / "pruned.onnx", report)
+    assert report.flops_ratio >= 0.48
+    assert_exact(randomize_weights(graph, seed=3), PruneConfig(flops=0.5, round_to=4, verify=False), rtol=1e-4)
