@@ -30,7 +30,7 @@ def test_levels_round_the_narrowest_groups_finer_first():
 
 def _narrow_model(tmp_path, width: int = 24):
     """Three 3x3 convs of ``width`` channels, pooled into a classifier: at --round-to 16 a group of
-    24 rounds to 8, whose steps (24 -> 16 -> 8) jump from 0.73 of the FLOPs past 0.5 to 0.35."""
+    24 rounds to 8, and those steps go from 0.67 of the FLOPs straight past 0.5 to 0.35."""
     text = f"""g (float[1,3,16,16] x) => (float[1,10] y) {{
         a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
         ra = Relu (a)
