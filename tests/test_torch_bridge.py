@@ -63,9 +63,18 @@ def test_pruned_zoo_model_round_trips_through_torch(exported, tmp_path, name):
 
 @pytest.mark.real_model
 def test_pruned_paddle_classifier_round_trips_through_torch(tmp_path):
+    """Also exported with a dynamic batch axis (as the fine-tuning benchmark does): batches of
+    other sizes than the traced one give onnxruntime's outputs."""
+    from models.finetune_benchmark import export_trained
+
     shapes = ppocr_input_shapes()["cls"]
     path, _ = _prune_half(ppocr_model_paths()["cls"], tmp_path, shapes)
-    _assert_round_trip(path, tmp_path, shapes)
+    module = _assert_round_trip(path, tmp_path, shapes)
+    exported = export_trained(module, path, np.zeros((2, 3, 48, 192), np.float32), tmp_path / "batch.onnx")
+    batch = np.random.default_rng(3).standard_normal((5, 3, 48, 192)).astype(np.float32)
+    expected = ort.InferenceSession(str(path)).run(None, {"x": batch})[0]
+    np.testing.assert_allclose(ort.InferenceSession(str(exported)).run(None, {"x": batch})[0], expected,
+                               rtol=TOLERANCE, atol=TOLERANCE)
 
 
 def test_converted_module_trains(exported, tmp_path):
@@ -179,3 +188,19 @@ def test_narrow_refuses_a_module_whose_code_fixes_the_attention_width(exported, 
     assert heads
     with pytest.raises(ModelError, match="no longer runs"):
         narrow(vit_tiny(), report)
+
+
+@pytest.mark.accurate
+def test_narrow_carries_re_fitted_weights_over(exported, tmp_path):
+    """With the default pipeline the remaining weights are re-fitted: narrow copies them (folded
+    convs through their BatchNorm), so the module still equals the pruned model."""
+    from models.zoo import resnet_tiny_basic
+    from spa_compiler.torch import narrow
+
+    output = tmp_path / "pruned.onnx"
+    report = prune(exported("resnet_tiny_basic"), output, PruneConfig(flops=0.5, bench_runs=0, calibration_samples=32))
+    assert report.compensated > 0
+    module = narrow(resnet_tiny_basic(), report)
+    feeds = _feeds(output, seed=5)
+    expected = ort.InferenceSession(str(output)).run(None, feeds)[0]
+    np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)

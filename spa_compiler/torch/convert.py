@@ -22,6 +22,12 @@ shape arithmetic of run-time Reshape targets), and its modules export back to ON
   exporters write it for the attention mask); onnx2torch's version fails there.
 - **Reshape with allowzero=1** (the dynamo exporter writes it): a 0 in the target is a size of 0,
   which is what ``torch.reshape`` does anyway.
+- **Shape with start/end** (opset 15; the dynamo exporter writes it): onnx2torch's module exports a
+  Shape whose start and end torch's exporter drops when the input size is static; here it is
+  ``_shape_as_tensor(x)[start:end]``, which exports as Shape and Slice.
+- **Softmax of opsets 1 to 12** (over the flattened ``[axis:]``; Paddle writes it): onnx2torch
+  reshapes back to the shape it saw while tracing, so an export fixed the batch size; here the
+  last axis needs no reshape and the others reshape as the input.
 - **No torchvision.** onnx2torch imports torchvision for NonMaxSuppression and RoiAlign alone;
   without torchvision those two converters are withdrawn (a model using them is refused by name)
   and nothing else is needed.
@@ -97,6 +103,31 @@ class Flatten(nn.Module):
         return torch.flatten(x, start_dim=1) if x.dim() > 1 else x.unsqueeze(1)
 
 
+class LegacySoftmax(nn.Module):
+    """ONNX Softmax/LogSoftmax before opset 13: over the input flattened to ``[prod(:axis), prod(axis:)]``."""
+
+    def __init__(self, axis: int, log: bool) -> None:
+        super().__init__()
+        self.axis, self.log = axis, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis if self.axis >= 0 else self.axis + x.dim()
+        flat = x if axis == x.dim() - 1 else torch.flatten(x, start_dim=axis)
+        result = torch.log_softmax(flat, -1) if self.log else torch.softmax(flat, -1)
+        return result if flat is x else result.reshape_as(x)
+
+
+class Shape(nn.Module):
+    """ONNX Shape: the input's sizes ``[start:end]`` as an int64 tensor (traced as Shape, Slice)."""
+
+    def __init__(self, start: int, end: int | None) -> None:
+        super().__init__()
+        self.start, self.end = start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._shape_as_tensor(x)[self.start:self.end]
+
+
 @functools.cache
 def _reshape_allow_zero_class() -> type[nn.Module]:
     from onnx2torch.utils.custom_export_to_onnx import DefaultExportToOnnx, OnnxToTorchModuleWithCustomExport
@@ -151,6 +182,9 @@ _CONVERTERS = {  # op type -> (opset versions, converter(node, graph, onnx2torch
     "BatchNormalization": ((9, 14, 15), _batch_norm),
     "Flatten": ((9, 11, 13), _simple(lambda node: Flatten(node.attributes.get("axis", 1)))),
     "Reshape": ((5, 13, 14), _reshape),
+    "Shape": ((1, 13, 15), _simple(lambda node: Shape(node.attributes.get("start", 0), node.attributes.get("end")))),
+    "Softmax": ((1, 11), _simple(lambda node: LegacySoftmax(node.attributes.get("axis", 1), False))),
+    "LogSoftmax": ((1, 11), _simple(lambda node: LegacySoftmax(node.attributes.get("axis", 1), True))),
     "GreaterOrEqual": ((12, 16), _simple(lambda _: Comparison(torch.ge))),
     "LessOrEqual": ((12, 16), _simple(lambda _: Comparison(torch.le))),
 }

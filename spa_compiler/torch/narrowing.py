@@ -229,8 +229,9 @@ class _Narrowing:
         self.new[weight] = self.pruned[name] / scale.reshape(shape)
         node = next(node for op, slot, node in self.readers[name] if op == "Conv" and slot == 1)
         if len(node.input) > 2 and node.input[2] in self.pruned:
-            conv_bias = self.new.get(weight[: -len("weight")] + "bias")
-            mean = self.new[f"{norm}.running_mean"]
+            bias_name = weight[: -len("weight")] + "bias"
+            conv_bias = self.new.get(bias_name, self.tensors.get(bias_name))
+            mean = self.new.get(f"{norm}.running_mean", self.tensors[f"{norm}.running_mean"])
             offset = (conv_bias if conv_bias is not None else 0.0) - mean
             self.new[f"{norm}.bias"] = self.pruned[node.input[2]] - scale * offset
 
