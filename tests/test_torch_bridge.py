@@ -204,3 +204,20 @@ def test_narrow_carries_re_fitted_weights_over(exported, tmp_path):
     feeds = _feeds(output, seed=5)
     expected = ort.InferenceSession(str(output)).run(None, feeds)[0]
     np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_narrow_an_untrained_model_whose_folded_biases_are_all_zero(tmp_path):
+    """An untrained digits ResNet (BatchNorm at its defaults: every folded bias is zero, so no
+    bias can be matched by value) narrows exactly, ready to be trained from scratch."""
+    from models.digits import INPUT_SHAPE, digits_resnet
+    from models.export import export_onnx
+    from spa_compiler.torch import narrow
+
+    source = export_onnx(digits_resnet().eval(), INPUT_SHAPE, tmp_path / "digits.onnx", dynamic_batch=True)
+    path, report = _prune_half(source, tmp_path, {"input": INPUT_SHAPE})
+    module = narrow(digits_resnet().eval(), report)
+    feeds = _feeds(path, {"input": INPUT_SHAPE}, seed=2)
+    expected = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+    widths = [m.out_channels for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert min(widths) < 32 and _rebuilt(module).load_state_dict(module.state_dict(), strict=True)

@@ -6,7 +6,8 @@ exported from:
 
 1. by name (the classic exporter names initializers after parameters: ``features.0.weight``);
 2. by value: a parameter or buffer equal to it, or to its transpose (a ``Linear`` applied to a 3-D
-   input exports as MatMul with the weight transposed, named ``onnx::MatMul_123``);
+   input exports as MatMul with the weight transposed, named ``onnx::MatMul_123``); a tensor whose
+   elements are all equal is ambiguous and matches nothing by value;
 3. as a folded convolution: the exporter folds an eval-mode BatchNorm into the conv before it,
    ``W' = s * W`` per output channel with ``s = gamma / sqrt(var + eps)``, and
    ``b' = s * (b - mean) + beta``. A conv weight proportional to the initializer per output channel
@@ -96,6 +97,8 @@ def _match(name: str, value: np.ndarray, readers: list, tensors: dict[str, np.nd
     found = tensors.get(name)
     if found is not None and found.shape == value.shape:
         return _Match(name, identity)
+    if value.size > 1 and np.ptp(value) == 0:
+        return None  # a constant tensor (zero biases of a fresh model) could be any of many
     for key, tensor in tensors.items():
         if tensor.shape == value.shape and np.array_equal(tensor, value):
             return _Match(key, identity)
