@@ -3,7 +3,8 @@
 A pass is an object with a ``name`` that takes the :class:`~spa_compiler.state.PruneState` and
 returns it (``__call__(state) -> state``). :class:`Pass` adds declared ``requires`` (state fields
 that must be filled before it runs) and ``provides`` (fields it fills), checked around ``run``.
-A :class:`Pipeline` runs passes in order, times each into ``state.timings``, reports progress,
+A :class:`Pipeline` runs passes in order, times each into ``state.timings`` (and records the
+process's peak resident memory after each into ``state.peak_mb``), reports progress,
 and when a pass fails with anything but a user-facing :class:`SpaError`, raises a
 :class:`PipelineError` naming that pass and the passes that ran before it::
 
@@ -16,13 +17,28 @@ and when a pass fails with anything but a user-facing :class:`SpaError`, raises 
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
+from pathlib import Path
 from typing import Iterable, Protocol
 
 from .errors import SpaError
 from .state import Progress, PruneState
 
-__all__ = ["Pass", "PassLike", "Pipeline", "PipelineError"]
+__all__ = ["Pass", "PassLike", "Pipeline", "PipelineError", "peak_resident_mb"]
+
+
+def peak_resident_mb() -> float:
+    """The peak resident memory of this process so far, in MB: Linux's ``VmHWM`` (of this
+    process image alone), else ``ru_maxrss`` (kilobytes on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 class PassLike(Protocol):
@@ -93,6 +109,7 @@ class Pipeline:
             except Exception as exc:
                 raise PipelineError(name, completed, exc) from exc
             state.timings[name] = state.timings.get(name, 0.0) + time.perf_counter() - start
+            state.peak_mb[name] = peak_resident_mb()
             completed.append(name)
         return state
 

@@ -71,6 +71,7 @@ class PruneReport:
     calibration: str | None = None
     compensated: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)  # peak resident memory when each pass ended
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
     held_out_fidelity: Any = None
@@ -180,6 +181,7 @@ def build_report(state: PruneState) -> PruneReport:
         calibration=state.calibration,
         compensated=len(state.compensated),
         timings=state.timings,
+        peak_mb=state.peak_mb,
         latency_before_ms=state.latency_before_ms,
         latency_after_ms=state.latency_after_ms,
         held_out_fidelity=state.held_out_fidelity,

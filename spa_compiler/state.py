@@ -50,7 +50,8 @@ class PruneState:
     axis samples); ``held_out`` the user's calibration samples kept aside to measure fidelity. ``compensated`` holds new values, before slicing, for constants a compensation pass re-fitted;
     the rewriter slices those instead of the originals. ``cost_exponent``: how allocation weighs
     a removal's score against the cost it saves (``score / saving ** cost_exponent``; see
-    :func:`~spa_compiler.allocate.allocate`). ``timings`` holds seconds per pass.
+    :func:`~spa_compiler.allocate.allocate`). ``timings`` holds seconds per pass, ``peak_mb`` the
+    process's peak resident memory (MB) when each pass ended.
     """
 
     config: PruneConfig
@@ -76,6 +77,7 @@ class PruneState:
     latency_after_ms: float | None = None
     report: PruneReport | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
     progress: Progress | None = field(default=None, repr=False)
 
     def note(self, message: str) -> None:

@@ -48,6 +48,8 @@ def test_stop_after_allocation():
     assert state.model is None and state.fidelity is None
     assert 0.48 <= state.plan.achieved <= 0.52
     assert list(state.timings) == ["analyse", "score", "allocate"]
+    peaks = [state.peak_mb[name] for name in state.timings]  # the process's high-water mark, in MB
+    assert 50 < peaks[0] <= peaks[1] <= peaks[2] < 8000
     full = prune_graph(load_model(EXAMPLE), config)
     assert state.plan.removed == full.plan.removed
 
