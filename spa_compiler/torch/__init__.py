@@ -9,6 +9,11 @@ never imports this package.
 
 from __future__ import annotations
 
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised without torch installed
+    raise ImportError("spa_compiler.torch needs PyTorch: pip install 'spa-prune[torch]'") from exc
+
 from .convert import to_torch
 from .narrowing import narrow
 
