@@ -1,7 +1,8 @@
 """Calibration data and the input statistics of consumer layers.
 
-A *consumer layer* reads a group's channels through a weight: a Conv (one group), a Gemm, or a
-MatMul with a constant 2-D weight. For each, the second-order and activation-aware criteria
+A *consumer layer* reads a group's channels through a weight as a plain linear map, as its op
+rule's ``input_weight`` describes (a one-group Conv, a Gemm, a MatMul with a constant 2-D
+weight; :class:`~spa_compiler.ops.WeightView`). For each, the second-order and activation-aware criteria
 need ``H = Xᵀ X`` over its input *features*: for a Conv the im2col patches (channel-major, then
 kernel row and column, with the layer's stride, dilation and padding), for a linear layer the
 last axis. A constant 1 is appended to every row, so ``H`` also carries the feature sums and the
@@ -36,6 +37,7 @@ import onnx
 from .analysis import Analysis
 from .errors import InputError
 from .ir import Graph, Node
+from .ops import WeightView, get_rule
 from .verify import session_for
 
 __all__ = [
@@ -64,7 +66,8 @@ CHUNK_ROWS = 2048  # rows buffered per layer before one Gram update (few-row upd
 
 @dataclass(frozen=True)
 class ConsumerLayer:
-    """A weighted node reading channels: ``matrix(W)`` is ``[outputs, features]``."""
+    """A weighted node reading channels: ``matrix(W)`` is ``[outputs, features]``; ``op_type``
+    names it in messages, ``channel_axis`` says where its input's channels lie."""
 
     node: str
     op_type: str
@@ -75,6 +78,7 @@ class ConsumerLayer:
     bias: str | None
     rows_per_output: int = 1  # kernel positions of a Conv with channel statistics, else 1
     patches: bool = False  # a 2-D Conv with im2col patch statistics (else channel statistics)
+    channel_axis: int = -1  # the input's axis of channels: 1 (channels first, a Conv) or -1 (last)
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         if self.patches:
@@ -150,49 +154,44 @@ class PairedStatistics:
         self.cross[fold] += pruned.T @ np.hstack([original.astype(np.float32), ones])
 
 
-def _bias_of(graph: Graph, node: Node, outputs: int) -> str | None:
-    """The constant bias added to this layer's output, if it is a plain per-output vector."""
-    if node.op_type in ("Conv", "Gemm"):
-        name = node.inputs[2] if len(node.inputs) > 2 else ""
-        if name and graph.is_constant(name) and graph.constants[name].size == outputs:
-            return name
-        return None
+def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
+    """The constant bias added to this layer's output, if it is a plain per-output vector: the
+    node's own (``view.bias``), or for a layer whose outputs lie along the last axis a constant
+    added by the Add that alone reads its output."""
+    if view.bias is not None:
+        return view.bias if graph.is_constant(view.bias) and graph.constants[view.bias].size == view.outputs else None
+    if view.channel_axis != -1:
+        return None  # a [outputs] vector added to channels-first outputs would broadcast along the last axis
     consumers = graph.consumers.get(node.outputs[0], [])
     if len(consumers) == 1 and consumers[0].op_type == "Add":
         other = [n for n in consumers[0].inputs if n != node.outputs[0]]
-        if len(other) == 1 and graph.is_constant(other[0]) and graph.constants[other[0]].shape == (outputs,):
+        if len(other) == 1 and graph.is_constant(other[0]) and graph.constants[other[0]].shape == (view.outputs,):
             return other[0]
     return None
 
 
 def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
-    """Every Conv (one group), Gemm (A not transposed) and MatMul reading a group's channels
-    through a constant weight, outside control-flow subgraphs (whose tensors onnxruntime cannot
-    return)."""
+    """Every node reading a group's channels through a constant weight as a plain linear map
+    (what its op rule's ``input_weight`` says: a one-group Conv, a Gemm, a MatMul with a 2-D
+    weight, ...), outside control-flow subgraphs (whose tensors onnxruntime cannot return). A
+    2-D convolution with at most ``MAX_PATCH_FEATURES`` patch features gets patch statistics,
+    any other one channel statistics (one row per kernel position)."""
     graph = analysis.graph
     layers = {}
     for axis_id in analysis.tags.get("consumer", []):
         ref = analysis.axes[axis_id]
+        weight = graph.constants[ref.tensor]
         for node in graph.consumers.get(ref.tensor, []):
-            if node.scope:
+            rule = get_rule(node.domain, node.op_type, graph.opset)
+            view = rule.input_weight(node, ref.tensor, ref.axis, weight.shape) if rule and not node.scope else None
+            if view is None:
                 continue
-            weight = graph.constants[ref.tensor]
-            rows_per_output, patches = 1, False
-            if node.op_type == "Conv" and node.inputs[1] == ref.tensor and int(node.attr("group", 1)) == 1:
-                per_channel = int(np.prod(weight.shape[2:]))
-                outputs = weight.shape[0]
-                patches = len(weight.shape) == 4 and per_channel * weight.shape[1] <= MAX_PATCH_FEATURES
-                if not patches:
-                    per_channel, rows_per_output = 1, int(np.prod(weight.shape[2:]))
-            elif node.op_type == "Gemm" and node.inputs[1] == ref.tensor and not node.attr("transA", 0):
-                per_channel, outputs = 1, weight.shape[1 - ref.axis]
-            elif node.op_type == "MatMul" and node.inputs[1] == ref.tensor and weight.ndim == 2:
-                per_channel, outputs = 1, weight.shape[1]
-            else:
-                continue
+            positions = int(np.prod(view.kernel))
+            patches = len(view.kernel) == 2 and positions * weight.shape[ref.axis] <= MAX_PATCH_FEATURES
             layers[node.name] = ConsumerLayer(
-                node.name, node.op_type, node.inputs[0], ref.tensor, ref.axis, per_channel,
-                _bias_of(graph, node, outputs), rows_per_output, patches,
+                node.name, node.op_type, node.inputs[0], ref.tensor, ref.axis,
+                positions if patches else 1, _bias_of(graph, node, view),
+                1 if patches else positions, patches, view.channel_axis,
             )
     return list(layers.values())
 
@@ -277,7 +276,7 @@ def _sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.rand
         out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
         total = x.shape[0] * out[2] * out[3]
     else:
-        total = x.size // x.shape[1 if layer.op_type == "Conv" else -1]
+        total = x.size // x.shape[layer.channel_axis]
     return None if total <= max_rows else np.sort(rng.choice(total, max_rows, replace=False))
 
 
@@ -287,12 +286,12 @@ def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.n
     if layer.patches:
         node = graph.node_by_name[layer.node]
         return conv_patches(x, node, graph.constants[layer.weight].shape[2:], rows)
-    flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if layer.op_type == "Conv" else x.reshape(-1, x.shape[-1])
+    flat = np.moveaxis(x, layer.channel_axis, -1).reshape(-1, x.shape[layer.channel_axis])
     return flat if rows is None else flat[rows]
 
 
 def _feature_width(layer: ConsumerLayer, shape: tuple[int, ...]) -> int:
-    return shape[1] * layer.features_per_channel if layer.op_type == "Conv" else shape[-1]
+    return shape[layer.channel_axis] * layer.features_per_channel
 
 
 def _batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:

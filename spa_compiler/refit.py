@@ -154,11 +154,11 @@ def samples_needed(graph, layers: list[ConsumerLayer], least: int) -> int:
     needed = least
     for layer in layers:
         shape = graph.shapes[layer.activation]
-        if layer.op_type == "Conv":
-            width = shape[1] * layer.features_per_channel
+        width = shape[layer.channel_axis] * layer.features_per_channel
+        if layer.channel_axis == 1:  # one row per output position
             per_sample = int(np.prod(graph.shapes[graph.node_by_name[layer.node].outputs[0]][2:]))
-        else:
-            width, per_sample = shape[-1], int(np.prod(shape[1:-1]))
+        else:  # one row per token
+            per_sample = int(np.prod(shape[1:-1]))
         needed = max(needed, -(-ROWS_PER_FEATURE * (width + 1) // max(per_sample, 1)))
     return needed
 

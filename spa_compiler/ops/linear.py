@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .common import couple_broadcast, input_at
-from .registry import Coupler, OpRule, Rewriter, register_op
+from .registry import Coupler, OpRule, Rewriter, WeightView, register_op
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -106,6 +106,12 @@ class Conv(_ConvBase):
         y, w = node.outputs[0], node.inputs[1]
         return [(y, k) for k in range(len(shape(y)))] + [(w, k) for k in range(1, len(shape(w)))]
 
+    def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
+        """``W[o, i, k...]`` of a one-group convolution over channels-first X."""
+        if node.inputs[1] != weight or int(node.attr("group", 1)) != 1:
+            return None
+        return WeightView(shape[0], 1, tuple(shape[2:]), input_at(node, 2) or None)
+
 
 @register_op("ConvTranspose")
 class ConvTranspose(_ConvBase):
@@ -165,6 +171,12 @@ class Gemm(OpRule):
         a, y = node.inputs[0], node.outputs[0]
         return [(y, 0), (y, 1), (a, 0 if node.attr("transA", 0) else 1)]
 
+    def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
+        """B (K axis ``axis``) applied to the rows of an untransposed A, plus C."""
+        if node.inputs[1] != weight or node.attr("transA", 0):
+            return None
+        return WeightView(shape[1 - axis], -1, (), input_at(node, 2) or None)
+
 
 @register_op("MatMul")
 class MatMul(OpRule):
@@ -205,3 +217,9 @@ class MatMul(OpRule):
     def macs_axes(self, node: "Node", shape: Callable[[str], tuple[int, ...]]):
         a, y = node.inputs[0], node.outputs[0]
         return [(y, k) for k in range(len(shape(y)))] + [(a, len(shape(a)) - 1)]
+
+    def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
+        """A 2-D B ``[K, N]`` applied to A's last axis (a bias, if any, is a later Add)."""
+        if node.inputs[1] != weight or len(shape) != 2:
+            return None
+        return WeightView(shape[1], -1)

@@ -14,6 +14,10 @@ A rule is a class with two methods:
     targets) once the :class:`Rewriter` ``r`` knows which indices leave every axis. Constant
     tensors are sliced generically; a rule only fixes what slicing cannot express.
 
+A rule for a weighted op also says how the op reads its input channels through a constant
+weight (``input_weight``), which is what the criteria that need input statistics (second-order,
+activation-aware) and the re-fit use: a new weighted op is one rule class.
+
 Rules register with ``@register_op("Conv", "ConvTranspose", opsets=(1, 23))``; third-party
 packages can add rules through the ``spa_prune.op_rules`` entry-point group.
 """
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OpRule",
+    "WeightView",
     "Coupler",
     "Rewriter",
     "Unsupported",
@@ -90,6 +95,20 @@ class Rewriter(Protocol):
     def consumers(self, name: str) -> list["Node"]: ...
 
 
+@dataclass(frozen=True)
+class WeightView:
+    """How a node reads its input's channels through a constant weight: ``y = W x + b`` per
+    output position, ``W`` a ``[outputs, channels * prod(kernel)]`` matrix (channel-major, then
+    kernel positions), ``x`` the input's channels along ``channel_axis`` (1: channels first, as a
+    convolution reads them; -1: the last axis, as a linear layer does), ``bias`` the node's own
+    bias input (None: none, or one added by a later node)."""
+
+    outputs: int
+    channel_axis: int
+    kernel: tuple[int, ...] = ()
+    bias: str | None = None
+
+
 class OpRule:
     """Base rule: declares nothing (a barrier) and rewrites nothing."""
 
@@ -105,6 +124,12 @@ class OpRule:
         self, node: "Node", shape: Callable[[str], tuple[int, ...]]
     ) -> list[tuple[str, int]] | None:
         """Axes whose sizes give the node's multiply-accumulate count (None: no MACs)."""
+        return None
+
+    def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
+        """How ``node`` reads its first input's channels through the constant ``weight`` (of
+        ``shape``; ``axis`` the weight axis that reads them), or None when it is no plain linear
+        map of them (the default)."""
         return None
 
     def macs_value(self, sizes: Sequence[float]) -> float:
