@@ -81,6 +81,11 @@ def chosen_point(results: list[PointResult]) -> PointResult | None:
 # --------------------------------------------------------------------------- markdown
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def _fmt(value: float | None, pattern: str = "{:.3f}") -> str:
     return "-" if value is None else pattern.format(value)
 
@@ -123,7 +128,7 @@ def _blocked_lines(report: PruneReport) -> list[str]:
 
 def _widths_table(report: PruneReport) -> list[str]:
     rows = ["| group | kind | before | after | kept |", "|---|---|---:|---:|---:|"]
-    rows += [f"| {g.name} | {g.kind} | {g.channels_before} | {g.channels_after} | "
+    rows += [f"| {_cell(g.name)} | {g.kind} | {g.channels_before} | {g.channels_after} | "
              f"{g.channels_after / g.channels_before:.2f} |" for g in report.groups]
     return rows
 
@@ -145,7 +150,7 @@ def run_markdown(report: PruneReport, picture: str | None) -> str:
 def _point_row(result: PointResult) -> str:
     report, point = result.report, result.point
     if report is None:
-        return f"| {point.target_kind} {point.target_value:g} | failed: {result.error} |" + " |" * 8
+        return f"| {point.target_kind} {point.target_value:g} | failed: {_cell(result.error)} |" + " |" * 8
     fidelity, held = report.fidelity, report.held_out_fidelity
     latency = (f"{report.latency_after_ms:.2f} ({report.latency_ratio:.3f})"
                if report.latency_ratio is not None else "-")
@@ -176,7 +181,11 @@ def sweep_markdown(result: SweepResult, picture: str | None) -> str:
               "--eval | seconds |")
     for criterion in dict.fromkeys(r.point.criterion for r in result.points):
         rows = [r for r in result.points if r.point.criterion == criterion]
-        lines += ["", f"## Criterion {criterion}", "", header, "|---" + "|---:" * 9 + "|", *map(_point_row, rows)]
+        once = result.criterion_timings.get(criterion, {})
+        lines += ["", f"## Criterion {criterion}", ""]
+        if once:
+            lines += ["Once for its points: " + ", ".join(f"{n} {t:.2f} s" for n, t in once.items()) + ".", ""]
+        lines += [header, "|---" + "|---:" * 9 + "|", *map(_point_row, rows)]
     lines += ["", "## Chosen points", "",
               "The fastest point whose fidelity draws no warning, and the points no other beats on both speed "
               "and quality (speed: measured latency, else FLOPs).", ""]

@@ -4,7 +4,7 @@ The default pipeline (:func:`~spa_compiler.api.default_passes`) splits at alloca
 before it do not depend on the target: ``analyse`` and ``calibrate`` not on the criterion either,
 so they run once for the whole sweep; ``score`` (and ``sensitivity``) once per criterion. Each
 point then *forks* that state (a shallow copy: the graph, analysis, statistics and scores are
-shared and only read; the compensated weights and the timings are its own) and runs the passes
+shared and only read; the compensated weights, timings and memory figures are its own) and runs the passes
 from allocation on (allocate, compensate, re-fit, rewrite, verify), then saves, scores with
 ``--eval``, times and reports exactly as a single run does. A point's figures are therefore those
 of :func:`~spa_compiler.api.prune` at the same options (the tests check it); only measured
@@ -86,8 +86,9 @@ class SweepResult:
     engine: str
     points: list[PointResult]
     eval_before: float | None
-    shared_timings: dict[str, float]
+    shared_timings: dict[str, float]  # seconds of the passes run once for all points
     wall_seconds: float
+    criterion_timings: dict[str, dict[str, float]] = field(default_factory=dict)  # once per criterion
 
     def to_dict(self) -> dict[str, Any]:
         points = [
@@ -96,7 +97,8 @@ class SweepResult:
             for r in self.points
         ]
         return {"model": self.model, "engine": self.engine, "eval_before": self.eval_before,
-                "shared_timings": self.shared_timings, "wall_seconds": self.wall_seconds, "points": points}
+                "shared_timings": self.shared_timings, "criterion_timings": self.criterion_timings,
+                "wall_seconds": self.wall_seconds, "points": points}
 
 
 def split_passes(config: PruneConfig) -> tuple[list[PassLike], list[PassLike]]:
@@ -108,7 +110,8 @@ def split_passes(config: PruneConfig) -> tuple[list[PassLike], list[PassLike]]:
 
 def fork(state: PruneState, config: PruneConfig) -> PruneState:
     """A copy of ``state`` for ``config`` sharing what later passes only read."""
-    return replace(state, config=config, compensated=dict(state.compensated), timings=dict(state.timings), progress=None)
+    return replace(state, config=config, compensated=dict(state.compensated), timings=dict(state.timings),
+                   peak_mb=dict(state.peak_mb), progress=None)
 
 
 def prepare(
@@ -209,9 +212,10 @@ def run_sweep(
     for index, (report, error, seconds) in engine.run(states, points, base, models, progress.point):
         results[index] = PointResult(points[index], report, error, seconds)
         progress.finished(index, results[index])
-    any_state = next(iter(states.values()))
-    shared_timings = {name: any_state.timings[name] for name in ("load", *SHARED_BY_ALL) if name in any_state.timings}
+    shared = ("load", *SHARED_BY_ALL)
+    shared_timings = {n: t for state in states.values() for n, t in state.timings.items() if n in shared}
+    criterion_timings = {c: {n: t for n, t in state.timings.items() if n not in shared} for c, state in states.items()}
     return SweepResult(
-        str(source), engine.name, [results[i] for i in range(len(points))], any_state.eval_before, shared_timings,
-        time.perf_counter() - start,
+        str(source), engine.name, [results[i] for i in range(len(points))], next(iter(states.values())).eval_before,
+        shared_timings, time.perf_counter() - start, criterion_timings,
     )

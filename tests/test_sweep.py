@@ -38,9 +38,9 @@ def score(path):
 
 
 def figures(report) -> dict:
-    """Everything a report measures but the paths, timings and latencies (timings differ run to run)."""
+    """Everything a report measures but the paths, timings, memory and latencies (they differ run to run)."""
     data = report.to_dict()
-    for key in ("input", "output", "timings", "latency_before_ms", "latency_after_ms", "latency_ratio"):
+    for key in ("input", "output", "timings", "peak_mb", "latency_before_ms", "latency_after_ms", "latency_ratio"):
         data.pop(key)
     return data
 
