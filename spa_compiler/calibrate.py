@@ -33,10 +33,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .analysis import Analysis
 from .errors import InputError
-from .ir import Graph, Node
+from .ir import Graph, Node, synthetic_inputs
 from .ops import WeightView, get_rule
 from .verify import session_for
 
@@ -301,8 +302,29 @@ def _batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.
 
 
 def fixed_batch(graph: Graph) -> bool:
-    """Whether any graph input's batch dimension is fixed (then samples run one at a time)."""
-    return any(_fixed_batch(graph, name) for name in graph.inputs)
+    """Whether samples must run one at a time: a graph input's batch dimension is fixed, or the
+    model fails on a batch of two (a Reshape to a fixed batch of 1 inside a model whose inputs
+    name their batch dimension). Probed once per graph."""
+    if "_fixed_batch" not in graph.__dict__:
+        graph.__dict__["_fixed_batch"] = any(_fixed_batch(graph, name) for name in graph.inputs) or not _runs_batched(graph)
+    return graph.__dict__["_fixed_batch"]
+
+
+def _runs_batched(graph: Graph) -> bool:
+    """Whether onnxruntime runs the model on a batch of two synthetic samples (a model it
+    cannot run at all counts as batched: whoever runs it next reports why)."""
+    try:
+        session = session_for(graph.model, optimize=False)
+    except Exception:  # noqa: BLE001  (custom ops and the like: not this probe's question)
+        return True
+    shapes = {name: (2, *shape[1:]) if shape else shape for name, shape in graph.input_shapes.items()}
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failure is the answer, not an error to log
+    try:
+        session.run(None, synthetic_inputs(shapes, graph.dtypes), quiet)
+    except Exception:  # noqa: BLE001  (onnxruntime raises its own error types, one per status)
+        return False
+    return True
 
 
 def _fixed_batch(graph: Graph, name: str) -> bool:
@@ -414,7 +436,8 @@ class PairedRunner:
     ) -> dict[str, PairedStatistics]:
         """Every layer's :class:`PairedStatistics`, the rows of both models taken at the same
         positions (at most ``rows_per_feature`` per feature in all); the pruned model runs with
-        ``weights``."""
+        ``weights``. A layer whose rows the pruning changed (its input lost elements on an axis
+        other than the features') has none."""
         graph = self.graph
         activations = sorted({layer.activation for layer in layers})
         total = len(next(iter(data.values())))
@@ -427,6 +450,8 @@ class PairedRunner:
             narrowed = dict(zip(activations, self.pruned.run(activations, {**feeds, **weights})))
             for layer in layers:
                 x, x_pruned = original[layer.activation], narrowed[layer.activation]
+                if np.delete(x.shape, layer.channel_axis).tolist() != np.delete(x_pruned.shape, layer.channel_axis).tolist():
+                    continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
                 width = _feature_width(layer, x.shape)
                 budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batches)
                 taken = _sample_rows(layer, graph, x, rng, budget)

@@ -212,7 +212,7 @@ class Refit(Pass):
                 samples = samples_needed(graph, level, self.samples)
                 data = {name: array[:samples] for name, array in state.calibration_data.items()}
                 paired = runner.statistics(level, data, weights, config.calibration_batch, config.seed, ROWS_PER_FEATURE)
-                chosen.update(self._apply(state, layer, paired[layer.node]) for layer in level)
+                chosen.update(self._apply(state, layer, paired[layer.node]) if layer.node in paired else "unpaired" for layer in level)
         log.info("re-fit chosen on held-out rows: %s", ", ".join(f"{n} {kind}" for kind, n in chosen.most_common()))
         return state
 

@@ -106,3 +106,24 @@ def test_command_line_counts_every_graph(capsys):
     printed = capsys.readouterr().out
     counts = {k: int(v) for k, v in re.findall(r"^  (pruned exactly|fully blocked|FAILED) +(\d+)", printed, re.M)}
     assert counts["pruned exactly"] + counts["fully blocked"] == 6 and counts["FAILED"] == 0
+
+
+@pytest.mark.accurate
+@pytest.mark.parametrize(
+    "seed, flops, cosine",
+    [
+        (24, 0.60, 0.99),  # a Reshape to a fixed batch of 1 inside: statistics, sensitivity and re-fit run per sample
+        (116, 0.46, 0.98),  # the same, with the Reshape after a convolution
+        (36, 0.60, 0.97),  # a MatMul over the last axis of a conv output that loses channels: rows do not pair
+    ],
+)
+def test_accurate_pipeline_on_graphs_it_once_failed(seed, flops, cosine, tmp_path):
+    """The default (accurate) pipeline on fuzzed graphs where it used to fail: it prunes them,
+    lossily, and the pruned model stays close to the original on synthetic inputs."""
+    from spa_compiler import PruneConfig, prune
+
+    path = tmp_path / "m.onnx"
+    onnx.save(fuzz_seed(seed).model, path)
+    report = prune(path, tmp_path / "out.onnx", PruneConfig(flops=0.6, bench_runs=0))
+    assert report.flops_ratio <= flops + 0.005
+    assert report.fidelity.cosine >= cosine
