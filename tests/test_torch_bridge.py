@@ -221,3 +221,62 @@ def test_narrow_an_untrained_model_whose_folded_biases_are_all_zero(tmp_path):
     np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
     widths = [m.out_channels for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     assert min(widths) < 32 and _rebuilt(module).load_state_dict(module.state_dict(), strict=True)
+
+
+# --------------------------------------------------------------------------- recurrent layers
+
+class _Recurrent(torch.nn.Module):
+    """Bidirectional LSTM -> GRU -> RNN over a [seq, batch, features] input, as the exporter writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(6, 5, bidirectional=True)
+        self.gru = torch.nn.GRU(10, 4)
+        self.rnn = torch.nn.RNN(4, 3)
+
+    def forward(self, x):
+        return self.rnn(self.gru(self.lstm(x)[0])[0])[0]
+
+
+def test_recurrent_layers_round_trip(tmp_path):
+    from models.export import export_checked
+
+    torch.manual_seed(0)
+    path = export_checked(_Recurrent().eval(), {"x": torch.randn(7, 2, 6)}, tmp_path / "rnn.onnx")
+    _assert_round_trip(path, tmp_path)
+
+
+def _recurrent_model(path, op, **attributes):
+    """One reverse ``op`` node (hidden 5, 3 features, initial state given) with seeded weights."""
+    gates, hidden, features = (4 if op == "LSTM" else 3), 5, 3
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape).astype(np.float32) * 0.5 for name, shape in
+               (("W", (1, gates * hidden, features)), ("R", (1, gates * hidden, hidden)),
+                ("B", (1, 2 * gates * hidden)), ("h0", (1, 2, hidden)), ("c0", (1, 2, hidden)))}
+    inputs = ["x", "W", "R", "B", "", "h0"] + (["c0"] if op == "LSTM" else [])
+    node = onnx.helper.make_node(op, inputs, ["y", "y_h"], hidden_size=hidden, direction="reverse", **attributes)
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 2, features])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 1, 2, hidden])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in weights.items() if k in inputs])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    return {"x": rng.standard_normal((4, 2, features)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_reverse_recurrent_layer_with_initial_state_matches_onnxruntime(tmp_path, op):
+    path = tmp_path / "reverse.onnx"
+    feeds = _recurrent_model(path, op, **({"linear_before_reset": 1} if op == "GRU" else {}))
+    expected = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    np.testing.assert_allclose(_run_torch(to_torch(path), feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize(("op", "attributes", "named"), [
+    ("LSTM", {"clip": 3.0}, "clip"), ("GRU", {}, "linear_before_reset=0"),
+    ("LSTM", {"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations"),
+])
+def test_recurrent_layer_torch_cannot_express_is_refused_by_name(tmp_path, op, attributes, named):
+    path = tmp_path / "refused.onnx"
+    _recurrent_model(path, op, **attributes)
+    with pytest.raises(UnsupportedModelError, match=named):
+        to_torch(path)

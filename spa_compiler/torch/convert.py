@@ -28,6 +28,11 @@ shape arithmetic of run-time Reshape targets), and its modules export back to ON
 - **Softmax of opsets 1 to 12** (over the flattened ``[axis:]``; Paddle writes it): onnx2torch
   reshapes back to the shape it saw while tracing, so an export fixed the batch size; here the
   last axis needs no reshape and the others reshape as the input.
+- **RNN, GRU, LSTM** (which onnx2torch lacks) as ``nn.RNN/GRU/LSTM`` with the ONNX gate order
+  (``iofc``, ``zrh``) permuted to torch's (``ifco``, ``rzh``), directions forward, reverse (run on
+  the reversed sequence) and bidirectional; what torch's layers cannot express (peepholes,
+  ``sequence_lens``, clipping, other activations, GRU without ``linear_before_reset``, batch-first
+  layout) is refused by name.
 - **No torchvision.** onnx2torch imports torchvision for NonMaxSuppression and RoiAlign alone;
   without torchvision those two converters are withdrawn (a model using them is refused by name)
   and nothing else is needed.
@@ -117,6 +122,68 @@ class LegacySoftmax(nn.Module):
         return result if flat is x else result.reshape_as(x)
 
 
+_GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}  # torch's gates, as ONNX gate indices
+_TORCH_RECURRENT = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+
+
+class Recurrent(nn.Module):
+    """ONNX RNN/GRU/LSTM (layout 0: ``X [seq, batch, input]``) on a torch recurrent layer:
+    ``Y [seq, directions, batch, hidden]``, ``Y_h`` (and ``Y_c``) ``[directions, batch, hidden]``."""
+
+    def __init__(self, layer: nn.RNNBase, reverse: bool) -> None:
+        super().__init__()
+        self.layer, self.reverse = layer, reverse
+
+    def forward(self, x: torch.Tensor, initial_h: torch.Tensor | None = None,
+                initial_c: torch.Tensor | None = None):
+        if self.reverse:
+            x = torch.flip(x, [0])
+        if isinstance(self.layer, nn.LSTM):
+            state = None if initial_h is None else (initial_h, initial_c if initial_c is not None
+                                                    else torch.zeros_like(initial_h))
+        else:
+            state = initial_h
+        y, final = self.layer(x, state)
+        if self.reverse:
+            y = torch.flip(y, [0])
+        directions = 2 if self.layer.bidirectional else 1
+        y = y.reshape(y.shape[0], y.shape[1], directions, -1).transpose(1, 2)
+        return (y, *final) if isinstance(final, tuple) else (y, final)
+
+
+def _recurrent(node, graph, original=None):
+    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+    op, inputs, attributes = node.operation_type, list(node.input_values) + [""] * 8, node.attributes
+    name = f"{op} node '{node.name}'"
+    if not all(value in graph.initializers for value in inputs[1:3]):
+        raise NotImplementedError(f"{name}: weights computed at run time")
+    refused = [key for key in ("clip", "activation_alpha", "activation_beta") if key in attributes]
+    activations = [a.decode() if isinstance(a, bytes) else a for a in attributes.get("activations", [])]
+    directions = graph.initializers[inputs[1]].to_torch().shape[0] if inputs[1] in graph.initializers else 1
+    refused += ["activations"] * bool(activations and activations != _DEFAULT_ACTIVATIONS[op] * directions)
+    refused += ["input_forget"] * bool(attributes.get("input_forget", 0)) + ["layout=1"] * bool(attributes.get("layout", 0))
+    refused += ["sequence_lens"] * bool(inputs[4]) + ["peepholes"] * bool(op == "LSTM" and inputs[7])
+    refused += ["linear_before_reset=0"] * bool(op == "GRU" and not attributes.get("linear_before_reset", 0))
+    if refused:
+        raise NotImplementedError(f"{name}: {', '.join(refused)} (torch's recurrent layers cannot express it)")
+    w, r = (graph.initializers[value].to_torch() for value in inputs[1:3])
+    hidden = attributes["hidden_size"]
+    b = graph.initializers[inputs[3]].to_torch() if inputs[3] else torch.zeros(directions, 2 * w.shape[1])
+    layer = _TORCH_RECURRENT[op](w.shape[2], hidden, bidirectional=directions == 2)
+    order = [g * hidden + i for g in _GATE_ORDER[op] for i in range(hidden)]
+    with torch.no_grad():
+        for d, suffix in enumerate(("", "_reverse")[:directions]):
+            for kind, value in (("weight_ih", w[d]), ("weight_hh", r[d]), ("bias_ih", b[d, : w.shape[1]]),
+                                ("bias_hh", b[d, w.shape[1]:])):
+                getattr(layer, f"{kind}_l0{suffix}").copy_(value[order])
+    reverse = attributes.get("direction", b"forward") in (b"reverse", "reverse")
+    states = tuple(inputs[5:7] if op == "LSTM" else inputs[5:6])
+    return OperationConverterResult(Recurrent(layer, reverse),
+                                    OnnxMapping(inputs=(inputs[0], *states), outputs=node.output_values))
+
+
 class Shape(nn.Module):
     """ONNX Shape: the input's sizes ``[start:end]`` as an int64 tensor (traced as Shape, Slice)."""
 
@@ -185,6 +252,9 @@ _CONVERTERS = {  # op type -> (opset versions, converter(node, graph, onnx2torch
     "Shape": ((1, 13, 15), _simple(lambda node: Shape(node.attributes.get("start", 0), node.attributes.get("end")))),
     "Softmax": ((1, 11), _simple(lambda node: LegacySoftmax(node.attributes.get("axis", 1), False))),
     "LogSoftmax": ((1, 11), _simple(lambda node: LegacySoftmax(node.attributes.get("axis", 1), True))),
+    "LSTM": ((1, 7, 14, 22), _recurrent),
+    "GRU": ((1, 3, 7, 14, 22), _recurrent),
+    "RNN": ((1, 7, 14, 22), _recurrent),
     "GreaterOrEqual": ((12, 16), _simple(lambda _: Comparison(torch.ge))),
     "LessOrEqual": ((12, 16), _simple(lambda _: Comparison(torch.le))),
 }
