@@ -4,7 +4,9 @@ The conversion is ``onnx2torch`` (a maintained ONNX-to-``torch.fx`` converter): 
 the pruner rewrites in the ``models/`` zoo, the PP-OCR Paddle exports and the Hugging Face
 transformers (Conv, BatchNormalization, Gemm/MatMul, attention, Resize, Split/Slice/Concat, the
 shape arithmetic of run-time Reshape targets), and its modules export back to ONNX with
-``torch.onnx.export``. What it lacks is filled here, in three small pieces:
+``torch.onnx.export``; it is chosen over writing a converter because of that coverage and because
+its modules are plain ``torch.fx`` graphs a user can read and edit. What it lacks is filled here,
+one small converter per gap (control flow, If and Loop, stays refused by name):
 
 - **Trainable weights.** onnx2torch registers every initializer that no module converter absorbs
   (MatMul weights, attention projections, position embeddings, LayerNorm parts of decomposed
