@@ -280,3 +280,33 @@ def test_recurrent_layer_torch_cannot_express_is_refused_by_name(tmp_path, op, a
     _recurrent_model(path, op, **attributes)
     with pytest.raises(UnsupportedModelError, match=named):
         to_torch(path)
+
+
+def _biased_conv_net():
+    """Two conv (with bias) -> BatchNorm -> ReLU layers and a classifier; BatchNorms not at defaults."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.running_mean.normal_(), norm.running_var.uniform_(0.5, 1.5)
+            norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("refit", [0, 1])
+def test_narrow_slices_a_folded_conv_bias_and_carries_the_re_fit_through_it(tmp_path, refit):
+    from models.export import export_onnx
+    from spa_compiler.torch import narrow
+
+    source = export_onnx(_biased_conv_net(), (1, 3, 8, 8), tmp_path / "net.onnx")
+    output = tmp_path / "pruned.onnx"
+    report = prune(source, output, PruneConfig(flops=0.5, round_to=1, refit_rounds=refit, bench_runs=0))
+    assert (report.compensated > 0) == bool(refit)
+    module = narrow(_biased_conv_net(), report)
+    assert module[0].bias.shape[0] == module[0].out_channels < 16
+    feeds = _feeds(output, seed=4)
+    expected = ort.InferenceSession(str(output)).run(None, feeds)[0]
+    np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)

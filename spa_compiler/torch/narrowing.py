@@ -220,9 +220,11 @@ class _Narrowing:
             kept = self.kept(change)
             norm = norms[0]
             self.new[weight] = self.slice(weight, kept)
-            for field in ("weight", "bias", "running_mean", "running_var"):
-                if f"{norm}.{field}" in self.tensors and 0 in kept:
-                    self.new[f"{norm}.{field}"] = self.slice(f"{norm}.{field}", {0: kept[0]})
+            per_channel = [f"{conv}.bias"] + [f"{norm}.{field}" for field in ("weight", "bias", "running_mean",
+                                                                             "running_var")]
+            for key in per_channel:  # the conv's own bias went into the folded one too
+                if key in self.tensors and self.tensors[key] is not None and 0 in kept:
+                    self.new[key] = self.slice(key, {0: kept[0]})
             if change["compensated"]:
                 self._carry_folded(change["name"], weight, norm, match.scale[kept.get(0, slice(None))])
 
