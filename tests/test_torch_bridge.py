@@ -190,22 +190,6 @@ def test_narrow_refuses_a_module_whose_code_fixes_the_attention_width(exported, 
         narrow(vit_tiny(), report)
 
 
-@pytest.mark.accurate
-def test_narrow_carries_re_fitted_weights_over(exported, tmp_path):
-    """With the default pipeline the remaining weights are re-fitted: narrow copies them (folded
-    convs through their BatchNorm), so the module still equals the pruned model."""
-    from models.zoo import resnet_tiny_basic
-    from spa_compiler.torch import narrow
-
-    output = tmp_path / "pruned.onnx"
-    report = prune(exported("resnet_tiny_basic"), output, PruneConfig(flops=0.5, bench_runs=0, calibration_samples=32))
-    assert report.compensated > 0
-    module = narrow(resnet_tiny_basic(), report)
-    feeds = _feeds(output, seed=5)
-    expected = ort.InferenceSession(str(output)).run(None, feeds)[0]
-    np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
-
-
 def test_narrow_an_untrained_model_whose_folded_biases_are_all_zero(tmp_path):
     """An untrained digits ResNet (BatchNorm at its defaults: every folded bias is zero, so no
     bias can be matched by value) narrows exactly, ready to be trained from scratch."""
