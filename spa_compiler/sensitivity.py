@@ -32,10 +32,21 @@ from .secondorder import compensate_layer
 from .state import PruneState
 from .verify import session_for
 
-__all__ = ["MeasureSensitivity", "convex_increments"]
+__all__ = ["MeasureSensitivity", "convex_increments", "samples_for"]
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the units a group may lose, at which it is measured
-SAMPLES = 32
+SAMPLES = 32  # calibration samples a measurement runs, at most ...
+LEAST_SAMPLES = 8  # ... and at least
+OUTPUT_VALUES = 2**18  # output values a measurement should see, when samples allow
+
+
+def samples_for(output_values_per_sample: int, available: int, most: int = SAMPLES) -> int:
+    """Samples per measurement: enough for ``OUTPUT_VALUES`` output values, between
+    ``LEAST_SAMPLES`` and ``most``. A distortion over dense outputs (a detector's score map,
+    a recogniser's per-position class scores) averages over many values per sample and needs
+    fewer samples than a classifier's few scores; each measurement runs the whole network."""
+    wanted = -(-OUTPUT_VALUES // max(output_values_per_sample, 1))
+    return max(1, min(available, most, max(LEAST_SAMPLES, wanted)))
 
 
 def convex_increments(counts: np.ndarray, distortions: np.ndarray, total: int) -> np.ndarray:
@@ -82,7 +93,9 @@ class MeasureSensitivity(Pass):
         overridable = {analysis.axes[a].tensor for a in analysis.tags.get("consumer", [])}
         overridable |= {s.layer.bias for s in layers.values() if s.layer.bias}
         session = session_for(with_weight_inputs(graph.model, overridable))
-        feeds = {name: array[: self.samples] for name, array in state.calibration_data.items()}
+        per_sample = sum(int(np.prod(graph.shapes[name][1:])) for name in graph.outputs if name in graph.shapes)
+        count = samples_for(per_sample, len(next(iter(state.calibration_data.values()))), self.samples)
+        feeds = {name: array[:count] for name, array in state.calibration_data.items()}
         batch = 1 if fixed_batch(graph) else len(next(iter(feeds.values())))
 
         def outputs(weights: dict[str, np.ndarray]) -> list[np.ndarray]:

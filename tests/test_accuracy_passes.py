@@ -12,6 +12,7 @@ import pytest
 from spa_compiler import InputError, Pipeline, PruneConfig, PruneState, default_passes, load_model, prune
 from spa_compiler.calibrate import ConsumerLayer, PairedStatistics
 from spa_compiler.refit import refit_layer
+from spa_compiler.sensitivity import samples_for
 from spa_compiler.report import fidelity_warning
 from spa_compiler.rewrite import removed_indices
 from spa_compiler.sensitivity import convex_increments
@@ -28,6 +29,13 @@ def test_convex_increments_follow_the_lower_hull():
     increments = convex_increments(counts, distortions, 14)
     np.testing.assert_allclose(increments, [0.1875] * 8 + [0.875] * 6, rtol=1e-12)
     assert increments[:12].sum() == pytest.approx(5.0)
+
+
+def test_sensitivity_samples_follow_the_output_size():
+    assert samples_for(1000, available=128) == 32  # a classifier: as many as allowed
+    assert samples_for(1 * 320 * 320, available=128) == 8  # a detector's score map: the least
+    assert samples_for(32 * 384, available=128) == 22  # token embeddings: 2**18 values
+    assert samples_for(1000, available=5) == 5
 
 
 def test_refit_layer_is_the_ridge_least_squares_solution():
