@@ -44,8 +44,10 @@ from .verify import session_for
 __all__ = [
     "ConsumerLayer",
     "LayerStatistics",
-    "PairedStatistics",
-    "PairedRunner",
+    "batches",
+    "exposing",
+    "feature_width",
+    "sample_rows",
     "with_weight_inputs",
     "fixed_batch",
     "layer_features",
@@ -127,32 +129,6 @@ class LayerStatistics:
             scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
             cache[key] = np.linalg.inv(hessian + damping * scale * np.eye(len(hessian)))
         return cache[key]
-
-
-@dataclass
-class PairedStatistics:
-    """What re-fitting a layer on a pruned network's inputs toward the original outputs needs:
-    ``gram = Σ x̃ x̃ᵀ`` over the pruned input's features and ``cross = Σ x̃ xᵀ`` against the
-    original input's features at the same positions, both with a trailing constant 1. They are
-    kept in two folds (``gram[f]``, ``cross[f]``: the rows of alternate batches of samples), so
-    a re-fit can be checked on rows it was not fitted to."""
-
-    layer: ConsumerLayer
-    gram: np.ndarray  # [2, pruned features + 1, pruned features + 1]
-    cross: np.ndarray  # [2, pruned features + 1, features + 1]
-
-    @classmethod
-    def empty(cls, layer: ConsumerLayer, pruned_width: int, width: int) -> "PairedStatistics":
-        """Zero sums for ``pruned_width`` and ``width`` features (without the constant 1)."""
-        return cls(layer, np.zeros((2, pruned_width + 1, pruned_width + 1)), np.zeros((2, pruned_width + 1, width + 1)))
-
-    def add(self, pruned: np.ndarray, original: np.ndarray, fold: int = 0) -> None:
-        """Fold in one batch of rows: products in float32 (twice as fast; one batch's sums are
-        well within its precision), accumulated in float64."""
-        ones = np.ones((len(pruned), 1), dtype=np.float32)
-        pruned = np.hstack([pruned.astype(np.float32), ones])
-        self.gram[fold] += pruned.T @ pruned
-        self.cross[fold] += pruned.T @ np.hstack([original.astype(np.float32), ones])
 
 
 def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
@@ -270,7 +246,7 @@ def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
     return begin + end
 
 
-def _sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray | None:
+def sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray | None:
     """At most ``max_rows`` of the layer's feature rows (patch positions or tokens) of the batch
     ``x``, a seeded random sorted subset; None for all."""
     if layer.patches:
@@ -291,11 +267,11 @@ def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.n
     return flat if rows is None else flat[rows]
 
 
-def _feature_width(layer: ConsumerLayer, shape: tuple[int, ...]) -> int:
+def feature_width(layer: ConsumerLayer, shape: tuple[int, ...]) -> int:
     return shape[layer.channel_axis] * layer.features_per_channel
 
 
-def _batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+def batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
     total = len(next(iter(arrays.values())))
     for start in range(0, total, size):
         yield {name: a[start:start + size] for name, a in arrays.items()}
@@ -333,7 +309,7 @@ def _fixed_batch(graph: Graph, name: str) -> bool:
     return bool(dims) and dims[0].HasField("dim_value")
 
 
-def _exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
@@ -361,21 +337,21 @@ def collect_statistics(
     shards covering every batch add up (:func:`add_statistics`) to those of one run over all."""
     activations = sorted({layer.activation for layer in layers})
     batch_size = statistics_batch_size(graph, batch_size)
-    session = session_for(_exposing(graph.model, activations), optimize=False)
+    session = session_for(exposing(graph.model, activations), optimize=False)
     stats = {}
     for layer in layers:
-        width = _feature_width(layer, graph.shapes[layer.activation])
+        width = feature_width(layer, graph.shapes[layer.activation])
         stats[layer.node] = LayerStatistics(layer, np.zeros((width + 1, width + 1)))
     total = len(next(iter(data.values())))
-    batches = total_batches or -(-total // batch_size)
+    batch_count = total_batches or -(-total // batch_size)
     done = 0
-    for index, feeds in enumerate(_batches(data, batch_size), start=first_batch):
+    for index, feeds in enumerate(batches(data, batch_size), start=first_batch):
         rng = np.random.default_rng([seed, index])
         values = dict(zip(activations, session.run(activations, feeds)))
         for layer in layers:
-            budget = -(-min(ROWS_PER_FEATURE * len(stats[layer.node].hessian), MAX_ROWS) // batches)
+            budget = -(-min(ROWS_PER_FEATURE * len(stats[layer.node].hessian), MAX_ROWS) // batch_count)
             x = values[layer.activation]
-            stats[layer.node].add(layer_features(layer, graph, x, _sample_rows(layer, graph, x, rng, budget)))
+            stats[layer.node].add(layer_features(layer, graph, x, sample_rows(layer, graph, x, rng, budget)))
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, total)
@@ -411,53 +387,3 @@ def with_weight_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelPro
         if tensor.name in names and tensor.name not in declared:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return probe
-
-
-class PairedRunner:
-    """The original model and a pruned one (same tensor names, fewer channels) run side by side
-    on the same inputs. The pruned model's ``weights`` are graph inputs, so each run may give
-    them new values; onnxruntime computes only what the requested activations need."""
-
-    def __init__(self, graph: Graph, pruned: onnx.ModelProto, layers: list[ConsumerLayer], weights: set[str]) -> None:
-        self.graph = graph
-        activations = sorted({layer.activation for layer in layers})
-        self.original = session_for(_exposing(graph.model, activations))
-        self.pruned = session_for(with_weight_inputs(_exposing(pruned, activations), weights))
-        self.batch_size = 1 if fixed_batch(graph) else None
-
-    def statistics(
-        self,
-        layers: list[ConsumerLayer],
-        data: dict[str, np.ndarray],
-        weights: dict[str, np.ndarray],
-        batch_size: int = 16,
-        seed: int = 0,
-        rows_per_feature: int = ROWS_PER_FEATURE,
-    ) -> dict[str, PairedStatistics]:
-        """Every layer's :class:`PairedStatistics`, the rows of both models taken at the same
-        positions (at most ``rows_per_feature`` per feature in all); the pruned model runs with
-        ``weights``. A layer whose rows the pruning changed (its input lost elements on an axis
-        other than the features') has none."""
-        graph = self.graph
-        activations = sorted({layer.activation for layer in layers})
-        total = len(next(iter(data.values())))
-        batch_size = self.batch_size or min(batch_size, max(1, -(-total // 2)))  # two batches at least: two folds
-        stats: dict[str, PairedStatistics] = {}
-        rng = np.random.default_rng(seed)
-        batches = -(-total // batch_size)
-        for index, feeds in enumerate(_batches(data, batch_size)):
-            original = dict(zip(activations, self.original.run(activations, feeds)))
-            narrowed = dict(zip(activations, self.pruned.run(activations, {**feeds, **weights})))
-            for layer in layers:
-                x, x_pruned = original[layer.activation], narrowed[layer.activation]
-                if np.delete(x.shape, layer.channel_axis).tolist() != np.delete(x_pruned.shape, layer.channel_axis).tolist():
-                    continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
-                width = _feature_width(layer, x.shape)
-                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batches)
-                taken = _sample_rows(layer, graph, x, rng, budget)
-                if layer.node not in stats:
-                    stats[layer.node] = PairedStatistics.empty(layer, _feature_width(layer, x_pruned.shape), width)
-                stats[layer.node].add(
-                    layer_features(layer, graph, x_pruned, taken), layer_features(layer, graph, x, taken), index % 2
-                )
-        return stats

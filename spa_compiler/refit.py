@@ -40,7 +40,8 @@ from collections import Counter
 
 import numpy as np
 
-from .calibrate import ConsumerLayer, PairedRunner, PairedStatistics
+from .calibrate import ConsumerLayer
+from .paired import PairedRunner, PairedStatistics
 from .pipeline import Pass
 from .rewrite import rewrite_model, slice_constant
 from .secondorder import augmented, feature_columns

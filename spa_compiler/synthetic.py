@@ -51,7 +51,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import _exposing, conv_patches
+from .calibrate import conv_patches, exposing
 from .ir import Graph, Node
 from .verify import session_for
 
@@ -389,7 +389,7 @@ def _image_input(
     alternating = np.stack([naturals, texts], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
     families = {"natural": naturals, "text": texts, "natural and text": alternating}
     pair = _first_batchnorm(graph, name) if layout == "NCHW" else None
-    session = session_for(_exposing(graph.model, sorted({n.inputs[0] for n in batchnorms})), optimize=False)
+    session = session_for(exposing(graph.model, sorted({n.inputs[0] for n in batchnorms})), optimize=False)
     scored = []
     for content, pictures in families.items():
         for inverted in (False, True):

@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from spa_compiler import InputError, Pipeline, PruneConfig, PruneState, default_passes, load_model, prune
-from spa_compiler.calibrate import ConsumerLayer, PairedStatistics
+from spa_compiler.calibrate import ConsumerLayer
+from spa_compiler.paired import PairedStatistics
 from spa_compiler.refit import refit_layer
 from spa_compiler.sensitivity import samples_for
 from spa_compiler.report import fidelity_warning
