@@ -36,6 +36,7 @@ import onnx
 import onnxruntime as ort
 
 from .analysis import Analysis
+from .quantized import with_float_weights
 from .errors import InputError
 from .ir import Graph, Node, synthetic_inputs
 from .ops import WeightView, get_rule
@@ -379,9 +380,11 @@ def add_statistics(parts: list[dict[str, LayerStatistics]]) -> dict[str, LayerSt
 
 def with_weight_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers ``names`` are also graph inputs: onnxruntime then
-    takes new values for them with every run, so changed weights need no new session."""
+    takes new values for them with every run, so changed weights need no new session. A QDQ
+    weight among ``names`` becomes a float initializer for that."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    with_float_weights(probe, names)
     declared = {i.name for i in probe.graph.input}
     for tensor in probe.graph.initializer:
         if tensor.name in names and tensor.name not in declared:

@@ -72,16 +72,16 @@ class ScoreContext:
     ) -> np.ndarray:
         """Sum, over the group's constant axes tagged ``tag``, of ``per_index(slabs)`` per unit.
 
-        For a tagged axis k of constant W, ``slabs`` is W with axis k moved first and the rest
+        For a tagged axis k of constant W (dequantized when stored as integers), ``slabs`` is W with axis k moved first and the rest
         flattened (``[size_k, -1]``); ``per_index`` returns one number per index of axis k, and a
         unit's score adds those of all the indices it occupies.
         """
         totals = np.zeros(len(group.units))
-        constants = self.analysis.graph.constants
+        graph = self.analysis.graph
         by_axis = group.by_axis()
         for axis_id in self.analysis.tagged(group, tag):
             ref = self.analysis.axes[axis_id]
-            slabs = np.moveaxis(constants[ref.tensor], ref.axis, 0).reshape(ref.size, -1)
+            slabs = np.moveaxis(graph.float_value(ref.tensor), ref.axis, 0).reshape(ref.size, -1)
             values = np.asarray(per_index(slabs.astype(np.float64)), dtype=np.float64)
             units, indices = by_axis[axis_id]
             totals += np.bincount(units, weights=values[indices], minlength=len(group.units))

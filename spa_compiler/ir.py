@@ -23,6 +23,7 @@ import onnxruntime
 from onnx import helper, numpy_helper
 
 from .errors import InputError, ModelError, OutputError, UnsupportedModelError
+from .quantized import FOLD_EXCLUDED, QuantizedWeight, dequantized_weights, integer_weights, unsupported_quantization
 from .subgraphs import (
     all_initializers, attribute_subgraphs, boundary_names, flattenable, hoist_initializers, inner_value_infos,
 )
@@ -48,10 +49,6 @@ onnxruntime.set_default_logger_severity(3)
 
 MIN_OPSET = 9
 MAX_OPSET = 23
-_QUANTIZED_OPS = {
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm", "QAttention",
-}
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold a model over 2 GiB
 
@@ -89,7 +86,10 @@ class Graph:
     """A folded ONNX model with concrete shapes for every tensor.
 
     ``model`` is the folded ModelProto the rewriter edits; ``constants`` maps initializer names
-    (of every scope) to arrays; ``shapes`` holds concrete shapes with dynamic dimensions bound.
+    (of every scope) to arrays, and the outputs of ``DequantizeLinear`` nodes of constants (QDQ
+    weights) to their float values, ``quantized`` says how those are stored, ``integer_weights``
+    how the integer weights of ``MatMulInteger``/``ConvInteger`` read as floats
+    (:mod:`spa_compiler.quantized`); ``shapes`` holds concrete shapes with dynamic dimensions bound.
     ``nodes`` lists the nodes inside control-flow subgraphs too, just before their owner, when
     no name repeats across scopes (:mod:`spa_compiler.subgraphs`).
     """
@@ -105,6 +105,7 @@ class Graph:
     opset: int
     source: Path | None = None
     uses_external_data: bool = False
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.producer: dict[str, Node] = {}
@@ -117,12 +118,20 @@ class Graph:
                 if name:
                     self.consumers.setdefault(name, []).append(node)
         self.node_by_name = {node.name: node for node in self.nodes}
+        self.integer_weights = integer_weights(self)
 
     def is_constant(self, name: str) -> bool:
         return name in self.constants
 
     def rank(self, name: str) -> int:
         return len(self.shapes[name])
+
+    def float_value(self, name: str) -> np.ndarray:
+        """A constant's value as the model computes with it: an integer weight of an integer
+        op dequantized, any other constant as it is."""
+        weight = self.integer_weights.get(name)
+        return weight.dequantize(self.constants[name]) if weight is not None else self.constants[name]
+
 
 
 def check_input_path(path: Path) -> None:
@@ -192,12 +201,9 @@ def _reject_unsupported(model: onnx.ModelProto, path: Path) -> int:
             f"{path} uses opset {opset}; spa-prune reads opsets {MIN_OPSET} to {MAX_OPSET}: "
             f"re-export it with opset {MAX_OPSET} or lower"
         )
-    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
-    if quantized:
-        raise UnsupportedModelError(
-            f"{path} is a quantized model ({', '.join(quantized)}); "
-            "prune the float model first and quantize the pruned result"
-        )
+    reason = unsupported_quantization(model)
+    if reason:
+        raise UnsupportedModelError(f"{path} is a quantized model: {reason}")
     return opset
 
 
@@ -224,7 +230,9 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         log.debug("shape inference before folding failed: %s", exc)
     graph = gs.import_onnx(model)
-    graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False)  # its If flattening can break models
+    graph.fold_constants(  # its If flattening can break models; quantized weights stay quantized
+        fold_shapes=True, error_ok=True, flatten_subgraphs=False, should_exclude_node=lambda n: n.op in FOLD_EXCLUDED
+    )
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     folded = gs.export_onnx(graph, do_type_check=False)
     folded.ir_version = model.ir_version
@@ -486,6 +494,8 @@ def load_model(
     constants = {t.name: numpy_helper.to_array(t) for t in all_initializers(model.graph)}
     dtypes.update({t.name: t.data_type for t in all_initializers(model.graph)})
     shapes, dtypes = _infer_shapes(model, bound, dtypes)
+    dequantized = dequantized_weights(model, constants)
+    constants.update({name: value for name, (_, value) in dequantized.items()})
     nodes = [_decode_node(n, i) for i, n in enumerate(model.graph.node)]
     _name_unnamed_nodes(model.graph.node, nodes)
     if any(node.boundary for node in nodes) and flattenable(model):
@@ -502,6 +512,7 @@ def load_model(
         opset=opset,
         source=path,
         uses_external_data=uses_external,
+        quantized={name: weight for name, (weight, _) in dequantized.items()},
     )
 
 

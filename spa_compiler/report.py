@@ -122,17 +122,21 @@ def _file_size(path: Path) -> int:
 
 
 def initializer_changes(state: PruneState) -> list[InitializerChange]:
-    """Every initializer that lost indices or was re-fitted, with the indices kept per axis."""
+    """Every initializer that lost indices or was re-fitted, with the indices kept per axis (a
+    QDQ weight re-fitted is reported by its quantized initializer)."""
     analysis, changes = state.analysis, []
+    refitted = {state.graph.quantized[n].storage if n in state.graph.quantized else n for n in state.compensated}
     for name, value in state.graph.constants.items():
+        if name in state.graph.quantized:
+            continue  # not an initializer: the float value of one
         kept = {}
         for axis, size in enumerate(value.shape):
             axis_id = analysis.axis_id(name, axis)
             gone = state.removed_by_axis.get(axis_id) if axis_id is not None else None
             if gone is not None and gone.size:
                 kept[axis] = np.setdiff1d(np.arange(size), gone).tolist()
-        if kept or name in state.compensated:
-            changes.append(InitializerChange(name, list(value.shape), kept, name in state.compensated))
+        if kept or name in refitted:
+            changes.append(InitializerChange(name, list(value.shape), kept, name in refitted))
     return changes
 
 

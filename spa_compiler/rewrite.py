@@ -19,6 +19,7 @@ from .analysis import Analysis
 from .errors import VerificationError
 from .ir import Node
 from .ops import get_rule
+from .quantized import requantize
 from .subgraphs import all_initializers, subgraphs_of, walk_nodes
 
 __all__ = ["removed_indices", "rewrite_model", "expected_shapes", "slice_constant"]
@@ -208,8 +209,9 @@ def rewrite_model(
     analysis: Analysis, removed_by_axis: dict[int, np.ndarray], replaced: dict[str, np.ndarray] | None = None
 ) -> onnx.ModelProto:
     """The pruned model, given the sorted indices leaving each axis. ``replaced`` gives new values
-    (before slicing) for some constants, e.g. compensated weights."""
-    rewriter = _ProtoRewriter(analysis, removed_by_axis, replaced or {})
+    (before slicing) for some constants, e.g. compensated weights; a quantized weight's new value
+    is quantized again with its original scale and zero point (lossy)."""
+    rewriter = _ProtoRewriter(analysis, removed_by_axis, requantize(analysis.graph, replaced or {}))
     rewriter.slice_constants()
     rewriter.rewrite_nodes()
     return rewriter.finish()

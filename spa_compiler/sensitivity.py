@@ -27,6 +27,7 @@ import numpy as np
 from .analysis import Group
 from .calibrate import LayerStatistics, fixed_batch, with_weight_inputs
 from .pipeline import Pass
+from .quantized import zero_slabs
 from .rewrite import removed_indices
 from .secondorder import compensate_layer
 from .state import PruneState
@@ -147,6 +148,6 @@ class MeasureSensitivity(Pass):
             elif axis in set(state.analysis.tags.get("consumer", [])):
                 ref = state.analysis.axes[axis]
                 value = weights.get(ref.tensor, constants[ref.tensor]).copy()
-                np.moveaxis(value, ref.axis, 0)[channels] = 0
+                zero_slabs(state.graph, ref.tensor, value, ref.axis, channels)
                 weights[ref.tensor] = value
         return {name: value.astype(constants[name].dtype) for name, value in weights.items()}

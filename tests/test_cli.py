@@ -317,20 +317,20 @@ def test_nothing_prunable(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("kind", ["qdq", "qlinearconv"])
-def test_quantized_model(tmp_path, kind):
-    if kind == "qdq":
+@pytest.mark.parametrize("kind", ["blockwise", "qlinearconv"])
+def test_quantized_model_not_understood(tmp_path, kind):
+    if kind == "blockwise":
+        rng = np.random.default_rng(0)
         nodes = [
-            helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="quant"),
-            helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"], name="dequant"),
-            helper.make_node("Conv", ["dq", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W1"], name="dequant", axis=1, block_size=8),
+            helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
             helper.make_node("Conv", ["r1", "W2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
         ]
-        inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-                 numpy_helper.from_array(np.array(0, np.uint8), "zp"),
-                 weight("W1", 16, 3, 3, 3), weight("W2", 4, 16, 3, 3)]
-        model = make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", [1, 4, 8, 8])], inits, 13)
+        inits = [numpy_helper.from_array(rng.integers(-100, 100, (16, 16, 3, 3)).astype(np.int8), "Wq"),
+                 numpy_helper.from_array(np.full((16, 2, 3, 3), 0.01, np.float32), "Ws"),
+                 weight("W2", 4, 16, 3, 3)]
+        model = make_model(nodes, [tensor("x", [1, 16, 8, 8])], [tensor("y", [1, 4, 8, 8])], inits, 21)
     else:
         rng = np.random.default_rng(0)
         nodes = [helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"],
@@ -348,7 +348,8 @@ def test_quantized_model(tmp_path, kind):
     save(model, tmp_path / "q.onnx")
     before = snapshot(tmp_path)
     result = run_cli(tmp_path, "q.onnx", "--flops", "0.5", "--bench-runs", "0", "-o", "out.onnx")
-    assert_one_line_error(result, r"quantized")
+    assert_one_line_error(result, r"quantized model: its (DequantizeLinear node 'dequant' quantizes block-wise|"
+                                  r"QLinearConv node 'qconv' is in the QOperator format)")
     assert snapshot(tmp_path) == before
 
 

@@ -211,17 +211,17 @@ def test_load_errors(tmp_path):
         load_model(tmp_path / "half.onnx")
 
 
-def test_load_quantized_and_old_opset_are_unsupported(tmp_path):
+def test_load_qoperator_quantized_and_old_opset_are_unsupported(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
-    qdq = small_model(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-        [x], [y],
-        [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")],
+    q = helper.make_tensor_value_info("q", TensorProto.UINT8, [4, 4])
+    params = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    qoperator = small_model(
+        [helper.make_node("QLinearMatMul", ["q", "s", "z", "q", "s", "z", "s", "z"], ["qy"], name="qmm")],
+        [q], [helper.make_tensor_value_info("qy", TensorProto.UINT8, [4, 4])], params,
     )
-    onnx.save(qdq, str(tmp_path / "q.onnx"))
-    with pytest.raises(UnsupportedModelError, match="quantized"):
+    onnx.save(qoperator, str(tmp_path / "q.onnx"))
+    with pytest.raises(UnsupportedModelError, match="quantized model: its QLinearMatMul node 'qmm'"):
         load_model(tmp_path / "q.onnx")
     old = small_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=8)
     onnx.save(old, str(tmp_path / "old.onnx"))

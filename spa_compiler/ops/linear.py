@@ -58,14 +58,17 @@ def _tag_weight(c: Coupler, w: str, out_axis: int | None, in_axis: int) -> None:
 
 
 class _ConvBase(OpRule):
-    """What Conv and ConvTranspose share: batch, bias, weight tags and the ``group`` rewrite."""
+    """What Conv and ConvTranspose share: batch, bias, weight tags and the ``group`` rewrite.
+    ``bias_slot``: the input holding the bias (None: the op has none)."""
+
+    bias_slot: int | None = 2
 
     def couple(self, node: "Node", c: Coupler) -> None:
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
         groups = int(node.attr("group", 1))
         c.couple(x, 0, y, 0)
         self._couple_channels(c, x, w, y, groups)
-        bias = input_at(node, 2)
+        bias = input_at(node, self.bias_slot) if self.bias_slot is not None else ""
         if bias:
             c.couple(bias, 0, y, 1)
         c.tag(w, 0, "weight")

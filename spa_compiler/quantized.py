@@ -1,0 +1,250 @@
+"""Quantized weights: reading them as floats, writing re-fitted floats back quantized.
+
+Two formats made by ``onnxruntime.quantization`` are understood:
+
+* **QDQ** (``quantize_static`` with ``QuantFormat.QDQ``): a weight is stored as an integer
+  initializer ``q`` read by ``DequantizeLinear(q, scale, zero_point, axis)``, whose output
+  ``w = (q - zero_point) * scale`` (scale and zero point per tensor, or per index of ``axis``) is
+  what the Conv/Gemm/MatMul reads. Loading keeps that node (folding would turn the weight into
+  floats) and gives its output ``w`` a float value among the graph's constants: the op rules,
+  criteria, statistics and re-fit then see an ordinary float weight, while the rewriter slices
+  ``q``, ``scale`` and ``zero_point`` and leaves the node in place.
+* **Dynamic** (``quantize_dynamic``): ``MatMulInteger``/``ConvInteger`` read the integer weight
+  ``q`` directly, with its zero point as an input; its scale multiplies the integer product
+  later (``Cast -> Mul(scale_x * scale_w)``). Criteria read ``(q - zero_point) * scale`` through
+  :meth:`QuantizedWeight.dequantize`.
+
+A re-fitted float weight is written back by :meth:`QuantizedWeight.quantize` with its original
+scale and zero point: ``q = saturate(round(w / scale) + zero_point)``. That is lossy (rounding
+to the existing grid, clipping to its range), where slicing alone is exact.
+
+Formats this module does not understand (the QOperator ops such as ``QLinearConv``,
+block-wise quantization, 4-bit and float-8 types, contrib-domain Q/DQ) are refused at load by
+:func:`unsupported_quantization`, naming the op.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+if TYPE_CHECKING:
+    from .ir import Graph
+
+__all__ = [
+    "QuantizedWeight",
+    "FOLD_EXCLUDED",
+    "unsupported_quantization",
+    "dequantized_weights",
+    "integer_weights",
+    "requantize",
+    "with_float_weights",
+    "zero_slabs",
+]
+
+log = logging.getLogger(__name__)
+
+FOLD_EXCLUDED = frozenset({"DequantizeLinear"})  # folding one would store its weight as floats
+_QOPERATOR_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QGemm", "QAttention",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool",
+    "QLinearConcat", "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere", "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat", "MatMulNBits", "QOrderedMatMul", "DynamicQuantizeLSTM", "QEmbedLayerNormalization",
+})
+_STORAGE_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32)
+_INTEGER_OPS = {"MatMulInteger": 3, "ConvInteger": 3}  # op -> slot of the weight's zero point
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A float weight stored as integers: ``w = (q - zero_point) * scale``.
+
+    ``storage`` names the integer initializer ``q``; ``scale`` and ``zero_point`` hold one value
+    (per tensor) or one per index of ``axis`` of ``q`` (per channel); ``scale`` is None when it
+    could not be found (a dynamic weight whose rescaling is not the usual ``Cast -> Mul``), and
+    the weight then reads as ``q - zero_point``.
+    """
+
+    storage: str
+    scale: np.ndarray | None
+    zero_point: np.ndarray
+    axis: int | None
+
+    def _along(self, param: np.ndarray, rank: int) -> np.ndarray:
+        if self.axis is None or param.size == 1:
+            return param.reshape(())
+        shape = [1] * rank
+        shape[self.axis] = param.size
+        return param.reshape(shape)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """``(q - zero_point) * scale`` as float32."""
+        centred = q.astype(np.float64) - self._along(self.zero_point.astype(np.float64), q.ndim)
+        if self.scale is not None:
+            centred = centred * self._along(self.scale.astype(np.float64), q.ndim)
+        return centred.astype(np.float32)
+
+    def quantize(self, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """``saturate(round(w / scale) + zero_point)`` in ``dtype`` (round half to even, as
+        ``QuantizeLinear`` does)."""
+        if self.scale is None:
+            raise ValueError(f"the scale of quantized weight '{self.storage}' is unknown")
+        scale = self._along(self.scale.astype(np.float64), w.ndim)
+        values = np.rint(w.astype(np.float64) / scale) + self._along(self.zero_point.astype(np.float64), w.ndim)
+        info = np.iinfo(dtype)
+        return np.clip(values, info.min, info.max).astype(dtype)
+
+    def zero(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The stored value of a zero weight at every position: the zero point."""
+        return np.broadcast_to(self._along(self.zero_point, len(shape)), shape).astype(dtype)
+
+
+def _attr(node: onnx.NodeProto, key: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == key:
+            return int(onnx.helper.get_attribute_value(attribute))
+    return default
+
+
+def unsupported_quantization(model: onnx.ModelProto) -> str | None:
+    """Why this model's quantization cannot be pruned (one sentence naming the op), or None."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in _QOPERATOR_OPS:
+            return (f"its {node.op_type} node '{node.name}' is in the QOperator format, which spa-prune does not "
+                    "rewrite; quantize the float model with QuantFormat.QDQ (or prune it before quantizing)")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") \
+                and node.domain not in ("", "ai.onnx"):
+            return (f"its {node.domain}::{node.op_type} node '{node.name}' (a contrib-domain quantizer, e.g. "
+                    "16-bit) is not understood; quantize with the standard ONNX ops")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and _attr(node, "block_size", 0):
+            return (f"its {node.op_type} node '{node.name}' quantizes block-wise, which spa-prune does not "
+                    "rewrite; use per-tensor or per-channel quantization")
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
+                and initializers[node.input[0]].data_type not in _STORAGE_TYPES:
+            kind = onnx.TensorProto.DataType.Name(initializers[node.input[0]].data_type)
+            return (f"its DequantizeLinear node '{node.name}' reads {kind} weights; spa-prune rewrites "
+                    "int8, uint8 and int32 quantized weights")
+    return None
+
+
+def _dequantizer(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> QuantizedWeight | None:
+    """How a ``DequantizeLinear`` of constants reads its input, or None when its input or
+    parameters are computed. The zero point defaults to 0 in the stored type."""
+    names = list(node.input) + ["", ""]
+    stored, scale = constants.get(names[0]), constants.get(names[1])
+    if stored is None or scale is None or (names[2] and names[2] not in constants):
+        return None
+    zero_point = constants[names[2]] if names[2] else np.zeros((), stored.dtype)
+    axis = _attr(node, "axis", 1) % max(stored.ndim, 1) if scale.size > 1 else None
+    return QuantizedWeight(names[0], scale, zero_point, axis)
+
+
+def dequantized_weights(
+    model: onnx.ModelProto, constants: dict[str, np.ndarray]
+) -> dict[str, tuple[QuantizedWeight, np.ndarray]]:
+    """For each ``DequantizeLinear`` of a constant (a QDQ weight or bias): its output's name ->
+    (how it is stored, its float value)."""
+    found = {}
+    for node in model.graph.node:
+        weight = _dequantizer(node, constants) if node.op_type == "DequantizeLinear" else None
+        if weight is not None:
+            found[node.output[0]] = (weight, weight.dequantize(constants[weight.storage]))
+    return found
+
+
+def _scale_of_integer_product(graph: "Graph", output: str) -> np.ndarray | None:
+    """The weight's scale in the rescaling ``quantize_dynamic`` writes after an integer product:
+    ``Cast(product) * S`` with ``S`` the weight's scale, or ``scale_x * scale_w``."""
+    readers = graph.consumers.get(output, [])
+    if len(readers) != 1 or readers[0].op_type != "Cast":
+        return None
+    cast_output = readers[0].outputs[0]
+    readers = graph.consumers.get(cast_output, [])
+    if len(readers) != 1 or readers[0].op_type != "Mul":
+        return None
+    for name in (n for n in readers[0].inputs if n != cast_output):
+        if graph.is_constant(name):
+            return graph.constants[name]
+        producer = graph.producer.get(name)
+        if producer is not None and producer.op_type == "Mul":
+            constant = [graph.constants[i] for i in producer.inputs if graph.is_constant(i)]
+            if len(constant) == 1:
+                return constant[0]
+    return None
+
+
+def integer_weights(graph: "Graph") -> dict[str, QuantizedWeight]:
+    """The constant integer weights read by ``MatMulInteger``/``ConvInteger`` (dynamic
+    quantization), by initializer name, with their zero points and (when found) scales."""
+    found = {}
+    for node in graph.nodes:
+        zp_slot = _INTEGER_OPS.get(node.op_type)
+        if zp_slot is None or node.domain not in ("", "ai.onnx") or not graph.is_constant(node.inputs[1]):
+            continue
+        name = node.inputs[1]
+        stored = graph.constants[name]
+        zp_name = node.inputs[zp_slot] if len(node.inputs) > zp_slot else ""
+        zero_point = graph.constants.get(zp_name, np.zeros((), stored.dtype)) if zp_name else np.zeros((), stored.dtype)
+        scale = _scale_of_integer_product(graph, node.outputs[0])
+        if scale is None:
+            log.debug("scale of integer weight '%s' not found: criteria read q - zero_point", name)
+        per_channel = zero_point.size > 1 or (scale is not None and scale.size > 1)
+        axis = (stored.ndim - 1 if node.op_type == "MatMulInteger" else 0) if per_channel else None
+        found[name] = QuantizedWeight(name, scale, zero_point, axis)
+    return found
+
+
+def requantize(graph: "Graph", values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``values`` (new float values of constants, e.g. re-fitted weights) with every QDQ weight's
+    value replaced by its quantized storage, at the original scale and zero point (lossy)."""
+    result = {}
+    for name, value in values.items():
+        weight = graph.quantized.get(name)
+        if weight is None:
+            result[name] = value
+            continue
+        stored = graph.constants[weight.storage]
+        result[weight.storage] = weight.quantize(value, stored.dtype)
+        info = np.iinfo(stored.dtype)
+        saturated = int(np.count_nonzero((result[weight.storage] == info.min) | (result[weight.storage] == info.max))
+                        - np.count_nonzero((stored == info.min) | (stored == info.max)))
+        if saturated > 0:
+            log.warning("re-fitted weight '%s': %d more values saturate its quantization range", name, saturated)
+    return result
+
+
+def with_float_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """``model`` with the ``DequantizeLinear`` nodes writing ``names`` replaced by float
+    initializers of their values, so that a session can be fed new float values for them (the
+    statistics and re-fit passes). Edits ``model`` in place and returns it."""
+    names = set(names)
+    initializers = {t.name: t for t in model.graph.initializer}
+    kept, added = [], []
+    for node in model.graph.node:
+        weight = None
+        if node.op_type == "DequantizeLinear" and node.output[0] in names:
+            constants = {i: numpy_helper.to_array(initializers[i]) for i in node.input if i in initializers}
+            weight = _dequantizer(node, constants)
+        if weight is None:
+            kept.append(node)
+        else:
+            added.append(numpy_helper.from_array(weight.dequantize(constants[weight.storage]), node.output[0]))
+    if added:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        model.graph.initializer.extend(added)
+    return model
+
+
+def zero_slabs(graph: "Graph", name: str, value: np.ndarray, axis: int, indices: np.ndarray) -> None:
+    """Make the weight slabs ``indices`` of ``axis`` of ``value`` (constant ``name``) read as
+    zero: 0 for a float weight, the zero point for an integer one. Edits ``value``."""
+    weight = graph.integer_weights.get(name)
+    zero = weight.zero(value.shape, value.dtype) if weight is not None else np.zeros(value.shape, value.dtype)
+    np.moveaxis(value, axis, 0)[indices] = np.moveaxis(zero, axis, 0)[indices]
