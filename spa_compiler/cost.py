@@ -99,13 +99,14 @@ class MACs(CostMetric):
 
 @register_metric("params")
 class Parameters(CostMetric):
-    label, description = "parameters", "elements of the floating-point constants"
+    label, description = "parameters", "elements of the floating-point constants and integer weights"
 
     def terms(self, analysis: Analysis) -> list[Term]:
         graph = analysis.graph
         terms = []
         for name, value in graph.constants.items():
-            if not np.issubdtype(value.dtype, np.floating) or name not in graph.consumers:
+            weight = np.issubdtype(value.dtype, np.floating) or name in graph.integer_weights
+            if not weight or name not in graph.consumers:
                 continue
             axes = [analysis.axis_index.get((name, k)) for k in range(value.ndim)]
             if any(a is None for a in axes):

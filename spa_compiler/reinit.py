@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .errors import InputError
 from .pipeline import Pass
 from .state import PruneState
 
@@ -102,5 +103,8 @@ class Reinitialise(Pass):
     name, description, requires, provides = "reinit", "initialising fresh weights", ("model",), ("model",)
 
     def run(self, state: PruneState) -> PruneState:
+        if state.graph is not None and (state.graph.quantized or state.graph.integer_weights):
+            raise InputError("--reinit writes fresh float weights to train, but this model is quantized; "
+                             "prune the float model with --reinit instead")
         state.model = fresh_weights(state.model, state.config.seed)
         return state

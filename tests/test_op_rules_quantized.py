@@ -163,7 +163,7 @@ def _dynamic_rescale(name: str, product: str, x_scale: str, w_scale: str) -> lis
     ]
 
 
-def test_dynamic_matmul_integer_exact(tmp_path):
+def _dynamic_matmul_model() -> onnx.ModelProto:
     """DynamicQuantizeLinear -> MatMulInteger with a per-column weight zero point and scale ->
     bias, Relu -> DynamicQuantizeLinear -> MatMulInteger with per-tensor parameters."""
     inits = {
@@ -181,7 +181,12 @@ def test_dynamic_matmul_integer_exact(tmp_path):
         helper.make_node("MatMulInteger", ["hq", "W2", "hz", "W2z"], ["p2"]),
         *_dynamic_rescale("y", "p2", "hs", "W2s"),
     ]
-    model = _model(nodes, [_float("x", (3, 6))], [_float("y", (3, 4))], inits)
+    return _model(nodes, [_float("x", (3, 6))], [_float("y", (3, 4))], inits)
+
+
+def test_dynamic_matmul_integer_exact(tmp_path):
+    model = _dynamic_matmul_model()
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     pruned = _assert_exact_quantized(tmp_path, model)
     assert _init(pruned, "W1").shape == (6, 6) and _init(pruned, "W1").dtype == np.int8
     assert _init(pruned, "W1z").shape == (6,) and _init(pruned, "W1s").shape == (6,)
@@ -191,11 +196,11 @@ def test_dynamic_matmul_integer_exact(tmp_path):
     np.testing.assert_allclose(graph.float_value("W1"), expected, rtol=1e-6)
 
 
-def test_dynamic_conv_integer_exact(tmp_path):
-    """DynamicQuantizeLinear -> ConvInteger (uint8 weights, per-filter zero point) -> Cast/Mul ->
-    bias -> Relu -> DynamicQuantizeLinear -> ConvInteger (per-tensor zero point)."""
+def _dynamic_conv_model(w1_zero: np.ndarray) -> onnx.ModelProto:
+    """DynamicQuantizeLinear -> ConvInteger (uint8 weights) -> Cast/Mul -> bias -> Relu ->
+    DynamicQuantizeLinear -> ConvInteger -> Cast/Mul."""
     inits = {
-        "W1": _rng(1).integers(0, 255, (8, 3, 3, 3)).astype(np.uint8), "W1z": np.array(128, np.uint8),
+        "W1": _rng(1).integers(0, 255, (8, 3, 3, 3)).astype(np.uint8), "W1z": w1_zero,
         "W1s": np.array(0.01, np.float32), "B1": _rng(2).standard_normal((1, 8, 1, 1)).astype(np.float32),
         "W2": _rng(3).integers(0, 255, (4, 8, 3, 3)).astype(np.uint8), "W2z": np.array(120, np.uint8),
         "W2s": np.array(0.02, np.float32),
@@ -210,10 +215,27 @@ def test_dynamic_conv_integer_exact(tmp_path):
         helper.make_node("ConvInteger", ["hq", "W2", "hz", "W2z"], ["p2"], pads=[1, 1, 1, 1]),
         *_dynamic_rescale("y", "p2", "hs", "W2s"),
     ]
-    model = _model(nodes, [_float("x", (1, 3, 5, 5))], [_float("y", (1, 4, 5, 5))], inits)
-    pruned = _assert_exact_quantized(tmp_path, model)
+    return _model(nodes, [_float("x", (1, 3, 5, 5))], [_float("y", (1, 4, 5, 5))], inits)
+
+
+def test_dynamic_conv_integer_exact(tmp_path):
+    """Per-tensor zero points: the only ones onnxruntime's ConvInteger runs."""
+    pruned = _assert_exact_quantized(tmp_path, _dynamic_conv_model(np.array(128, np.uint8)))
     assert _init(pruned, "W1").shape == (4, 3, 3, 3) and _init(pruned, "W1").dtype == np.uint8
     assert _init(pruned, "B1").shape == (1, 4, 1, 1) and _init(pruned, "W2").shape == (4, 4, 3, 3)
+    assert _init(pruned, "W1z").shape == ()
+
+
+def test_conv_integer_per_filter_zero_point_is_sliced_with_the_filters(tmp_path):
+    """The ONNX spec allows a zero point per output channel (onnxruntime does not run it, so
+    this checks the rewrite, not outputs)."""
+    zero = _rng(9).integers(100, 150, 8).astype(np.uint8)
+    onnx.save(_dynamic_conv_model(zero), str(tmp_path / "q.onnx"))
+    result = prune_graph(load_model(tmp_path / "q.onnx"), PruneConfig(ratio=0.5, round_to=1, verify=False))
+    pruned = rewrite_model(result.analysis, result.removed_by_axis)
+    kept = np.setdiff1d(np.arange(8), result.removed_by_axis[result.analysis.axis_id("W1", 0)])
+    np.testing.assert_array_equal(_init(pruned, "W1z"), zero[kept])
+    np.testing.assert_array_equal(_init(pruned, "W1"), _init(onnx.load(str(tmp_path / "q.onnx")), "W1")[kept])
 
 
 @pytest.mark.accurate
@@ -310,3 +332,26 @@ def test_dynamic_minilm_prunes_and_stays_quantized(tmp_path):
     assert after["DynamicQuantizeLinear"] == before["DynamicQuantizeLinear"] > 0
     assert integer_initializers(pruned) == integer_initializers(quantized)
     assert figures["cosine_pruned"] >= 0.95  # measured 0.984; the unpruned pair agree at 0.946
+
+
+def test_parameters_count_each_quantized_weight_once(tmp_path):
+    """A QDQ weight counts once, by its float value (not also by its int8 storage); an integer
+    op's weight counts although it is not a float; zero points are not parameters."""
+    from spa_compiler.analysis import analyze_graph
+    from spa_compiler.cost import CostModel
+
+    onnx.save(_qdq_conv_chain(per_channel=True), str(tmp_path / "qdq.onnx"))
+    qdq = CostModel(analyze_graph(load_model(tmp_path / "qdq.onnx")), "params").total
+    assert qdq == 8 * 27 + 8 + 4 * 72 + (8 + 8 + 4) + 2  # weights, bias, per-channel and activation scales
+    onnx.save(_dynamic_matmul_model(), str(tmp_path / "dynamic.onnx"))
+    dynamic = CostModel(analyze_graph(load_model(tmp_path / "dynamic.onnx")), "params").total
+    assert dynamic == 6 * 12 + 12 + 12 + 12 * 4 + 1  # W1, its scales, bias, W2, its scale
+
+
+def test_reinit_of_a_quantized_model_is_refused(tmp_path):
+    from spa_compiler.errors import InputError
+
+    onnx.save(_qdq_conv_chain(per_channel=True), str(tmp_path / "q.onnx"))
+    with pytest.raises(InputError, match="--reinit .* this model is quantized"):
+        prune(tmp_path / "q.onnx", tmp_path / "out.onnx", PruneConfig(ratio=0.5, reinit=True, bench_runs=0))
+    assert not (tmp_path / "out.onnx").exists()
