@@ -26,6 +26,7 @@ block-wise quantization, 4-bit and float-8 types, contrib-domain Q/DQ) are refus
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -148,12 +149,15 @@ def _dequantizer(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> Quan
 def dequantized_weights(
     model: onnx.ModelProto, constants: dict[str, np.ndarray]
 ) -> dict[str, tuple[QuantizedWeight, np.ndarray]]:
-    """For each ``DequantizeLinear`` of a constant (a QDQ weight or bias): its output's name ->
-    (how it is stored, its float value)."""
+    """For each ``DequantizeLinear`` of a constant (a QDQ weight or bias) that alone reads it: its
+    output's name -> (how it is stored, its float value). A constant read by other nodes too stays
+    what it is (the ops reading its dequantized value then see an activation, and are not pruned
+    through a weight they do not own alone)."""
+    readers = Counter(name for node in model.graph.node for name in node.input)
     found = {}
     for node in model.graph.node:
         weight = _dequantizer(node, constants) if node.op_type == "DequantizeLinear" else None
-        if weight is not None:
+        if weight is not None and readers[weight.storage] == 1:
             found[node.output[0]] = (weight, weight.dequantize(constants[weight.storage]))
     return found
 
@@ -191,12 +195,16 @@ def integer_weights(graph: "Graph") -> dict[str, QuantizedWeight]:
         stored = graph.constants[name]
         zp_name = node.inputs[zp_slot] if len(node.inputs) > zp_slot else ""
         zero_point = graph.constants.get(zp_name, np.zeros((), stored.dtype)) if zp_name else np.zeros((), stored.dtype)
+        axis = stored.ndim - 1 if node.op_type == "MatMulInteger" else 0  # the output channels
         scale = _scale_of_integer_product(graph, node.outputs[0])
+        if scale is not None and scale.size not in (1, stored.shape[axis]):
+            scale = None
         if scale is None:
             log.debug("scale of integer weight '%s' not found: criteria read q - zero_point", name)
+        if zero_point.size not in (1, stored.shape[axis]):
+            continue  # not a zero point this module understands: criteria read q as stored
         per_channel = zero_point.size > 1 or (scale is not None and scale.size > 1)
-        axis = (stored.ndim - 1 if node.op_type == "MatMulInteger" else 0) if per_channel else None
-        found[name] = QuantizedWeight(name, scale, zero_point, axis)
+        found[name] = QuantizedWeight(name, scale, zero_point, axis if per_channel else None)
     return found
 
 
