@@ -113,13 +113,14 @@ def _sample_input(
 
 
 def verify_onnx(model: torch.nn.Module, path: str | os.PathLike[str], inputs: Mapping[str, torch.Tensor]) -> None:
-    """Compare the ONNX model's first output with ``model(*inputs.values())`` on onnxruntime.
+    """Compare the ONNX model's first output with ``model(*inputs.values())`` (its first) on onnxruntime.
 
     ``inputs`` maps the ONNX input names to tensors, in the order of ``model``'s arguments.
     Raises ``ExportVerificationError`` on a shape mismatch or a difference above ``TOLERANCE``.
     """
     with torch.no_grad():
-        expected = model(*inputs.values()).numpy()
+        expected = model(*inputs.values())
+    expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     actual = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
     if actual.shape != expected.shape:

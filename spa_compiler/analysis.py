@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from typing import Iterable
 
 import numpy as np
@@ -157,9 +158,12 @@ class _Builder:
     """Collects the couplings op rules declare; implements :class:`spa_compiler.ops.Coupler`."""
 
     def __init__(
-        self, graph: Graph, shape_values: ShapeValues, prune_hidden: bool = False, head_dims: bool = False
+        self, graph: Graph, shape_values: ShapeValues, prune_hidden: bool = False, head_dims: bool = False,
+        within_groups: frozenset[str] = frozenset(),
     ) -> None:
         self.graph = graph
+        self.within_groups = within_groups
+        self.repeat_merges: list[tuple[str, str, int]] = []
         self.opset = graph.opset
         self.prune_hidden = prune_hidden
         self.head_dims = head_dims
@@ -226,6 +230,10 @@ class _Builder:
 
     def shape_value_escapes(self, name: str) -> bool:
         return self.shape_values.escapes(name)
+
+    def repeat_merge(self, merged: str, repeated: str, outer: int) -> bool:
+        self.repeat_merges.append((merged, repeated, outer))
+        return merged in self.within_groups
 
     def consumers(self, name: str) -> list[Node]:
         return self.graph.consumers.get(name, [])
@@ -308,24 +316,54 @@ def _couple_nodes(graph: Graph, builder: _Builder, exclude: set[str]) -> list[Ba
 
 
 def analyze_graph(
-    graph: Graph, exclude: Iterable[str] = (), prune_hidden: bool = False, head_dims: bool = False
+    graph: Graph, exclude: Iterable[str] = (), prune_hidden: bool = False, head_dims: bool = False,
+    allow_io_change: Iterable[str] = (),
 ) -> Analysis:
     """Couple every axis of ``graph`` and return its prunable groups. ``prune_hidden`` lets the
     hidden axis of LayerNorms lose elements (lossy); ``head_dims`` makes the units of attention
-    head dimensions (the same dimension of every head) instead of whole heads."""
+    head dimensions (the same dimension of every head) instead of whole heads. Graph inputs and
+    outputs keep their sizes, except those whose names match a pattern of ``allow_io_change``
+    (``fnmatch``, e.g. ``past_key_values.*``).
+
+    Grouped-query attention first couples whole key/value groups; where those are blocked (a
+    key/value cache in the interface) the graph is analysed again with the query heads of each
+    group as the units instead (see :mod:`spa_compiler.ops.layout`)."""
     exclude = set(exclude)
     unknown = exclude - set(graph.node_by_name)
     if unknown:
         from .errors import InputError
 
         raise InputError(f"--exclude names {', '.join(sorted(unknown))}, which is not a node of the model")
+    changeable = {n for n in [*graph.inputs, *graph.outputs] if any(fnmatch(n, p) for p in allow_io_change)}
     shape_values = ShapeValues(graph)
-    builder = _Builder(graph, shape_values, prune_hidden, head_dims)
+    analysis, builder = _analyze(graph, shape_values, exclude, prune_hidden, head_dims, changeable, frozenset())
+    blocked_groups = frozenset(
+        merged for merged, repeated, outer in builder.repeat_merges
+        if _axis_blocked(analysis, analysis.axis_id(repeated, outer))
+    )
+    if blocked_groups:
+        analysis, _ = _analyze(graph, shape_values, exclude, prune_hidden, head_dims, changeable, blocked_groups)
+    return analysis
+
+
+def _axis_blocked(analysis: Analysis, axis_id: int | None) -> bool:
+    """Whether no unit of ``axis_id`` can be removed."""
+    group = next((g for g in analysis.groups if axis_id in g.axes), None)
+    return group is None or all(u.blocked for u in group.units if axis_id in u.members)
+
+
+def _analyze(
+    graph: Graph, shape_values: ShapeValues, exclude: set[str], prune_hidden: bool, head_dims: bool,
+    changeable: set[str], within_groups: frozenset[str],
+) -> tuple[Analysis, _Builder]:
+    builder = _Builder(graph, shape_values, prune_hidden, head_dims, within_groups)
     barriers = _couple_nodes(graph, builder, exclude)
     for name in graph.inputs:
-        builder.block_axes(name, f"graph input '{name}'", undeclared_only=False)
+        if name not in changeable:
+            builder.block_axes(name, f"graph input '{name}'", undeclared_only=False)
     for name in graph.outputs:
-        builder.block_axes(name, f"graph output '{name}'", undeclared_only=False)
+        if name not in changeable:
+            builder.block_axes(name, f"graph output '{name}'", undeclared_only=False)
 
     n = builder.n
     offsets = np.asarray(builder.offsets, dtype=np.int64)
@@ -340,7 +378,8 @@ def analyze_graph(
     for axis_id, tag in builder.tags:
         tags.setdefault(tag, []).append(axis_id)
     log.debug("analysis: %d axes, %d elements, %d groups", len(builder.axes), n, len(groups))
-    return Analysis(graph, builder.axes, builder.axis_index, groups, tags, barriers, offsets, shape_values)
+    analysis = Analysis(graph, builder.axes, builder.axis_index, groups, tags, barriers, offsets, shape_values)
+    return analysis, builder
 
 
 def _build_groups(builder: _Builder, labels: np.ndarray, offsets: np.ndarray) -> list[Group]:

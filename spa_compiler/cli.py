@@ -192,6 +192,11 @@ def run(
         False, "--reinit", help="Write the pruned architecture with fresh weights (PyTorch's default initialisation, "
         "BatchNorm as identity), to train from scratch."
     ),
+    allow_io_change: List[str] = typer.Option(
+        [], "--allow-io-change", help="Let the graph inputs/outputs matching this pattern change size (repeatable; "
+        "fnmatch, e.g. 'past_key_values.*' and 'present.*' to prune the key/value heads of a decoder's cache). "
+        "By default the interface keeps its shapes; the report lists the new ones."
+    ),
     analyze: bool = typer.Option(False, "--analyze", help="Print the channel groups and barriers; prune nothing."),
     list_ops: bool = typer.Option(False, "--list-ops", help="List the ops spa-prune understands."),
     list_criteria: bool = typer.Option(False, "--list-criteria", help="List the available criteria."),
@@ -212,7 +217,7 @@ def run(
             calib_samples, calib_batch, allocation, eval_script, refit, seed, bench_runs,
             flops=flops, params=params, ratio=ratio, latency=latency,
         )
-        config = dataclasses.replace(config, reinit=reinit)
+        config = dataclasses.replace(config, reinit=reinit, allow_io_change=tuple(allow_io_change))
         if json_report is not None:
             check_output_path(json_report)
         if report_dir is not None:

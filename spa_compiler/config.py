@@ -30,6 +30,7 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     prune_hidden: bool = False
     head_dims: bool = False
+    allow_io_change: tuple[str, ...] = ()  # fnmatch patterns of graph inputs/outputs that may change size
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     verify: bool = True

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .cost import CostModel
+from .interface import interface_changes
 from .subgraphs import control_flow_notes
 from .verify import custom_ops
 
@@ -78,6 +79,7 @@ class PruneReport:
     eval_before: float | None = None
     eval_after: float | None = None
     control_flow: list[str] = field(default_factory=list)  # what became of each control-flow subgraph
+    interface: list[str] = field(default_factory=list)  # graph inputs/outputs whose shapes changed (--allow-io-change)
     initializers: list[InitializerChange] = field(default_factory=list)
 
     @property
@@ -192,6 +194,7 @@ def build_report(state: PruneState) -> PruneReport:
         eval_before=state.eval_before,
         eval_after=state.eval_after,
         control_flow=control_flow_notes(analysis),
+        interface=[c.describe() for c in interface_changes(analysis, state.removed_by_axis)],
         initializers=initializer_changes(state),
     )
 
@@ -257,6 +260,8 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(escape(f"barriers ({len(report.barriers)}): " + "; ".join(report.barriers[:5])))
     for note in report.control_flow:
         console.print(escape(f"control flow: {note}"))
+    if report.interface:
+        console.print(escape("interface changed (--allow-io-change): " + "; ".join(report.interface)))
 
 
 def _describe(f) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,7 @@ from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
+from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
 from .ir import Graph, first_line, load_model, save_model, synthetic_inputs
 from .pipeline import Pass
 from .report import build_report
@@ -65,7 +67,7 @@ class Analyse(Pass):
 
     def run(self, state: PruneState) -> PruneState:
         config = state.config
-        analysis = analyze_graph(state.graph, config.exclude, config.prune_hidden, config.head_dims)
+        analysis = analyze_graph(state.graph, config.exclude, config.prune_hidden, config.head_dims, config.allow_io_change)
         if not any(g.prunable for g in analysis.groups):
             raise TargetError(f"nothing in this model can be pruned; blocked by: {blocked_summary(analysis)}")
         state.analysis = analysis
@@ -205,6 +207,7 @@ class Rewrite(Pass):
     def run(self, state: PruneState) -> PruneState:
         analysis = state.analysis
         state.model = rewrite_model(analysis, state.removed_by_axis, state.compensated)
+        resize_declarations(state.model, interface_changes(analysis, state.removed_by_axis))
         lossy = [g.name for g in analysis.groups if analysis.kind(g) == "hidden" and state.plan.removed.get(g.id)]
         if lossy:
             log.warning("hidden size pruned through LayerNorm in %d groups: lossy by design", len(lossy))
@@ -220,10 +223,11 @@ class Verify(Pass):
 
     def run(self, state: PruneState) -> PruneState:
         shapes = expected_shapes(state.analysis, state.removed_by_axis)
-        state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed)
+        narrow = partial(narrow_io, state.analysis, state.removed_by_axis)
+        state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow)
         if state.held_out is not None and state.fidelity is not None:
             batch = 1 if fixed_batch(state.graph) else state.config.calibration_batch
-            state.held_out_fidelity = held_out_fidelity(state.graph, state.model, state.held_out, batch)
+            state.held_out_fidelity = held_out_fidelity(state.graph, state.model, state.held_out, batch, narrow)
         return state
 
 
@@ -254,7 +258,8 @@ class MeasureLatency(Pass):
         if config.bench_runs and not custom_ops(graph) and state.latency_after_ms is None:
             feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, config.seed)
             state.latency_before_ms = measure_latency(graph.model, feeds, config.bench_runs)
-            state.latency_after_ms = measure_latency(state.model, feeds, config.bench_runs)
+            narrowed = narrow_all(state.analysis, state.removed_by_axis, feeds) if state.removed_by_axis else feeds
+            state.latency_after_ms = measure_latency(state.model, narrowed, config.bench_runs)
         return state
 
 

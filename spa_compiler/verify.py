@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -95,7 +96,7 @@ def _check_interface(original: Graph, pruned: onnx.ModelProto) -> None:
 
 
 def _check_shapes(original: Graph, pruned: onnx.ModelProto, expected: dict[str, tuple[int, ...]]) -> None:
-    bound = shape_skeleton(pruned, original.input_shapes)
+    bound = shape_skeleton(pruned, {name: expected.get(name, shape) for name, shape in original.input_shapes.items()})
     try:
         inferred = onnx.shape_inference.infer_shapes(bound, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
@@ -115,11 +116,21 @@ def _check_shapes(original: Graph, pruned: onnx.ModelProto, expected: dict[str, 
             )
 
 
+Narrowing = Callable[[str, np.ndarray], np.ndarray]
+
+
+def _unchanged(name: str, value: np.ndarray) -> np.ndarray:
+    return value
+
+
 def verify_model(
-    original: Graph, pruned: onnx.ModelProto, expected: dict[str, tuple[int, ...]], seed: int = 0
+    original: Graph, pruned: onnx.ModelProto, expected: dict[str, tuple[int, ...]], seed: int = 0,
+    narrow: Narrowing = _unchanged,
 ) -> Fidelity | None:
     """Run every check; raise :class:`VerificationError` on the first failure. Returns None
-    (checks 1-3 only) when the model has custom ops onnxruntime cannot run."""
+    (checks 1-3 only) when the model has custom ops onnxruntime cannot run. ``narrow`` maps an
+    original graph input or output (by name) to the pruned model's (see
+    :mod:`spa_compiler.interface`; the identity unless the user let the interface change)."""
     try:
         onnx.checker.check_model(pruned)
     except Exception as exc:
@@ -140,8 +151,9 @@ def verify_model(
         if custom_ops(original):
             return None
         raise ModelError(f"onnxruntime cannot run the input model ({first_line(exc)})") from None
+    before = [narrow(name, value) for name, value in zip(original.outputs, before)]
     try:
-        after = run_model(pruned, feeds)  # optimised, as users will run it
+        after = run_model(pruned, {k: narrow(k, v) for k, v in feeds.items()})  # optimised, as users will run it
     except Exception as exc:
         raise VerificationError(
             f"internal error: onnxruntime cannot run the pruned model ({first_line(exc)}); nothing was written"
@@ -185,13 +197,16 @@ def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "s
     )
 
 
-def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[str, np.ndarray], batch: int) -> Fidelity:
+def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[str, np.ndarray], batch: int,
+                      narrow: Narrowing = _unchanged) -> Fidelity:
     """:func:`fidelity` on real held-out samples (keyed by input, first axis samples), run in
-    batches of ``batch`` (1 when the model's batch axis is fixed)."""
+    batches of ``batch`` (1 when the model's batch axis is fixed); ``narrow`` as in :func:`verify_model`."""
     count = len(next(iter(samples.values())))
     sessions = [session_for(original.model, optimize=False), session_for(pruned)]
     outputs = []
-    for session in sessions:
-        runs = [session.run(None, {k: v[i:i + batch] for k, v in samples.items()}) for i in range(0, count, batch)]
+    for session, narrowing in zip(sessions, (_unchanged, narrow)):
+        runs = [session.run(None, {k: narrowing(k, v[i:i + batch]) for k, v in samples.items()})
+                for i in range(0, count, batch)]
         outputs.append([np.concatenate(parts) for parts in zip(*runs)])
-    return fidelity(outputs[0], outputs[1], f"{count} held-out calibration samples")
+    before = [narrow(name, value) for name, value in zip(original.outputs, outputs[0])]
+    return fidelity(before, outputs[1], f"{count} held-out calibration samples")

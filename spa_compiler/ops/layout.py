@@ -22,6 +22,11 @@ barrier.
 With ``--head-dims`` the splits and merges of attention couple the innermost axis instead: the
 units are head dimensions, position d of every head (Q·Kᵀ couples Q's and K's, P·V V's with the
 output projection).
+A merge of repeated key/value heads (grouped-query attention: an Expand broadcasting ``[KV, 1]`` to
+``[KV, R]``, merged into ``KV * R`` query heads) couples the outer axis (whole key/value groups
+leave with their query heads), unless the analysis finds those groups blocked (a key/value cache
+in the graph's interface): then it couples the inner axis, query head ``g*R + r`` with repeat
+``r``, so the same query head of every group leaves and the key/value heads stay.
 A merge of a recurrent layer's ``[directions, hidden]`` couples the innermost (hidden) axis likewise:
 feature ``d*H + j`` is hidden unit ``j`` of direction ``d``.
 
@@ -312,7 +317,11 @@ def couple_reshape(c: Coupler, x: str, y: str) -> dict[int, int]:
             coupled[big_b[0]] = big_a[0]
         elif len(big_b) == 1 and len(big_a) > 1:
             n = b[big_b[0]]
-            if (c.head_dims and _comes_from_attention(c, x)) or _comes_from_recurrent(c, x):
+            if len(big_a) == 2 and _repeats_inner_axis(c, x, big_a[1]) and c.repeat_merge(y, x, big_a[0]):
+                c.block(x, big_a[0], "query heads are pruned within each key/value group, whose key/value heads stay")
+                c.couple(y, big_b[0], x, big_a[1], np.arange(n), np.arange(n) % a[big_a[1]])
+                coupled[big_b[0]] = big_a[1]
+            elif (c.head_dims and _comes_from_attention(c, x)) or _comes_from_recurrent(c, x):
                 innermost = big_a[-1]
                 c.couple(y, big_b[0], x, innermost, np.arange(n), np.arange(n) % a[innermost])
                 coupled[big_b[0]] = innermost
@@ -404,6 +413,18 @@ def _followed_by_shuffle(c: Coupler, name: str) -> bool:
         len(direct) == 1 and direct[0].op_type == "Transpose"
         and all(n.op_type in ("Reshape", "Flatten") for n in _through_transposes(c, name))
     )
+
+
+def _repeats_inner_axis(c: Coupler, x: str, inner: int) -> bool:
+    """Whether ``x`` is an Expand that broadcasts its axis ``inner`` from size 1: grouped-query
+    attention repeating each key/value head for the query heads of its group
+    (``[B, KV, 1, S, D] -> [B, KV, R, S, D]``, then merged into ``KV * R`` heads)."""
+    node = c.producer(x)
+    if node is None or node.op_type != "Expand":
+        return False
+    source = c.shape(node.inputs[0])
+    k = inner - (len(c.shape(x)) - len(source))
+    return k < 0 or source[k] == 1
 
 
 def _comes_from_attention(c: Coupler, name: str) -> bool:
@@ -512,15 +533,22 @@ class Shape(OpRule):
 
 @register_op("Expand")
 class Expand(OpRule):
-    """Broadcasts to a constant shape: input axes of the output's size are identity; target
-    entries other than 1 on a pruned axis are rewritten."""
+    """Broadcasts to a constant shape: input axes of the output's size are identity; an axis
+    broadcast from size 1 may lose repeats; target entries other than 1 on a pruned axis are
+    rewritten."""
 
     summary = "broadcast: equal-size axes identity; shape rewritten"
 
     def couple(self, node: "Node", c: Coupler) -> None:
         if not c.is_constant(node.inputs[1]):
             raise Unsupported(f"its shape input '{node.inputs[1]}' is computed at run time")
-        couple_broadcast(c, [node.inputs[0]], node.outputs[0])
+        x, y = node.inputs[0], node.outputs[0]
+        couple_broadcast(c, [x], y)
+        source, shape = c.shape(x), c.shape(y)
+        for k, size in enumerate(shape):  # a repeated axis loses repeats: its target entry is rewritten
+            j = k - (len(shape) - len(source))
+            if size > 1 and (j < 0 or source[j] == 1):
+                c.free(y, k)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         y = node.outputs[0]
