@@ -16,11 +16,15 @@ import pathlib
 import tempfile
 import time
 
+from typing import Callable
+
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-__all__ = ["static_qdq", "dynamic_int8", "integer_initializers", "mean_cosine", "compare"]
+from .sentences import mean_cosine
+
+__all__ = ["static_qdq", "dynamic_int8", "integer_initializers", "run_outputs", "compare"]
 
 
 class _SeededReader(CalibrationDataReader):
@@ -60,40 +64,93 @@ def integer_initializers(path: str | os.PathLike) -> int:
     return sum(t.data_type in kinds for t in onnx.load(str(path)).graph.initializer)
 
 
-def mean_cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Mean over samples (first axis) of the cosine between the flattened outputs."""
-    x = np.concatenate([np.asarray(v, np.float64).reshape(len(v), -1) for v in a], axis=1)
-    y = np.concatenate([np.asarray(v, np.float64).reshape(len(v), -1) for v in b], axis=1)
-    cos = (x * y).sum(axis=1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
-    return float(cos.mean())
+def run_outputs(feeds: dict[str, np.ndarray]) -> Callable[[pathlib.Path], np.ndarray]:
+    """A function running a model on ``feeds`` one sample at a time: its outputs, flattened
+    together per sample (n, d)."""
+    def run(path: pathlib.Path) -> np.ndarray:
+        import onnxruntime as ort
 
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        count = len(next(iter(feeds.values())))
+        rows = [session.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(count)]
+        return np.stack([np.concatenate([np.ravel(o) for o in row]) for row in rows]).astype(np.float64)
 
-def _run(path: pathlib.Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    count = len(next(iter(feeds.values())))
-    runs = [session.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(count)]
-    return [np.concatenate(parts) for parts in zip(*runs)]
+    return run
 
 
 def compare(float_model: pathlib.Path, quantized: pathlib.Path, folder: pathlib.Path,
-            feeds: dict[str, np.ndarray], **config) -> dict[str, float]:
-    """Prune both models with the same ``PruneConfig`` options; the figures of the comparison."""
+            outputs: Callable[[pathlib.Path], np.ndarray], **config) -> dict[str, float]:
+    """Prune both models with the same ``PruneConfig`` options into ``folder``; the figures:
+    FLOPs ratio, time and fidelity (cosine, synthetic inputs) of each run, and the mean cosine
+    between the two pruned models' ``outputs`` (rows: samples) and between the two unpruned ones."""
     from spa_compiler import PruneConfig, prune
 
-    figures = {}
-    outputs = {}
+    figures: dict[str, float] = {}
+    results = {}
     for kind, source in (("float", float_model), ("quantized", quantized)):
         start = time.perf_counter()
         report = prune(source, folder / f"{kind}_pruned.onnx", PruneConfig(bench_runs=0, **config))
         figures[f"{kind}_seconds"] = time.perf_counter() - start
         figures[f"{kind}_flops_ratio"] = report.flops_ratio
         figures[f"{kind}_fidelity"] = report.fidelity.cosine
-        outputs[kind] = _run(folder / f"{kind}_pruned.onnx", feeds)
-        outputs[f"{kind}_original"] = _run(source, feeds)
-    figures["cosine_unpruned"] = mean_cosine(outputs["float_original"], outputs["quantized_original"])
-    figures["cosine_pruned"] = mean_cosine(outputs["float"], outputs["quantized"])
+        results[kind] = outputs(folder / f"{kind}_pruned.onnx")
+        results[f"{kind}_original"] = outputs(source)
+    figures["cosine_unpruned"] = mean_cosine(results["float_original"], results["quantized_original"])
+    figures["cosine_pruned"] = mean_cosine(results["float"], results["quantized"])
     figures["int8_initializers"] = integer_initializers(folder / "quantized_pruned.onnx")
-    figures["size_kb"] = (folder / "quantized_pruned.onnx").stat().st_size / 1024
     return figures
+
+
+_PIPELINES = {
+    "fast": {"criterion": "l2", "allocation": "score", "refit_rounds": 0},
+    "default": {},
+}
+
+
+def _zoo_case(arch: str, folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, Callable, dict]:
+    from .export import export_architecture
+
+    source = export_architecture(arch, folder / f"{arch}.onnx")
+    feeds = {"input": np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)}
+    return source, static_qdq(source, folder / f"{arch}_qdq.onnx"), run_outputs(feeds), {}
+
+
+def _minilm_case(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, Callable, dict]:
+    from spa_compiler import load_model
+
+    from .real import export_minilm, load_minilm
+    from .sentences import ENCODER_INPUTS, SENTENCES, embed, tokenize
+
+    shapes = {name: (1, 128) for name in ENCODER_INPUTS}
+    source = folder / "minilm.onnx"
+    onnx.save(load_model(export_minilm(folder / "exported.onnx"), shapes).model, str(source))
+    inputs = tokenize(load_minilm()[0], SENTENCES, 128)
+    return source, dynamic_int8(source, folder / "minilm_dynamic.onnx"), lambda path: embed(path, inputs), {
+        "input_shapes": shapes}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the quantized-model figures: each model quantized, pruned to --flops 0.5 by the fast
+    and the default pipeline (data-free), beside its float original pruned the same way."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--pipelines", default="fast,default")
+    parser.add_argument("--models", default="mobilenet_v2_tiny,resnet_tiny_basic,minilm")
+    args = parser.parse_args(argv)
+    print("| model | format | pipeline | FLOPs ratio | cosine pruned q vs pruned float | cosine unpruned q vs float"
+          " | fidelity q | fidelity float | int8 initializers | seconds q / float |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp)
+        for name in args.models.split(","):
+            source, quantized, outputs, extra = _minilm_case(folder) if name == "minilm" else _zoo_case(name, folder)
+            for pipeline in args.pipelines.split(","):
+                f = compare(source, quantized, folder, outputs, flops=0.5, **_PIPELINES[pipeline], **extra)
+                kind = "dynamic int8" if name == "minilm" else "QDQ int8 per channel"
+                print(f"| {name} | {kind} | {pipeline} | {f['quantized_flops_ratio']:.3f} | {f['cosine_pruned']:.4f}"
+                      f" | {f['cosine_unpruned']:.4f} | {f['quantized_fidelity']:.4f} | {f['float_fidelity']:.4f}"
+                      f" | {f['int8_initializers']} | {f['quantized_seconds']:.1f} / {f['float_seconds']:.1f} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

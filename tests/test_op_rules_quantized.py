@@ -294,12 +294,12 @@ def _op_counts(path) -> collections.Counter:
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2_tiny", "resnet_tiny_basic"])
 def test_static_qdq_zoo_model_prunes_and_stays_quantized(exported, tmp_path, arch):
-    from models.quantize import compare, integer_initializers, static_qdq
+    from models.quantize import compare, integer_initializers, run_outputs, static_qdq
 
     source = exported(arch)
     quantized = static_qdq(source, tmp_path / "qdq.onnx")
     feeds = {"input": _rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)}
-    figures = compare(source, quantized, tmp_path, feeds, **FAST_HALF)
+    figures = compare(source, quantized, tmp_path, run_outputs(feeds), **FAST_HALF)
     assert 0.47 <= figures["quantized_flops_ratio"] <= 0.52
     assert figures["quantized_flops_ratio"] == pytest.approx(figures["float_flops_ratio"], abs=0.01)
     pruned = tmp_path / "quantized_pruned.onnx"
@@ -315,7 +315,7 @@ def test_static_qdq_zoo_model_prunes_and_stays_quantized(exported, tmp_path, arc
 
 @pytest.mark.real_model
 def test_dynamic_minilm_prunes_and_stays_quantized(tmp_path):
-    from models.quantize import compare, dynamic_int8, integer_initializers
+    from models.quantize import compare, dynamic_int8, integer_initializers, run_outputs
     from models.real import export_minilm
 
     shapes = {name: (1, 16) for name in ("input_ids", "attention_mask", "token_type_ids")}
@@ -324,7 +324,7 @@ def test_dynamic_minilm_prunes_and_stays_quantized(tmp_path):
     quantized = dynamic_int8(source, tmp_path / "dynamic.onnx")
     ids = _rng(0).integers(1000, 5000, (4, 16)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    figures = compare(source, quantized, tmp_path, feeds, input_shapes=shapes, **FAST_HALF)
+    figures = compare(source, quantized, tmp_path, run_outputs(feeds), input_shapes=shapes, **FAST_HALF)
     assert 0.48 <= figures["quantized_flops_ratio"] <= 0.52
     pruned = tmp_path / "quantized_pruned.onnx"
     before, after = _op_counts(quantized), _op_counts(pruned)
