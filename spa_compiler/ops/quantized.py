@@ -46,7 +46,7 @@ def _couple_parameter(c: Coupler, param: str, target: str, axis: int, what: str)
     shape = c.shape(param)
     if int(np.prod(shape)) == 1 and len(shape) <= 1:
         return
-    if len(shape) != 1 or shape[0] != c.shape(target)[axis]:
+    if len(shape) != 1 or not 0 <= axis < len(c.shape(target)) or shape[0] != c.shape(target)[axis]:
         raise Unsupported(f"its {what} '{param}' of shape {list(shape)} is neither per tensor nor per axis {axis}")
     c.couple(param, 0, target, axis)
 
