@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import onnx
 import onnxruntime
 from onnx import helper, numpy_helper
 
+from . import streaming
 from .errors import InputError, ModelError, OutputError, UnsupportedModelError
 from .quantized import FOLD_EXCLUDED, QuantizedWeight, dequantized_weights, integer_weights, unsupported_quantization
 from .subgraphs import (
@@ -96,7 +98,7 @@ class Graph:
 
     model: onnx.ModelProto
     nodes: list[Node]
-    constants: dict[str, np.ndarray]
+    constants: MutableMapping[str, np.ndarray]
     inputs: list[str]
     outputs: list[str]
     shapes: dict[str, tuple[int, ...]]
@@ -145,7 +147,9 @@ def check_input_path(path: Path) -> None:
 
 
 def _read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """The parsed model with its external data loaded, and whether it had external data."""
+    """The parsed model with its external data loaded, and whether it had external data. External
+    data of :func:`~spa_compiler.streaming.stream_threshold` bytes or more is not loaded: its large
+    tensors stay on disk (:func:`~spa_compiler.streaming.read_lazily`)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning and others
@@ -161,7 +165,9 @@ def _read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
     uses_external = any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)
     )
-    if uses_external:
+    if uses_external and streaming.external_bytes(model) >= streaming.stream_threshold():
+        streaming.read_lazily(model, path.parent)
+    elif uses_external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
@@ -405,20 +411,14 @@ def _run_for_shapes(
     bound: dict[str, tuple[int, ...]],
     dtypes: dict[str, int],
 ) -> dict[str, tuple[int, ...]]:
-    import onnxruntime as ort
+    from .verify import session_for
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        session = ort.InferenceSession(
-            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        outputs = session.run(names, synthetic_inputs(bound, dtypes))
+        outputs = session_for(probe, optimize=False).run(names, synthetic_inputs(bound, dtypes))
     except Exception as exc:
         # e.g. a custom op: the nodes touching these tensors become barriers
         log.warning("shapes of %d tensors unknown (e.g. '%s'): %s", len(names), names[0], first_line(exc))
@@ -484,14 +484,17 @@ def load_model(
     raw, uses_external = _read_proto(path)
     opset = _reject_unsupported(raw, path)
     bound = _bind_input_shapes(raw, dict(input_shapes or {}))
-    model = _fold_constants(raw)
+    model = streaming.fold_without_weights(raw, _fold_constants)
     hoist_initializers(model)
     dtypes = {
         v.name: v.type.tensor_type.elem_type
         for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]
         if v.type.tensor_type.elem_type
     }
-    constants = {t.name: numpy_helper.to_array(t) for t in all_initializers(model.graph)}
+    constants = streaming.TensorValues(
+        {t.name: numpy_helper.to_array(t) for t in all_initializers(model.graph) if not streaming.is_external(t)},
+        {t.name: t for t in all_initializers(model.graph) if streaming.is_external(t)},
+    )
     dtypes.update({t.name: t.data_type for t in all_initializers(model.graph)})
     shapes, dtypes = _infer_shapes(model, bound, dtypes)
     dequantized = dequantized_weights(model, constants)
@@ -564,12 +567,16 @@ def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> Path:
     """Write ``model`` atomically: to a temporary file beside ``path``, then renamed into place.
 
-    Models too large for one protobuf (or when ``external_data`` is asked) keep their weights in
-    ``<name>.data`` beside the model, written atomically too. ``model`` itself is left as it was:
-    its weights stay in memory, so it can still be run or saved again.
+    Models too large for one protobuf, with streamed weights (:mod:`spa_compiler.streaming`), or
+    when ``external_data`` is asked keep their weights in ``<name>.data`` beside the model, written
+    atomically too, one tensor at a time. ``model`` itself is left as it was, so it can still be
+    run or saved again.
     """
     path = check_output_path(path)
-    external = external_data or model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+    external = (
+        external_data or any(streaming.is_external(t) for t in _all_tensors(model.graph))
+        or model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+    )
     data_name = path.name + ".data"
     tmp = tmp_data = None
     try:
@@ -593,41 +600,34 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 
 
 _EXTERNAL_MIN_BYTES = 1024
-_EXTERNAL_ALIGNMENT = 4096  # page-aligned offsets let runtimes memory-map the weights
 
 
 def _save_with_external_data(model: onnx.ModelProto, header_path: str, data_path: str, location: str) -> None:
     """Write every tensor of at least 1 KiB to ``data_path`` and the rest of the model to
     ``header_path``, the tensors referring to ``location`` (the data file's final name).
 
-    Tensors are moved out one at a time and put back afterwards, so ``model`` ends unchanged and
-    no second copy of the weights is made.
+    Tensors are moved out one at a time (streamed ones read from their files) and put back
+    afterwards, so ``model`` ends unchanged and no second copy of the weights is made.
     """
-    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
+    moved: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
     try:
-        with open(data_path, "wb") as data:
+        with open(data_path, "wb") as stream:
+            data = streaming.DataFile(stream, location)
             for tensor in _all_tensors(model.graph):
-                if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < _EXTERNAL_MIN_BYTES:
+                external = streaming.is_external(tensor)
+                if not external and len(tensor.raw_data) < _EXTERNAL_MIN_BYTES:
                     continue
-                offset = -(-data.tell() // _EXTERNAL_ALIGNMENT) * _EXTERNAL_ALIGNMENT
-                data.write(b"\0" * (offset - data.tell()))
-                raw = tensor.raw_data
-                data.write(raw)
-                moved.append((tensor, raw, tensor.HasField("data_location")))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
+                before = onnx.TensorProto()
+                before.CopyFrom(tensor)  # for an in-memory tensor, a copy of one tensor's bytes at a time
+                value = streaming.tensor_view(tensor) if external else tensor.raw_data
+                data.append(tensor, value)
+                del value
+                moved.append((tensor, before))
         with open(header_path, "wb") as header:
             header.write(model.SerializeToString())
     finally:
-        for tensor, raw, location_was_set in moved:
-            tensor.ClearField("external_data")
-            tensor.ClearField("data_location")
-            if location_was_set:
-                tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+        for tensor, before in moved:
+            tensor.CopyFrom(before)
 
 
 def _umask() -> int:

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import ModelError, VerificationError
+from . import streaming
 from .ir import STANDARD_DOMAINS, Graph, first_line, shape_skeleton, synthetic_inputs
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ def session_for(
     model: onnx.ModelProto, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None
 ) -> ort.InferenceSession:
     """A CPU session; ``optimize=False`` skips graph optimisations (quicker to create);
-    ``profile_prefix`` turns on onnxruntime's profiler, writing ``<prefix>_<time>.json``."""
+    ``profile_prefix`` turns on onnxruntime's profiler, writing ``<prefix>_<time>.json``. A model
+    with streamed weights is read from files (:func:`~spa_compiler.streaming.header_file`), never
+    serialised with them."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if profile_prefix is not None:
@@ -64,7 +67,18 @@ def session_for(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if not streaming.has_external(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        with streaming.header_file(model) as header:
+            return ort.InferenceSession(str(header), options, providers=["CPUExecutionProvider"])
+    except PermissionError:  # the data file's folder is read-only
+        names, weights = streaming.session_weights(model)
+        values = [ort.OrtValue.ortvalue_from_numpy(w) for w in weights]
+        options.add_external_initializers(names, values)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.streamed_weights = values  # onnxruntime may read them for the session's lifetime
+        return session
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = True) -> list[np.ndarray]:
@@ -74,7 +88,7 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bo
 
 def _checker_error(model: onnx.ModelProto) -> str | None:
     try:
-        onnx.checker.check_model(model)
+        streaming.check_model(model)
     except Exception as exc:
         return first_line(exc)
     return None
@@ -132,7 +146,7 @@ def verify_model(
     original graph input or output (by name) to the pruned model's (see
     :mod:`spa_compiler.interface`; the identity unless the user let the interface change)."""
     try:
-        onnx.checker.check_model(pruned)
+        streaming.check_model(pruned)
     except Exception as exc:
         if _checker_error(original.model) != first_line(exc):
             raise VerificationError(
