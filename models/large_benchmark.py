@@ -64,7 +64,8 @@ import json, re, sys, time
 from spa_compiler import PruneConfig, prune
 source, output, flops = sys.argv[1], sys.argv[2], float(sys.argv[3])
 start = time.perf_counter()
-report = prune(source, output, PruneConfig(flops=flops, bench_runs=0, criterion="l2", allocation="score", refit_rounds=0))
+config = PruneConfig(flops=flops, bench_runs=0, criterion="l2", allocation="score", refit_rounds=0)
+report = prune(source, output, config)
 elapsed = time.perf_counter() - start
 peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 fidelity = report.fidelity

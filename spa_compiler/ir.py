@@ -166,7 +166,7 @@ def _read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
         t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)
     )
     if uses_external and streaming.external_bytes(model) >= streaming.stream_threshold():
-        streaming.read_lazily(model, path.parent)
+        streaming.read_lazily(model, path)
     elif uses_external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))

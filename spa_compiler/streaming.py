@@ -98,11 +98,11 @@ def _lazy(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type in _LAZY_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) >= _LAZY_MIN_ELEMENTS
 
 
-def read_lazily(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Prepare a model read without its external data: small external tensors (shape constants,
-    norms of few elements) are loaded into the proto; large float ones stay external, their
-    location made absolute and checked to lie inside the file."""
-    base_dir = base_dir.resolve()
+def read_lazily(model: onnx.ModelProto, path: Path) -> None:
+    """Prepare a model read from ``path`` without its external data: small external tensors
+    (shape constants, norms of few elements) are loaded into the proto; large float ones stay
+    external, their location made absolute and checked to lie inside the file."""
+    base_dir = path.parent.resolve()
     for tensor in all_initializers(model.graph):
         if not is_external(tensor):
             continue
@@ -110,14 +110,15 @@ def read_lazily(model: onnx.ModelProto, base_dir: Path) -> None:
         location = base_dir / reference.get("location", "")
         if not location.is_file() or base_dir not in location.resolve().parents:
             raise InputError(
-                f"tensor '{tensor.name}': its external data file '{reference.get('location')}' is missing; "
+                f"{path}: tensor '{tensor.name}': its external data file '{reference.get('location')}' is missing; "
                 "keep the .data file next to the model"
             )
         offset, length = int(reference.get("offset", 0)), int(reference.get("length", _byte_count(tensor)))
         if length != _byte_count(tensor) or offset + length > location.stat().st_size:
             raise InputError(
-                f"tensor '{tensor.name}': its external data ({length} bytes at {offset} in '{location.name}') does not "
-                "fit its shape or the file; the .data file is truncated or belongs to another model"
+                f"{path}: tensor '{tensor.name}': its external data ({length} bytes at {offset} in "
+                f"'{location.name}') does not fit its shape or the file; the .data file is truncated or belongs "
+                "to another model"
             )
         if _lazy(tensor):
             _set_reference(tensor, str(location), offset, length)
