@@ -8,6 +8,7 @@ from pathlib import Path
 from .analysis import Analysis, analyze_graph
 from .config import PruneConfig
 from .criteria import get_criterion
+from .depth_prune import KeepWidths, PruneDepth
 from .evaluate import Evaluate
 from .ir import Graph, check_input_path, check_output_path, load_model
 from .latency import AllocateLatency
@@ -23,13 +24,17 @@ __all__ = ["default_passes", "output_passes", "prune_graph", "prune", "analyze"]
 
 
 def default_passes(config: PruneConfig) -> list[PassLike]:
-    """In memory, from a loaded graph to the verified pruned model: analyse, calibrate, score,
-    measure sensitivity, allocate, (compensate), re-fit, rewrite, verify. The criterion and the
-    options decide the optional passes; a ``latency`` target allocates on measured latency and
-    times the result."""
+    """In memory, from a loaded graph to the verified pruned model: (remove residual branches,)
+    analyse, calibrate, score, measure sensitivity, allocate, (compensate), re-fit, rewrite,
+    verify. The criterion and the options decide the optional passes; a ``latency`` target
+    allocates on measured latency and times the result; ``--units depth`` removes residual
+    branches only (:mod:`spa_compiler.depth_prune`)."""
     config.target(), config.constraints()
     criterion = get_criterion(config.criterion)
-    passes: list[PassLike] = [Analyse()]
+    if config.units == "depth":
+        passes: list[PassLike] = [PruneDepth(None), Analyse(), KeepWidths(), Rewrite()]
+        return [*passes, Verify()] if config.verify else passes
+    passes = [PruneDepth(config.depth), Analyse()] if config.depth else [Analyse()]
     if config.needs_statistics:
         passes.append(CollectStatistics())
     passes.append(Score(criterion))

@@ -192,6 +192,13 @@ def run(
         False, "--reinit", help="Write the pruned architecture with fresh weights (PyTorch's default initialisation, "
         "BatchNorm as identity), to train from scratch."
     ),
+    depth: int = typer.Option(
+        0, min=0, help="Remove this many whole residual branches (attention or FFN sublayers, residual blocks), "
+        "least output distortion per FLOP saved first, before width pruning meets the rest of the target."
+    ),
+    units: str = typer.Option(
+        "width", help="width: channels, neurons and heads; depth: only whole residual branches, until the target."
+    ),
     allow_io_change: List[str] = typer.Option(
         [], "--allow-io-change", help="Let the graph inputs/outputs matching this pattern change size (repeatable; "
         "fnmatch, e.g. 'past_key_values.*' and 'present.*' to prune the key/value heads of a decoder's cache). "
@@ -217,7 +224,9 @@ def run(
             calib_samples, calib_batch, allocation, eval_script, refit, seed, bench_runs,
             flops=flops, params=params, ratio=ratio, latency=latency,
         )
-        config = dataclasses.replace(config, reinit=reinit, allow_io_change=tuple(allow_io_change))
+        config = dataclasses.replace(
+            config, reinit=reinit, allow_io_change=tuple(allow_io_change), depth=depth, units=units
+        )
         if json_report is not None:
             check_output_path(json_report)
         if report_dir is not None:

@@ -30,6 +30,8 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     prune_hidden: bool = False
     head_dims: bool = False
+    depth: int = 0  # residual branches to remove before width pruning (spa_compiler.depth_prune)
+    units: Literal["width", "depth"] = "width"  # depth: only residual branches, until the target
     allow_io_change: tuple[str, ...] = ()  # fnmatch patterns of graph inputs/outputs that may change size
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
@@ -71,6 +73,10 @@ class PruneConfig:
             raise TargetError(f"--scope must be global or uniform, got '{self.scope}'")
         if self.allocation not in ("sensitivity", "score"):
             raise TargetError(f"--allocation must be sensitivity or score, got '{self.allocation}'")
+        if self.units not in ("width", "depth"):
+            raise TargetError(f"--units must be width or depth, got '{self.units}'")
+        if self.depth < 0:
+            raise TargetError(f"--depth must be 0 or more residual branches, got {self.depth}")
         if self.refit_rounds < 0:
             raise TargetError(f"--refit must be 0 or more rounds, got {self.refit_rounds}")
         return Constraints(self.scope, self.round_to, self.min_keep)

@@ -80,6 +80,7 @@ class PruneReport:
     eval_after: float | None = None
     control_flow: list[str] = field(default_factory=list)  # what became of each control-flow subgraph
     interface: list[str] = field(default_factory=list)  # graph inputs/outputs whose shapes changed (--allow-io-change)
+    depth: list[str] = field(default_factory=list)  # residual branches removed (--depth, --units depth)
     initializers: list[InitializerChange] = field(default_factory=list)
 
     @property
@@ -151,7 +152,7 @@ def build_report(state: PruneState) -> PruneReport:
         before = cost.total
         for axis, indices in state.removed_by_axis.items():
             cost.remove({axis: len(indices)})
-        costs[kind] = (before, cost.total)
+        costs[kind] = (state.depth.cost_before[kind] if state.depth else before, cost.total)
     groups = [
         GroupChange(
             name=g.name,
@@ -195,6 +196,7 @@ def build_report(state: PruneState) -> PruneReport:
         eval_after=state.eval_after,
         control_flow=control_flow_notes(analysis),
         interface=[c.describe() for c in interface_changes(analysis, state.removed_by_axis)],
+        depth=[f"{d} (distortion {e:.3g})" for d, e in zip(state.depth.removed, state.depth.distortions)] if state.depth else [],
         initializers=initializer_changes(state),
     )
 
@@ -260,6 +262,8 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(escape(f"barriers ({len(report.barriers)}): " + "; ".join(report.barriers[:5])))
     for note in report.control_flow:
         console.print(escape(f"control flow: {note}"))
+    if report.depth:
+        console.print(escape(f"residual branches removed ({len(report.depth)}): " + "; ".join(report.depth)))
     if report.interface:
         console.print(escape("interface changed (--allow-io-change): " + "; ".join(report.interface)))
 

@@ -32,7 +32,7 @@ from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
-from .verify import custom_ops, held_out_fidelity, verify_model
+from .verify import custom_ops, fidelity, held_out_fidelity, run_model, verify_model
 
 __all__ = [
     "Load", "Analyse", "CollectStatistics", "Score", "Allocate", "Rewrite", "Verify", "Save",
@@ -190,6 +190,11 @@ class Allocate(Pass):
     def run(self, state: PruneState) -> PruneState:
         config = state.config
         target, constraints, metric = config.target(), config.constraints(), config.metric()
+        if state.depth is not None:  # the target counts the original model's cost
+            if target.value >= state.depth.kept:
+                state.plan, state.removed_by_axis = Plan(achieved=1.0), {}
+                return state
+            target = Target(target.kind, target.value / state.depth.kept)
         plan = allocate(state.analysis, state.scores, target, constraints, metric, TARGET_TOLERANCE, state.cost_exponent)
         check_reachable(state.analysis, target, plan, constraints, metric)
         state.plan = plan
@@ -225,9 +230,13 @@ class Verify(Pass):
         shapes = expected_shapes(state.analysis, state.removed_by_axis)
         narrow = partial(narrow_io, state.analysis, state.removed_by_axis)
         state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow)
+        original = state.depth.original if state.depth is not None else state.graph  # fidelity to the input model
+        if original is not state.graph and state.fidelity is not None:
+            feeds = synthetic_inputs(original.input_shapes, original.dtypes, state.config.seed)
+            state.fidelity = fidelity(run_model(original.model, feeds, optimize=False), run_model(state.model, feeds))
         if state.held_out is not None and state.fidelity is not None:
             batch = 1 if fixed_batch(state.graph) else state.config.calibration_batch
-            state.held_out_fidelity = held_out_fidelity(state.graph, state.model, state.held_out, batch, narrow)
+            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow)
         return state
 
 
@@ -257,7 +266,8 @@ class MeasureLatency(Pass):
         config, graph = state.config, state.graph
         if config.bench_runs and not custom_ops(graph) and state.latency_after_ms is None:
             feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, config.seed)
-            state.latency_before_ms = measure_latency(graph.model, feeds, config.bench_runs)
+            original = state.depth.original if state.depth is not None else graph
+            state.latency_before_ms = measure_latency(original.model, feeds, config.bench_runs)
             narrowed = narrow_all(state.analysis, state.removed_by_axis, feeds) if state.removed_by_axis else feeds
             state.latency_after_ms = measure_latency(state.model, narrowed, config.bench_runs)
         return state

@@ -4,6 +4,7 @@ Each pass reads the fields it ``requires`` and fills the ones it ``provides``; n
 in twice or reached back into. In the default pipeline::
 
     load      -> graph
+    depth     -> depth, graph                  (--depth / --units depth: residual branches removed)
     analyse   -> analysis
     calibrate -> statistics, calibration, calibration_data, held_out
     score     -> scores
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .allocate import Plan
     from .analysis import Analysis
     from .calibrate import LayerStatistics
+    from .depth_prune import DepthResult
     from .ir import Graph
     from .report import PruneReport
     from .verify import Fidelity
@@ -57,6 +59,7 @@ class PruneState:
     config: PruneConfig
     source: Path | None = None
     graph: Graph | None = None
+    depth: DepthResult | None = None
     analysis: Analysis | None = None
     statistics: dict[str, LayerStatistics] | None = None
     calibration: str | None = None

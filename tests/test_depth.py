@@ -1,0 +1,109 @@
+"""Depth units: residual branches found by post-dominance, removed exactly, and the depth pass.
+
+Exactness: the model without a branch equals the original model with that branch's output
+forced to zero (a ``Mul`` by 0 inserted before the join, built here independently of the gates
+the pass measures with).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from spa_compiler import PruneConfig, load_model, prune
+from spa_compiler.depth import find_branches, remove_branches
+from spa_compiler.errors import TargetError
+from spa_compiler.ir import synthetic_inputs
+from spa_compiler.verify import run_model
+
+torch = pytest.importorskip("torch")
+from models.decoders import build_decoder, export_decoder  # noqa: E402
+
+EXAMPLE = "models/examples/mini_resnet.onnx"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return export_decoder(build_decoder("llama"), tmp_path_factory.mktemp("depth") / "llama.onnx")
+
+
+def _zeroed(model: onnx.ModelProto, join: str, exit_name: str) -> onnx.ModelProto:
+    """``model`` with the join's input ``exit_name`` multiplied by zero."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "test_zero")
+    copy.graph.initializer.append(zero)
+    nodes = []
+    for node in copy.graph.node:
+        if node.name == join:
+            nodes.append(helper.make_node("Mul", [exit_name, "test_zero"], ["test_zeroed"]))
+            node.input[list(node.input).index(exit_name)] = "test_zeroed"
+        nodes.append(node)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
+
+
+def _branch_summary(graph):
+    weighted = {"MatMul", "Conv"}
+    return [sorted(graph.node_by_name[n].op_type for n in b.nodes if graph.node_by_name[n].op_type in weighted)
+            for b in find_branches(graph)]
+
+
+def test_transformer_branches_are_its_attention_and_ffn_sublayers(llama):
+    graph = load_model(llama)
+    attention = ["MatMul"] * 6  # q, k, v, o projections, Q·Kᵀ, P·V
+    assert _branch_summary(graph) == [attention, ["MatMul"] * 3] * 2
+
+
+def test_cnn_branches_are_residual_blocks_and_projection_shortcuts():
+    graph = load_model(EXAMPLE)
+    # two identity blocks, and two downsampling blocks whose body or 1x1 shortcut may go (not both)
+    assert _branch_summary(graph) == [["Conv"] * 2, ["Conv"] * 2, ["Conv"], ["Conv"] * 2, ["Conv"] * 2,
+                                      ["Conv"], ["Conv"] * 2]
+
+
+@pytest.mark.parametrize("source", ["llama", "example"])
+def test_removing_a_branch_equals_forcing_its_output_to_zero(llama, source):
+    graph = load_model(llama if source == "llama" else EXAMPLE)
+    feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, 0)
+    for branch in find_branches(graph):
+        removed = remove_branches(graph, [branch])
+        assert len(removed.graph.node) <= len(graph.model.graph.node) - len(branch.nodes)
+        onnx.checker.check_model(removed, full_check=True)
+        expected = run_model(_zeroed(graph.model, branch.join, branch.exit), feeds)
+        actual = run_model(removed, feeds)
+        for a, b in zip(expected, actual):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        kept = {t.name for t in removed.graph.initializer}
+        assert not kept & {i for n in branch.nodes for i in graph.node_by_name[n].inputs if graph.is_constant(i)
+                           and all(c.name in branch.nodes for c in graph.consumers[i])}
+
+
+def test_depth_then_width_meets_the_target_of_the_original(llama, tmp_path):
+    report = prune(llama, tmp_path / "depth1.onnx", PruneConfig(flops=0.5, depth=1, bench_runs=0))
+    assert len(report.depth) == 1 and "mlp" in report.depth[0]  # an FFN sublayer distorts least per MAC
+    assert report.macs_before == pytest.approx(1376256)  # the original model's MACs
+    assert report.flops_ratio == pytest.approx(0.5, abs=0.02)
+    assert report.fidelity.cosine > 0.9
+    pruned = onnx.load(str(tmp_path / "depth1.onnx"))
+    assert [i.name for i in pruned.graph.input] == ["input_ids"] and [o.name for o in pruned.graph.output] == ["logits"]
+
+
+def test_depth_units_alone_remove_branches_until_the_target(llama, tmp_path):
+    report = prune(llama, tmp_path / "depth.onnx", PruneConfig(flops=0.75, units="depth", bench_runs=0))
+    assert len(report.depth) == 1 and report.flops_ratio <= 0.75
+    assert all(g.channels_after == g.channels_before for g in report.groups)
+
+
+def test_a_model_without_residual_branches_is_refused(tmp_path):
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "plain",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(np.ones((8, 8), np.float32), "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(TargetError, match="no removable residual branch"):
+        prune(tmp_path / "plain.onnx", tmp_path / "out.onnx", PruneConfig(flops=0.5, depth=1, bench_runs=0))
