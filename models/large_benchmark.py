@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"pruning failed: {completed.stderr.strip().splitlines()[-1]}")
         result = json.loads(completed.stdout.strip().splitlines()[-1])
         result["model_mb"], result["pruned_mb"] = _size_mb(source), _size_mb(output)
-    result["peak_ratio"] = result["peak_mb"] / result["model_mb"]
-    print(f"model {result['model_mb']:.0f} MB -> {result['pruned_mb']:.0f} MB at --flops {args.flops}: "
+    result["peak_ratio"] = result['peak_mb'] / result["model_mb"]
+    print(f"model {result['model_mb']:.0f} MiB -> {result['pruned_mb']:.0f} MiB at --flops {args.flops}: "
           f"FLOPs ratio {result['flops_ratio']:.3f}, parameters {result['params_ratio']:.3f}, "
           f"cosine to the original {result['cosine']:.4f}")
-    print(f"pruning {result['prune_seconds']:.1f} s, peak resident memory {result['peak_mb']:.0f} MB "
+    print(f"pruning {result['prune_seconds']:.1f} s, peak resident memory {result['peak_mb']:.0f} MiB "
           f"= {result['peak_ratio']:.2f}x the model's size")
-    print("per pass: " + ", ".join(f"{name} {seconds:.1f} s ({result['stage_peak_mb'][name]:.0f} MB)"
+    print("per pass: " + ", ".join(f"{name} {seconds:.1f} s ({result['stage_peak_mb'][name]:.0f} MiB)"
                                    for name, seconds in result["timings"].items()))
     return result
 

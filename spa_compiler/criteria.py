@@ -43,6 +43,7 @@ __all__ = [
 
 
 _CRITERIA: dict[str, type["Criterion"]] = {}
+_BLOCK_ELEMENTS = 1 << 22  # weights converted to float64 at a time when scoring (32 MB)
 
 
 @dataclass
@@ -74,7 +75,9 @@ class ScoreContext:
 
         For a tagged axis k of constant W (dequantized when stored as integers), ``slabs`` is W with axis k moved first and the rest
         flattened (``[size_k, -1]``); ``per_index`` returns one number per index of axis k, and a
-        unit's score adds those of all the indices it occupies.
+        unit's score adds those of all the indices it occupies. Slabs are converted to float64
+        a block of indices at a time, so a weight costs little more than its own memory (a
+        memory-mapped one, :mod:`spa_compiler.streaming`, no more than a block).
         """
         totals = np.zeros(len(group.units))
         graph = self.analysis.graph
@@ -82,7 +85,11 @@ class ScoreContext:
         for axis_id in self.analysis.tagged(group, tag):
             ref = self.analysis.axes[axis_id]
             slabs = np.moveaxis(graph.float_value(ref.tensor), ref.axis, 0).reshape(ref.size, -1)
-            values = np.asarray(per_index(slabs.astype(np.float64)), dtype=np.float64)
+            step = max(1, _BLOCK_ELEMENTS // max(slabs.shape[1], 1))
+            values = np.concatenate([
+                np.asarray(per_index(slabs[start:start + step].astype(np.float64)), dtype=np.float64)
+                for start in range(0, len(slabs), step)
+            ])
             units, indices = by_axis[axis_id]
             totals += np.bincount(units, weights=values[indices], minlength=len(group.units))
         return totals

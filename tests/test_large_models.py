@@ -1,6 +1,6 @@
 """Models beyond 2 GB: weights memory-mapped, never in a protobuf, written tensor by tensor.
 
-The path a 4 GB model takes is forced on a 27 MB Llama-style dynamo export by lowering the
+The path a 4 GB model takes is forced on an 18 MB Llama-style dynamo export by lowering the
 streaming threshold (``SPA_PRUNE_STREAM_BYTES``); the same model pruned in memory is the reference.
 """
 
@@ -13,18 +13,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
 
-from spa_compiler import PruneConfig, load_model, prune
+from spa_compiler import PruneConfig, PruneState, criteria, load_model, prune
+from spa_compiler.api import default_passes, output_passes
 from spa_compiler.errors import InputError
+from spa_compiler.stages import Load
 from spa_compiler.streaming import STREAM_ENV
 
-pytest.importorskip("transformers")
-
-SMALL_LLAMA = dict(hidden=256, layers=6, intermediate=1024, vocab=2000, heads=4, kv_heads=2)  # 27 MB
+SMALL_LLAMA = dict(hidden=256, layers=3, intermediate=1024, vocab=3000, heads=4, kv_heads=2)  # 18 MB
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
+    pytest.importorskip("transformers")
     from models.large_benchmark import export_llama
 
     return export_llama(tmp_path_factory.mktemp("llama") / "llama.onnx", **SMALL_LLAMA)
@@ -47,41 +49,51 @@ def test_streamed_model_keeps_its_weights_on_disk(llama, monkeypatch):
     monkeypatch.setenv(STREAM_ENV, str(weight_bytes(llama) - 1))
     graph = load_model(llama)
     mapped = {name: graph.constants[name] for name in graph.constants if isinstance(graph.constants[name], np.memmap)}
-    assert len(mapped) == 6 * 7 + 6  # q, k, v, o, gate, up, down per layer; embedding, lm head, norm, rotary, mask
+    assert len(mapped) == 3 * 7 + 6  # q, k, v, o, gate, up, down per layer; embedding, lm head, norm, rotary, mask
     assert sum(v.nbytes for v in mapped.values()) > 0.99 * weight_bytes(llama)
     assert sum(len(t.raw_data) for t in graph.model.graph.initializer) < 1000  # shape constants only
     monkeypatch.setenv(STREAM_ENV, str(weight_bytes(llama) + 1))  # below the threshold: read into memory
     assert not any(isinstance(v, np.memmap) for v in load_model(llama).constants.values())
 
 
-def traced_peak(run) -> tuple[object, int]:
-    """``run()`` and the peak bytes Python and numpy allocated meanwhile (memory-mapped pages and
-    onnxruntime's own buffers are not counted)."""
-    tracemalloc.start()
-    try:
-        return run(), tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+def pruned_with_peaks(source, output, config) -> tuple[object, dict[str, int]]:
+    """Prune file to file, pass by pass, and the peak bytes Python and numpy allocated during each
+    pass that reads weights (tracemalloc; memory-mapped pages and onnxruntime's own buffers are
+    not counted). The analysis, whose memory grows with the activations' channels and not with
+    the weights, runs untraced (tracing makes it slow)."""
+    state = PruneState(config, source=source)
+    peaks = {}
+    for step in [Load(), *default_passes(config), *output_passes(config, output)]:
+        if step.name == "analyse":
+            state = step(state)
+            continue
+        tracemalloc.start()
+        try:
+            state = step(state)
+            peaks[step.name] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    return state.report, peaks
 
 
 def test_streamed_pruning_matches_pruning_in_memory(llama, tmp_path, monkeypatch):
     """--flops 0.5: the same weights, outputs and interface, the ONNX checker's full check on the
     files written, and the weights never all in memory."""
     config = PruneConfig(flops=0.5, bench_runs=0)
-    in_memory, memory_peak = traced_peak(lambda: prune(llama, tmp_path / "memory.onnx", config))
+    monkeypatch.setattr(criteria, "_BLOCK_ELEMENTS", 1 << 14)  # scored in blocks, as a 1B model's weights are
+    in_memory, memory_peaks = pruned_with_peaks(llama, tmp_path / "memory.onnx", config)
     monkeypatch.setenv(STREAM_ENV, "0")
-    streamed, streamed_peak = traced_peak(lambda: prune(llama, tmp_path / "streamed.onnx", config))
+    streamed, streamed_peaks = pruned_with_peaks(llama, tmp_path / "streamed.onnx", config)
     assert streamed.flops_ratio == in_memory.flops_ratio and 0.45 <= streamed.flops_ratio <= 0.5
-    # in memory every weight is read into an array; streamed, one tensor at a time (what remains
-    # is the analysis, which grows with the activations' channels, not with the weights)
-    assert streamed_peak < memory_peak - weight_bytes(llama)
+    assert memory_peaks["load"] > weight_bytes(llama)  # in memory every weight is read into an array
+    assert max(streamed_peaks.values()) < 0.25 * weight_bytes(llama)  # streamed, one tensor at a time
     onnx.checker.check_model(str(tmp_path / "streamed.onnx"), full_check=True)
     original, pruned = onnx.load(llama), onnx.load(tmp_path / "streamed.onnx")
     assert signature(pruned.graph.input) == signature(original.graph.input)
     assert signature(pruned.graph.output) == signature(original.graph.output)
-    reference = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "memory.onnx").graph.initializer}
+    reference = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "memory.onnx").graph.initializer}
     for tensor in pruned.graph.initializer:
-        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), reference.pop(tensor.name))
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), reference.pop(tensor.name))
     assert not reference
     np.testing.assert_allclose(run(tmp_path / "streamed.onnx"), run(tmp_path / "memory.onnx"), rtol=0, atol=1e-6)
 
@@ -94,3 +106,32 @@ def test_truncated_weights_are_refused(llama, tmp_path, monkeypatch):
     (tmp_path / f"{llama.name}.data").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="truncated or belongs to another model"):
         load_model(copy)
+
+
+def test_streamed_model_with_constant_nodes_folds_without_its_weights(tmp_path, monkeypatch):
+    """A Constant node (folded into an initializer at load) beside streamed weights."""
+    rng = np.random.default_rng(0)
+    first, second = rng.standard_normal((16, 32)).astype(np.float32), rng.standard_normal((32, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["z"]),
+            helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([1, 8], np.int64))),
+            helper.make_node("Reshape", ["z", "shape"], ["y"]),
+        ],
+        "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(second, "w2")],
+    )
+    source = tmp_path / "mlp.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source),
+                    save_as_external_data=True, location="mlp.onnx.data", size_threshold=0)
+    monkeypatch.setenv(STREAM_ENV, "0")
+    loaded = load_model(source)
+    assert isinstance(loaded.constants["w1"], np.memmap) and loaded.constants["shape"].tolist() == [1, 8]
+    report = prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert report.flops_ratio == pytest.approx(0.5)
+    pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "half.onnx").graph.initializer}
+    kept = np.sort(np.argsort(-np.sqrt((first ** 2).sum(0) + (second ** 2).sum(1)))[:16])  # L2 of both slabs
+    np.testing.assert_array_equal(pruned["w1"], first[:, kept])
+    np.testing.assert_array_equal(pruned["w2"], second[kept])
