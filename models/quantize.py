@@ -2,7 +2,7 @@
 the figures of pruning them (``python -m models.quantize``).
 
 ``static_qdq`` runs ``quantize_static`` (QDQ format, int8 weights per channel, uint8 activations)
-calibrated on seeded standard-normal inputs; ``dynamic_int8`` runs ``quantize_dynamic`` (int8
+calibrated on given samples or seeded standard-normal inputs; ``dynamic_int8`` runs ``quantize_dynamic`` (int8
 weights, ``MatMulInteger``/``ConvInteger``). The figures prune each quantized model and its float
 original alike and compare the two pruned models' outputs on seeded inputs (cosine), next to the
 cosine of the two unpruned ones (what quantization alone costs).
@@ -27,25 +27,26 @@ from .sentences import mean_cosine
 __all__ = ["static_qdq", "dynamic_int8", "integer_initializers", "run_outputs", "compare"]
 
 
-class _SeededReader(CalibrationDataReader):
-    """``count`` seeded standard-normal batches for one float input."""
+class _Reader(CalibrationDataReader):
+    """The samples (axis 0) of one float input, one at a time."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], count: int, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        self._batches = iter([{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)])
+    def __init__(self, name: str, samples: np.ndarray) -> None:
+        self._batches = iter([{name: sample[None].astype(np.float32)} for sample in samples])
 
     def get_next(self):
         return next(self._batches, None)
 
 
 def static_qdq(source: str | os.PathLike, target: str | os.PathLike, per_channel: bool = True,
-               samples: int = 8, seed: int = 0) -> pathlib.Path:
-    """``source`` (one float input of fixed shape) quantized to QDQ int8 at ``target``."""
-    model = onnx.load(str(source))
-    value = model.graph.input[0]
-    shape = tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
+               calibration: np.ndarray | None = None, seed: int = 0) -> pathlib.Path:
+    """``source`` (one float input) quantized to QDQ int8 at ``target``, calibrated on the
+    ``calibration`` samples (axis 0), by default 8 seeded standard-normal ones."""
+    value = onnx.load(str(source)).graph.input[0]
+    if calibration is None:
+        shape = tuple(d.dim_value or 1 for d in value.type.tensor_type.shape.dim)
+        calibration = np.random.default_rng(seed).standard_normal((8, *shape[1:]))
     quantize_static(
-        str(source), str(target), _SeededReader(value.name, shape, samples, seed),
+        str(source), str(target), _Reader(value.name, calibration),
         quant_format=QuantFormat.QDQ, per_channel=per_channel,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
     )
@@ -132,13 +133,42 @@ def _minilm_case(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, Call
         "input_shapes": shapes}
 
 
+def digits_accuracy(targets: tuple[float, ...] = (0.75, 0.5), calibration_samples: int = 512) -> None:
+    """Print test accuracies of the trained digits ResNet, float and QDQ-quantized (calibrated on
+    256 training images), unpruned and pruned by both pipelines (the default one calibrated on
+    ``calibration_samples`` training images, ``--round-to 8``)."""
+    from spa_compiler import PruneConfig, prune
+
+    from .digits_task import DigitsTask
+
+    task = DigitsTask()
+    source, _ = task.source()
+    quantized = static_qdq(source, task.folder / "digits_qdq.onnx", calibration=task.calibration_inputs(256)["input"])
+    calibration = task.calibration(task.folder / "calibration.npz", calibration_samples)
+    models = {"float": source, "QDQ int8": quantized}
+    print("| digits ResNet | pipeline | unpruned | " + " | ".join(f"`--flops {t}`" for t in targets) + " |")
+    print("|---|---|---|" + "---|" * len(targets))
+    for pipeline, options in (("fast", _PIPELINES["fast"]), ("default, calibrated", {"calibration": str(calibration)})):
+        for kind, path in models.items():
+            cells = []
+            for target in targets:
+                out = task.folder / f"{kind}_{pipeline}_{target}.onnx".replace(" ", "_").replace(",", "")
+                report = prune(path, out, PruneConfig(flops=target, round_to=8, bench_runs=0, **options))
+                cells.append(f"{task.evaluate(out):.3f} ({report.flops_ratio:.3f})")
+            print(f"| {kind} | {pipeline} | {task.evaluate(path):.3f} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the quantized-model figures: each model quantized, pruned to --flops 0.5 by the fast
     and the default pipeline (data-free), beside its float original pruned the same way."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--pipelines", default="fast,default")
     parser.add_argument("--models", default="mobilenet_v2_tiny,resnet_tiny_basic,minilm")
+    parser.add_argument("--digits", action="store_true", help="print the trained digits ResNet's accuracies instead")
     args = parser.parse_args(argv)
+    if args.digits:
+        digits_accuracy()
+        return
     print("| model | format | pipeline | FLOPs ratio | pruned q vs pruned float | unpruned q vs float"
           " | pruned q vs q | pruned float vs float | int8 initializers | seconds q / float |")
     print("|---|---|---|---|---|---|---|---|---|---|")

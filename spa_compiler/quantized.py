@@ -44,6 +44,7 @@ __all__ = [
     "dequantized_weights",
     "integer_weights",
     "requantize",
+    "saturation",
     "with_float_weights",
     "zero_slabs",
 ]
@@ -217,14 +218,22 @@ def requantize(graph: "Graph", values: dict[str, np.ndarray]) -> dict[str, np.nd
         if weight is None:
             result[name] = value
             continue
-        stored = graph.constants[weight.storage]
-        result[weight.storage] = weight.quantize(value, stored.dtype)
-        info = np.iinfo(stored.dtype)
-        saturated = int(np.count_nonzero((result[weight.storage] == info.min) | (result[weight.storage] == info.max))
-                        - np.count_nonzero((stored == info.min) | (stored == info.max)))
-        if saturated > 0:
-            log.warning("re-fitted weight '%s': %d more values saturate its quantization range", name, saturated)
+        result[weight.storage] = weight.quantize(value, graph.constants[weight.storage].dtype)
     return result
+
+
+def saturation(graph: "Graph", values: dict[str, np.ndarray]) -> tuple[int, int]:
+    """How many of ``values`` (new float values of constants) are QDQ weights, and how many more
+    of their stored values sit at the ends of their integer range once quantized again (values
+    beyond the original grid's range, clipped)."""
+    count = saturated = 0
+    for name, stored in requantize(graph, {n: v for n, v in values.items() if n in graph.quantized}).items():
+        info = np.iinfo(stored.dtype)
+        original = graph.constants[name]
+        count += 1
+        saturated += int(np.count_nonzero((stored == info.min) | (stored == info.max))
+                         - np.count_nonzero((original == info.min) | (original == info.max)))
+    return count, max(saturated, 0)
 
 
 def with_float_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

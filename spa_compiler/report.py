@@ -15,6 +15,7 @@ from rich.text import Text
 
 from .cost import CostModel
 from .interface import interface_changes
+from .quantized import saturation
 from .subgraphs import control_flow_notes
 from .verify import custom_ops
 
@@ -71,6 +72,7 @@ class PruneReport:
     custom_ops: list[str] = field(default_factory=list)
     calibration: str | None = None
     compensated: int = 0
+    requantized: tuple[int, int] = (0, 0)  # re-fitted QDQ weights quantized again, values saturated
     timings: dict[str, float] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)  # peak resident memory when each pass ended
     latency_before_ms: float | None = None
@@ -187,6 +189,7 @@ def build_report(state: PruneState) -> PruneReport:
         custom_ops=custom_ops(state.graph),
         calibration=state.calibration,
         compensated=len(state.compensated),
+        requantized=saturation(state.graph, state.compensated),
         timings=state.timings,
         peak_mb=state.peak_mb,
         latency_before_ms=state.latency_before_ms,
@@ -242,6 +245,9 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(f"--eval score: {report.eval_before:.4g} before, {report.eval_after:.4g} after")
     if report.calibration:
         console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
+    if report.requantized[0]:
+        console.print(f"lossy: {report.requantized[0]} re-fitted weights quantized again with their original scales "
+                      f"({report.requantized[1]} more values at the ends of the integer range)")
     hidden = [g for g in report.groups if g.kind == "hidden" and g.channels_after < g.channels_before]
     if hidden:
         console.print(

@@ -255,6 +255,7 @@ def test_accurate_pipeline_requantizes_refitted_weights(tmp_path):
     original_w2 = np.take(_init(model, "W2"), kept, axis=1)
     assert not np.array_equal(_init(pruned, "W2"), original_w2)  # compensated, then re-quantized
     assert report.fidelity.cosine >= 0.95
+    assert report.requantized[0] == len(refitted) >= 1 and report.requantized[1] >= 0
 
 
 def _blockwise_model() -> onnx.ModelProto:
