@@ -75,9 +75,10 @@ class ScoreContext:
 
         For a tagged axis k of constant W (dequantized when stored as integers), ``slabs`` is W
         with axis k moved first and the rest flattened (``[size_k, -1]``); ``per_index`` returns
-        one number per index of axis k, and a unit's score adds those of all the indices it occupies. Slabs are converted to float64
-        a block of indices at a time, so a weight costs little more than its own memory (a
-        memory-mapped one, :mod:`spa_compiler.streaming`, no more than a block).
+        one number per index of axis k, and a unit's score adds those of all the indices it
+        occupies. Slabs are converted to float64 a block of indices at a time, so a weight costs
+        little more than its own memory (a memory-mapped one, :mod:`spa_compiler.streaming`, no
+        more than a block).
         """
         totals = np.zeros(len(group.units))
         graph = self.analysis.graph
