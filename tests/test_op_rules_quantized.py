@@ -274,10 +274,24 @@ def _qlinear_model() -> onnx.ModelProto:
     return _model(nodes, [u8("x", [1, 3, 5, 5])], [u8("y", [1, 8, 3, 3])], inits)
 
 
+def _dequantized_conv(storage: np.ndarray, domain: str = "") -> onnx.ModelProto:
+    inits = {"W": storage, "Ws": np.array(0.01, np.float32)}
+    nodes = [helper.make_node("DequantizeLinear", ["W", "Ws"], ["w"], name="dq", domain=domain),
+             helper.make_node("Conv", ["x", "w"], ["y"])]
+    model = _model(nodes, [_float("x", (1, 4, 5, 5))], [_float("y", (1, 8, 3, 3))], inits, opset=21)
+    if domain:
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    return model
+
+
 @pytest.mark.parametrize("build, message", [
     (_blockwise_model, r"DequantizeLinear node .* quantizes block-wise"),
     (_qlinear_model, r"QLinearConv node 'qconv' is in the QOperator format"),
-])
+    (lambda: _dequantized_conv(_int8((8, 4, 3, 3), 1), "com.microsoft"),
+     r"com.microsoft::DequantizeLinear node 'dq' \(a contrib-domain quantizer"),
+    (lambda: _dequantized_conv(_rng(1).integers(0, 9, (8, 4, 3, 3)).astype(np.uint16)),
+     r"DequantizeLinear node 'dq' reads UINT16 weights"),
+], ids=["block-wise", "qoperator", "contrib-domain", "uint16"])
 def test_formats_not_understood_are_refused_by_name(tmp_path, build, message):
     onnx.save(build(), str(tmp_path / "m.onnx"))
     with pytest.raises(UnsupportedModelError, match=message):
