@@ -371,3 +371,18 @@ def test_reinit_of_a_quantized_model_is_refused(tmp_path):
     with pytest.raises(InputError, match="--reinit .* this model is quantized"):
         prune(tmp_path / "q.onnx", tmp_path / "out.onnx", PruneConfig(ratio=0.5, reinit=True, bench_runs=0))
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_zeroed_integer_weight_slabs_dequantize_to_zero(tmp_path):
+    """What sensitivity measurements write into an integer weight to emulate removing input
+    channels: the zero point, per column here, so the slabs read as exactly 0."""
+    from spa_compiler.quantized import zero_slabs
+
+    onnx.save(_dynamic_matmul_model(), str(tmp_path / "q.onnx"))
+    graph = load_model(tmp_path / "q.onnx")
+    weight = graph.integer_weights["W1"]
+    value = graph.constants["W1"].copy()
+    zero_slabs(graph, "W1", value, 0, np.array([1, 4]))
+    dequantized = weight.dequantize(value)
+    np.testing.assert_array_equal(dequantized[[1, 4]], 0)
+    np.testing.assert_array_equal(dequantized[[0, 2, 3, 5]], weight.dequantize(graph.constants["W1"])[[0, 2, 3, 5]])
