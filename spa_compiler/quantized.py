@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .errors import VerificationError
+
 if TYPE_CHECKING:
     from .ir import Graph
 
@@ -216,6 +218,9 @@ def requantize(graph: "Graph", values: dict[str, np.ndarray]) -> dict[str, np.nd
     for name, value in values.items():
         weight = graph.quantized.get(name)
         if weight is None:
+            stored = graph.constants.get(name)
+            if stored is not None and np.issubdtype(stored.dtype, np.integer) and not np.issubdtype(value.dtype, np.integer):
+                raise VerificationError(f"internal error: float values for integer constant '{name}'; nothing was written")
             result[name] = value
             continue
         result[weight.storage] = weight.quantize(value, graph.constants[weight.storage].dtype)

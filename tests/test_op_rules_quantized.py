@@ -386,3 +386,16 @@ def test_zeroed_integer_weight_slabs_dequantize_to_zero(tmp_path):
     dequantized = weight.dequantize(value)
     np.testing.assert_array_equal(dequantized[[1, 4]], 0)
     np.testing.assert_array_equal(dequantized[[0, 2, 3, 5]], weight.dequantize(graph.constants["W1"])[[0, 2, 3, 5]])
+
+
+def test_float_values_for_an_integer_weight_are_never_written(tmp_path):
+    """Only QDQ weights are quantized again; float values meant for an integer op's weight stop
+    the rewrite instead of turning it into a float initializer."""
+    from spa_compiler.errors import VerificationError
+    from spa_compiler.quantized import requantize
+
+    onnx.save(_dynamic_matmul_model(), str(tmp_path / "q.onnx"))
+    graph = load_model(tmp_path / "q.onnx")
+    with pytest.raises(VerificationError, match="float values for integer constant 'W1'"):
+        requantize(graph, {"W1": np.zeros((6, 12), np.float32)})
+    assert requantize(graph, {"B1": np.ones(12, np.float32)})["B1"].dtype == np.float32
