@@ -491,10 +491,7 @@ def load_model(
         for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]
         if v.type.tensor_type.elem_type
     }
-    constants = streaming.TensorValues(
-        {t.name: numpy_helper.to_array(t) for t in all_initializers(model.graph) if not streaming.is_external(t)},
-        {t.name: t for t in all_initializers(model.graph) if streaming.is_external(t)},
-    )
+    constants = streaming.tensor_values(model.graph)
     dtypes.update({t.name: t.data_type for t in all_initializers(model.graph)})
     shapes, dtypes = _infer_shapes(model, bound, dtypes)
     dequantized = dequantized_weights(model, constants)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import streaming
 from .errors import InputError
 from .pipeline import Pass
 from .state import PruneState
@@ -45,7 +45,7 @@ def _fan_in(op_type: str, weight: np.ndarray, attributes: dict) -> int:
 
 def _fresh(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """New values by initializer name (module docstring); the first reader of a name decides."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values = streaming.tensor_values(model.graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -90,9 +90,10 @@ def fresh_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     result = onnx.ModelProto()
     result.CopyFrom(model)
     fresh = _fresh(result, np.random.default_rng(seed))
-    for tensor in result.graph.initializer:
-        if tensor.name in fresh:
-            tensor.CopyFrom(numpy_helper.from_array(fresh[tensor.name], tensor.name))
+    tensors = [t for t in result.graph.initializer if t.name in fresh]
+    with streaming.replacing(tensors) as replace:
+        for tensor in tensors:
+            replace(tensor, fresh[tensor.name])
     return result
 
 

@@ -8,7 +8,6 @@ again; graph inputs and outputs are left exactly as they were.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -145,18 +144,15 @@ class _ProtoRewriter:
         """Slice every constant; streamed ones (:mod:`spa_compiler.streaming`) are read, sliced and
         written to a scratch data file one at a time, so the new model holds none of their bytes."""
         tensors = list(all_initializers(self.model.graph))
-        path = streaming.scratch_file(".data") if any(streaming.is_external(t) for t in tensors) else None
-        with open(path, "wb") if path else contextlib.nullcontext() as stream:
+        with streaming.replacing(tensors) as replace:
             for tensor in tensors:
                 original = self.graph.constants.get(tensor.name)
                 if original is None:
                     continue
                 replaced = self.replaced.get(tensor.name, original)
                 sliced = slice_constant(self.analysis, self.removed_by_axis, tensor.name, replaced)
-                if streaming.is_external(tensor):
-                    streaming.DataFile(stream, str(path)).append(tensor, sliced)
-                elif sliced is not original:
-                    tensor.CopyFrom(numpy_helper.from_array(sliced, tensor.name))
+                if sliced is not original or streaming.is_external(tensor):
+                    replace(tensor, sliced)
                 del original, replaced, sliced  # a streamed tensor's pages go back now
 
     def rewrite_nodes(self) -> None:

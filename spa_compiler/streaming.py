@@ -28,28 +28,25 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .errors import InputError
 from .subgraphs import all_initializers, walk_nodes
 
 __all__ = [
     "STREAM_ENV", "stream_threshold", "is_external", "external_bytes", "read_lazily", "tensor_view",
-    "TensorValues", "session_weights", "DataFile", "scratch_file", "header_file", "has_external", "check_model",
+    "TensorValues", "tensor_values", "replacing", "session_weights", "DataFile", "scratch_file", "header_file", "has_external", "check_model",
     "fold_without_weights",
 ]
-
-log = logging.getLogger(__name__)
 
 STREAM_ENV = "SPA_PRUNE_STREAM_BYTES"
 _DEFAULT_STREAM_BYTES = 1_800_000_000  # protobuf cannot hold a model over 2 GiB
@@ -165,6 +162,32 @@ class TensorValues(MutableMapping):
 
     def __len__(self) -> int:
         return len(self.arrays) + len(self.external)
+
+
+def tensor_values(graph: onnx.GraphProto) -> TensorValues:
+    """The values of the initializers of ``graph`` and its subgraphs: streamed ones mapped on
+    demand, the others read into arrays."""
+    tensors = list(all_initializers(graph))
+    return TensorValues(
+        {t.name: numpy_helper.to_array(t) for t in tensors if not is_external(t)},
+        {t.name: t for t in tensors if is_external(t)},
+    )
+
+
+@contextlib.contextmanager
+def replacing(tensors: list[onnx.TensorProto]) -> Iterator[Callable[[onnx.TensorProto, np.ndarray], None]]:
+    """A function giving one of ``tensors`` a new value (any shape): in the proto, or for a
+    streamed tensor appended to a new scratch data file (:func:`scratch_file`), one at a time."""
+    path = scratch_file(".data") if any(is_external(t) for t in tensors) else None
+    with open(path, "wb") if path else contextlib.nullcontext() as stream:
+
+        def replace(tensor: onnx.TensorProto, value: np.ndarray) -> None:
+            if is_external(tensor):
+                DataFile(stream, str(path)).append(tensor, value)
+            else:
+                tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+
+        yield replace
 
 
 def session_weights(model: onnx.ModelProto) -> tuple[list[str], list[np.ndarray]]:
