@@ -135,16 +135,19 @@ class LayerStatistics:
 def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
     """The constant bias added to this layer's output, if it is a plain per-output vector: the
     node's own (``view.bias``), or for a layer whose outputs lie along the last axis a constant
-    added by the Add that alone reads its output."""
+    that the node alone reading its output adds to it first (an Add's other operand, a fused
+    op's bias input: what its rule's ``added_bias`` says)."""
     if view.bias is not None:
         return view.bias if graph.is_constant(view.bias) and graph.constants[view.bias].size == view.outputs else None
     if view.channel_axis != -1:
         return None  # a [outputs] vector added to channels-first outputs would broadcast along the last axis
     consumers = graph.consumers.get(node.outputs[0], [])
-    if len(consumers) == 1 and consumers[0].op_type == "Add":
-        other = [n for n in consumers[0].inputs if n != node.outputs[0]]
-        if len(other) == 1 and graph.is_constant(other[0]) and graph.constants[other[0]].shape == (view.outputs,):
-            return other[0]
+    if len(consumers) != 1:
+        return None
+    rule = get_rule(consumers[0].domain, consumers[0].op_type, graph.opset)
+    bias = rule.added_bias(consumers[0], node.outputs[0]) if rule else None
+    if bias and graph.is_constant(bias) and graph.constants[bias].shape == (view.outputs,):
+        return bias
     return None
 
 

@@ -127,12 +127,21 @@ def _embedding_table(graph: Graph, name: str) -> np.ndarray | None:
         tensor = frontier.pop()
         seen.add(tensor)
         for node in graph.consumers.get(tensor, []):
-            data = node.inputs[0]
-            if node.op_type == "Gather" and node.inputs[1] == tensor and graph.is_constant(data) \
-                    and graph.constants[data].ndim == 2 and int(node.attr("axis", 0)) == 0:
+            data = _rows_read(node, tensor)
+            if data and graph.is_constant(data) and graph.constants[data].ndim == 2:
                 return graph.constants[data]
             if node.op_type in PASS_THROUGH and node.inputs[0] == tensor:
                 frontier.extend(o for o in node.outputs if o not in seen)
+    return None
+
+
+def _rows_read(node: Node, tensor: str) -> str | None:
+    """The table whose rows ``node`` reads with ``tensor``'s values: a Gather's data (on axis 0),
+    an (onnxruntime) EmbedLayerNormalization's word embedding."""
+    if node.op_type == "Gather" and node.inputs[1] == tensor and int(node.attr("axis", 0)) == 0:
+        return node.inputs[0]
+    if node.op_type == "EmbedLayerNormalization" and node.inputs[0] == tensor:
+        return node.inputs[2]
     return None
 
 

@@ -13,6 +13,7 @@ The numbers of (4) compared with the original's are the *fidelity* in the report
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -181,8 +182,21 @@ def verify_model(
 
 
 def custom_ops(graph: Graph) -> list[str]:
-    """``domain::op`` of the nodes outside the standard ONNX domains."""
-    return sorted({f"{n.domain}::{n.op_type}" for n in graph.nodes if n.domain not in STANDARD_DOMAINS})
+    """``domain::op`` of the nodes outside the standard ONNX domains that onnxruntime has no CPU
+    kernel for (its own contrib ops, ``com.microsoft::Attention`` and the like, it runs)."""
+    runnable = _onnxruntime_cpu_ops()
+    return sorted({
+        f"{n.domain}::{n.op_type}" for n in graph.nodes
+        if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in runnable
+    })
+
+
+@functools.cache
+def _onnxruntime_cpu_ops() -> frozenset[tuple[str, str]]:
+    """``(domain, op)`` of every kernel onnxruntime's CPU provider registers."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return frozenset((k.domain, k.op_name) for k in state.get_all_opkernel_def() if k.provider == "CPUExecutionProvider")
 
 
 def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "synthetic inputs") -> Fidelity:

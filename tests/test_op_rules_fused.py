@@ -7,16 +7,24 @@ outputs of the zeroed original and of the pruned model must agree within 1e-5 (r
 tests also assert what the rules rewrite: packed weight columns, biases, ``num_heads`` and
 ``kv_num_heads``. The normalisations keep the hidden axis (a barrier) and pass the leading axes
 through: the conv chain of ``test_op_rules`` prunes channels on a leading axis through them.
+
+End to end, all-MiniLM-L6-v2 and a GPT-2 after ``onnxruntime.transformers.optimizer`` prune like
+their exports.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+import onnx
 import pytest
 
 from helpers import assert_exact
+from models.sentences import ENCODER_INPUTS, SENTENCES, embed, mean_cosine, tokenize
 from test_op_rules import CONFIG, RTOL, attr, build, initializer, nodes, prune_exact, shapes_of
-from spa_compiler import PruneConfig, analyze_graph, prune_graph
+from spa_compiler import PruneConfig, analyze_graph, load_model, prune, prune_graph
+from spa_compiler.synthetic import synthetic_calibration
 
 MS = {"com.microsoft": 1}
 HEADS, D, HIDDEN, SEQ = 4, 8, 32, 6
@@ -88,6 +96,7 @@ def test_attention_weight_is_a_consumer_layer_for_second_order_criteria(tmp_path
     assert (layers["Wqkv"].axis, layers["Wqkv"].bias, layers["Wqkv"].channel_axis) == (0, "Bqkv", -1)
     result = prune_graph(graph, PruneConfig(ratio=0.5, round_to=1, criterion="obs", refit_rounds=1))
     assert result.plan.n_removed == 2
+    assert sorted(s.layer.weight for s in result.statistics.values()) == ["Wo", "Wqkv"]  # onnxruntime runs it
 
 
 # -- MultiHeadAttention -----------------------------------------------------------------------
@@ -240,6 +249,19 @@ RESIDUAL_FFN = """
 """
 
 
+def test_fused_ops_add_the_bias_of_the_layer_before_them(tmp_path):
+    """The bias a fused op adds to a layer's output (BiasGelu's B, SkipLayerNormalization's bias)
+    is that layer's bias for the second-order criterion, bias correction and the re-fit."""
+    from spa_compiler.calibrate import consumer_layers
+
+    graph = token_graph(tmp_path, SKIP_FFN.format(gelu="BiasGelu", bias=", B1"), {
+        "W1": weight(HIDDEN, 64, seed=1), "B1": weight(64, seed=2), "W2": weight(64, HIDDEN, seed=3),
+        "G": weight(HIDDEN, seed=4), "Bt": weight(HIDDEN, seed=5), "B2": weight(HIDDEN, seed=6),
+        "W3": weight(HIDDEN, HIDDEN, seed=7)})
+    assert {layer.weight: layer.bias for layer in consumer_layers(analyze_graph(graph))} == {
+        "W1": "B1", "W2": "B2", "W3": None}
+
+
 def test_prune_hidden_couples_skip_layer_normalization_lossily(tmp_path):
     """The residual stream ``r`` is a barrier at SkipLayerNormalization; with --prune-hidden it
     is one lossy "hidden" group through the skip, the input, gamma, beta and bias."""
@@ -273,5 +295,59 @@ def test_embed_layer_normalization_feeds_attention_heads_exactly(tmp_path):
     graph = token_graph(tmp_path, body, consts, inputs=ids)
     analysis = analyze_graph(graph)
     assert heads_groups(analysis) == [(4, 4)] and analysis.barriers == []
+    data, note = synthetic_calibration(graph, 8)  # data-free token ids are rows of the word table
+    assert "Zipf token ids in [1, 49] of a 50-row embedding" in note and data["ids"].min() >= 1
     pruned = prune_exact(graph)[1]
     assert shapes_of(pruned, ["Word", "Wqkv", "Wo"]) == {"Word": (50, 32), "Wqkv": (32, 48), "Wo": (16, 32)}
+
+
+# -- end to end: models after onnxruntime's transformer optimiser ------------------------------
+
+def _fused_ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft")
+
+
+def _units(analysis) -> list[tuple[int, int, str]]:
+    return sorted((len(g.units), len(g.prunable), analysis.kind(g)) for g in analysis.groups if g.prunable)
+
+
+@pytest.mark.real_model
+def test_minilm_after_the_onnxruntime_optimiser_prunes_like_the_export(tmp_path):
+    """all-MiniLM-L6-v2 exported, then fused by onnxruntime's optimiser: the same heads and FFN
+    neurons are found, and at --flops 0.5 the fused model's embeddings of real sentences keep
+    the export's fidelity within 0.01."""
+    from models.fused_benchmark import optimize_for_onnxruntime
+    from models.real import export_minilm, load_minilm
+
+    seq = 32
+    shapes = {name: (1, seq) for name in ENCODER_INPUTS}
+    exported = export_minilm(tmp_path / "minilm.onnx", seq)
+    fused = optimize_for_onnxruntime(exported, tmp_path / "minilm_ort.onnx", "bert", 12, 384)
+    ops = _fused_ops(fused)
+    assert ops == {"EmbedLayerNormalization": 1, "Attention": 6, "SkipLayerNormalization": 12, "BiasGelu": 6}
+    assert _units(analyze_graph(load_model(fused, shapes))) == [(12, 12, "heads")] * 6 + [(1536, 1536, "channels")] * 6
+    inputs = tokenize(load_minilm()[0], SENTENCES, seq)
+    reference = embed(exported, inputs)
+    cosines = {}
+    for name, model in (("exported", exported), ("fused", fused)):
+        output = tmp_path / f"{name}_pruned.onnx"
+        report = prune(model, output, PruneConfig(flops=0.5, input_shapes=shapes, bench_runs=0))
+        assert 0.48 <= report.flops_ratio <= 0.52
+        cosines[name] = mean_cosine(reference, embed(output, inputs))
+    assert _fused_ops(tmp_path / "fused_pruned.onnx") == ops
+    assert abs(cosines["fused"] - cosines["exported"]) <= 0.01, cosines
+
+
+def test_gpt2_after_the_onnxruntime_optimiser(tmp_path):
+    """A transformers GPT-2 (random weights) through the optimiser's gpt2 fusions
+    (SkipLayerNormalization, FastGelu; attention stays plain ops): heads and FFN neurons of both
+    layers prune to half the FLOPs, exactly when the removed ones are zeroed."""
+    from models.fused_benchmark import export_gpt2, optimize_for_onnxruntime
+
+    shapes = {"input_ids": (1, 16)}
+    fused = optimize_for_onnxruntime(export_gpt2(tmp_path / "gpt2.onnx"), tmp_path / "gpt2_ort.onnx", "gpt2", 4, 64)
+    assert _fused_ops(fused) == {"SkipLayerNormalization": 4, "FastGelu": 2}
+    assert _units(analyze_graph(load_model(fused, shapes))) == [(4, 4, "heads")] * 2 + [(256, 256, "channels")] * 2
+    report = prune(fused, tmp_path / "pruned.onnx", PruneConfig(flops=0.5, input_shapes=shapes, bench_runs=0))
+    assert 0.48 <= report.flops_ratio <= 0.52
+    assert_exact(load_model(fused, shapes), PruneConfig(ratio=0.5, round_to=1, input_shapes=shapes), rtol=1e-4)

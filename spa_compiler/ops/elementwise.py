@@ -46,3 +46,8 @@ class Broadcast(OpRule):
 
     def couple(self, node: "Node", c: Coupler) -> None:
         couple_broadcast(c, node.inputs, node.outputs[0])
+
+    def added_bias(self, node: "Node", name: str) -> str | None:
+        """An Add's other operand."""
+        others = [n for n in node.inputs if n != name]
+        return others[0] if node.op_type == "Add" and len(others) == 1 else None

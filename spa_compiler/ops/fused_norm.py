@@ -70,6 +70,10 @@ class SkipLayerNorm(OpRule):
                 c.couple(skip, k, y, out_axis)
         _couple_hidden(c, y, [x, skip, _output(node, 3), *(input_at(node, k) for k in self.parameters)])
 
+    def added_bias(self, node: "Node", name: str) -> str | None:
+        """``bias``, added to ``input`` (the layer before the residual add) first."""
+        return input_at(node, self.parameters[-1]) or None if name == node.inputs[0] else None
+
 
 @register_op("SkipSimplifiedLayerNormalization", domain=MS, opsets=(1, 99))
 class SkipSimplifiedLayerNorm(SkipLayerNorm):
@@ -112,3 +116,7 @@ class BiasGelu(OpRule):
 
     def couple(self, node: "Node", c: Coupler) -> None:
         couple_broadcast(c, node.inputs, node.outputs[0])
+
+    def added_bias(self, node: "Node", name: str) -> str | None:
+        """``B``, added to ``A`` before the activation."""
+        return input_at(node, 1) or None if name == node.inputs[0] else None

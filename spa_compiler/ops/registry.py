@@ -139,6 +139,12 @@ class OpRule:
         """The MAC count from the kept sizes of the :meth:`macs_axes` (their product)."""
         return math.prod(sizes)
 
+    def added_bias(self, node: "Node", name: str) -> str | None:
+        """The input that ``node`` adds along the last axis to its input ``name`` before anything
+        else (an Add's other operand, a fused op's bias), which is then the bias of the layer
+        producing ``name``; None (the default) when it adds none."""
+        return None
+
 
 @dataclass(frozen=True)
 class _Entry:
