@@ -18,7 +18,9 @@ from onnx import helper, numpy_helper
 from spa_compiler import PruneConfig, PruneState, criteria, load_model, prune
 from spa_compiler.api import default_passes, output_passes
 from spa_compiler.errors import InputError
-from spa_compiler.stages import Load
+from spa_compiler.analysis import analyze_graph
+from spa_compiler.calibrate import consumer_layers
+from spa_compiler.stages import Load, warn_if_statistics_outgrow
 from spa_compiler.streaming import STREAM_ENV
 
 SMALL_LLAMA = dict(hidden=256, layers=3, intermediate=1024, vocab=3000, heads=4, kv_heads=2)  # 18 MB
@@ -135,3 +137,15 @@ def test_streamed_model_with_constant_nodes_folds_without_its_weights(tmp_path, 
     kept = np.sort(np.argsort(-np.sqrt((first ** 2).sum(0) + (second ** 2).sum(1)))[:16])  # L2 of both slabs
     np.testing.assert_array_equal(pruned["w1"], first[:, kept])
     np.testing.assert_array_equal(pruned["w2"], second[kept])
+
+
+def test_statistics_outgrowing_streamed_weights_are_announced(llama, monkeypatch, caplog):
+    """Gram matrices stay in memory: 3 x (6 x 257² + 1025²) + 257² float64 = 35 MB against 18 MB of
+    streamed weights, so collecting them warns; a model read into memory does not."""
+    in_memory = load_model(llama)
+    warn_if_statistics_outgrow(in_memory, consumer_layers(analyze_graph(in_memory)))
+    assert not caplog.text
+    monkeypatch.setenv(STREAM_ENV, "0")
+    graph = load_model(llama)
+    warn_if_statistics_outgrow(graph, consumer_layers(analyze_graph(graph)))
+    assert "the statistics of 22 layers take 35 MB of memory at once, the streamed weights 18 MB" in caplog.text
