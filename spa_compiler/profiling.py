@@ -3,7 +3,8 @@
 onnxruntime optimises a graph before running it: it folds BatchNorm into convolutions, fuses
 activations and residual Adds into them, and moves convolutions to its blocked NCHWc layout.
 The profiler names each kernel it ran after a node of the optimised graph, which is named
-after an original node or after the original tensor it writes (``<tensor>_nchwc``). A kernel
+after an original node or after the original tensor it writes (``<tensor>_nchwc``); a QDQ
+convolution onnxruntime fuses into ``QLinearConv`` is named ``<node>_token_<n>``. A kernel
 is attributed to the node of that name, else to the producer of that tensor; when the kernel's
 op differs from that node's (a convolution named after the Relu fused into it), it goes to the
 nearest compute node upstream, following first non-constant inputs. Kernels naming nothing of
@@ -15,6 +16,7 @@ by scaling the attributed times to the measured whole-model latency.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -35,7 +37,7 @@ _KERNEL = "_kernel_time"
 
 def attribute_kernel(graph: Graph, compute: set[str], kernel: str, op: str) -> str | None:
     """The original node a kernel named ``kernel`` running ``op`` is charged to, or None."""
-    base = kernel.removesuffix("_nchwc")
+    base = re.sub(r"_token_\d+$", "", kernel.removesuffix("_nchwc"))
     node: Node | None = graph.node_by_name.get(kernel) or graph.node_by_name.get(base) or graph.producer.get(base)
     if node is None or node.name in compute or node.op_type == op:
         return node.name if node is not None else None

@@ -399,3 +399,18 @@ def test_float_values_for_an_integer_weight_are_never_written(tmp_path):
     with pytest.raises(VerificationError, match="float values for integer constant 'W1'"):
         requantize(graph, {"W1": np.zeros((6, 12), np.float32)})
     assert requantize(graph, {"B1": np.ones(12, np.float32)})["B1"].dtype == np.float32
+
+
+def test_latency_profile_charges_fused_qlinearconv_kernels_to_their_conv(tmp_path):
+    """onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into a QLinearConv named
+    ``<conv>_token_<n>``; its kernel time belongs to the Conv (so --latency can prune it)."""
+    from spa_compiler.profiling import attribute_kernel
+
+    model = _qdq_conv_chain(per_channel=True)
+    for k, node in enumerate(model.graph.node):
+        node.name = f"n{k}_{node.op_type}"
+    onnx.save(model, str(tmp_path / "q.onnx"))
+    graph = load_model(tmp_path / "q.onnx")
+    compute = {n.name for n in graph.nodes if n.op_type == "Conv"}
+    assert attribute_kernel(graph, compute, "n4_Conv_token_7", "QLinearConv") == "n4_Conv"
+    assert attribute_kernel(graph, compute, "n9_Conv_token_12", "QLinearConv") == "n9_Conv"
