@@ -52,7 +52,6 @@ onnxruntime.set_default_logger_severity(3)
 MIN_OPSET = 9
 MAX_OPSET = 23
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold a model over 2 GiB
 
 
 @dataclass
@@ -88,10 +87,11 @@ class Graph:
     """A folded ONNX model with concrete shapes for every tensor.
 
     ``model`` is the folded ModelProto the rewriter edits; ``constants`` maps initializer names
-    (of every scope) to arrays, and the outputs of ``DequantizeLinear`` nodes of constants (QDQ
-    weights) to their float values, ``quantized`` says how those are stored, ``integer_weights``
-    how the integer weights of ``MatMulInteger``/``ConvInteger`` read as floats
-    (:mod:`spa_compiler.quantized`); ``shapes`` holds concrete shapes with dynamic dimensions bound.
+    (of every scope) to arrays (memory-mapped on demand for a streamed model's large weights, which
+    ``model`` only refers to: :mod:`spa_compiler.streaming`), and the outputs of
+    ``DequantizeLinear`` nodes of constants (QDQ weights) to their float values, ``quantized``
+    says how those are stored, ``integer_weights`` how the integer weights of
+    ``MatMulInteger``/``ConvInteger`` read as floats (:mod:`spa_compiler.quantized`); ``shapes`` holds concrete shapes with dynamic dimensions bound.
     ``nodes`` lists the nodes inside control-flow subgraphs too, just before their owner, when
     no name repeats across scopes (:mod:`spa_compiler.subgraphs`).
     """
@@ -572,7 +572,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     path = check_output_path(path)
     external = (
         external_data or any(streaming.is_external(t) for t in _all_tensors(model.graph))
-        or model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+        or model.ByteSize() > streaming.PROTOBUF_SAFE_BYTES
     )
     data_name = path.name + ".data"
     tmp = tmp_data = None

@@ -43,13 +43,13 @@ from .errors import InputError
 from .subgraphs import all_initializers, walk_nodes
 
 __all__ = [
-    "STREAM_ENV", "stream_threshold", "is_external", "external_bytes", "read_lazily", "tensor_view",
-    "TensorValues", "tensor_values", "replacing", "session_weights", "DataFile", "scratch_file", "header_file", "has_external", "check_model",
-    "fold_without_weights",
+    "STREAM_ENV", "PROTOBUF_SAFE_BYTES", "stream_threshold", "is_external", "external_bytes", "read_lazily",
+    "tensor_view", "TensorValues", "tensor_values", "replacing", "session_weights", "DataFile", "scratch_file",
+    "header_file", "has_external", "check_model", "fold_without_weights",
 ]
 
 STREAM_ENV = "SPA_PRUNE_STREAM_BYTES"
-_DEFAULT_STREAM_BYTES = 1_800_000_000  # protobuf cannot hold a model over 2 GiB
+PROTOBUF_SAFE_BYTES = 1_800_000_000  # protobuf cannot hold a model over 2 GiB
 _LAZY_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 _LAZY_MIN_ELEMENTS = 65  # as ir.shape_skeleton: smaller tensors may hold shapes and are loaded
 ALIGNMENT = 4096  # page-aligned offsets let runtimes memory-map the weights
@@ -59,7 +59,7 @@ def stream_threshold() -> int:
     """Bytes of external data from which a model is streamed (``SPA_PRUNE_STREAM_BYTES``)."""
     value = os.environ.get(STREAM_ENV, "")
     if not value:
-        return _DEFAULT_STREAM_BYTES
+        return PROTOBUF_SAFE_BYTES
     if not value.isdigit():
         raise InputError(f"{STREAM_ENV}={value!r} is not a number of bytes; unset it or give e.g. 1000000")
     return int(value)

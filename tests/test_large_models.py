@@ -15,12 +15,13 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from spa_compiler import PruneConfig, PruneState, criteria, load_model, prune
+from spa_compiler import PruneConfig, PruneState, criteria, load_model, prune, streaming
 from spa_compiler.api import default_passes, output_passes
 from spa_compiler.errors import InputError
 from spa_compiler.analysis import analyze_graph
 from spa_compiler.calibrate import consumer_layers
 from spa_compiler.stages import Load, warn_if_statistics_outgrow
+from spa_compiler.verify import session_for
 from spa_compiler.streaming import STREAM_ENV
 
 SMALL_LLAMA = dict(hidden=256, layers=3, intermediate=1024, vocab=3000, heads=4, kv_heads=2)  # 18 MB
@@ -98,6 +99,20 @@ def test_streamed_pruning_matches_pruning_in_memory(llama, tmp_path, monkeypatch
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), reference.pop(tensor.name))
     assert not reference
     np.testing.assert_allclose(run(tmp_path / "streamed.onnx"), run(tmp_path / "memory.onnx"), rtol=0, atol=1e-6)
+
+
+def test_read_only_folder_hands_mapped_weights_to_onnxruntime(llama, monkeypatch):
+    """Where no header can be written beside the data file, the session takes the weights as
+    external initializers; its outputs are those of the model opened from its file."""
+    monkeypatch.setenv(STREAM_ENV, "0")
+    graph = load_model(llama)
+
+    def read_only(model):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(streaming, "header_file", read_only)
+    ids = np.random.default_rng(0).integers(0, SMALL_LLAMA["vocab"], (1, 16))
+    np.testing.assert_allclose(session_for(graph.model).run(None, {"input_ids": ids})[0], run(llama), rtol=0, atol=1e-5)
 
 
 def test_truncated_weights_are_refused(llama, tmp_path, monkeypatch):
