@@ -626,9 +626,10 @@ def yolo_c2f_tiny(num_classes: int = 10, width: int = 16, seed: int = 0) -> nn.M
 class _MultiHeadAttention(nn.Module):
     """Explicit multi-head attention, exported as plain MatMul/Softmax/Reshape/Transpose ops.
 
-    q, k and v are reshaped ``(b, l, hidden) -> (b, l, heads, head_dim)`` and transposed to
-    ``(b, heads, l, head_dim)``; ``softmax(q @ k^T / sqrt(head_dim)) @ v`` is transposed back
-    and reshaped to ``(b, l, hidden)`` before the output Linear.  Pruning must remove whole
+    q, k and v are reshaped ``(b, l, heads * head_dim) -> (b, l, heads, head_dim)`` and transposed
+    to ``(b, heads, l, head_dim)``; ``softmax(q @ k^T / sqrt(head_dim)) @ v`` is transposed back
+    and reshaped to ``(b, l, heads * head_dim)`` before the output Linear (widths from the head
+    count, as Hugging Face's ``all_head_size``, so a module with fewer heads runs).  Pruning must remove whole
     heads, or the same ``head_dim`` positions of q and k in every head, and v's channels
     together with the output Linear's input features.  Subclasses produce q, k, v and an
     optional boolean mask of the score positions to keep.
@@ -649,14 +650,14 @@ class _MultiHeadAttention(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, hidden = x.shape
+        b, l, _ = x.shape
         q, k, v = (t.view(b, l, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         mask = self.keep_mask(l)
         if mask is not None:
             scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
         out = scores.softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, l, hidden))
+        return self.proj(out.transpose(1, 2).reshape(b, l, self.heads * self.head_dim))
 
 
 class SelfAttention(_MultiHeadAttention):
@@ -681,12 +682,11 @@ class CausalSelfAttention(_MultiHeadAttention):
 
     def __init__(self, hidden: int, heads: int, max_len: int) -> None:
         super().__init__(hidden, heads)
-        self.hidden = hidden
         self.c_attn = nn.Linear(hidden, 3 * hidden)
         self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril(), persistent=False)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.c_attn(x).split(self.hidden, dim=2)
+        q, k, v = self.c_attn(x).split(self.heads * self.head_dim, dim=2)
         return q, k, v
 
     def keep_mask(self, length: int) -> torch.Tensor:

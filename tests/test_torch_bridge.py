@@ -139,7 +139,7 @@ def _rebuilt(module):
     return fresh.eval()
 
 
-NARROW = ["resnet_tiny_basic", "mobilenet_v3_tiny", "densenet_tiny"]
+NARROW = ["resnet_tiny_basic", "mobilenet_v3_tiny", "densenet_tiny", "vit_tiny", "gpt2_tiny"]
 
 
 @pytest.mark.parametrize("name", NARROW)
@@ -177,17 +177,27 @@ def test_narrow_reads_the_json_report_and_refuses_a_foreign_module(exported, tmp
 
 
 def test_narrow_refuses_a_module_whose_code_fixes_the_attention_width(exported, tmp_path):
-    """The zoo ViT reshapes attention outputs to the input's hidden size, so it cannot run with
-    fewer heads: narrow updates ``heads`` yet its check against the pruned model fails loudly."""
-    from models.zoo import vit_tiny
+    """A ViT whose attention reshapes its output to the input's hidden size cannot run with fewer
+    heads: narrow updates ``heads`` yet its check against the pruned model fails loudly."""
+    from models import zoo
     from spa_compiler import ModelError
     from spa_compiler.torch import narrow
+
+    def fixed_width_forward(self, x):
+        b, l, hidden = x.shape
+        q, k, v = (t.view(b, l, self.heads, self.head_dim).transpose(1, 2) for t in self.qkv(x))
+        out = (q @ k.transpose(-2, -1) / self.head_dim ** 0.5).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, l, hidden))
 
     _, report = _prune_half(exported("vit_tiny"), tmp_path)
     heads = [g for g in report.groups if g.kind == "heads" and g.channels_after < g.channels_before]
     assert heads
+    module = zoo.vit_tiny()
+    for layer in module.modules():
+        if isinstance(layer, zoo.SelfAttention):
+            layer.forward = fixed_width_forward.__get__(layer)
     with pytest.raises(ModelError, match="no longer runs"):
-        narrow(vit_tiny(), report)
+        narrow(module, report)
 
 
 def test_narrow_an_untrained_model_whose_folded_biases_are_all_zero(tmp_path):

@@ -278,8 +278,8 @@ def _update_heads(layer: nn.Module) -> None:
         return
     heads, head_size = getattr(layer, count), getattr(layer, size)
     widths = {w for m in layer.children() if isinstance(m, nn.Linear) for w in (m.in_features, m.out_features)
-              if w % head_size == 0 and w != heads * head_size}
-    if widths:  # the narrowest projection width (the output projection's input) is heads * head_size
+              if w % head_size == 0 and w < heads * head_size}
+    if widths:  # a projection narrowed: the narrowest width (the output projection's input) is heads * head_size
         setattr(layer, count, min(widths) // head_size)
         if isinstance(getattr(layer, "all_head_size", None), int):
             layer.all_head_size = min(widths)
