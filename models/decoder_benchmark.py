@@ -1,0 +1,178 @@
+"""Perplexity of the tiny decoder (``models.tiny_decoder``) pruned every way, with the peers.
+
+    python -m models.decoder_benchmark [--flops 0.9,0.75,0.5] [--no-peers] [--out DIR]
+
+Rows, each at every ``--flops`` target, no fine-tuning anywhere (perplexity on 64 held-out
+windows of 128 bytes; the achieved FLOPs ratio by spa-prune's cost model in brackets):
+
+- spa-prune, width units (key/value groups with their query heads, FFN neurons): L2 magnitude
+  (``--criterion l2 --allocation score --refit 0``), the default pipeline data-free, and the
+  default pipeline calibrated on 128 training windows;
+- spa-prune, depth units (``--units depth``: whole attention or FFN sublayers, least measured
+  distortion per FLOP first), calibrated; and one branch then width (``--depth 1``);
+- onnxsim 0.8.1: ``apply_structured_pruning_cpp`` + ``apply_attention_head_pruning_cpp`` (L2) at
+  the sparsity whose FLOPs come closest to the target, and ``apply_transformer_block_pruning``
+  (ShortGPT-style block influence on the same calibration windows) dropping the fewest blocks
+  that reach it;
+- Torch-Pruning 1.6.1's LLM recipe (``BasePruner``, group L2 magnitude, heads and every width
+  including the hidden size, ``lm_head`` ignored) on the PyTorch model, its ratio searched the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from spa_compiler import PruneConfig, prune
+
+from .peers import flops_of, match_target, onnxsim_prune, onnxsim_simplify
+from .tiny_decoder import CALIBRATION_WINDOWS, EVAL_WINDOWS, RECIPE, corpus, onnx_perplexity, tiny_decoder, windows
+
+__all__ = ["main"]
+
+SHAPES = {"input_ids": (1, RECIPE["sequence"])}
+
+
+def spa_methods(calibration: str) -> dict[str, Callable[[float], PruneConfig]]:
+    fast = dict(criterion="l2", allocation="score", refit_rounds=0)
+    return {
+        "spa L2, width": lambda t: PruneConfig(flops=t, **fast),
+        "spa obs data-free, width": lambda t: PruneConfig(flops=t),
+        "spa obs calibrated, width": lambda t: PruneConfig(flops=t, calibration=calibration),
+        "spa calibrated, depth": lambda t: PruneConfig(flops=t, units="depth", calibration=calibration),
+        "spa calibrated, depth 1 + width": lambda t: PruneConfig(flops=t, depth=1, calibration=calibration),
+    }
+
+
+def torch_pruning_llm(ratio: float, output: Path) -> Path:
+    """Torch-Pruning's LLM recipe on a fresh copy of the trained model, exported to ``output``."""
+    import torch
+    import torch_pruning as tp
+
+    from .decoders import export_decoder
+
+    model, _ = tiny_decoder()
+    config = model.config
+    num_heads = {}
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            num_heads[module.q_proj] = config.num_attention_heads
+            num_heads[module.k_proj] = config.num_key_value_heads
+            num_heads[module.v_proj] = config.num_key_value_heads
+    example = torch.zeros(1, RECIPE["sequence"], dtype=torch.int64)
+    pruner = tp.pruner.BasePruner(
+        model, example, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+        global_pruning=False, pruning_ratio=ratio, ignored_layers=[model.lm_head], num_heads=num_heads,
+        prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
+        output_transform=lambda out: out.logits.sum(), round_to=2,
+    )
+    pruner.step()
+    config.hidden_size = model.model.embed_tokens.weight.shape[1]
+    config.intermediate_size = model.model.layers[0].mlp.gate_proj.out_features
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        heads = attention.q_proj.out_features // attention.head_dim
+        kv_heads = attention.k_proj.out_features // attention.head_dim
+        attention.num_key_value_groups = heads // kv_heads
+        config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
+    return export_decoder(model, output, sequence=RECIPE["sequence"])
+
+
+def _searched(prune_at: Callable[[float, Path], Path], target: float, original: float, folder: Path, tag: str,
+              high: float) -> Path:
+    paths: dict[float, Path] = {}
+
+    def ratio(amount: float) -> float:
+        paths[amount] = prune_at(amount, folder / f"{tag}_{amount:.4f}.onnx")
+        return flops_of(paths[amount], SHAPES) / original
+
+    amount, _ = match_target(ratio, target, high=high)
+    return paths[amount]
+
+
+def _block_pruned(source: Path, target: float, original: float, calibration: list[dict], folder: Path) -> Path:
+    """onnxsim's transformer-block pruning dropping the fewest blocks that reach ``target``."""
+    import onnxsim
+
+    model = onnx.load(str(source))
+    for count in range(1, 2 * RECIPE["layers"] + 1):
+        pruned = onnxsim.apply_transformer_block_pruning(model, calibration_data=calibration, num_blocks_to_drop=count)
+        path = folder / f"onnxsim_blocks_{count}.onnx"
+        onnx.save(pruned, str(path))
+        if flops_of(path, SHAPES) / original <= target + 0.02:
+            return path
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flops", default="0.9,0.75,0.5")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="keep the pruned models here")
+    args = parser.parse_args(argv)
+    targets = [float(t) for t in args.flops.split(",")]
+    folder = args.out or Path(tempfile.mkdtemp(prefix="decoder_benchmark_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    _, source = tiny_decoder()
+    train, held = corpus()
+    held_out = windows(held, EVAL_WINDOWS, RECIPE["sequence"], seed=1)
+    calibration = windows(train, CALIBRATION_WINDOWS, RECIPE["sequence"], seed=2)
+    calib_path = folder / "calibration.npz"
+    np.savez(calib_path, input_ids=calibration)
+    original = flops_of(source, SHAPES)
+    print(f"unpruned: perplexity {onnx_perplexity(source, held_out):.3f} ({original / 1e6:.1f}M MACs)")
+
+    rows: dict[str, dict[float, str]] = {}
+
+    def record(name: str, target: float, path: Path, seconds: float) -> None:
+        cell = f"{onnx_perplexity(path, held_out):.3f} ({flops_of(path, SHAPES) / original:.3f})"
+        rows.setdefault(name, {})[target] = cell
+        print(f"{name} @ {target}: {cell}  [{seconds:.1f} s]", flush=True)
+
+    for name, make in spa_methods(str(calib_path)).items():
+        for target in targets:
+            start = time.perf_counter()
+            output = folder / f"{name.replace(' ', '_').replace(',', '')}_{target}.onnx"
+            try:
+                prune(source, output, dataclasses.replace(make(target), bench_runs=0))
+            except Exception as exc:  # a row that fails is reported, the benchmark goes on
+                rows.setdefault(name, {})[target] = f"fails: {exc}"
+                print(f"{name} @ {target}: fails: {exc}")
+                continue
+            record(name, target, output, time.perf_counter() - start)
+
+    if not args.no_peers:
+        simplified = onnxsim_simplify(source, folder / "simplified.onnx")
+        batches = [{"input_ids": calibration[k:k + 1]} for k in range(0, 32)]
+        peers: dict[str, Callable[[float], Path]] = {
+            "onnxsim L2 channels + heads": lambda t: _searched(
+                lambda s, p: onnxsim_prune(simplified, s, p), t, original, folder, "onnxsim", 0.95),
+            "onnxsim transformer blocks": lambda t: _block_pruned(simplified, t, original, batches, folder),
+            "Torch-Pruning LLM recipe": lambda t: _searched(torch_pruning_llm, t, original, folder, "tp", 0.9),
+        }
+        for name, run in peers.items():
+            for target in targets:
+                start = time.perf_counter()
+                try:
+                    record(name, target, run(target), time.perf_counter() - start)
+                except Exception as exc:  # PeerError, or the tool itself failing
+                    rows.setdefault(name, {})[target] = f"fails: {str(exc).splitlines()[0][:80]}"
+                    print(f"{name} @ {target}: {rows[name][target]}")
+
+    print("\n| method | " + " | ".join(f"--flops {t}" for t in targets) + " |")
+    print("|---|" + "---|" * len(targets))
+    for name, cells in rows.items():
+        print(f"| {name} | " + " | ".join(cells.get(t, "-") for t in targets) + " |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
