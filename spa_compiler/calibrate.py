@@ -40,6 +40,7 @@ from .quantized import with_float_weights
 from .errors import InputError
 from .ir import Graph, Node, synthetic_inputs
 from .ops import WeightView, get_rule
+from .token_mask import attention_mask, real_rows
 from .verify import session_for
 
 __all__ = [
@@ -250,14 +251,20 @@ def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
     return begin + end
 
 
-def sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray | None:
+def sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int,
+                mask: np.ndarray | None = None) -> np.ndarray | None:
     """At most ``max_rows`` of the layer's feature rows (patch positions or tokens) of the batch
-    ``x``, a seeded random sorted subset; None for all."""
+    ``x``, a seeded random sorted subset, only rows at real tokens of the attention ``mask``
+    (:mod:`~spa_compiler.token_mask`); None for all."""
     if layer.patches:
         out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
         total = x.shape[0] * out[2] * out[3]
     else:
         total = x.size // x.shape[layer.channel_axis]
+    real = None if layer.patches else real_rows(x, layer.channel_axis, mask)
+    if real is not None:
+        rows = np.flatnonzero(real)
+        return rows if len(rows) <= max_rows else np.sort(rng.choice(rows, max_rows, replace=False))
     return None if total <= max_rows else np.sort(rng.choice(total, max_rows, replace=False))
 
 
@@ -352,10 +359,11 @@ def collect_statistics(
     for index, feeds in enumerate(batches(data, batch_size), start=first_batch):
         rng = np.random.default_rng([seed, index])
         values = dict(zip(activations, session.run(activations, feeds)))
+        mask = attention_mask(feeds)
         for layer in layers:
             budget = -(-min(ROWS_PER_FEATURE * len(stats[layer.node].hessian), MAX_ROWS) // batch_count)
             x = values[layer.activation]
-            stats[layer.node].add(layer_features(layer, graph, x, sample_rows(layer, graph, x, rng, budget)))
+            stats[layer.node].add(layer_features(layer, graph, x, sample_rows(layer, graph, x, rng, budget, mask)))
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, total)

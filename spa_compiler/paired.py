@@ -26,6 +26,7 @@ from .calibrate import (
     with_weight_inputs,
 )
 from .ir import Graph
+from .token_mask import attention_mask
 from .verify import session_for
 
 __all__ = ["PairedStatistics", "PairedRunner"]
@@ -98,7 +99,7 @@ class PairedRunner:
                     continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
                 width = feature_width(layer, x.shape)
                 budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batch_count)
-                taken = sample_rows(layer, graph, x, rng, budget)
+                taken = sample_rows(layer, graph, x, rng, budget, attention_mask(feeds))
                 if layer.node not in stats:
                     stats[layer.node] = PairedStatistics.empty(layer, feature_width(layer, x_pruned.shape), width)
                 stats[layer.node].add(

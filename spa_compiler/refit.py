@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Refit", "refit_layer", "held_out_ridge", "layer_levels", "samples_needed", "SAMPLES", "RIDGES"]
 
-SAMPLES = 32  # calibration samples a re-fit uses: each level runs them through both networks
+SAMPLES = 8  # calibration samples a re-fit uses at least: each level runs them through both networks
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 
 

@@ -31,13 +31,14 @@ from .quantized import zero_slabs
 from .rewrite import removed_indices
 from .secondorder import compensate_layer
 from .state import PruneState
+from .token_mask import attention_mask, padding_zeroed
 from .verify import session_for
 
 __all__ = ["MeasureSensitivity", "convex_increments", "samples_for"]
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the units a group may lose, at which it is measured
 SAMPLES = 32  # calibration samples a measurement runs, at most ...
-LEAST_SAMPLES = 8  # ... and at least
+LEAST_SAMPLES = 4  # ... and at least
 OUTPUT_VALUES = 2**18  # output values a measurement should see, when samples allow
 
 
@@ -98,12 +99,13 @@ class MeasureSensitivity(Pass):
         count = samples_for(per_sample, len(next(iter(state.calibration_data.values()))), self.samples)
         feeds = {name: array[:count] for name, array in state.calibration_data.items()}
         batch = 1 if fixed_batch(graph) else len(next(iter(feeds.values())))
+        mask = attention_mask(feeds)  # outputs at padding count for nothing
 
         def outputs(weights: dict[str, np.ndarray]) -> list[np.ndarray]:
             count = len(next(iter(feeds.values())))
             runs = [session.run(None, {**{k: v[i:i + batch] for k, v in feeds.items()}, **weights})
                     for i in range(0, count, batch)]
-            return [np.concatenate(parts).astype(np.float64) for parts in zip(*runs)]
+            return [padding_zeroed(np.concatenate(parts).astype(np.float64), mask) for parts in zip(*runs)]
 
         reference = outputs({})
         energy = sum(float(np.sum(y * y)) for y in reference) or 1.0

@@ -22,9 +22,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import ModelError, VerificationError
 from . import streaming
+from .errors import ModelError, VerificationError
 from .ir import STANDARD_DOMAINS, Graph, first_line, shape_skeleton, synthetic_inputs
+from .token_mask import attention_mask, padding_zeroed
 
 log = logging.getLogger(__name__)
 
@@ -236,5 +237,7 @@ def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[st
         runs = [session.run(None, {k: narrowing(k, v[i:i + batch]) for k, v in samples.items()})
                 for i in range(0, count, batch)]
         outputs.append([np.concatenate(parts) for parts in zip(*runs)])
-    before = [narrow(name, value) for name, value in zip(original.outputs, outputs[0])]
-    return fidelity(before, outputs[1], f"{count} held-out calibration samples")
+    mask = attention_mask(samples)  # outputs at padding count for nothing
+    before = [padding_zeroed(narrow(name, value), mask) for name, value in zip(original.outputs, outputs[0])]
+    after = [padding_zeroed(value, mask) for value in outputs[1]]
+    return fidelity(before, after, f"{count} held-out calibration samples")

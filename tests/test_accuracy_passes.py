@@ -34,7 +34,7 @@ def test_convex_increments_follow_the_lower_hull():
 
 def test_sensitivity_samples_follow_the_output_size():
     assert samples_for(1000, available=128) == 32  # a classifier: as many as allowed
-    assert samples_for(1 * 320 * 320, available=128) == 8  # a detector's score map: the least
+    assert samples_for(1 * 320 * 320, available=128) == 4  # a detector's score map: the least
     assert samples_for(32 * 384, available=128) == 22  # token embeddings: 2**18 values
     assert samples_for(1000, available=5) == 5
 
@@ -230,3 +230,26 @@ def test_fidelity_warning_says_what_to_do():
     warning = fidelity_warning(report(0.95, 0.6, "data-free: ..."))
     assert "--calib" in warning and "milder target" in warning and "fine-tune" in warning
     assert "--calib" not in fidelity_warning(report(0.5, None, "64 samples from c.npz"))
+
+
+def test_padding_rows_count_for_nothing():
+    """Statistics take rows at real tokens only; outputs at padding are zeroed before comparing."""
+    from spa_compiler.calibrate import sample_rows
+    from spa_compiler.token_mask import attention_mask, padding_zeroed, real_rows
+
+    feeds = {"input_ids": np.arange(8).reshape(2, 4), "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    mask = attention_mask(feeds)
+    assert mask.tolist() == [[True, True, True, False], [True, True, False, False]]
+    assert attention_mask({"attention_mask": np.ones((2, 4), np.float32)}) is None  # an additive float mask is no padding mask
+    x = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    np.testing.assert_array_equal(np.flatnonzero(real_rows(x, -1, mask)), [0, 1, 2, 4, 5])
+    assert real_rows(x.transpose(0, 2, 1), 1, mask) is None  # channels first: not laid out by tokens
+    layer = ConsumerLayer("n", "MatMul", "x", "W", 0, 1, None, channel_axis=-1)
+    rows = sample_rows(layer, None, x, np.random.default_rng(0), 3, mask)
+    assert len(rows) == 3 and set(rows) <= {0, 1, 2, 4, 5}
+    np.testing.assert_array_equal(sample_rows(layer, None, x, np.random.default_rng(0), 100, mask), [0, 1, 2, 4, 5])
+    zeroed = padding_zeroed(x, mask)
+    assert zeroed[0, 3].tolist() == [0, 0, 0] and zeroed[1, 2:].sum() == 0
+    np.testing.assert_array_equal(zeroed[0, :3], x[0, :3])
+    other = x[:, :, 0].T  # [4, 2]: not led by the mask's shape
+    assert padding_zeroed(other, mask) is other
