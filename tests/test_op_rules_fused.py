@@ -23,8 +23,9 @@ import pytest
 from helpers import assert_exact
 from models.sentences import ENCODER_INPUTS, SENTENCES, embed, mean_cosine, tokenize
 from test_op_rules import CONFIG, RTOL, attr, build, initializer, nodes, prune_exact, shapes_of
-from spa_compiler import PruneConfig, analyze_graph, load_model, prune, prune_graph
+from spa_compiler import PruneConfig, analyze_graph, load_model, prune, prune_graph, synthetic_inputs
 from spa_compiler.synthetic import synthetic_calibration
+from spa_compiler.verify import run_model
 
 MS = {"com.microsoft": 1}
 HEADS, D, HIDDEN, SEQ = 4, 8, 32, 6
@@ -183,6 +184,19 @@ def test_group_query_attention_with_a_kv_cache_prunes_query_heads_within_groups(
     gqa = nodes(pruned, "GroupQueryAttention")[0]
     assert (attr(gqa, "num_heads"), attr(gqa, "kv_num_heads")) == (2, 2)
     assert shapes_of(pruned, ["Wq", "Wk", "Wv", "Wo"]) == {"Wq": (32, 16), "Wk": (32, 16), "Wv": (32, 16), "Wo": (16, 32)}
+
+
+def test_group_query_attention_cache_allowed_to_change_prunes_whole_kv_groups(tmp_path):
+    """With --allow-io-change naming the cache, whole KV groups go again: the past and present
+    lose the group's key/value head, and the pruned model runs on the narrower cache."""
+    graph = _gqa_graph(tmp_path, GQA_SEPARATE, cache=True)
+    config = PruneConfig(ratio=0.5, round_to=1, allow_io_change=("past_*", "present_*"))
+    assert heads_groups(analyze_graph(graph, allow_io_change=config.allow_io_change)) == [(2, 2)]
+    pruned = prune_graph(graph, config).model
+    gqa = nodes(pruned, "GroupQueryAttention")[0]
+    assert (attr(gqa, "num_heads"), attr(gqa, "kv_num_heads")) == (2, 1)
+    feeds = synthetic_inputs({**graph.input_shapes, "past_k": (1, 1, PAST, D), "past_v": (1, 1, PAST, D)}, graph.dtypes)
+    assert [o.shape for o in run_model(pruned, feeds)] == [(1, SEQ, HIDDEN), (1, 1, PAST + SEQ, D), (1, 1, PAST + SEQ, D)]
 
 
 # -- normalisations: leading axes identity, hidden axis a barrier ------------------------------

@@ -18,9 +18,10 @@ past-state or attention-bias row) couples with that anchor.
 * ``GroupQueryAttention``: query head ``h`` attends with key/value head ``h // r`` (``r =
   num_heads / kv_num_heads``). Either *whole KV groups* go (a key/value head and its ``r`` query
   heads; ``kv_num_heads`` lowered too) or *query heads within groups* (position ``t`` of every
-  group together, the key/value heads kept). The second is chosen when the KV cache is part of
-  the model's interface (a ``past_key`` graph input or ``present_key`` graph output, whose
-  shapes must not change) or when it gives more units (``r > kv_num_heads``).
+  group together, the key/value heads kept). Whole groups first; where they are blocked (a KV
+  cache in the model's interface, ``past_key`` a graph input or ``present_key`` a graph output,
+  whose shapes keep their sizes unless ``--allow-io-change`` names them) the analysis asks again
+  (``Coupler.repeat_merge``) and the query heads within groups are the units.
 * ``RotaryEmbedding`` rotates pairs of dimensions within one head, the same way in every head.
 
 MACs: ``S * T * (Dq + Dv)`` per head and sequence (``Q·Kᵀ`` and ``P·V``, ``T`` the key length),
@@ -218,10 +219,6 @@ class MultiHeadAttention(OpRule):
         return b * s * t * (hq + hv)
 
 
-def _graph_input(c: Coupler, name: str) -> bool:
-    return bool(name) and c.producer(name) is None and not c.is_constant(name)
-
-
 @register_op("GroupQueryAttention", domain=MS, opsets=(1, 99))
 class GroupQueryAttention(OpRule):
     """Query head ``h`` attends with key/value head ``h // r``: whole KV groups or query heads
@@ -237,13 +234,6 @@ class GroupQueryAttention(OpRule):
             raise Unsupported(f"{heads} query heads do not form {kv_heads} equal KV groups")
         return heads, kv_heads, d
 
-    def _whole_groups(self, node: "Node", c: Coupler, heads: int, kv_heads: int) -> bool:
-        per_group = heads // kv_heads
-        cache_in_interface = _graph_input(c, _optional(node, 3)) or any(
-            o and not c.consumers(o) for o in (_output(node, 1), _output(node, 2))
-        )
-        return per_group == 1 or (not cache_in_interface and kv_heads >= per_group)
-
     def couple(self, node: "Node", c: Coupler) -> None:
         _refuse(node, {12: "k_scale", 13: "v_scale", 16: "query_seqlens"},
                 {"qk_output": "its QK output", "kv_cache_bit_width": "a quantized KV cache"})
@@ -252,7 +242,7 @@ class GroupQueryAttention(OpRule):
             raise Unsupported("only [B, S, hidden] query, key and value (or packed QKV) are modelled")
         heads, kv_heads, d = self._layout(node, c.shape(y)[2])
         per_group = heads // kv_heads
-        whole = self._whole_groups(node, c, heads, kv_heads)
+        whole = per_group == 1 or not c.repeat_merge(y, k or q, 2)
         anchor_of = (lambda h: (h // per_group) * per_group) if whole else (lambda h: h % per_group)
         anchor_heads(c, y, 2, d)
         c.couple(y, 2, y, 2, np.arange(heads * d), anchor_of(np.arange(heads * d) // d) * d)
