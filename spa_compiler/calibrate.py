@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import streaming
 from .analysis import Analysis
 from .quantized import with_float_weights
 from .errors import InputError
@@ -120,16 +121,24 @@ class LayerStatistics:
             self.rows += len(rows)
             self.pending = []
 
+    def spill(self) -> None:
+        """Keep ``H`` (and the inverses computed later) on disk, memory-mapped when read."""
+        self.hessian = streaming.spilled(self.hessian)
+        self.__dict__["_spilled"] = True
+
     def inverse(self, damping: float, with_bias: bool = True) -> np.ndarray:
         """``(H + damping * mean(diag H) * I)⁻¹``, over the features and (``with_bias``) the
-        constant feature; computed once per argument pair."""
+        constant feature; computed once per argument pair (and spilled with ``H``)."""
         cache = self.__dict__.setdefault("_inverses", {})
         key = (damping, with_bias)
         if key not in cache:
             hessian = self.hessian if with_bias else self.hessian[:-1, :-1]
             diagonal = np.diag(hessian)
             scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
-            cache[key] = np.linalg.inv(hessian + damping * scale * np.eye(len(hessian)))
+            damped = np.array(hessian)
+            damped[np.diag_indices(len(damped))] += damping * scale
+            inverse = np.linalg.inv(damped)
+            cache[key] = streaming.spilled(inverse) if self.__dict__.get("_spilled") else inverse
         return cache[key]
 
 
@@ -342,33 +351,42 @@ def collect_statistics(
     batch dimension is fixed) and accumulate every layer's ``H``.
 
     Batch ``b`` samples its rows with its own generator, seeded by ``(seed, b)``, so the rows
-    taken from a batch do not depend on which batches ran before it. A *shard* of a larger
+    taken from a batch do not depend on which batches ran before it. The statistics of a streamed
+    model that would outgrow a quarter of its weights are collected in chunks of layers, one run
+    over the data per chunk, each chunk's spilled to disk before the next
+    (:func:`~spa_compiler.streaming.statistics_chunks`; a layer's rows are then drawn after those
+    of its chunk's earlier layers, not of all layers). A *shard* of a larger
     collection passes its slice of the samples (whole batches), the index of its first batch and
     the collection's ``total_batches`` (which sets the rows taken per batch); the statistics of
     shards covering every batch add up (:func:`add_statistics`) to those of one run over all."""
     activations = sorted({layer.activation for layer in layers})
     batch_size = statistics_batch_size(graph, batch_size)
     session = session_for(exposing(graph.model, activations), optimize=False)
-    stats = {}
-    for layer in layers:
-        width = feature_width(layer, graph.shapes[layer.activation])
-        stats[layer.node] = LayerStatistics(layer, np.zeros((width + 1, width + 1)))
+    widths = {layer.node: feature_width(layer, graph.shapes[layer.activation]) + 1 for layer in layers}
+    chunks = streaming.statistics_chunks(graph, layers, [8 * widths[layer.node] ** 2 for layer in layers])
     total = len(next(iter(data.values())))
     batch_count = total_batches or -(-total // batch_size)
-    done = 0
-    for index, feeds in enumerate(batches(data, batch_size), start=first_batch):
-        rng = np.random.default_rng([seed, index])
-        values = dict(zip(activations, session.run(activations, feeds)))
-        mask = attention_mask(feeds)
-        for layer in layers:
-            budget = -(-min(ROWS_PER_FEATURE * len(stats[layer.node].hessian), MAX_ROWS) // batch_count)
-            x = values[layer.activation]
-            stats[layer.node].add(layer_features(layer, graph, x, sample_rows(layer, graph, x, rng, budget, mask)))
-        done += len(next(iter(feeds.values())))
-        if progress:
-            progress(done, total)
-    for layer_stats in stats.values():
-        layer_stats.flush()
+    stats = {}
+    for number, chunk in enumerate(chunks):
+        names = sorted({layer.activation for layer in chunk})
+        for layer in chunk:
+            stats[layer.node] = LayerStatistics(layer, np.zeros((widths[layer.node], widths[layer.node])))
+        done = 0
+        for index, feeds in enumerate(batches(data, batch_size), start=first_batch):
+            rng = np.random.default_rng([seed, index])
+            values = dict(zip(names, session.run(names, feeds)))
+            mask = attention_mask(feeds)
+            for layer in chunk:
+                budget = -(-min(ROWS_PER_FEATURE * widths[layer.node], MAX_ROWS) // batch_count)
+                x = values[layer.activation]
+                stats[layer.node].add(layer_features(layer, graph, x, sample_rows(layer, graph, x, rng, budget, mask)))
+            done += len(next(iter(feeds.values())))
+            if progress:
+                progress(number * total + done, len(chunks) * total)
+        for layer in chunk:
+            stats[layer.node].flush()
+            if len(chunks) > 1:
+                stats[layer.node].spill()
     return stats
 
 

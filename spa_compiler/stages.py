@@ -20,10 +20,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
-from . import streaming
-from .calibrate import (
-    ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, feature_width, fixed_batch, load_calibration,
-)
+from .calibrate import ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, fixed_batch, load_calibration
 from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
@@ -92,7 +89,6 @@ class CollectStatistics(Pass):
             state.calibration = f"none: onnxruntime cannot run {', '.join(unrunnable)}, so scores are magnitudes"
             return state
         layers = consumer_layers(state.analysis)
-        warn_if_statistics_outgrow(graph, layers)
         if config.calibration:
             data = load_calibration(config.calibration, graph, config.calibration_samples)
             data, state.held_out = split_held_out(data)
@@ -117,20 +113,6 @@ class CollectStatistics(Pass):
                 progress: Callable[[int, int], None]) -> dict[str, LayerStatistics]:
         """The layers' statistics over ``data``, in this process (a subclass may spread the work)."""
         return collect_statistics(graph, layers, data, config.calibration_batch, seed=config.seed, progress=progress)
-
-
-def warn_if_statistics_outgrow(graph: Graph, layers: list[ConsumerLayer]) -> None:
-    """Warn when a streamed model's statistics, held all at once (float64 ``(features + 1)²`` per
-    layer), would take more memory than half its weights: the weights stay on disk, the Gram
-    matrices do not (:mod:`spa_compiler.streaming`)."""
-    weights = streaming.external_bytes(graph.model)
-    needed = sum(8 * (feature_width(layer, graph.shapes[layer.activation]) + 1) ** 2 for layer in layers)
-    if weights and needed > weights / 2:
-        log.warning(
-            "the statistics of %d layers take %.0f MB of memory at once, the streamed weights %.0f MB; "
-            "--criterion l2 --allocation score --refit 0 prunes within about the weights' size",
-            len(layers), needed / 1e6, weights / 1e6,
-        )
 
 
 HELD_OUT_SHARE, HELD_OUT_MAX = 8, 32

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import onnx
@@ -42,10 +42,13 @@ from onnx import helper, numpy_helper
 from .errors import InputError
 from .subgraphs import all_initializers, walk_nodes
 
+if TYPE_CHECKING:
+    from .ir import Graph
+
 __all__ = [
     "STREAM_ENV", "PROTOBUF_SAFE_BYTES", "stream_threshold", "is_external", "external_bytes", "read_lazily",
     "tensor_view", "TensorValues", "tensor_values", "replacing", "session_weights", "DataFile", "scratch_file",
-    "header_file", "has_external", "check_model", "fold_without_weights",
+    "header_file", "has_external", "check_model", "fold_without_weights", "spilled", "statistics_chunks",
 ]
 
 STREAM_ENV = "SPA_PRUNE_STREAM_BYTES"
@@ -231,6 +234,32 @@ def scratch_file(suffix: str) -> Path:
     fd, name = tempfile.mkstemp(suffix=suffix, dir=_scratch[0])
     os.close(fd)
     return Path(name)
+
+
+def spilled(array: np.ndarray) -> np.ndarray:
+    """``array`` written to a scratch file and mapped back read-only: its pages leave memory when
+    the caller lets go of what it read."""
+    path = scratch_file(".npy")
+    np.save(path, array)
+    return np.load(path, mmap_mode="r")
+
+
+def statistics_chunks(graph: "Graph", layers: list, sizes: list[int]) -> list[list]:
+    """``layers`` (with the byte sizes of their statistics) in consecutive chunks whose statistics
+    take at most a quarter of the model's streamed weights (a larger layer alone): one chunk for
+    a model held in memory, or when all fit."""
+    budget = external_bytes(graph.model) // 4
+    if not budget or sum(sizes) <= budget:
+        return [list(layers)]
+    chunks: list[list] = [[]]
+    used = 0
+    for layer, size in zip(layers, sizes):
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(layer)
+        used += size
+    return chunks
 
 
 @contextlib.contextmanager

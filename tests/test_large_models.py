@@ -18,9 +18,7 @@ from onnx import helper, numpy_helper
 from spa_compiler import PruneConfig, PruneState, criteria, load_model, prune, streaming
 from spa_compiler.api import default_passes, output_passes
 from spa_compiler.errors import InputError
-from spa_compiler.analysis import analyze_graph
-from spa_compiler.calibrate import consumer_layers
-from spa_compiler.stages import Load, warn_if_statistics_outgrow
+from spa_compiler.stages import Load
 from spa_compiler.verify import session_for
 from spa_compiler.streaming import STREAM_ENV
 
@@ -154,13 +152,19 @@ def test_streamed_model_with_constant_nodes_folds_without_its_weights(tmp_path, 
     np.testing.assert_array_equal(pruned["w2"], second[kept])
 
 
-def test_statistics_outgrowing_streamed_weights_are_announced(llama, monkeypatch, caplog):
-    """Gram matrices stay in memory: 3 x (6 x 257² + 1025²) + 257² float64 = 35 MB against 18 MB of
-    streamed weights, so collecting them warns; a model read into memory does not."""
-    in_memory = load_model(llama)
-    warn_if_statistics_outgrow(in_memory, consumer_layers(analyze_graph(in_memory)))
-    assert not caplog.text
+def test_second_order_statistics_of_a_streamed_model_are_collected_in_chunks(llama, tmp_path, monkeypatch):
+    """Gram matrices of 22 layers (3 x (6 x 257² + 1025²) + 257² float64: 35 MB) against 18 MB of
+    weights: streamed, they are collected a quarter of the weights' size at a time and kept on
+    disk, as are their inverses; every token row is used here, so the matrices, and the pruned
+    weights, are those of the collection in memory."""
+    config = PruneConfig(flops=0.5, bench_runs=0, criterion="obs", calibration_samples=32)
+    grams = 8 * (3 * (6 * 257**2 + 1025**2) + 257**2)
+    in_memory = prune(llama, tmp_path / "memory.onnx", config)
     monkeypatch.setenv(STREAM_ENV, "0")
-    graph = load_model(llama)
-    warn_if_statistics_outgrow(graph, consumer_layers(analyze_graph(graph)))
-    assert "the statistics of 22 layers take 35 MB of memory at once, the streamed weights 18 MB" in caplog.text
+    streamed, peaks = pruned_with_peaks(llama, tmp_path / "streamed.onnx", config)
+    for name in ("calibrate", "score", "compensate"):  # one chunk's matrices, one layer's rows and inverse
+        assert peaks[name] < 0.8 * grams, name
+    reference = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "memory.onnx").graph.initializer}
+    for tensor in onnx.load(tmp_path / "streamed.onnx").graph.initializer:
+        np.testing.assert_allclose(numpy_helper.to_array(tensor), reference.pop(tensor.name), rtol=1e-5, atol=1e-6)
+    assert not reference and streamed.flops_ratio == in_memory.flops_ratio
