@@ -1,15 +1,17 @@
 """Benchmark: a 1B-parameter Llama-style decoder (external data, > 2 GB) pruned to half its FLOPs.
 
-    nice -n 10 python -m models.large_benchmark [--flops 0.5] [--cache DIR]
+    nice -n 10 python -m models.large_benchmark [--flops 0.5] [--criterion l2|obs] [--samples 16] [--cache DIR]
 
 Builds a Llama-style model from a ``transformers`` ``LlamaConfig`` with seeded random weights
 (hidden 2048, 16 layers, SwiGLU 8192, 32 query and 8 key/value heads, vocabulary 32000: 1.10B
 parameters, 4.4 GB in float32), exports it once with ``torch.onnx.export(dynamo=True)`` and
 external data into the cache folder (``~/.cache/spa-prune/llama-1b``; never part of the
 repository), then prunes it with the quick pipeline (``--criterion l2 --allocation score --refit 0``)
-in a fresh process that imports no torch. Prints the pruning time, the peak resident memory of
-that process and its ratio to the model's size, each pass's seconds and peak, and the result's
-FLOPs, parameters and fidelity to the original on synthetic inputs.
+in a fresh process that imports no torch; ``--criterion obs`` takes second-order scores and
+compensation from ``--samples`` data-free samples instead (still ``--allocation score --refit 0``).
+Prints the pruning time, the peak resident memory of that process and its ratio to the model's
+size, each pass's seconds and peak, and the result's FLOPs, parameters and fidelity to the
+original on synthetic inputs.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ def export_llama(path: Path, hidden: int, layers: int, intermediate: int, vocab:
 _WORKER = r"""
 import json, re, sys, time
 from spa_compiler import PruneConfig, prune
-source, output, flops = sys.argv[1], sys.argv[2], float(sys.argv[3])
+source, output, flops, criterion, samples = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 start = time.perf_counter()
-config = PruneConfig(flops=flops, bench_runs=0, criterion="l2", allocation="score", refit_rounds=0)
+config = PruneConfig(flops=flops, bench_runs=0, criterion=criterion, allocation="score", refit_rounds=0,
+                     calibration_samples=samples)
 report = prune(source, output, config)
 elapsed = time.perf_counter() - start
 peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
@@ -82,6 +85,9 @@ def _size_mb(path: Path) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", type=float, default=0.5)
+    parser.add_argument("--criterion", choices=("l2", "obs"), default="l2",
+                        help="obs: second-order scores and compensation from data-free statistics")
+    parser.add_argument("--samples", type=int, default=16, help="synthetic calibration samples (obs)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "spa-prune" / "llama-1b")
     args = parser.parse_args(argv)
     source = args.cache / "llama-1b.onnx"
@@ -90,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
         export_llama(source, **LLAMA_1B)
     with tempfile.TemporaryDirectory(dir=args.cache) as folder:
         output = Path(folder) / "pruned.onnx"
-        completed = subprocess.run([sys.executable, "-c", _WORKER, str(source), str(output), str(args.flops)],
+        worker = [sys.executable, "-c", _WORKER, str(source), str(output), str(args.flops), args.criterion,
+                  str(args.samples)]
+        completed = subprocess.run(worker,
                                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if completed.returncode:
             sys.exit(f"pruning failed: {completed.stderr.strip().splitlines()[-1]}")

@@ -20,6 +20,11 @@ whatever the model's size. Their values are read on demand:
   points their protos at it: the rewriter streams the sliced weights of a pruned model there,
   and :func:`~spa_compiler.ir.save_model` copies them into the output's ``.data`` file one at a time.
 
+Second-order statistics (Gram matrices ``H`` of every consumer layer, float64, together often
+larger than the weights) are collected in chunks of layers (:func:`statistics_chunks`) and
+kept on disk with their inverses (:func:`spilled`), so that they too take a fraction of the
+model's size in memory.
+
 Inside the process an external tensor's location is absolute; :func:`check_model` runs the ONNX
 checker (which refuses absolute locations) on :func:`header_file`.
 """
