@@ -74,6 +74,24 @@ def test_attention_prunes_whole_heads_exactly(tmp_path, extra, mask):
     assert attr(nodes(pruned, "Attention")[0], "num_heads") == 2
 
 
+def test_attention_with_a_past_state_allowed_to_change(tmp_path):
+    """past [2, B, heads, P, D] and present are the interface: heads stay by default; with
+    --allow-io-change they go with the heads, and the pruned model runs on the narrower state."""
+    body = """
+        ctx, present = com.microsoft.Attention <num_heads = 4, unidirectional = 1> (x, Wqkv, Bqkv, , past)
+        y = MatMul (ctx, Wo)
+    """
+    inputs = f"{TOKENS}, float[2,1,4,3,{D}] past"
+    graph = token_graph(tmp_path, body, {"Wqkv": weight(HIDDEN, 3 * HIDDEN, seed=1), "Bqkv": weight(3 * HIDDEN, seed=2),
+                                         "Wo": weight(HIDDEN, HIDDEN, seed=3)}, inputs, f"{OUT}, float[2,1,4,9,{D}] present")
+    assert heads_groups(analyze_graph(graph)) == [(4, 0)]
+    config = PruneConfig(ratio=0.5, round_to=1, allow_io_change=("past", "present"))
+    pruned = prune_graph(graph, config).model
+    assert attr(nodes(pruned, "Attention")[0], "num_heads") == 2
+    feeds = synthetic_inputs({**graph.input_shapes, "past": (2, 1, 2, 3, D)}, graph.dtypes)
+    assert [o.shape for o in run_model(pruned, feeds)] == [(1, SEQ, HIDDEN), (2, 1, 2, 9, D)]
+
+
 def test_attention_with_unequal_qkv_sizes_is_a_barrier(tmp_path):
     body = """
         ctx = com.microsoft.Attention <num_heads = 4, qkv_hidden_sizes = [32, 32, 16]> (x, Wqkv, Bqkv)
@@ -102,20 +120,24 @@ def test_attention_weight_is_a_consumer_layer_for_second_order_criteria(tmp_path
 
 # -- MultiHeadAttention -----------------------------------------------------------------------
 
-def test_multi_head_attention_prunes_whole_heads_exactly(tmp_path):
-    body = """
+@pytest.mark.parametrize("attention_bias", [False, True], ids=["plain", "per_head_attention_bias"])
+def test_multi_head_attention_prunes_whole_heads_exactly(tmp_path, attention_bias):
+    body = f"""
         q = MatMul (x, Wq)
         k = MatMul (x, Wk)
         v = MatMul (x, Wv)
-        ctx = com.microsoft.MultiHeadAttention <num_heads = 4> (q, k, v, Bqkv)
+        ctx = com.microsoft.MultiHeadAttention <num_heads = 4> (q, k, v, Bqkv{", , Rel" if attention_bias else ""})
         y = MatMul (ctx, Wo)
     """
     consts = {f"W{n}": weight(HIDDEN, HIDDEN, seed=k) for k, n in enumerate("qkvo")}
-    graph = token_graph(tmp_path, body, {**consts, "Bqkv": weight(3 * HIDDEN, seed=9)})
+    rel = weight(1, HEADS, SEQ, SEQ, seed=8) * 3  # a relative-position bias per head
+    graph = token_graph(tmp_path, body, {**consts, "Bqkv": weight(3 * HIDDEN, seed=9), "Rel": rel})
     assert heads_groups(analyze_graph(graph)) == [(4, 4)]
     pruned = prune_exact(graph)[1]
     assert shapes_of(pruned, ["Wq", "Wk", "Wv", "Bqkv", "Wo"]) == {
         "Wq": (32, 16), "Wk": (32, 16), "Wv": (32, 16), "Bqkv": (48,), "Wo": (16, 32)}
+    if attention_bias:
+        assert initializer(pruned, "Rel").shape == (1, 2, SEQ, SEQ)
     assert attr(nodes(pruned, "MultiHeadAttention")[0], "num_heads") == 2
 
 

@@ -283,10 +283,9 @@ class GroupQueryAttention(OpRule):
 @register_op("RotaryEmbedding", domain=MS, opsets=(1, 99))
 class RotaryEmbedding(OpRule):
     """Rotates pairs of dimensions within each head, alike in every head: on a ``[B, S, hidden]``
-    input whole heads are units (``num_heads`` rewritten when set); on ``[B, heads, S, D]`` the
-    heads axis is identity and the dimension axis a barrier."""
+    input whole heads are units (``num_heads`` rewritten when set)."""
 
-    summary = "whole heads identity (3-D: hidden axis by heads; 4-D: heads axis); num_heads rewritten"
+    summary = "[B, S, hidden] by whole heads, identity; num_heads rewritten"
 
     @staticmethod
     def _head_size(node: "Node", hidden: int, cos_width: int) -> int:
@@ -302,12 +301,8 @@ class RotaryEmbedding(OpRule):
         _refuse(node, {}, {"is_packed_batching": "packed batching"})
         x, y = node.inputs[0], node.outputs[0]
         rank = len(c.shape(x))
-        if rank == 4:
-            for axis in (0, 1, 2):
-                c.couple(x, axis, y, axis)
-            return
         if rank != 3:
-            raise Unsupported(f"its input has rank {rank}")
+            raise Unsupported(f"only a [B, S, hidden] input is modelled, not rank {rank}")
         d = self._head_size(node, c.shape(x)[2], c.shape(node.inputs[2])[-1])
         c.couple(x, 0, y, 0)
         c.couple(x, 1, y, 1)
@@ -316,6 +311,6 @@ class RotaryEmbedding(OpRule):
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         x = node.inputs[0]
-        if len(r.old_shape(x)) == 3 and node.attr("num_heads", 0):
+        if node.attr("num_heads", 0):
             d = self._head_size(node, r.old_shape(x)[2], r.old_shape(node.inputs[2])[-1])
             r.set_attr(node, "num_heads", r.new_shape(x)[2] // d)
