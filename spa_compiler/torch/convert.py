@@ -6,7 +6,7 @@ transformers (Conv, BatchNormalization, Gemm/MatMul, attention, Resize, Split/Sl
 shape arithmetic of run-time Reshape targets), and its modules export back to ONNX with
 ``torch.onnx.export``; it is chosen over writing a converter because of that coverage and because
 its modules are plain ``torch.fx`` graphs a user can read and edit. What it lacks is filled here,
-one small converter per gap (control flow, If and Loop, stays refused by name):
+one small converter per gap:
 
 - **Trainable weights.** onnx2torch registers every initializer that no module converter absorbs
   (MatMul weights, attention projections, position embeddings, LayerNorm parts of decomposed
@@ -35,6 +35,11 @@ one small converter per gap (control flow, If and Loop, stays refused by name):
   the reversed sequence) and bidirectional; what torch's layers cannot express (peepholes,
   ``sequence_lens``, clipping, other activations, GRU without ``linear_before_reset``, batch-first
   layout) is refused by name.
+- **Control flow: If, Loop, Scan** (opset 9+; :mod:`.control_flow`): each branch or body converted
+  like a model by :func:`convert_model`, the outer-scope values it reads passed in (so a weight both
+  branches read stays one parameter), Conv and ConvTranspose computing with such weights as inputs;
+  an If decides at run time, a Loop or Scan iterates in Python. A re-export by ``torch.onnx.export``
+  traces: it keeps the branch and the iteration count of the example input.
 - **No torchvision.** onnx2torch imports torchvision for NonMaxSuppression and RoiAlign alone;
   without torchvision those two converters are withdrawn (a model using them is refused by name)
   and nothing else is needed.
@@ -52,17 +57,19 @@ import os
 import sys
 import types
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from pathlib import Path
-
 from ..ir import _fold_constants, _read_proto, check_input_path
+from ..subgraphs import hoist_initializers
+from .control_flow import CONTROL_FLOW_CONVERTERS, enclosing_model
 
-__all__ = ["to_torch", "TRAINABLE_USES"]
+__all__ = ["to_torch", "convert_model", "TRAINABLE_USES"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +266,7 @@ _CONVERTERS = {  # op type -> (opset versions, converter(node, graph, onnx2torch
     "RNN": ((1, 7, 14, 22), _recurrent),
     "GreaterOrEqual": ((12, 16), _simple(lambda _: Comparison(torch.ge))),
     "LessOrEqual": ((12, 16), _simple(lambda _: Comparison(torch.le))),
+    **CONTROL_FLOW_CONVERTERS,
 }
 _NEEDS_TORCHVISION = ("NonMaxSuppression", "RoiAlign")
 _onnx2torch: types.ModuleType | None = None
@@ -303,7 +311,8 @@ def _is_trainable_use(op_type: str, slot: int) -> bool:
 
 def _initializer_uses(module: fx.GraphModule, op_types: Mapping[str, str]) -> dict[str, tuple[str, bool]]:
     """Per initializer buffer (``initializers.onnx_initializer_k``): its ONNX name, and whether the
-    node reading it reads a weight (see ``TRAINABLE_USES``)."""
+    node reading it reads a weight (see ``TRAINABLE_USES``; a control-flow module says which of its
+    inputs its subgraphs read as weights in ``trainable_slots``)."""
     uses: dict[str, tuple[str, bool]] = {}
     for node in module.graph.nodes:
         if node.op != "call_module":
@@ -316,7 +325,9 @@ def _initializer_uses(module: fx.GraphModule, op_types: Mapping[str, str]) -> di
         slots = [i for i, name in enumerate(mapping.inputs) if name]
         for slot, argument in zip(slots, bound):
             if isinstance(argument, fx.Node) and argument.op == "get_attr":
-                uses[argument.target] = (mapping.inputs[slot], _is_trainable_use(op_types[node.target], slot))
+                trainable = (slot in called.trainable_slots if hasattr(called, "trainable_slots")
+                             else _is_trainable_use(op_types[node.target], slot))
+                uses[argument.target] = (mapping.inputs[slot], trainable)
     return uses
 
 
@@ -346,26 +357,38 @@ def _promote_weights(module: fx.GraphModule, op_types: Mapping[str, str]) -> dic
     return {target.split(".", 1)[1]: name for name, target in first.items()}
 
 
-def to_torch(path: str | os.PathLike) -> fx.GraphModule:
-    """A trainable ``torch.fx.GraphModule`` computing the ONNX model at ``path``.
-
-    Constant nodes are first folded into initializers (as the pruner loads models), so Paddle
-    weights kept in Constant nodes become parameters too; dynamic input sizes stay dynamic.
-    ``module.onnx_names`` maps each tensor of ``module.initializers`` to its ONNX initializer.
-    Raises :class:`UnsupportedModelError` naming an op no converter covers.
-    """
+def convert_model(model: onnx.ModelProto) -> fx.GraphModule:
+    """``model`` as a ``torch.fx.GraphModule`` with weights as parameters (module docstring); a
+    control-flow subgraph is converted by this too. Raises ``NotImplementedError`` naming an op no
+    converter covers."""
     onnx2torch = _import_onnx2torch()
-    check_input_path(Path(path))
-    model = _fold_constants(_read_proto(Path(path))[0])
     constants = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in constants]
-    try:
+    with enclosing_model(model):
         module = onnx2torch.convert(model, save_input_names=all(n.isidentifier() for n in names),
                                     attach_onnx_mapping=True)
-    except NotImplementedError as exc:
-        raise UnsupportedModelError(f"{path}: cannot convert to PyTorch: {exc}; the ONNX model itself is fine") from exc
     from onnx2torch.onnx_graph import OnnxGraph
 
     op_types = {name: node.operation_type for name, node in OnnxGraph(model.graph).nodes.items()}
     module.onnx_names = _promote_weights(module, op_types)
+    return module
+
+
+def to_torch(path: str | os.PathLike) -> fx.GraphModule:
+    """A trainable ``torch.fx.GraphModule`` computing the ONNX model at ``path``.
+
+    Constant nodes are first folded into initializers and subgraph initializers hoisted into the
+    main graph (as the pruner loads models), so Paddle weights kept in Constant nodes become
+    parameters too, and a weight two branches read stays one; dynamic input sizes stay dynamic.
+    ``module.onnx_names`` maps each tensor of ``module.initializers`` to its ONNX initializer.
+    Raises :class:`UnsupportedModelError` naming an op no converter covers.
+    """
+    _import_onnx2torch()
+    check_input_path(Path(path))
+    model = _fold_constants(_read_proto(Path(path))[0])
+    hoist_initializers(model)
+    try:
+        module = convert_model(model)
+    except NotImplementedError as exc:
+        raise UnsupportedModelError(f"{path}: cannot convert to PyTorch: {exc}; the ONNX model itself is fine") from exc
     return module.eval()
