@@ -15,6 +15,7 @@ __all__ = [
     "int_param",
     "write_int_param",
     "input_at",
+    "output_at",
     "couple_same",
     "couple_broadcast",
     "couple_except",
@@ -24,6 +25,11 @@ __all__ = [
 def input_at(node: "Node", slot: int) -> str:
     """Name of input ``slot`` or "" when the optional input is absent."""
     return node.inputs[slot] if slot < len(node.inputs) else ""
+
+
+def output_at(node: "Node", slot: int) -> str:
+    """Name of output ``slot`` or "" when the optional output is absent."""
+    return node.outputs[slot] if slot < len(node.outputs) else ""
 
 
 def int_param(node: "Node", c: Coupler | Rewriter, attr: str, slot: int | None) -> list[int] | None:

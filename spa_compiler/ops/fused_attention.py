@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .common import input_at
+from .common import input_at, output_at
 from .registry import Coupler, OpRule, Rewriter, Unsupported, WeightView, register_op
 
 if TYPE_CHECKING:
@@ -69,22 +69,14 @@ def couple_to_heads(c: Coupler, name: str, axis: int, y: str, y_axis: int, size:
     c.couple(name, axis, y, y_axis, at, np.asarray(heads) * size)
 
 
-def _optional(node: "Node", slot: int) -> str:
-    return input_at(node, slot)
-
-
 def _refuse(node: "Node", slots: dict[int, str], attrs: dict[str, str]) -> None:
     """Unsupported when an input slot or a non-zero attribute that the rule does not model is given."""
     for slot, what in slots.items():
-        if _optional(node, slot):
+        if input_at(node, slot):
             raise Unsupported(f"its {what} input is not modelled")
     for attr, what in attrs.items():
         if node.attr(attr, 0):
             raise Unsupported(f"{what} is not modelled")
-
-
-def _output(node: "Node", k: int) -> str:
-    return node.outputs[k] if k < len(node.outputs) else ""
 
 
 def _per_head_rows(c: Coupler, name: str, axis: int, heads: int, y: str, size: int,
@@ -128,7 +120,7 @@ class Attention(OpRule):
         _refuse(node, {}, {"do_rotary": "rotary embedding inside Attention",
                            "past_present_share_buffer": "a past/present buffer shared in place"})
         x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-        bias, past, attention_bias = _optional(node, 2), _optional(node, 4), _optional(node, 5)
+        bias, past, attention_bias = input_at(node, 2), input_at(node, 4), input_at(node, 5)
         if not c.is_constant(w) or len(c.shape(w)) != 2 or len(c.shape(x)) != 3:
             raise Unsupported("its weights are not a constant [input_hidden, 3 * hidden] matrix over a [B, S, input_hidden] input")
         heads, hq, hv = self._sizes(node, c.shape(w)[1])
@@ -146,7 +138,7 @@ class Attention(OpRule):
         c.tag(w, 0, "weight")
         c.tag(w, 1, "weight")
         c.tag(w, 0, "consumer")
-        for name in (past, _output(node, 1)):  # [2, B, heads, positions, D]
+        for name in (past, output_at(node, 1)):  # [2, B, heads, positions, D]
             _per_head_rows(c, name, 2, heads, y, dv)
         _per_head_rows(c, attention_bias, 1, heads, y, dv)
 
@@ -160,7 +152,7 @@ class Attention(OpRule):
 
     def macs_axes(self, node: "Node", shape: Callable[[str], tuple[int, ...]]):
         x, w = node.inputs[0], node.inputs[1]
-        return [(x, 0), (x, 1), (x, 2), (w, 1), _key_length(_output(node, 1), 3, x, 1)]
+        return [(x, 0), (x, 1), (x, 2), (w, 1), _key_length(output_at(node, 1), 3, x, 1)]
 
     def macs_value(self, sizes: Sequence[float]) -> float:
         """``B * S * (input_hidden * 3h + T * 2h)``: the projection, then ``Q·Kᵀ`` and ``P·V``."""
@@ -171,7 +163,7 @@ class Attention(OpRule):
         """The packed QKV projection ``input @ weights + bias``."""
         if node.inputs[1] != weight or axis != 0:
             return None
-        return WeightView(shape[1], -1, (), _optional(node, 2) or None)
+        return WeightView(shape[1], -1, (), input_at(node, 2) or None)
 
 
 @register_op("MultiHeadAttention", domain=MS, opsets=(1, 99))
@@ -183,9 +175,9 @@ class MultiHeadAttention(OpRule):
 
     def couple(self, node: "Node", c: Coupler) -> None:
         _refuse(node, {9: "cache_indirection"}, {})
-        if _output(node, 3):
+        if output_at(node, 3):
             raise Unsupported("its QK output is not modelled")
-        q, k, v, y = node.inputs[0], _optional(node, 1), _optional(node, 2), node.outputs[0]
+        q, k, v, y = node.inputs[0], input_at(node, 1), input_at(node, 2), node.outputs[0]
         if not (k and v) or any(len(c.shape(t)) != 3 for t in (q, k, v)):
             raise Unsupported("only separate [B, S, hidden] query, key and value are modelled (not packed or BNSH)")
         heads = int(node.attr("num_heads", 0))
@@ -196,13 +188,13 @@ class MultiHeadAttention(OpRule):
         anchor_heads(c, y, 2, dv)
         for name, size in ((q, dq), (k, dq), (v, dv)):
             couple_to_heads(c, name, 2, y, 2, dv, np.arange(c.shape(name)[2]) // size)
-        bias = _optional(node, 3)
+        bias = input_at(node, 3)
         if bias:
             columns = np.arange(2 * hq + hv)
             couple_to_heads(c, bias, 0, y, 2, dv, np.where(columns < 2 * hq, (columns % hq) // dq, (columns - 2 * hq) // dv))
-        for name in (_optional(node, 6), _optional(node, 7), _output(node, 1), _output(node, 2)):  # [B, heads, T, D]
+        for name in (input_at(node, 6), input_at(node, 7), output_at(node, 1), output_at(node, 2)):  # [B, heads, T, D]
             _per_head_rows(c, name, 1, heads, y, dv)
-        _per_head_rows(c, _optional(node, 5), 1, heads, y, dv)
+        _per_head_rows(c, input_at(node, 5), 1, heads, y, dv)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         y = node.outputs[0]
@@ -211,7 +203,7 @@ class MultiHeadAttention(OpRule):
 
     def macs_axes(self, node: "Node", shape: Callable[[str], tuple[int, ...]]):
         q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
-        return [(q, 0), (q, 1), (q, 2), (v, 2), _key_length(_output(node, 1), 2, k, 1)]
+        return [(q, 0), (q, 1), (q, 2), (v, 2), _key_length(output_at(node, 1), 2, k, 1)]
 
     def macs_value(self, sizes: Sequence[float]) -> float:
         """``B * S * T * (hq + hv)``: ``Q·Kᵀ`` and ``P·V``."""
@@ -237,7 +229,7 @@ class GroupQueryAttention(OpRule):
     def couple(self, node: "Node", c: Coupler) -> None:
         _refuse(node, {12: "k_scale", 13: "v_scale", 16: "query_seqlens"},
                 {"qk_output": "its QK output", "kv_cache_bit_width": "a quantized KV cache"})
-        q, k, v, y = node.inputs[0], _optional(node, 1), _optional(node, 2), node.outputs[0]
+        q, k, v, y = node.inputs[0], input_at(node, 1), input_at(node, 2), node.outputs[0]
         if any(len(c.shape(t)) != 3 for t in (q, k, v) if t) or bool(k) != bool(v):
             raise Unsupported("only [B, S, hidden] query, key and value (or packed QKV) are modelled")
         heads, kv_heads, d = self._layout(node, c.shape(y)[2])
@@ -257,13 +249,13 @@ class GroupQueryAttention(OpRule):
             else:  # packed [Q | K | V] on the query's hidden axis
                 for offset in (heads * d, (heads + kv_heads) * d):
                     couple_to_heads(c, q, 2, y, 2, d, kv_anchor, offset + kv_columns)
-            for name in (_optional(node, 3), _optional(node, 4), _output(node, 1), _output(node, 2)):
+            for name in (input_at(node, 3), input_at(node, 4), output_at(node, 1), output_at(node, 2)):
                 _per_head_rows(c, name, 1, kv_heads, y, d, lambda g: g * per_group)
-        _per_head_rows(c, _optional(node, 10), 1, heads, y, d, anchor_of)
-        _per_head_rows(c, _optional(node, 11), 0, heads, y, d, anchor_of)
+        _per_head_rows(c, input_at(node, 10), 1, heads, y, d, anchor_of)
+        _per_head_rows(c, input_at(node, 11), 0, heads, y, d, anchor_of)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
-        q, k, y = node.inputs[0], _optional(node, 1), node.outputs[0]
+        q, k, y = node.inputs[0], input_at(node, 1), node.outputs[0]
         _, _, d = self._layout(node, r.old_shape(y)[2])
         heads = r.new_shape(y)[2] // d
         kv_width = r.new_shape(k)[2] if k else (r.new_shape(q)[2] - heads * d) // 2
@@ -271,8 +263,8 @@ class GroupQueryAttention(OpRule):
         r.set_attr(node, "kv_num_heads", kv_width // d)
 
     def macs_axes(self, node: "Node", shape: Callable[[str], tuple[int, ...]]):
-        y, present = node.outputs[0], _output(node, 1)
-        return [(y, 0), (y, 1), (y, 2), (present, 2) if present else (_optional(node, 1) or node.inputs[0], 1)]
+        y, present = node.outputs[0], output_at(node, 1)
+        return [(y, 0), (y, 1), (y, 2), (present, 2) if present else (input_at(node, 1) or node.inputs[0], 1)]
 
     def macs_value(self, sizes: Sequence[float]) -> float:
         """``2 * B * S * T * heads * D``: ``Q·Kᵀ`` and ``P·V``."""

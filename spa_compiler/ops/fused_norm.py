@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .common import couple_broadcast, couple_same, input_at
+from .common import couple_broadcast, couple_same, input_at, output_at
 from .norm import LayerNorm
 from .registry import Coupler, OpRule, register_op
 
@@ -45,10 +45,6 @@ def _couple_hidden(c: Coupler, y: str, tensors: list[str]) -> None:
     c.tag(y, last, "lossy")
 
 
-def _output(node: "Node", k: int) -> str:
-    return node.outputs[k] if k < len(node.outputs) else ""
-
-
 @register_op("SkipLayerNormalization", domain=MS, opsets=(1, 99))
 class SkipLayerNorm(OpRule):
     """``LN(input + skip + bias) * gamma + beta`` over the last axis: leading axes identity (skip
@@ -68,7 +64,7 @@ class SkipLayerNorm(OpRule):
             out_axis = last - (skip_rank - 1) + k
             if c.shape(skip)[k] == c.shape(y)[out_axis]:
                 c.couple(skip, k, y, out_axis)
-        _couple_hidden(c, y, [x, skip, _output(node, 3), *(input_at(node, k) for k in self.parameters)])
+        _couple_hidden(c, y, [x, skip, output_at(node, 3), *(input_at(node, k) for k in self.parameters)])
 
     def added_bias(self, node: "Node", name: str) -> str | None:
         """``bias``, added to ``input`` (the layer before the residual add) first."""
@@ -98,12 +94,12 @@ class EmbedLayerNorm(OpRule):
 
     def couple(self, node: "Node", c: Coupler) -> None:
         ids, y = node.inputs[0], node.outputs[0]
-        outputs = [y, _output(node, 2)]
+        outputs = [y, output_at(node, 2)]
         for out in outputs:
             if out:
                 couple_same(c, ids, out, [0, 1])
-        if _output(node, 1) and len(c.shape(_output(node, 1))) == 1 and c.shape(_output(node, 1))[0] == c.shape(ids)[0]:
-            c.couple(_output(node, 1), 0, y, 0)
+        if output_at(node, 1) and len(c.shape(output_at(node, 1))) == 1 and c.shape(output_at(node, 1))[0] == c.shape(ids)[0]:
+            c.couple(output_at(node, 1), 0, y, 0)
         _couple_hidden(c, y, [outputs[1], *(input_at(node, k) for k in (2, 3, 4, 5, 6))])
 
 
