@@ -16,6 +16,9 @@ windows of 128 bytes; the achieved FLOPs ratio by spa-prune's cost model in brac
   that reach it;
 - Torch-Pruning 1.6.1's LLM recipe (``BasePruner``, group L2 magnitude, heads and every width
   including the hidden size, ``lm_head`` ignored) on the PyTorch model, its ratio searched the same way.
+
+A peer gets 240 s per target; one that fails or runs out of time is reported as failing for
+every target.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ from .tiny_decoder import CALIBRATION_WINDOWS, EVAL_WINDOWS, RECIPE, corpus, onn
 __all__ = ["main"]
 
 SHAPES = {"input_ids": (1, RECIPE["sequence"])}
+PEER_SECONDS = 240  # per target, the search included
 
 
 def spa_methods(calibration: str) -> dict[str, Callable[[float], PruneConfig]]:
@@ -112,6 +117,20 @@ def _block_pruned(source: Path, target: float, original: float, calibration: lis
     return path
 
 
+def _time_limited(seconds: int, run: Callable[[float], Path], target: float) -> Path:
+    """``run(target)``, or a TimeoutError after ``seconds`` (a peer stuck in its own analysis)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"no result within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        return run(target)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", default="0.9,0.75,0.5")
@@ -159,13 +178,17 @@ def main(argv: list[str] | None = None) -> None:
             "Torch-Pruning LLM recipe": lambda t: _searched(torch_pruning_llm, t, original, folder, "tp", 0.9),
         }
         for name, run in peers.items():
+            failure = None
             for target in targets:
                 start = time.perf_counter()
                 try:
-                    record(name, target, run(target), time.perf_counter() - start)
-                except Exception as exc:  # PeerError, or the tool itself failing
-                    rows.setdefault(name, {})[target] = f"fails: {str(exc).splitlines()[0][:80]}"
-                    print(f"{name} @ {target}: {rows[name][target]}")
+                    if failure is None:
+                        record(name, target, _time_limited(PEER_SECONDS, run, target), time.perf_counter() - start)
+                        continue
+                except Exception as exc:  # PeerError, a time-out, or the tool itself failing
+                    failure = f"fails: {str(exc).splitlines()[0][:100]}"
+                rows.setdefault(name, {})[target] = failure
+                print(f"{name} @ {target}: {failure}")
 
     print("\n| method | " + " | ".join(f"--flops {t}" for t in targets) + " |")
     print("|---|" + "---|" * len(targets))
