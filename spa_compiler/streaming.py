@@ -106,7 +106,8 @@ def _lazy(tensor: onnx.TensorProto) -> bool:
 def read_lazily(model: onnx.ModelProto, path: Path) -> None:
     """Prepare a model read from ``path`` without its external data: small external tensors
     (shape constants, norms of few elements) are loaded into the proto; large float ones stay
-    external, their location made absolute and checked to lie inside the file."""
+    external, their location made absolute; every reference is checked to lie within a file in
+    the model's folder."""
     base_dir = path.parent.resolve()
     for tensor in all_initializers(model.graph):
         if not is_external(tensor):
