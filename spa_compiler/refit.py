@@ -19,15 +19,16 @@ rows come in two folds (alternate batches of samples), each candidate is fitted 
 its output error measured on the other, both ways, and the least error wins. So a layer whose
 rows are too few for its features (a 1536-wide layer on a few thousand tokens) does not
 over-fit them. Every layer is
-re-fitted in dependency order, level by level (layers of one level never feed each other), each
-level on the inputs that the already re-fitted levels before it produce: the sequential re-fit
-of OBC and SparseGPT. One onnxruntime session per network serves every level: the pruned
-network's re-fitted weights are graph inputs, fed anew at each level, and each run computes only
-the activations the level needs. ``rounds`` repeats the sequence. The cost is about one run of
-the calibration data per level, so a level uses the first ``SAMPLES`` samples, or as many as
-its layers need to see four rows per feature (a convolution gets one row per output position
-from each sample, a layer on tokens one per token, a classifier after pooling one), whichever
-is more. The bias term also corrects the
+re-fitted in dependency order, stage by stage, each stage on the inputs that the already
+re-fitted stages before it produce: the sequential re-fit of OBC and SparseGPT. A stage is a run
+of consecutive *levels* (layers of one level never feed each other); at most ``STAGES`` of them,
+since each costs a run of both networks over its samples (onnxruntime computes the whole network
+whichever activations are asked for), so a 27-level detector re-fits in 8 runs instead of 27. One
+onnxruntime session per network serves every stage: the pruned network's re-fitted weights are
+graph inputs, fed anew at each stage. ``rounds`` repeats the sequence. A stage uses the first
+``SAMPLES`` samples, or as many as its layers need to see four rows per feature (a convolution
+gets one row per output position from each sample, a layer on tokens one per token, a classifier
+after pooling one), whichever is more. The bias term also corrects the
 shift of every output's mean that removed channels and upstream errors leave.
 
 Layers whose weight is shared with another node are left alone: one re-fit cannot serve both.
@@ -49,9 +50,10 @@ from .state import PruneState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Refit", "refit_layer", "held_out_ridge", "layer_levels", "samples_needed", "SAMPLES", "RIDGES"]
+__all__ = ["Refit", "refit_layer", "held_out_ridge", "layer_levels", "stages", "samples_needed", "SAMPLES", "RIDGES"]
 
-SAMPLES = 8  # calibration samples a re-fit uses at least: each level runs them through both networks
+SAMPLES = 8  # calibration samples a re-fit stage uses at least: each stage runs them through both networks
+STAGES = 8  # sequential re-fit stages at most (consecutive levels merged)
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 
 
@@ -180,17 +182,24 @@ def layer_levels(graph, layers: list[ConsumerLayer]) -> list[list[ConsumerLayer]
     return [levels[k] for k in sorted(levels)]
 
 
+def stages(levels: list[list[ConsumerLayer]], count: int) -> list[list[ConsumerLayer]]:
+    """``levels`` merged into at most ``count`` runs of consecutive levels, of near-equal length."""
+    bounds = np.linspace(0, len(levels), min(count, len(levels)) + 1).round().astype(int)
+    return [[layer for level in levels[a:b] for layer in level] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class Refit(Pass):
-    """Sequential re-fitting of every consumer layer on the pruned network's inputs, level by
-    level (see the module docstring); ``rounds`` repeats the whole sequence."""
+    """Sequential re-fitting of every consumer layer on the pruned network's inputs, stage by
+    stage (see the module docstring); ``rounds`` repeats the whole sequence."""
 
     name, description = "refit", "re-fitting layers on the pruned network's inputs"
     requires = ("graph", "analysis", "statistics", "calibration_data", "removed_by_axis")
     provides = ("compensated",)
 
-    def __init__(self, rounds: int = 1, samples: int = SAMPLES) -> None:
+    def __init__(self, rounds: int = 1, samples: int = SAMPLES, stage_count: int = STAGES) -> None:
         self.rounds = rounds
         self.samples = samples
+        self.stage_count = stage_count
 
     def run(self, state: PruneState) -> PruneState:
         if not state.calibration_data:
@@ -201,19 +210,19 @@ class Refit(Pass):
         ]
         refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
         runner = PairedRunner(graph, rewrite_model(analysis, state.removed_by_axis, state.compensated), layers, refitted)
-        levels = layer_levels(graph, layers)
+        sequence = stages(layer_levels(graph, layers), self.stage_count)
         chosen: Counter[str] = Counter()
         for sweep in range(self.rounds):
-            for step, level in enumerate(levels):
-                state.note(f"re-fitting layers, level {step + 1}/{len(levels)} (sweep {sweep + 1}/{self.rounds})")
+            for step, stage in enumerate(sequence):
+                state.note(f"re-fitting layers, stage {step + 1}/{len(sequence)} (sweep {sweep + 1}/{self.rounds})")
                 weights = {
                     name: slice_constant(analysis, state.removed_by_axis, name, state.compensated.get(name, graph.constants[name]))
                     for name in refitted
                 }
-                samples = samples_needed(graph, level, self.samples)
+                samples = samples_needed(graph, stage, self.samples)
                 data = {name: array[:samples] for name, array in state.calibration_data.items()}
-                paired = runner.statistics(level, data, weights, config.calibration_batch, config.seed, ROWS_PER_FEATURE)
-                chosen.update(self._apply(state, layer, paired[layer.node]) if layer.node in paired else "unpaired" for layer in level)
+                paired = runner.statistics(stage, data, weights, config.calibration_batch, config.seed, ROWS_PER_FEATURE)
+                chosen.update(self._apply(state, layer, paired[layer.node]) if layer.node in paired else "unpaired" for layer in stage)
         log.info("re-fit chosen on held-out rows: %s", ", ".join(f"{n} {kind}" for kind, n in chosen.most_common()))
         return state
 

@@ -253,3 +253,14 @@ def test_padding_rows_count_for_nothing():
     np.testing.assert_array_equal(zeroed[0, :3], x[0, :3])
     other = x[:, :, 0].T  # [4, 2]: not led by the mask's shape
     assert padding_zeroed(other, mask) is other
+
+
+def test_refit_stages_merge_consecutive_levels():
+    from spa_compiler.refit import stages
+
+    levels = [[f"l{i}a", f"l{i}b"] if i % 3 == 0 else [f"l{i}"] for i in range(27)]
+    merged = stages(levels, 8)
+    assert len(merged) == 8
+    assert [layer for stage in merged for layer in stage] == [layer for level in levels for layer in level]
+    assert {len(stage) for stage in merged} <= {3, 4, 5, 6}  # 27 levels in runs of 3 or 4
+    assert stages(levels[:5], 8) == levels[:5]  # fewer levels than stages: one level each
