@@ -122,7 +122,8 @@ class LayerStatistics:
             self.pending = []
 
     def spill(self) -> None:
-        """Keep ``H`` (and the inverses computed later) on disk, memory-mapped when read."""
+        """Keep ``H`` (and the inverses computed later) on disk, memory-mapped when read: each
+        inverse is mapped anew for its caller, and ``H``'s pages are given back once it is inverted."""
         self.hessian = streaming.spilled(self.hessian)
         self.__dict__["_spilled"] = True
 
@@ -138,8 +139,11 @@ class LayerStatistics:
             damped = np.array(hessian)
             damped[np.diag_indices(len(damped))] += damping * scale
             inverse = np.linalg.inv(damped)
-            cache[key] = streaming.spilled(inverse) if self.__dict__.get("_spilled") else inverse
-        return cache[key]
+            if self.__dict__.get("_spilled"):
+                inverse = str(streaming.spilled(inverse).filename)
+                self.hessian = streaming.remapped(self.hessian)
+            cache[key] = inverse
+        return streaming.remapped(cache[key]) if isinstance(cache[key], str) else cache[key]
 
 
 def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STREAM_ENV", "PROTOBUF_SAFE_BYTES", "stream_threshold", "is_external", "external_bytes", "read_lazily",
     "tensor_view", "TensorValues", "tensor_values", "replacing", "session_weights", "DataFile", "scratch_file",
-    "header_file", "has_external", "check_model", "fold_without_weights", "spilled", "statistics_chunks",
+    "header_file", "has_external", "check_model", "fold_without_weights", "spilled", "remapped", "statistics_chunks",
 ]
 
 STREAM_ENV = "SPA_PRUNE_STREAM_BYTES"
@@ -247,6 +247,13 @@ def spilled(array: np.ndarray) -> np.ndarray:
     the caller lets go of what it read."""
     path = scratch_file(".npy")
     np.save(path, array)
+    return np.load(path, mmap_mode="r")
+
+
+def remapped(spilled_array: np.ndarray | str) -> np.ndarray:
+    """A fresh read-only mapping of a :func:`spilled` array (or its file): none of its pages in
+    memory yet, while the old mapping's go back when its last reader lets go."""
+    path = spilled_array if isinstance(spilled_array, str) else str(spilled_array.filename)
     return np.load(path, mmap_mode="r")
 
 
