@@ -123,6 +123,12 @@ def _fresh_layer(layer):
         return nn.LayerNorm(layer.normalized_shape, layer.eps)
     if isinstance(layer, nn.Embedding):
         return nn.Embedding(layer.num_embeddings, layer.embedding_dim)
+    if isinstance(layer, (nn.GRU, nn.LSTM)):
+        return type(layer)(layer.input_size, layer.hidden_size, layer.num_layers, bias=layer.bias,
+                           bidirectional=layer.bidirectional)
+    if isinstance(layer, nn.RNN):
+        return nn.RNN(layer.input_size, layer.hidden_size, layer.num_layers, layer.nonlinearity, layer.bias,
+                      bidirectional=layer.bidirectional)
     return None
 
 
@@ -139,7 +145,22 @@ def _rebuilt(module):
     return fresh.eval()
 
 
-NARROW = ["resnet_tiny_basic", "mobilenet_v3_tiny", "densenet_tiny", "vit_tiny", "gpt2_tiny"]
+def _rebuilt_if_vad(module):
+    """The zoo's ``IfVAD`` built anew at the narrowed widths and scripted (a TorchScript module's
+    ``in_channels``-style constants cannot change, so the widths are read from its weights)."""
+    from models.zoo_patterns import IfVAD
+
+    nn = torch.nn
+    fresh = IfVAD(32)
+    fresh.front = nn.Conv1d(1, module.front.weight.shape[0], 8, stride=4)
+    fresh.conv = nn.Conv1d(module.conv.weight.shape[1], module.conv.weight.shape[0], 3, padding=1)
+    fresh.head = nn.Linear(module.head.weight.shape[1], 1)
+    return torch.jit.script(fresh.eval())
+
+
+NARROW = ["resnet_tiny_basic", "mobilenet_v3_tiny", "densenet_tiny", "vit_tiny", "gpt2_tiny", "crnn_tiny",
+          "if_vad_tiny"]
+REBUILD = {"if_vad_tiny": _rebuilt_if_vad}
 
 
 @pytest.mark.parametrize("name", NARROW)
@@ -151,13 +172,19 @@ def test_narrowed_module_equals_the_pruned_model_and_reloads(exported, tmp_path,
     path, report = _prune_half(exported(name), tmp_path)
     assert any(g.channels_after < g.channels_before for g in report.groups)
     module = narrow(spec.builder(), report)
-    feeds = _feeds(path, seed=5)
-    expected = ort.InferenceSession(str(path)).run(None, feeds)[0]
-    np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
-    fresh = _rebuilt(module)
+    feed_sets = [_feeds(path, seed=5)]
+    if name == "if_vad_tiny":  # the If's other branch (the signal scaled up first) runs on a quiet input
+        feed_sets.append({key: value * 0.01 for key, value in feed_sets[0].items()})
+        assert np.abs(feed_sets[1]["input"]).max() < 0.5 < np.abs(feed_sets[0]["input"]).max()
+    fresh = REBUILD.get(name, _rebuilt)(module)
     fresh.load_state_dict(module.state_dict(), strict=True)
-    np.testing.assert_allclose(_run_torch(fresh, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+    for feeds in feed_sets:
+        expected = ort.InferenceSession(str(path)).run(None, feeds)[0]
+        np.testing.assert_allclose(_run_torch(module, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+        np.testing.assert_allclose(_run_torch(fresh, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
     assert sum(p.numel() for p in module.parameters()) < sum(p.numel() for p in spec.builder().parameters())
+    if name == "crnn_tiny":
+        assert module.gru.hidden_size == module.head.in_features < 48
 
 
 def test_narrow_reads_the_json_report_and_refuses_a_foreign_module(exported, tmp_path):
@@ -200,6 +227,19 @@ def test_narrow_refuses_a_module_whose_code_fixes_the_attention_width(exported, 
         narrow(module, report)
 
 
+def test_narrow_names_the_layer_that_fails_and_the_width_its_code_fixes(exported, tmp_path):
+    """The zoo C2f splits cv1's output by a fixed ``self.hidden``: the narrowed module cannot run,
+    and the error names the conv that got the wrong width and the attribute."""
+    from models.zoo import yolo_c2f_tiny
+    from spa_compiler import ModelError
+    from spa_compiler.torch import narrow
+
+    _, report = _prune_half(exported("yolo_c2f_tiny"), tmp_path)
+    with pytest.raises(ModelError, match=r"no longer runs in 'features\.4\.blocks\.0\.body\.0\.0' \(Conv2d\).*"
+                                         r"'features\.4' \(C2f\) hidden=32"):
+        narrow(yolo_c2f_tiny(), report)
+
+
 def test_narrow_an_untrained_model_whose_folded_biases_are_all_zero(tmp_path):
     """An untrained digits ResNet (BatchNorm at its defaults: every folded bias is zero, so no
     bias can be matched by value) narrows exactly, ready to be trained from scratch."""
@@ -238,6 +278,56 @@ def test_recurrent_layers_round_trip(tmp_path):
     torch.manual_seed(0)
     path = export_checked(_Recurrent().eval(), {"x": torch.randn(7, 2, 6)}, tmp_path / "rnn.onnx")
     _assert_round_trip(path, tmp_path)
+
+
+def test_narrow_recurrent_layers_by_their_gate_stacked_weights(tmp_path):
+    """The LSTM (both directions), GRU and RNN lose hidden units in every gate block and the GRU and
+    RNN input features: the narrowed module equals the pruned model and reloads into layers built
+    at the new sizes."""
+    from models.export import export_checked
+    from spa_compiler.torch import narrow
+
+    torch.manual_seed(0)
+    source = export_checked(_Recurrent().eval(), {"x": torch.randn(7, 2, 6)}, tmp_path / "rnn.onnx")
+    path = tmp_path / "pruned.onnx"
+    report = prune(source, path, PruneConfig(flops=0.5, round_to=1, bench_runs=0))
+    torch.manual_seed(0)
+    module = narrow(_Recurrent().eval(), report)
+    sizes = [(layer.input_size, layer.hidden_size) for layer in (module.lstm, module.gru, module.rnn)]
+    assert sizes == [(6, 3), (6, 1), (1, 3)]
+    feeds = _feeds(path, seed=6)
+    expected = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    fresh = _rebuilt(module)
+    fresh.load_state_dict(module.state_dict(), strict=True)
+    for narrowed in (module, fresh):
+        np.testing.assert_allclose(_run_torch(narrowed, feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+class _StackedLSTM(torch.nn.Module):
+    """Two bidirectional LSTM levels (one ONNX node each, pruned independently) and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(6, 16, num_layers=2, bidirectional=True)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def test_narrow_refuses_levels_of_one_layer_pruned_to_different_widths_and_changes_nothing(tmp_path):
+    from models.export import export_checked
+    from spa_compiler import ModelError
+    from spa_compiler.torch import narrow
+
+    source = export_checked(_StackedLSTM().eval(), {"x": torch.randn(7, 2, 6)}, tmp_path / "stacked.onnx")
+    report = prune(source, tmp_path / "pruned.onnx", PruneConfig(flops=0.5, round_to=1, bench_runs=0))
+    module = _StackedLSTM().eval()
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    with pytest.raises(ModelError, match="'lstm' would be narrowed to different hidden sizes"):
+        narrow(module, report)
+    assert all(torch.equal(value, before[key]) for key, value in module.state_dict().items())
 
 
 def _recurrent_model(path, op, **attributes):

@@ -12,18 +12,25 @@ exported from:
    ``W' = s * W`` per output channel with ``s = gamma / sqrt(var + eps)``, and
    ``b' = s * (b - mean) + beta``. A conv weight proportional to the initializer per output channel
    is that conv; the BatchNorm reading its output (found by running the module once with forward
-   hooks) loses the same output channels, and the folded bias is accounted for by it.
+   hooks) loses the same output channels, and the folded bias is accounted for by it;
+4. as a weight of an ONNX RNN/GRU/LSTM node: W, R and B stack ``nn.LSTM``/``nn.GRU``/``nn.RNN``
+   tensors over directions with the gates reordered (``narrow_recurrent``); a zero initial state of
+   such a node is torch's default state and needs no tensor.
 
-An initializer that matches nothing is an error, never skipped. Matched tensors are sliced with the
-kept indices; where the run re-fitted weights (``compensated``), the pruned file's values are carried
-over instead: directly for a one-to-one match, and through ``W = W'' / s``,
+Weights read inside If/Loop/Scan bodies are matched like the main graph's (hoisted into it as the
+pruner does). An initializer that matches nothing is an error, never skipped. Matched tensors are
+sliced with the kept indices; where the run re-fitted weights (``compensated``), the pruned file's
+values are carried over instead: directly for a one-to-one match, and through ``W = W'' / s``,
 ``beta = b'' - s * (b - mean)`` for a folded pair (exact: the conv-BN pair then computes ``W'' x + b''``).
 Layer attributes follow the new shapes (``in/out_channels``, ``groups`` of depthwise convs,
-``in/out_features``, ``num_features``, ``normalized_shape``, ``embedding_dim``, and head counts:
+``in/out_features``, ``num_features``, ``normalized_shape``, ``embedding_dim``, recurrent
+``input_size``/``hidden_size``, and head counts:
 ``heads``/``num_heads``/``num_attention_heads`` next to ``head_dim``/``attention_head_size``, from the
 narrowest width of the attention module's Linear layers that changed).
 Finally the narrowed module is run on the example inputs and compared with the pruned ONNX model
-(onnxruntime); a difference above ``tolerance`` is an error.
+(onnxruntime); a difference above ``tolerance`` is an error, and so is a module that no longer runs
+(its code fixing a width): the error names the layer that failed and the integer attributes of the
+user's modules around it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ from torch import nn
 from ..errors import ModelError
 from ..ir import _fold_constants, _read_proto
 from ..report import PruneReport
+from ..subgraphs import all_initializers, hoist_initializers, walk_nodes
+from .narrow_recurrent import (RECURRENT_OPS, narrow_recurrent, recurrent_level, recurrent_sizes, tensor_key,
+                               update_recurrent)
 
 __all__ = ["narrow"]
 
@@ -71,11 +81,13 @@ def _load_report(report: PruneReport | dict | str | os.PathLike) -> dict[str, An
 
 
 def _initializers(path: str) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """The model's folded initializers, and per initializer its (op type, slot, node) readers."""
+    """The model's folded initializers, those of If/Loop/Scan bodies included (hoisted into the main
+    graph as the pruner does), and per initializer its (op type, slot, node) readers in any scope."""
     model = _fold_constants(_read_proto(Path(path))[0])
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    hoist_initializers(model)
+    values = {t.name: numpy_helper.to_array(t) for t in all_initializers(model.graph)}
     readers: dict[str, list] = {}
-    for node in model.graph.node:
+    for node in walk_nodes(model.graph):
         for slot, name in enumerate(node.input):
             readers.setdefault(name, []).append((node.op_type, slot, node))
     return values, readers
@@ -172,8 +184,11 @@ class _Narrowing:
     def kept(self, change: dict) -> dict[int, np.ndarray]:
         return {int(axis): np.asarray(indices, dtype=np.int64) for axis, indices in change["kept"].items()}
 
+    def current(self, tensor: str) -> np.ndarray:
+        return self.new.get(tensor, self.tensors[tensor])
+
     def slice(self, tensor: str, kept: dict[int, np.ndarray]) -> np.ndarray:
-        value = self.new.get(tensor, self.tensors[tensor])
+        value = self.current(tensor)
         for axis, indices in kept.items():
             value = np.take(value, indices, axis=axis)
         return value
@@ -182,6 +197,10 @@ class _Narrowing:
         unmatched, folded = [], {}
         for change in self.report["initializers"]:
             name, kept = change["name"], self.kept(change)
+            recurrent = recurrent_level(name, self.readers.get(name, []), self.original, self.module, self.tensors)
+            if recurrent is not None:
+                self.new.update(narrow_recurrent(*recurrent, kept, change["compensated"], self.current, name))
+                continue
             match = _match(name, self.original[name], self.readers.get(name, []), self.tensors)
             if match is None:
                 unmatched.append(change)
@@ -193,7 +212,7 @@ class _Narrowing:
             else:
                 folded[match.tensor] = (change, match)
         for change in unmatched:
-            if not self._is_folded_bias(change["name"], folded):
+            if not self._is_folded_bias(change["name"], folded) and not self._is_zero_initial_state(change["name"]):
                 raise ModelError(
                     f"initializer '{change['name']}' (shape {change['shape']}) of {self.report['input']} matches no "
                     "parameter or buffer of the module by name, value or folded BatchNorm; pass the module the "
@@ -201,6 +220,12 @@ class _Narrowing:
                 )
         if folded:
             self._narrow_folded(folded)
+
+    def _is_zero_initial_state(self, name: str) -> bool:
+        """A zero initial state of recurrent nodes: torch's default state when none is passed."""
+        readers = self.readers.get(name, [])
+        return bool(readers) and all(op in RECURRENT_OPS and slot in (5, 6) for op, slot, _ in readers) and \
+            not np.any(self.original[name])
 
     def _is_folded_bias(self, name: str, folded: dict) -> bool:
         for op, slot, node in self.readers.get(name, []):
@@ -241,17 +266,22 @@ class _Narrowing:
             self.new[f"{norm}.bias"] = self.pruned[node.input[2]] - scale * offset
 
     def apply(self) -> None:
+        for name, layer in self.module.named_modules():  # refuse before changing anything
+            if isinstance(layer, nn.RNNBase):
+                recurrent_sizes(name, layer, lambda key, name=name: self.current(tensor_key(name, key)).shape)
         state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
         for key, value in self.new.items():
             tensor = state[key]
-            tensor.data = torch.from_numpy(np.ascontiguousarray(value)).to(tensor.dtype)
+            tensor.data = torch.tensor(value, dtype=tensor.dtype)  # a copy: the file's arrays may be read-only
         _update_attributes(self.module)
 
 
 def _update_attributes(module: nn.Module) -> None:
     """Shape attributes of torch layers (and head counts of attention modules) from their tensors."""
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.conv._ConvNd):
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.RNNBase):
+            update_recurrent(name, layer)
+        elif isinstance(layer, nn.modules.conv._ConvNd):
             per_group = layer.weight.shape[1]
             if layer.groups > 1 and layer.groups == layer.in_channels and per_group == 1 and not layer.transposed:
                 layer.groups = layer.weight.shape[0] // (layer.out_channels // layer.groups)
@@ -285,6 +315,35 @@ def _update_heads(layer: nn.Module) -> None:
             layer.all_head_size = min(widths)
 
 
+def _run_naming_the_failure(module: nn.Module, example_inputs: tuple) -> Any:
+    """Run ``module``; when it raises, a ModelError naming the innermost module that was running and
+    the integer attributes of the user's own (not torch's) modules around it: a width fixed in code,
+    like a ``self.hidden`` the forward splits by."""
+    running: list[str] = []
+
+    def leave(*_) -> None:  # a hook returning a value would replace the output
+        running.pop()
+
+    handles = [] if isinstance(module, torch.jit.ScriptModule) else [
+        hook for name, layer in module.named_modules() for hook in (
+            layer.register_forward_pre_hook(lambda *_, name=name: running.append(name)),
+            layer.register_forward_hook(leave))]
+    try:
+        with torch.no_grad():
+            return module(*example_inputs)
+    except RuntimeError as exc:
+        where = [(n or "the module", module.get_submodule(n)) for n in running]
+        widths = [f"'{n}' ({type(m).__name__}) {k}={v}" for n, m in where if not type(m).__module__.startswith("torch.")
+                  for k, v in vars(m).items() if type(v) is int and not k.startswith("_")]
+        at = f" in '{where[-1][0]}' ({type(where[-1][1]).__name__})" if where else ""
+        hint = "; ".join(widths) or "e.g. an attention output reshaped to the hidden size"
+        raise ModelError(f"the narrowed module no longer runs{at} ({str(exc).splitlines()[0]}); its code may fix a "
+                         f"width the pruning changed ({hint})") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _check(module: nn.Module, report: dict, example_inputs: tuple, tolerance: float) -> None:
     import onnxruntime as ort
 
@@ -293,11 +352,7 @@ def _check(module: nn.Module, report: dict, example_inputs: tuple, tolerance: fl
     expected = session.run(None, feeds)[0]
     training = module.training
     try:
-        with torch.no_grad():
-            output = module.eval()(*example_inputs)
-    except RuntimeError as exc:
-        raise ModelError(f"the narrowed module no longer runs ({str(exc).splitlines()[0]}); its code may fix a "
-                         "width the pruning changed (e.g. an attention output reshaped to the hidden size)") from exc
+        output = _run_naming_the_failure(module.eval(), example_inputs)
     finally:
         module.train(training)
     output = output[0] if isinstance(output, (tuple, list)) else output
@@ -317,6 +372,9 @@ def narrow(module: nn.Module, report: PruneReport | dict | str | os.PathLike,
     ``--json-report``) to ``module`` in place and return it (module docstring). ``example_inputs``
     (positional, as the ONNX inputs) default to seeded inputs of the ONNX model's input shapes."""
     data = _load_report(report)
+    if isinstance(module, torch.jit.ScriptModule):
+        log.warning("the module is TorchScript: its weights are narrowed, but its constants (in_channels, "
+                    "out_features, ...) keep the unpruned widths; rebuild it at the new widths to train it")
     narrowing = _Narrowing(module, data, example_inputs)
     narrowing.collect()
     narrowing.apply()
