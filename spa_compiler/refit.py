@@ -23,7 +23,7 @@ re-fitted in dependency order, stage by stage, each stage on the inputs that the
 re-fitted stages before it produce: the sequential re-fit of OBC and SparseGPT. A stage is a run
 of consecutive *levels* (layers of one level never feed each other); at most ``STAGES`` of them,
 since each costs a run of both networks over its samples (onnxruntime computes the whole network
-whichever activations are asked for), so a 27-level detector re-fits in 8 runs instead of 27. One
+whichever activations are asked for), so a 27-level detector re-fits in 16 runs instead of 27. One
 onnxruntime session per network serves every stage: the pruned network's re-fitted weights are
 graph inputs, fed anew at each stage. ``rounds`` repeats the sequence. A stage uses the first
 ``SAMPLES`` samples, or as many as its layers need to see four rows per feature (a convolution
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Refit", "refit_layer", "held_out_ridge", "layer_levels", "stages", "samples_needed", "SAMPLES", "RIDGES"]
 
 SAMPLES = 8  # calibration samples a re-fit stage uses at least: each stage runs them through both networks
-STAGES = 8  # sequential re-fit stages at most (consecutive levels merged)
+STAGES = 16  # sequential re-fit stages at most (consecutive levels merged)
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 
 
