@@ -41,7 +41,8 @@ from .quantized import with_float_weights
 from .errors import InputError
 from .ir import Graph, Node, synthetic_inputs
 from .ops import WeightView, get_rule
-from .token_mask import attention_mask, real_rows
+from .feature_rows import feature_width, layer_features, sample_rows
+from .token_mask import attention_mask
 from .verify import session_for
 
 __all__ = [
@@ -49,17 +50,13 @@ __all__ = [
     "LayerStatistics",
     "batches",
     "exposing",
-    "feature_width",
-    "sample_rows",
     "with_weight_inputs",
     "fixed_batch",
-    "layer_features",
     "consumer_layers",
     "load_calibration",
     "collect_statistics",
     "add_statistics",
     "statistics_batch_size",
-    "conv_patches",
 ]
 
 log = logging.getLogger(__name__)
@@ -231,68 +228,6 @@ def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dic
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"--calib {path}: every input needs the same, non-zero number of samples")
     return arrays
-
-
-def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.ndarray | None) -> np.ndarray:
-    """im2col rows ``[positions, C * prod(kernel)]`` (channel-major) of a 2-D Conv's input;
-    ``rows`` picks flat output positions (all when None)."""
-    strides = node.attr("strides") or [1, 1]
-    dilations = node.attr("dilations") or [1, 1]
-    pads = node.attr("pads") or [0, 0, 0, 0]
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        pads = _same_pads(x.shape[2:], kernel, strides, dilations, node.attr("auto_pad"))
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
-    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
-    n, c, oh, ow = windows.shape[:4]
-    if rows is None:
-        flat = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c, *kernel)
-    else:
-        sample, position = np.divmod(np.asarray(rows), oh * ow)
-        flat = windows[sample, :, position // ow, position % ow]  # [rows, c, kh, kw], gathered directly
-    return flat.reshape(flat.shape[0], -1)
-
-
-def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
-    begin, end = [], []
-    for n, k, s, d in zip(size, kernel, strides, dilations):
-        total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
-        small, large = total // 2, total - total // 2
-        begin.append(large if mode == "SAME_LOWER" else small)
-        end.append(small if mode == "SAME_LOWER" else large)
-    return begin + end
-
-
-def sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int,
-                mask: np.ndarray | None = None) -> np.ndarray | None:
-    """At most ``max_rows`` of the layer's feature rows (patch positions or tokens) of the batch
-    ``x``, a seeded random sorted subset, only rows at real tokens of the attention ``mask``
-    (:mod:`~spa_compiler.token_mask`); None for all."""
-    if layer.patches:
-        out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
-        total = x.shape[0] * out[2] * out[3]
-    else:
-        total = x.size // x.shape[layer.channel_axis]
-    real = None if layer.patches else real_rows(x, layer.channel_axis, mask)
-    if real is not None:
-        rows = np.flatnonzero(real)
-        return rows if len(rows) <= max_rows else np.sort(rng.choice(rows, max_rows, replace=False))
-    return None if total <= max_rows else np.sort(rng.choice(total, max_rows, replace=False))
-
-
-def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-    """The layer's feature rows of its input batch ``x`` (im2col patches, pixels or tokens);
-    ``x`` may have fewer channels than the original (a pruned model's activation)."""
-    if layer.patches:
-        node = graph.node_by_name[layer.node]
-        return conv_patches(x, node, graph.constants[layer.weight].shape[2:], rows)
-    flat = np.moveaxis(x, layer.channel_axis, -1).reshape(-1, x.shape[layer.channel_axis])
-    return flat if rows is None else flat[rows]
-
-
-def feature_width(layer: ConsumerLayer, shape: tuple[int, ...]) -> int:
-    return shape[layer.channel_axis] * layer.features_per_channel
 
 
 def batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -19,12 +19,10 @@ from .calibrate import (
     ConsumerLayer,
     batches,
     exposing,
-    feature_width,
     fixed_batch,
-    layer_features,
-    sample_rows,
     with_weight_inputs,
 )
+from .feature_rows import feature_width, layer_features, sample_rows
 from .ir import Graph
 from .token_mask import attention_mask
 from .verify import session_for
@@ -93,13 +91,14 @@ class PairedRunner:
         for index, feeds in enumerate(batches(data, batch_size)):
             original = dict(zip(activations, self.original.run(activations, feeds)))
             narrowed = dict(zip(activations, self.pruned.run(activations, {**feeds, **weights})))
+            mask = attention_mask(feeds)
             for layer in layers:
                 x, x_pruned = original[layer.activation], narrowed[layer.activation]
                 if np.delete(x.shape, layer.channel_axis).tolist() != np.delete(x_pruned.shape, layer.channel_axis).tolist():
                     continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
                 width = feature_width(layer, x.shape)
                 budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batch_count)
-                taken = sample_rows(layer, graph, x, rng, budget, attention_mask(feeds))
+                taken = sample_rows(layer, graph, x, rng, budget, mask)
                 if layer.node not in stats:
                     stats[layer.node] = PairedStatistics.empty(layer, feature_width(layer, x_pruned.shape), width)
                 stats[layer.node].add(

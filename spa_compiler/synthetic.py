@@ -51,7 +51,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import conv_patches, exposing
+from .calibrate import exposing
+from .feature_rows import conv_patches
 from .ir import Graph, Node
 from .verify import session_for
 

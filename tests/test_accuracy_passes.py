@@ -234,7 +234,7 @@ def test_fidelity_warning_says_what_to_do():
 
 def test_padding_rows_count_for_nothing():
     """Statistics take rows at real tokens only; outputs at padding are zeroed before comparing."""
-    from spa_compiler.calibrate import sample_rows
+    from spa_compiler.feature_rows import sample_rows
     from spa_compiler.token_mask import attention_mask, padding_zeroed, real_rows
 
     feeds = {"input_ids": np.arange(8).reshape(2, 4), "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]])}

@@ -9,7 +9,8 @@ import pytest
 
 import spa_compiler.secondorder as obs
 from spa_compiler import InputError, PruneConfig, load_model, prune, prune_graph, synthetic_inputs
-from spa_compiler.calibrate import conv_patches, load_calibration
+from spa_compiler.calibrate import load_calibration
+from spa_compiler.feature_rows import conv_patches
 from spa_compiler.synthetic import synthetic_calibration
 from spa_compiler.verify import run_model
 from helpers import relative_error
