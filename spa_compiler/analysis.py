@@ -63,21 +63,20 @@ class Group:
     axes: list[int]
     units: list[Unit]
     root_node: str
+    _by_axis: dict[int, tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False, compare=False)
 
     def by_axis(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """For each member axis: (unit of each occupied index, the index), computed once."""
-        cached = self.__dict__.get("_by_axis")
-        if cached is None:
+        """For each member axis: (unit of each occupied index, the index), units in order."""
+        if self._by_axis is None:
             parts: dict[int, list[tuple[int, np.ndarray]]] = {}
             for k, unit in enumerate(self.units):
                 for axis, indices in unit.members.items():
                     parts.setdefault(axis, []).append((k, indices))
-            cached = {
-                axis: (np.concatenate([np.full(len(i), k) for k, i in pairs]), np.concatenate([i for _, i in pairs]))
+            self._by_axis = {
+                axis: (np.repeat([k for k, _ in pairs], [len(i) for _, i in pairs]), np.concatenate([i for _, i in pairs]))
                 for axis, pairs in parts.items()
             }
-            self.__dict__["_by_axis"] = cached
-        return cached
+        return self._by_axis
 
     @property
     def prunable(self) -> list[int]:
@@ -410,27 +409,46 @@ def _build_groups(builder: _Builder, labels: np.ndarray, offsets: np.ndarray) ->
     np.minimum.at(first_root, labels[root_elems], root_elems)
 
     order = np.lexsort((elems, first_root[elem_unit], elem_group))
+    elems, elem_axis, elem_unit, elem_group = elems[order], elem_axis[order], elem_unit[order], elem_group[order]
+    local = elems - offsets[elem_axis]
     groups: list[Group] = []
-    boundaries = np.flatnonzero(np.diff(elem_group[order])) + 1
-    for chunk in np.split(order, boundaries):
-        units_of_chunk = elem_unit[chunk]
-        unit_bounds = np.flatnonzero(np.diff(units_of_chunk)) + 1
-        units = []
-        for unit_chunk in np.split(chunk, unit_bounds):
-            unit_elems, unit_axes = elems[unit_chunk], elem_axis[unit_chunk]
-            members: dict[int, np.ndarray] = {}
-            axis_bounds = np.flatnonzero(np.diff(unit_axes)) + 1
-            for part in np.split(np.arange(unit_elems.size), axis_bounds):
-                axis_id = int(unit_axes[part[0]])
-                members[axis_id] = unit_elems[part] - offsets[axis_id]
-            reason = int(comp_reason[elem_unit[unit_chunk[0]]])
-            units.append(Unit(members, builder.reasons[reason] if reason >= 0 else None))
-        first_label = int(elem_unit[chunk[0]])
-        axes = sorted({int(a) for a in elem_axis[chunk]})
+    bounds = _run_bounds(elem_group)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        units, by_axis = _units(builder, comp_reason, elem_unit[start:end], elem_axis[start:end], local[start:end])
+        first_label = int(elem_unit[start])
         node = builder.graph.node_by_name[root_label_first_node[first_label]]
-        groups.append(Group(len(groups), f"{node.op_type} '{node.name}'", axes, units, node.name))
+        groups.append(Group(len(groups), f"{node.op_type} '{node.name}'", sorted(by_axis), units, node.name, by_axis))
     position = {name: k for k, name in enumerate(builder.graph.node_by_name)}
     groups.sort(key=lambda g: (position[g.root_node], g.axes[0]))
     for k, group in enumerate(groups):
         group.id = k
     return groups
+
+
+def _run_bounds(values: np.ndarray) -> list[int]:
+    """Start of every run of equal consecutive ``values``, and their length at the end."""
+    return [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(values)]
+
+
+def _units(
+    builder: _Builder, comp_reason: np.ndarray, unit_labels: np.ndarray, axes: np.ndarray, indices: np.ndarray
+) -> tuple[list[Unit], dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """One group's units from its elements (sorted by unit, then axis and index): each unit's
+    member indices per axis, and per axis the (unit ordinal, index) of every element."""
+    unit_starts = _run_bounds(unit_labels)
+    ordinal = np.repeat(np.arange(len(unit_starts) - 1), np.diff(unit_starts))
+    members: list[dict[int, np.ndarray]] = [{} for _ in range(len(unit_starts) - 1)]
+    change = np.flatnonzero((unit_labels[1:] != unit_labels[:-1]) | (axes[1:] != axes[:-1])) + 1
+    runs = [0, *change.tolist(), len(axes)]
+    for start, end, k, axis in zip(runs[:-1], runs[1:], ordinal[runs[:-1]].tolist(), axes[runs[:-1]].tolist()):
+        members[k][axis] = indices[start:end]
+    reasons = comp_reason[unit_labels[unit_starts[:-1]]].tolist()
+    units = [Unit(m, builder.reasons[r] if r >= 0 else None) for m, r in zip(members, reasons)]
+    by_axis_order = np.argsort(axes, kind="stable")
+    sorted_axes = axes[by_axis_order]
+    axis_bounds = _run_bounds(sorted_axes)
+    by_axis = {
+        int(sorted_axes[start]): (ordinal[by_axis_order[start:end]], indices[by_axis_order[start:end]])
+        for start, end in zip(axis_bounds[:-1], axis_bounds[1:])
+    }
+    return units, by_axis

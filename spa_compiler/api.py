@@ -10,7 +10,8 @@ from .config import PruneConfig
 from .criteria import get_criterion
 from .depth_prune import KeepWidths, PruneDepth
 from .evaluate import Evaluate
-from .ir import Graph, check_input_path, check_output_path, load_model
+from .ir import Graph, load_model
+from .model_files import check_input_path, check_output_path
 from .latency import AllocateLatency
 from .pipeline import PassLike, Pipeline
 from .refit import Refit

@@ -31,7 +31,8 @@ from .calibrate import fixed_batch, load_calibration
 from .cost import CostModel, node_macs
 from .depth import Branch, find_branches, gate_branches, gate_name, remove_branches
 from .errors import TargetError
-from .ir import Graph, load_model, save_model
+from .ir import Graph, load_model
+from .model_files import save_model
 from .pipeline import Pass
 from .sensitivity import samples_for
 from .state import PruneState

@@ -1,4 +1,5 @@
-"""Loading, shape binding and saving: the one place that knows onnx protobufs and graphsurgeon.
+"""Loading and shape binding: the one place that knows onnx protobufs and graphsurgeon (files are
+read and written by :mod:`spa_compiler.model_files`).
 
 ``load_model`` turns an ONNX file into a :class:`Graph`: weights held in ``Constant`` nodes or
 computed by constant subgraphs (``ConstantOfShape``, ``Unsqueeze`` of a constant, ...) are folded
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
+from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
 from . import streaming
-from .errors import InputError, ModelError, OutputError, UnsupportedModelError
+from .model_files import check_input_path, read_proto
+from .errors import InputError, ModelError, UnsupportedModelError
 from .quantized import FOLD_EXCLUDED, QuantizedWeight, dequantized_weights, integer_weights, unsupported_quantization
 from .subgraphs import (
     all_initializers, attribute_subgraphs, boundary_names, flattenable, hoist_initializers, inner_value_infos,
@@ -36,10 +38,9 @@ __all__ = [
     "load_model",
     "parse_input_shapes",
     "synthetic_inputs",
-    "save_model",
-    "check_output_path",
-    "check_input_path",
     "shape_skeleton",
+    "copy_without_initializers",
+    "large_float",
     "first_line",
     "STANDARD_DOMAINS",
     "MIN_OPSET",
@@ -134,58 +135,6 @@ class Graph:
         weight = self.integer_weights.get(name)
         return weight.dequantize(self.constants[name]) if weight is not None else self.constants[name]
 
-
-
-def check_input_path(path: Path) -> None:
-    """Fail early when the input model cannot be read."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; give the path of an .onnx file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path} is not readable; check its permissions")
-
-
-def _read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """The parsed model with its external data loaded, and whether it had external data. External
-    data of :func:`~spa_compiler.streaming.stream_threshold` bytes or more is not loaded: its large
-    tensors stay on disk (:func:`~spa_compiler.streaming.read_lazily`)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning and others
-        raise InputError(
-            f"{path} is not a readable ONNX model ({type(exc).__name__}); "
-            "check that the file is complete and was exported as ONNX"
-        ) from None
-    if model.ir_version == 0 or not model.graph.node or not model.opset_import:
-        raise InputError(
-            f"{path} is not an ONNX model (no graph or opset found); "
-            "check that the file is complete and was exported as ONNX"
-        )
-    uses_external = any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)
-    )
-    if uses_external and streaming.external_bytes(model) >= streaming.stream_threshold():
-        streaming.read_lazily(model, path)
-    elif uses_external:
-        try:
-            onnx.load_external_data_for_model(model, str(path.parent))
-        except Exception as exc:
-            raise InputError(
-                f"{path}: its external weight data could not be read ({exc}); "
-                "keep the .data file next to the model"
-            ) from None
-    return model, uses_external
-
-
-def _all_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            for sub in attribute_subgraphs(attr):
-                yield from _all_tensors(sub)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -321,20 +270,11 @@ def shape_skeleton(
 ) -> onnx.ModelProto:
     """A copy with inputs bound to concrete shapes and intermediate shapes cleared. With
     ``strip_weights`` (for shape inference, which needs their shapes, not their values) large
-    float weights become graph inputs of their shapes."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    large = [
-        t for t in graph.initializer
-        if strip_weights
-        and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-        and np.prod(t.dims) > 64
-    ]
+    float weights become graph inputs of their shapes; their bytes are never copied."""
+    large = [t for t in model.graph.initializer if strip_weights and large_float(t)]
     large_names = {t.name for t in large}
-    kept = [t for t in graph.initializer if t.name not in large_names]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    copy = copy_without_initializers(model, large_names)
+    graph = copy.graph
     listed = {i.name for i in graph.input}
     graph.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in listed
@@ -349,6 +289,37 @@ def shape_skeleton(
     for value in copy.graph.output:
         value.type.tensor_type.ClearField("shape")
     return copy
+
+
+def large_float(tensor: onnx.TensorProto) -> bool:
+    """A float tensor of more than 64 elements: a weight, never a shape."""
+    return (
+        tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        and np.prod(tensor.dims) > 64
+    )
+
+
+def copy_without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph lacks the initializers ``names``, made field by
+    field so that their bytes are never copied."""
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
+    copy.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
+    return copy
+
+
+def _copy_fields(source: Message, target: Message, skip: str) -> None:
+    """Copy every set field of ``source`` but ``skip`` into ``target`` (of the same type)."""
+    for field_descriptor, value in source.ListFields():
+        if field_descriptor.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, field_descriptor.name).extend(value)
+        elif isinstance(value, Message):
+            getattr(target, field_descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, field_descriptor.name, value)
 
 
 def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
@@ -481,7 +452,7 @@ def load_model(
     """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input."""
     path = Path(path)
     check_input_path(path)
-    raw, uses_external = _read_proto(path)
+    raw, uses_external = read_proto(path)
     opset = _reject_unsupported(raw, path)
     bound = _bind_input_shapes(raw, dict(input_shapes or {}))
     model = streaming.fold_without_weights(raw, _fold_constants)
@@ -542,92 +513,3 @@ def _with_inner_nodes(protos, nodes: list[Node], scope: str = "") -> list[Node]:
                 node.inner_nodes_analysed = True
         flat.append(node)
     return flat
-
-
-def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
-    """Fail early, before any work, when the output cannot be written (or is the input)."""
-    path = Path(path)
-    if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
-        raise OutputError(f"output {path} is the input model; give another path with -o (the input is never modified)")
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"output {path} is a directory; give a file name such as {path / 'model.onnx'}")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: directory {parent} is not writable")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise OutputError(f"cannot write {path}: the file exists and is read-only")
-    return path
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> Path:
-    """Write ``model`` atomically: to a temporary file beside ``path``, then renamed into place.
-
-    Models too large for one protobuf, with streamed weights (:mod:`spa_compiler.streaming`), or
-    when ``external_data`` is asked keep their weights in ``<name>.data`` beside the model, written
-    atomically too, one tensor at a time. ``model`` itself is left as it was, so it can still be
-    run or saved again.
-    """
-    path = check_output_path(path)
-    external = (
-        external_data or any(streaming.is_external(t) for t in _all_tensors(model.graph))
-        or model.ByteSize() > streaming.PROTOBUF_SAFE_BYTES
-    )
-    data_name = path.name + ".data"
-    tmp = tmp_data = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        if external:
-            tmp_data = str(path.parent / f".{data_name}.tmp")
-            _save_with_external_data(model, tmp, tmp_data, data_name)
-            os.replace(tmp_data, path.parent / data_name)
-        else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        for leftover in (tmp, tmp_data):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
-    return path
-
-
-_EXTERNAL_MIN_BYTES = 1024
-
-
-def _save_with_external_data(model: onnx.ModelProto, header_path: str, data_path: str, location: str) -> None:
-    """Write every tensor of at least 1 KiB to ``data_path`` and the rest of the model to
-    ``header_path``, the tensors referring to ``location`` (the data file's final name).
-
-    Tensors are moved out one at a time (streamed ones read from their files) and put back
-    afterwards, so ``model`` ends unchanged and no second copy of the weights is made.
-    """
-    moved: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
-    try:
-        with open(data_path, "wb") as stream:
-            data = streaming.DataFile(stream, location)
-            for tensor in _all_tensors(model.graph):
-                external = streaming.is_external(tensor)
-                if not external and len(tensor.raw_data) < _EXTERNAL_MIN_BYTES:
-                    continue
-                before = onnx.TensorProto()
-                before.CopyFrom(tensor)  # for an in-memory tensor, a copy of one tensor's bytes at a time
-                value = streaming.tensor_view(tensor) if external else tensor.raw_data
-                data.append(tensor, value)
-                del value
-                moved.append((tensor, before))
-        with open(header_path, "wb") as header:
-            header.write(model.SerializeToString())
-    finally:
-        for tensor, before in moved:
-            tensor.CopyFrom(before)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from . import streaming
 from .analysis import Analysis
 from .errors import VerificationError
-from .ir import Node
+from .ir import Node, copy_without_initializers
 from .ops import get_rule
 from .quantized import requantize
 from .subgraphs import all_initializers, subgraphs_of, walk_nodes
@@ -62,7 +62,9 @@ def expected_shapes(analysis: Analysis, removed_by_axis: dict[int, np.ndarray]) 
 
 
 class _ProtoRewriter:
-    """Implements :class:`spa_compiler.ops.Rewriter` over a copy of the folded model."""
+    """Implements :class:`spa_compiler.ops.Rewriter` over a copy of the folded model (its main
+    graph's initializers are copied one at a time as they are sliced, so that the unsliced
+    originals are never copied as a whole)."""
 
     def __init__(
         self, analysis: Analysis, removed_by_axis: dict[int, np.ndarray], replaced: dict[str, np.ndarray]
@@ -73,8 +75,7 @@ class _ProtoRewriter:
         self.opset = self.graph.opset
         self.removed_by_axis = removed_by_axis
         self.new_shapes = expected_shapes(analysis, removed_by_axis)
-        self.model = onnx.ModelProto()
-        self.model.CopyFrom(self.graph.model)
+        self.model = copy_without_initializers(self.graph.model, {t.name for t in self.graph.model.graph.initializer})
         self.protos = {n.name: n for n in walk_nodes(self.model.graph)}
         self.new_initializers: list[onnx.TensorProto] = []
         self.constant_edits: dict[str, dict[int, int]] = {}
@@ -142,18 +143,35 @@ class _ProtoRewriter:
 
     def slice_constants(self) -> None:
         """Slice every constant; streamed ones (:mod:`spa_compiler.streaming`) are read, sliced and
-        written to a scratch data file one at a time, so the new model holds none of their bytes."""
-        tensors = list(all_initializers(self.model.graph))
-        with streaming.replacing(tensors) as replace:
-            for tensor in tensors:
-                original = self.graph.constants.get(tensor.name)
-                if original is None:
-                    continue
-                replaced = self.replaced.get(tensor.name, original)
-                sliced = slice_constant(self.analysis, self.removed_by_axis, tensor.name, replaced)
-                if sliced is not original or streaming.is_external(tensor):
+        written to a scratch data file one at a time, so the new model holds none of their bytes.
+        The main graph's initializers enter the new model here, in their order: a sliced one only
+        as its new value."""
+        main = self.graph.model.graph.initializer
+        inner = [t for node in self.model.graph.node for sub in subgraphs_of(node) for t in all_initializers(sub)]
+        with streaming.replacing([*main, *inner]) as replace:
+            for tensor in main:
+                copy = self.model.graph.initializer.add()
+                sliced = self._sliced(tensor)
+                if sliced is None or streaming.is_external(tensor):
+                    copy.CopyFrom(tensor)  # a streamed tensor's proto holds no bytes
+                else:
+                    copy.name = tensor.name
+                if sliced is not None:
+                    replace(copy, sliced)
+            for tensor in inner:
+                sliced = self._sliced(tensor)
+                if sliced is not None:
                     replace(tensor, sliced)
-                del original, replaced, sliced  # a streamed tensor's pages go back now
+
+    def _sliced(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        """The new value of a constant, or None when it keeps its values (a streamed tensor always
+        gets one: it is copied to the new model's data)."""
+        original = self.graph.constants.get(tensor.name)
+        if original is None:
+            return None
+        replaced = self.replaced.get(tensor.name, original)
+        sliced = slice_constant(self.analysis, self.removed_by_axis, tensor.name, replaced)
+        return sliced if sliced is not original or streaming.is_external(tensor) else None
 
     def rewrite_nodes(self) -> None:
         changed = {self.analysis.axes[a].tensor for a in self.removed_by_axis}

@@ -26,13 +26,14 @@ from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
-from .ir import Graph, first_line, load_model, save_model, synthetic_inputs
+from .ir import Graph, first_line, load_model, synthetic_inputs
+from .model_files import save_model
 from .pipeline import Pass
 from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
-from .verify import custom_ops, fidelity, held_out_fidelity, run_model, verify_model
+from .verify import custom_ops, fidelity, held_out_fidelity, run_model, run_reference, verify_model
 
 __all__ = [
     "Load", "Analyse", "CollectStatistics", "Score", "Allocate", "Rewrite", "Verify", "Save",
@@ -233,7 +234,7 @@ class Verify(Pass):
         original = state.depth.original if state.depth is not None else state.graph  # fidelity to the input model
         if original is not state.graph and state.fidelity is not None:
             feeds = synthetic_inputs(original.input_shapes, original.dtypes, state.config.seed)
-            state.fidelity = fidelity(run_model(original.model, feeds, optimize=False), run_model(state.model, feeds))
+            state.fidelity = fidelity(run_reference(original, feeds), run_model(state.model, feeds))
         if state.held_out is not None and state.fidelity is not None:
             batch = 1 if fixed_batch(state.graph) else state.config.calibration_batch
             state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow)

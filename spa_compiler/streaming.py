@@ -18,7 +18,7 @@ whatever the model's size. Their values are read on demand:
   external initializers instead (which it copies);
 * :class:`DataFile` appends tensors to a data file (page-aligned, as runtimes memory-map it) and
   points their protos at it: the rewriter streams the sliced weights of a pruned model there,
-  and :func:`~spa_compiler.ir.save_model` copies them into the output's ``.data`` file one at a time.
+  and :func:`~spa_compiler.model_files.save_model` copies them into the output's ``.data`` file one at a time.
 
 Second-order statistics (Gram matrices ``H`` of every consumer layer, float64, together often
 larger than the weights) are collected in chunks of layers (:func:`statistics_chunks`) and

@@ -21,7 +21,7 @@ from .cli import (
 )
 from .config import PruneConfig
 from .errors import InputError, TargetError
-from .ir import check_input_path
+from .model_files import check_input_path
 from .report_files import quality, write_sweep_report
 from .sweep import PointResult, SweepPoint, SweepProgress, SweepResult, run_sweep, split_passes, sweep_points
 

@@ -6,7 +6,9 @@
 3. that inference gives every tensor exactly the shape the plan predicts (the original shape
    minus the removed indices), which catches a rewrite that left an attribute or shape
    constant stale;
-4. onnxruntime runs it, and its outputs have the original output shapes.
+4. onnxruntime runs it, and its outputs have the original output shapes. It runs with every
+   graph optimisation (fusions that depend on the new widths) but the CPU layout one (NCHWc),
+   which only reorders convolution weights in memory and would take twice their memory.
 
 The numbers of (4) compared with the original's are the *fidelity* in the report.
 """
@@ -24,12 +26,14 @@ import onnxruntime as ort
 
 from . import streaming
 from .errors import ModelError, VerificationError
-from .ir import STANDARD_DOMAINS, Graph, first_line, shape_skeleton, synthetic_inputs
+from .ir import STANDARD_DOMAINS, Graph, copy_without_initializers, first_line, large_float, shape_skeleton, synthetic_inputs
 from .token_mask import attention_mask, padding_zeroed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Fidelity", "verify_model", "run_model", "session_for", "custom_ops", "fidelity", "held_out_fidelity"]
+__all__ = [
+    "Fidelity", "verify_model", "run_model", "run_reference", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
+]
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,15 @@ class Fidelity:
 
 
 def session_for(
-    model: onnx.ModelProto, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None
+    model: onnx.ModelProto, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None,
+    serialized: bytes | None = None, layout: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session; ``optimize=False`` skips graph optimisations (quicker to create);
-    ``profile_prefix`` turns on onnxruntime's profiler, writing ``<prefix>_<time>.json``. A model
-    with streamed weights is read from files (:func:`~spa_compiler.streaming.header_file`), never
-    serialised with them."""
+    ``profile_prefix`` turns on onnxruntime's profiler, writing ``<prefix>_<time>.json``;
+    ``serialized``, the model's bytes when the caller has them already; ``layout=False`` leaves
+    out the layout optimisation (NCHWc: weights reordered, in a second copy). A model with streamed
+    weights is read from files (:func:`~spa_compiler.streaming.header_file`), never serialised
+    with them."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if profile_prefix is not None:
@@ -65,12 +72,14 @@ def session_for(
         options.profile_file_prefix = profile_prefix
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif not layout:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not streaming.has_external(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialized or model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     try:
         with streaming.header_file(model) as header:
             return ort.InferenceSession(str(header), options, providers=["CPUExecutionProvider"])
@@ -86,6 +95,33 @@ def session_for(
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = True) -> list[np.ndarray]:
     """All graph outputs of ``model`` on ``feeds`` with onnxruntime."""
     return session_for(model, optimize=optimize).run(None, feeds)
+
+
+def reference_session(graph: Graph) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
+    """A session running the input model without graph optimisations, and the feeds it needs
+    besides the model's inputs. Its large float weights become graph inputs fed from
+    ``graph.constants``, which onnxruntime reads in place: the model is neither serialised with
+    them nor copied into the session (a streamed model's are read from their files)."""
+    model = graph.model
+    if streaming.has_external(model):
+        return session_for(model, optimize=False), {}
+    weights = {
+        t.name: graph.constants[t.name] for t in model.graph.initializer
+        if large_float(t) and graph.constants[t.name].shape == tuple(t.dims)
+    }
+    probe = copy_without_initializers(model, set(weights))
+    listed = {i.name for i in probe.graph.input}
+    probe.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in model.graph.initializer if t.name in weights and t.name not in listed
+    )
+    return session_for(probe, optimize=False), weights
+
+
+def run_reference(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """All graph outputs of the input model on ``feeds`` (see :func:`reference_session`)."""
+    session, weights = reference_session(graph)
+    return session.run(None, {**feeds, **weights})
 
 
 def _checker_error(model: onnx.ModelProto) -> str | None:
@@ -147,8 +183,9 @@ def verify_model(
     (checks 1-3 only) when the model has custom ops onnxruntime cannot run. ``narrow`` maps an
     original graph input or output (by name) to the pruned model's (see
     :mod:`spa_compiler.interface`; the identity unless the user let the interface change)."""
+    serialized = None if streaming.has_external(pruned) else pruned.SerializeToString()
     try:
-        streaming.check_model(pruned)
+        streaming.check_model(pruned) if serialized is None else onnx.checker.check_model(serialized)
     except Exception as exc:
         if _checker_error(original.model) != first_line(exc):
             raise VerificationError(
@@ -162,14 +199,15 @@ def verify_model(
     _check_shapes(original, pruned, expected)
     feeds = synthetic_inputs(original.input_shapes, original.dtypes, seed)
     try:
-        before = run_model(original.model, feeds, optimize=False)
+        before = run_reference(original, feeds)
     except Exception as exc:
         if custom_ops(original):
             return None
         raise ModelError(f"onnxruntime cannot run the input model ({first_line(exc)})") from None
     before = [narrow(name, value) for name, value in zip(original.outputs, before)]
     try:
-        after = run_model(pruned, {k: narrow(k, v) for k, v in feeds.items()})  # optimised, as users will run it
+        session = session_for(pruned, serialized=serialized, layout=False)  # optimised, as users will run it
+        after = session.run(None, {k: narrow(k, v) for k, v in feeds.items()})
     except Exception as exc:
         raise VerificationError(
             f"internal error: onnxruntime cannot run the pruned model ({first_line(exc)}); nothing was written"
@@ -231,10 +269,11 @@ def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[st
     """:func:`fidelity` on real held-out samples (keyed by input, first axis samples), run in
     batches of ``batch`` (1 when the model's batch axis is fixed); ``narrow`` as in :func:`verify_model`."""
     count = len(next(iter(samples.values())))
-    sessions = [session_for(original.model, optimize=False), session_for(pruned)]
+    reference, weights = reference_session(original)
+    sessions = [(reference, weights), (session_for(pruned, layout=False), {})]
     outputs = []
-    for session, narrowing in zip(sessions, (_unchanged, narrow)):
-        runs = [session.run(None, {k: narrowing(k, v[i:i + batch]) for k, v in samples.items()})
+    for (session, extra), narrowing in zip(sessions, (_unchanged, narrow)):
+        runs = [session.run(None, {**{k: narrowing(k, v[i:i + batch]) for k, v in samples.items()}, **extra})
                 for i in range(0, count, batch)]
         outputs.append([np.concatenate(parts) for parts in zip(*runs)])
     mask = attention_mask(samples)  # outputs at padding count for nothing

@@ -14,6 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import spa_compiler
+from spa_compiler import model_files
+from spa_compiler.ir import copy_without_initializers
+from spa_compiler.verify import reference_session, run_model
 from spa_compiler import (
     InputError,
     ModelError,
@@ -263,10 +266,12 @@ def test_save_model_is_atomic_and_cleans_up(tmp_path, monkeypatch):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"previous")
 
-    def broken_save(*args, **kwargs):
+    def broken_write(path, data):
+        with open(path, "wb") as file:
+            file.write(data[: len(data) // 2])  # the disk fills up half-way
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", broken_save)
+    monkeypatch.setattr(model_files, "_write", broken_write)
     with pytest.raises(OutputError, match="cannot write"):
         save_model(model, target)
     assert target.read_bytes() == b"previous", "a failed save damaged the existing file"
@@ -370,3 +375,29 @@ def test_example_model_is_unchanged_by_the_suite():
     model = onnx.load(str(EXAMPLE))
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["input"]
+
+
+# --------------------------------------------------------------------------- in-memory copies
+
+
+def test_copy_without_initializers_matches_a_full_copy_minus_them():
+    model = onnx.load(str(EXAMPLE))
+    dropped = {t.name for t in model.graph.initializer if t.dims and np.prod(t.dims) > 64}
+    assert len(dropped) >= 4
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    kept = [t for t in expected.graph.initializer if t.name not in dropped]
+    del expected.graph.initializer[:]
+    expected.graph.initializer.extend(kept)
+    assert copy_without_initializers(model, dropped).SerializeToString() == expected.SerializeToString()
+
+
+def test_reference_session_feeds_the_weights_in_place():
+    graph = load_model(EXAMPLE)
+    session, weights = reference_session(graph)
+    assert weights and all(value is graph.constants[name] for name, value in weights.items())
+    assert set(weights) <= {i.name for i in session.get_inputs()}
+    feeds = spa_compiler.synthetic_inputs(graph.input_shapes, graph.dtypes, seed=3)
+    expected = run_model(graph.model, feeds, optimize=False)
+    for got, want in zip(session.run(None, {**feeds, **weights}), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -65,7 +65,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import UnsupportedModelError
-from ..ir import _fold_constants, _read_proto, check_input_path
+from ..ir import _fold_constants
+from ..model_files import check_input_path, read_proto
 from ..subgraphs import hoist_initializers
 from .control_flow import CONTROL_FLOW_CONVERTERS, enclosing_model
 
@@ -385,7 +386,7 @@ def to_torch(path: str | os.PathLike) -> fx.GraphModule:
     """
     _import_onnx2torch()
     check_input_path(Path(path))
-    model = _fold_constants(_read_proto(Path(path))[0])
+    model = _fold_constants(read_proto(Path(path))[0])
     hoist_initializers(model)
     try:
         module = convert_model(model)

@@ -48,7 +48,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import ModelError
-from ..ir import _fold_constants, _read_proto
+from ..ir import _fold_constants
+from ..model_files import read_proto
 from ..report import PruneReport
 from ..subgraphs import all_initializers, hoist_initializers, walk_nodes
 from .narrow_recurrent import (RECURRENT_OPS, narrow_recurrent, recurrent_level, recurrent_sizes, tensor_key,
@@ -83,7 +84,7 @@ def _load_report(report: PruneReport | dict | str | os.PathLike) -> dict[str, An
 def _initializers(path: str) -> tuple[dict[str, np.ndarray], dict[str, list]]:
     """The model's folded initializers, those of If/Loop/Scan bodies included (hoisted into the main
     graph as the pruner does), and per initializer its (op type, slot, node) readers in any scope."""
-    model = _fold_constants(_read_proto(Path(path))[0])
+    model = _fold_constants(read_proto(Path(path))[0])
     hoist_initializers(model)
     values = {t.name: numpy_helper.to_array(t) for t in all_initializers(model.graph)}
     readers: dict[str, list] = {}
@@ -153,7 +154,7 @@ def _trace_producers(module: nn.Module, example_inputs: tuple) -> dict[str, str]
 
 
 def _example_inputs(path: str) -> tuple:
-    model = _read_proto(Path(path))[0]
+    model = read_proto(Path(path))[0]
     initializers = {t.name for t in model.graph.initializer}
     rng = np.random.default_rng(0)
     inputs = []
