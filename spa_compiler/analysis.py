@@ -326,7 +326,7 @@ def analyze_graph(
 
     Grouped-query attention first couples whole key/value groups; where those are blocked (a
     key/value cache in the interface) the graph is analysed again with the query heads of each
-    group as the units instead (see :mod:`spa_compiler.ops.layout`)."""
+    group as the units instead (see :mod:`spa_compiler.ops.reshape`)."""
     exclude = set(exclude)
     unknown = exclude - set(graph.node_by_name)
     if unknown:

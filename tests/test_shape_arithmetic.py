@@ -120,6 +120,26 @@ def test_slice_bounds_not_a_chunk_keep_the_channels(tmp_path):
     assert any("reads the size of this axis" in r for r in group.blocked_reasons)
 
 
+def test_run_time_target_partly_unknown_blocks_the_axes_it_reads(tmp_path):
+    """A target ``[n, c, Size(r) // (n * c)]``: Size is not followed, so the target cannot be
+    rewritten; the channels whose count ``c`` it reads keep their size, and the reason names the
+    Shape node whose value goes where it cannot be followed."""
+    body = """
+        sz = Size (r)
+        nc = Mul (n, c)
+        k = Div (sz, nc)
+        uc = Unsqueeze (c, Z)
+        uk = Unsqueeze (k, Z)
+        t = Concat <axis = 0> (un, uc, uk)
+        y = Reshape (r, t)
+    """
+    graph = load_dynamic(tmp_path, body, "float[N,8,64] y", {})
+    analysis = analyze_graph(graph)
+    group = group_of(analysis, "W1", 0)
+    assert (len(group.units), len(group.prunable)) == (8, 0)
+    assert group.blocked_reasons == ["Shape node 'Shape_1': its value is used in a way spa-prune cannot follow"]
+
+
 def test_groupnorm_decomposed(tmp_path):
     """GroupNorm as exported at opset <= 17: 8 channels in 4 groups; whole groups leave, the
     InstanceNormalization parameters lose the groups and the first target's G becomes 2."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import control, elementwise, layout, linear, norm, quantized, recurrent, spatial  # noqa: F401  (registration)
+from . import control, elementwise, layout, linear, norm, quantized, recurrent, reshape, spatial  # noqa: F401  (registration)
 from . import fused_attention, fused_norm  # noqa: F401  (registration)
 from .registry import (
     Coupler,

@@ -1,0 +1,103 @@
+"""Graph patterns the reshape rules recognise around a split or merge of axes: attention
+(a product of two activations: Q·Kᵀ, P·V), channel shuffles (split, Transpose, merge), grouped-query
+repeats of key/value heads (an Expand from size 1), recurrent outputs (``[directions, hidden]``),
+and the axes a consumer slices, gathers or splits along."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .common import int_param
+from .registry import Coupler, Unsupported, normalize_axis
+
+if TYPE_CHECKING:
+    from ..ir import Node
+
+__all__ = [
+    "through_transposes", "selected_downstream", "followed_by_shuffle", "repeats_inner_axis",
+    "comes_from_attention", "comes_from_recurrent", "feeds_attention",
+]
+
+
+def through_transposes(c: Coupler, name: str) -> list["Node"]:
+    """The consumers of ``name``, looking through Transpose nodes."""
+    found = []
+    for node in c.consumers(name):
+        if node.op_type == "Transpose":
+            found += through_transposes(c, node.outputs[0])
+        else:
+            found.append(node)
+    return found
+
+
+def selected_downstream(c: Coupler, name: str, to_origin: list[int] | None = None) -> set[int]:
+    """Axes of ``name`` that a consumer (looking through Transposes) slices, gathers or
+    splits along."""
+    rank = len(c.shape(name))
+    to_origin = to_origin if to_origin is not None else list(range(rank))
+    found: set[int] = set()
+    for node in c.consumers(name):
+        if node.op_type == "Transpose":
+            perm = node.attr("perm") or list(reversed(range(rank)))
+            found |= selected_downstream(c, node.outputs[0], [to_origin[p] for p in perm])
+        elif node.op_type in ("Gather", "Split"):
+            found.add(to_origin[normalize_axis(int(node.attr("axis", 0)), rank)])
+        elif node.op_type == "Slice":
+            try:
+                axes = node.attr("axes") if c.opset < 10 else int_param(node, c, "axes", 3)
+            except Unsupported:
+                axes = None
+            found |= {to_origin[normalize_axis(a, rank)] for a in (axes or range(rank))}
+    return found
+
+
+def followed_by_shuffle(c: Coupler, name: str) -> bool:
+    direct = c.consumers(name)
+    return (
+        len(direct) == 1 and direct[0].op_type == "Transpose"
+        and all(n.op_type in ("Reshape", "Flatten") for n in through_transposes(c, name))
+    )
+
+
+def repeats_inner_axis(c: Coupler, x: str, inner: int) -> bool:
+    """Whether ``x`` is an Expand that broadcasts its axis ``inner`` from size 1: grouped-query
+    attention repeating each key/value head for the query heads of its group
+    (``[B, KV, 1, S, D] -> [B, KV, R, S, D]``, then merged into ``KV * R`` heads)."""
+    node = c.producer(x)
+    if node is None or node.op_type != "Expand":
+        return False
+    source = c.shape(node.inputs[0])
+    k = inner - (len(c.shape(x)) - len(source))
+    return k < 0 or source[k] == 1
+
+
+def comes_from_attention(c: Coupler, name: str) -> bool:
+    """Whether ``name`` is (through Transposes) the product of two activations (P·V)."""
+    node = c.producer(name)
+    while node is not None and node.op_type == "Transpose":
+        node = c.producer(node.inputs[0])
+    return node is not None and node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs)
+
+
+def comes_from_recurrent(c: Coupler, name: str) -> bool:
+    """Whether ``name`` is (through Transposes) a recurrent node's Y, whose hidden units are the
+    innermost axis of a [directions, hidden] merge."""
+    node = c.producer(name)
+    while node is not None and node.op_type == "Transpose":
+        node = c.producer(node.inputs[0])
+    return node is not None and node.op_type in ("RNN", "GRU", "LSTM")
+
+
+_ON_THE_WAY_TO_ATTENTION = ("Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")
+
+
+def feeds_attention(c: Coupler, name: str, depth: int = 4) -> bool:
+    """Whether the split tensor reaches a product of two activations (Q·Kᵀ, P·V) through a
+    few data-movement or scaling ops; only labels the group as heads in reports."""
+    for node in c.consumers(name):
+        if node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs):
+            return True
+        if depth and node.op_type in _ON_THE_WAY_TO_ATTENTION:
+            if any(feeds_attention(c, out, depth - 1) for out in node.outputs if out):
+                return True
+    return False
