@@ -15,7 +15,7 @@ from .token_mask import real_rows
 if TYPE_CHECKING:
     from .calibrate import ConsumerLayer
 
-__all__ = ["conv_patches", "sample_rows", "layer_features", "feature_width"]
+__all__ = ["conv_patches", "sample_rows", "row_count", "row_samples", "layer_features", "feature_width"]
 
 
 def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.ndarray | None) -> np.ndarray:
@@ -54,16 +54,28 @@ def sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.rando
     """At most ``max_rows`` of the layer's feature rows (patch positions or tokens) of the batch
     ``x``, a seeded random sorted subset, only rows at real tokens of the attention ``mask``
     (:mod:`~spa_compiler.token_mask`); None for all."""
-    if layer.patches:
-        out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
-        total = x.shape[0] * out[2] * out[3]
-    else:
-        total = x.size // x.shape[layer.channel_axis]
+    total = row_count(layer, graph, x)
     real = None if layer.patches else real_rows(x, layer.channel_axis, mask)
     if real is not None:
         rows = np.flatnonzero(real)
         return rows if len(rows) <= max_rows else np.sort(rng.choice(rows, max_rows, replace=False))
     return None if total <= max_rows else np.sort(rng.choice(total, max_rows, replace=False))
+
+
+def row_count(layer: ConsumerLayer, graph: Graph, x: np.ndarray) -> int:
+    """The layer's feature rows in the batch ``x``: output positions of a convolution with patch
+    statistics, else positions of the input (pixels, tokens)."""
+    if layer.patches:
+        out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
+        return x.shape[0] * out[2] * out[3]
+    return x.size // x.shape[layer.channel_axis]
+
+
+def row_samples(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The index along ``x``'s first axis (the sample, where that axis is the batch's) of each
+    feature row ``rows`` (all when None): rows run through the first axis slowest."""
+    total = row_count(layer, graph, x)
+    return (np.arange(total) if rows is None else np.asarray(rows)) // max(total // max(x.shape[0], 1), 1)
 
 
 def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:

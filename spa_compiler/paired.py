@@ -17,13 +17,13 @@ from .calibrate import (
     MAX_ROWS,
     ROWS_PER_FEATURE,
     ConsumerLayer,
-    batches,
     exposing,
     fixed_batch,
     with_weight_inputs,
 )
-from .feature_rows import feature_width, layer_features, sample_rows
+from .feature_rows import feature_width, layer_features, row_samples, sample_rows
 from .ir import Graph
+from .subnetwork import prefix_model
 from .token_mask import attention_mask
 from .verify import session_for
 
@@ -35,8 +35,8 @@ class PairedStatistics:
     """What re-fitting a layer on a pruned network's inputs toward the original outputs needs:
     ``gram = Σ x̃ x̃ᵀ`` over the pruned input's features and ``cross = Σ x̃ xᵀ`` against the
     original input's features at the same positions, both with a trailing constant 1. They are
-    kept in two folds (``gram[f]``, ``cross[f]``: the rows of alternate batches of samples), so
-    a re-fit can be checked on rows it was not fitted to."""
+    kept in two folds (``gram[f]``, ``cross[f]``: the rows of alternate samples), so a re-fit can
+    be checked on rows it was not fitted to."""
 
     layer: ConsumerLayer
     gram: np.ndarray  # [2, pruned features + 1, pruned features + 1]
@@ -56,52 +56,87 @@ class PairedStatistics:
         self.cross[fold] += pruned.T @ np.hstack([original.astype(np.float32), ones])
 
 
+@dataclass
+class _OriginalRows:
+    """The rows a layer's statistics take from one batch: positions (None for all) in the
+    batch's first ``samples`` samples, and the original network's features there."""
+
+    start: int  # index of the batch's first sample
+    samples: int
+    shape: tuple[int, ...]  # of the original activation over those samples
+    taken: np.ndarray | None
+    features: np.ndarray
+
+
 class PairedRunner:
-    """The original model and a pruned one (same tensor names, fewer channels) run side by side
-    on the same inputs. The pruned model's ``weights`` are graph inputs, so each run may give
-    them new values; onnxruntime computes only what the requested activations need."""
+    """The original model and a pruned one (same tensor names, fewer channels) run on the same
+    inputs. The original runs once (:meth:`cache_original`): every layer's rows are drawn then and
+    its features there kept. The pruned model's ``weights`` are graph inputs, so each run may
+    give them new values, and each run computes only the start of the network that the layers
+    asked for read (:func:`~spa_compiler.subnetwork.prefix_model`)."""
 
-    def __init__(self, graph: Graph, pruned: onnx.ModelProto, layers: list[ConsumerLayer], weights: set[str]) -> None:
+    def __init__(self, graph: Graph, pruned: onnx.ModelProto, layers: list[ConsumerLayer], weights: set[str],
+                 batch_size: int = 16) -> None:
         self.graph = graph
-        activations = sorted({layer.activation for layer in layers})
-        self.original = session_for(exposing(graph.model, activations))
-        self.pruned = session_for(with_weight_inputs(exposing(pruned, activations), weights))
-        self.batch_size = 1 if fixed_batch(graph) else None
+        self.pruned = with_weight_inputs(pruned, weights)
+        self.batch_size = 1 if fixed_batch(graph) else batch_size
+        self.layers = layers
+        self.original: dict[str, list[_OriginalRows]] = {}
 
-    def statistics(
-        self,
-        layers: list[ConsumerLayer],
-        data: dict[str, np.ndarray],
-        weights: dict[str, np.ndarray],
-        batch_size: int = 16,
-        seed: int = 0,
-        rows_per_feature: int = ROWS_PER_FEATURE,
-    ) -> dict[str, PairedStatistics]:
-        """Every layer's :class:`PairedStatistics`, the rows of both models taken at the same
-        positions (at most ``rows_per_feature`` per feature in all); the pruned model runs with
-        ``weights``. A layer whose rows the pruning changed (its input lost elements on an axis
-        other than the features') has none."""
+    def cache_original(self, plan: list[tuple[list[ConsumerLayer], int]], data: dict[str, np.ndarray], seed: int = 0,
+                       rows_per_feature: int = ROWS_PER_FEATURE) -> None:
+        """One run of the original network over the samples ``plan`` needs (layers, each with the
+        number of leading samples its statistics use): each layer's rows, at most
+        ``rows_per_feature`` per feature in all, spread evenly over its batches (seeded)."""
         graph = self.graph
+        samples = {layer.node: count for layer_list, count in plan for layer in layer_list}
+        layers = [layer for layer in self.layers if layer.node in samples]
         activations = sorted({layer.activation for layer in layers})
-        total = len(next(iter(data.values())))
-        batch_size = self.batch_size or min(batch_size, max(1, -(-total // 2)))  # two batches at least: two folds
-        stats: dict[str, PairedStatistics] = {}
+        session = session_for(exposing(graph.model, activations))
+        most = max(samples.values(), default=0)
         rng = np.random.default_rng(seed)
-        batch_count = -(-total // batch_size)
-        for index, feeds in enumerate(batches(data, batch_size)):
-            original = dict(zip(activations, self.original.run(activations, feeds)))
-            narrowed = dict(zip(activations, self.pruned.run(activations, {**feeds, **weights})))
+        self.original = {layer.node: [] for layer in layers}
+        for start in range(0, most, self.batch_size):
+            feeds = {name: array[start:start + self.batch_size] for name, array in data.items()}
+            values = dict(zip(activations, session.run(activations, feeds)))
             mask = attention_mask(feeds)
             for layer in layers:
-                x, x_pruned = original[layer.activation], narrowed[layer.activation]
-                if np.delete(x.shape, layer.channel_axis).tolist() != np.delete(x_pruned.shape, layer.channel_axis).tolist():
-                    continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
+                count = min(samples[layer.node], len(next(iter(data.values())))) - start
+                if count <= 0:
+                    continue
+                x = values[layer.activation][:count]
                 width = feature_width(layer, x.shape)
-                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batch_count)
-                taken = sample_rows(layer, graph, x, rng, budget, mask)
+                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // -(-samples[layer.node] // self.batch_size))
+                taken = sample_rows(layer, graph, x, rng, budget, None if mask is None else mask[:count])
+                self.original[layer.node].append(_OriginalRows(start, count, x.shape, taken, layer_features(layer, graph, x, taken)))
+
+    def statistics(self, layers: list[ConsumerLayer], data: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> dict[str, PairedStatistics]:
+        """Every layer's :class:`PairedStatistics`, the pruned model (with ``weights``) read at
+        the rows :meth:`cache_original` drew, on the same samples. A layer whose rows the pruning
+        changed (its input lost elements on an axis other than the features') has none."""
+        graph = self.graph
+        layers = [layer for layer in layers if self.original.get(layer.node)]
+        activations = sorted({layer.activation for layer in layers})
+        if not activations:
+            return {}
+        session = session_for(prefix_model(self.pruned, activations))  # every weight stays an input
+        most = max(rows[-1].start + rows[-1].samples for layer in layers for rows in [self.original[layer.node]])
+        stats: dict[str, PairedStatistics] = {}
+        for start in range(0, most, self.batch_size):
+            feeds = {name: array[start:start + self.batch_size] for name, array in data.items()}
+            narrowed = dict(zip(activations, session.run(activations, {**feeds, **weights})))
+            for layer in layers:
+                cached = next((rows for rows in self.original[layer.node] if rows.start == start), None)
+                if cached is None:
+                    continue
+                x_pruned = narrowed[layer.activation][: cached.samples]
+                if np.delete(cached.shape, layer.channel_axis).tolist() != np.delete(x_pruned.shape, layer.channel_axis).tolist():
+                    continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
                 if layer.node not in stats:
-                    stats[layer.node] = PairedStatistics.empty(layer, feature_width(layer, x_pruned.shape), width)
-                stats[layer.node].add(
-                    layer_features(layer, graph, x_pruned, taken), layer_features(layer, graph, x, taken), index % 2
-                )
+                    stats[layer.node] = PairedStatistics.empty(layer, feature_width(layer, x_pruned.shape), cached.features.shape[1])
+                pruned_features = layer_features(layer, graph, x_pruned, cached.taken)
+                folds = (start + row_samples(layer, graph, x_pruned, cached.taken)) % 2
+                for fold in (0, 1):
+                    chosen = folds == fold
+                    stats[layer.node].add(pruned_features[chosen], cached.features[chosen], fold)
         return stats

@@ -15,21 +15,25 @@ a ridge regression pulled toward the layer's present weights ``P`` (kept columns
 not pulled), so that where the calibration rows are few the re-fit stays near them (a layer
 without a bias drops the constant feature: its bias stays as it was). How strong a pull, or
 whether to re-fit only the bias or nothing at all, each layer decides on held-out rows: the
-rows come in two folds (alternate batches of samples), each candidate is fitted on one and
+rows come in two folds (alternate samples), each candidate is fitted on one and
 its output error measured on the other, both ways, and the least error wins. So a layer whose
 rows are too few for its features (a 1536-wide layer on a few thousand tokens) does not
 over-fit them. Every layer is
 re-fitted in dependency order, stage by stage, each stage on the inputs that the already
 re-fitted stages before it produce: the sequential re-fit of OBC and SparseGPT. A stage is a run
 of consecutive *levels* (layers of one level never feed each other); at most ``STAGES`` of them,
-since each costs a run of both networks over its samples (onnxruntime computes the whole network
-whichever activations are asked for), so a 27-level detector re-fits in 16 runs instead of 27. One
-onnxruntime session per network serves every stage: the pruned network's re-fitted weights are
-graph inputs, fed anew at each stage. ``rounds`` repeats the sequence. A stage uses the first
-``SAMPLES`` samples, or as many as its layers need to see four rows per feature (a convolution
-gets one row per output position from each sample, a layer on tokens one per token, a classifier
-after pooling one), whichever is more. The bias term also corrects the
-shift of every output's mean that removed channels and upstream errors leave.
+since each costs a run of the pruned network up to the stage's layers over its samples
+(:func:`~spa_compiler.subnetwork.prefix_model`; the re-fitted weights are graph inputs, fed anew
+at each stage), so a 27-level detector re-fits in 16 runs instead of 27. The original network
+runs once for all stages, every layer's rows drawn then and its original features there kept
+(:class:`~spa_compiler.paired.PairedRunner`). ``rounds`` repeats the sequence. A stage uses the
+first ``SAMPLES`` samples, or as many as its layers need to see four rows per feature (a
+convolution gets one row per output position from each sample, a layer on tokens one per token,
+a classifier after pooling one), whichever is more; but the runs may cost at most ``budget``
+MACs (``BUDGET_MACS``: :func:`stage_samples` caps the stages' samples), so a 4-GMAC ResNet-50
+re-fits its late layers on fewer samples than they would want (the held-out choice then keeps
+fewer parameters). The bias term also corrects the shift of every output's mean that removed
+channels and upstream errors leave.
 
 Layers whose weight is shared with another node are left alone: one re-fit cannot serve both.
 """
@@ -42,19 +46,24 @@ from collections import Counter
 import numpy as np
 
 from .calibrate import ConsumerLayer
+from .cost import node_macs
 from .paired import PairedRunner, PairedStatistics
 from .pipeline import Pass
 from .rewrite import rewrite_model, slice_constant
 from .secondorder import augmented, feature_columns
 from .state import PruneState
+from .subnetwork import part_macs, prefix_nodes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Refit", "refit_layer", "held_out_ridge", "layer_levels", "stages", "samples_needed", "SAMPLES", "RIDGES"]
+__all__ = [
+    "Refit", "refit_layer", "held_out_ridge", "layer_levels", "stages", "samples_needed", "stage_samples", "SAMPLES", "RIDGES",
+]
 
 SAMPLES = 8  # calibration samples a re-fit stage uses at least: each stage runs them through both networks
 STAGES = 16  # sequential re-fit stages at most (consecutive levels merged)
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
+BUDGET_MACS = 5e11  # MACs the re-fit's network runs may take (about 15 s of onnxruntime on two cores)
 
 
 RIDGES = (0.001, 0.01, 0.1, 1.0, 10.0, "scales", "bias only", "unchanged")
@@ -63,6 +72,11 @@ the bias free; one scale per input feature of the present weights, then the bias
 weights with only the bias re-fitted (the shift of the outputs' mean corrected); or the layer
 left as it is. Fewer parameters need fewer rows: a scale per feature is what a layer on a few
 thousand tokens can afford."""
+
+FEW_PARAMETERS = ("scales", "bias only", "unchanged")
+"""The re-fits a layer with fewer rows than features may take: a weight per feature and output
+would be fitted to fewer rows than it has parameters (a ResNet-50's classifier on the few samples
+its stage can afford), so the held-out choice need not weigh those, whose solves cost the most."""
 
 SCALE_RIDGE = 0.001  # pull of the feature scales toward 1, in units of mean(diag M)
 
@@ -111,8 +125,9 @@ def _output_error(solution: np.ndarray, gram: np.ndarray, target_cross: np.ndarr
     return float(np.sum((solution @ gram) * solution) - 2 * np.sum(solution * target_cross.T))
 
 
-def held_out_ridge(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool) -> float | str:
-    """The re-fit of :data:`RIDGES` that, fitted on one fold and measured on the other (both
+def held_out_ridge(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool,
+                   candidates: tuple[float | str, ...] = RIDGES) -> float | str:
+    """The re-fit of ``candidates`` that, fitted on one fold and measured on the other (both
     ways), leaves the least output error: a layer whose rows are too few to re-fit (a wide
     layer on tokens, a classifier after pooling) keeps its present weights."""
     errors = [
@@ -120,9 +135,9 @@ def held_out_ridge(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray
             _output_error(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), gram[f], target_cross[f])
             for f in (0, 1)
         )
-        for ridge in RIDGES
+        for ridge in candidates
     ]
-    return RIDGES[int(np.argmin(errors))]
+    return candidates[int(np.argmin(errors))]
 
 
 def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, stats: PairedStatistics,
@@ -132,8 +147,10 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     is the layer's augmented original ``[rows, features + 1]`` matrix, ``current`` its present one
     (compensated or not), toward which the ridge term pulls (``P``, its kept columns): the re-fit
     ``ridge`` of :data:`RIDGES` over both folds' rows, the one given or else the one chosen on
-    held-out rows (:func:`held_out_ridge`)."""
+    held-out rows (:func:`held_out_ridge`; among :data:`FEW_PARAMETERS` when the rows are fewer
+    than the pruned layer's features)."""
     features = weights.shape[1] - 1
+    rows = float(stats.gram[:, -1, -1].sum())
     kept = np.setdiff1d(np.arange(features), feature_columns(removed_channels, layer.features_per_channel))
     kept_columns = np.append(kept, features)  # and the bias
     gram, cross, target, prior = stats.gram, stats.cross, weights, current[:, kept_columns]
@@ -142,7 +159,7 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     target_cross = cross @ target.T  # C Wᵀ per fold
     has_bias = layer.bias is not None
     if ridge is None:
-        ridge = held_out_ridge(gram, target_cross, prior, has_bias)
+        ridge = held_out_ridge(gram, target_cross, prior, has_bias, RIDGES if rows > len(kept) else FEW_PARAMETERS)
     solved = _refit(gram.sum(axis=0), target_cross.sum(axis=0), prior, ridge, has_bias)
     matrix = np.zeros((len(weights), features))
     matrix[:, kept] = solved[:, : len(kept)]
@@ -164,6 +181,29 @@ def samples_needed(graph, layers: list[ConsumerLayer], least: int) -> int:
             per_sample = int(np.prod(shape[1:-1]))
         needed = max(needed, -(-ROWS_PER_FEATURE * (width + 1) // max(per_sample, 1)))
     return needed
+
+
+def stage_samples(needs: list[int], prefix_macs: list[float], total_macs: float, budget: float, least: int) -> list[int]:
+    """Samples per stage: ``needs``, or each capped at a common ``c`` (not below ``least``), the
+    largest for which the runs cost at most ``budget`` MACs: one run of the original network
+    (``total_macs`` per sample) over the most samples a stage uses, and a run of each stage's
+    prefix (``prefix_macs`` per sample, the original network's: a bound on the pruned one's),
+    ``max_k c_k · M + Σ_k c_k · P_k``."""
+
+    def capped(cap: int) -> list[int]:
+        return [min(n, max(least, cap)) for n in needs]
+
+    def cost(cap: int) -> float:
+        counts = capped(cap)
+        return max(counts, default=0) * total_macs + sum(c * p for c, p in zip(counts, prefix_macs))
+
+    low, high = least, max(needs, default=least)
+    if cost(high) <= budget:
+        return list(needs)
+    while low < high:  # the largest cap within the budget (the least one when none is)
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= budget else (low, middle - 1)
+    return capped(low)
 
 
 def layer_levels(graph, layers: list[ConsumerLayer]) -> list[list[ConsumerLayer]]:
@@ -196,10 +236,11 @@ class Refit(Pass):
     requires = ("graph", "analysis", "statistics", "calibration_data", "removed_by_axis")
     provides = ("compensated",)
 
-    def __init__(self, rounds: int = 1, samples: int = SAMPLES, stage_count: int = STAGES) -> None:
+    def __init__(self, rounds: int = 1, samples: int = SAMPLES, stage_count: int = STAGES, budget: float = BUDGET_MACS) -> None:
         self.rounds = rounds
         self.samples = samples
         self.stage_count = stage_count
+        self.budget = budget
 
     def run(self, state: PruneState) -> PruneState:
         if not state.calibration_data:
@@ -209,19 +250,29 @@ class Refit(Pass):
             s.layer for s in state.statistics.values() if len(graph.consumers.get(s.layer.weight, [])) == 1
         ]
         refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
-        runner = PairedRunner(graph, rewrite_model(analysis, state.removed_by_axis, state.compensated), layers, refitted)
+        pruned = rewrite_model(analysis, state.removed_by_axis, state.compensated)
+        runner = PairedRunner(graph, pruned, layers, refitted, config.calibration_batch)
         sequence = stages(layer_levels(graph, layers), self.stage_count)
+        available = len(next(iter(state.calibration_data.values())))
+        macs = node_macs(analysis)
+        counts = stage_samples(
+            [min(available, samples_needed(graph, stage, self.samples)) for stage in sequence],
+            [part_macs(prefix_nodes(graph.model, sorted({layer.activation for layer in stage})), macs) for stage in sequence],
+            sum(macs.values()), self.budget, min(self.samples, available),
+        )
+        log.info("re-fit stages' samples: %s", counts)
+        state.note("re-fitting layers: running the original network")
+        runner.cache_original(list(zip(sequence, counts)), state.calibration_data, config.seed, ROWS_PER_FEATURE)
         chosen: Counter[str] = Counter()
         for sweep in range(self.rounds):
-            for step, stage in enumerate(sequence):
+            for step, (stage, samples) in enumerate(zip(sequence, counts)):
                 state.note(f"re-fitting layers, stage {step + 1}/{len(sequence)} (sweep {sweep + 1}/{self.rounds})")
                 weights = {
                     name: slice_constant(analysis, state.removed_by_axis, name, state.compensated.get(name, graph.constants[name]))
                     for name in refitted
                 }
-                samples = samples_needed(graph, stage, self.samples)
                 data = {name: array[:samples] for name, array in state.calibration_data.items()}
-                paired = runner.statistics(stage, data, weights, config.calibration_batch, config.seed, ROWS_PER_FEATURE)
+                paired = runner.statistics(stage, data, weights)
                 chosen.update(self._apply(state, layer, paired[layer.node]) if layer.node in paired else "unpaired" for layer in stage)
         log.info("re-fit chosen on held-out rows: %s", ", ".join(f"{n} {kind}" for kind, n in chosen.most_common()))
         return state

@@ -16,6 +16,18 @@ and turned into per-unit scores: the k-th unit of the group in criterion order s
 increase ``D_g(k) − D_g(k−1)``. Allocation then removes steps in the order of measured
 distortion per cost saved (``cost_exponent = 1``): the greedy solution of the knapsack "least
 total distortion within the budget", treating the groups' distortions as additive.
+
+A measurement runs only the part of the network the changed weights affect
+(:mod:`~spa_compiler.subnetwork`), from the activations one run of the whole network left at
+that part's boundary (the whole network when the part holds more than ``WHOLE_SHARE`` of its
+MACs: building a session costs more than the part saves). What the measurements may cost is bounded: ``budget`` MACs in all
+(``BUDGET_MACS``, a few seconds of onnxruntime on two cores; the MACs of each group's part,
+per sample and measured width). A model whose measurements would cost more is measured on
+fewer samples (down to ``LEAST_SAMPLES``), then, if still too costly, at one width per group
+(the middle one): its curve is then the measured distortion scaled by the criterion's
+cumulative scores, ``D_g(n) = D_g(m) · S_g(n) / S_g(m)`` with ``S_g(n)`` the sum of the ``n``
+lowest scores (the local, compensated removal costs of the second-order criterion), so one
+run per group measures how much the group's local error matters to the outputs.
 """
 
 from __future__ import annotations
@@ -24,22 +36,35 @@ import math
 
 import numpy as np
 
+import logging
+from typing import Callable
+
+import onnx
+
 from .analysis import Group
-from .calibrate import LayerStatistics, fixed_batch, with_weight_inputs
+from .calibrate import LayerStatistics, exposing, fixed_batch, with_weight_inputs
+from .cost import node_macs
+from .ir import Graph
 from .pipeline import Pass
 from .quantized import zero_slabs
 from .rewrite import removed_indices
 from .secondorder import compensate_layer
 from .state import PruneState
+from .subnetwork import part_macs, tail_boundary, tail_model, tail_nodes
 from .token_mask import attention_mask, padding_zeroed
 from .verify import session_for
 
-__all__ = ["MeasureSensitivity", "convex_increments", "samples_for"]
+__all__ = ["MeasureSensitivity", "TailRunner", "convex_increments", "samples_for", "measurement_plan", "scaled_by_scores"]
+
+log = logging.getLogger(__name__)
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the units a group may lose, at which it is measured
 SAMPLES = 32  # calibration samples a measurement runs, at most ...
 LEAST_SAMPLES = 4  # ... and at least
 OUTPUT_VALUES = 2**18  # output values a measurement should see, when samples allow
+BUDGET_MACS = 4e11  # MACs all measurements may run (about 10 s of onnxruntime on two cores)
+WHOLE_SHARE = 0.7  # a part with more of the network's MACs runs as the whole network (one session for all)
+CACHE_BYTES = 2**30  # boundary activations kept for the measurements, at most
 
 
 def samples_for(output_values_per_sample: int, available: int, most: int = SAMPLES) -> int:
@@ -49,6 +74,31 @@ def samples_for(output_values_per_sample: int, available: int, most: int = SAMPL
     fewer samples than a classifier's few scores; each measurement runs the whole network."""
     wanted = -(-OUTPUT_VALUES // max(output_values_per_sample, 1))
     return max(1, min(available, most, max(LEAST_SAMPLES, wanted)))
+
+
+def measurement_plan(costs: list[tuple[float, int]], samples: int, budget: float) -> tuple[int, bool]:
+    """``(samples, every width)`` for groups whose measurements cost ``(MACs per sample, widths)``
+    each: the samples given, or fewer (not below ``LEAST_SAMPLES``) so that all widths fit in
+    ``budget``; when even that does not fit, one width per group, on as many samples as fit."""
+    per_sample = sum(macs * widths for macs, widths in costs)
+    least = min(samples, LEAST_SAMPLES)
+    if samples * per_sample <= budget:
+        return samples, True
+    if least * per_sample <= budget:
+        return max(least, int(budget // per_sample)), True
+    one_width = sum(macs for macs, widths in costs if widths)
+    return max(least, min(samples, int(budget // max(one_width, 1.0)))), False
+
+
+def scaled_by_scores(scores: np.ndarray, measured: int, distortion: float, counts: list[int]) -> np.ndarray:
+    """Distortions at ``counts`` from one measured at ``measured``, in proportion to the cumulative
+    ``scores`` (those of the units in removal order, negative ones as zero):
+    ``D(n) = D(m) · S(n) / S(m)``; in proportion to ``n`` where the scores sum to zero."""
+    cumulative = np.concatenate([[0.0], np.cumsum(np.maximum(np.nan_to_num(scores, posinf=0.0), 0.0))])
+    at = np.asarray(counts)
+    if cumulative[measured] <= 0:
+        return distortion * at / max(measured, 1)
+    return distortion * cumulative[at] / cumulative[measured]
 
 
 def convex_increments(counts: np.ndarray, distortions: np.ndarray, total: int) -> np.ndarray:
@@ -74,6 +124,58 @@ def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
+class TailRunner:
+    """The model's outputs on fixed samples when some weights (graph inputs of ``model``) take
+    new values, each run computing only the part of the network those weights affect, from the
+    activations at its boundary that one run of the whole network left. When those activations
+    would take more than ``CACHE_BYTES``, every run is of the whole network instead. Outputs are
+    float64, zero at padding positions (:mod:`~spa_compiler.token_mask`)."""
+
+    def __init__(self, graph: Graph, model: onnx.ModelProto, feeds: dict[str, np.ndarray], changed: list[set[str]]) -> None:
+        self.graph, self.model, self.feeds = graph, model, feeds
+        self.samples = len(next(iter(feeds.values())))
+        self.batch = 1 if fixed_batch(graph) else self.samples
+        self.mask = attention_mask(feeds)
+        boundary = sorted(set().union(*(tail_boundary(model, tail_nodes(model, c)) for c in changed)) - set(feeds))
+        cached = all(name in graph.shapes and name in graph.dtypes for name in boundary) and sum(
+            int(np.prod(graph.shapes[name][1:])) * onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name]).itemsize
+            for name in boundary
+        ) * self.samples <= CACHE_BYTES
+        self.whole = session_for(exposing(model, boundary) if cached else model)
+        names = list(graph.outputs) + (boundary if cached else [])
+        values = dict(zip(names, self._run(self.whole, names, feeds, {})))
+        self.reference = {name: self._outputs(values[name]) for name in graph.outputs}
+        self.boundary_values = {**feeds, **{name: values[name] for name in boundary}} if cached else None
+
+    def tail(self, changed: set[str], whole: bool = False) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """A function from new values of the weights ``changed`` to the outputs they change, by
+        runs of the whole network if ``whole`` (a part nearly as large is not worth its session)."""
+        if whole or self.boundary_values is None:
+            session, names, feeds = self.whole, list(self.graph.outputs), self.feeds
+        else:
+            part, boundary = tail_model(self.model, changed, self.graph.dtypes)
+            names = [value.name for value in part.graph.output]
+            session = session_for(part) if names else None
+            feeds = {name: self.boundary_values[name] for name in boundary}
+
+        def outputs(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if session is None:
+                return {}
+            return {name: self._outputs(y) for name, y in zip(names, self._run(session, names, feeds, weights))}
+
+        return outputs
+
+    def _run(self, session, names: list[str], feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        runs = [
+            session.run(names, {**{k: v[i:i + self.batch] for k, v in feeds.items()}, **weights})
+            for i in range(0, self.samples, self.batch)
+        ]
+        return [np.concatenate(parts) for parts in zip(*runs)]
+
+    def _outputs(self, y: np.ndarray) -> np.ndarray:
+        return padding_zeroed(y.astype(np.float64), self.mask)
+
+
 class MeasureSensitivity(Pass):
     """Replace the scores by measured marginal output distortions (see the module docstring)."""
 
@@ -81,9 +183,10 @@ class MeasureSensitivity(Pass):
     requires = ("graph", "analysis", "scores", "statistics", "calibration_data")
     provides = ("scores",)
 
-    def __init__(self, fractions: tuple[float, ...] = FRACTIONS, samples: int = SAMPLES) -> None:
+    def __init__(self, fractions: tuple[float, ...] = FRACTIONS, samples: int = SAMPLES, budget: float = BUDGET_MACS) -> None:
         self.fractions = fractions
         self.samples = samples
+        self.budget = budget
 
     def run(self, state: PruneState) -> PruneState:
         if not state.calibration_data:
@@ -94,34 +197,36 @@ class MeasureSensitivity(Pass):
         }
         overridable = {analysis.axes[a].tensor for a in analysis.tags.get("consumer", [])}
         overridable |= {s.layer.bias for s in layers.values() if s.layer.bias}
-        session = session_for(with_weight_inputs(graph.model, overridable))
-        per_sample = sum(int(np.prod(graph.shapes[name][1:])) for name in graph.outputs if name in graph.shapes)
-        count = samples_for(per_sample, len(next(iter(state.calibration_data.values()))), self.samples)
-        feeds = {name: array[:count] for name, array in state.calibration_data.items()}
-        batch = 1 if fixed_batch(graph) else len(next(iter(feeds.values())))
-        mask = attention_mask(feeds)  # outputs at padding count for nothing
-
-        def outputs(weights: dict[str, np.ndarray]) -> list[np.ndarray]:
-            count = len(next(iter(feeds.values())))
-            runs = [session.run(None, {**{k: v[i:i + batch] for k, v in feeds.items()}, **weights})
-                    for i in range(0, count, batch)]
-            return [padding_zeroed(np.concatenate(parts).astype(np.float64), mask) for parts in zip(*runs)]
-
-        reference = outputs({})
-        energy = sum(float(np.sum(y * y)) for y in reference) or 1.0
+        model = with_weight_inputs(graph.model, overridable)
         constraints = config.constraints()
         groups = [g for g in analysis.groups if g.prunable]
+        orders = {g.id: sorted(g.prunable, key=lambda k: (state.scores[g.id][k], k)) for g in groups}
+        counts = {g.id: self._counts(g, len(orders[g.id]), constraints) for g in groups}
+        changed = {g.id: set(self._pruned_weights(state, layers, g, orders[g.id], compensate=False)) for g in groups}
+        macs = node_macs(analysis)
+        costs = [(part_macs(tail_nodes(model, changed[g.id]), macs), len(counts[g.id])) for g in groups]
+        whole = {g.id: cost > WHOLE_SHARE * sum(macs.values()) for g, (cost, _) in zip(groups, costs)}
+        per_sample = sum(int(np.prod(graph.shapes[name][1:])) for name in graph.outputs if name in graph.shapes)
+        wanted = samples_for(per_sample, len(next(iter(state.calibration_data.values()))), self.samples)
+        samples, every_width = measurement_plan(costs, wanted, self.budget)
+        log.info("sensitivity: %d samples, %s", samples, "every width" if every_width else "one width per group")
+        runner = TailRunner(graph, model, {k: v[:samples] for k, v in state.calibration_data.items()}, list(changed.values()))
+        energy = sum(float(np.sum(y * y)) for y in runner.reference.values()) or 1.0
         scores = dict(state.scores)
         for done, group in enumerate(groups):
             state.note(f"measuring sensitivity of group {done + 1}/{len(groups)}")
-            order = sorted(group.prunable, key=lambda k: (state.scores[group.id][k], k))
-            counts = self._counts(group, len(order), constraints)
+            order, measured = orders[group.id], counts[group.id]
+            if not every_width and measured:
+                measured = [measured[len(measured) // 2]]
+            outputs = runner.tail(changed[group.id], whole[group.id])
             distortions = []
-            for count in counts:
-                weights = self._pruned_weights(state, layers, group, order[:count])
-                pruned = outputs(weights)
-                distortions.append(sum(float(np.sum((a - b) ** 2)) for a, b in zip(pruned, reference)) / energy)
-            increments = convex_increments(np.asarray(counts), np.asarray(distortions), len(order)) if counts else np.zeros(len(order))
+            for count in measured:
+                pruned = outputs(self._pruned_weights(state, layers, group, order[:count]))
+                distortions.append(sum(float(np.sum((y - runner.reference[name]) ** 2)) for name, y in pruned.items()) / energy)
+            if not every_width and measured:
+                distortions = scaled_by_scores(state.scores[group.id][order], measured[0], distortions[0], counts[group.id])
+                measured = counts[group.id]
+            increments = convex_increments(np.asarray(measured), np.asarray(distortions), len(order)) if measured else np.zeros(len(order))
             group_scores = np.full(len(group.units), np.inf)
             group_scores[order] = increments
             scores[group.id] = group_scores
@@ -139,14 +244,18 @@ class MeasureSensitivity(Pass):
         return sorted(c for c in counts if c > 0)
 
     @staticmethod
-    def _pruned_weights(state: PruneState, layers: dict[int, LayerStatistics], group: Group, units: list[int]) -> dict[str, np.ndarray]:
-        """Consumer weights (and biases) that emulate removing ``units`` of ``group``."""
+    def _pruned_weights(state: PruneState, layers: dict[int, LayerStatistics], group: Group, units: list[int],
+                        compensate: bool = True) -> dict[str, np.ndarray]:
+        """Consumer weights (and biases) that emulate removing ``units`` of ``group``; without
+        ``compensate``, the layers with statistics keep their weights (for their names)."""
         constants = state.graph.constants
         weights: dict[str, np.ndarray] = {}
         for axis, channels in removed_indices(state.analysis, {group.id: units}).items():
             stats = layers.get(axis)
             if stats is not None:
-                weights.update(compensate_layer(stats, constants, channels))
+                layer = stats.layer
+                weights.update(compensate_layer(stats, constants, channels) if compensate else
+                               {name: constants[name] for name in (layer.weight, layer.bias) if name})
             elif axis in set(state.analysis.tags.get("consumer", [])):
                 ref = state.analysis.axes[axis]
                 value = weights.get(ref.tensor, constants[ref.tensor]).copy()

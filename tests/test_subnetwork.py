@@ -1,0 +1,117 @@
+"""Parts of a network run on their own (the sensitivity measurements' tails, the re-fit's
+prefixes and its one run of the original network) and the budgets that bound those runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import spa_compiler.sensitivity as sensitivity
+from spa_compiler import PruneConfig, PruneState, load_model
+from spa_compiler.calibrate import consumer_layers, exposing, with_weight_inputs
+from spa_compiler.paired import PairedRunner
+from spa_compiler.refit import stage_samples
+from spa_compiler.sensitivity import TailRunner, measurement_plan, scaled_by_scores
+from spa_compiler.stages import Analyse
+from spa_compiler.subnetwork import prefix_model, tail_model
+from spa_compiler.verify import session_for
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return load_model(EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def samples(graph):
+    shape = graph.input_shapes[graph.inputs[0]]
+    return {graph.inputs[0]: np.random.default_rng(0).standard_normal((3, *shape[1:])).astype(np.float32)}
+
+
+def _middle_conv(graph):
+    convs = [node for node in graph.model.graph.node if node.op_type == "Conv"]
+    return convs[len(convs) // 2]
+
+
+def _whole(model, names, samples, weights=None):
+    """``names`` of ``model`` run one sample at a time (the example's batch is fixed)."""
+    session = session_for(exposing(model, names))
+    runs = [session.run(names, {**{k: v[i:i + 1] for k, v in samples.items()}, **(weights or {})})
+            for i in range(len(next(iter(samples.values()))))]
+    return [np.concatenate(parts) for parts in zip(*runs)]
+
+
+def test_tail_and_prefix_compute_what_the_whole_model_does(graph, samples):
+    conv = _middle_conv(graph)
+    weight = conv.input[1]
+    changed = {weight: (graph.constants[weight] * np.float32(0.5))}
+    model = with_weight_inputs(graph.model, {weight})
+    part, boundary = tail_model(model, {weight}, graph.dtypes)
+    assert 0 < len(part.graph.node) < len(model.graph.node)
+    assert conv.input[0] in boundary and len(boundary) >= 2  # the conv's input and a residual branch's
+    expected = _whole(model, list(graph.outputs) + boundary, samples, changed)
+    values = dict(zip(list(graph.outputs) + boundary, _whole(model, list(graph.outputs) + boundary, samples)))
+    session = session_for(part)
+    tail = [session.run(None, {**{name: values[name][i:i + 1] for name in boundary}, **changed}) for i in range(3)]
+    np.testing.assert_allclose(np.concatenate([run[0] for run in tail]), expected[0], rtol=1e-5, atol=1e-6)
+
+    prefix = prefix_model(graph.model, [conv.input[0]])
+    assert len(prefix.graph.node) < len(graph.model.graph.node)
+    np.testing.assert_array_equal(_whole(prefix, [conv.input[0]], samples)[0], values[conv.input[0]])
+
+
+def test_tail_runner_gives_the_whole_models_outputs(graph, samples, monkeypatch):
+    weight = _middle_conv(graph).input[1]
+    model = with_weight_inputs(graph.model, {weight})
+    new = {weight: graph.constants[weight] * np.float32(0.5)}
+    expected = _whole(model, list(graph.outputs), samples, new)[0]
+    runner = TailRunner(graph, model, samples, [{weight}])
+    assert runner.boundary_values is not None
+    np.testing.assert_allclose(runner.reference[graph.outputs[0]], _whole(model, list(graph.outputs), samples)[0], rtol=1e-6)
+    np.testing.assert_allclose(runner.tail({weight})(new)[graph.outputs[0]], expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(sensitivity, "CACHE_BYTES", 0)  # boundary too large to keep: whole-model runs
+    whole = TailRunner(graph, model, samples, [{weight}])
+    assert whole.boundary_values is None
+    np.testing.assert_allclose(whole.tail({weight})(new)[graph.outputs[0]], expected, rtol=1e-6)
+
+
+def test_paired_rows_of_an_unpruned_network_pair_with_themselves(graph, samples):
+    analysis = Analyse().run(PruneState(PruneConfig(flops=0.5), graph=graph)).analysis
+    layers = consumer_layers(analysis)
+    runner = PairedRunner(graph, graph.model, layers, {layers[0].weight})
+    runner.cache_original([(layers, 3)], samples, seed=0, rows_per_feature=10**6)  # every row
+    stats = runner.statistics(layers, samples, {layers[0].weight: graph.constants[layers[0].weight]})
+    assert set(stats) == {layer.node for layer in layers}
+    for layer in layers:
+        paired = stats[layer.node]
+        scale = np.abs(paired.gram).max()
+        np.testing.assert_allclose(paired.gram, paired.cross, atol=1e-6 * scale)  # x̃ = x at every row (float32 sums)
+        rows = paired.gram[:, -1, -1]
+        assert rows[0] == 2 * rows[1] > 0  # fold 0: samples 0 and 2, fold 1: sample 1
+
+
+def test_measurement_plan_fits_the_budget():
+    costs = [(1e9, 4)] * 10  # ten groups, 1 GMAC parts, four widths each: 4e10 MACs per sample
+    assert measurement_plan(costs, 32, 2e12) == (32, True)
+    assert measurement_plan(costs, 32, 4e11) == (10, True)
+    assert measurement_plan(costs, 32, 1e11) == (10, False)  # 4 samples at every width cost 1.6e11
+    assert measurement_plan(costs, 32, 1e9) == (4, False)  # never below LEAST_SAMPLES
+    assert measurement_plan(costs, 2, 1e9) == (2, False)
+
+
+def test_one_measurement_is_scaled_by_the_cumulative_scores():
+    scores = np.array([1.0, 1.0, 2.0, 4.0])
+    np.testing.assert_allclose(scaled_by_scores(scores, 2, 0.1, [1, 2, 3, 4]), [0.05, 0.1, 0.2, 0.4])
+    np.testing.assert_allclose(scaled_by_scores(np.zeros(4), 2, 0.1, [1, 4]), [0.05, 0.2])
+
+
+def test_stage_samples_are_capped_to_the_budget():
+    needs, prefix = [8, 8, 100, 224], [1.0, 2.0, 3.0, 4.0]
+    assert stage_samples(needs, prefix, 4.0, 3000.0, 8) == needs  # 224·4 + 8 + 16 + 300 + 896 = 2116
+    # a cap c costs c·4 (the original's run) + 8 + 16 + 3c + 4c: within 500 for c <= 43
+    assert stage_samples(needs, prefix, 4.0, 500.0, 8) == [8, 8, 43, 43]
+    assert stage_samples(needs, prefix, 4.0, 10.0, 8) == [8, 8, 8, 8]
