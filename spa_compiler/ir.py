@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
-from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
 from . import streaming
 from .model_files import check_input_path, read_proto
+from .proto_copy import copy_without_initializers
 from .errors import InputError, ModelError, UnsupportedModelError
 from .quantized import FOLD_EXCLUDED, QuantizedWeight, dequantized_weights, integer_weights, unsupported_quantization
 from .subgraphs import (
@@ -39,7 +39,6 @@ __all__ = [
     "parse_input_shapes",
     "synthetic_inputs",
     "shape_skeleton",
-    "copy_without_initializers",
     "large_float",
     "first_line",
     "STANDARD_DOMAINS",
@@ -297,29 +296,6 @@ def large_float(tensor: onnx.TensorProto) -> bool:
         tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
         and np.prod(tensor.dims) > 64
     )
-
-
-def copy_without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose main graph lacks the initializers ``names``, made field by
-    field so that their bytes are never copied."""
-    copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip="graph")
-    _copy_fields(model.graph, copy.graph, skip="initializer")
-    copy.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
-    return copy
-
-
-def _copy_fields(source: Message, target: Message, skip: str) -> None:
-    """Copy every set field of ``source`` but ``skip`` into ``target`` (of the same type)."""
-    for field_descriptor, value in source.ListFields():
-        if field_descriptor.name == skip:
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(target, field_descriptor.name).extend(value)
-        elif isinstance(value, Message):
-            getattr(target, field_descriptor.name).CopyFrom(value)
-        else:
-            setattr(target, field_descriptor.name, value)
 
 
 def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
