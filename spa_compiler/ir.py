@@ -423,12 +423,17 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
 
 
 def load_model(
-    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None
+    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None, lean: bool = False
 ) -> Graph:
-    """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input."""
+    """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input.
+
+    ``lean`` streams a model from 64 MB of weights (:mod:`spa_compiler.streaming`): its proto then
+    refers to scratch files for them, so write it, or a model pruned from it, with
+    :func:`~spa_compiler.model_files.save_model`, never ``onnx.save``. Without it, only a model
+    beyond one protobuf's size is streamed."""
     path = Path(path)
     check_input_path(path)
-    raw, uses_external = read_proto(path)
+    raw, uses_external = read_proto(path, lean)
     opset = _reject_unsupported(raw, path)
     bound = _bind_input_shapes(raw, dict(input_shapes or {}))
     model = streaming.fold_without_weights(raw, _fold_constants)

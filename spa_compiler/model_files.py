@@ -30,10 +30,10 @@ def check_input_path(path: Path) -> None:
         raise InputError(f"{path} is not readable; check its permissions")
 
 
-def read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
+def read_proto(path: Path, lean: bool = False) -> tuple[onnx.ModelProto, bool]:
     """The parsed model with its external data loaded, and whether it had external data. A model
-    with :func:`~spa_compiler.streaming.stream_threshold` bytes of large float weights or more is
-    streamed: external data is not loaded, its large tensors stay on disk
+    with :func:`~spa_compiler.streaming.stream_threshold` bytes of large float weights or more
+    (``lean`` as there) is streamed: external data is not loaded, its large tensors stay on disk
     (:func:`~spa_compiler.streaming.read_lazily`); weights inside the protobuf move to a scratch
     data file (:func:`~spa_compiler.streaming.spill_embedded`)."""
     try:
@@ -51,7 +51,7 @@ def read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
     uses_external = any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model.graph)
     )
-    streamed = streaming.streamed_bytes(model) >= streaming.stream_threshold()
+    streamed = streaming.streamed_bytes(model) >= streaming.stream_threshold(lean)
     if streamed and uses_external:
         streaming.read_lazily(model, path)
     elif streamed:

@@ -2,9 +2,10 @@
 
 A protobuf message cannot exceed 2 GiB, and a model held both as a protobuf and as arrays takes
 its weights' memory twice. So a model with at least :func:`stream_threshold` bytes of large float
-tensors (64 MB; the environment variable ``SPA_PRUNE_STREAM_BYTES`` sets it, e.g. to test this
-path on small models) keeps those tensors (the ones :func:`~spa_compiler.ir.shape_skeleton`
-strips: more than 64 elements) *external*: the ModelProto keeps only their name, type, shape and
+tensors (1.8 GB; 64 MB when pruned file to file, as the CLI and :func:`~spa_compiler.api.prune` do;
+the environment variable ``SPA_PRUNE_STREAM_BYTES`` sets it, e.g. to test this path on small
+models) keeps those tensors (the ones :func:`~spa_compiler.ir.shape_skeleton` strips: more than
+64 elements) *external*: the ModelProto keeps only their name, type, shape and
 a reference ``(location, offset, length)`` whose location is made absolute, so the proto is a few
 megabytes whatever the model's size. External data stays in its files; a model with its weights
 inside the protobuf has them copied to a scratch data file once (:func:`spill_embedded`). Their
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 STREAM_ENV = "SPA_PRUNE_STREAM_BYTES"
-STREAM_BYTES = 64_000_000  # large float weights from which a model is streamed
+STREAM_BYTES = 64_000_000  # large float weights from which a model pruned file to file is streamed
 PROTOBUF_SAFE_BYTES = 1_800_000_000  # protobuf cannot hold a model over 2 GiB
 CHUNKED_STATISTICS_FROM = PROTOBUF_SAFE_BYTES  # streamed weights from which statistics are chunked
 _LAZY_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -68,11 +69,13 @@ _LAZY_MIN_ELEMENTS = 65  # as ir.shape_skeleton: smaller tensors may hold shapes
 ALIGNMENT = 4096  # page-aligned offsets let runtimes memory-map the weights
 
 
-def stream_threshold() -> int:
-    """Bytes of large float weights from which a model is streamed (``SPA_PRUNE_STREAM_BYTES``)."""
+def stream_threshold(lean: bool = False) -> int:
+    """Bytes of large float weights from which a model is streamed (``SPA_PRUNE_STREAM_BYTES``):
+    ``STREAM_BYTES`` when ``lean`` (a model pruned from file to file, whose proto only this
+    package writes), else only what one protobuf cannot hold."""
     value = os.environ.get(STREAM_ENV, "")
     if not value:
-        return STREAM_BYTES
+        return STREAM_BYTES if lean else PROTOBUF_SAFE_BYTES
     if not value.isdigit():
         raise InputError(f"{STREAM_ENV}={value!r} is not a number of bytes; unset it or give e.g. 1000000")
     return int(value)

@@ -186,3 +186,14 @@ def test_embedded_model_over_the_threshold_is_pruned_from_disk_and_written_inlin
     prune(source, tmp_path / "streamed.onnx", config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.onnx", "streamed.onnx"]
     assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "memory.onnx").read_bytes()
+
+
+def test_only_file_to_file_pruning_streams_a_mid_size_model(monkeypatch):
+    """Under the 1.8 GB a protobuf holds, ``load_model`` keeps the weights in the proto (callers
+    may ``onnx.save`` it); ``lean=True``, as the Load pass of file-to-file pruning asks, streams
+    them from ``STREAM_BYTES`` on."""
+    source = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+    monkeypatch.delenv(STREAM_ENV, raising=False)
+    monkeypatch.setattr(streaming, "STREAM_BYTES", 1000)
+    assert not streaming.has_external(load_model(source).model)
+    assert streaming.has_external(load_model(source, lean=True).model)
