@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
-from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
 from . import streaming
 from .model_files import check_input_path, read_proto
+from .proto_copy import copy_without_initializers
 from .errors import InputError, ModelError, UnsupportedModelError
 from .quantized import FOLD_EXCLUDED, QuantizedWeight, dequantized_weights, integer_weights, unsupported_quantization
 from .subgraphs import (
@@ -39,7 +39,6 @@ __all__ = [
     "parse_input_shapes",
     "synthetic_inputs",
     "shape_skeleton",
-    "copy_without_initializers",
     "large_float",
     "first_line",
     "STANDARD_DOMAINS",
@@ -299,29 +298,6 @@ def large_float(tensor: onnx.TensorProto) -> bool:
     )
 
 
-def copy_without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose main graph lacks the initializers ``names``, made field by
-    field so that their bytes are never copied."""
-    copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip="graph")
-    _copy_fields(model.graph, copy.graph, skip="initializer")
-    copy.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
-    return copy
-
-
-def _copy_fields(source: Message, target: Message, skip: str) -> None:
-    """Copy every set field of ``source`` but ``skip`` into ``target`` (of the same type)."""
-    for field_descriptor, value in source.ListFields():
-        if field_descriptor.name == skip:
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(target, field_descriptor.name).extend(value)
-        elif isinstance(value, Message):
-            getattr(target, field_descriptor.name).CopyFrom(value)
-        else:
-            setattr(target, field_descriptor.name, value)
-
-
 def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
@@ -447,12 +423,17 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
 
 
 def load_model(
-    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None
+    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None, lean: bool = False
 ) -> Graph:
-    """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input."""
+    """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input.
+
+    ``lean`` streams a model from 64 MB of weights (:mod:`spa_compiler.streaming`): its proto then
+    refers to scratch files for them, so write it, or a model pruned from it, with
+    :func:`~spa_compiler.model_files.save_model`, never ``onnx.save``. Without it, only a model
+    beyond one protobuf's size is streamed."""
     path = Path(path)
     check_input_path(path)
-    raw, uses_external = read_proto(path)
+    raw, uses_external = read_proto(path, lean)
     opset = _reject_unsupported(raw, path)
     bound = _bind_input_shapes(raw, dict(input_shapes or {}))
     model = streaming.fold_without_weights(raw, _fold_constants)

@@ -61,7 +61,7 @@ from .bench import measure_latencies
 from .config import TARGET_TOLERANCE
 from .cost import CostMetric, Term, get_metric, register_metric
 from .errors import TargetError
-from .ir import synthetic_inputs
+from .ir import shape_skeleton, synthetic_inputs
 from .profiling import profile_models
 from .rewrite import removed_indices, rewrite_model
 from .stages import Allocate, check_reachable
@@ -198,7 +198,7 @@ class Latency(CostMetric):
 
     def _key(self, analysis: Analysis, removals: list[dict[int, np.ndarray]]) -> str:
         graph = analysis.graph
-        digest = hashlib.sha256(graph.model.SerializeToString())
+        digest = hashlib.sha256(shape_skeleton(graph.model, graph.input_shapes).SerializeToString())  # weights aside
         digest.update(json.dumps(dict(
             format=_FORMAT, inputs=sorted(graph.input_shapes.items()), widths=self.widths, runs=self.runs,
             threads=self.threads, onnxruntime=ort.__version__, machine=platform.machine(),

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
+from google.protobuf.message import Message
 from google.protobuf.message import EncodeError
 
 from . import streaming
 from .errors import InputError, OutputError
+from .proto_copy import copy_field
 from .subgraphs import attribute_subgraphs
 
 __all__ = ["check_input_path", "check_output_path", "read_proto", "save_model", "all_tensors"]
@@ -27,10 +30,12 @@ def check_input_path(path: Path) -> None:
         raise InputError(f"{path} is not readable; check its permissions")
 
 
-def read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """The parsed model with its external data loaded, and whether it had external data. External
-    data of :func:`~spa_compiler.streaming.stream_threshold` bytes or more is not loaded: its large
-    tensors stay on disk (:func:`~spa_compiler.streaming.read_lazily`)."""
+def read_proto(path: Path, lean: bool = False) -> tuple[onnx.ModelProto, bool]:
+    """The parsed model with its external data loaded, and whether it had external data. A model
+    with :func:`~spa_compiler.streaming.stream_threshold` bytes of large float weights or more
+    (``lean`` as there) is streamed: external data is not loaded, its large tensors stay on disk
+    (:func:`~spa_compiler.streaming.read_lazily`); weights inside the protobuf move to a scratch
+    data file (:func:`~spa_compiler.streaming.spill_embedded`)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning and others
@@ -46,8 +51,11 @@ def read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
     uses_external = any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model.graph)
     )
-    if uses_external and streaming.external_bytes(model) >= streaming.stream_threshold():
+    streamed = streaming.streamed_bytes(model) >= streaming.stream_threshold(lean)
+    if streamed and uses_external:
         streaming.read_lazily(model, path)
+    elif streamed:
+        model = streaming.spill_embedded(model)
     elif uses_external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
@@ -60,7 +68,12 @@ def read_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
 
 
 def all_tensors(graph: onnx.GraphProto):
+    """Every tensor of ``graph``: initializers, then those of node attributes and subgraphs."""
     yield from graph.initializer
+    yield from _node_tensors(graph)
+
+
+def _node_tensors(graph: onnx.GraphProto):
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
@@ -89,15 +102,17 @@ def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool = False) -> Path:
     """Write ``model`` atomically: to a temporary file beside ``path``, then renamed into place.
 
-    Models too large for one protobuf, with streamed weights (:mod:`spa_compiler.streaming`), or
-    when ``external_data`` is asked keep their weights in ``<name>.data`` beside the model, written
-    atomically too, one tensor at a time. ``model`` itself is left as it was, so it can still be
-    run or saved again.
+    Models too large for one protobuf, or when ``external_data`` is asked, keep their weights in
+    ``<name>.data`` beside the model, written atomically too, one tensor at a time. Otherwise
+    streamed weights (:mod:`spa_compiler.streaming`) are written inside the model. ``model``
+    itself is left as it was, so it can still be run or saved again.
     """
     path = check_output_path(path)
-    external = external_data or any(streaming.is_external(t) for t in all_tensors(model.graph))
-    inline = None if external else _serialized(model)
-    external = inline is None
+    streamed = streaming.has_external(model)
+    inline = None
+    if not external_data and not streamed:
+        inline = _serialized(model)
+    external = external_data or (inline is None and not streamed) or _proto_bytes(model) > streaming.PROTOBUF_SAFE_BYTES
     data_name = path.name + ".data"
     tmp = tmp_data = None
     try:
@@ -108,8 +123,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             tmp_data = str(path.parent / f".{data_name}.tmp")
             _save_with_external_data(model, tmp, tmp_data, data_name)
             os.replace(tmp_data, path.parent / data_name)
-        else:
+        elif inline is not None:
             _write(tmp, inline)
+        else:
+            with open(tmp, "wb") as file:
+                write_embedded(model, file)
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
@@ -118,6 +136,91 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
     return path
+
+
+def _proto_bytes(model: onnx.ModelProto) -> int:
+    """The size ``model`` would have with its streamed tensors inside (bounded by their bytes)."""
+    return model.ByteSize() + streaming.streamed_bytes(model)
+
+
+def write_embedded(model: onnx.ModelProto, file: BinaryIO) -> None:
+    """Write ``model`` with its streamed tensors' values inside the protobuf, one tensor at a
+    time. The bytes are those of serialising the whole model with the values in place (protobuf
+    writes fields in number order: the model's fields before ``graph`` (7), the graph's before
+    ``initializer`` (5), each initializer, then the rest), without holding the model's weights."""
+    graph = model.graph
+    if any(streaming.is_external(t) for t in _node_tensors(graph)):
+        raise OutputError("internal error: a streamed tensor lies outside the main graph; nothing was written")
+    head, tail = _split_fields(model, "graph")
+    graph_head, graph_tail = _split_fields(graph, "initializer")
+    sizes = [_embedded_size(t) for t in graph.initializer]
+    entries = sum(1 + _varint_size(n) + n for n in sizes)
+    file.write(head)
+    file.write(_key(GRAPH_FIELD) + _varint(len(graph_head) + entries + len(graph_tail)))
+    file.write(graph_head)
+    for tensor, size in zip(graph.initializer, sizes):
+        data = _embedded_tensor(tensor).SerializeToString()
+        if len(data) != size:
+            raise OutputError(f"internal error: tensor '{tensor.name}' serialised to an unexpected size; nothing was written")
+        file.write(_key(INITIALIZER_FIELD) + _varint(size))
+        file.write(data)
+        del data
+    file.write(graph_tail)
+    file.write(tail)
+
+
+GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+
+
+def _split_fields(message: Message, field: str) -> tuple[bytes, bytes]:
+    """The serialised fields of ``message`` numbered below ``field``'s and above it."""
+    number = message.DESCRIPTOR.fields_by_name[field].number
+    before, after = type(message)(), type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.number != number:
+            copy_field(before if descriptor.number < number else after, descriptor, value)
+    return before.SerializeToString(), after.SerializeToString()
+
+
+def _embedded_tensor(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """The tensor with its values inside (a streamed one read from its file)."""
+    if not streaming.is_external(tensor):
+        return tensor
+    inside = onnx.TensorProto()
+    inside.CopyFrom(tensor)
+    inside.ClearField("external_data")
+    inside.ClearField("data_location")
+    inside.raw_data = streaming.tensor_view(tensor).tobytes()
+    return inside
+
+
+def _embedded_size(tensor: onnx.TensorProto) -> int:
+    """Serialised bytes of :func:`_embedded_tensor`, computed without reading the values."""
+    if not streaming.is_external(tensor):
+        return tensor.ByteSize()
+    header = onnx.TensorProto()
+    header.CopyFrom(tensor)
+    header.ClearField("external_data")
+    header.ClearField("data_location")
+    n = streaming.byte_count(tensor)
+    return header.ByteSize() + len(_key(RAW_DATA_FIELD)) + _varint_size(n) + n
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _varint_size(value: int) -> int:
+    return len(_varint(value))
 
 
 def _write(path: str, data: bytes) -> None:

@@ -18,7 +18,8 @@ from onnx import helper, numpy_helper
 from . import streaming
 from .analysis import Analysis
 from .errors import VerificationError
-from .ir import Node, copy_without_initializers
+from .ir import Node
+from .proto_copy import copy_without_initializers
 from .ops import get_rule
 from .quantized import requantize
 from .subgraphs import all_initializers, subgraphs_of, walk_nodes

@@ -44,12 +44,14 @@ log = logging.getLogger(__name__)
 
 
 class Load(Pass):
-    """Read ``state.source``, fold constants and bind the dynamic dimensions."""
+    """Read ``state.source``, fold constants and bind the dynamic dimensions. A model of 64 MB of
+    weights or more keeps them on disk (``load_model(lean=True)``): write the pruned
+    ``state.model`` with :class:`Save` or :func:`~spa_compiler.model_files.save_model`."""
 
     name, description, requires, provides = "load", "loading the model", ("source",), ("graph",)
 
     def run(self, state: PruneState) -> PruneState:
-        state.graph = load_model(state.source, state.config.input_shapes)
+        state.graph = load_model(state.source, state.config.input_shapes, lean=True)
         return state
 
 

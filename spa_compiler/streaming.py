@@ -1,12 +1,15 @@
 """Models whose weights stay on disk: read memory-mapped, written tensor by tensor.
 
-A protobuf message cannot exceed 2 GiB, so a model whose external data is at least
-:func:`stream_threshold` bytes (1.8 GB; the environment variable ``SPA_PRUNE_STREAM_BYTES``
-lowers it, e.g. to test this path on small models) is never loaded into one. Its large float
-tensors (the ones :func:`~spa_compiler.ir.shape_skeleton` strips: more than 64 elements) stay
-*external*: the ModelProto keeps only their name, type, shape and a reference
-``(location, offset, length)`` whose location is made absolute, so the proto is a few megabytes
-whatever the model's size. Their values are read on demand:
+A protobuf message cannot exceed 2 GiB, and a model held both as a protobuf and as arrays takes
+its weights' memory twice. So a model with at least :func:`stream_threshold` bytes of large float
+tensors (1.8 GB; 64 MB when pruned file to file, as the CLI and :func:`~spa_compiler.api.prune` do;
+the environment variable ``SPA_PRUNE_STREAM_BYTES`` sets it, e.g. to test this path on small
+models) keeps those tensors (the ones :func:`~spa_compiler.ir.shape_skeleton` strips: more than
+64 elements) *external*: the ModelProto keeps only their name, type, shape and
+a reference ``(location, offset, length)`` whose location is made absolute, so the proto is a few
+megabytes whatever the model's size. External data stays in its files; a model with its weights
+inside the protobuf has them copied to a scratch data file once (:func:`spill_embedded`). Their
+values are read on demand:
 
 * :func:`tensor_view` maps one tensor's bytes read-only (``numpy.memmap``); the pages are read
   when touched and given back when the array is freed, so reading every weight once (magnitude
@@ -20,10 +23,10 @@ whatever the model's size. Their values are read on demand:
   points their protos at it: the rewriter streams the sliced weights of a pruned model there,
   and :func:`~spa_compiler.model_files.save_model` copies them into the output's ``.data`` file one at a time.
 
-Second-order statistics (Gram matrices ``H`` of every consumer layer, float64, together often
-larger than the weights) are collected in chunks of layers (:func:`statistics_chunks`) and
-kept on disk with their inverses (:func:`spilled`), so that they too take a fraction of the
-model's size in memory.
+For models of :data:`CHUNKED_STATISTICS_FROM` bytes of streamed weights or more, second-order
+statistics (Gram matrices ``H`` of every consumer layer, float64, together often larger than the
+weights) are collected in chunks of layers (:func:`statistics_chunks`) and kept on disk with
+their inverses (:func:`spilled`), so that they too take a fraction of the model's size in memory.
 
 Inside the process an external tensor's location is absolute; :func:`check_model` runs the ONNX
 checker (which refuses absolute locations) on :func:`header_file`.
@@ -54,20 +57,25 @@ __all__ = [
     "STREAM_ENV", "PROTOBUF_SAFE_BYTES", "stream_threshold", "is_external", "external_bytes", "read_lazily",
     "tensor_view", "TensorValues", "tensor_values", "replacing", "session_weights", "DataFile", "scratch_file",
     "header_file", "has_external", "check_model", "fold_without_weights", "spilled", "remapped", "statistics_chunks",
+    "streamed_bytes", "spill_embedded", "byte_count",
 ]
 
 STREAM_ENV = "SPA_PRUNE_STREAM_BYTES"
+STREAM_BYTES = 64_000_000  # large float weights from which a model pruned file to file is streamed
 PROTOBUF_SAFE_BYTES = 1_800_000_000  # protobuf cannot hold a model over 2 GiB
+CHUNKED_STATISTICS_FROM = PROTOBUF_SAFE_BYTES  # streamed weights from which statistics are chunked
 _LAZY_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 _LAZY_MIN_ELEMENTS = 65  # as ir.shape_skeleton: smaller tensors may hold shapes and are loaded
 ALIGNMENT = 4096  # page-aligned offsets let runtimes memory-map the weights
 
 
-def stream_threshold() -> int:
-    """Bytes of external data from which a model is streamed (``SPA_PRUNE_STREAM_BYTES``)."""
+def stream_threshold(lean: bool = False) -> int:
+    """Bytes of large float weights from which a model is streamed (``SPA_PRUNE_STREAM_BYTES``):
+    ``STREAM_BYTES`` when ``lean`` (a model pruned from file to file, whose proto only this
+    package writes), else only what one protobuf cannot hold."""
     value = os.environ.get(STREAM_ENV, "")
     if not value:
-        return PROTOBUF_SAFE_BYTES
+        return STREAM_BYTES if lean else PROTOBUF_SAFE_BYTES
     if not value.isdigit():
         raise InputError(f"{STREAM_ENV}={value!r} is not a number of bytes; unset it or give e.g. 1000000")
     return int(value)
@@ -90,17 +98,36 @@ def _set_reference(tensor: onnx.TensorProto, location: str, offset: int, length:
         entry.key, entry.value = key, str(value)
 
 
-def _byte_count(tensor: onnx.TensorProto) -> int:
+def byte_count(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def external_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all external tensor data the model refers to."""
-    return sum(_byte_count(t) for t in all_initializers(model.graph) if is_external(t))
+    return sum(byte_count(t) for t in all_initializers(model.graph) if is_external(t))
 
 
 def _lazy(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type in _LAZY_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) >= _LAZY_MIN_ELEMENTS
+
+
+def streamed_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors streaming would keep external (large float ones), wherever they are."""
+    return sum(byte_count(t) for t in all_initializers(model.graph) if _lazy(t))
+
+
+def spill_embedded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (weights inside the protobuf) with its large float initializers moved to a
+    scratch data file, one at a time: a new proto, so that the old one's memory can go."""
+    path = scratch_file(".data")
+    with open(path, "wb") as stream:
+        data = DataFile(stream, str(path))
+        for tensor in all_initializers(model.graph):
+            if _lazy(tensor) and not is_external(tensor):
+                data.append(tensor, numpy_helper.to_array(tensor))
+    weightless = onnx.ModelProto()
+    weightless.CopyFrom(model)
+    return weightless
 
 
 def read_lazily(model: onnx.ModelProto, path: Path) -> None:
@@ -119,8 +146,8 @@ def read_lazily(model: onnx.ModelProto, path: Path) -> None:
                 f"{path}: tensor '{tensor.name}': its external data file '{reference.get('location')}' is missing; "
                 "keep the .data file next to the model"
             )
-        offset, length = int(reference.get("offset", 0)), int(reference.get("length", _byte_count(tensor)))
-        if length != _byte_count(tensor) or offset + length > location.stat().st_size:
+        offset, length = int(reference.get("offset", 0)), int(reference.get("length", byte_count(tensor)))
+        if length != byte_count(tensor) or offset + length > location.stat().st_size:
             raise InputError(
                 f"{path}: tensor '{tensor.name}': its external data ({length} bytes at {offset} in "
                 f"'{location.name}') does not fit its shape or the file; the .data file is truncated or belongs "
@@ -260,9 +287,10 @@ def remapped(spilled_array: np.ndarray | str) -> np.ndarray:
 def statistics_chunks(graph: "Graph", layers: list, sizes: list[int]) -> list[list]:
     """``layers`` (with the byte sizes of their statistics) in consecutive chunks whose statistics
     take at most a quarter of the model's streamed weights (a larger layer alone): one chunk for
-    a model held in memory, or when all fit."""
-    budget = external_bytes(graph.model) // 4
-    if not budget or sum(sizes) <= budget:
+    a model under :data:`CHUNKED_STATISTICS_FROM` bytes of streamed weights, or when all fit."""
+    streamed = external_bytes(graph.model)
+    budget = streamed // 4
+    if not budget or streamed < CHUNKED_STATISTICS_FROM or sum(sizes) <= budget:
         return [list(layers)]
     chunks: list[list] = [[]]
     used = 0

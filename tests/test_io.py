@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa_compiler
 from spa_compiler import model_files
-from spa_compiler.ir import copy_without_initializers
+from spa_compiler.proto_copy import copy_without_initializers
 from spa_compiler.verify import reference_session, run_model
 from spa_compiler import (
     InputError,

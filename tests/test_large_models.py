@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -161,6 +162,7 @@ def test_second_order_statistics_of_a_streamed_model_are_collected_in_chunks(lla
     grams = 8 * (3 * (6 * 257**2 + 1025**2) + 257**2)
     in_memory = prune(llama, tmp_path / "memory.onnx", config)
     monkeypatch.setenv(STREAM_ENV, "0")
+    monkeypatch.setattr(streaming, "CHUNKED_STATISTICS_FROM", 0)  # chunked as a model over 1.8 GB is
     streamed, peaks = pruned_with_peaks(llama, tmp_path / "streamed.onnx", config)
     for name in ("calibrate", "score", "compensate"):  # one chunk's matrices, one layer's rows and inverse
         assert peaks[name] < 0.8 * grams, name
@@ -168,3 +170,30 @@ def test_second_order_statistics_of_a_streamed_model_are_collected_in_chunks(lla
     for tensor in onnx.load(tmp_path / "streamed.onnx").graph.initializer:
         np.testing.assert_allclose(numpy_helper.to_array(tensor), reference.pop(tensor.name), rtol=1e-5, atol=1e-6)
     assert not reference and streamed.flops_ratio == in_memory.flops_ratio
+
+
+def test_embedded_model_over_the_threshold_is_pruned_from_disk_and_written_inline(tmp_path, monkeypatch):
+    """A model with its weights inside the protobuf, over the streaming threshold: the weights
+    move to a scratch data file at load (the graph's proto holds none of them), and the pruned
+    model is written inline, byte for byte the one pruning in memory writes."""
+    source = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+    config = PruneConfig(flops=0.5, bench_runs=0)
+    prune(source, tmp_path / "memory.onnx", config)
+    monkeypatch.setenv(STREAM_ENV, "0")
+    graph = load_model(source)
+    assert all(streaming.is_external(t) for t in graph.model.graph.initializer if t.dims and np.prod(t.dims) > 64)
+    assert graph.model.ByteSize() < 0.2 * source.stat().st_size
+    prune(source, tmp_path / "streamed.onnx", config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.onnx", "streamed.onnx"]
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "memory.onnx").read_bytes()
+
+
+def test_only_file_to_file_pruning_streams_a_mid_size_model(monkeypatch):
+    """Under the 1.8 GB a protobuf holds, ``load_model`` keeps the weights in the proto (callers
+    may ``onnx.save`` it); ``lean=True``, as the Load pass of file-to-file pruning asks, streams
+    them from ``STREAM_BYTES`` on."""
+    source = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+    monkeypatch.delenv(STREAM_ENV, raising=False)
+    monkeypatch.setattr(streaming, "STREAM_BYTES", 1000)
+    assert not streaming.has_external(load_model(source).model)
+    assert streaming.has_external(load_model(source, lean=True).model)
