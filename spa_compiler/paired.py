@@ -106,11 +106,14 @@ class PairedRunner:
                     continue
                 x = values[layer.activation][:count]
                 width = feature_width(layer, x.shape)
-                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // -(-samples[layer.node] // self.batch_size))
+                batch_count = -(-samples[layer.node] // self.batch_size)
+                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batch_count)
                 taken = sample_rows(layer, graph, x, rng, budget, None if mask is None else mask[:count])
-                self.original[layer.node].append(_OriginalRows(start, count, x.shape, taken, layer_features(layer, graph, x, taken)))
+                features = layer_features(layer, graph, x, taken)
+                self.original[layer.node].append(_OriginalRows(start, count, x.shape, taken, features))
 
-    def statistics(self, layers: list[ConsumerLayer], data: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> dict[str, PairedStatistics]:
+    def statistics(self, layers: list[ConsumerLayer], data: dict[str, np.ndarray],
+                   weights: dict[str, np.ndarray]) -> dict[str, PairedStatistics]:
         """Every layer's :class:`PairedStatistics`, the pruned model (with ``weights``) read at
         the rows :meth:`cache_original` drew, on the same samples. A layer whose rows the pruning
         changed (its input lost elements on an axis other than the features') has none."""
@@ -130,10 +133,12 @@ class PairedRunner:
                 if cached is None:
                     continue
                 x_pruned = narrowed[layer.activation][: cached.samples]
-                if np.delete(cached.shape, layer.channel_axis).tolist() != np.delete(x_pruned.shape, layer.channel_axis).tolist():
+                axis = layer.channel_axis
+                if np.delete(cached.shape, axis).tolist() != np.delete(x_pruned.shape, axis).tolist():
                     continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
                 if layer.node not in stats:
-                    stats[layer.node] = PairedStatistics.empty(layer, feature_width(layer, x_pruned.shape), cached.features.shape[1])
+                    width = feature_width(layer, x_pruned.shape)
+                    stats[layer.node] = PairedStatistics.empty(layer, width, cached.features.shape[1])
                 pruned_features = layer_features(layer, graph, x_pruned, cached.taken)
                 folds = (start + row_samples(layer, graph, x_pruned, cached.taken)) % 2
                 for fold in (0, 1):

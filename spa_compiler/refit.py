@@ -183,7 +183,8 @@ def samples_needed(graph, layers: list[ConsumerLayer], least: int) -> int:
     return needed
 
 
-def stage_samples(needs: list[int], prefix_macs: list[float], total_macs: float, budget: float, least: int) -> list[int]:
+def stage_samples(needs: list[int], prefix_macs: list[float], total_macs: float, budget: float,
+                  least: int) -> list[int]:
     """Samples per stage: ``needs``, or each capped at a common ``c`` (not below ``least``), the
     largest for which the runs cost at most ``budget`` MACs: one run of the original network
     (``total_macs`` per sample) over the most samples a stage uses, and a run of each stage's
@@ -236,7 +237,8 @@ class Refit(Pass):
     requires = ("graph", "analysis", "statistics", "calibration_data", "removed_by_axis")
     provides = ("compensated",)
 
-    def __init__(self, rounds: int = 1, samples: int = SAMPLES, stage_count: int = STAGES, budget: float = BUDGET_MACS) -> None:
+    def __init__(self, rounds: int = 1, samples: int = SAMPLES, stage_count: int = STAGES,
+                 budget: float = BUDGET_MACS) -> None:
         self.rounds = rounds
         self.samples = samples
         self.stage_count = stage_count
@@ -255,10 +257,10 @@ class Refit(Pass):
         sequence = stages(layer_levels(graph, layers), self.stage_count)
         available = len(next(iter(state.calibration_data.values())))
         macs = node_macs(analysis)
+        prefixes = [prefix_nodes(graph.model, sorted({layer.activation for layer in stage})) for stage in sequence]
         counts = stage_samples(
             [min(available, samples_needed(graph, stage, self.samples)) for stage in sequence],
-            [part_macs(prefix_nodes(graph.model, sorted({layer.activation for layer in stage})), macs) for stage in sequence],
-            sum(macs.values()), self.budget, min(self.samples, available),
+            [part_macs(nodes, macs) for nodes in prefixes], sum(macs.values()), self.budget, min(self.samples, available),
         )
         log.info("re-fit stages' samples: %s", counts)
         state.note("re-fitting layers: running the original network")

@@ -9,22 +9,22 @@ model's outputs on calibration samples are compared with the original's:
     D_g(n) = Σ_outputs ‖Y'(n) − Y‖² / Σ_outputs ‖Y‖²        (n units of group g removed)
 
 Pruning a group is emulated exactly without rewriting the model: every consumer weight is also
-declared a graph input (``with_weight_inputs``), so one onnxruntime session serves every
-measurement and a measurement feeds the consumers' new weights (zero columns for the removed channels, which is what removing
-them computes). The curve ``D_g`` is made convex (its lower convex hull, so marginal costs rise)
-and turned into per-unit scores: the k-th unit of the group in criterion order scores the
-increase ``D_g(k) − D_g(k−1)``. Allocation then removes steps in the order of measured
+declared a graph input (``with_weight_inputs``), so a session serves every measurement of a
+group and a measurement feeds the consumers' new weights (zero columns for the removed
+channels, which is what removing them computes). The curve ``D_g`` is made convex (its lower
+convex hull, so marginal costs rise) and turned into per-unit scores: the k-th unit of the
+group in criterion order scores the increase ``D_g(k) − D_g(k−1)``. Allocation then removes steps in the order of measured
 distortion per cost saved (``cost_exponent = 1``): the greedy solution of the knapsack "least
 total distortion within the budget", treating the groups' distortions as additive.
 
 A measurement runs only the part of the network the changed weights affect
 (:mod:`~spa_compiler.subnetwork`), from the activations one run of the whole network left at
-that part's boundary (the whole network when the part holds more than ``WHOLE_SHARE`` of its
-MACs: building a session costs more than the part saves). What the measurements may cost is bounded: ``budget`` MACs in all
-(``BUDGET_MACS``, a few seconds of onnxruntime on two cores; the MACs of each group's part,
-per sample and measured width). A model whose measurements would cost more is measured on
-fewer samples (down to ``LEAST_SAMPLES``), then, if still too costly, at one width per group
-(the middle one): its curve is then the measured distortion scaled by the criterion's
+that part's boundary (the whole network when building the part's session would cost more than
+the part saves: ``SESSION_MACS_PER_BYTE`` MACs per byte of its weights). What the measurements
+may cost is bounded: ``budget`` MACs in all (``BUDGET_MACS``, a few seconds of onnxruntime on
+two cores; the MACs of each group's part, per sample and measured width). A model whose
+measurements would cost more is measured on fewer samples (down to ``LEAST_SAMPLES``), then,
+if still too costly, at one width per group (the middle one): its curve is then the measured distortion scaled by the criterion's
 cumulative scores, ``D_g(n) = D_g(m) · S_g(n) / S_g(m)`` with ``S_g(n)`` the sum of the ``n``
 lowest scores (the local, compensated removal costs of the second-order criterion), so one
 run per group measures how much the group's local error matters to the outputs.
@@ -32,14 +32,13 @@ run per group measures how much the group's local error matters to the outputs.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
-
 import logging
+import math
 from typing import Callable
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .analysis import Group
 from .calibrate import LayerStatistics, exposing, fixed_batch, with_weight_inputs
@@ -50,11 +49,13 @@ from .quantized import zero_slabs
 from .rewrite import removed_indices
 from .secondorder import compensate_layer
 from .state import PruneState
-from .subnetwork import part_macs, tail_boundary, tail_model, tail_nodes
+from .subnetwork import part_macs, reads, tail_boundary, tail_model, tail_nodes
 from .token_mask import attention_mask, padding_zeroed
 from .verify import session_for
 
-__all__ = ["MeasureSensitivity", "TailRunner", "convex_increments", "samples_for", "measurement_plan", "scaled_by_scores"]
+__all__ = [
+    "MeasureSensitivity", "TailRunner", "convex_increments", "samples_for", "measurement_plan", "scaled_by_scores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ SAMPLES = 32  # calibration samples a measurement runs, at most ...
 LEAST_SAMPLES = 4  # ... and at least
 OUTPUT_VALUES = 2**18  # output values a measurement should see, when samples allow
 BUDGET_MACS = 4e11  # MACs all measurements may run (about 10 s of onnxruntime on two cores)
-WHOLE_SHARE = 0.7  # a part with more of the network's MACs runs as the whole network (one session for all)
+SESSION_MACS_PER_BYTE = 60  # a part's session costs about as long as onnxruntime takes for 60 MACs per weight byte
 CACHE_BYTES = 2**30  # boundary activations kept for the measurements, at most
 
 
@@ -124,6 +125,12 @@ def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
+def _weights_read(model: onnx.ModelProto, changed: set[str]) -> set[str]:
+    """The initializers the part of ``model`` that ``changed`` affects reads."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {name for node in tail_nodes(model, changed) for name in reads(node) if name in initializers}
+
+
 class TailRunner:
     """The model's outputs on fixed samples when some weights (graph inputs of ``model``) take
     new values, each run computing only the part of the network those weights affect, from the
@@ -131,7 +138,8 @@ class TailRunner:
     would take more than ``CACHE_BYTES``, every run is of the whole network instead. Outputs are
     float64, zero at padding positions (:mod:`~spa_compiler.token_mask`)."""
 
-    def __init__(self, graph: Graph, model: onnx.ModelProto, feeds: dict[str, np.ndarray], changed: list[set[str]]) -> None:
+    def __init__(self, graph: Graph, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                 changed: list[set[str]]) -> None:
         self.graph, self.model, self.feeds = graph, model, feeds
         self.samples = len(next(iter(feeds.values())))
         self.batch = 1 if fixed_batch(graph) else self.samples
@@ -165,7 +173,8 @@ class TailRunner:
 
         return outputs
 
-    def _run(self, session, names: list[str], feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run(self, session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray],
+             weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         runs = [
             session.run(names, {**{k: v[i:i + self.batch] for k, v in feeds.items()}, **weights})
             for i in range(0, self.samples, self.batch)
@@ -183,7 +192,8 @@ class MeasureSensitivity(Pass):
     requires = ("graph", "analysis", "scores", "statistics", "calibration_data")
     provides = ("scores",)
 
-    def __init__(self, fractions: tuple[float, ...] = FRACTIONS, samples: int = SAMPLES, budget: float = BUDGET_MACS) -> None:
+    def __init__(self, fractions: tuple[float, ...] = FRACTIONS, samples: int = SAMPLES,
+                 budget: float = BUDGET_MACS) -> None:
         self.fractions = fractions
         self.samples = samples
         self.budget = budget
@@ -203,14 +213,9 @@ class MeasureSensitivity(Pass):
         orders = {g.id: sorted(g.prunable, key=lambda k: (state.scores[g.id][k], k)) for g in groups}
         counts = {g.id: self._counts(g, len(orders[g.id]), constraints) for g in groups}
         changed = {g.id: set(self._pruned_weights(state, layers, g, orders[g.id], compensate=False)) for g in groups}
-        macs = node_macs(analysis)
-        costs = [(part_macs(tail_nodes(model, changed[g.id]), macs), len(counts[g.id])) for g in groups]
-        whole = {g.id: cost > WHOLE_SHARE * sum(macs.values()) for g, (cost, _) in zip(groups, costs)}
-        per_sample = sum(int(np.prod(graph.shapes[name][1:])) for name in graph.outputs if name in graph.shapes)
-        wanted = samples_for(per_sample, len(next(iter(state.calibration_data.values()))), self.samples)
-        samples, every_width = measurement_plan(costs, wanted, self.budget)
-        log.info("sensitivity: %d samples, %s", samples, "every width" if every_width else "one width per group")
-        runner = TailRunner(graph, model, {k: v[:samples] for k, v in state.calibration_data.items()}, list(changed.values()))
+        samples, every_width, whole = self._plan(state, model, groups, counts, changed)
+        feeds = {name: array[:samples] for name, array in state.calibration_data.items()}
+        runner = TailRunner(graph, model, feeds, list(changed.values()))
         energy = sum(float(np.sum(y * y)) for y in runner.reference.values()) or 1.0
         scores = dict(state.scores)
         for done, group in enumerate(groups):
@@ -222,17 +227,41 @@ class MeasureSensitivity(Pass):
             distortions = []
             for count in measured:
                 pruned = outputs(self._pruned_weights(state, layers, group, order[:count]))
-                distortions.append(sum(float(np.sum((y - runner.reference[name]) ** 2)) for name, y in pruned.items()) / energy)
+                error = sum(float(np.sum((y - runner.reference[name]) ** 2)) for name, y in pruned.items())
+                distortions.append(error / energy)
             if not every_width and measured:
-                distortions = scaled_by_scores(state.scores[group.id][order], measured[0], distortions[0], counts[group.id])
-                measured = counts[group.id]
-            increments = convex_increments(np.asarray(measured), np.asarray(distortions), len(order)) if measured else np.zeros(len(order))
+                measured, distortions = counts[group.id], scaled_by_scores(
+                    state.scores[group.id][order], measured[0], distortions[0], counts[group.id]
+                )
+            increments = np.zeros(len(order))
+            if measured:
+                increments = convex_increments(np.asarray(measured), np.asarray(distortions), len(order))
             group_scores = np.full(len(group.units), np.inf)
             group_scores[order] = increments
             scores[group.id] = group_scores
         state.scores = scores
         state.cost_exponent = 1.0
         return state
+
+    def _plan(self, state: PruneState, model: onnx.ModelProto, groups: list[Group], counts: dict[int, list[int]],
+              changed: dict[int, set[str]]) -> tuple[int, bool, dict[int, bool]]:
+        """``(samples, every width, whole network per group)``: what the measurements run within
+        the budget (:func:`measurement_plan`, each group's part of the network counted), and for
+        which groups a part would not save what its session costs."""
+        graph = state.graph
+        macs = node_macs(state.analysis)
+        total = sum(macs.values())
+        costs = [(part_macs(tail_nodes(model, changed[g.id]), macs), len(counts[g.id])) for g in groups]
+        per_sample = sum(int(np.prod(graph.shapes[name][1:])) for name in graph.outputs if name in graph.shapes)
+        wanted = samples_for(per_sample, len(next(iter(state.calibration_data.values()))), self.samples)
+        samples, every_width = measurement_plan(costs, wanted, self.budget)
+        log.info("sensitivity: %d samples, %s", samples, "every width" if every_width else "one width per group")
+        whole = {
+            g.id: (total - cost) * samples * (widths if every_width else 1)
+            < SESSION_MACS_PER_BYTE * sum(graph.constants[name].nbytes for name in _weights_read(model, changed[g.id]))
+            for g, (cost, widths) in zip(groups, costs)
+        }
+        return samples, every_width, whole
 
     def _counts(self, group: Group, removable: int, constraints) -> list[int]:
         """Removal counts measured: fractions of what the group may lose, on its rounding grid."""

@@ -8,8 +8,9 @@ holds just that part:
 
 * :func:`prefix_model`: the nodes that the wanted tensors depend on, those tensors the outputs;
 * :func:`tail_model`: the nodes that read some changed weights or depend on what those nodes
-  compute, the model's outputs they affect; every other tensor they read (the *boundary*: graph inputs and activations of
-  the start of the network) becomes a graph input, fed values computed once by the whole network.
+  compute, the model's outputs they affect; every other tensor they read (the *boundary*: graph
+  inputs and activations of the start of the network) becomes a graph input, fed values
+  computed once by the whole network.
 
 A control-flow node reads the tensors its subgraphs read from the enclosing scope as well as
 its own inputs. Both parts run exactly what the whole model would compute for those tensors.
@@ -90,7 +91,9 @@ def tail_model(model: onnx.ModelProto, changed: set[str], dtypes: dict[str, int]
     graph_inputs = {value.name: value for value in model.graph.input}
     weights = sorted(name for name in _outer_reads(nodes) if name in graph_inputs and name in _initializers(model))
     boundary = tail_boundary(model, nodes)
-    inputs = [graph_inputs.get(name) or onnx.helper.make_tensor_value_info(name, dtypes[name], None) for name in boundary]
+    inputs = [
+        graph_inputs.get(name) or onnx.helper.make_tensor_value_info(name, dtypes[name], None) for name in boundary
+    ]
     inputs += [graph_inputs[name] for name in weights]
     outputs = [value for value in model.graph.output if value.name in produced]
     return _part(model, nodes, inputs, outputs), boundary
