@@ -28,7 +28,8 @@ from .errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from .ir import Graph, load_model, parse_input_shapes, synthetic_inputs
+from .ir import Graph, load_model
+from .shapes import parse_input_shapes, synthetic_inputs
 from .model_files import save_model
 from .ops import OpRule, register_op, registered_ops
 from .api import analyze, default_passes, prune, prune_graph

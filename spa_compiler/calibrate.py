@@ -39,7 +39,8 @@ from . import streaming
 from .analysis import Analysis
 from .quantized import with_float_weights
 from .errors import InputError
-from .ir import Graph, Node, synthetic_inputs
+from .ir import Graph, Node
+from .shapes import synthetic_inputs
 from .ops import WeightView, get_rule
 from .feature_rows import feature_width, layer_features, sample_rows
 from .token_mask import attention_mask

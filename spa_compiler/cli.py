@@ -20,7 +20,7 @@ from .api import prune
 from .config import PruneConfig
 from .criteria import available_criteria
 from .errors import InputError, SpaError
-from .ir import parse_input_shapes
+from .shapes import parse_input_shapes
 from .model_files import check_output_path
 from .ops import registered_ops
 from .report import render_analysis, render_report

@@ -15,6 +15,7 @@ __all__ = [
     "TargetError",
     "OutputError",
     "VerificationError",
+    "first_line",
 ]
 
 
@@ -44,3 +45,9 @@ class OutputError(SpaError):
 
 class VerificationError(SpaError):
     """The pruned model failed verification; nothing was written."""
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (onnxruntime's run over many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

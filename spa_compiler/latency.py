@@ -61,7 +61,7 @@ from .bench import measure_latencies
 from .config import TARGET_TOLERANCE
 from .cost import CostMetric, Term, get_metric, register_metric
 from .errors import TargetError
-from .ir import shape_skeleton, synthetic_inputs
+from .shapes import shape_skeleton, synthetic_inputs
 from .profiling import profile_models
 from .rewrite import removed_indices, rewrite_model
 from .stages import Allocate, check_reachable

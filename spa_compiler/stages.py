@@ -26,7 +26,9 @@ from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
-from .ir import Graph, first_line, load_model, synthetic_inputs
+from .errors import first_line
+from .ir import Graph, load_model
+from .shapes import synthetic_inputs
 from .model_files import save_model
 from .pipeline import Pass
 from .report import build_report

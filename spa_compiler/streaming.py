@@ -4,7 +4,7 @@ A protobuf message cannot exceed 2 GiB, and a model held both as a protobuf and 
 its weights' memory twice. So a model with at least :func:`stream_threshold` bytes of large float
 tensors (1.8 GB; 64 MB when pruned file to file, as the CLI and :func:`~spa_compiler.api.prune` do;
 the environment variable ``SPA_PRUNE_STREAM_BYTES`` sets it, e.g. to test this path on small
-models) keeps those tensors (the ones :func:`~spa_compiler.ir.shape_skeleton` strips: more than
+models) keeps those tensors (the ones :func:`~spa_compiler.shapes.shape_skeleton` strips: more than
 64 elements) *external*: the ModelProto keeps only their name, type, shape and
 a reference ``(location, offset, length)`` whose location is made absolute, so the proto is a few
 megabytes whatever the model's size. External data stays in its files; a model with its weights
@@ -65,7 +65,7 @@ STREAM_BYTES = 64_000_000  # large float weights from which a model pruned file 
 PROTOBUF_SAFE_BYTES = 1_800_000_000  # protobuf cannot hold a model over 2 GiB
 CHUNKED_STATISTICS_FROM = PROTOBUF_SAFE_BYTES  # streamed weights from which statistics are chunked
 _LAZY_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-_LAZY_MIN_ELEMENTS = 65  # as ir.shape_skeleton: smaller tensors may hold shapes and are loaded
+_LAZY_MIN_ELEMENTS = 65  # as shapes.shape_skeleton: smaller tensors may hold shapes and are loaded
 ALIGNMENT = 4096  # page-aligned offsets let runtimes memory-map the weights
 
 

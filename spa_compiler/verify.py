@@ -26,7 +26,9 @@ import onnxruntime as ort
 
 from . import streaming
 from .errors import ModelError, VerificationError
-from .ir import STANDARD_DOMAINS, Graph, first_line, large_float, shape_skeleton, synthetic_inputs
+from .errors import first_line
+from .ir import STANDARD_DOMAINS, Graph
+from .shapes import large_float, shape_skeleton, synthetic_inputs
 from .proto_copy import copy_without_initializers
 from .token_mask import attention_mask, padding_zeroed
 

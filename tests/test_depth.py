@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from spa_compiler import PruneConfig, load_model, prune
 from spa_compiler.depth import find_branches, remove_branches
 from spa_compiler.errors import TargetError
-from spa_compiler.ir import synthetic_inputs
+from spa_compiler.shapes import synthetic_inputs
 from spa_compiler.verify import run_model
 
 torch = pytest.importorskip("torch")

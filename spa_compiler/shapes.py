@@ -1,0 +1,200 @@
+"""Shapes: binding the dynamic dimensions of graph inputs (``--input-shape``), inferring a
+concrete shape for every tensor (ONNX shape inference on a weightless copy, onnxruntime for the
+rest), and seeded inputs of the bound shapes."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import InputError, ModelError, first_line
+from .proto_copy import copy_without_initializers
+from .subgraphs import all_initializers, inner_value_infos
+
+__all__ = [
+    "parse_input_shapes", "bind_input_shapes", "shape_skeleton", "large_float", "synthetic_inputs", "infer_shapes",
+]
+
+log = logging.getLogger(__name__)
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME=1x3x224x224`` strings (the ``--input-shape`` option)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition("=")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+            raise InputError(
+                f"--input-shape '{spec}' is not of the form NAME=1x3x224x224"
+            )
+        shapes[name] = tuple(int(d) for d in dims.split("x"))
+    return shapes
+
+
+def bind_input_shapes(
+    model: onnx.ModelProto, user: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    initializers = {t.name for t in model.graph.initializer}
+    real_inputs = [i for i in model.graph.input if i.name not in initializers]
+    unknown = set(user) - {i.name for i in real_inputs}
+    if unknown:
+        names = ", ".join(i.name for i in real_inputs)
+        raise InputError(
+            f"--input-shape names {', '.join(sorted(unknown))}, which is not a graph input; "
+            f"the inputs are: {names}"
+        )
+    bound: dict[str, tuple[int, ...]] = {}
+    for value in real_inputs:
+        dims = value.type.tensor_type.shape.dim
+        if not value.type.HasField("tensor_type"):
+            raise ModelError(f"graph input '{value.name}' is not a tensor; spa-prune needs tensor inputs")
+        if value.name in user:
+            shape = user[value.name]
+            if len(shape) != len(dims):
+                raise InputError(
+                    f"--input-shape {value.name} has {len(shape)} dimensions; "
+                    f"the model's input has {len(dims)}"
+                )
+            for axis, (dim, size) in enumerate(zip(dims, shape)):
+                if dim.dim_value > 0 and dim.dim_value != size:
+                    raise InputError(
+                        f"--input-shape {value.name}: dimension {axis} is fixed to "
+                        f"{dim.dim_value} in the model, not {size}"
+                    )
+            bound[value.name] = shape
+            continue
+        shape = []
+        for axis, dim in enumerate(dims):
+            if dim.dim_value > 0:
+                shape.append(dim.dim_value)
+            elif axis == 0:
+                shape.append(1)  # batch defaults to 1
+            else:
+                example = "x".join(
+                    str(d.dim_value) if d.dim_value > 0 else ("1" if i == 0 else "N")
+                    for i, d in enumerate(dims)
+                )
+                raise ModelError(
+                    f"graph input '{value.name}' has an unknown dimension {axis} "
+                    f"('{dim.dim_param or '?'}'); bind it with --input-shape "
+                    f"{value.name}={example}"
+                )
+        bound[value.name] = tuple(shape)
+    return bound
+
+
+def shape_skeleton(
+    model: onnx.ModelProto, bound: dict[str, tuple[int, ...]], strip_weights: bool = True
+) -> onnx.ModelProto:
+    """A copy with inputs bound to concrete shapes and intermediate shapes cleared. With
+    ``strip_weights`` (for shape inference, which needs their shapes, not their values) large
+    float weights become graph inputs of their shapes; their bytes are never copied."""
+    large = [t for t in model.graph.initializer if strip_weights and large_float(t)]
+    large_names = {t.name for t in large}
+    copy = copy_without_initializers(model, large_names)
+    graph = copy.graph
+    listed = {i.name for i in graph.input}
+    graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in listed
+    )
+    for value in graph.input:
+        if value.name in bound:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, bound[value.name]):
+                dim.Clear()
+                dim.dim_value = size
+    del copy.graph.value_info[:]
+    for value in copy.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    return copy
+
+
+def large_float(tensor: onnx.TensorProto) -> bool:
+    """A float tensor of more than 64 elements: a weight, never a shape."""
+    return (
+        tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        and np.prod(tensor.dims) > 64
+    )
+
+
+def _shape_of(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
+    return None if any(d < 0 for d in dims) else dims
+
+
+def synthetic_inputs(
+    input_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Seeded inputs of the bound shapes: standard normal floats, zeros for integers/bools."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape in input_shapes.items():
+        np_type = helper.tensor_dtype_to_np_dtype(dtypes[name])
+        if np.issubdtype(np_type, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(np_type)
+        else:
+            feeds[name] = np.zeros(shape, dtype=np_type)
+    return feeds
+
+
+def infer_shapes(
+    model: onnx.ModelProto, bound: dict[str, tuple[int, ...]], dtypes: dict[str, int]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Concrete shapes of every tensor: ONNX shape inference, then onnxruntime for the rest."""
+    bound_model = shape_skeleton(model, bound)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bound_model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        log.debug("onnx shape inference failed: %s", exc)
+        inferred = bound_model
+    shapes: dict[str, tuple[int, ...]] = dict(bound)
+    for value in [*inferred.graph.value_info, *inferred.graph.output, *inner_value_infos(inferred.graph)]:
+        shape = _shape_of(value)
+        if shape is not None:
+            shapes[value.name] = shape
+        if value.type.tensor_type.elem_type:
+            dtypes[value.name] = value.type.tensor_type.elem_type
+    for init in all_initializers(model.graph):
+        shapes[init.name] = tuple(init.dims)
+    for value in [*model.graph.value_info, *model.graph.output, *inner_value_infos(model.graph)]:
+        declared = _shape_of(value)
+        if declared is not None and value.name not in shapes:
+            shapes[value.name] = declared
+    missing = [
+        out for node in model.graph.node for out in node.output if out and out not in shapes
+    ]
+    if missing:
+        shapes.update(_run_for_shapes(shape_skeleton(model, bound, strip_weights=False), missing, bound, dtypes))
+    return shapes, dtypes
+
+
+def _run_for_shapes(
+    model: onnx.ModelProto,
+    names: list[str],
+    bound: dict[str, tuple[int, ...]],
+    dtypes: dict[str, int],
+) -> dict[str, tuple[int, ...]]:
+    from .verify import session_for
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    try:
+        outputs = session_for(probe, optimize=False).run(names, synthetic_inputs(bound, dtypes))
+    except Exception as exc:
+        # e.g. a custom op: the nodes touching these tensors become barriers
+        log.warning("shapes of %d tensors unknown (e.g. '%s'): %s", len(names), names[0], first_line(exc))
+        return {}
+    found = {}
+    for name, value in zip(names, outputs):
+        found[name] = tuple(np.asarray(value).shape)
+        dtypes.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
+    return found
