@@ -15,7 +15,7 @@ from .token_mask import real_rows
 if TYPE_CHECKING:
     from .calibrate import ConsumerLayer
 
-__all__ = ["conv_patches", "sample_rows", "row_count", "row_samples", "layer_features", "feature_width"]
+__all__ = ["conv_patches", "sample_rows", "row_count", "layer_features", "feature_width"]
 
 
 def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.ndarray | None) -> np.ndarray:
@@ -69,13 +69,6 @@ def row_count(layer: ConsumerLayer, graph: Graph, x: np.ndarray) -> int:
         out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
         return x.shape[0] * out[2] * out[3]
     return x.size // x.shape[layer.channel_axis]
-
-
-def row_samples(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-    """The index along ``x``'s first axis (the sample, where that axis is the batch's) of each
-    feature row ``rows`` (all when None): rows run through the first axis slowest."""
-    total = row_count(layer, graph, x)
-    return (np.arange(total) if rows is None else np.asarray(rows)) // max(total // max(x.shape[0], 1), 1)
 
 
 def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:

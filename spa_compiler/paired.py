@@ -21,7 +21,7 @@ from .calibrate import (
     fixed_batch,
     with_weight_inputs,
 )
-from .feature_rows import feature_width, layer_features, row_samples, sample_rows
+from .feature_rows import feature_width, layer_features, sample_rows
 from .ir import Graph
 from .subnetwork import prefix_model
 from .token_mask import attention_mask
@@ -35,8 +35,8 @@ class PairedStatistics:
     """What re-fitting a layer on a pruned network's inputs toward the original outputs needs:
     ``gram = Σ x̃ x̃ᵀ`` over the pruned input's features and ``cross = Σ x̃ xᵀ`` against the
     original input's features at the same positions, both with a trailing constant 1. They are
-    kept in two folds (``gram[f]``, ``cross[f]``: the rows of alternate samples), so a re-fit can
-    be checked on rows it was not fitted to."""
+    kept in two folds (``gram[f]``, ``cross[f]``: the rows of alternate batches of samples), so
+    a re-fit can be checked on rows it was not fitted to."""
 
     layer: ConsumerLayer
     gram: np.ndarray  # [2, pruned features + 1, pruned features + 1]
@@ -70,63 +70,73 @@ class _OriginalRows:
 
 class PairedRunner:
     """The original model and a pruned one (same tensor names, fewer channels) run on the same
-    inputs. The original runs once (:meth:`cache_original`): every layer's rows are drawn then and
-    its features there kept. The pruned model's ``weights`` are graph inputs, so each run may
-    give them new values, and each run computes only the start of the network that the layers
-    asked for read (:func:`~spa_compiler.subnetwork.prefix_model`)."""
+    inputs. The original runs once per batch size (:meth:`cache_original`): every layer's rows
+    are drawn then and its features there kept. The pruned model's ``weights`` are graph inputs,
+    so each run may give them new values, and each run computes only the start of the network
+    that the layers asked for read (:func:`~spa_compiler.subnetwork.prefix_model`). The rows
+    of a layer come in two folds, those of alternate batches; a stage of ``n`` samples runs in
+    batches of ``batch_size`` but at least two (one sample each when the model's batch is fixed)."""
 
     def __init__(self, graph: Graph, pruned: onnx.ModelProto, layers: list[ConsumerLayer], weights: set[str],
                  batch_size: int = 16) -> None:
         self.graph = graph
         self.pruned = with_weight_inputs(pruned, weights)
-        self.batch_size = 1 if fixed_batch(graph) else batch_size
+        self.fixed = fixed_batch(graph)
+        self.batch_size = batch_size
         self.layers = layers
         self.original: dict[str, list[_OriginalRows]] = {}
 
+    def batch_for(self, samples: int) -> int:
+        """Samples per run for a stage of ``samples``: two batches at least, for two folds."""
+        return 1 if self.fixed else min(self.batch_size, max(1, -(-samples // 2)))
+
     def cache_original(self, plan: list[tuple[list[ConsumerLayer], int]], data: dict[str, np.ndarray], seed: int = 0,
                        rows_per_feature: int = ROWS_PER_FEATURE) -> None:
-        """One run of the original network over the samples ``plan`` needs (layers, each with the
-        number of leading samples its statistics use): each layer's rows, at most
-        ``rows_per_feature`` per feature in all, spread evenly over its batches (seeded)."""
+        """Runs of the original network over the samples ``plan`` needs (layers, each with the
+        number of leading samples its statistics use), one per batch size the stages use: each
+        layer's rows, at most ``rows_per_feature`` per feature in all, spread evenly over its
+        batches (seeded)."""
         graph = self.graph
-        samples = {layer.node: count for layer_list, count in plan for layer in layer_list}
-        layers = [layer for layer in self.layers if layer.node in samples]
-        activations = sorted({layer.activation for layer in layers})
-        session = session_for(exposing(graph.model, activations))
-        most = max(samples.values(), default=0)
+        available = len(next(iter(data.values())))
+        planned = {layer.node: min(count, available) for layer_list, count in plan for layer in layer_list}
+        layers = [layer for layer in self.layers if layer.node in planned]
+        session = session_for(exposing(graph.model, sorted({layer.activation for layer in layers})))
         rng = np.random.default_rng(seed)
         self.original = {layer.node: [] for layer in layers}
-        for start in range(0, most, self.batch_size):
-            feeds = {name: array[start:start + self.batch_size] for name, array in data.items()}
-            values = dict(zip(activations, session.run(activations, feeds)))
-            mask = attention_mask(feeds)
-            for layer in layers:
-                count = min(samples[layer.node], len(next(iter(data.values())))) - start
-                if count <= 0:
-                    continue
-                x = values[layer.activation][:count]
-                width = feature_width(layer, x.shape)
-                batch_count = -(-samples[layer.node] // self.batch_size)
-                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // batch_count)
-                taken = sample_rows(layer, graph, x, rng, budget, None if mask is None else mask[:count])
-                features = layer_features(layer, graph, x, taken)
-                self.original[layer.node].append(_OriginalRows(start, count, x.shape, taken, features))
+        for size in sorted({self.batch_for(count) for count in planned.values()}):
+            batched = [layer for layer in layers if self.batch_for(planned[layer.node]) == size]
+            activations = sorted({layer.activation for layer in batched})
+            for start in range(0, max(planned[layer.node] for layer in batched), size):
+                feeds = {name: array[start:start + size] for name, array in data.items()}
+                values = dict(zip(activations, session.run(activations, feeds)))
+                mask = attention_mask(feeds)
+                for layer in batched:
+                    count = min(planned[layer.node] - start, size)
+                    if count <= 0:
+                        continue
+                    x = values[layer.activation][:count]
+                    width = feature_width(layer, x.shape)
+                    budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // -(-planned[layer.node] // size))
+                    taken = sample_rows(layer, graph, x, rng, budget, None if mask is None else mask[:count])
+                    features = layer_features(layer, graph, x, taken)
+                    self.original[layer.node].append(_OriginalRows(start, count, x.shape, taken, features))
 
     def statistics(self, layers: list[ConsumerLayer], data: dict[str, np.ndarray],
                    weights: dict[str, np.ndarray]) -> dict[str, PairedStatistics]:
-        """Every layer's :class:`PairedStatistics`, the pruned model (with ``weights``) read at
-        the rows :meth:`cache_original` drew, on the same samples. A layer whose rows the pruning
-        changed (its input lost elements on an axis other than the features') has none."""
+        """Every layer's :class:`PairedStatistics` over ``data`` (the samples its plan gave it),
+        the pruned model (with ``weights``) read at the rows :meth:`cache_original` drew. A layer
+        whose rows the pruning changed (its input lost elements on an axis other than the
+        features') has none."""
         graph = self.graph
         layers = [layer for layer in layers if self.original.get(layer.node)]
         activations = sorted({layer.activation for layer in layers})
         if not activations:
             return {}
         session = session_for(prefix_model(self.pruned, activations))  # every weight stays an input
-        most = max(rows[-1].start + rows[-1].samples for layer in layers for rows in [self.original[layer.node]])
+        size = self.batch_for(len(next(iter(data.values()))))
         stats: dict[str, PairedStatistics] = {}
-        for start in range(0, most, self.batch_size):
-            feeds = {name: array[start:start + self.batch_size] for name, array in data.items()}
+        for index, start in enumerate(range(0, len(next(iter(data.values()))), size)):
+            feeds = {name: array[start:start + size] for name, array in data.items()}
             narrowed = dict(zip(activations, session.run(activations, {**feeds, **weights})))
             for layer in layers:
                 cached = next((rows for rows in self.original[layer.node] if rows.start == start), None)
@@ -139,9 +149,5 @@ class PairedRunner:
                 if layer.node not in stats:
                     width = feature_width(layer, x_pruned.shape)
                     stats[layer.node] = PairedStatistics.empty(layer, width, cached.features.shape[1])
-                pruned_features = layer_features(layer, graph, x_pruned, cached.taken)
-                folds = (start + row_samples(layer, graph, x_pruned, cached.taken)) % 2
-                for fold in (0, 1):
-                    chosen = folds == fold
-                    stats[layer.node].add(pruned_features[chosen], cached.features[chosen], fold)
+                stats[layer.node].add(layer_features(layer, graph, x_pruned, cached.taken), cached.features, index % 2)
         return stats

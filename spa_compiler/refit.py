@@ -15,7 +15,7 @@ a ridge regression pulled toward the layer's present weights ``P`` (kept columns
 not pulled), so that where the calibration rows are few the re-fit stays near them (a layer
 without a bias drops the constant feature: its bias stays as it was). How strong a pull, or
 whether to re-fit only the bias or nothing at all, each layer decides on held-out rows: the
-rows come in two folds (alternate samples), each candidate is fitted on one and
+rows come in two folds (alternate batches of samples), each candidate is fitted on one and
 its output error measured on the other, both ways, and the least error wins. So a layer whose
 rows are too few for its features (a 1536-wide layer on a few thousand tokens) does not
 over-fit them. Every layer is
