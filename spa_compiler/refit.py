@@ -112,11 +112,39 @@ def _refit(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, ridge:
         shifted = prior.copy()
         shifted[:, -1] += (target_cross[-1] - prior @ gram[-1]) / gram[-1, -1]
         return shifted
+    penalty = _penalty(gram, ridge, bias)
+    return np.linalg.solve(gram + np.diag(penalty), target_cross + penalty[:, None] * prior.T).T
+
+
+def _penalty(gram: np.ndarray, ridge: float, bias: bool) -> np.ndarray:
+    """The diagonal of ``D = λs diag(1, ..., 1, 0)`` (``s = mean(diag G̃)``; the bias not pulled)."""
     diagonal = np.diag(gram)
     penalty = np.full(len(gram), ridge * (float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0))
     if bias:
         penalty[-1] = 0.0
-    return np.linalg.solve(gram + np.diag(penalty), target_cross + penalty[:, None] * prior.T).T
+    return penalty
+
+
+def _ridge_errors(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior: np.ndarray, ridges: list[float],
+                  bias: bool) -> list[float]:
+    """The held-out errors of :func:`held_out_ridge` for the ridges ``λ``, without forming the
+    re-fitted weights. With ``V = [Wᵀ; Pᵀ]`` and ``Y = (G̃_a + D)⁻¹ [C_a, D]``, the weights fitted
+    on fold ``a`` are ``W̃ᵀ = Y V`` and their error on fold ``f`` is
+    ``Σ (Yᵀ G̃_f Y) ∘ (V Vᵀ) − 2 Σ Y ∘ (C_f W Vᵀ)`` (``W Vᵀ``: the rows of ``V Vᵀ`` for ``W``):
+    products over the features only, where forming ``W̃`` costs products over its output rows
+    (a convolution with channel statistics has one per output and kernel position)."""
+    stacked = np.hstack([target, prior])
+    outer = stacked.T @ stacked  # V Vᵀ
+    against = [cross[f] @ outer[: target.shape[1]] for f in (0, 1)]  # C_f W Vᵀ
+    errors = []
+    for ridge in ridges:
+        error = 0.0
+        for f in (0, 1):
+            penalty = _penalty(gram[1 - f], ridge, bias)
+            y = np.linalg.solve(gram[1 - f] + np.diag(penalty), np.hstack([cross[1 - f], np.diag(penalty)]))
+            error += float(np.sum((y.T @ gram[f] @ y) * outer) - 2 * np.sum(y * against[f]))
+        errors.append(error)
+    return errors
 
 
 def _output_error(solution: np.ndarray, gram: np.ndarray, target_cross: np.ndarray) -> float:
@@ -125,19 +153,25 @@ def _output_error(solution: np.ndarray, gram: np.ndarray, target_cross: np.ndarr
     return float(np.sum((solution @ gram) * solution) - 2 * np.sum(solution * target_cross.T))
 
 
-def held_out_ridge(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool,
+def held_out_ridge(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior: np.ndarray, bias: bool,
                    candidates: tuple[float | str, ...] = RIDGES) -> float | str:
     """The re-fit of ``candidates`` that, fitted on one fold and measured on the other (both
     ways), leaves the least output error: a layer whose rows are too few to re-fit (a wide
-    layer on tokens, a classifier after pooling) keeps its present weights."""
-    errors = [
-        sum(
-            _output_error(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), gram[f], target_cross[f])
-            for f in (0, 1)
-        )
-        for ridge in candidates
-    ]
-    return candidates[int(np.argmin(errors))]
+    layer on tokens, a classifier after pooling) keeps its present weights. ``gram`` and
+    ``cross`` per fold, ``target`` the original weights ``W``. The ridges' errors come from
+    :func:`_ridge_errors` when the weights have more output rows than that computes products."""
+    target_cross = cross @ target.T  # C Wᵀ per fold
+    features, width = prior.shape[1], prior.shape[1] + target.shape[1]
+    traced = len(prior) > width + width**2 / (3 * features)  # cost of the two ways, per ridge and fold
+    ridges = [ridge for ridge in candidates if not isinstance(ridge, str)] if traced else []
+    errors = dict(zip(ridges, _ridge_errors(gram, cross, target, prior, ridges, bias)))
+    for ridge in candidates:
+        if ridge not in errors:
+            errors[ridge] = sum(
+                _output_error(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), gram[f], target_cross[f])
+                for f in (0, 1)
+            )
+    return min(candidates, key=lambda ridge: (errors[ridge], candidates.index(ridge)))
 
 
 def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, stats: PairedStatistics,
@@ -156,11 +190,10 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     gram, cross, target, prior = stats.gram, stats.cross, weights, current[:, kept_columns]
     if layer.bias is None:
         gram, cross, target, prior = gram[:, :-1, :-1], cross[:, :-1, :-1], weights[:, :-1], prior[:, :-1]
-    target_cross = cross @ target.T  # C Wᵀ per fold
     has_bias = layer.bias is not None
     if ridge is None:
-        ridge = held_out_ridge(gram, target_cross, prior, has_bias, RIDGES if rows > len(kept) else FEW_PARAMETERS)
-    solved = _refit(gram.sum(axis=0), target_cross.sum(axis=0), prior, ridge, has_bias)
+        ridge = held_out_ridge(gram, cross, target, prior, has_bias, RIDGES if rows > len(kept) else FEW_PARAMETERS)
+    solved = _refit(gram.sum(axis=0), cross.sum(axis=0) @ target.T, prior, ridge, has_bias)
     matrix = np.zeros((len(weights), features))
     matrix[:, kept] = solved[:, : len(kept)]
     bias = solved[:, -1] if layer.bias is not None else weights[:, -1]

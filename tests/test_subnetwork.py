@@ -115,3 +115,24 @@ def test_stage_samples_are_capped_to_the_budget():
     # a cap c costs c·4 (the original's run) + 8 + 16 + 3c + 4c: within 500 for c <= 43
     assert stage_samples(needs, prefix, 4.0, 500.0, 8) == [8, 8, 43, 43]
     assert stage_samples(needs, prefix, 4.0, 10.0, 8) == [8, 8, 8, 8]
+
+
+def test_ridge_errors_by_traces_equal_those_of_the_refitted_weights():
+    from spa_compiler.refit import _output_error, _refit, _ridge_errors
+
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal((40, 7)) for _ in (0, 1)]  # two folds of original features (the last a constant 1)
+    for fold in rows:
+        fold[:, -1] = 1.0
+    pruned = [np.hstack([x[:, :4] + 0.1 * rng.standard_normal((40, 4)), x[:, -1:]]) for x in rows]
+    gram = np.stack([p.T @ p for p in pruned])
+    cross = np.stack([p.T @ x for p, x in zip(pruned, rows)])
+    target, prior = rng.standard_normal((30, 7)), rng.standard_normal((30, 5))
+    ridges = [0.001, 0.1, 10.0]
+    traced = _ridge_errors(gram, cross, target, prior, ridges, bias=True)
+    direct = [
+        sum(_output_error(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), gram[f], cross[f] @ target.T)
+            for f in (0, 1))
+        for ridge in ridges
+    ]
+    np.testing.assert_allclose(traced, direct, rtol=1e-9)
