@@ -9,13 +9,12 @@ each graph input is classified from the graph and filled accordingly:
   near-grey colours) and *text* (glyph-like dark strokes on rows of a light textured page), then
   mapped into the model's range by ``x = a z + b`` (see below).
 - **token ids** (integer, read by a Gather on a constant ``[vocabulary, width]`` table, through
-  casts and reshapes): ids drawn with a Zipf law ``p(r) ∝ 1/(r + 2.7)`` over the rows of the
-  table in order (tokenizer vocabularies are ordered roughly by frequency), skipping the lowest
-  ids (special tokens) and rows whose norm is under half the median (never-trained rows such as
-  BERT's ``[unused]`` tokens). An input named like a mask gets ones, like token types or
-  segments zeros, like positions ``0, 1, ...`` along its last axis; other integers zeros.
+  casts and reshapes): a Zipf law over the frequency-ordered block of rows that the row norms
+  reveal, plus the common characters before it (:mod:`.synthetic_tokens`). An input named like
+  a mask gets ones, like token types or segments zeros, like positions ``0, 1, ...`` along its
+  last axis; other integers zeros.
 - **audio** (float ``[N, T]`` or ``[N, 1 or 2, T]``, ``T >= 1000``): a few sine tones of random
-  frequency and amplitude plus white noise, peak near 0.5.
+  frequency and amplitude plus white noise, peak near 0.5 (:mod:`.synthetic_tokens`).
 - anything else: standard normal floats.
 
 **Range fit.** A BatchNormalization right after a first Conv that reads the image directly
@@ -54,6 +53,7 @@ import onnxruntime as ort
 from .calibrate import exposing
 from .feature_rows import conv_patches
 from .ir import Graph, Node
+from .synthetic_tokens import non_image_input, token_ids
 from .verify import session_for
 
 __all__ = ["synthetic_calibration", "image_content", "token_ids", "fit_image_range"]
@@ -61,11 +61,9 @@ __all__ = ["synthetic_calibration", "image_content", "token_ids", "fit_image_ran
 log = logging.getLogger(__name__)
 
 MIN_IMAGE_SIDE = 8
-MIN_AUDIO_LENGTH = 1000
 FIT_SAMPLES = 16  # images through the first Conv for the closed-form fit
 FIT_ROWS = 8192  # output positions of those images used
 SCORE_SAMPLES = 6  # images per candidate run through the model to compare BatchNorm statistics
-PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 CONTENTS = {"natural": 0.0, "text": 1.0, "natural and text": 0.5}  # share of text images
 
 
@@ -80,7 +78,7 @@ def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[di
         if _image_layout(shape, dtype) is not None:
             images.append(name)
             continue
-        arrays[name], note = _non_image(graph, name, shape, dtype, rng)
+        arrays[name], note = non_image_input(graph, name, shape, dtype, rng)
         notes.append(f"'{name}': {note}")
     for name in images:
         arrays[name], note = _image_input(graph, name, samples, arrays, rng)
@@ -97,80 +95,6 @@ def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
     if shape[3] in (1, 3, 4) and min(shape[1:3]) >= MIN_IMAGE_SIDE:
         return "NHWC"
     return None
-
-
-def _non_image(
-    graph: Graph, name: str, shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator
-) -> tuple[np.ndarray, str]:
-    lowered = name.lower()
-    if "mask" in lowered:
-        return np.ones(shape, dtype), "ones (a mask)"
-    if np.issubdtype(dtype, np.floating):
-        if len(shape) in (2, 3) and shape[-1] >= MIN_AUDIO_LENGTH and (len(shape) == 2 or shape[1] <= 2):
-            return _audio(rng, shape).astype(dtype), "tones plus noise (audio)"
-        return rng.standard_normal(shape).astype(dtype), "standard normal"
-    if "type" in lowered or "segment" in lowered:
-        return np.zeros(shape, dtype), "zeros (token types)"
-    if "position" in lowered:
-        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype), "0, 1, ... (positions)"
-    table = _embedding_table(graph, name)
-    if table is None or len(table) < 2:
-        return np.zeros(shape, dtype), "zeros"
-    ids, low = token_ids(table, shape, rng)
-    return ids.astype(dtype), f"Zipf token ids in [{low}, {len(table) - 1}] of a {len(table)}-row embedding"
-
-
-def _embedding_table(graph: Graph, name: str) -> np.ndarray | None:
-    """The constant 2-D table a Gather reads rows of with ``name``'s values, following casts and
-    reshapes; None when there is none."""
-    frontier, seen = [name], set()
-    while frontier:
-        tensor = frontier.pop()
-        seen.add(tensor)
-        for node in graph.consumers.get(tensor, []):
-            data = _rows_read(node, tensor)
-            if data and graph.is_constant(data) and graph.constants[data].ndim == 2:
-                return graph.constants[data]
-            if node.op_type in PASS_THROUGH and node.inputs[0] == tensor:
-                frontier.extend(o for o in node.outputs if o not in seen)
-    return None
-
-
-def _rows_read(node: Node, tensor: str) -> str | None:
-    """The table whose rows ``node`` reads with ``tensor``'s values: a Gather's data (on axis 0),
-    an (onnxruntime) EmbedLayerNormalization's word embedding."""
-    if node.op_type == "Gather" and node.inputs[1] == tensor and int(node.attr("axis", 0)) == 0:
-        return node.inputs[0]
-    if node.op_type == "EmbedLayerNormalization" and node.inputs[0] == tensor:
-        return node.inputs[2]
-    return None
-
-
-def token_ids(table: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Ids of rows of the embedding ``table`` (``[vocabulary, width]``) with a Zipf law over
-    row order, from ``low`` (``min(1000, vocabulary // 30)``, past the special tokens) up,
-    skipping rows with a norm under half the median; returns ``(ids, low)``."""
-    norms = np.linalg.norm(table.astype(np.float64), axis=1)
-    low = min(1000, len(table) // 30)
-    candidates = np.flatnonzero(norms >= 0.5 * np.median(norms))
-    candidates = candidates[candidates >= low] if np.any(candidates >= low) else np.arange(len(table))
-    weights = 1.0 / (np.arange(len(candidates)) + 2.7)
-    return rng.choice(candidates, size=shape, p=weights / weights.sum()), int(candidates[0])
-
-
-def _audio(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Per sample two to five sine tones (60 Hz to 4 kHz at 16 kHz sampling) with random phases
-    and amplitudes plus white noise, scaled to a peak of 0.5."""
-    t = np.arange(shape[-1]) / 16000.0
-    flat = np.empty((int(np.prod(shape[:-1])), shape[-1]))
-    for row in flat:
-        tones = rng.integers(2, 6)
-        frequencies = np.exp(rng.uniform(np.log(60), np.log(4000), tones))
-        phases, amplitudes = rng.uniform(0, 2 * np.pi, tones), rng.uniform(0.2, 1.0, tones)
-        row[:] = (amplitudes[:, None] * np.sin(2 * np.pi * frequencies[:, None] * t + phases[:, None])).sum(0)
-        row += rng.normal(0, rng.uniform(0.02, 0.3), shape[-1])
-        row *= 0.5 / max(np.abs(row).max(), 1e-9)
-    return flat.reshape(shape)
 
 
 def _pink_noise(rng: np.random.Generator, n: int, height: int, width: int, exponent: float = 1.0) -> np.ndarray:
