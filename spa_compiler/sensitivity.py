@@ -38,7 +38,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .analysis import Group
 from .calibrate import LayerStatistics, exposing, fixed_batch, with_weight_inputs
@@ -140,7 +139,7 @@ class TailRunner:
 
     def __init__(self, graph: Graph, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
                  changed: list[set[str]]) -> None:
-        self.graph, self.model, self.feeds = graph, model, feeds
+        self.graph, self.model = graph, model
         self.samples = len(next(iter(feeds.values())))
         self.batch = 1 if fixed_batch(graph) else self.samples
         self.mask = attention_mask(feeds)
@@ -150,36 +149,31 @@ class TailRunner:
             for name in boundary
         ) * self.samples <= CACHE_BYTES
         self.whole = session_for(exposing(model, boundary) if cached else model)
+        self.runs = [{k: v[i:i + self.batch] for k, v in feeds.items()} for i in range(0, self.samples, self.batch)]
         names = list(graph.outputs) + (boundary if cached else [])
-        values = dict(zip(names, self._run(self.whole, names, feeds, {})))
-        self.reference = {name: self._outputs(values[name]) for name in graph.outputs}
-        self.boundary_values = {**feeds, **{name: values[name] for name in boundary}} if cached else None
+        per_run = [dict(zip(names, self.whole.run(names, run))) for run in self.runs]
+        self.reference = {name: self._outputs(np.concatenate([r[name] for r in per_run])) for name in graph.outputs}
+        # each run's activations as that run computed them: their first axis need not be the batch
+        self.boundary_runs = [{**run, **{n: r[n] for n in boundary}} for run, r in zip(self.runs, per_run)] if cached else None
 
     def tail(self, changed: set[str], whole: bool = False) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """A function from new values of the weights ``changed`` to the outputs they change, by
         runs of the whole network if ``whole`` (a part nearly as large is not worth its session)."""
-        if whole or self.boundary_values is None:
-            session, names, feeds = self.whole, list(self.graph.outputs), self.feeds
+        if whole or self.boundary_runs is None:
+            session, names, runs = self.whole, list(self.graph.outputs), self.runs
         else:
             part, boundary = tail_model(self.model, changed, self.graph.dtypes)
             names = [value.name for value in part.graph.output]
             session = session_for(part) if names else None
-            feeds = {name: self.boundary_values[name] for name in boundary}
+            runs = [{name: run[name] for name in boundary} for run in self.boundary_runs]
 
         def outputs(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if session is None:
                 return {}
-            return {name: self._outputs(y) for name, y in zip(names, self._run(session, names, feeds, weights))}
+            results = [session.run(names, {**run, **weights}) for run in runs]
+            return {name: self._outputs(np.concatenate(parts)) for name, parts in zip(names, zip(*results))}
 
         return outputs
-
-    def _run(self, session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray],
-             weights: dict[str, np.ndarray]) -> list[np.ndarray]:
-        runs = [
-            session.run(names, {**{k: v[i:i + self.batch] for k, v in feeds.items()}, **weights})
-            for i in range(0, self.samples, self.batch)
-        ]
-        return [np.concatenate(parts) for parts in zip(*runs)]
 
     def _outputs(self, y: np.ndarray) -> np.ndarray:
         return padding_zeroed(y.astype(np.float64), self.mask)

@@ -70,12 +70,12 @@ def test_tail_runner_gives_the_whole_models_outputs(graph, samples, monkeypatch)
     new = {weight: graph.constants[weight] * np.float32(0.5)}
     expected = _whole(model, list(graph.outputs), samples, new)[0]
     runner = TailRunner(graph, model, samples, [{weight}])
-    assert runner.boundary_values is not None
+    assert runner.boundary_runs is not None
     np.testing.assert_allclose(runner.reference[graph.outputs[0]], _whole(model, list(graph.outputs), samples)[0], rtol=1e-6)
     np.testing.assert_allclose(runner.tail({weight})(new)[graph.outputs[0]], expected, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(sensitivity, "CACHE_BYTES", 0)  # boundary too large to keep: whole-model runs
     whole = TailRunner(graph, model, samples, [{weight}])
-    assert whole.boundary_values is None
+    assert whole.boundary_runs is None
     np.testing.assert_allclose(whole.tail({weight})(new)[graph.outputs[0]], expected, rtol=1e-6)
 
 
