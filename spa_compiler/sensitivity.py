@@ -130,6 +130,13 @@ def _weights_read(model: onnx.ModelProto, changed: set[str]) -> set[str]:
     return {name for node in tail_nodes(model, changed) for name in reads(node) if name in initializers}
 
 
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """One output from its values run by run: joined on the first axis (stacked when scalar)."""
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts[0].ndim else np.stack(parts)
+
+
 class TailRunner:
     """The model's outputs on fixed samples when some weights (graph inputs of ``model``) take
     new values, each run computing only the part of the network those weights affect, from the
@@ -152,7 +159,7 @@ class TailRunner:
         self.runs = [{k: v[i:i + self.batch] for k, v in feeds.items()} for i in range(0, self.samples, self.batch)]
         names = list(graph.outputs) + (boundary if cached else [])
         per_run = [dict(zip(names, self.whole.run(names, run))) for run in self.runs]
-        self.reference = {name: self._outputs(np.concatenate([r[name] for r in per_run])) for name in graph.outputs}
+        self.reference = {name: self._outputs(_joined([r[name] for r in per_run])) for name in graph.outputs}
         # each run's activations as that run computed them: their first axis need not be the batch
         self.boundary_runs = [{**run, **{n: r[n] for n in boundary}} for run, r in zip(self.runs, per_run)] if cached else None
 
@@ -171,7 +178,7 @@ class TailRunner:
             if session is None:
                 return {}
             results = [session.run(names, {**run, **weights}) for run in runs]
-            return {name: self._outputs(np.concatenate(parts)) for name, parts in zip(names, zip(*results))}
+            return {name: self._outputs(_joined(parts)) for name, parts in zip(names, zip(*results))}
 
         return outputs
 
