@@ -27,9 +27,9 @@ trained rows past the special tokens in row order.
 
 Why: on all-MiniLM-L6-v2 (BERT WordPiece, 30522 rows) the block starts at row 1996 ("the"),
 exactly where the word list begins after the single characters; the Zipf law from row 1000
-that preceded this rule put 58% of the ids on single characters (13% of the tokens of real
-sentences are). The default pipeline data-free keeps a sentence-embedding cosine of 0.896
-instead of 0.864 at ``--flops 0.75`` and 0.766 instead of 0.717 at ``0.5`` (README).
+that preceded this rule put 58% of the ids on single characters (13% of the tokens of the
+benchmark's sentences are). The default pipeline data-free keeps a sentence-embedding cosine of 0.897
+instead of 0.864 at ``--flops 0.75`` and 0.767 instead of 0.709 at ``0.5``.
 
 Other inputs: named like a mask, ones; like token types or segments, zeros; like positions,
 ``0, 1, ...`` along the last axis; float ``[N, T]`` or ``[N, 1 or 2, T]`` with ``T >= 1000``,
@@ -90,7 +90,7 @@ def _rows_read(node: Node, tensor: str) -> str | None:
     return None
 
 
-def frequency_ordered_start(typical: np.ndarray) -> int | None:
+def _frequency_ordered_start(typical: np.ndarray) -> int | None:
     """The first row of the block where ``typical`` rows are dense (see the module docstring),
     None when no window of rows is."""
     window = max(1, min(REGION_WINDOW, len(typical) // 4))
@@ -111,7 +111,7 @@ def token_prior(table: np.ndarray) -> TokenPrior:
     median = np.median(norms)
     trained, typical = norms >= TRAINED_NORM * median, norms >= TYPICAL_NORM * median
     specials = min(1000, vocabulary // 30)
-    start = frequency_ordered_start(typical.astype(np.float64))
+    start = _frequency_ordered_start(typical.astype(np.float64))
     found = start is not None and start > specials and typical[specials:start].mean() <= EARLY_DENSITY
     first = start if found else specials
     rows = np.flatnonzero(trained[first:]) + first
