@@ -164,7 +164,7 @@ def held_out_ridge(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prio
     features, width = prior.shape[1], prior.shape[1] + target.shape[1]
     traced = len(prior) > width + width**2 / (3 * features)  # cost of the two ways, per ridge and fold
     ridges = [ridge for ridge in candidates if not isinstance(ridge, str)] if traced else []
-    errors = dict(zip(ridges, _ridge_errors(gram, cross, target, prior, ridges, bias)))
+    errors = dict(zip(ridges, _ridge_errors(gram, cross, target, prior, ridges, bias))) if ridges else {}
     for ridge in candidates:
         if ridge not in errors:
             errors[ridge] = sum(
