@@ -25,8 +25,8 @@ of consecutive *levels* (layers of one level never feed each other); at most ``S
 since each costs a run of the pruned network up to the stage's layers over its samples
 (:func:`~spa_compiler.subnetwork.prefix_model`; the re-fitted weights are graph inputs, fed anew
 at each stage), so a 27-level detector re-fits in 16 runs instead of 27. The original network
-runs once for all stages, every layer's rows drawn then and its original features there kept
-(:class:`~spa_compiler.paired.PairedRunner`). ``rounds`` repeats the sequence. A stage uses the
+runs once for all stages (once per batch size they use), every layer's rows drawn then and its
+original features there kept (:class:`~spa_compiler.paired.PairedRunner`). ``rounds`` repeats the sequence. A stage uses the
 first ``SAMPLES`` samples, or as many as its layers need to see four rows per feature (a
 convolution gets one row per output position from each sample, a layer on tokens one per token,
 a classifier after pooling one), whichever is more; but the runs may cost at most ``budget``
@@ -222,7 +222,8 @@ def stage_samples(needs: list[int], prefix_macs: list[float], total_macs: float,
     largest for which the runs cost at most ``budget`` MACs: one run of the original network
     (``total_macs`` per sample) over the most samples a stage uses, and a run of each stage's
     prefix (``prefix_macs`` per sample, the original network's: a bound on the pruned one's),
-    ``max_k c_k · M + Σ_k c_k · P_k``."""
+    ``max_k c_k · M + Σ_k c_k · P_k`` (the original's runs for stages of fewer than 32 samples,
+    in smaller batches, left out: their samples are few)."""
 
     def capped(cap: int) -> list[int]:
         return [min(n, max(least, cap)) for n in needs]
