@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import streaming
 from .errors import VerificationError
 
 if TYPE_CHECKING:
@@ -251,7 +252,7 @@ def with_float_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
     for node in model.graph.node:
         weight = None
         if node.op_type == "DequantizeLinear" and node.output[0] in names:
-            constants = {i: numpy_helper.to_array(initializers[i]) for i in node.input if i in initializers}
+            constants = {i: streaming.tensor_value(initializers[i]) for i in node.input if i in initializers}
             weight = _dequantizer(node, constants)
         if weight is None:
             kept.append(node)

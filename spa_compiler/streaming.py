@@ -57,7 +57,7 @@ __all__ = [
     "STREAM_ENV", "PROTOBUF_SAFE_BYTES", "stream_threshold", "is_external", "external_bytes", "read_lazily",
     "tensor_view", "TensorValues", "tensor_values", "replacing", "session_weights", "DataFile", "scratch_file",
     "header_file", "has_external", "check_model", "fold_without_weights", "spilled", "remapped", "statistics_chunks",
-    "streamed_bytes", "spill_embedded", "byte_count",
+    "streamed_bytes", "spill_embedded", "byte_count", "tensor_value",
 ]
 
 STREAM_ENV = "SPA_PRUNE_STREAM_BYTES"
@@ -89,8 +89,12 @@ def _reference(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
+_VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
 def _set_reference(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    tensor.ClearField("raw_data")
+    for field in _VALUE_FIELDS:  # the values now live in the file only
+        tensor.ClearField(field)
     tensor.ClearField("external_data")
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", offset), ("length", length)):
@@ -165,6 +169,12 @@ def tensor_view(tensor: onnx.TensorProto) -> np.ndarray:
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
     return np.memmap(reference["location"], dtype=dtype, mode="r", offset=int(reference.get("offset", 0)),
                      shape=tuple(tensor.dims))
+
+
+def tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of any tensor: memory-mapped when streamed, else read from the proto (never
+    loading external data into it, as ``numpy_helper.to_array`` would)."""
+    return tensor_view(tensor) if is_external(tensor) else numpy_helper.to_array(tensor)
 
 
 class TensorValues(MutableMapping):

@@ -197,3 +197,24 @@ def test_only_file_to_file_pruning_streams_a_mid_size_model(monkeypatch):
     monkeypatch.setattr(streaming, "STREAM_BYTES", 1000)
     assert not streaming.has_external(load_model(source).model)
     assert streaming.has_external(load_model(source, lean=True).model)
+
+
+def test_spilled_tensors_stored_as_float_data_keep_one_value_field(tmp_path, monkeypatch):
+    """Exporters may store a tensor's values in ``float_data`` rather than ``raw_data`` (onnxruntime's
+    quantizer does for scales): once moved to the data file, the proto keeps no value field, and the
+    values read back are the stored ones."""
+    values = np.arange(2 * 50, dtype=np.float32).reshape(2, 50) / 7
+    weight = helper.make_tensor("w", onnx.TensorProto.FLOAT, [2, 50], values.ravel().tolist())  # float_data
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wt"], ["y"]), helper.make_node("Transpose", ["w"], ["wt"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 50])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])], [weight],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    monkeypatch.delenv(STREAM_ENV, raising=False)
+    monkeypatch.setattr(streaming, "STREAM_BYTES", 0)
+    loaded = load_model(path, lean=True)
+    tensor = next(t for t in loaded.model.graph.initializer if t.name == "w")
+    assert streaming.is_external(tensor) and not tensor.float_data and not tensor.raw_data
+    np.testing.assert_array_equal(loaded.constants["w"], values)
