@@ -58,20 +58,20 @@ class PairedStatistics:
 
 @dataclass
 class _OriginalRows:
-    """The rows a layer's statistics take from one batch: positions (None for all) in the
-    batch's first ``samples`` samples, and the original network's features there."""
+    """The rows a layer's statistics take from one batch (samples ``start`` to ``stop``):
+    positions (None for all) and the original network's features there."""
 
-    start: int  # index of the batch's first sample
-    samples: int
-    shape: tuple[int, ...]  # of the original activation over those samples
+    start: int
+    stop: int
+    shape: tuple[int, ...]  # of the original activation on that batch
     taken: np.ndarray | None
     features: np.ndarray
 
 
 class PairedRunner:
     """The original model and a pruned one (same tensor names, fewer channels) run on the same
-    inputs. The original runs once per batch size (:meth:`cache_original`): every layer's rows
-    are drawn then and its features there kept. The pruned model's ``weights`` are graph inputs,
+    inputs. The original runs once on every batch the stages use (:meth:`cache_original`): every
+    layer's rows are drawn then and its features there kept. The pruned model's ``weights`` are graph inputs,
     so each run may give them new values, and each run computes only the start of the network
     that the layers asked for read (:func:`~spa_compiler.subnetwork.prefix_model`). The rows
     of a layer come in two folds, those of alternate batches; a stage of ``n`` samples runs in
@@ -90,10 +90,16 @@ class PairedRunner:
         """Samples per run for a stage of ``samples``: two batches at least, for two folds."""
         return 1 if self.fixed else min(self.batch_size, max(1, -(-samples // 2)))
 
+    def batches(self, samples: int) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` sample ranges a stage of ``samples`` runs in."""
+        size = self.batch_for(samples)
+        return [(start, min(start + size, samples)) for start in range(0, samples, size)]
+
     def cache_original(self, plan: list[tuple[list[ConsumerLayer], int]], data: dict[str, np.ndarray], seed: int = 0,
                        rows_per_feature: int = ROWS_PER_FEATURE) -> None:
-        """Runs of the original network over the samples ``plan`` needs (layers, each with the
-        number of leading samples its statistics use), one per batch size the stages use: each
+        """Runs of the original network on the batches ``plan`` needs (layers, each with the
+        number of leading samples its statistics use), each batch once, whichever stages share
+        it (stages of different sizes differ in their batch size or their last batch): each
         layer's rows, at most ``rows_per_feature`` per feature in all, spread evenly over its
         batches (seeded)."""
         graph = self.graph
@@ -103,23 +109,22 @@ class PairedRunner:
         session = session_for(exposing(graph.model, sorted({layer.activation for layer in layers})))
         rng = np.random.default_rng(seed)
         self.original = {layer.node: [] for layer in layers}
-        for size in sorted({self.batch_for(count) for count in planned.values()}):
-            batched = [layer for layer in layers if self.batch_for(planned[layer.node]) == size]
-            activations = sorted({layer.activation for layer in batched})
-            for start in range(0, max(planned[layer.node] for layer in batched), size):
-                feeds = {name: array[start:start + size] for name, array in data.items()}
-                values = dict(zip(activations, session.run(activations, feeds)))
-                mask = attention_mask(feeds)
-                for layer in batched:
-                    count = min(planned[layer.node] - start, size)
-                    if count <= 0:
-                        continue
-                    x = values[layer.activation][:count]
-                    width = feature_width(layer, x.shape)
-                    budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // -(-planned[layer.node] // size))
-                    taken = sample_rows(layer, graph, x, rng, budget, None if mask is None else mask[:count])
-                    features = layer_features(layer, graph, x, taken)
-                    self.original[layer.node].append(_OriginalRows(start, count, x.shape, taken, features))
+        readers: dict[tuple[int, int], list[ConsumerLayer]] = {}
+        for layer in layers:
+            for span in self.batches(planned[layer.node]):
+                readers.setdefault(span, []).append(layer)
+        for (start, stop), batch_layers in sorted(readers.items(), key=lambda item: (item[0][1] - item[0][0], item[0])):
+            feeds = {name: array[start:stop] for name, array in data.items()}
+            activations = sorted({layer.activation for layer in batch_layers})
+            values = dict(zip(activations, session.run(activations, feeds)))
+            mask = attention_mask(feeds)
+            for layer in batch_layers:
+                x = values[layer.activation]
+                width = feature_width(layer, x.shape)
+                budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // len(self.batches(planned[layer.node])))
+                taken = sample_rows(layer, graph, x, rng, budget, mask)
+                features = layer_features(layer, graph, x, taken)
+                self.original[layer.node].append(_OriginalRows(start, stop, x.shape, taken, features))
 
     def statistics(self, layers: list[ConsumerLayer], data: dict[str, np.ndarray],
                    weights: dict[str, np.ndarray]) -> dict[str, PairedStatistics]:
@@ -133,16 +138,16 @@ class PairedRunner:
         if not activations:
             return {}
         session = session_for(prefix_model(self.pruned, activations))  # every weight stays an input
-        size = self.batch_for(len(next(iter(data.values()))))
+        spans = {layer.node: {(rows.start, rows.stop): rows for rows in self.original[layer.node]} for layer in layers}
         stats: dict[str, PairedStatistics] = {}
-        for index, start in enumerate(range(0, len(next(iter(data.values()))), size)):
-            feeds = {name: array[start:start + size] for name, array in data.items()}
+        for index, (start, stop) in enumerate(self.batches(len(next(iter(data.values()))))):
+            feeds = {name: array[start:stop] for name, array in data.items()}
             narrowed = dict(zip(activations, session.run(activations, {**feeds, **weights})))
             for layer in layers:
-                cached = next((rows for rows in self.original[layer.node] if rows.start == start), None)
+                cached = spans[layer.node].get((start, stop))
                 if cached is None:
                     continue
-                x_pruned = narrowed[layer.activation][: cached.samples]
+                x_pruned = narrowed[layer.activation]
                 axis = layer.channel_axis
                 if np.delete(cached.shape, axis).tolist() != np.delete(x_pruned.shape, axis).tolist():
                     continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one

@@ -136,3 +136,33 @@ def test_ridge_errors_by_traces_equal_those_of_the_refitted_weights():
         for ridge in ridges
     ]
     np.testing.assert_allclose(traced, direct, rtol=1e-9)
+
+
+def test_one_width_per_group_when_the_budget_is_small(tmp_path):
+    """With a budget too small for every width, each group is measured once, at its middle
+    count, and its scores add up to that measured distortion there, computed here by a run of
+    the whole model with the compensated weights."""
+    from spa_compiler import Pipeline, default_passes
+    from spa_compiler.sensitivity import MeasureSensitivity
+
+    path = tmp_path / "calib.npz"
+    np.savez(path, input=np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    config = PruneConfig(flops=0.5, calibration=str(path), criterion="obs", refit_rounds=0, round_to=8)
+    state = Pipeline(default_passes(config)).until("score")(PruneState(config, graph=load_model(EXAMPLE)))
+    criterion_scores = dict(state.scores)
+    measure = MeasureSensitivity(samples=4, budget=1.0)
+    analysis = state.analysis
+    group = max((g for g in analysis.groups if g.prunable), key=lambda g: len(g.units))
+    order = sorted(group.prunable, key=lambda k: (criterion_scores[group.id][k], k))
+    counts = measure._counts(group, len(order), config.constraints())
+    middle = counts[len(counts) // 2]
+    layers = {analysis.axis_id(s.layer.weight, s.layer.axis): s for s in state.statistics.values()}
+    weights = measure._pruned_weights(state, layers, group, order[:middle])
+    model = with_weight_inputs(state.graph.model, set(weights))
+    x = {"input": state.calibration_data["input"][:4]}
+    outputs = list(state.graph.outputs)
+    reference, pruned = _whole(model, outputs, x)[0], _whole(model, outputs, x, weights)[0]
+    measured = float(np.sum((pruned - reference) ** 2) / np.sum(reference.astype(np.float64) ** 2))
+    scores = measure.run(state).scores[group.id]
+    assert measured > 0
+    np.testing.assert_allclose(np.sum(scores[order[:middle]]), measured, rtol=1e-4)
