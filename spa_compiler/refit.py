@@ -25,7 +25,7 @@ of consecutive *levels* (layers of one level never feed each other); at most ``S
 since each costs a run of the pruned network up to the stage's layers over its samples
 (:func:`~spa_compiler.subnetwork.prefix_model`; the re-fitted weights are graph inputs, fed anew
 at each stage), so a 27-level detector re-fits in 16 runs instead of 27. The original network
-runs once for all stages (once per batch size they use), every layer's rows drawn then and its
+runs once for all stages (on each batch they use), every layer's rows drawn then and its
 original features there kept (:class:`~spa_compiler.paired.PairedRunner`). ``rounds`` repeats the sequence. A stage uses the
 first ``SAMPLES`` samples, or as many as its layers need to see four rows per feature (a
 convolution gets one row per output position from each sample, a layer on tokens one per token,
