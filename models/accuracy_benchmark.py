@@ -136,7 +136,7 @@ class _Run:
                 **{"round_to": self.task.round_to, "bench_runs": 0, **self.options},
                 flops=target, criterion=method.criterion, input_shapes=self.shapes,
                 calibration=str(self.calibration_path) if method.calibrated else None,
-                calibration_samples=self.calibration_samples,
+                calibration_samples=self.calibration_samples if method.calibrated else None,  # data-free: the defaults
             )
             return prune(self.source, output, config).flops_ratio
         if method.tool == "onnxsim":

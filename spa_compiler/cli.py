@@ -92,7 +92,10 @@ HEAD_DIMS = typer.Option(False, "--head-dims", help="Prune attention head dimens
 CALIB = typer.Option(
     None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
 )
-CALIB_SAMPLES = typer.Option(128, min=1, help="Calibration samples used (synthetic ones without --calib).")
+CALIB_SAMPLES = typer.Option(
+    None, min=1, show_default=False,
+    help="Calibration samples used (synthetic ones without --calib): 128 by default, 512 when they are synthetic token sequences.",
+)
 CALIB_BATCH = typer.Option(16, min=1, help="Samples per onnxruntime run while collecting statistics.")
 ALLOCATION = typer.Option(
     "sensitivity", help="sensitivity: share the target by each group's measured effect on the outputs; "
@@ -111,7 +114,7 @@ DEBUG = typer.Option(False, "--debug", help="Show tracebacks and debug logging."
 
 def make_config(
     criterion: str, scope: str, round_to: int, min_keep: float, exclude: List[str], input_shape: List[str],
-    prune_hidden: bool, head_dims: bool, calib: Optional[Path], calib_samples: int, calib_batch: int,
+    prune_hidden: bool, head_dims: bool, calib: Optional[Path], calib_samples: Optional[int], calib_batch: int,
     allocation: str, eval_script: Optional[Path], refit: int, seed: int, bench_runs: int, **target: Optional[float],
 ) -> PruneConfig:
     """The run's configuration from the shared options (``target``: flops/params/ratio/latency)."""
@@ -178,7 +181,7 @@ def run(
     prune_hidden: bool = PRUNE_HIDDEN,
     head_dims: bool = HEAD_DIMS,
     calib: Optional[Path] = CALIB,
-    calib_samples: int = CALIB_SAMPLES,
+    calib_samples: Optional[int] = CALIB_SAMPLES,
     calib_batch: int = CALIB_BATCH,
     allocation: str = ALLOCATION,
     eval_script: Optional[Path] = EVAL_SCRIPT,

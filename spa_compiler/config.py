@@ -10,9 +10,11 @@ from .cost import CostMetric, get_metric
 from .criteria import get_criterion
 from .errors import TargetError
 
-__all__ = ["PruneConfig", "TARGET_TOLERANCE"]
+__all__ = ["PruneConfig", "TARGET_TOLERANCE", "CALIBRATION_SAMPLES", "SYNTHETIC_TOKEN_SAMPLES"]
 
 TARGET_TOLERANCE = 0.02
+CALIBRATION_SAMPLES = 128  # calibration samples by default
+SYNTHETIC_TOKEN_SAMPLES = 512  # synthetic token sequences by default (data-free)
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,21 @@ class PruneConfig:
     verify: bool = True
     bench_runs: int = 20
     calibration: str | None = None
-    calibration_samples: int = 128
+    calibration_samples: int | None = None  # None: samples_for() chooses
     calibration_batch: int = 16
     allocation: Literal["sensitivity", "score"] = "sensitivity"
     refit_rounds: int = 1
     evaluation: str | None = None  # a Python file defining score(model_path) -> float
     reinit: bool = False  # write the pruned architecture with fresh weights (spa_compiler.reinit)
+
+    def samples_for(self, synthetic_tokens: bool = False) -> int:
+        """Calibration samples to use: as asked, else ``CALIBRATION_SAMPLES``, or
+        ``SYNTHETIC_TOKEN_SAMPLES`` synthetic token sequences when there is no calibration data:
+        they cost nothing to make, and a data-free language model needs their variety (MiniLM at
+        ``--flops 0.75``: cosine 0.897 from 128 sequences, 0.909 from 512)."""
+        if self.calibration_samples is not None:
+            return self.calibration_samples
+        return SYNTHETIC_TOKEN_SAMPLES if synthetic_tokens and not self.calibration else CALIBRATION_SAMPLES
 
     @property
     def needs_statistics(self) -> bool:

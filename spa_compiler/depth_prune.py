@@ -130,7 +130,7 @@ class PruneDepth(Pass):
         branches = find_branches(graph)
         if not branches:
             raise TargetError("the model has no removable residual branch (a fork whose join is a residual Add)")
-        available = max(1, config.calibration_samples)
+        available = max(1, config.samples_for())
         data = (load_calibration(config.calibration, graph, available) if config.calibration
                 else synthetic_calibration(graph, available, config.seed)[0])
         per_sample = sum(int(np.prod(graph.shapes[n][1:])) for n in graph.outputs if n in graph.shapes)

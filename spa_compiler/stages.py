@@ -35,6 +35,7 @@ from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
+from .synthetic_tokens import embedding_table
 from .verify import custom_ops, fidelity, held_out_fidelity, run_model, run_reference, verify_model
 
 __all__ = [
@@ -95,12 +96,13 @@ class CollectStatistics(Pass):
             return state
         layers = consumer_layers(state.analysis)
         if config.calibration:
-            data = load_calibration(config.calibration, graph, config.calibration_samples)
+            data = load_calibration(config.calibration, graph, config.samples_for())
             data, state.held_out = split_held_out(data)
             kept_aside = f" ({len(next(iter(state.held_out.values())))} more held out to measure fidelity)" if state.held_out else ""
             source = f"{len(next(iter(data.values())))} samples from {config.calibration}{kept_aside}"
         else:
-            data, source = synthetic_calibration(graph, config.calibration_samples, config.seed)
+            tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
+            data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
 
         def report(done: int, total: int) -> None:
             state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")

@@ -69,7 +69,7 @@ def sweep(
     prune_hidden: bool = PRUNE_HIDDEN,
     head_dims: bool = HEAD_DIMS,
     calib: Optional[Path] = CALIB,
-    calib_samples: int = CALIB_SAMPLES,
+    calib_samples: Optional[int] = CALIB_SAMPLES,
     calib_batch: int = CALIB_BATCH,
     allocation: str = ALLOCATION,
     eval_script: Optional[Path] = EVAL_SCRIPT,

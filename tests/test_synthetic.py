@@ -152,3 +152,25 @@ def test_deterministic_for_a_seed(tmp_path):
     other, _ = synthetic_calibration(graph, 4, seed=4)
     assert np.array_equal(first["x"], again["x"]) and text == text_again
     assert not np.array_equal(first["x"], other["x"])
+
+
+def test_data_free_token_models_calibrate_on_512_sequences_by_default(tmp_path):
+    """Synthetic token sequences default to 512 (images and user data to 128); an explicit
+    --calib-samples wins."""
+    from spa_compiler import PruneConfig, PruneState, analyze_graph
+    from spa_compiler.stages import CollectStatistics
+
+    def calibrated(graph):
+        state = PruneState(config, graph=graph)
+        state.analysis = analyze_graph(graph)
+        return CollectStatistics().run(state)
+
+    graph = _token_model(tmp_path)
+    config = PruneConfig(flops=0.5, criterion="obs")
+    assert (config.samples_for(), config.samples_for(synthetic_tokens=True)) == (128, 512)
+    assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(synthetic_tokens=True) == 128
+    assert PruneConfig(flops=0.5, calibration_samples=64).samples_for(synthetic_tokens=True) == 64
+    state = calibrated(graph)
+    assert state.calibration.startswith("data-free, 512 synthetic samples")
+    assert len(state.calibration_data["input_ids"]) == 512
+    assert calibrated(_image_model(tmp_path, True)[0]).calibration.startswith("data-free, 128 synthetic samples")
