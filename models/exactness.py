@@ -13,19 +13,10 @@ head) is read by no weight; :func:`zero_contracted` zeroes it at its source inst
 from __future__ import annotations
 
 import numpy as np
-from onnx import numpy_helper
 
 from spa_compiler import Analysis, Graph
 
-__all__ = ["set_constant", "zero_readers", "zero_contracted", "relative_error"]
-
-
-def set_constant(graph: Graph, name: str, value: np.ndarray) -> None:
-    """Replace a constant both in the analysis view and in the model proto."""
-    graph.constants[name] = value
-    for tensor in graph.model.graph.initializer:
-        if tensor.name == name:
-            tensor.CopyFrom(numpy_helper.from_array(value, name))
+__all__ = ["zero_readers", "zero_contracted", "relative_error"]
 
 
 def _zero_slabs(graph: Graph, analysis: Analysis, slabs: dict[int, np.ndarray]) -> list[str]:
@@ -37,7 +28,7 @@ def _zero_slabs(graph: Graph, analysis: Analysis, slabs: dict[int, np.ndarray]) 
         value = zeroed.setdefault(ref.tensor, graph.constants[ref.tensor].copy())
         np.moveaxis(value, ref.axis, 0)[indices] = 0
     for name, value in zeroed.items():
-        set_constant(graph, name, value)
+        graph.set_constant(name, value)
     return sorted(zeroed)
 
 

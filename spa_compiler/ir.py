@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from . import streaming
 from .model_files import check_input_path, read_proto
@@ -128,6 +128,13 @@ class Graph:
         weight = self.integer_weights.get(name)
         return weight.dequantize(self.constants[name]) if weight is not None else self.constants[name]
 
+    def set_constant(self, name: str, value: np.ndarray) -> None:
+        """Give the initializer ``name`` a new value, in ``constants`` and in the model (where a
+        streamed one then holds it inline)."""
+        self.constants[name] = value
+        for tensor in all_initializers(self.model.graph):
+            if tensor.name == name:
+                tensor.CopyFrom(numpy_helper.from_array(value, name))
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

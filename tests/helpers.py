@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 import pytest
 
-from models.exactness import relative_error, set_constant, zero_readers
+from models.exactness import relative_error, zero_readers
 from spa_compiler import Graph, PruneConfig, prune_graph, synthetic_inputs
 from spa_compiler.rewrite import rewrite_model
 from spa_compiler.verify import run_model
 
 __all__ = [
-    "randomize_weights", "set_constant", "assert_exact", "relative_error",
+    "randomize_weights", "assert_exact", "relative_error",
     "assert_checker_passes_unless_input_fails",
 ]
 
@@ -45,7 +45,7 @@ def randomize_weights(graph: Graph, seed: int = 0) -> Graph:
         fresh = rng.standard_normal(value.shape) / np.sqrt(fan_in)
         if name in variances:
             fresh = 0.5 + np.abs(fresh)
-        set_constant(graph, name, fresh.astype(value.dtype))
+        graph.set_constant(name, fresh.astype(value.dtype))
     return graph
 
 

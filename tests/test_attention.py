@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import assert_exact, set_constant
+from helpers import assert_exact
 from spa_compiler import PruneConfig, analyze_graph, load_model, prune_graph
 from spa_compiler.verify import run_model
 
@@ -126,7 +126,7 @@ def test_head_dims_are_units_when_asked(tmp_path):
     for name in ("Wq", "Bq"):
         value = graph.constants[name].copy()
         value[..., odd] = 0
-        set_constant(graph, name, value)
+        graph.set_constant(name, value)
     pruned = assert_exact(graph, PruneConfig(ratio=0.5, round_to=1, head_dims=True, criterion="l2"), rtol=1e-5)
     assert initializer_shape(pruned, "Wq") == (HIDDEN, HIDDEN // 2)
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}

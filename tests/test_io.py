@@ -401,3 +401,13 @@ def test_reference_session_feeds_the_weights_in_place():
     expected = run_model(graph.model, feeds, optimize=False)
     for got, want in zip(session.run(None, {**feeds, **weights}), expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_set_constant_changes_the_value_and_the_model():
+    graph = load_model(EXAMPLE)
+    name = next(t.name for t in graph.model.graph.initializer if len(t.dims) == 4)
+    value = np.full(graph.constants[name].shape, 0.25, dtype=np.float32)
+    graph.set_constant(name, value)
+    assert graph.constants[name] is value
+    stored = next(t for t in graph.model.graph.initializer if t.name == name)
+    np.testing.assert_array_equal(numpy_helper.to_array(stored), value)

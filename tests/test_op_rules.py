@@ -22,7 +22,7 @@ import onnx.parser
 import pytest
 from onnx import helper, numpy_helper
 
-from helpers import assert_exact, randomize_weights, set_constant
+from helpers import assert_exact, randomize_weights
 from spa_compiler import Graph, PruneConfig, analyze_graph, load_model, prune_graph, registered_ops
 
 CONFIG = PruneConfig(ratio=0.5, round_to=1, min_keep=0.1, verify=True)
@@ -134,7 +134,7 @@ def weaken(graph: Graph, slabs: dict[tuple[str, int], list[int]], factor: float 
     for (name, axis), indices in slabs.items():
         value = graph.constants[name].copy()
         np.moveaxis(value, axis, 0)[indices] *= factor
-        set_constant(graph, name, value)
+        graph.set_constant(name, value)
 
 
 def chain(body: str, out: str, inputs: str = X) -> str:
