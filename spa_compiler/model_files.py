@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import onnx
-from google.protobuf.message import Message
-from google.protobuf.message import EncodeError
+from google.protobuf.message import EncodeError, Message
 
 from . import streaming
 from .errors import InputError, OutputError
@@ -109,10 +108,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     """
     path = check_output_path(path)
     streamed = streaming.has_external(model)
-    inline = None
-    if not external_data and not streamed:
-        inline = _serialized(model)
-    external = external_data or (inline is None and not streamed) or _proto_bytes(model) > streaming.PROTOBUF_SAFE_BYTES
+    inline = None if external_data or streamed else _serialized(model)
+    external = external_data or (_inline_bytes(model) > streaming.PROTOBUF_SAFE_BYTES if streamed else inline is None)
     data_name = path.name + ".data"
     tmp = tmp_data = None
     try:
@@ -138,9 +135,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     return path
 
 
-def _proto_bytes(model: onnx.ModelProto) -> int:
-    """The size ``model`` would have with its streamed tensors inside (bounded by their bytes)."""
-    return model.ByteSize() + streaming.streamed_bytes(model)
+def _inline_bytes(model: onnx.ModelProto) -> int:
+    """About the size a model with streamed tensors would have with them inside."""
+    return model.ByteSize() + streaming.external_bytes(model)
 
 
 def write_embedded(model: onnx.ModelProto, file: BinaryIO) -> None:
