@@ -16,7 +16,8 @@ from .proto_copy import copy_without_initializers
 from .subgraphs import all_initializers, inner_value_infos
 
 __all__ = [
-    "parse_input_shapes", "bind_input_shapes", "shape_skeleton", "large_float", "synthetic_inputs", "infer_shapes",
+    "parse_input_shapes", "bind_input_shapes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
+    "infer_shapes",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,8 @@ def shape_skeleton(
     """A copy with inputs bound to concrete shapes and intermediate shapes cleared. With
     ``strip_weights`` (for shape inference, which needs their shapes, not their values) large
     float weights become graph inputs of their shapes; their bytes are never copied."""
-    large = [t for t in model.graph.initializer if strip_weights and large_float(t)]
-    large_names = {t.name for t in large}
-    copy = copy_without_initializers(model, large_names)
-    graph = copy.graph
-    listed = {i.name for i in graph.input}
-    graph.input.extend(
-        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in listed
-    )
-    for value in graph.input:
+    copy = weights_as_inputs(model, {t.name for t in model.graph.initializer if strip_weights and large_float(t)})
+    for value in copy.graph.input:
         if value.name in bound:
             dims = value.type.tensor_type.shape.dim
             for dim, size in zip(dims, bound[value.name]):
@@ -110,6 +104,18 @@ def shape_skeleton(
     del copy.graph.value_info[:]
     for value in copy.graph.output:
         value.type.tensor_type.ClearField("shape")
+    return copy
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are graph inputs of their shapes instead,
+    made without copying their bytes."""
+    copy = copy_without_initializers(model, names)
+    listed = {i.name for i in copy.graph.input}
+    copy.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in model.graph.initializer if t.name in names and t.name not in listed
+    )
     return copy
 
 

@@ -28,8 +28,7 @@ from . import streaming
 from .errors import ModelError, VerificationError
 from .errors import first_line
 from .ir import STANDARD_DOMAINS, Graph
-from .shapes import large_float, shape_skeleton, synthetic_inputs
-from .proto_copy import copy_without_initializers
+from .shapes import large_float, shape_skeleton, synthetic_inputs, weights_as_inputs
 from .token_mask import attention_mask, padding_zeroed
 
 log = logging.getLogger(__name__)
@@ -108,17 +107,8 @@ def reference_session(graph: Graph) -> tuple[ort.InferenceSession, dict[str, np.
     model = graph.model
     if streaming.has_external(model):
         return session_for(model, optimize=False), {}
-    weights = {
-        t.name: graph.constants[t.name] for t in model.graph.initializer
-        if large_float(t) and graph.constants[t.name].shape == tuple(t.dims)
-    }
-    probe = copy_without_initializers(model, set(weights))
-    listed = {i.name for i in probe.graph.input}
-    probe.graph.input.extend(
-        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-        for t in model.graph.initializer if t.name in weights and t.name not in listed
-    )
-    return session_for(probe, optimize=False), weights
+    weights = {t.name: graph.constants[t.name] for t in model.graph.initializer if large_float(t)}
+    return session_for(weights_as_inputs(model, set(weights)), optimize=False), weights
 
 
 def run_reference(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
