@@ -33,14 +33,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from . import streaming
 from .analysis import Analysis
 from .quantized import with_float_weights
 from .errors import InputError
 from .ir import Graph, Node
-from .shapes import synthetic_inputs
+from .shapes import free_batch_copy
+from .batch_axis import samples_per_run
 from .ops import WeightView, get_rule
 from .feature_rows import feature_width, layer_features, sample_rows
 from .token_mask import attention_mask
@@ -52,7 +52,6 @@ __all__ = [
     "batches",
     "exposing",
     "with_weight_inputs",
-    "fixed_batch",
     "consumer_layers",
     "load_calibration",
     "collect_statistics",
@@ -104,11 +103,13 @@ class LayerStatistics:
     hessian: np.ndarray
     rows: int = 0
     pending: list[np.ndarray] = field(default_factory=list, repr=False)
+    pending_rows: int = field(default=0, repr=False)
 
     def add(self, rows: np.ndarray) -> None:
         """Queue feature rows (without the constant 1); fold them in by chunks."""
         self.pending.append(rows)
-        if sum(len(r) for r in self.pending) >= CHUNK_ROWS:
+        self.pending_rows += len(rows)
+        if self.pending_rows >= CHUNK_ROWS:
             self.flush()
 
     def flush(self) -> None:
@@ -117,7 +118,7 @@ class LayerStatistics:
             rows = np.hstack([rows, np.ones((len(rows), 1))])
             self.hessian += rows.T @ rows
             self.rows += len(rows)
-            self.pending = []
+            self.pending, self.pending_rows = [], 0
 
     def spill(self) -> None:
         """Keep ``H`` (and the inverses computed later) on disk, memory-mapped when read: each
@@ -237,41 +238,10 @@ def batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.n
         yield {name: a[start:start + size] for name, a in arrays.items()}
 
 
-def fixed_batch(graph: Graph) -> bool:
-    """Whether samples must run one at a time: a graph input's batch dimension is fixed, or the
-    model fails on a batch of two (a Reshape to a fixed batch of 1 inside a model whose inputs
-    name their batch dimension). Probed once per graph."""
-    if "_fixed_batch" not in graph.__dict__:
-        graph.__dict__["_fixed_batch"] = any(_fixed_batch(graph, name) for name in graph.inputs) or not _runs_batched(graph)
-    return graph.__dict__["_fixed_batch"]
-
-
-def _runs_batched(graph: Graph) -> bool:
-    """Whether onnxruntime runs the model on a batch of two synthetic samples (a model it
-    cannot run at all counts as batched: whoever runs it next reports why)."""
-    try:
-        session = session_for(graph.model, optimize=False)
-    except Exception:  # noqa: BLE001  (custom ops and the like: not this probe's question)
-        return True
-    shapes = {name: (2, *shape[1:]) if shape else shape for name, shape in graph.input_shapes.items()}
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a failure is the answer, not an error to log
-    try:
-        session.run(None, synthetic_inputs(shapes, graph.dtypes), quiet)
-    except Exception:  # noqa: BLE001  (onnxruntime raises its own error types, one per status)
-        return False
-    return True
-
-
-def _fixed_batch(graph: Graph, name: str) -> bool:
-    value = next(v for v in graph.model.graph.input if v.name == name)
-    dims = value.type.tensor_type.shape.dim
-    return bool(dims) and dims[0].HasField("dim_value")
-
-
 def exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    """A copy of ``model`` that also outputs the tensors ``names``, its batch left free
+    (:func:`~spa_compiler.shapes.free_batch`)."""
+    probe = free_batch_copy(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     return probe
@@ -300,7 +270,7 @@ def collect_statistics(
     the collection's ``total_batches`` (which sets the rows taken per batch); the statistics of
     shards covering every batch add up (:func:`add_statistics`) to those of one run over all."""
     activations = sorted({layer.activation for layer in layers})
-    batch_size = statistics_batch_size(graph, batch_size)
+    batch_size = statistics_batch_size(graph, batch_size, layers)
     session = session_for(exposing(graph.model, activations), optimize=False)
     widths = {layer.node: feature_width(layer, graph.shapes[layer.activation]) + 1 for layer in layers}
     chunks = streaming.statistics_chunks(graph, layers, [8 * widths[layer.node] ** 2 for layer in layers])
@@ -330,9 +300,10 @@ def collect_statistics(
     return stats
 
 
-def statistics_batch_size(graph: Graph, batch_size: int) -> int:
-    """Samples per onnxruntime run while collecting statistics: one when the batch is fixed."""
-    return 1 if fixed_batch(graph) else batch_size
+def statistics_batch_size(graph: Graph, batch_size: int, layers: list[ConsumerLayer]) -> int:
+    """Samples per onnxruntime run while collecting the statistics of ``layers``
+    (:func:`~spa_compiler.batch_axis.samples_per_run` of their inputs)."""
+    return samples_per_run(graph, batch_size, {layer.activation for layer in layers})
 
 
 def add_statistics(parts: list[dict[str, LayerStatistics]]) -> dict[str, LayerStatistics]:
@@ -350,9 +321,9 @@ def add_statistics(parts: list[dict[str, LayerStatistics]]) -> dict[str, LayerSt
 def with_weight_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers ``names`` are also graph inputs: onnxruntime then
     takes new values for them with every run, so changed weights need no new session. A QDQ
-    weight among ``names`` becomes a float initializer for that."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    weight among ``names`` becomes a float initializer for that. Its batch is left free
+    (:func:`~spa_compiler.shapes.free_batch`)."""
+    probe = free_batch_copy(model)
     with_float_weights(probe, names)
     declared = {i.name for i in probe.graph.input}
     for tensor in probe.graph.initializer:

@@ -27,7 +27,8 @@ import onnx
 
 from .allocate import Plan
 from .analysis import Analysis, analyze_graph
-from .calibrate import fixed_batch, load_calibration
+from .batch_axis import fixed_batch
+from .calibrate import load_calibration
 from .cost import CostModel, node_macs
 from .depth import Branch, find_branches, gate_branches, gate_name, remove_branches
 from .errors import TargetError

@@ -79,7 +79,7 @@ class ShardedStatistics(CollectStatistics):
     def collect(self, graph: Graph, layers: list[ConsumerLayer], data: dict[str, np.ndarray], config: PruneConfig,
                 progress) -> dict[str, LayerStatistics]:
         ray = _ray()
-        batch_size = statistics_batch_size(graph, config.calibration_batch)
+        batch_size = statistics_batch_size(graph, config.calibration_batch, layers)
         samples = len(next(iter(data.values())))
         plan = statistics_shards(samples, batch_size, self.shards)
         task, graph_ref = ray.remote(collect_statistics), ray.put(graph)

@@ -18,9 +18,9 @@ from .calibrate import (
     ROWS_PER_FEATURE,
     ConsumerLayer,
     exposing,
-    fixed_batch,
     with_weight_inputs,
 )
+from .batch_axis import fixed_batch
 from .feature_rows import feature_width, layer_features, sample_rows
 from .ir import Graph
 from .subnetwork import prefix_model

@@ -40,7 +40,8 @@ import numpy as np
 import onnx
 
 from .analysis import Group
-from .calibrate import LayerStatistics, exposing, fixed_batch, with_weight_inputs
+from .batch_axis import fixed_batch
+from .calibrate import LayerStatistics, exposing, with_weight_inputs
 from .cost import node_macs
 from .ir import Graph
 from .pipeline import Pass

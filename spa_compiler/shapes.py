@@ -17,8 +17,10 @@ from .subgraphs import all_initializers, inner_value_infos
 
 __all__ = [
     "parse_input_shapes", "bind_input_shapes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
-    "infer_shapes",
+    "infer_shapes", "free_batch", "free_batch_copy",
 ]
+
+BATCH = "batch"
 
 log = logging.getLogger(__name__)
 
@@ -204,3 +206,19 @@ def _run_for_shapes(
         found[name] = tuple(np.asarray(value).shape)
         dtypes.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
     return found
+
+
+def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Declare, in place, every first dimension of 1 of the main graph's inputs, outputs and
+    value infos as the symbolic ``batch``; returns ``model``. A symbolic dimension accepts any
+    size, so a first dimension of 1 that is not a sample axis stays valid at its value."""
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].dim_param = BATCH
+    return model
+
+
+def free_batch_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with :func:`free_batch` applied; its weights' bytes are copied."""
+    return free_batch(copy_without_initializers(model, set()))

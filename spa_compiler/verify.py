@@ -28,7 +28,7 @@ from . import streaming
 from .errors import ModelError, VerificationError
 from .errors import first_line
 from .ir import STANDARD_DOMAINS, Graph
-from .shapes import large_float, shape_skeleton, synthetic_inputs, weights_as_inputs
+from .shapes import free_batch, free_batch_copy, large_float, shape_skeleton, synthetic_inputs, weights_as_inputs
 from .token_mask import attention_mask, padding_zeroed
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,14 @@ def reference_session(graph: Graph) -> tuple[ort.InferenceSession, dict[str, np.
     """A session running the input model without graph optimisations, and the feeds it needs
     besides the model's inputs. Its large float weights become graph inputs fed from
     ``graph.constants``, which onnxruntime reads in place: the model is neither serialised with
-    them nor copied into the session (a streamed model's are read from their files)."""
+    them nor copied into the session (a streamed model's are read from their files). A declared
+    batch of 1 is left free (:func:`~spa_compiler.shapes.free_batch`), for batches of samples
+    where :func:`~spa_compiler.batch_axis.fixed_batch` allows them."""
     model = graph.model
     if streaming.has_external(model):
-        return session_for(model, optimize=False), {}
+        return session_for(free_batch_copy(model), optimize=False), {}
     weights = {t.name: graph.constants[t.name] for t in model.graph.initializer if large_float(t)}
-    return session_for(weights_as_inputs(model, set(weights)), optimize=False), weights
+    return session_for(free_batch(weights_as_inputs(model, set(weights))), optimize=False), weights
 
 
 def run_reference(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -263,7 +265,7 @@ def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[st
     batches of ``batch`` (1 when the model's batch axis is fixed); ``narrow`` as in :func:`verify_model`."""
     count = len(next(iter(samples.values())))
     reference, weights = reference_session(original)
-    sessions = [(reference, weights), (session_for(pruned, layout=False), {})]
+    sessions = [(reference, weights), (session_for(free_batch_copy(pruned) if batch > 1 else pruned, layout=False), {})]
     outputs = []
     for (session, extra), narrowing in zip(sessions, (_unchanged, narrow)):
         runs = [session.run(None, {**{k: narrowing(k, v[i:i + batch]) for k, v in samples.items()}, **extra})

@@ -164,15 +164,16 @@ def _assert_statistics_equal(single, sharded) -> None:
 
 
 def test_statistics_in_shards_add_up_to_one_collection():
-    """20 samples, one per batch (the example's batch is fixed at 1), in 2 and in 3 shards."""
+    """20 samples in batches of 4 (the example declares a batch of 1, which its statistics runs
+    free), in 2 and in 3 shards of whole batches."""
     graph, layers, data = _statistics_inputs()
-    assert statistics_batch_size(graph, 8) == 1
-    single = collect_statistics(graph, layers, data, 8, seed=0)
+    assert statistics_batch_size(graph, 4, layers) == 4
+    single = collect_statistics(graph, layers, data, 4, seed=0)
     for shards in (2, 3):
-        plan = statistics_shards(20, 1, shards)
-        assert sum(count for _, count in plan) == 20 and len(plan) == shards
-        parts = [collect_statistics(graph, layers, {k: v[first:first + count] for k, v in data.items()},
-                                    8, 0, None, first, 20) for first, count in plan]
+        plan = statistics_shards(20, 4, shards)
+        assert sum(count for _, count in plan) == 5 and len(plan) == shards
+        parts = [collect_statistics(graph, layers, {k: v[4 * first:4 * (first + count)] for k, v in data.items()},
+                                    4, 0, None, first, 5) for first, count in plan]
         _assert_statistics_equal(single, add_statistics(parts))
 
 

@@ -1,0 +1,95 @@
+"""The sample axis of the runs that feed many samples (statistics, sensitivity, re-fit, held-out
+fidelity).
+
+Exporters often fix the batch dimension of every input at 1 (``torch.onnx.export`` without
+dynamic axes). Such a model usually computes each sample on its own all the same, so the copies
+that these runs build (:func:`~spa_compiler.shapes.free_batch`) declare a first dimension of 1 as symbolic, and
+:func:`fixed_batch` probes once per graph whether a batch of two then gives, sample for sample,
+what two runs of one give. Only when it does not (a Reshape to a constant batch of 1, samples
+mixed) do the runs feed one sample at a time. The pruned model keeps the input model's declared
+shapes; only these internal copies differ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .ir import Graph
+from .shapes import synthetic_inputs
+from .verify import reference_session
+
+__all__ = ["fixed_batch", "samples_per_run", "tensor_bytes"]
+
+PROBE_RTOL = 1e-3  # batched and single-sample kernels may sum in different orders
+RUN_BYTES = 64 << 20  # tensors one run of many samples holds, at most (unless one sample takes more)
+
+
+def fixed_batch(graph: Graph) -> bool:
+    """Whether samples must run one at a time: a batch of two synthetic samples fails in the
+    model's :func:`~spa_compiler.shapes.free_batch` copy, or (where the copy changed a declared first dimension)
+    differs from the two samples run one at a time. Probed once per graph; a model onnxruntime
+    cannot run at all counts as batched (whoever runs it next reports why)."""
+    if "_fixed_batch" not in graph.__dict__:
+        graph.__dict__["_fixed_batch"] = not _runs_batched(graph)
+    return graph.__dict__["_fixed_batch"]
+
+
+def samples_per_run(graph: Graph, batch_size: int, tensors: set[str]) -> int:
+    """Samples per onnxruntime run: one when the batch is fixed, otherwise ``batch_size``, fewer
+    when ``tensors`` (those a run returns or holds) would take more than ``RUN_BYTES``: such runs
+    are memory-bound (ResNet-50 runs a third slower per image in batches of 8 than one at a time,
+    its layers' inputs, 35 MB per image, returned)."""
+    if fixed_batch(graph):
+        return 1
+    return max(1, min(batch_size, RUN_BYTES // max(tensor_bytes(graph, tensors), 1)))
+
+
+def tensor_bytes(graph: Graph, tensors: set[str]) -> int:
+    """Bytes of ``tensors`` at the graph's shapes (one sample), those of unknown shape left out."""
+    return sum(
+        int(np.prod(graph.shapes[name])) * onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name]).itemsize
+        for name in tensors if name in graph.shapes and name in graph.dtypes
+    )
+
+
+def _runs_batched(graph: Graph) -> bool:
+    try:
+        session, weights = reference_session(graph)  # a copy with its batch freed
+    except Exception:  # noqa: BLE001  (custom ops and the like: not this probe's question)
+        return True
+    shapes = {name: (2, *shape[1:]) if shape else shape for name, shape in graph.input_shapes.items()}
+    feeds = synthetic_inputs(shapes, graph.dtypes)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failure is the answer, not an error to log
+    try:
+        batched = session.run(None, {**feeds, **weights}, quiet)
+    except Exception:  # noqa: BLE001  (onnxruntime raises its own error types, one per status)
+        return False
+    if not _declares_batch_of_one(graph.model):
+        return True  # the model itself names its batch axis
+    singles = [session.run(None, {k: v[i:i + 1] for k, v in feeds.items()} | weights, quiet) for i in range(2)]
+    return all(_agree(both, [one[k] for one in singles]) for k, both in enumerate(batched))
+
+
+def _declares_batch_of_one(model: onnx.ModelProto) -> bool:
+    """Whether a graph input or output declares a first dimension of 1 (:func:`~spa_compiler.shapes.free_batch` frees it)."""
+    return any(
+        v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[0].dim_value == 1
+        and v.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for v in (*model.graph.input, *model.graph.output)
+    )
+
+
+def _agree(batched: np.ndarray, singles: list[np.ndarray]) -> bool:
+    """Whether a batched output is the single-sample outputs stacked on the first axis."""
+    if np.ndim(batched) == 0 or any(np.ndim(s) == 0 or np.shape(s)[0] != 1 for s in singles):
+        return False
+    joined = np.concatenate(singles)
+    if joined.shape != np.shape(batched):
+        return False
+    if not np.issubdtype(joined.dtype, np.floating):
+        return bool(np.array_equal(joined, batched))
+    scale = float(np.max(np.abs(joined))) if joined.size else 0.0
+    return bool(np.allclose(batched, joined, rtol=PROBE_RTOL, atol=PROBE_RTOL * scale))

@@ -1,0 +1,105 @@
+"""A declared batch of 1: runs of many samples batch them where the model computes each sample
+on its own, and feed one at a time where it does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from spa_compiler import Graph, PruneConfig, load_model, prune_graph
+from spa_compiler.analysis import analyze_graph
+from spa_compiler.batch_axis import fixed_batch
+from spa_compiler import batch_axis, calibrate
+from spa_compiler.calibrate import collect_statistics, consumer_layers, statistics_batch_size
+
+
+def _conv_model(tail: list[onnx.NodeProto], tail_inits: list[onnx.TensorProto], out_shape: list[int],
+                folder) -> Graph:
+    """x [1, 3, 8, 8] -> Conv(8) -> Relu -> Conv(4) -> ``tail`` -> y ``out_shape``."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
+        *tail_inits,
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        *tail,
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "model.onnx")
+    return load_model(folder / "model.onnx")
+
+
+def _per_sample(folder) -> Graph:
+    shape = numpy_helper.from_array(np.array([-1, 256], np.int64), "shape")
+    return _conv_model([helper.make_node("Reshape", ["c2", "shape"], ["y"], name="flat")], [shape], [1, 256], folder)
+
+
+def _reshaped_to_one(folder) -> Graph:
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    return _conv_model([helper.make_node("Reshape", ["c2", "shape"], ["y"], name="flat")], [shape], [1, 256], folder)
+
+
+def _mixing_samples(folder) -> Graph:
+    """Samples averaged over the first axis: a batch of two gives one output row."""
+    return _conv_model([helper.make_node("ReduceMean", ["c2"], ["y"], name="mean", axes=[0], keepdims=1)], [],
+                       [1, 4, 8, 8], folder)
+
+
+def test_a_declared_batch_of_one_runs_batched_where_samples_are_independent(tmp_path):
+    graph = _per_sample(tmp_path)
+    assert not fixed_batch(graph)
+    assert statistics_batch_size(graph, 16, consumer_layers(analyze_graph(graph))) == 16
+    assert graph.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the model itself is unchanged
+
+
+@pytest.mark.parametrize("build", [_reshaped_to_one, _mixing_samples], ids=["reshape-to-1", "mean-over-samples"])
+def test_a_batch_the_model_fixes_inside_runs_one_sample_at_a_time(build, tmp_path):
+    graph = build(tmp_path)
+    assert fixed_batch(graph)
+    assert statistics_batch_size(graph, 16, consumer_layers(analyze_graph(graph))) == 1
+
+
+def test_statistics_batched_equal_those_of_single_samples(tmp_path, monkeypatch):
+    """H = Xᵀ X over every patch (a row budget above their count), batched or one sample at a time."""
+    monkeypatch.setattr(calibrate, "ROWS_PER_FEATURE", 1000)
+    graph = _per_sample(tmp_path)
+    layers = consumer_layers(analyze_graph(graph))
+    data = {"x": np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32)}
+    batched = collect_statistics(graph, layers, data, batch_size=6)
+    graph.__dict__["_fixed_batch"] = True
+    single = collect_statistics(graph, layers, data, batch_size=6)
+    for name in batched:
+        a, b = batched[name], single[name]
+        a.flush(), b.flush()
+        assert a.rows == b.rows == 6 * 64
+        np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-5, atol=1e-3)
+
+
+def test_pruning_a_batch_of_one_model_keeps_its_declared_shapes(tmp_path):
+    graph = _per_sample(tmp_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(2).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    state = prune_graph(graph, PruneConfig(flops=0.7, criterion="obs", calibration=calib, round_to=1))
+    model = state.model
+    dims = [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.input, *model.graph.output)]
+    assert dims == [[1, 3, 8, 8], [1, 256]]
+    assert state.held_out_fidelity is not None and state.held_out_fidelity.samples == 4
+
+
+def test_statistics_runs_hold_at_most_run_bytes_of_layer_inputs(tmp_path, monkeypatch):
+    """Layer inputs per sample: x (3·8·8 floats) and conv1's output (8·8·8), 2816 bytes."""
+    graph = _per_sample(tmp_path)
+    layers = consumer_layers(analyze_graph(graph))
+    monkeypatch.setattr(batch_axis, "RUN_BYTES", 3 * 2816 + 100)
+    assert statistics_batch_size(graph, 16, layers) == 3
+    monkeypatch.setattr(batch_axis, "RUN_BYTES", 1000)
+    assert statistics_batch_size(graph, 16, layers) == 1
