@@ -42,7 +42,7 @@ from .ir import Graph, Node
 from .shapes import free_batch_copy
 from .batch_axis import samples_per_run
 from .ops import WeightView, get_rule
-from .feature_rows import feature_width, layer_features, sample_rows
+from .feature_rows import feature_width, layer_features, row_count, sample_rows
 from .token_mask import attention_mask
 from .verify import session_for
 
@@ -257,20 +257,23 @@ def collect_statistics(
     first_batch: int = 0,
     total_batches: int | None = None,
 ) -> dict[str, LayerStatistics]:
-    """Run ``data`` through the model batch by batch (one sample at a time when the model's
-    batch dimension is fixed) and accumulate every layer's ``H``.
+    """Run ``data`` through the model and accumulate every layer's ``H``.
 
-    Batch ``b`` samples its rows with its own generator, seeded by ``(seed, b)``, so the rows
-    taken from a batch do not depend on which batches ran before it. The statistics of a streamed
-    model that would outgrow a quarter of its weights are collected in chunks of layers, one run
-    over the data per chunk, each chunk's spilled to disk before the next
-    (:func:`~spa_compiler.streaming.statistics_chunks`; a layer's rows are then drawn after those
-    of its chunk's earlier layers, not of all layers). A *shard* of a larger
-    collection passes its slice of the samples (whole batches), the index of its first batch and
-    the collection's ``total_batches`` (which sets the rows taken per batch); the statistics of
-    shards covering every batch add up (:func:`add_statistics`) to those of one run over all."""
+    Rows are drawn per *batch* of ``batch_size`` samples: batch ``b`` samples its rows with its
+    own generator, seeded by ``(seed, b)``, so the rows taken from a batch do not depend on which
+    batches ran before it, nor on how many samples each onnxruntime run takes
+    (:func:`statistics_batch_size`: fewer than a batch where the model's batch is fixed or the
+    layers' inputs are large; a batch's rows are drawn at its first run and each run keeps those
+    of its samples). The statistics of a streamed model that would outgrow a quarter of its
+    weights are collected in chunks of layers, one pass over the data per chunk, each chunk's
+    spilled to disk before the next (:func:`~spa_compiler.streaming.statistics_chunks`; a layer's
+    rows are then drawn after those of its chunk's earlier layers, not of all layers). A *shard*
+    of a larger collection passes its slice of the samples (whole batches), the index of its
+    first batch and the collection's ``total_batches`` (which sets the rows taken per batch); the
+    statistics of shards covering every batch add up (:func:`add_statistics`) to those of one
+    run over all."""
     activations = sorted({layer.activation for layer in layers})
-    batch_size = statistics_batch_size(graph, batch_size, layers)
+    run_size = statistics_batch_size(graph, batch_size, layers)
     session = session_for(exposing(graph.model, activations), optimize=False)
     widths = {layer.node: feature_width(layer, graph.shapes[layer.activation]) + 1 for layer in layers}
     chunks = streaming.statistics_chunks(graph, layers, [8 * widths[layer.node] ** 2 for layer in layers])
@@ -281,23 +284,63 @@ def collect_statistics(
         names = sorted({layer.activation for layer in chunk})
         for layer in chunk:
             stats[layer.node] = LayerStatistics(layer, np.zeros((widths[layer.node], widths[layer.node])))
+        budgets = {layer.node: -(-min(ROWS_PER_FEATURE * widths[layer.node], MAX_ROWS) // batch_count) for layer in chunk}
         done = 0
-        for index, feeds in enumerate(batches(data, batch_size), start=first_batch):
+        for index, batch in enumerate(batches(data, batch_size), start=first_batch):
             rng = np.random.default_rng([seed, index])
-            values = dict(zip(names, session.run(names, feeds)))
-            mask = attention_mask(feeds)
-            for layer in chunk:
-                budget = -(-min(ROWS_PER_FEATURE * widths[layer.node], MAX_ROWS) // batch_count)
-                x = values[layer.activation]
-                stats[layer.node].add(layer_features(layer, graph, x, sample_rows(layer, graph, x, rng, budget, mask)))
-            done += len(next(iter(feeds.values())))
-            if progress:
-                progress(number * total + done, len(chunks) * total)
+            count = len(next(iter(batch.values())))
+            mask = attention_mask(batch)
+            drawn: dict[str, _BatchRows] = {}
+            for offset in range(0, count, run_size):
+                feeds = {name: array[offset:offset + run_size] for name, array in batch.items()}
+                samples = len(next(iter(feeds.values())))
+                values = dict(zip(names, session.run(names, feeds)))
+                for layer in chunk:  # in layer order, as one run over the batch draws them
+                    x = values[layer.activation]
+                    if layer.node not in drawn or not drawn[layer.node].shared:
+                        drawn[layer.node] = _BatchRows.draw(
+                            layer, graph, x, offset, samples, count, rng, budgets[layer.node], mask)
+                    stats[layer.node].add(layer_features(layer, graph, x, drawn[layer.node].of_run(offset, samples)))
+                done += samples
+                if progress:
+                    progress(number * total + done, len(chunks) * total)
         for layer in chunk:
             stats[layer.node].flush()
             if len(chunks) > 1:
                 stats[layer.node].spill()
     return stats
+
+
+@dataclass(frozen=True)
+class _BatchRows:
+    """The rows drawn for one layer from a batch of ``count`` samples (flat indices over the
+    batch's rows, sample-major; None for all), or, when ``shared`` is false, from one run only."""
+
+    rows: np.ndarray | None
+    count: int
+    per_sample: int
+    shared: bool = True
+
+    @classmethod
+    def draw(cls, layer: ConsumerLayer, graph: Graph, x: np.ndarray, offset: int, samples: int, count: int,
+             rng: np.random.Generator, budget: int, mask: np.ndarray | None) -> _BatchRows:
+        """Draw at the run of ``samples`` samples from ``offset`` whose layer input is ``x``: from
+        the whole batch when the run holds it or ``x`` leads with the samples; otherwise (an input
+        whose first axis is not the samples', run in parts) the run's share of the budget."""
+        if samples == count:
+            return cls(sample_rows(layer, graph, x.shape, rng, budget, mask), count, 0)
+        if len(x) == samples:
+            shape = (count, *x.shape[1:])
+            return cls(sample_rows(layer, graph, shape, rng, budget, mask), count, row_count(layer, graph, shape) // count)
+        part = None if mask is None else mask[offset:offset + samples]
+        return cls(sample_rows(layer, graph, x.shape, rng, -(-budget * samples // count), part), samples, 0, shared=False)
+
+    def of_run(self, offset: int, samples: int) -> np.ndarray | None:
+        """The rows of the run of ``samples`` samples from ``offset``, indexed within the run."""
+        if self.rows is None or not self.shared or samples == self.count:
+            return self.rows
+        low, high = offset * self.per_sample, (offset + samples) * self.per_sample
+        return self.rows[(self.rows >= low) & (self.rows < high)] - low
 
 
 def statistics_batch_size(graph: Graph, batch_size: int, layers: list[ConsumerLayer]) -> int:

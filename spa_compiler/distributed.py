@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import ConsumerLayer, LayerStatistics, add_statistics, collect_statistics, statistics_batch_size
+from .calibrate import ConsumerLayer, LayerStatistics, add_statistics, collect_statistics
 from .config import PruneConfig
 from .errors import InputError
 from .ir import Graph
@@ -79,7 +79,7 @@ class ShardedStatistics(CollectStatistics):
     def collect(self, graph: Graph, layers: list[ConsumerLayer], data: dict[str, np.ndarray], config: PruneConfig,
                 progress) -> dict[str, LayerStatistics]:
         ray = _ray()
-        batch_size = statistics_batch_size(graph, config.calibration_batch, layers)
+        batch_size = config.calibration_batch  # rows are drawn per batch, however many samples a run takes
         samples = len(next(iter(data.values())))
         plan = statistics_shards(samples, batch_size, self.shards)
         task, graph_ref = ray.remote(collect_statistics), ray.put(graph)

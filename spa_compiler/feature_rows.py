@@ -49,26 +49,26 @@ def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
     return begin + end
 
 
-def sample_rows(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rng: np.random.Generator, max_rows: int,
+def sample_rows(layer: ConsumerLayer, graph: Graph, shape: tuple[int, ...], rng: np.random.Generator, max_rows: int,
                 mask: np.ndarray | None = None) -> np.ndarray | None:
-    """At most ``max_rows`` of the layer's feature rows (patch positions or tokens) of the batch
-    ``x``, a seeded random sorted subset, only rows at real tokens of the attention ``mask``
-    (:mod:`~spa_compiler.token_mask`); None for all."""
-    total = row_count(layer, graph, x)
-    real = None if layer.patches else real_rows(x, layer.channel_axis, mask)
+    """At most ``max_rows`` of the layer's feature rows (patch positions or tokens) of a batch of
+    input ``shape``, a seeded random sorted subset, only rows at real tokens of the attention
+    ``mask`` (:mod:`~spa_compiler.token_mask`); None for all."""
+    total = row_count(layer, graph, shape)
+    real = None if layer.patches else real_rows(shape, layer.channel_axis, mask)
     if real is not None:
         rows = np.flatnonzero(real)
         return rows if len(rows) <= max_rows else np.sort(rng.choice(rows, max_rows, replace=False))
     return None if total <= max_rows else np.sort(rng.choice(total, max_rows, replace=False))
 
 
-def row_count(layer: ConsumerLayer, graph: Graph, x: np.ndarray) -> int:
-    """The layer's feature rows in the batch ``x``: output positions of a convolution with patch
-    statistics, else positions of the input (pixels, tokens)."""
+def row_count(layer: ConsumerLayer, graph: Graph, shape: tuple[int, ...]) -> int:
+    """The layer's feature rows in a batch of input ``shape``: output positions of a convolution
+    with patch statistics, else positions of the input (pixels, tokens). Rows are sample-major."""
     if layer.patches:
         out = graph.shapes[graph.node_by_name[layer.node].outputs[0]]
-        return x.shape[0] * out[2] * out[3]
-    return x.size // x.shape[layer.channel_axis]
+        return shape[0] * out[2] * out[3]
+    return int(np.prod(shape)) // shape[layer.channel_axis]
 
 
 def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:

@@ -122,7 +122,7 @@ class PairedRunner:
                 x = values[layer.activation]
                 width = feature_width(layer, x.shape)
                 budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // len(self.batches(planned[layer.node])))
-                taken = sample_rows(layer, graph, x, rng, budget, mask)
+                taken = sample_rows(layer, graph, x.shape, rng, budget, mask)
                 features = layer_features(layer, graph, x, taken)
                 self.original[layer.node].append(_OriginalRows(start, stop, x.shape, taken, features))
 

@@ -28,11 +28,11 @@ def attention_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
     return None
 
 
-def real_rows(x: np.ndarray, channel_axis: int, mask: np.ndarray | None) -> np.ndarray | None:
-    """For a token activation ``x`` (``[samples, tokens, features]``, features last), the flat
-    booleans over its rows that mark real tokens; None when every row counts (no mask, every
-    token real, or ``x`` not laid out by the mask)."""
-    if mask is None or channel_axis not in (-1, x.ndim - 1) or x.shape[:-1] != mask.shape or mask.all():
+def real_rows(shape: tuple[int, ...], channel_axis: int, mask: np.ndarray | None) -> np.ndarray | None:
+    """For a token activation of ``shape`` (``[samples, tokens, features]``, features last), the
+    flat booleans over its rows that mark real tokens; None when every row counts (no mask, every
+    token real, or the activation not laid out by the mask)."""
+    if mask is None or channel_axis not in (-1, len(shape) - 1) or tuple(shape[:-1]) != mask.shape or mask.all():
         return None
     return mask.reshape(-1)
 

@@ -242,12 +242,12 @@ def test_padding_rows_count_for_nothing():
     assert mask.tolist() == [[True, True, True, False], [True, True, False, False]]
     assert attention_mask({"attention_mask": np.ones((2, 4), np.float32)}) is None  # an additive float mask is no padding mask
     x = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
-    np.testing.assert_array_equal(np.flatnonzero(real_rows(x, -1, mask)), [0, 1, 2, 4, 5])
-    assert real_rows(x.transpose(0, 2, 1), 1, mask) is None  # channels first: not laid out by tokens
+    np.testing.assert_array_equal(np.flatnonzero(real_rows(x.shape, -1, mask)), [0, 1, 2, 4, 5])
+    assert real_rows(x.transpose(0, 2, 1).shape, 1, mask) is None  # channels first: not laid out by tokens
     layer = ConsumerLayer("n", "MatMul", "x", "W", 0, 1, None, channel_axis=-1)
-    rows = sample_rows(layer, None, x, np.random.default_rng(0), 3, mask)
+    rows = sample_rows(layer, None, x.shape, np.random.default_rng(0), 3, mask)
     assert len(rows) == 3 and set(rows) <= {0, 1, 2, 4, 5}
-    np.testing.assert_array_equal(sample_rows(layer, None, x, np.random.default_rng(0), 100, mask), [0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(sample_rows(layer, None, x.shape, np.random.default_rng(0), 100, mask), [0, 1, 2, 4, 5])
     zeroed = padding_zeroed(x, mask)
     assert zeroed[0, 3].tolist() == [0, 0, 0] and zeroed[1, 2:].sum() == 0
     np.testing.assert_array_equal(zeroed[0, :3], x[0, :3])

@@ -68,20 +68,22 @@ def test_a_batch_the_model_fixes_inside_runs_one_sample_at_a_time(build, tmp_pat
     assert statistics_batch_size(graph, 16, consumer_layers(analyze_graph(graph))) == 1
 
 
-def test_statistics_batched_equal_those_of_single_samples(tmp_path, monkeypatch):
-    """H = Xᵀ X over every patch (a row budget above their count), batched or one sample at a time."""
-    monkeypatch.setattr(calibrate, "ROWS_PER_FEATURE", 1000)
+@pytest.mark.parametrize("run_bytes", [1000, 3 * 2816 + 100], ids=["one-sample-runs", "three-sample-runs"])
+def test_statistics_do_not_depend_on_the_samples_per_run(tmp_path, monkeypatch, run_bytes):
+    """Rows are drawn per batch of 6 (a random subset: conv1 has 64 patches per sample and takes
+    224 of a batch's 384), then each run keeps those of its samples: the same H, whether a run
+    takes the batch, three samples or one."""
     graph = _per_sample(tmp_path)
     layers = consumer_layers(analyze_graph(graph))
-    data = {"x": np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32)}
-    batched = collect_statistics(graph, layers, data, batch_size=6)
-    graph.__dict__["_fixed_batch"] = True
-    single = collect_statistics(graph, layers, data, batch_size=6)
-    for name in batched:
-        a, b = batched[name], single[name]
-        a.flush(), b.flush()
-        assert a.rows == b.rows == 6 * 64
-        np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-5, atol=1e-3)
+    data = {"x": np.random.default_rng(1).standard_normal((12, 3, 8, 8)).astype(np.float32)}
+    whole = collect_statistics(graph, layers, data, batch_size=6)
+    monkeypatch.setattr(batch_axis, "RUN_BYTES", run_bytes)
+    assert statistics_batch_size(graph, 6, layers) in (1, 3)
+    parts = collect_statistics(graph, layers, data, batch_size=6)
+    for name in whole:
+        assert whole[name].rows == parts[name].rows
+        np.testing.assert_allclose(parts[name].hessian, whole[name].hessian, rtol=1e-6, atol=1e-6 * np.abs(whole[name].hessian).max())
+    assert whole["conv1"].rows == 2 * 112 < 12 * 64  # a subset: ROWS_PER_FEATURE * 28 = 224 rows over 2 batches
 
 
 def test_pruning_a_batch_of_one_model_keeps_its_declared_shapes(tmp_path):
