@@ -300,7 +300,9 @@ def collect_statistics(
                     if layer.node not in drawn or not drawn[layer.node].shared:
                         drawn[layer.node] = _BatchRows.draw(
                             layer, graph, x, offset, samples, count, rng, budgets[layer.node], mask)
-                    stats[layer.node].add(layer_features(layer, graph, x, drawn[layer.node].of_run(offset, samples)))
+                    rows = drawn[layer.node].of_run(offset, samples)
+                    if rows is None or len(rows):  # none drawn from this run's samples: nothing to add
+                        stats[layer.node].add(layer_features(layer, graph, x, rows))
                 done += samples
                 if progress:
                     progress(number * total + done, len(chunks) * total)

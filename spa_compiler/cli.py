@@ -96,7 +96,10 @@ CALIB_SAMPLES = typer.Option(
     None, min=1, show_default=False,
     help="Calibration samples used (synthetic ones without --calib): 128 by default, 512 when they are synthetic token sequences.",
 )
-CALIB_BATCH = typer.Option(16, min=1, help="Samples per onnxruntime run while collecting statistics.")
+CALIB_BATCH = typer.Option(
+    16, min=1, help="Samples whose statistics rows are drawn together, and at most per onnxruntime run (fewer where "
+    "a run would hold over 64 MB of layer inputs, or the model computes one sample at a time).",
+)
 ALLOCATION = typer.Option(
     "sensitivity", help="sensitivity: share the target by each group's measured effect on the outputs; "
     "score: by criterion scores alone (faster)."

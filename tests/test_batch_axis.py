@@ -68,11 +68,14 @@ def test_a_batch_the_model_fixes_inside_runs_one_sample_at_a_time(build, tmp_pat
     assert statistics_batch_size(graph, 16, consumer_layers(analyze_graph(graph))) == 1
 
 
+@pytest.mark.parametrize("rows_per_feature", [8, 1])
 @pytest.mark.parametrize("run_bytes", [1000, 3 * 2816 + 100], ids=["one-sample-runs", "three-sample-runs"])
-def test_statistics_do_not_depend_on_the_samples_per_run(tmp_path, monkeypatch, run_bytes):
+def test_statistics_do_not_depend_on_the_samples_per_run(tmp_path, monkeypatch, run_bytes, rows_per_feature):
     """Rows are drawn per batch of 6 (a random subset: conv1 has 64 patches per sample and takes
-    224 of a batch's 384), then each run keeps those of its samples: the same H, whether a run
-    takes the batch, three samples or one."""
+    ``rows_per_feature`` * 28 / 2 of a batch's 384), then each run keeps those of its samples: the
+    same H, whether a run takes the batch, three samples or one (with one row per feature conv2
+    draws 5 rows from a batch of 6 samples, so some runs hold none)."""
+    monkeypatch.setattr(calibrate, "ROWS_PER_FEATURE", rows_per_feature)
     graph = _per_sample(tmp_path)
     layers = consumer_layers(analyze_graph(graph))
     data = {"x": np.random.default_rng(1).standard_normal((12, 3, 8, 8)).astype(np.float32)}
@@ -83,7 +86,7 @@ def test_statistics_do_not_depend_on_the_samples_per_run(tmp_path, monkeypatch, 
     for name in whole:
         assert whole[name].rows == parts[name].rows
         np.testing.assert_allclose(parts[name].hessian, whole[name].hessian, rtol=1e-6, atol=1e-6 * np.abs(whole[name].hessian).max())
-    assert whole["conv1"].rows == 2 * 112 < 12 * 64  # a subset: ROWS_PER_FEATURE * 28 = 224 rows over 2 batches
+    assert whole["conv1"].rows == 2 * -(-rows_per_feature * 28 // 2) < 12 * 64  # a subset, over 2 batches
 
 
 def test_pruning_a_batch_of_one_model_keeps_its_declared_shapes(tmp_path):
