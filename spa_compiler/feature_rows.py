@@ -26,7 +26,7 @@ def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.nd
     pads = node.attr("pads") or [0, 0, 0, 0]
     if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         pads = _same_pads(x.shape[2:], kernel, strides, dilations, node.attr("auto_pad"))
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))) if any(pads) else x
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
     windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
