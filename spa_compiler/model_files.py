@@ -33,8 +33,8 @@ def read_proto(path: Path, lean: bool = False) -> tuple[onnx.ModelProto, bool]:
     """The parsed model with its external data loaded, and whether it had external data. A model
     with :func:`~spa_compiler.streaming.stream_threshold` bytes of large float weights or more
     (``lean`` as there) is streamed: external data is not loaded, its large tensors stay on disk
-    (:func:`~spa_compiler.streaming.read_lazily`); weights inside the protobuf are referred to
-    in the file itself (:func:`~spa_compiler.streaming.spill_embedded`)."""
+    (:func:`~spa_compiler.streaming.read_lazily`); weights inside the protobuf move to a scratch
+    data file (:func:`~spa_compiler.streaming.spill_embedded`)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning and others
@@ -54,7 +54,7 @@ def read_proto(path: Path, lean: bool = False) -> tuple[onnx.ModelProto, bool]:
     if streamed and uses_external:
         streaming.read_lazily(model, path)
     elif streamed:
-        model = streaming.spill_embedded(model, path)
+        model = streaming.spill_embedded(model)
     elif uses_external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))

@@ -8,7 +8,7 @@ models) keeps those tensors (the ones :func:`~spa_compiler.shapes.shape_skeleton
 64 elements) *external*: the ModelProto keeps only their name, type, shape and
 a reference ``(location, offset, length)`` whose location is made absolute, so the proto is a few
 megabytes whatever the model's size. External data stays in its files; a model with its weights
-inside the protobuf refers to them in its own file (:func:`spill_embedded`). Their
+inside the protobuf has them copied to a scratch data file once (:func:`spill_embedded`). Their
 values are read on demand:
 
 * :func:`tensor_view` maps one tensor's bytes read-only (``numpy.memmap``); the pages are read
@@ -48,7 +48,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import InputError
-from .proto_offsets import initializer_offsets
 from .subgraphs import all_initializers, walk_nodes
 
 if TYPE_CHECKING:
@@ -121,26 +120,15 @@ def streamed_bytes(model: onnx.ModelProto) -> int:
     return sum(byte_count(t) for t in all_initializers(model.graph) if _lazy(t))
 
 
-def spill_embedded(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """``model``, read from ``path`` with its weights inside the protobuf, with its large float
-    initializers made external: those of the main graph stored as raw bytes refer to their bytes
-    in ``path`` itself (:func:`~spa_compiler.proto_offsets.initializer_offsets`), the others are
-    copied to a scratch data file one at a time. A new proto, so that the old one's memory can go."""
-    candidates = [t for t in model.graph.initializer if _lazy(t) and not is_external(t) and t.raw_data]
-    offsets = initializer_offsets(path, candidates)
-    location = str(path.resolve())
-    for tensor in candidates:
-        span = offsets.get(tensor.name)
-        if span is not None and span[1] == byte_count(tensor):
-            _set_reference(tensor, location, *span)
-    with contextlib.ExitStack() as stack:
-        scratch = None
-        for tensor in all_initializers(model.graph):  # those left: subgraphs', values not stored as raw bytes
+def spill_embedded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (weights inside the protobuf) with its large float initializers moved to a
+    scratch data file, one at a time: a new proto, so that the old one's memory can go."""
+    path = scratch_file(".data")
+    with open(path, "wb") as stream:
+        data = DataFile(stream, str(path))
+        for tensor in all_initializers(model.graph):
             if _lazy(tensor) and not is_external(tensor):
-                if scratch is None:
-                    spill = scratch_file(".data")
-                    scratch = DataFile(stack.enter_context(open(spill, "wb")), str(spill))
-                scratch.append(tensor, numpy_helper.to_array(tensor))
+                data.append(tensor, numpy_helper.to_array(tensor))
     weightless = onnx.ModelProto()
     weightless.CopyFrom(model)
     return weightless

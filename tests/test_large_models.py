@@ -173,9 +173,9 @@ def test_second_order_statistics_of_a_streamed_model_are_collected_in_chunks(lla
 
 
 def test_embedded_model_over_the_threshold_is_pruned_from_disk_and_written_inline(tmp_path, monkeypatch):
-    """A model with its weights inside the protobuf, over the streaming threshold: the graph's
-    proto holds none of them (it refers to their bytes in the file), and the pruned model is
-    written inline, byte for byte the one pruning in memory writes."""
+    """A model with its weights inside the protobuf, over the streaming threshold: the weights
+    move to a scratch data file at load (the graph's proto holds none of them), and the pruned
+    model is written inline, byte for byte the one pruning in memory writes."""
     source = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
     config = PruneConfig(flops=0.5, bench_runs=0)
     prune(source, tmp_path / "memory.onnx", config)
