@@ -1,13 +1,14 @@
-"""The sample axis of the runs that feed many samples (statistics, sensitivity, re-fit, held-out
-fidelity).
+"""The sample axis of the runs that feed many samples (statistics, held-out fidelity).
 
 Exporters often fix the batch dimension of every input at 1 (``torch.onnx.export`` without
 dynamic axes). Such a model usually computes each sample on its own all the same, so the copies
-that these runs build (:func:`~spa_compiler.shapes.free_batch`) declare a first dimension of 1 as symbolic, and
-:func:`fixed_batch` probes once per graph whether a batch of two then gives, sample for sample,
-what two runs of one give. Only when it does not (a Reshape to a constant batch of 1, samples
-mixed) do the runs feed one sample at a time. The pruned model keeps the input model's declared
-shapes; only these internal copies differ.
+that runs build (:func:`~spa_compiler.shapes.free_batch`) declare a first dimension of 1 as
+symbolic, and :func:`fixed_batch` probes once per graph whether a batch of two then gives,
+sample for sample, what two runs of one give. Only when it does not (a Reshape to a constant
+batch of 1, samples mixed) do the statistics runs feed one sample at a time. The re-fit's and
+the sensitivity's runs keep one sample per run for a model declaring a batch of 1
+(:meth:`~spa_compiler.paired.PairedRunner.batch_for`). The pruned model keeps the input model's
+declared shapes; only these internal copies differ.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .ir import Graph
 from .shapes import synthetic_inputs
 from .verify import reference_session
 
-__all__ = ["fixed_batch", "samples_per_run", "tensor_bytes"]
+__all__ = ["fixed_batch", "declares_batch_of_one", "samples_per_run", "activations"]
 
 PROBE_RTOL = 1e-3  # batched and single-sample kernels may sum in different orders
 RUN_BYTES = 64 << 20  # tensors one run of many samples holds, at most (unless one sample takes more)
@@ -43,10 +44,15 @@ def samples_per_run(graph: Graph, batch_size: int, tensors: set[str]) -> int:
     its layers' inputs, 35 MB per image, returned)."""
     if fixed_batch(graph):
         return 1
-    return max(1, min(batch_size, RUN_BYTES // max(tensor_bytes(graph, tensors), 1)))
+    return max(1, min(batch_size, RUN_BYTES // max(_tensor_bytes(graph, tensors), 1)))
 
 
-def tensor_bytes(graph: Graph, tensors: set[str]) -> int:
+def activations(graph: Graph) -> set[str]:
+    """Every tensor a node of the graph computes: what a run of the whole model holds."""
+    return {name for node in graph.nodes for name in node.outputs if name}
+
+
+def _tensor_bytes(graph: Graph, tensors: set[str]) -> int:
     """Bytes of ``tensors`` at the graph's shapes (one sample), those of unknown shape left out."""
     return sum(
         int(np.prod(graph.shapes[name])) * onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name]).itemsize
@@ -67,13 +73,13 @@ def _runs_batched(graph: Graph) -> bool:
         batched = session.run(None, {**feeds, **weights}, quiet)
     except Exception:  # noqa: BLE001  (onnxruntime raises its own error types, one per status)
         return False
-    if not _declares_batch_of_one(graph.model):
+    if not declares_batch_of_one(graph.model):
         return True  # the model itself names its batch axis
     singles = [session.run(None, {k: v[i:i + 1] for k, v in feeds.items()} | weights, quiet) for i in range(2)]
     return all(_agree(both, [one[k] for one in singles]) for k, both in enumerate(batched))
 
 
-def _declares_batch_of_one(model: onnx.ModelProto) -> bool:
+def declares_batch_of_one(model: onnx.ModelProto) -> bool:
     """Whether a graph input or output declares a first dimension of 1 (:func:`~spa_compiler.shapes.free_batch` frees it)."""
     return any(
         v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[0].dim_value == 1

@@ -20,7 +20,7 @@ from .calibrate import (
     exposing,
     with_weight_inputs,
 )
-from .batch_axis import fixed_batch
+from .batch_axis import declares_batch_of_one, fixed_batch
 from .feature_rows import feature_width, layer_features, sample_rows
 from .ir import Graph
 from .subnetwork import prefix_model
@@ -81,13 +81,17 @@ class PairedRunner:
                  batch_size: int = 16) -> None:
         self.graph = graph
         self.pruned = with_weight_inputs(pruned, weights)
-        self.fixed = fixed_batch(graph)
+        self.fixed = fixed_batch(graph) or declares_batch_of_one(graph.model)  # see batch_for
         self.batch_size = batch_size
         self.layers = layers
         self.original: dict[str, list[_OriginalRows]] = {}
 
     def batch_for(self, samples: int) -> int:
-        """Samples per run for a stage of ``samples``: two batches at least, for two folds."""
+        """Samples per run for a stage of ``samples``: two batches at least, for two folds. A model
+        that declares a batch of 1 runs one sample at a time even where it could run more
+        (:mod:`~spa_compiler.batch_axis`): its folds and row draws stay those of single samples,
+        and its runs hold one sample's activations (ResNet-50's take 100 MB per image, 1.6 GB in
+        a run of 16)."""
         return 1 if self.fixed else min(self.batch_size, max(1, -(-samples // 2)))
 
     def batches(self, samples: int) -> list[tuple[int, int]]:

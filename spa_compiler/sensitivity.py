@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from .analysis import Group
-from .batch_axis import fixed_batch
+from .batch_axis import declares_batch_of_one, fixed_batch
 from .calibrate import LayerStatistics, exposing, with_weight_inputs
 from .cost import node_macs
 from .ir import Graph
@@ -149,7 +149,7 @@ class TailRunner:
                  changed: list[set[str]]) -> None:
         self.graph, self.model = graph, model
         self.samples = len(next(iter(feeds.values())))
-        self.batch = 1 if fixed_batch(graph) else self.samples
+        self.batch = 1 if fixed_batch(graph) or declares_batch_of_one(graph.model) else self.samples  # as the re-fit's runs
         self.mask = attention_mask(feeds)
         boundary = sorted(set().union(*(tail_boundary(model, tail_nodes(model, c)) for c in changed)) - set(feeds))
         cached = all(name in graph.shapes and name in graph.dtypes for name in boundary) and sum(

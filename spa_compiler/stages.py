@@ -20,7 +20,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
-from .batch_axis import samples_per_run
+from .batch_axis import activations, samples_per_run
 from .calibrate import ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration
 from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
@@ -243,8 +243,7 @@ class Verify(Pass):
             feeds = synthetic_inputs(original.input_shapes, original.dtypes, state.config.seed)
             state.fidelity = fidelity(run_reference(original, feeds), run_model(state.model, feeds))
         if state.held_out is not None and state.fidelity is not None:
-            held = {name for node in state.graph.nodes for name in node.outputs}  # every activation
-            batch = samples_per_run(state.graph, state.config.calibration_batch, held)
+            batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
             state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow)
         return state
 
