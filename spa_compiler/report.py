@@ -236,6 +236,8 @@ def render_report(report: PruneReport, console: Console) -> None:
         warning = fidelity_warning(report)
         if warning:
             console.print(Text(warning, style="bold yellow"))
+        elif synthetic_only(report):
+            console.print(Text(SYNTHETIC_NOTE, style="dim"))
     elif report.custom_ops:
         console.print(
             f"verified with onnx.checker and shape inference only: onnxruntime cannot run "
@@ -295,6 +297,19 @@ def fidelity_warning(report: PruneReport) -> str | None:
     advice = [] if report.calibration and "data-free" not in report.calibration else ["give real samples with --calib"]
     advice += ["try a milder target", "fine-tune the pruned model"]
     return f"warning: the pruned model's outputs differ markedly from the original's; {', '.join(advice)}"
+
+
+SYNTHETIC_NOTE = (
+    "note: this fidelity is on synthetic inputs, which can overstate it on real data; --calib measures it on "
+    "held-out real samples, --eval FILE.py with your own metric"
+)
+
+
+def synthetic_only(report: PruneReport) -> bool:
+    """Whether the report's only measure of the pruned model is its fidelity on synthetic inputs
+    (no held-out samples, no --eval score): that figure can stay high where real data suffers
+    (data-free all-MiniLM-L6-v2 at --flops 0.5 reaches a cosine of 0.824 on real sentences)."""
+    return report.fidelity is not None and report.held_out_fidelity is None and report.eval_before is None
 
 
 def render_analysis(analysis, console: Console) -> None:

@@ -14,7 +14,7 @@ from spa_compiler.calibrate import ConsumerLayer
 from spa_compiler.paired import PairedStatistics
 from spa_compiler.refit import refit_layer
 from spa_compiler.sensitivity import samples_for
-from spa_compiler.report import fidelity_warning
+from spa_compiler.report import fidelity_warning, synthetic_only
 from spa_compiler.rewrite import removed_indices
 from spa_compiler.sensitivity import convex_increments
 from spa_compiler.stages import split_held_out
@@ -230,6 +230,10 @@ def test_fidelity_warning_says_what_to_do():
     warning = fidelity_warning(report(0.95, 0.6, "data-free: ..."))
     assert "--calib" in warning and "milder target" in warning and "fine-tune" in warning
     assert "--calib" not in fidelity_warning(report(0.5, None, "64 samples from c.npz"))
+    assert synthetic_only(report(0.99, 0.95, "data-free: ..."))
+    measured = report(0.99, 0.95, "112 samples from c.npz (16 more held out to measure fidelity)")
+    measured.held_out_fidelity = Fidelity(0.1, 0.1, 0.97, None)
+    assert not synthetic_only(measured)
 
 
 def test_padding_rows_count_for_nothing():
