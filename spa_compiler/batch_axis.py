@@ -5,8 +5,8 @@ dynamic axes). Such a model usually computes each sample on its own all the same
 that runs build (:func:`~spa_compiler.shapes.free_batch`) declare a first dimension of 1 as
 symbolic, and :func:`fixed_batch` probes once per graph whether a batch of two then gives,
 sample for sample, what two runs of one give. Only when it does not (a Reshape to a constant
-batch of 1, samples mixed) do the statistics runs feed one sample at a time. The re-fit's and
-the sensitivity's runs keep one sample per run for a model declaring a batch of 1
+batch of 1, samples mixed) do the statistics runs feed one sample at a time. The re-fit's, the
+sensitivity's and the depth units' runs keep one sample per run for a model declaring a batch of 1
 (:meth:`~spa_compiler.paired.PairedRunner.batch_for`). The pruned model keeps the input model's
 declared shapes; only these internal copies differ.
 """

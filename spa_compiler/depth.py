@@ -32,7 +32,6 @@ import onnx
 from onnx import helper
 
 from .ir import Graph
-from .shapes import free_batch_copy
 
 __all__ = ["Branch", "find_branches", "remove_branches", "gate_branches", "gate_name"]
 
@@ -131,9 +130,9 @@ def gate_name(branch: Branch) -> str:
 
 def gate_branches(graph: Graph, branches: list[Branch]) -> onnx.ModelProto:
     """A copy of the model where each branch's output is multiplied by a scalar graph input
-    (:func:`gate_name`): fed 1 the model is the original, fed 0 the branch is removed. Its batch
-    is left free (:func:`~spa_compiler.shapes.free_batch`)."""
-    model = free_batch_copy(graph.model)
+    (:func:`gate_name`): fed 1 the model is the original, fed 0 the branch is removed."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
     joins = {b.join: b for b in branches}
     nodes = []
     for node in model.graph.node:

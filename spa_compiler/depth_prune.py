@@ -27,7 +27,7 @@ import onnx
 
 from .allocate import Plan
 from .analysis import Analysis, analyze_graph
-from .batch_axis import fixed_batch
+from .batch_axis import declares_batch_of_one, fixed_batch
 from .calibrate import load_calibration
 from .cost import CostModel, node_macs
 from .depth import Branch, find_branches, gate_branches, gate_name, remove_branches
@@ -61,7 +61,7 @@ def branch_distortions(graph: Graph, branches: list[Branch], data: dict[str, np.
     """``D`` of each branch removed alone (see the module docstring) on ``data`` (first axis samples)."""
     session = session_for(gate_branches(graph, branches))
     count = len(next(iter(data.values())))
-    batch = 1 if fixed_batch(graph) else count
+    batch = 1 if fixed_batch(graph) or declares_batch_of_one(graph.model) else count  # as the re-fit's runs
     dtype = {b.join: _numpy_dtype(graph, b) for b in branches}
 
     def outputs(removed: Branch | None) -> list[np.ndarray]:
