@@ -209,13 +209,18 @@ def _run_for_shapes(
 
 
 def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Declare, in place, every first dimension of 1 of the main graph's inputs, outputs and
-    value infos as the symbolic ``batch``; returns ``model``. A symbolic dimension accepts any
-    size, so a first dimension of 1 that is not a sample axis stays valid at its value."""
-    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-            dims[0].dim_param = BATCH
+    """Declare, in place, every first dimension of 1 of the main graph's inputs and outputs as
+    the symbolic ``batch``, and leave that of its value infos unknown (an intermediate tensor's
+    leading 1 need not be the samples'); returns ``model``. A free dimension accepts any size, so
+    a first dimension of 1 that is not a sample axis stays valid at its value."""
+    for values, free in ((model.graph.input, True), (model.graph.output, True), (model.graph.value_info, False)):
+        for value in values:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+                if free:
+                    dims[0].dim_param = BATCH
+                else:
+                    dims[0].ClearField("dim_value")
     return model
 
 

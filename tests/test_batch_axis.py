@@ -13,6 +13,7 @@ from spa_compiler.analysis import analyze_graph
 from spa_compiler.batch_axis import fixed_batch
 from spa_compiler import batch_axis, calibrate
 from spa_compiler.calibrate import collect_statistics, consumer_layers, statistics_batch_size
+from spa_compiler.shapes import free_batch
 
 
 def _conv_model(tail: list[onnx.NodeProto], tail_inits: list[onnx.TensorProto], out_shape: list[int],
@@ -108,3 +109,16 @@ def test_statistics_runs_hold_at_most_run_bytes_of_layer_inputs(tmp_path, monkey
     assert statistics_batch_size(graph, 16, layers) == 3
     monkeypatch.setattr(batch_axis, "RUN_BYTES", 1000)
     assert statistics_batch_size(graph, 16, layers) == 1
+
+
+def test_free_batch_names_the_interface_batch_and_leaves_intermediate_leading_ones_unknown():
+    value = helper.make_tensor_value_info
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["z"]), helper.make_node("Relu", ["z"], ["y"])], "g",
+        [value("x", TensorProto.FLOAT, [1, 4])], [value("y", TensorProto.FLOAT, [1, 4]), value("s", TensorProto.FLOAT, [2, 4])],
+        value_info=[value("z", TensorProto.FLOAT, [1, 4])],
+    ))
+    free_batch(model)
+    first = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)]
+    assert [d.dim_param for d in first] == ["batch", "batch", "", ""]
+    assert [d.dim_value for d in first] == [0, 0, 2, 0] and not first[3].HasField("dim_value")
