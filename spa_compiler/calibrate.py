@@ -8,6 +8,10 @@ kernel row and column, with the layer's stride, dilation and padding), for a lin
 last axis. A constant 1 is appended to every row, so ``H`` also carries the feature sums and the
 sample count, which lets compensation update the bias.
 
+A layer with more than ``MAX_FEATURES`` input features (VGG's first classifier layer reads
+25,088) gets no statistics: its ``H`` would take gigabytes, so the channels it reads are scored
+by the criterion's fallback (magnitude) and its weights are not compensated.
+
 A Conv with more than ``MAX_PATCH_FEATURES`` patch features (a 3x3 conv over 256 channels has
 2304) uses the Kronecker approximation instead: ``H`` over input channels only, from the input's
 pixels, shared by all kernel positions, each (output, kernel position) pair then being a row of
@@ -49,6 +53,7 @@ from .verify import session_for
 __all__ = [
     "ConsumerLayer",
     "LayerStatistics",
+    "MAX_FEATURES",
     "batches",
     "exposing",
     "with_weight_inputs",
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 ROWS_PER_FEATURE = 8
 MAX_ROWS = 16384
 MAX_PATCH_FEATURES = 1152
+MAX_FEATURES = 11584  # H of a wider layer would take over 1 GiB (and its inverse as much)
 CHUNK_ROWS = 2048  # rows buffered per layer before one Gram update (few-row updates are memory-bound)
 
 
@@ -82,6 +88,10 @@ class ConsumerLayer:
     rows_per_output: int = 1  # kernel positions of a Conv with channel statistics, else 1
     patches: bool = False  # a 2-D Conv with im2col patch statistics (else channel statistics)
     channel_axis: int = -1  # the input's axis of channels: 1 (channels first, a Conv) or -1 (last)
+
+    def features(self, graph: Graph) -> int:
+        """Columns of ``matrix(W)``: the width of ``H`` (without the constant 1)."""
+        return graph.constants[self.weight].shape[self.axis] * self.features_per_channel
 
     def matrix(self, weight: np.ndarray) -> np.ndarray:
         if self.patches:
@@ -367,8 +377,10 @@ def with_weight_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelPro
     """A copy of ``model`` whose initializers ``names`` are also graph inputs: onnxruntime then
     takes new values for them with every run, so changed weights need no new session. A QDQ
     weight among ``names`` becomes a float initializer for that. Its batch is left free
-    (:func:`~spa_compiler.shapes.free_batch`)."""
+    (:func:`~spa_compiler.shapes.free_batch`). Its IR version is at least 4: before it,
+    initializers listed as graph inputs are constants and onnxruntime takes no feed for them."""
     probe = free_batch_copy(model)
+    probe.ir_version = max(probe.ir_version, 4)
     with_float_weights(probe, names)
     declared = {i.name for i in probe.graph.input}
     for tensor in probe.graph.initializer:

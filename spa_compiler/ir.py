@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 from onnx import helper, numpy_helper
 
 from . import streaming
@@ -41,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-onnxruntime.set_default_logger_severity(3)
 
 MIN_OPSET = 9
 MAX_OPSET = 23
@@ -179,17 +177,21 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
     from onnx_graphsurgeon.logger import G_LOGGER
 
-    G_LOGGER.severity = G_LOGGER.CRITICAL
     try:  # known static shapes let graphsurgeon fold Shape nodes too
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
         log.debug("shape inference before folding failed: %s", exc)
-    graph = gs.import_onnx(model)
-    graph.fold_constants(  # its If flattening can break models; quantized weights stay quantized
-        fold_shapes=True, error_ok=True, flatten_subgraphs=False, should_exclude_node=lambda n: n.op in FOLD_EXCLUDED
-    )
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    folded = gs.export_onnx(graph, do_type_check=False)
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.CRITICAL  # its warnings are about what stays unfolded
+    try:
+        graph = gs.import_onnx(model)
+        graph.fold_constants(  # its If flattening can break models; quantized weights stay quantized
+            fold_shapes=True, error_ok=True, flatten_subgraphs=False,
+            should_exclude_node=lambda n: n.op in FOLD_EXCLUDED,
+        )
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        folded = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        G_LOGGER.severity = severity
     folded.ir_version = model.ir_version
     del folded.opset_import[:]
     folded.opset_import.extend(model.opset_import)

@@ -49,11 +49,17 @@ class PairedStatistics:
 
     def add(self, pruned: np.ndarray, original: np.ndarray, fold: int = 0) -> None:
         """Fold in one batch of rows: products in float32 (twice as fast; one batch's sums are
-        well within its precision), accumulated in float64."""
-        ones = np.ones((len(pruned), 1), dtype=np.float32)
-        pruned = np.hstack([pruned.astype(np.float32), ones])
-        self.gram[fold] += pruned.T @ pruned
-        self.cross[fold] += pruned.T @ np.hstack([original.astype(np.float32), ones])
+        well within its precision), accumulated in float64; in float64 when float32 overflows
+        (activations beyond 1e19)."""
+        for dtype in (np.float32, np.float64):
+            ones = np.ones((len(pruned), 1), dtype=dtype)
+            rows = np.hstack([pruned.astype(dtype), ones])
+            with np.errstate(over="ignore"):
+                gram, cross = rows.T @ rows, rows.T @ np.hstack([original.astype(dtype), ones])
+            if np.isfinite(gram).all() and np.isfinite(cross).all():
+                break
+        self.gram[fold] += gram
+        self.cross[fold] += cross
 
 
 @dataclass
@@ -141,7 +147,10 @@ class PairedRunner:
         activations = sorted({layer.activation for layer in layers})
         if not activations:
             return {}
-        session = session_for(prefix_model(self.pruned, activations))  # every weight stays an input
+        prefix = prefix_model(self.pruned, activations)
+        read = {value.name for value in prefix.graph.input}
+        weights = {name: value for name, value in weights.items() if name in read}  # those of the prefix
+        session = session_for(prefix)
         spans = {layer.node: {(rows.start, rows.stop): rows for rows in self.original[layer.node]} for layer in layers}
         stats: dict[str, PairedStatistics] = {}
         for index, (start, stop) in enumerate(self.batches(len(next(iter(data.values()))))):

@@ -191,9 +191,13 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     if layer.bias is None:
         gram, cross, target, prior = gram[:, :-1, :-1], cross[:, :-1, :-1], weights[:, :-1], prior[:, :-1]
     has_bias = layer.bias is not None
+    if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
+        ridge = "unchanged"  # statistics that overflowed float64 fit nothing
     if ridge is None:
         ridge = held_out_ridge(gram, cross, target, prior, has_bias, RIDGES if rows > len(kept) else FEW_PARAMETERS)
     solved = _refit(gram.sum(axis=0), cross.sum(axis=0) @ target.T, prior, ridge, has_bias)
+    if not np.isfinite(solved).all():
+        ridge, solved = "unchanged", prior
     matrix = np.zeros((len(weights), features))
     matrix[:, kept] = solved[:, : len(kept)]
     bias = solved[:, -1] if layer.bias is not None else weights[:, -1]

@@ -21,7 +21,9 @@ from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
 from .batch_axis import activations, samples_per_run
-from .calibrate import ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration
+from .calibrate import (
+    MAX_FEATURES, ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration,
+)
 from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
@@ -96,6 +98,8 @@ class CollectStatistics(Pass):
             state.calibration = f"none: onnxruntime cannot run {', '.join(unrunnable)}, so scores are magnitudes"
             return state
         layers = consumer_layers(state.analysis)
+        wide = [layer.node for layer in layers if layer.features(graph) > MAX_FEATURES]
+        layers = [layer for layer in layers if layer.node not in wide]
         if config.calibration:
             data = load_calibration(config.calibration, graph, config.samples_for())
             data, state.held_out = split_held_out(data)
@@ -114,6 +118,10 @@ class CollectStatistics(Pass):
             state.statistics, state.calibration_data, state.held_out = {}, {}, None
             state.calibration = f"none: the model does not run on one sample at a time ({first_line(exc)}); scores are magnitudes"
             return state
+        if wide:
+            named = ", ".join(wide[:3]) + (", ..." if len(wide) > 3 else "")
+            source += (f"; none for {len(wide)} layer{'s' if len(wide) > 1 else ''} reading over {MAX_FEATURES} "
+                       f"features ({named}): the channels they read are scored by magnitude")
         state.calibration, state.calibration_data = source, data
         return state
 

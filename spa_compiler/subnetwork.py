@@ -38,8 +38,11 @@ def reads(node: onnx.NodeProto) -> set[str]:
 
 def _part(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
           outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
-    """A model of ``nodes`` (in the model's order) with the initializers they read."""
+    """A model of ``nodes`` (in the model's order) with the initializers they read; of the
+    ``inputs`` that are initializers (all of them before IR version 4), those it reads."""
     used = set().union(*(reads(node) for node in nodes)) if nodes else set()
+    initializers = _initializers(model)
+    inputs = [value for value in inputs if value.name not in initializers or value.name in used]
     graph = onnx.helper.make_graph(
         nodes, model.graph.name, inputs, outputs, [t for t in model.graph.initializer if t.name in used]
     )

@@ -212,7 +212,16 @@ def verify_model(
             raise VerificationError(
                 f"internal error: output '{name}' has shape {np.shape(b)}, expected {np.shape(a)}; nothing was written"
             )
+        if _numeric(a) and np.any(np.isfinite(a) & ~np.isfinite(b)):
+            raise VerificationError(
+                f"the pruned model's output '{name}' is not finite (inf or NaN) where the original's is, on synthetic "
+                "inputs: its activations overflow; nothing was written. Try a milder target or --refit 0"
+            )
     return fidelity(before, after)
+
+
+def _numeric(value: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(value).dtype, np.number)
 
 
 def custom_ops(graph: Graph) -> list[str]:
@@ -243,7 +252,7 @@ def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "s
 
     a, b = per_sample(before), per_sample(after)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cosines = np.where(norms > 0, np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0), 1.0)
+    cosines = np.divide(np.einsum("ij,ij->i", a, b), norms, out=np.ones_like(norms), where=norms != 0)  # 0/0: 1, NaN stays
     decisions = [(x, y) for x, y in zip(before, after) if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2]
     agreement = (
         float(np.mean(np.concatenate([(np.argmax(x, -1) == np.argmax(y, -1)).reshape(-1) for x, y in decisions])))

@@ -268,3 +268,85 @@ def test_refit_stages_merge_consecutive_levels():
     assert [layer for stage in merged for layer in stage] == [layer for level in levels for layer in level]
     assert {len(stage) for stage in merged} <= {3, 4, 5, 6}  # 27 levels in runs of 3 or 4
     assert stages(levels[:5], 8) == levels[:5]  # fewer levels than stages: one level each
+
+
+def test_refit_keeps_a_layer_whose_statistics_overflowed():
+    """Rows beyond float32's square root fold in by float64; a layer whose sums are still not
+    finite keeps its present weights instead of taking NaNs."""
+    layer = ConsumerLayer("n", "Gemm", "x", "W", 1, 1, "B")
+    rows = np.random.default_rng(0).standard_normal((64, 3)) * 1e21
+    stats = PairedStatistics.empty(layer, 3, 3)
+    stats.add(rows[:32], rows[:32], fold=0)
+    stats.add(rows[32:], rows[32:], fold=1)
+    assert np.isfinite(stats.gram).all()
+    np.testing.assert_allclose(stats.gram.sum(0)[:3, :3], rows.T @ rows, rtol=1e-6)
+    stats.gram[0, 0, 0] = np.inf
+    present = np.arange(8, dtype=float).reshape(2, 4)
+    matrix, bias, ridge = refit_layer(layer, present, present, stats, np.array([], dtype=int))
+    assert ridge == "unchanged"
+    np.testing.assert_array_equal(matrix, present[:, :3])
+    np.testing.assert_array_equal(bias, present[:, 3])
+
+
+def test_fidelity_of_non_finite_outputs_is_not_perfect():
+    from spa_compiler.verify import fidelity
+
+    before = [np.ones((2, 4))]
+    after = [np.array([[1.0, 1.0, 1.0, 1.0], [np.nan, 1.0, 1.0, 1.0]])]
+    assert np.isnan(fidelity(before, after).cosine)
+    assert fidelity(before, [np.ones((2, 4))]).cosine == 1.0
+    assert fidelity([np.zeros((2, 4))], [np.zeros((2, 4))]).cosine == 1.0  # 0/0: nothing changed
+
+
+def test_overflowing_pruned_model_is_not_written(tmp_path, monkeypatch):
+    """A pruned model whose outputs are infinite where the original's are finite fails
+    verification with one line, and nothing is written."""
+    from spa_compiler import VerificationError
+    from spa_compiler import rewrite as rewriting
+    from spa_compiler import stages
+
+    def overflowing(analysis, removed_by_axis, replaced=None):
+        model = rewriting.rewrite_model(analysis, removed_by_axis, replaced)
+        weight = model.graph.initializer[0]
+        weight.CopyFrom(onnx.numpy_helper.from_array(np.full(onnx.numpy_helper.to_array(weight).shape, 3e38,
+                                                             dtype=np.float32), weight.name))
+        return model
+
+    monkeypatch.setattr(stages, "rewrite_model", overflowing)
+    with pytest.raises(VerificationError, match=r"output '.*' is not finite .* nothing was written"):
+        prune(EXAMPLE, tmp_path / "o.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.real_model
+def test_ir3_model_through_sensitivity_and_refit():
+    """Before IR version 4 every initializer is also a graph input, which onnxruntime takes as a
+    constant: the runs that feed new weights (sensitivity, re-fit) still take them."""
+    from helpers import randomize_weights
+    from models.real import onnx_light_model_paths
+    from spa_compiler import prune_graph
+    from spa_compiler.rewrite import rewrite_model
+
+    graph = randomize_weights(load_model(onnx_light_model_paths()["squeezenet"]), seed=1)
+    assert graph.model.ir_version == 3
+    state = prune_graph(graph, PruneConfig(flops=0.5, bench_runs=0, calibration_samples=16))
+    assert {"sensitivity", "refit", "verify"} <= set(state.timings)
+    assert 0.45 <= state.plan.achieved <= 0.52
+    assert state.fidelity.cosine > 0.9
+    pruned = rewrite_model(state.analysis, state.removed_by_axis, state.compensated)
+    assert pruned.ir_version == 3
+    assert {t.name for t in pruned.graph.initializer} <= {i.name for i in pruned.graph.input}
+
+
+def test_layers_too_wide_for_statistics_are_scored_by_magnitude(tmp_path, monkeypatch):
+    """A layer reading more than MAX_FEATURES features (VGG's classifier reads 25,088: H would
+    take 5 GB) gets no statistics; the report names it and its channels are scored by L2."""
+    from spa_compiler import stages
+
+    monkeypatch.setattr(stages, "MAX_FEATURES", 100)
+    report = prune(EXAMPLE, tmp_path / "o.onnx", PruneConfig(flops=0.5, bench_runs=0, calibration_samples=8))
+    graph = load_model(EXAMPLE)
+    wide = [layer.node for layer in stages.consumer_layers(stages.analyze_graph(graph)) if layer.features(graph) > 100]
+    assert wide and f"none for {len(wide)} layers reading over 100 features" in report.calibration
+    assert 0.45 <= report.flops_ratio <= 0.52
+    assert report.fidelity.cosine > 0.5

@@ -411,3 +411,26 @@ def test_set_constant_changes_the_value_and_the_model():
     assert graph.constants[name] is value
     stored = next(t for t in graph.model.graph.initializer if t.name == name)
     np.testing.assert_array_equal(numpy_helper.to_array(stored), value)
+
+
+def test_folding_leaves_graphsurgeon_logging_as_it_was(tmp_path):
+    """Loading folds a Constant node with graphsurgeon, whose logger is quiet only meanwhile."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    weight = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(np.eye(3, dtype=np.float32)))
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph(
+        [weight, matmul], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    path = tmp_path / "constant.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    before = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.INFO
+    try:
+        loaded = load_model(path)
+        assert G_LOGGER.severity == G_LOGGER.INFO
+    finally:
+        G_LOGGER.severity = before
+    assert [n.op_type for n in loaded.nodes] == ["MatMul"]
+    np.testing.assert_array_equal(loaded.constants["w"], np.eye(3, dtype=np.float32))
