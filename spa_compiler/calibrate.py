@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 ROWS_PER_FEATURE = 8
 MAX_ROWS = 16384
 MAX_PATCH_FEATURES = 1152
-MAX_FEATURES = 11584  # H of a wider layer would take over 1 GiB (and its inverse as much)
+MAX_FEATURES = 8192  # H of a wider layer would take over 512 MiB (and its inverse as much)
 CHUNK_ROWS = 2048  # rows buffered per layer before one Gram update (few-row updates are memory-bound)
 
 

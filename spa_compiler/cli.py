@@ -141,6 +141,10 @@ def reported_errors(debug: bool) -> Iterator[None]:
     """Every failure as one line on stderr and an exit code (2: the user's input, 130: interrupted,
     3: a bug); ``debug`` shows tracebacks instead."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    if not debug:  # the command owns the process: onnxruntime's optimiser notes (a node it leaves) stay quiet
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
     try:
         yield
     except SpaError as exc:

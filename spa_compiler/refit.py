@@ -18,7 +18,8 @@ whether to re-fit only the bias or nothing at all, each layer decides on held-ou
 rows come in two folds (alternate batches of samples), each candidate is fitted on one and
 its output error measured on the other, both ways, and the least error wins. So a layer whose
 rows are too few for its features (a 1536-wide layer on a few thousand tokens) does not
-over-fit them. Every layer is
+over-fit them. A layer reading more than ``MAX_FEATURES`` features (AlexNet's first classifier
+layer reads 9,216) keeps its compensated weights: its sums would take gigabytes. Every layer is
 re-fitted in dependency order, stage by stage, each stage on the inputs that the already
 re-fitted stages before it produce: the sequential re-fit of OBC and SparseGPT. A stage is a run
 of consecutive *levels* (layers of one level never feed each other); at most ``STAGES`` of them,
@@ -64,6 +65,7 @@ SAMPLES = 8  # calibration samples a re-fit stage uses at least: each stage runs
 STAGES = 16  # sequential re-fit stages at most (consecutive levels merged)
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 BUDGET_MACS = 5e11  # MACs the re-fit's network runs may take (about 15 s of onnxruntime on two cores)
+MAX_FEATURES = 5792  # a wider layer is not re-fitted: its sums per fold (4 (f + 1)² floats) would pass 1 GiB
 
 
 RIDGES = (0.001, 0.01, 0.1, 1.0, 10.0, "scales", "bias only", "unchanged")
@@ -287,7 +289,8 @@ class Refit(Pass):
             return state  # nothing to run the model on (custom ops onnxruntime cannot run)
         analysis, graph, config = state.analysis, state.graph, state.config
         layers = [
-            s.layer for s in state.statistics.values() if len(graph.consumers.get(s.layer.weight, [])) == 1
+            s.layer for s in state.statistics.values()
+            if len(graph.consumers.get(s.layer.weight, [])) == 1 and s.layer.features(graph) <= MAX_FEATURES
         ]
         refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
         pruned = rewrite_model(analysis, state.removed_by_axis, state.compensated)

@@ -120,8 +120,9 @@ class CollectStatistics(Pass):
             return state
         if wide:
             named = ", ".join(wide[:3]) + (", ..." if len(wide) > 3 else "")
-            source += (f"; none for {len(wide)} layer{'s' if len(wide) > 1 else ''} reading over {MAX_FEATURES} "
-                       f"features ({named}): the channels they read are scored by magnitude")
+            one = len(wide) == 1
+            source += (f"; none for {len(wide)} layer{'' if one else 's'} reading over {MAX_FEATURES} features "
+                       f"({named}): {'its' if one else 'their'} input channels are scored by magnitude")
         state.calibration, state.calibration_data = source, data
         return state
 

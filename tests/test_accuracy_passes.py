@@ -350,3 +350,20 @@ def test_layers_too_wide_for_statistics_are_scored_by_magnitude(tmp_path, monkey
     assert wide and f"none for {len(wide)} layers reading over 100 features" in report.calibration
     assert 0.45 <= report.flops_ratio <= 0.52
     assert report.fidelity.cosine > 0.5
+
+
+def test_layers_too_wide_to_refit_keep_their_compensated_weights(monkeypatch):
+    """With every layer over the re-fit's width limit, the re-fit changes nothing."""
+    from spa_compiler import refit
+
+    def compensated(rounds):
+        config = PruneConfig(flops=0.5, bench_runs=0, calibration_samples=32, refit_rounds=rounds, verify=False)
+        return Pipeline(default_passes(config))(PruneState(config, graph=load_model(EXAMPLE))).compensated
+
+    monkeypatch.setattr(refit, "MAX_FEATURES", 0)
+    without, capped = compensated(0), compensated(1)
+    assert without and sorted(without) == sorted(capped)
+    assert all(np.array_equal(without[name], capped[name]) for name in without)
+    monkeypatch.setattr(refit, "MAX_FEATURES", 10**6)
+    refitted = compensated(1)
+    assert set(refitted) - set(without)  # layers that lost no input channels re-fitted too
