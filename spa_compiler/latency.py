@@ -36,8 +36,8 @@ below it by up to a removal step: a model whose steps are coarse still moves); o
 measured on both sides of the target are known, the next one is interpolated linearly between
 the closest two (:func:`next_budget`: a small model whose time falls off a step when its widths
 shrink, 0.98 measured for one budget and 0.35 for the next, is not sent back and forth between
-them), in :data:`ROUNDS` rounds at most, stopping early when a plan comes back. It keeps the round measured closest to the
-target among those at most ``t + LATENCY_TOLERANCE``, and raises
+them), in :data:`ROUNDS` rounds at most, stopping early when a plan comes back. It keeps the
+round measured closest to the target among those at most ``t + LATENCY_TOLERANCE``, and raises
 :class:`~spa_compiler.errors.TargetError` when there is none.
 """
 
