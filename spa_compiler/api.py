@@ -10,6 +10,7 @@ from .config import PruneConfig
 from .criteria import get_criterion
 from .depth_prune import KeepWidths, PruneDepth
 from .evaluate import Evaluate
+from .head_rotation import RotateHeads
 from .ir import Graph, load_model
 from .model_files import check_input_path, check_output_path
 from .latency import AllocateLatency
@@ -38,6 +39,8 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
     passes = [PruneDepth(config.depth), Analyse()] if config.depth else [Analyse()]
     if config.needs_statistics:
         passes.append(CollectStatistics())
+        if config.head_dims:
+            passes.append(RotateHeads())
     passes.append(Score(criterion))
     if config.allocation == "sensitivity":
         passes.append(MeasureSensitivity())

@@ -83,6 +83,7 @@ class PruneReport:
     control_flow: list[str] = field(default_factory=list)  # what became of each control-flow subgraph
     interface: list[str] = field(default_factory=list)  # graph inputs/outputs whose shapes changed (--allow-io-change)
     depth: list[str] = field(default_factory=list)  # residual branches removed (--depth, --units depth)
+    rotated_heads: int = 0  # attention groups whose heads were given a new basis (--head-dims)
     initializers: list[InitializerChange] = field(default_factory=list)
 
     @property
@@ -189,6 +190,7 @@ def build_report(state: PruneState) -> PruneReport:
         custom_ops=custom_ops(state.graph),
         calibration=state.calibration,
         compensated=len(state.compensated),
+        rotated_heads=len(state.rotation.energies) if state.rotation is not None else 0,
         requantized=saturation(state.graph, state.compensated),
         timings=state.timings,
         peak_mb=state.peak_mb,
@@ -247,6 +249,9 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(f"--eval score: {report.eval_before:.4g} before, {report.eval_after:.4g} after")
     if report.calibration:
         console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
+    if report.rotated_heads:
+        console.print(f"head dimensions: {report.rotated_heads} attention groups (queries/keys, values/outputs) "
+                      "rotated first so that the pruned dimensions carry the least (exact before pruning)")
     if report.requantized[0]:
         console.print(f"lossy: {report.requantized[0]} re-fitted weights quantized again with their original scales "
                       f"({report.requantized[1]} more values at the ends of the integer range)")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+from itertools import chain
 from typing import Callable
 
 import numpy as np
@@ -207,7 +208,8 @@ class MeasureSensitivity(Pass):
         layers: dict[int, LayerStatistics] = {
             analysis.axis_id(s.layer.weight, s.layer.axis): s for s in state.statistics.values()
         }
-        overridable = {analysis.axes[a].tensor for a in analysis.tags.get("consumer", [])}
+        zeroable = state.rotation.zeroable if state.rotation is not None else {}
+        overridable = {analysis.axes[a].tensor for a in [*analysis.tags.get("consumer", []), *chain(*zeroable.values())]}
         overridable |= {s.layer.bias for s in layers.values() if s.layer.bias}
         model = with_weight_inputs(graph.model, overridable)
         constraints = config.constraints()
@@ -277,9 +279,11 @@ class MeasureSensitivity(Pass):
     @staticmethod
     def _pruned_weights(state: PruneState, layers: dict[int, LayerStatistics], group: Group, units: list[int],
                         compensate: bool = True) -> dict[str, np.ndarray]:
-        """Consumer weights (and biases) that emulate removing ``units`` of ``group``; without
+        """Consumer weights (and biases) that emulate removing ``units`` of ``group`` (for a
+        rotated query/key group, which has none, its projections' zeroed columns); without
         ``compensate``, the layers with statistics keep their weights (for their names)."""
         constants = state.graph.constants
+        zeroable = set(state.rotation.zeroable.get(group.id, [])) if state.rotation is not None else set()
         weights: dict[str, np.ndarray] = {}
         for axis, channels in removed_indices(state.analysis, {group.id: units}).items():
             stats = layers.get(axis)
@@ -287,7 +291,7 @@ class MeasureSensitivity(Pass):
                 layer = stats.layer
                 weights.update(compensate_layer(stats, constants, channels) if compensate else
                                {name: constants[name] for name in (layer.weight, layer.bias) if name})
-            elif axis in set(state.analysis.tags.get("consumer", [])):
+            elif axis in zeroable or axis in set(state.analysis.tags.get("consumer", [])):
                 ref = state.analysis.axes[axis]
                 value = weights.get(ref.tensor, constants[ref.tensor]).copy()
                 zero_slabs(state.graph, ref.tensor, value, ref.axis, channels)

@@ -156,8 +156,9 @@ class Score(Pass):
 
     def run(self, state: PruneState) -> PruneState:
         """A self-normalised criterion's scores are used as they are; a group it cannot score
-        (no consumer layer with statistics) takes its fallback criterion's comparable scores,
-        rescaled to the median of the scored groups' mean score."""
+        (no consumer layer with statistics) takes its fallback criterion's comparable scores, or
+        a rotated query/key group its unit energies, rescaled to the median of the scored
+        groups' mean score."""
         criterion, analysis = self.criterion, state.analysis
         context = ScoreContext(analysis, state.config.seed, state.statistics or {})
         if not criterion.self_normalized:
@@ -170,9 +171,12 @@ class Score(Pass):
             else:
                 unscored.append(group)
         if unscored:
+            energies = state.rotation.energies if state.rotation is not None else {}
             fallback, scale = criterion.fallback(), float(np.median([s.mean() for s in scores.values()] or [1.0]))
             for group in unscored:
-                raw = comparable_scores(group, fallback.score(group, context), context)
+                raw = energies.get(group.id)
+                if raw is None:
+                    raw = comparable_scores(group, fallback.score(group, context), context)
                 scores[group.id] = raw * scale / (raw.mean() or 1.0)
         state.scores = scores
         return state
@@ -247,7 +251,7 @@ class Verify(Pass):
         shapes = expected_shapes(state.analysis, state.removed_by_axis)
         narrow = partial(narrow_io, state.analysis, state.removed_by_axis)
         state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow)
-        original = state.depth.original if state.depth is not None else state.graph  # fidelity to the input model
+        original = state.input_graph  # fidelity to the input model
         if original is not state.graph and state.fidelity is not None:
             feeds = synthetic_inputs(original.input_shapes, original.dtypes, state.config.seed)
             state.fidelity = fidelity(run_reference(original, feeds), run_model(state.model, feeds))
@@ -283,7 +287,7 @@ class MeasureLatency(Pass):
         config, graph = state.config, state.graph
         if config.bench_runs and not custom_ops(graph) and state.latency_after_ms is None:
             feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, config.seed)
-            original = state.depth.original if state.depth is not None else graph
+            original = state.input_graph
             state.latency_before_ms = measure_latency(original.model, feeds, config.bench_runs)
             narrowed = narrow_all(state.analysis, state.removed_by_axis, feeds) if state.removed_by_axis else feeds
             state.latency_after_ms = measure_latency(state.model, narrowed, config.bench_runs)

@@ -7,6 +7,7 @@ in twice or reached back into. In the default pipeline::
     depth     -> depth, graph                  (--depth / --units depth: residual branches removed)
     analyse   -> analysis
     calibrate -> statistics, calibration, calibration_data, held_out
+    rotate    -> rotation, graph, analysis      (--head-dims: attention heads in a new basis)
     score     -> scores
     allocate  -> plan, removed_by_axis
     compensate-> compensated                   (criteria that re-fit the remaining weights)
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .analysis import Analysis
     from .calibrate import LayerStatistics
     from .depth_prune import DepthResult
+    from .head_rotation import HeadRotation
     from .ir import Graph
     from .report import PruneReport
     from .verify import Fidelity
@@ -65,6 +67,7 @@ class PruneState:
     calibration: str | None = None
     calibration_data: dict[str, np.ndarray] | None = None
     held_out: dict[str, np.ndarray] | None = None
+    rotation: HeadRotation | None = None
     scores: dict[int, np.ndarray] | None = None
     cost_exponent: float = COST_EXPONENT
     plan: Plan | None = None
@@ -82,6 +85,13 @@ class PruneState:
     timings: dict[str, float] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)
     progress: Progress | None = field(default=None, repr=False)
+
+    @property
+    def input_graph(self) -> Graph:
+        """The model as it came in, before residual branches were removed or heads rotated."""
+        if self.depth is not None:
+            return self.depth.original
+        return self.rotation.original if self.rotation is not None else self.graph
 
     def note(self, message: str) -> None:
         """Tell the user what is happening now (a progress line), if anyone listens."""
