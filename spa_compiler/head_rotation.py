@@ -63,8 +63,14 @@ class HeadBasis:
 
     group: Group
     heads: np.ndarray
-    producers: list[ConsumerLayer]  # the projections writing the unit axis: [queries, keys], or [values]
-    output: ConsumerLayer | None  # the projection reading it (values only)
+    query_key: tuple[ConsumerLayer, ConsumerLayer] | None  # the projections of queries and keys
+    value_output: tuple[ConsumerLayer, ConsumerLayer] | None  # the projections of values and of the output
+
+    @property
+    def measured(self) -> list[ConsumerLayer]:
+        """The layers whose input statistics the rotation reads: the query and key projections,
+        and the output projection (whose input is the attention output)."""
+        return [*(self.query_key or ()), *(self.value_output[1:] if self.value_output else ())]
 
 
 def _unit_layout(group: Group, axis_id: int) -> np.ndarray | None:
@@ -100,8 +106,9 @@ def _bias_add(graph: Graph, node: Node, members: set[str]) -> bool:
 def rotatable_heads(analysis: Analysis) -> list[HeadBasis]:
     """The head-dimension groups whose every tensor is written and read by nodes that commute
     with a per-head basis change: 2-D MatMul projections into the unit axis (with a constant
-    bias Add), data movement, scalar scaling, the products of two activations, and (values) a
-    2-D MatMul reading the unit axis."""
+    bias Add), data movement, scalar scaling, the products of two activations, and a 2-D MatMul
+    reading the unit axis (the output projection); one query, one key projection, or one value
+    and one output projection, or both (a group whose head-dim constant they share)."""
     graph, found = analysis.graph, []
     for group in analysis.groups:
         if analysis.kind(group) != "head dims" or any(unit.blocked for unit in group.units):
@@ -121,7 +128,7 @@ def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | N
     heads = next(iter(layouts.values()))
     if any(not np.array_equal(layout, heads) for layout in layouts.values()):
         return None
-    producers, outputs = [], []
+    roles: dict[str, list[ConsumerLayer]] = {}
     for axis_id, ref in refs.items():
         if ref.constant:
             readers = graph.consumers.get(ref.tensor, [])
@@ -129,9 +136,10 @@ def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | N
                 return None
             reader = readers[0]
             if _matmul_weight(graph, reader) == ref.tensor:
-                bias = _bias(graph, reader, members)
-                layer = ConsumerLayer(reader.name, reader.op_type, reader.inputs[0], ref.tensor, 0, 1, bias)
-                (producers if ref.axis == 1 else outputs).append(layer)
+                layer = ConsumerLayer(reader.name, reader.op_type, reader.inputs[0], ref.tensor, 0, 1,
+                                      _bias(graph, reader, members))
+                role = _role(graph, reader.name, members) if ref.axis == 1 else "output"
+                roles.setdefault(str(role), []).append(layer)
             elif not _bias_add(graph, reader, members):
                 return None
             continue
@@ -140,29 +148,28 @@ def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | N
             return None
         if not all(_commutes(graph, reader, members) for reader in graph.consumers.get(ref.tensor, [])):
             return None
-    if len(producers) == 2 and not outputs:
-        sides = [_product_side(graph, layer.node, members) for layer in producers]
-        if sorted(sides) != [0, 1]:
-            return None
-        return HeadBasis(group, heads, sorted(producers, key=lambda layer: sides[producers.index(layer)]), None)
-    if len(producers) == 1 and len(outputs) == 1:
-        return HeadBasis(group, heads, producers, outputs[0])
-    return None
+    pairs = {first: (roles[first][0], roles[second][0]) for first, second in (("query", "key"), ("value", "output"))
+             if len(roles.get(first, [])) == 1 and len(roles.get(second, [])) == 1}
+    if not pairs or sum(len(layers) for layers in roles.values()) != 2 * len(pairs):
+        return None
+    return HeadBasis(group, heads, pairs.get("query"), pairs.get("value"))
 
 
-def _product_side(graph: Graph, node_name: str, members: set[str]) -> int | None:
-    """Which operand of the product of two activations (0: queries, 1: keys) a projection's
-    output reaches, following the group's tensors; None if it reaches none or both."""
-    sides, frontier, seen = set(), list(graph.node_by_name[node_name].outputs), set()
+def _role(graph: Graph, node_name: str, members: set[str]) -> str | None:
+    """What a projection into the unit axis computes, from the product of two activations its
+    output reaches through the group's tensors: "query" (operand 0 of a product that contracts
+    the unit axis), "key" (operand 1), "value" (a product whose output keeps it); None if it
+    reaches none or several."""
+    roles, frontier, seen = set(), list(graph.node_by_name[node_name].outputs), set()
     while frontier:
         name = frontier.pop()
         seen.add(name)
         for reader in graph.consumers.get(name, []):
             if reader.op_type == "MatMul" and not any(graph.is_constant(i) for i in reader.inputs):
-                sides.add(reader.inputs.index(name))
+                roles.add("value" if reader.outputs[0] in members else ("query", "key")[reader.inputs.index(name)])
             else:
                 frontier += [out for out in reader.outputs if out in members and out not in seen]
-    return sides.pop() if len(sides) == 1 else None
+    return roles.pop() if len(roles) == 1 else None
 
 
 def _commutes(graph: Graph, node: Node, members: set[str]) -> bool:
@@ -220,48 +227,51 @@ def rotate_heads(graph: Graph, bases: list[HeadBasis], data: dict[str, np.ndarra
                  statistics: dict[str, LayerStatistics], batch_size: int = 16,
                  seed: int = 0) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
     """The new values of the constants of every head in ``bases`` and, per group id, each unit's
-    energy in the new basis (``Σ_h s_{h,k}²``, decreasing). The output projections' statistics in
-    ``statistics`` are brought to the new basis (``H ← T̃ᵀ H T̃``, ``T̃`` block-diagonal)."""
-    wanted = [layer for basis in bases for layer in [*basis.producers, basis.output]
-              if layer is not None and layer.node not in statistics]
+    share of what the heads carry in the new basis (``Σ_h s_{h,k}² / Σ_{h,k} s_{h,k}²``, decreasing;
+    summed over queries/keys and values/output when both are in the group). The output
+    projections' statistics in ``statistics`` are brought to the new basis (``H ← T̃ᵀ H T̃``,
+    ``T̃`` block-diagonal)."""
+    wanted = [layer for basis in bases for layer in basis.measured if layer.node not in statistics]
     moments = {**statistics, **(collect_statistics(graph, wanted, data, batch_size, seed=seed) if wanted else {})}
     values: dict[str, np.ndarray] = {}
     energies = {}
     for basis in bases:
-        rotate = _rotate_query_key if basis.output is None else _rotate_value_output
-        energies[basis.group.id] = rotate(graph, basis, moments, values)
+        shares = []
+        if basis.query_key:
+            shares.append(_rotate_query_key(graph, basis.heads, basis.query_key, moments, values))
+        if basis.value_output:
+            shares.append(_rotate_value_output(graph, basis.heads, basis.value_output, moments, values))
+        energies[basis.group.id] = sum(share / (share.sum() or 1.0) for share in shares)
     return values, energies
 
 
-def _rotate_query_key(graph: Graph, basis: HeadBasis, moments: dict[str, LayerStatistics],
-                      values: dict[str, np.ndarray]) -> np.ndarray:
-    query, key = basis.producers
-    weights = [_augmented(graph, layer) for layer in (query, key)]
-    grams = [_moment(moments[layer.node].hessian, moments[layer.node].rows) for layer in (query, key)]
-    energy = np.zeros(basis.heads.shape[1])
-    for columns in basis.heads:
+def _rotate_query_key(graph: Graph, heads: np.ndarray, layers: tuple[ConsumerLayer, ConsumerLayer],
+                      moments: dict[str, LayerStatistics], values: dict[str, np.ndarray]) -> np.ndarray:
+    weights = [_augmented(graph, layer) for layer in layers]
+    grams = [_moment(moments[layer.node].hessian, moments[layer.node].rows) for layer in layers]
+    energy = np.zeros(heads.shape[1])
+    for columns in heads:
         c_query, c_key = (w[:, columns].T @ g @ w[:, columns] for w, g in zip(weights, grams))
         mean_key = grams[1][-1] @ weights[1][:, columns]  # the Gram's constant row holds the input means
-        c_key = c_key - np.outer(mean_key, mean_key)
-        a, b, s = query_key_bases(c_query, c_key)
+        a, b, s = query_key_bases(c_query, c_key - np.outer(mean_key, mean_key))
         weights[0][:, columns] = weights[0][:, columns] @ a
         weights[1][:, columns] = weights[1][:, columns] @ b
         energy += s**2
-    for layer, augmented in zip((query, key), weights):
+    for layer, augmented in zip(layers, weights):
         _store(graph, layer, augmented, values)
     return energy
 
 
-def _rotate_value_output(graph: Graph, basis: HeadBasis, moments: dict[str, LayerStatistics],
-                         values: dict[str, np.ndarray]) -> np.ndarray:
-    (value,), output = basis.producers, basis.output
+def _rotate_value_output(graph: Graph, heads: np.ndarray, layers: tuple[ConsumerLayer, ConsumerLayer],
+                         moments: dict[str, LayerStatistics], values: dict[str, np.ndarray]) -> np.ndarray:
+    value, output = layers
     augmented = _augmented(graph, value)
     rows = graph.constants[output.weight].astype(np.float64)
     stats = moments[output.node]
     gram = _moment(stats.hessian, stats.rows)
     change = np.eye(len(gram))  # T̃: the block-diagonal change of the output projection's features
-    energy = np.zeros(basis.heads.shape[1])
-    for columns in basis.heads:
+    energy = np.zeros(heads.shape[1])
+    for columns in heads:
         forward, backward, s = value_output_bases(gram[np.ix_(columns, columns)], rows[columns])
         augmented[:, columns] = augmented[:, columns] @ forward
         rows[columns] = backward @ rows[columns]
@@ -310,8 +320,10 @@ class RotateHeads(Pass):
         bases = rotatable_heads(state.analysis) if state.calibration_data else []
         values, energies = rotate_heads(state.graph, bases, state.calibration_data, state.statistics,
                                         state.config.calibration_batch, state.config.seed) if bases else ({}, {})
-        zeroable = {basis.group.id: [axis for axis in basis.group.axes if state.analysis.axes[axis].constant]
-                    for basis in bases if basis.output is None}
+        axis_id = state.analysis.axis_id
+        zeroable = {basis.group.id: [axis_id(layer.weight, 1) for layer in basis.query_key]
+                    + [axis_id(layer.bias, 0) for layer in basis.query_key if layer.bias]
+                    for basis in bases if basis.query_key}
         state.rotation = HeadRotation(state.graph, energies, zeroable)
         if values:
             state.graph = rotated_graph(state.graph, values)
