@@ -39,7 +39,7 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
     passes = [PruneDepth(config.depth), Analyse()] if config.depth else [Analyse()]
     if config.needs_statistics:
         passes.append(CollectStatistics())
-        if config.head_dims:
+        if config.head_dims is not False:
             passes.append(RotateHeads())
     passes.append(Score(criterion))
     if config.allocation == "sensitivity":

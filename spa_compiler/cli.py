@@ -88,7 +88,12 @@ INPUT_SHAPE = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (rep
 PRUNE_HIDDEN = typer.Option(
     False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
 )
-HEAD_DIMS = typer.Option(False, "--head-dims", help="Prune attention head dimensions instead of whole heads.")
+HEAD_DIMS = typer.Option(
+    None, "--head-dims/--heads", show_default="head dims where every attention can be rotated",
+    help="Prune attention head dimensions, each head first rotated (exactly) so that the dimensions pruned "
+         "carry the least, or whole heads. By default: head dimensions when statistics are collected and every "
+         "attention's heads can be rotated, whole heads otherwise.",
+)
 CALIB = typer.Option(
     None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
 )
@@ -117,7 +122,7 @@ DEBUG = typer.Option(False, "--debug", help="Show tracebacks and debug logging."
 
 def make_config(
     criterion: str, scope: str, round_to: int, min_keep: float, exclude: List[str], input_shape: List[str],
-    prune_hidden: bool, head_dims: bool, calib: Optional[Path], calib_samples: Optional[int], calib_batch: int,
+    prune_hidden: bool, head_dims: Optional[bool], calib: Optional[Path], calib_samples: Optional[int], calib_batch: int,
     allocation: str, eval_script: Optional[Path], refit: int, seed: int, bench_runs: int, **target: Optional[float],
 ) -> PruneConfig:
     """The run's configuration from the shared options (``target``: flops/params/ratio/latency)."""
@@ -186,7 +191,7 @@ def run(
     exclude: List[str] = EXCLUDE,
     input_shape: List[str] = INPUT_SHAPE,
     prune_hidden: bool = PRUNE_HIDDEN,
-    head_dims: bool = HEAD_DIMS,
+    head_dims: Optional[bool] = HEAD_DIMS,
     calib: Optional[Path] = CALIB,
     calib_samples: Optional[int] = CALIB_SAMPLES,
     calib_batch: int = CALIB_BATCH,
@@ -228,7 +233,7 @@ def run(
             raise InputError("give a model: spa-prune MODEL.onnx --flops 0.5 (see --help)")
         if analyze:
             shapes = parse_input_shapes(input_shape)
-            render_analysis(analyze_model(model, shapes, tuple(exclude), prune_hidden, head_dims), console)
+            render_analysis(analyze_model(model, shapes, tuple(exclude), prune_hidden, bool(head_dims)), console)
             return
         config = make_config(
             criterion, scope, round_to, min_keep, exclude, input_shape, prune_hidden, head_dims, calib,

@@ -31,7 +31,7 @@ class PruneConfig:
     min_keep: float = 0.1
     exclude: tuple[str, ...] = ()
     prune_hidden: bool = False
-    head_dims: bool = False
+    head_dims: bool | None = None  # None: head dimensions where every attention can be rotated (Analyse)
     depth: int = 0  # residual branches to remove before width pruning (spa_compiler.depth_prune)
     units: Literal["width", "depth"] = "width"  # depth: only residual branches, until the target
     allow_io_change: tuple[str, ...] = ()  # fnmatch patterns of graph inputs/outputs that may change size

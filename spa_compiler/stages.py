@@ -30,6 +30,7 @@ from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
 from .errors import first_line
+from .head_rotation import rotatable_heads
 from .ir import Graph, load_model
 from .shapes import synthetic_inputs
 from .model_files import save_model
@@ -70,13 +71,26 @@ def blocked_summary(analysis: Analysis) -> str:
 
 
 class Analyse(Pass):
-    """Couple channels across the graph into groups; fail when nothing can be pruned."""
+    """Couple channels across the graph into groups; fail when nothing can be pruned.
+
+    Attention loses whole heads (``head_dims`` False), head dimensions (True), or, by default
+    (None), head dimensions when the run collects statistics (onnxruntime runs the model) and
+    every attention group's heads can be rotated first (:mod:`spa_compiler.head_rotation`), whole heads otherwise: on
+    all-MiniLM-L6-v2 rotated head dimensions keep more than whole heads at every target."""
 
     name, description, requires, provides = "analyse", "analysing channel dependencies", ("graph",), ("analysis",)
 
     def run(self, state: PruneState) -> PruneState:
         config = state.config
-        analysis = analyze_graph(state.graph, config.exclude, config.prune_hidden, config.head_dims, config.allow_io_change)
+        analyse = partial(analyze_graph, state.graph, config.exclude, config.prune_hidden,
+                          allow_io_change=config.allow_io_change)
+        analysis = analyse(head_dims=bool(config.head_dims))
+        rotatable = config.needs_statistics and not custom_ops(state.graph)
+        if config.head_dims is None and rotatable and any(analysis.kind(g) == "heads" for g in analysis.groups):
+            dims = analyse(head_dims=True)
+            attention = [g for g in dims.groups if dims.kind(g) == "head dims"]
+            if len(rotatable_heads(dims)) == len(attention):
+                analysis = dims
         if not any(g.prunable for g in analysis.groups):
             raise TargetError(f"nothing in this model can be pruned; blocked by: {blocked_summary(analysis)}")
         state.analysis = analysis

@@ -67,7 +67,7 @@ def sweep(
     exclude: List[str] = EXCLUDE,
     input_shape: List[str] = INPUT_SHAPE,
     prune_hidden: bool = PRUNE_HIDDEN,
-    head_dims: bool = HEAD_DIMS,
+    head_dims: Optional[bool] = HEAD_DIMS,
     calib: Optional[Path] = CALIB,
     calib_samples: Optional[int] = CALIB_SAMPLES,
     calib_batch: int = CALIB_BATCH,

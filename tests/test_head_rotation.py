@@ -97,19 +97,25 @@ def test_the_last_dimensions_after_rotation_cost_less_than_any_before(tmp_path):
         assert after < 0.75 * plain, (values, after, plain)
 
 
+def _scaled_model(tmp_path):
+    """The attention model with its queries scaled per head dimension on their way to Q·Kᵀ."""
+    model = onnx.load(_attention_model(tmp_path / "attention.onnx"))
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] == "q2":
+            node.input[0] = "q2s"
+    model.graph.node.insert([n.output[0] for n in model.graph.node].index("q2") + 1,
+                            onnx.helper.make_node("Mul", ["q2", "DimScale"], ["q2s"]))
+    scale = np.linspace(0.5, 1.5, HEAD_DIM).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(scale, "DimScale"))
+    onnx.save(model, tmp_path / "scaled.onnx")
+    return tmp_path / "scaled.onnx"
+
+
 def test_a_per_dimension_scale_on_the_way_keeps_the_basis(tmp_path):
     """A Mul by a [head_dim] vector (a norm's scale, a rotary table) does not commute with a
     change of basis: the group it is in (here queries, keys, values and output together, which
     share the run-time head-dim constant) keeps its basis."""
-    path = _attention_model(tmp_path / "attention.onnx")
-    model = onnx.load(path)
-    for node in model.graph.node:
-        if node.op_type == "Transpose" and node.input[0] == "q2":
-            node.input[0] = "q2s"
-    scale = onnx.helper.make_node("Mul", ["q2", "DimScale"], ["q2s"])
-    model.graph.node.insert([n.output[0] for n in model.graph.node].index("q2") + 1, scale)
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.linspace(0.5, 1.5, HEAD_DIM).astype(np.float32), "DimScale"))
-    onnx.save(model, path)
+    path = _scaled_model(tmp_path)
     analysis = analyze_graph(load_model(path, SHAPES), head_dims=True)
     assert [analysis.kind(g) for g in analysis.groups].count("head dims") == 1
     assert rotatable_heads(analysis) == []
@@ -130,3 +136,19 @@ def test_pruning_head_dims_rotates_and_measures_fidelity_to_the_input(tmp_path):
     feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, state.config.seed)
     expected = fidelity(run_model(graph.model, feeds), run_model(state.model, feeds))
     assert abs(state.fidelity.cosine - expected.cosine) < 1e-6 and state.fidelity.cosine > 0.7
+
+
+@pytest.mark.accurate
+def test_head_dims_by_default_only_where_statistics_rotate_every_head(tmp_path):
+    """Left unset, the default pipeline (statistics) prunes rotated head dimensions; a pipeline
+    without statistics (L2, allocation by scores, no re-fit) prunes whole heads, as does a
+    model whose heads cannot all be rotated."""
+    path = _attention_model(tmp_path / "attention.onnx")
+    with_statistics = prune_graph(load_model(path, SHAPES), PruneConfig(flops=0.7))
+    assert "head dims" in {with_statistics.analysis.kind(g) for g in with_statistics.analysis.groups}
+    assert list(with_statistics.rotation.energies) == [0]
+    fast = PruneConfig(flops=0.7, criterion="l2", allocation="score", refit_rounds=0)
+    without = prune_graph(load_model(path, SHAPES), fast)
+    assert "heads" in {without.analysis.kind(g) for g in without.analysis.groups}
+    scaled = prune_graph(load_model(_scaled_model(tmp_path), SHAPES), PruneConfig(flops=0.7))
+    assert "heads" in {scaled.analysis.kind(g) for g in scaled.analysis.groups} and not scaled.rotation.energies
