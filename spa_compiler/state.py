@@ -7,7 +7,7 @@ in twice or reached back into. In the default pipeline::
     depth     -> depth, graph                  (--depth / --units depth: residual branches removed)
     analyse   -> analysis
     calibrate -> statistics, calibration, calibration_data, held_out
-    rotate    -> rotation, graph, analysis      (--head-dims: attention heads in a new basis)
+    rotate    -> rotation, graph, analysis      (attention heads in a new basis, when head dims are the units)
     score     -> scores
     allocate  -> plan, removed_by_axis
     compensate-> compensated                   (criteria that re-fit the remaining weights)

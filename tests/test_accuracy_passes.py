@@ -147,7 +147,7 @@ def test_refit_brings_outputs_closer_to_the_original(calibration):
 def test_sensitivity_scores_add_up_to_the_measured_distortion(calibration):
     config = PruneConfig(flops=0.5, calibration=str(calibration), criterion="l2", refit_rounds=0, round_to=8)
     pipeline = Pipeline(default_passes(config))
-    assert pipeline.names[:4] == ["analyse", "calibrate", "score", "sensitivity"]
+    assert pipeline.names[:5] == ["analyse", "calibrate", "rotate", "score", "sensitivity"]
     before = pipeline.until("score")(PruneState(config, graph=load_model(EXAMPLE)))
     l2_scores = dict(before.scores)
     state = pipeline.until("sensitivity")(PruneState(config, graph=load_model(EXAMPLE)))

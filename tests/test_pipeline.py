@@ -36,8 +36,9 @@ def state_for(config: PruneConfig) -> PruneState:
 @pytest.mark.accurate
 def test_default_pipeline_names_its_passes():
     assert Pipeline(default_passes(PruneConfig(flops=0.5))).names == [
-        "analyse", "calibrate", "score", "sensitivity", "allocate", "compensate", "refit", "rewrite", "verify",
+        "analyse", "calibrate", "rotate", "score", "sensitivity", "allocate", "compensate", "refit", "rewrite", "verify",
     ]
+    assert "rotate" not in Pipeline(default_passes(PruneConfig(flops=0.5, head_dims=False))).names
     fast = PruneConfig(flops=0.5, criterion="l2", allocation="score", refit_rounds=0)
     assert Pipeline(default_passes(fast)).names == ["analyse", "score", "allocate", "rewrite", "verify"]
 
@@ -165,5 +166,5 @@ def test_readme_composed_pipeline_runs(monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     state = namespace["state"]
-    assert namespace["pipeline"].names[4] == "widest_groups_first"
+    assert namespace["pipeline"].names[5] == "widest_groups_first"
     assert 0.48 <= state.plan.achieved <= 0.52 and state.fidelity.cosine > 0.5
