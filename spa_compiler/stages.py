@@ -89,7 +89,7 @@ class Analyse(Pass):
         if config.head_dims is None and rotatable and any(analysis.kind(g) == "heads" for g in analysis.groups):
             dims = analyse(head_dims=True)
             attention = [g for g in dims.groups if dims.kind(g) == "head dims"]
-            if len(rotatable_heads(dims)) == len(attention):
+            if attention and len(rotatable_heads(dims)) == len(attention):
                 analysis = dims
         if not any(g.prunable for g in analysis.groups):
             raise TargetError(f"nothing in this model can be pruned; blocked by: {blocked_summary(analysis)}")
