@@ -43,11 +43,17 @@ from .ir import Graph, Node
 from .pipeline import Pass
 from .proto_copy import copy_without_initializers
 from .state import PruneState
+from .verify import fidelity, reference_session
 
 __all__ = [
-    "HeadBasis", "HeadRotation", "RotateHeads", "query_key_bases", "rotatable_heads", "rotate_heads", "rotated_graph",
+    "GroupRotation", "HeadBasis", "HeadRotation", "RotateHeads", "query_key_bases", "rotatable_heads", "rotate_heads", "rotated_graph",
     "value_output_bases",
 ]
+
+TOLERANCE = 1e-3
+"""Relative output error a rotation may cause (float32 rounding of the new weights: 8e-7 on
+all-MiniLM-L6-v2); more means the graph was not what the analysis took it for."""
+CHECK_SAMPLES = 4  # calibration samples the check runs
 
 RIDGE = 1e-6
 """Added to each second moment (times its mean diagonal) so that its Cholesky factor exists;
@@ -223,26 +229,43 @@ def value_output_bases(c_output: np.ndarray, rows: np.ndarray) -> tuple[np.ndarr
     return np.linalg.solve(lower.T, u), u.T @ lower.T, s
 
 
+@dataclass(frozen=True)
+class GroupRotation:
+    """One group's rotation: the new values of its constants, each unit's share of what the
+    heads carry in the new basis (``Σ_h s_{h,k}² / Σ_{h,k} s_{h,k}²``, decreasing; summed over
+    queries/keys and values/output when both are in the group), and the change ``T̃`` of the
+    output projection's input features (block-diagonal, the constant feature last)."""
+
+    basis: HeadBasis
+    values: dict[str, np.ndarray]
+    energy: np.ndarray
+    feature_change: np.ndarray | None
+
+    def apply_to(self, statistics: dict[str, LayerStatistics]) -> None:
+        """Bring the output projection's statistics to the new basis: ``H ← T̃ᵀ H T̃``."""
+        if self.feature_change is not None and self.basis.value_output[1].node in statistics:
+            stats = statistics[self.basis.value_output[1].node]
+            stats.hessian = self.feature_change.T @ np.asarray(stats.hessian) @ self.feature_change
+            stats.__dict__.pop("_inverses", None)
+
+
 def rotate_heads(graph: Graph, bases: list[HeadBasis], data: dict[str, np.ndarray],
-                 statistics: dict[str, LayerStatistics], batch_size: int = 16,
-                 seed: int = 0) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
-    """The new values of the constants of every head in ``bases`` and, per group id, each unit's
-    share of what the heads carry in the new basis (``Σ_h s_{h,k}² / Σ_{h,k} s_{h,k}²``, decreasing;
-    summed over queries/keys and values/output when both are in the group). The output
-    projections' statistics in ``statistics`` are brought to the new basis (``H ← T̃ᵀ H T̃``,
-    ``T̃`` block-diagonal)."""
+                 statistics: dict[str, LayerStatistics], batch_size: int = 16, seed: int = 0) -> list[GroupRotation]:
+    """The rotation of every group in ``bases``, from ``statistics`` (or, for layers it lacks,
+    statistics collected over ``data``); nothing is changed yet."""
     wanted = [layer for basis in bases for layer in basis.measured if layer.node not in statistics]
     moments = {**statistics, **(collect_statistics(graph, wanted, data, batch_size, seed=seed) if wanted else {})}
-    values: dict[str, np.ndarray] = {}
-    energies = {}
+    rotations = []
     for basis in bases:
-        shares = []
+        values: dict[str, np.ndarray] = {}
+        shares, change = [], None
         if basis.query_key:
             shares.append(_rotate_query_key(graph, basis.heads, basis.query_key, moments, values))
         if basis.value_output:
-            shares.append(_rotate_value_output(graph, basis.heads, basis.value_output, moments, values))
-        energies[basis.group.id] = sum(share / (share.sum() or 1.0) for share in shares)
-    return values, energies
+            share, change = _rotate_value_output(graph, basis.heads, basis.value_output, moments, values)
+            shares.append(share)
+        rotations.append(GroupRotation(basis, values, sum(share / (share.sum() or 1.0) for share in shares), change))
+    return rotations
 
 
 def _rotate_query_key(graph: Graph, heads: np.ndarray, layers: tuple[ConsumerLayer, ConsumerLayer],
@@ -263,13 +286,14 @@ def _rotate_query_key(graph: Graph, heads: np.ndarray, layers: tuple[ConsumerLay
 
 
 def _rotate_value_output(graph: Graph, heads: np.ndarray, layers: tuple[ConsumerLayer, ConsumerLayer],
-                         moments: dict[str, LayerStatistics], values: dict[str, np.ndarray]) -> np.ndarray:
+                         moments: dict[str, LayerStatistics],
+                         values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     value, output = layers
     augmented = _augmented(graph, value)
     rows = graph.constants[output.weight].astype(np.float64)
     stats = moments[output.node]
     gram = _moment(stats.hessian, stats.rows)
-    change = np.eye(len(gram))  # T̃: the block-diagonal change of the output projection's features
+    change = np.eye(len(gram))
     energy = np.zeros(heads.shape[1])
     for columns in heads:
         forward, backward, s = value_output_bases(gram[np.ix_(columns, columns)], rows[columns])
@@ -279,9 +303,7 @@ def _rotate_value_output(graph: Graph, heads: np.ndarray, layers: tuple[Consumer
         energy += s**2
     _store(graph, value, augmented, values)
     values[output.weight] = rows.astype(graph.constants[output.weight].dtype)
-    stats.hessian = change.T @ np.asarray(stats.hessian) @ change
-    stats.__dict__.pop("_inverses", None)
-    return energy
+    return energy, change
 
 
 def _store(graph: Graph, layer: ConsumerLayer, augmented: np.ndarray, values: dict[str, np.ndarray]) -> None:
@@ -307,10 +329,14 @@ class HeadRotation:
     original: Graph
     energies: dict[int, np.ndarray]
     zeroable: dict[int, list[int]]
+    dropped: int = 0  # groups whose rotation did not keep the outputs
+    error: float = 0.0  # the largest relative output error a rotation checked gave
 
 
 class RotateHeads(Pass):
-    """Give every rotatable attention head the basis of the module docstring before scoring."""
+    """Give every rotatable attention head the basis of the module docstring before scoring.
+    A rotation that does not keep the model's outputs on the first calibration samples (within
+    ``TOLERANCE``, relative) is dropped, group by group, and the report says so."""
 
     name, description = "rotate", "rotating attention heads"
     requires = ("graph", "analysis", "statistics", "calibration_data")
@@ -318,14 +344,44 @@ class RotateHeads(Pass):
 
     def run(self, state: PruneState) -> PruneState:
         bases = rotatable_heads(state.analysis) if state.calibration_data else []
-        values, energies = rotate_heads(state.graph, bases, state.calibration_data, state.statistics,
-                                        state.config.calibration_batch, state.config.seed) if bases else ({}, {})
+        rotations = rotate_heads(state.graph, bases, state.calibration_data, state.statistics,
+                                 state.config.calibration_batch, state.config.seed) if bases else []
+        kept, error = self._exact(state.graph, rotations, state.calibration_data)
+        for rotation in kept:
+            rotation.apply_to(state.statistics)
         axis_id = state.analysis.axis_id
-        zeroable = {basis.group.id: [axis_id(layer.weight, 1) for layer in basis.query_key]
-                    + [axis_id(layer.bias, 0) for layer in basis.query_key if layer.bias]
-                    for basis in bases if basis.query_key}
-        state.rotation = HeadRotation(state.graph, energies, zeroable)
-        if values:
-            state.graph = rotated_graph(state.graph, values)
+        zeroable = {r.basis.group.id: [axis_id(layer.weight, 1) for layer in r.basis.query_key]
+                    + [axis_id(layer.bias, 0) for layer in r.basis.query_key if layer.bias]
+                    for r in kept if r.basis.query_key}
+        state.rotation = HeadRotation(state.graph, {r.basis.group.id: r.energy for r in kept}, zeroable,
+                                      len(rotations) - len(kept), error)
+        if kept:
+            state.graph = rotated_graph(state.graph, {k: v for r in kept for k, v in r.values.items()})
             state.analysis = replace(state.analysis, graph=state.graph)
         return state
+
+    @staticmethod
+    def _exact(graph: Graph, rotations: list[GroupRotation],
+               data: dict[str, np.ndarray]) -> tuple[list[GroupRotation], float]:
+        """The rotations that keep the outputs (all of them when together they do, else each
+        checked alone), and the largest relative error seen."""
+        if not rotations:
+            return [], 0.0
+        samples = [{name: array[i:i + 1] for name, array in data.items()}
+                   for i in range(min(CHECK_SAMPLES, len(next(iter(data.values())))))]
+
+        def outputs(model: Graph) -> list[np.ndarray]:
+            session, weights = reference_session(model)
+            return [output for feeds in samples for output in session.run(None, {**feeds, **weights})]
+
+        reference = outputs(graph)
+
+        def error(chosen: list[GroupRotation]) -> float:
+            values = {k: v for r in chosen for k, v in r.values.items()}
+            return fidelity(reference, outputs(rotated_graph(graph, values))).relative_error
+
+        together = error(rotations)
+        if together <= TOLERANCE:
+            return rotations, together
+        alone = [error([r]) for r in rotations]
+        return [r for r, e in zip(rotations, alone) if e <= TOLERANCE], max(together, *alone)

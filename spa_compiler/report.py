@@ -83,7 +83,9 @@ class PruneReport:
     control_flow: list[str] = field(default_factory=list)  # what became of each control-flow subgraph
     interface: list[str] = field(default_factory=list)  # graph inputs/outputs whose shapes changed (--allow-io-change)
     depth: list[str] = field(default_factory=list)  # residual branches removed (--depth, --units depth)
-    rotated_heads: int = 0  # attention groups whose heads were given a new basis (--head-dims)
+    rotated_heads: int = 0  # attention groups whose heads were given a new basis (head dims pruned)
+    rotation_dropped: int = 0  # attention groups whose rotation changed the outputs (kept their basis)
+    rotation_error: float = 0.0  # the largest relative output error a rotation checked gave
     initializers: list[InitializerChange] = field(default_factory=list)
 
     @property
@@ -191,6 +193,8 @@ def build_report(state: PruneState) -> PruneReport:
         calibration=state.calibration,
         compensated=len(state.compensated),
         rotated_heads=len(state.rotation.energies) if state.rotation is not None else 0,
+        rotation_dropped=state.rotation.dropped if state.rotation is not None else 0,
+        rotation_error=state.rotation.error if state.rotation is not None else 0.0,
         requantized=saturation(state.graph, state.compensated),
         timings=state.timings,
         peak_mb=state.peak_mb,
@@ -251,7 +255,11 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
     if report.rotated_heads:
         console.print(f"head dimensions: {report.rotated_heads} attention groups (queries/keys, values/outputs) "
-                      "rotated first so that the pruned dimensions carry the least (exact before pruning)")
+                      "rotated first so that the pruned dimensions carry the least "
+                      f"(outputs kept within {report.rotation_error:.1e}, relative)")
+    if report.rotation_dropped:
+        console.print(f"head dimensions: {report.rotation_dropped} attention groups keep their exported basis: "
+                      f"rotating them changed the outputs (relative error {report.rotation_error:.2g})")
     if report.requantized[0]:
         console.print(f"lossy: {report.requantized[0]} re-fitted weights quantized again with their original scales "
                       f"({report.requantized[1]} more values at the ends of the integer range)")

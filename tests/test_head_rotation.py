@@ -9,7 +9,8 @@ import pytest
 from helpers import relative_error
 from spa_compiler import PruneConfig, analyze_graph, load_model, prune_graph
 from spa_compiler.head_rotation import (
-    query_key_bases, rotatable_heads, rotate_heads, rotated_graph, value_output_bases,
+    TOLERANCE, GroupRotation, RotateHeads, query_key_bases, rotatable_heads, rotate_heads, rotated_graph,
+    value_output_bases,
 )
 from spa_compiler.shapes import synthetic_inputs
 from spa_compiler.verify import fidelity, run_model
@@ -47,8 +48,9 @@ def _rotated(tmp_path, seed=0):
     graph = load_model(_attention_model(tmp_path / "attention.onnx", seed), SHAPES)
     bases = rotatable_heads(analyze_graph(graph, head_dims=True))
     data = {"x": np.random.default_rng(seed + 1).standard_normal((64, 6, HIDDEN)).astype(np.float32)}
-    values, energies = rotate_heads(graph, bases, data, {})
-    return graph, bases, rotated_graph(graph, values), energies, data
+    rotations = rotate_heads(graph, bases, data, {})
+    values = {name: value for rotation in rotations for name, value in rotation.values.items()}
+    return graph, bases, rotated_graph(graph, values), {r.basis.group.id: r.energy for r in rotations}, data
 
 
 def test_rotation_keeps_the_function_and_leaves_the_input_graph(tmp_path):
@@ -64,6 +66,21 @@ def test_rotation_keeps_the_function_and_leaves_the_input_graph(tmp_path):
         np.testing.assert_array_equal(graph.constants[name], value)
     for energy in energies.values():
         assert np.all(np.diff(energy) <= 0) and energy[-1] < 0.5 * energy[0]
+
+
+def test_a_rotation_that_changes_the_outputs_is_dropped(tmp_path):
+    """The pass checks the rotated model against the original on calibration samples: the
+    true rotation keeps the outputs within float32 rounding, one with its query weights off
+    by 1% does not and is dropped."""
+    graph = load_model(_attention_model(tmp_path / "attention.onnx"), SHAPES)
+    data = {"x": np.random.default_rng(1).standard_normal((64, 6, HIDDEN)).astype(np.float32)}
+    (rotation,) = rotate_heads(graph, rotatable_heads(analyze_graph(graph, head_dims=True)), data, {})
+    kept, error = RotateHeads._exact(graph, [rotation], data)
+    assert kept == [rotation] and error < 1e-5
+    off = {**rotation.values, "Wq": rotation.values["Wq"] * np.float32(1.01)}
+    wrong = GroupRotation(rotation.basis, off, rotation.energy, rotation.feature_change)
+    kept, error = RotateHeads._exact(graph, [wrong], data)
+    assert kept == [] and error > TOLERANCE
 
 
 def _zero_last(graph, bases, count, values: bool):
