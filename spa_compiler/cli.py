@@ -233,7 +233,11 @@ def run(
             raise InputError("give a model: spa-prune MODEL.onnx --flops 0.5 (see --help)")
         if analyze:
             shapes = parse_input_shapes(input_shape)
-            render_analysis(analyze_model(model, shapes, tuple(exclude), prune_hidden, bool(head_dims)), console)
+            analysis = analyze_model(model, shapes, tuple(exclude), prune_hidden, bool(head_dims))
+            render_analysis(analysis, console)
+            if head_dims is None and any(analysis.kind(g) == "heads" for g in analysis.groups):
+                console.print("attention is shown in whole heads; the default pipeline prunes rotated head dimensions "
+                              "instead where every attention can be rotated (--head-dims shows those groups)")
             return
         config = make_config(
             criterion, scope, round_to, min_keep, exclude, input_shape, prune_hidden, head_dims, calib,

@@ -254,11 +254,12 @@ def render_report(report: PruneReport, console: Console) -> None:
     if report.calibration:
         console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
     if report.rotated_heads:
-        console.print(f"head dimensions: {report.rotated_heads} attention groups (queries/keys, values/outputs) "
+        groups = "attention group" if report.rotated_heads == 1 else "attention groups"
+        console.print(f"head dimensions: {report.rotated_heads} {groups} (queries/keys, values/outputs) "
                       "rotated first so that the pruned dimensions carry the least "
                       f"(outputs kept within {report.rotation_error:.1e}, relative)")
     if report.rotation_dropped:
-        console.print(f"head dimensions: {report.rotation_dropped} attention groups keep their exported basis: "
+        console.print(f"head dimensions: {report.rotation_dropped} attention group(s) keep their exported basis: "
                       f"rotating them changed the outputs (relative error {report.rotation_error:.2g})")
     if report.requantized[0]:
         console.print(f"lossy: {report.requantized[0]} re-fitted weights quantized again with their original scales "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +17,7 @@ from spa_compiler.head_rotation import (
 from spa_compiler.shapes import synthetic_inputs
 from spa_compiler.verify import fidelity, run_model
 from test_attention import HEAD_DIM, HEADS, HIDDEN, _attention_model
+from test_cli import run_cli
 
 SHAPES = {"x": (1, 6, HIDDEN)}
 
@@ -169,3 +172,18 @@ def test_head_dims_by_default_only_where_statistics_rotate_every_head(tmp_path):
     assert "heads" in {without.analysis.kind(g) for g in without.analysis.groups}
     scaled = prune_graph(load_model(_scaled_model(tmp_path), SHAPES), PruneConfig(flops=0.7))
     assert "heads" in {scaled.analysis.kind(g) for g in scaled.analysis.groups} and not scaled.rotation.energies
+
+
+@pytest.mark.accurate
+def test_command_line_reports_the_rotation_and_analyze_says_what_pruning_uses(tmp_path):
+    _attention_model(tmp_path / "attention.onnx")
+    shape = ["--input-shape", "x=1x6x32"]
+    analysed = run_cli(tmp_path, "attention.onnx", "--analyze", *shape, columns=200)
+    assert analysed.returncode == 0, analysed.stderr
+    assert "4 heads" in analysed.stdout and "prunes rotated head dimensions instead" in analysed.stdout
+    dims = run_cli(tmp_path, "attention.onnx", "--analyze", "--head-dims", *shape, columns=200)
+    assert "8 head dims" in dims.stdout and "prunes rotated" not in dims.stdout
+    pruned = run_cli(tmp_path, "attention.onnx", "-o", "out.onnx", "--flops", "0.7", *shape, columns=200, fast=False)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert re.search(r"head dimensions: 1 attention group .* rotated first .*within \d\.\de-0[5-9]", pruned.stdout), pruned.stdout
+    assert (tmp_path / "out.onnx").exists()
