@@ -23,10 +23,13 @@ attention output ``z = P v`` (the output projection's input statistics) and the 
 new rows ``T⁻¹ W_O = S Vᵀ``; dimension d contributes ``s_d²`` to the head's output energy.
 
 Only attention whose head dimensions travel from the projections to the products through
-data movement and scalar scaling (Reshape, Transpose, Mul or Div by a scalar) is rotated: a
-rotary embedding or a per-dimension norm on the way does not commute with ``T``, and those
-heads keep their basis. The rotation is exact up to float32 rounding; the verification that
-ends every pruning measures it with everything else.
+data movement, scalar scaling (Mul or Div by a scalar) and slicing along other axes is rotated:
+a rotary embedding or a per-dimension norm on the way does not commute with ``T``, and those
+heads keep their basis. A packed projection (q, k and v from one MatMul, as ViT and SVTR write
+it: reshaped to ``[.., 3, H, D]`` and taken apart by Slice, Gather or Split) is read as one block
+of heads per role, in the order of the slices. Heads pair by their order along the projection
+(head h of the queries with head h of the keys); whatever the graph, :class:`RotateHeads` keeps
+a rotation only if the model's outputs stay the same on calibration samples (float32 rounding).
 """
 
 from __future__ import annotations
@@ -63,25 +66,35 @@ _DATA_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 
 
 @dataclass(frozen=True)
+class Projection:
+    """A projection's share of one head group: ``heads[h, k]`` is the column (the row, for the
+    output projection) of head h's element in unit k."""
+
+    layer: ConsumerLayer
+    heads: np.ndarray
+
+
+@dataclass(frozen=True)
 class HeadBasis:
-    """One attention group's weights in per-head index form: ``heads[h, k]`` is the index of head
-    h's element in unit k, on every constant axis of the group (their layouts agree)."""
+    """One attention group's projections: queries and keys, values and output, or both (a group
+    whose head-dim constant they share). A packed projection (q, k and v from one MatMul, sliced
+    apart) appears once per role, each with its block of heads."""
 
     group: Group
-    heads: np.ndarray
-    query_key: tuple[ConsumerLayer, ConsumerLayer] | None  # the projections of queries and keys
-    value_output: tuple[ConsumerLayer, ConsumerLayer] | None  # the projections of values and of the output
+    query_key: tuple[Projection, Projection] | None
+    value_output: tuple[Projection, Projection] | None
 
     @property
     def measured(self) -> list[ConsumerLayer]:
         """The layers whose input statistics the rotation reads: the query and key projections,
         and the output projection (whose input is the attention output)."""
-        return [*(self.query_key or ()), *(self.value_output[1:] if self.value_output else ())]
+        parts = [*(self.query_key or ()), *(self.value_output[1:] if self.value_output else ())]
+        return list({part.layer.node: part.layer for part in parts}.values())
 
 
 def _unit_layout(group: Group, axis_id: int) -> np.ndarray | None:
-    """``[heads, units]`` indices of one member axis, or None when the units do not all hold
-    one index per head."""
+    """``[rows, units]`` indices of one member axis (sorted within each unit), or None when the
+    units do not all hold the same number of them."""
     per_unit = [np.sort(unit.members.get(axis_id, np.empty(0, dtype=np.int64))) for unit in group.units]
     counts = {len(indices) for indices in per_unit}
     if len(counts) != 1 or 0 in counts:
@@ -104,7 +117,7 @@ def _scalar_scaling(graph: Graph, node: Node) -> bool:
         node.op_type == "Mul" or node.inputs[1] == constants[0])
 
 
-def _bias_add(graph: Graph, node: Node, members: set[str]) -> bool:
+def _bias_add(graph: Graph, node: Node, members: dict[str, int]) -> bool:
     constants = [name for name in node.inputs if graph.is_constant(name)]
     return node.op_type == "Add" and len(constants) == 1 and constants[0] in members
 
@@ -112,9 +125,8 @@ def _bias_add(graph: Graph, node: Node, members: set[str]) -> bool:
 def rotatable_heads(analysis: Analysis) -> list[HeadBasis]:
     """The head-dimension groups whose every tensor is written and read by nodes that commute
     with a per-head basis change: 2-D MatMul projections into the unit axis (with a constant
-    bias Add), data movement, scalar scaling, the products of two activations, and a 2-D MatMul
-    reading the unit axis (the output projection); one query, one key projection, or one value
-    and one output projection, or both (a group whose head-dim constant they share)."""
+    bias Add), data movement, scalar scaling, slicing along another axis, the products of two
+    activations, and a 2-D MatMul reading the unit axis (the output projection)."""
     graph, found = analysis.graph, []
     for group in analysis.groups:
         if analysis.kind(group) != "head dims" or any(unit.blocked for unit in group.units):
@@ -127,67 +139,118 @@ def rotatable_heads(analysis: Analysis) -> list[HeadBasis]:
 
 def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | None:
     refs = {axis_id: analysis.axes[axis_id] for axis_id in group.axes}
-    members = {ref.tensor for ref in refs.values()}
-    layouts = {axis_id: _unit_layout(group, axis_id) for axis_id, ref in refs.items() if ref.constant}
-    if any(layout is None for layout in layouts.values()):
-        return None
-    heads = next(iter(layouts.values()))
-    if any(not np.array_equal(layout, heads) for layout in layouts.values()):
-        return None
-    roles: dict[str, list[ConsumerLayer]] = {}
+    members = {ref.tensor: ref.axis for ref in refs.values()}
+    parts: dict[str, list[Projection]] = {}
+    biases: dict[str, np.ndarray] = {}
     for axis_id, ref in refs.items():
-        if ref.constant:
+        if not ref.constant:
+            node = graph.producer.get(ref.tensor)
             readers = graph.consumers.get(ref.tensor, [])
-            if len(readers) != 1:
-                return None
-            reader = readers[0]
-            if _matmul_weight(graph, reader) == ref.tensor:
-                layer = ConsumerLayer(reader.name, reader.op_type, reader.inputs[0], ref.tensor, 0, 1,
-                                      _bias(graph, reader, members))
-                role = _role(graph, reader.name, members) if ref.axis == 1 else "output"
-                roles.setdefault(str(role), []).append(layer)
-            elif not _bias_add(graph, reader, members):
+            if node is None or not all(_commutes(graph, n, members) for n in [node, *readers]):
                 return None
             continue
-        node = graph.producer.get(ref.tensor)
-        if node is None or not _commutes(graph, node, members):
+        readers, layout = graph.consumers.get(ref.tensor, []), _unit_layout(group, axis_id)
+        if len(readers) != 1 or layout is None:
             return None
-        if not all(_commutes(graph, reader, members) for reader in graph.consumers.get(ref.tensor, [])):
+        if _bias_add(graph, readers[0], members):
+            biases[ref.tensor] = layout
+            continue
+        if _matmul_weight(graph, readers[0]) != ref.tensor:
             return None
-    pairs = {first: (roles[first][0], roles[second][0]) for first, second in (("query", "key"), ("value", "output"))
-             if len(roles.get(first, [])) == 1 and len(roles.get(second, [])) == 1}
-    if not pairs or sum(len(layers) for layers in roles.values()) != 2 * len(pairs):
+        layer = ConsumerLayer(readers[0].name, "MatMul", readers[0].inputs[0], ref.tensor, 0, 1,
+                              _bias(graph, readers[0], members))
+        roles = _roles(graph, readers[0].name, members) if ref.axis == 1 else ["output"]
+        if not roles or len(layout) % len(roles):
+            return None
+        for role, block in zip(roles, np.split(layout, len(roles))):
+            parts.setdefault(role, []).append(Projection(layer, block))
+    for name, layout in biases.items():
+        if not any(p.layer.bias == name and np.array_equal(layout, _full_layout(parts, p.layer))
+                   for projections in parts.values() for p in projections):
+            return None
+    pairs = {first: (parts[first][0], parts[second][0]) for first, second in (("query", "key"), ("value", "output"))
+             if len(parts.get(first, [])) == 1 and len(parts.get(second, [])) == 1
+             and parts[first][0].heads.shape == parts[second][0].heads.shape}
+    if not pairs or sum(len(projections) for projections in parts.values()) != 2 * len(pairs):
         return None
-    return HeadBasis(group, heads, pairs.get("query"), pairs.get("value"))
+    return HeadBasis(group, pairs.get("query"), pairs.get("value"))
 
 
-def _role(graph: Graph, node_name: str, members: set[str]) -> str | None:
-    """What a projection into the unit axis computes, from the product of two activations its
+def _full_layout(parts: dict[str, list[Projection]], layer: ConsumerLayer) -> np.ndarray:
+    """A projection's whole layout: the blocks of all its roles, in order."""
+    return np.sort(np.concatenate([p.heads for ps in parts.values() for p in ps if p.layer is layer]), axis=0)
+
+
+def _roles(graph: Graph, node_name: str, members: dict[str, int]) -> list[str]:
+    """What a projection into the unit axis computes, from the products of two activations its
     output reaches through the group's tensors: "query" (operand 0 of a product that contracts
-    the unit axis), "key" (operand 1), "value" (a product whose output keeps it); None if it
-    reaches none or several."""
-    roles, frontier, seen = set(), list(graph.node_by_name[node_name].outputs), set()
+    the unit axis), "key" (operand 1), "value" (a product whose output keeps it). A packed
+    projection, sliced apart on the way (Slice, Gather or Split along another axis), computes
+    several, listed in the order of the slices; [] when that order is not clear."""
+    found: dict[str, set[int | None]] = {}
+    frontier = [(out, None) for out in graph.node_by_name[node_name].outputs]
+    seen = set()
     while frontier:
-        name = frontier.pop()
+        name, part = frontier.pop()
         seen.add(name)
         for reader in graph.consumers.get(name, []):
             if reader.op_type == "MatMul" and not any(graph.is_constant(i) for i in reader.inputs):
-                roles.add("value" if reader.outputs[0] in members else ("query", "key")[reader.inputs.index(name)])
-            else:
-                frontier += [out for out in reader.outputs if out in members and out not in seen]
-    return roles.pop() if len(roles) == 1 else None
+                role = "value" if reader.outputs[0] in members else ("query", "key")[reader.inputs.index(name)]
+                found.setdefault(role, set()).add(part)
+                continue
+            for position, out in enumerate(reader.outputs):
+                if out in members and out not in seen:
+                    index = _slice_index(graph, reader, position)
+                    frontier.append((out, index if index is not None else part))
+    if any(len(indices) != 1 for indices in found.values()):
+        return []
+    order = {role: next(iter(indices)) for role, indices in found.items()}
+    if len(order) == 1:
+        return list(order)
+    if sorted(order.values(), key=str) != list(range(len(order))):
+        return []
+    return sorted(order, key=order.get)
 
 
-def _commutes(graph: Graph, node: Node, members: set[str]) -> bool:
-    """Whether a node on the unit axis's way passes a per-head basis change through."""
+def _slice_index(graph: Graph, node: Node, position: int) -> int | None:
+    """Which slice of its input a slicing node's output ``position`` is: a Split's output
+    position, a Gather's constant scalar index, a Slice's constant start; None for other nodes."""
+    if node.op_type == "Split":
+        return position
+    if node.op_type == "Gather" and graph.is_constant(node.inputs[1]) and graph.constants[node.inputs[1]].size == 1:
+        return int(graph.constants[node.inputs[1]].reshape(-1)[0])
+    if node.op_type == "Slice" and len(node.inputs) > 1 and graph.is_constant(node.inputs[1]):
+        starts = graph.constants[node.inputs[1]].reshape(-1)
+        return int(starts[0]) if starts.size == 1 else None
+    return None
+
+
+def _commutes(graph: Graph, node: Node, members: dict[str, int]) -> bool:
+    """Whether a node on the unit axis's way passes a per-head basis change through: data
+    movement, scalar scaling, a bias Add, a slice along an axis other than the unit axis, a
+    product of two activations, a 2-D MatMul projection."""
     if node.op_type in _DATA_MOVEMENT or _scalar_scaling(graph, node) or _bias_add(graph, node, members):
         return True
+    if node.op_type in ("Slice", "Gather", "Split"):
+        return node.inputs[0] in members and not _slices_unit_axis(graph, node, members[node.inputs[0]])
     if node.op_type == "MatMul":
         return _matmul_weight(graph, node) is not None or not any(graph.is_constant(i) for i in node.inputs)
     return False
 
 
-def _bias(graph: Graph, node: Node, members: set[str]) -> str | None:
+def _slices_unit_axis(graph: Graph, node: Node, unit_axis: int) -> bool:
+    """Whether a Slice, Gather or Split cuts its input along ``unit_axis`` (or cannot be read)."""
+    rank = len(graph.shapes[node.inputs[0]])
+    if node.op_type in ("Gather", "Split"):
+        return int(node.attr("axis", 0)) % rank == unit_axis
+    if len(node.inputs) < 4 or not node.inputs[3]:
+        return True  # every axis sliced
+    if not graph.is_constant(node.inputs[3]):
+        return True
+    return any(int(a) % rank == unit_axis for a in graph.constants[node.inputs[3]].reshape(-1))
+
+
+def _bias(graph: Graph, node: Node, members: dict[str, int]) -> str | None:
     readers = graph.consumers.get(node.outputs[0], [])
     if len(readers) == 1 and _bias_add(graph, readers[0], members):
         return next(name for name in readers[0].inputs if graph.is_constant(name))
@@ -243,8 +306,9 @@ class GroupRotation:
 
     def apply_to(self, statistics: dict[str, LayerStatistics]) -> None:
         """Bring the output projection's statistics to the new basis: ``H ← T̃ᵀ H T̃``."""
-        if self.feature_change is not None and self.basis.value_output[1].node in statistics:
-            stats = statistics[self.basis.value_output[1].node]
+        output = self.basis.value_output[1].layer.node if self.basis.value_output else None
+        if self.feature_change is not None and output in statistics:
+            stats = statistics[output]
             stats.hessian = self.feature_change.T @ np.asarray(stats.hessian) @ self.feature_change
             stats.__dict__.pop("_inverses", None)
 
@@ -257,59 +321,65 @@ def rotate_heads(graph: Graph, bases: list[HeadBasis], data: dict[str, np.ndarra
     moments = {**statistics, **(collect_statistics(graph, wanted, data, batch_size, seed=seed) if wanted else {})}
     rotations = []
     for basis in bases:
-        values: dict[str, np.ndarray] = {}
+        arrays: dict[str, np.ndarray] = {}  # per weight, [W; b] (the output projection: W), rotated in place
         shares, change = [], None
         if basis.query_key:
-            shares.append(_rotate_query_key(graph, basis.heads, basis.query_key, moments, values))
+            shares.append(_rotate_query_key(graph, basis.query_key, moments, arrays))
         if basis.value_output:
-            share, change = _rotate_value_output(graph, basis.heads, basis.value_output, moments, values)
+            share, change = _rotate_value_output(graph, basis.value_output, moments, arrays)
             shares.append(share)
+        values = {}
+        for part in [*(basis.query_key or ()), *(basis.value_output or ())]:
+            _store(graph, part.layer, arrays[part.layer.weight], values)
         rotations.append(GroupRotation(basis, values, sum(share / (share.sum() or 1.0) for share in shares), change))
     return rotations
 
 
-def _rotate_query_key(graph: Graph, heads: np.ndarray, layers: tuple[ConsumerLayer, ConsumerLayer],
-                      moments: dict[str, LayerStatistics], values: dict[str, np.ndarray]) -> np.ndarray:
-    weights = [_augmented(graph, layer) for layer in layers]
-    grams = [_moment(moments[layer.node].hessian, moments[layer.node].rows) for layer in layers]
-    energy = np.zeros(heads.shape[1])
-    for columns in heads:
-        c_query, c_key = (w[:, columns].T @ g @ w[:, columns] for w, g in zip(weights, grams))
-        mean_key = grams[1][-1] @ weights[1][:, columns]  # the Gram's constant row holds the input means
-        a, b, s = query_key_bases(c_query, c_key - np.outer(mean_key, mean_key))
-        weights[0][:, columns] = weights[0][:, columns] @ a
-        weights[1][:, columns] = weights[1][:, columns] @ b
+def _array(graph: Graph, layer: ConsumerLayer, arrays: dict[str, np.ndarray], augment: bool = True) -> np.ndarray:
+    if layer.weight not in arrays:
+        arrays[layer.weight] = _augmented(graph, layer) if augment else graph.constants[layer.weight].astype(np.float64)
+    return arrays[layer.weight]
+
+
+def _rotate_query_key(graph: Graph, parts: tuple[Projection, Projection], moments: dict[str, LayerStatistics],
+                      arrays: dict[str, np.ndarray]) -> np.ndarray:
+    weights = [_array(graph, part.layer, arrays) for part in parts]
+    grams = [_moment(moments[part.layer.node].hessian, moments[part.layer.node].rows) for part in parts]
+    energy = np.zeros(parts[0].heads.shape[1])
+    for query_columns, key_columns in zip(parts[0].heads, parts[1].heads):
+        query, key = weights[0][:, query_columns], weights[1][:, key_columns]
+        mean_key = grams[1][-1] @ key  # the Gram's constant row holds the input means
+        a, b, s = query_key_bases(query.T @ grams[0] @ query, key.T @ grams[1] @ key - np.outer(mean_key, mean_key))
+        weights[0][:, query_columns] = query @ a
+        weights[1][:, key_columns] = key @ b
         energy += s**2
-    for layer, augmented in zip(layers, weights):
-        _store(graph, layer, augmented, values)
     return energy
 
 
-def _rotate_value_output(graph: Graph, heads: np.ndarray, layers: tuple[ConsumerLayer, ConsumerLayer],
-                         moments: dict[str, LayerStatistics],
-                         values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    value, output = layers
-    augmented = _augmented(graph, value)
-    rows = graph.constants[output.weight].astype(np.float64)
-    stats = moments[output.node]
+def _rotate_value_output(graph: Graph, parts: tuple[Projection, Projection], moments: dict[str, LayerStatistics],
+                         arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    value, output = parts
+    augmented = _array(graph, value.layer, arrays)
+    rows = _array(graph, output.layer, arrays, augment=False)
+    stats = moments[output.layer.node]
     gram = _moment(stats.hessian, stats.rows)
     change = np.eye(len(gram))
-    energy = np.zeros(heads.shape[1])
-    for columns in heads:
-        forward, backward, s = value_output_bases(gram[np.ix_(columns, columns)], rows[columns])
-        augmented[:, columns] = augmented[:, columns] @ forward
-        rows[columns] = backward @ rows[columns]
-        change[np.ix_(columns, columns)] = forward
+    energy = np.zeros(value.heads.shape[1])
+    for value_columns, output_rows in zip(value.heads, output.heads):
+        forward, backward, s = value_output_bases(gram[np.ix_(output_rows, output_rows)], rows[output_rows])
+        augmented[:, value_columns] = augmented[:, value_columns] @ forward
+        rows[output_rows] = backward @ rows[output_rows]
+        change[np.ix_(output_rows, output_rows)] = forward
         energy += s**2
-    _store(graph, value, augmented, values)
-    values[output.weight] = rows.astype(graph.constants[output.weight].dtype)
     return energy, change
 
 
-def _store(graph: Graph, layer: ConsumerLayer, augmented: np.ndarray, values: dict[str, np.ndarray]) -> None:
-    values[layer.weight] = augmented[:-1].astype(graph.constants[layer.weight].dtype)
-    if layer.bias:
-        values[layer.bias] = augmented[-1].astype(graph.constants[layer.bias].dtype)
+def _store(graph: Graph, layer: ConsumerLayer, array: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    """A rotated ``[W; b]`` (or, for the output projection, ``W``) as the layer's constants."""
+    weight = graph.constants[layer.weight]
+    values[layer.weight] = array[:len(weight)].astype(weight.dtype)
+    if layer.bias and len(array) > len(weight):
+        values[layer.bias] = array[-1].astype(graph.constants[layer.bias].dtype)
 
 
 def rotated_graph(graph: Graph, values: dict[str, np.ndarray]) -> Graph:
@@ -350,8 +420,8 @@ class RotateHeads(Pass):
         for rotation in kept:
             rotation.apply_to(state.statistics)
         axis_id = state.analysis.axis_id
-        zeroable = {r.basis.group.id: [axis_id(layer.weight, 1) for layer in r.basis.query_key]
-                    + [axis_id(layer.bias, 0) for layer in r.basis.query_key if layer.bias]
+        zeroable = {r.basis.group.id: sorted({axis_id(p.layer.weight, 1) for p in r.basis.query_key}
+                                             | {axis_id(p.layer.bias, 0) for p in r.basis.query_key if p.layer.bias})
                     for r in kept if r.basis.query_key}
         state.rotation = HeadRotation(state.graph, {r.basis.group.id: r.energy for r in kept}, zeroable,
                                       len(rotations) - len(kept), error)

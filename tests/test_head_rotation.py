@@ -59,8 +59,8 @@ def _rotated(tmp_path, seed=0):
 def test_rotation_keeps_the_function_and_leaves_the_input_graph(tmp_path):
     graph, bases, rotated, energies, data = _rotated(tmp_path)
     (basis,) = bases  # one group: the projections share the run-time head-dim constant
-    assert [layer.weight for layer in [*basis.query_key, *basis.value_output]] == ["Wq", "Wk", "Wv", "Wo"]
-    assert basis.heads.shape == (HEADS, HEAD_DIM)
+    assert [p.layer.weight for p in [*basis.query_key, *basis.value_output]] == ["Wq", "Wk", "Wv", "Wo"]
+    assert [p.heads.shape for p in basis.query_key] == [(HEADS, HEAD_DIM)] * 2
     before = {name: graph.constants[name].copy() for name in ("Wq", "Wk", "Wv", "Wo", "Bq")}
     feeds = {"x": data["x"][:8]}
     assert relative_error(run_model(graph.model, feeds), run_model(rotated.model, feeds)) < 1e-5
@@ -86,15 +86,64 @@ def test_a_rotation_that_changes_the_outputs_is_dropped(tmp_path):
     assert kept == [] and error > TOLERANCE
 
 
+PACKED = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 6, 32] x) => (float[1, 6, 32] y) {
+        qkv0 = MatMul (x, Wqkv)
+        qkv1 = Add (qkv0, Bqkv)
+        qkv2 = Reshape (qkv1, Split5)
+        qkv = Transpose <perm = [2, 0, 3, 1, 4]> (qkv2)
+        q = Gather <axis = 0> (qkv, Second)
+        k0 = Gather <axis = 0> (qkv, First)
+        v = Gather <axis = 0> (qkv, Third)
+        k = Transpose <perm = [0, 1, 3, 2]> (k0)
+        scores0 = MatMul (q, k)
+        scores = Mul (scores0, Scale)
+        probs = Softmax <axis = -1> (scores)
+        context0 = MatMul (probs, v)
+        context1 = Transpose <perm = [0, 2, 1, 3]> (context0)
+        context = Reshape (context1, Merge3)
+        o0 = MatMul (context, Wo)
+        y = Add (o0, Bo)
+    }
+"""
+"""A ViT-style attention: one packed projection, reshaped to [1, 6, 3, 4, 8] and taken apart by
+Gather (keys first, then queries, then values), 4 heads of 8 dimensions."""
+
+
+def test_a_packed_projection_rotates_each_role_exactly(tmp_path):
+    model = onnx.parser.parse_model(PACKED)
+    rng = np.random.default_rng(0)
+    floats = {"Wqkv": rng.standard_normal((32, 96)) / np.sqrt(32), "Bqkv": rng.standard_normal(96) * 0.1,
+              "Wo": rng.standard_normal((32, 32)) / np.sqrt(32), "Bo": rng.standard_normal(32) * 0.1,
+              "Scale": np.array(8 ** -0.5)}
+    ints = {"Split5": np.array([1, 6, 3, 4, 8]), "Merge3": np.array([1, 6, 32]),
+            "First": np.array(0), "Second": np.array(1), "Third": np.array(2)}
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), n) for n, v in floats.items())
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.int64), n) for n, v in ints.items())
+    onnx.save(model, tmp_path / "packed.onnx")
+    graph = load_model(tmp_path / "packed.onnx")
+    (basis,) = rotatable_heads(analyze_graph(graph, head_dims=True))
+    (query, key), (value, output) = basis.query_key, basis.value_output
+    assert {query.layer.weight, key.layer.weight, value.layer.weight, output.layer.weight} == {"Wqkv", "Wo"}
+    # columns t*32 + h*8 + d: keys are slice 0, queries slice 1, values slice 2
+    np.testing.assert_array_equal(key.heads[:, 0], [0, 8, 16, 24])
+    np.testing.assert_array_equal(query.heads[:, 0], [32, 40, 48, 56])
+    np.testing.assert_array_equal(value.heads[:, 0], [64, 72, 80, 88])
+    data = {"x": rng.standard_normal((64, 6, 32)).astype(np.float32)}
+    kept, error = RotateHeads._exact(graph, rotate_heads(graph, [basis], data, {}), data)
+    assert len(kept) == 1 and error < 1e-5
+
+
 def _zero_last(graph, bases, count, values: bool):
     """A copy of the model with the last ``count`` dimensions of every head zeroed on the
     producing side of the queries and keys or (``values``) of the values."""
     (basis,) = bases
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
-    drop = basis.heads[:, -count:].ravel()
     producers = basis.value_output[:1] if values else basis.query_key
-    names = {name for layer in producers for name in (layer.weight, layer.bias) if name}
+    drop = producers[0].heads[:, -count:].ravel()
+    names = {name for p in producers for name in (p.layer.weight, p.layer.bias) if name}
     for tensor in model.graph.initializer:
         if tensor.name in names:
             value = onnx.numpy_helper.to_array(tensor).copy()
