@@ -12,6 +12,21 @@ from spa_compiler.verify import run_model
 
 HEADS, HEAD_DIM, HIDDEN = 4, 8, 32
 
+def attention_tail(merge_target: str) -> str:
+    """Scores from q [B, H, L, D] and k [B, H, D, L], softmax, context from v, merged back by
+    Reshape to ``merge_target`` and projected by Wo, Bo into y."""
+    return f"""
+        scores0 = MatMul (q, k)
+        scores = Div (scores0, Scale)
+        probs = Softmax <axis = -1> (scores)
+        context0 = MatMul (probs, v)
+        context1 = Transpose <perm = [0, 2, 1, 3]> (context0)
+        context = Reshape (context1, {merge_target})
+        o0 = MatMul (context, Wo)
+        y = Add (o0, Bo)
+"""
+
+
 # x: [B, L, 32] with dynamic B and L; targets [B, L, 4, 8] and [B, L, 32] computed from Shape(x)
 # as PyTorch writes x.view(x.size(0), x.size(1), heads, head_dim).
 ATTENTION = f"""
@@ -36,15 +51,7 @@ ATTENTION = f"""
         q = Transpose <perm = [0, 2, 1, 3]> (q2)
         k = Transpose <perm = [0, 2, 3, 1]> (k2)
         v = Transpose <perm = [0, 2, 1, 3]> (v2)
-        scores0 = MatMul (q, k)
-        scores = Div (scores0, Scale)
-        probs = Softmax <axis = -1> (scores)
-        context0 = MatMul (probs, v)
-        context1 = Transpose <perm = [0, 2, 1, 3]> (context0)
-        context = Reshape (context1, merge_target)
-        o0 = MatMul (context, Wo)
-        y = Add (o0, Bo)
-    }}
+{attention_tail("merge_target")}    }}
 """
 
 

@@ -16,7 +16,7 @@ from spa_compiler.head_rotation import (
 )
 from spa_compiler.shapes import synthetic_inputs
 from spa_compiler.verify import fidelity, run_model
-from test_attention import HEAD_DIM, HEADS, HIDDEN, _attention_model
+from test_attention import HEAD_DIM, HEADS, HIDDEN, _attention_model, attention_tail
 from test_cli import run_cli
 
 SHAPES = {"x": (1, 6, HIDDEN)}
@@ -86,9 +86,9 @@ def test_a_rotation_that_changes_the_outputs_is_dropped(tmp_path):
     assert kept == [] and error > TOLERANCE
 
 
-PACKED = """
+PACKED = f"""
     <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1, 6, 32] x) => (float[1, 6, 32] y) {
+    g (float[1, 6, 32] x) => (float[1, 6, 32] y) {{
         qkv0 = MatMul (x, Wqkv)
         qkv1 = Add (qkv0, Bqkv)
         qkv2 = Reshape (qkv1, Split5)
@@ -97,15 +97,7 @@ PACKED = """
         k0 = Gather <axis = 0> (qkv, First)
         v = Gather <axis = 0> (qkv, Third)
         k = Transpose <perm = [0, 1, 3, 2]> (k0)
-        scores0 = MatMul (q, k)
-        scores = Mul (scores0, Scale)
-        probs = Softmax <axis = -1> (scores)
-        context0 = MatMul (probs, v)
-        context1 = Transpose <perm = [0, 2, 1, 3]> (context0)
-        context = Reshape (context1, Merge3)
-        o0 = MatMul (context, Wo)
-        y = Add (o0, Bo)
-    }
+{attention_tail("Merge3")}    }}
 """
 """A ViT-style attention: one packed projection, reshaped to [1, 6, 3, 4, 8] and taken apart by
 Gather (keys first, then queries, then values), 4 heads of 8 dimensions."""
@@ -116,7 +108,7 @@ def test_a_packed_projection_rotates_each_role_exactly(tmp_path):
     rng = np.random.default_rng(0)
     floats = {"Wqkv": rng.standard_normal((32, 96)) / np.sqrt(32), "Bqkv": rng.standard_normal(96) * 0.1,
               "Wo": rng.standard_normal((32, 32)) / np.sqrt(32), "Bo": rng.standard_normal(32) * 0.1,
-              "Scale": np.array(8 ** -0.5)}
+              "Scale": np.array(np.sqrt(8))}
     ints = {"Split5": np.array([1, 6, 3, 4, 8]), "Merge3": np.array([1, 6, 32]),
             "First": np.array(0), "Second": np.array(1), "Third": np.array(2)}
     model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), n) for n, v in floats.items())
