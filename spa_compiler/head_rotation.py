@@ -103,10 +103,13 @@ def _unit_layout(group: Group, axis_id: int) -> np.ndarray | None:
 
 
 def _matmul_weight(graph: Graph, node: Node) -> str | None:
+    """The 2-D float initializer a MatMul multiplies by (not a quantized weight's dequantized
+    value: rotating it would need new scales), or None."""
     if node.op_type != "MatMul" or len(node.inputs) != 2 or node.scope:
         return None
     weight = node.inputs[1]
-    return weight if graph.is_constant(weight) and graph.constants[weight].ndim == 2 else None
+    plain = graph.is_constant(weight) and weight not in graph.quantized and weight not in graph.integer_weights
+    return weight if plain and graph.constants[weight].ndim == 2 and graph.constants[weight].dtype.kind == "f" else None
 
 
 def _scalar_scaling(graph: Graph, node: Node) -> bool:
