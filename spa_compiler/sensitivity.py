@@ -27,7 +27,9 @@ measurements would cost more is measured on fewer samples (down to ``LEAST_SAMPL
 if still too costly, at one width per group (the middle one): its curve is then the measured distortion scaled by the criterion's
 cumulative scores, ``D_g(n) = D_g(m) · S_g(n) / S_g(m)`` with ``S_g(n)`` the sum of the ``n``
 lowest scores (the local, compensated removal costs of the second-order criterion), so one
-run per group measures how much the group's local error matters to the outputs.
+run per group measures how much the group's local error matters to the outputs. A group whose
+removal no weight emulates (head dimensions of queries and keys whose heads could not be
+rotated: nothing reads them through a weight) cannot be measured, and is not pruned.
 """
 
 from __future__ import annotations
@@ -217,11 +219,16 @@ class MeasureSensitivity(Pass):
         orders = {g.id: sorted(g.prunable, key=lambda k: (state.scores[g.id][k], k)) for g in groups}
         counts = {g.id: self._counts(g, len(orders[g.id]), constraints) for g in groups}
         changed = {g.id: set(self._pruned_weights(state, layers, g, orders[g.id], compensate=False)) for g in groups}
+        unmeasurable = [g for g in groups if not changed[g.id]]
+        if unmeasurable:
+            log.warning("%d groups cannot be measured (no weight emulates their removal) and are kept whole: %s",
+                        len(unmeasurable), ", ".join(g.name for g in unmeasurable[:3]))
+        groups = [g for g in groups if changed[g.id]]
         samples, every_width, whole = self._plan(state, model, groups, counts, changed)
         feeds = {name: array[:samples] for name, array in state.calibration_data.items()}
         runner = TailRunner(graph, model, feeds, list(changed.values()))
         energy = sum(float(np.sum(y * y)) for y in runner.reference.values()) or 1.0
-        scores = dict(state.scores)
+        scores = {**state.scores, **{g.id: np.full(len(g.units), np.inf) for g in unmeasurable}}
         for done, group in enumerate(groups):
             state.note(f"measuring sensitivity of group {done + 1}/{len(groups)}")
             order, measured = orders[group.id], counts[group.id]

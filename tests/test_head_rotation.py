@@ -158,18 +158,41 @@ def test_the_last_dimensions_after_rotation_cost_less_than_any_before(tmp_path):
         assert after < 0.75 * plain, (values, after, plain)
 
 
-def _scaled_model(tmp_path):
-    """The attention model with its queries scaled per head dimension on their way to Q·Kᵀ."""
+def _scaled_model(tmp_path, own_value_target: bool = False):
+    """The attention model with its queries scaled per head dimension on their way to Q·Kᵀ;
+    ``own_value_target``: the values reshaped by a target of their own, so that queries/keys
+    and values/output are separate groups."""
     model = onnx.load(_attention_model(tmp_path / "attention.onnx"))
-    for node in model.graph.node:
+    nodes = model.graph.node
+    for node in nodes:
         if node.op_type == "Transpose" and node.input[0] == "q2":
             node.input[0] = "q2s"
-    model.graph.node.insert([n.output[0] for n in model.graph.node].index("q2") + 1,
-                            onnx.helper.make_node("Mul", ["q2", "DimScale"], ["q2s"]))
+        if own_value_target and node.op_type == "Reshape" and node.input[0] == "v1":
+            node.input[1] = "value_target"
+    nodes.insert([n.output[0] for n in nodes].index("q2") + 1, onnx.helper.make_node("Mul", ["q2", "DimScale"], ["q2s"]))
+    if own_value_target:
+        nodes.insert([n.output[0] for n in nodes].index("split_target") + 1, onnx.helper.make_node(
+            "Concat", ["bu", "lu", "Heads", "ValueDim"], ["value_target"], axis=0))
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([HEAD_DIM]), "ValueDim"))
     scale = np.linspace(0.5, 1.5, HEAD_DIM).astype(np.float32)
     model.graph.initializer.append(onnx.numpy_helper.from_array(scale, "DimScale"))
     onnx.save(model, tmp_path / "scaled.onnx")
     return tmp_path / "scaled.onnx"
+
+
+@pytest.mark.accurate
+def test_forced_head_dims_keep_unrotatable_queries_and_keys_whole(tmp_path):
+    """--head-dims on attention whose queries/keys cannot be rotated: their head dimensions
+    (which no weight reads, so no measurement can emulate their removal) are kept whole; the
+    values' are rotated and pruned."""
+    graph = load_model(_scaled_model(tmp_path, own_value_target=True), SHAPES)
+    state = prune_graph(graph, PruneConfig(flops=0.8, round_to=1, head_dims=True))
+    dims = {g.name: g for g in state.analysis.groups if state.analysis.kind(g) == "head dims"}
+    assert len(dims) == 2 and len(state.rotation.energies) == 1
+    (rotated,) = state.rotation.energies
+    for group in dims.values():
+        removed = len(state.plan.removed.get(group.id, []))
+        assert (removed > 0) if group.id == rotated else (removed == 0), (group.name, removed)
 
 
 def test_a_per_dimension_scale_on_the_way_keeps_the_basis(tmp_path):
