@@ -113,7 +113,9 @@ def test_command_line_counts_every_graph(capsys):
     "seed, flops, cosine",
     [
         (24, 0.60, 0.99),  # a Reshape to a fixed batch of 1 inside: statistics, sensitivity and re-fit run per sample
-        (116, 0.46, 0.98),  # the same, with the Reshape after a convolution
+        # the same, with the Reshape after a convolution; its attention loses rotated head
+        # dimensions (whole heads, --heads: 0.455 of the FLOPs, cosine 0.990)
+        (116, 0.60, 0.99),
         (36, 0.60, 0.97),  # a MatMul over the last axis of a conv output that loses channels: rows do not pair
     ],
 )
