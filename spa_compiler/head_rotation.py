@@ -22,14 +22,11 @@ attention output ``z = P v`` (the output projection's input statistics) and the 
 ``Lᵀ W_O = U S Vᵀ`` of the head's rows of ``W_O``: ``T = L⁻ᵀ U`` makes the new ``z`` white and the
 new rows ``T⁻¹ W_O = S Vᵀ``; dimension d contributes ``s_d²`` to the head's output energy.
 
-Only attention whose head dimensions travel from the projections to the products through
-data movement, scalar scaling (Mul or Div by a scalar) and slicing along other axes is rotated:
-a rotary embedding or a per-dimension norm on the way does not commute with ``T``, and those
-heads keep their basis. A packed projection (q, k and v from one MatMul, as ViT and SVTR write
-it: reshaped to ``[.., 3, H, D]`` and taken apart by Slice, Gather or Split) is read as one block
-of heads per role, in the order of the slices. Heads pair by their order along the projection
-(head h of the queries with head h of the keys); whatever the graph, :class:`RotateHeads` keeps
-a rotation only if the model's outputs stay the same on calibration samples (float32 rounding).
+Which heads can be rotated, and which projection plays which role, is
+:mod:`spa_compiler.attention_heads`' (a rotary embedding or a per-dimension norm on the way does
+not commute with ``T``: those heads keep their basis). Whatever the graph, :class:`RotateHeads`
+keeps a rotation only if the model's outputs stay the same on calibration samples (float32
+rounding).
 """
 
 from __future__ import annotations
@@ -40,16 +37,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 from onnx import numpy_helper
 
-from .analysis import Analysis, Group
+from .attention_heads import HeadBasis, Projection, rotatable_heads
 from .calibrate import ConsumerLayer, LayerStatistics, collect_statistics
-from .ir import Graph, Node
+from .ir import Graph
 from .pipeline import Pass
 from .proto_copy import copy_without_initializers
 from .state import PruneState
 from .verify import fidelity, reference_session
 
 __all__ = [
-    "GroupRotation", "HeadBasis", "HeadRotation", "RotateHeads", "query_key_bases", "rotatable_heads", "rotate_heads", "rotated_graph",
+    "GroupRotation", "HeadRotation", "RotateHeads", "query_key_bases", "rotate_heads", "rotated_graph",
     "value_output_bases",
 ]
 
@@ -61,204 +58,6 @@ CHECK_SAMPLES = 4  # calibration samples the check runs
 RIDGE = 1e-6
 """Added to each second moment (times its mean diagonal) so that its Cholesky factor exists;
 the bases stay exact inverses of each other whatever it is."""
-
-_DATA_MOVEMENT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
-
-
-@dataclass(frozen=True)
-class Projection:
-    """A projection's share of one head group: ``heads[h, k]`` is the column (the row, for the
-    output projection) of head h's element in unit k."""
-
-    layer: ConsumerLayer
-    heads: np.ndarray
-
-
-@dataclass(frozen=True)
-class HeadBasis:
-    """One attention group's projections: queries and keys, values and output, or both (a group
-    whose head-dim constant they share). A packed projection (q, k and v from one MatMul, sliced
-    apart) appears once per role, each with its block of heads."""
-
-    group: Group
-    query_key: tuple[Projection, Projection] | None
-    value_output: tuple[Projection, Projection] | None
-
-    @property
-    def measured(self) -> list[ConsumerLayer]:
-        """The layers whose input statistics the rotation reads: the query and key projections,
-        and the output projection (whose input is the attention output)."""
-        parts = [*(self.query_key or ()), *(self.value_output[1:] if self.value_output else ())]
-        return list({part.layer.node: part.layer for part in parts}.values())
-
-
-def _unit_layout(group: Group, axis_id: int) -> np.ndarray | None:
-    """``[rows, units]`` indices of one member axis (sorted within each unit), or None when the
-    units do not all hold the same number of them."""
-    per_unit = [np.sort(unit.members.get(axis_id, np.empty(0, dtype=np.int64))) for unit in group.units]
-    counts = {len(indices) for indices in per_unit}
-    if len(counts) != 1 or 0 in counts:
-        return None
-    return np.stack(per_unit, axis=1)
-
-
-def _matmul_weight(graph: Graph, node: Node) -> str | None:
-    """The 2-D float initializer a MatMul multiplies by (not a quantized weight's dequantized
-    value: rotating it would need new scales), or None."""
-    if node.op_type != "MatMul" or len(node.inputs) != 2 or node.scope:
-        return None
-    weight = node.inputs[1]
-    plain = graph.is_constant(weight) and weight not in graph.quantized and weight not in graph.integer_weights
-    return weight if plain and graph.constants[weight].ndim == 2 and graph.constants[weight].dtype.kind == "f" else None
-
-
-def _scalar_scaling(graph: Graph, node: Node) -> bool:
-    if node.op_type not in ("Mul", "Div"):
-        return False
-    constants = [name for name in node.inputs if graph.is_constant(name)]
-    return len(constants) == 1 and graph.constants[constants[0]].size == 1 and (
-        node.op_type == "Mul" or node.inputs[1] == constants[0])
-
-
-def _bias_add(graph: Graph, node: Node, members: dict[str, int]) -> bool:
-    constants = [name for name in node.inputs if graph.is_constant(name)]
-    return node.op_type == "Add" and len(constants) == 1 and constants[0] in members
-
-
-def rotatable_heads(analysis: Analysis) -> list[HeadBasis]:
-    """The head-dimension groups whose every tensor is written and read by nodes that commute
-    with a per-head basis change: 2-D MatMul projections into the unit axis (with a constant
-    bias Add), data movement, scalar scaling, slicing along another axis, the products of two
-    activations, and a 2-D MatMul reading the unit axis (the output projection)."""
-    graph, found = analysis.graph, []
-    for group in analysis.groups:
-        if analysis.kind(group) != "head dims" or any(unit.blocked for unit in group.units):
-            continue
-        basis = _head_basis(analysis, graph, group)
-        if basis is not None:
-            found.append(basis)
-    return found
-
-
-def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | None:
-    refs = {axis_id: analysis.axes[axis_id] for axis_id in group.axes}
-    members = {ref.tensor: ref.axis for ref in refs.values()}
-    parts: dict[str, list[Projection]] = {}
-    biases: dict[str, np.ndarray] = {}
-    for axis_id, ref in refs.items():
-        if not ref.constant:
-            node = graph.producer.get(ref.tensor)
-            readers = graph.consumers.get(ref.tensor, [])
-            if node is None or not all(_commutes(graph, n, members) for n in [node, *readers]):
-                return None
-            continue
-        readers, layout = graph.consumers.get(ref.tensor, []), _unit_layout(group, axis_id)
-        if len(readers) != 1 or layout is None:
-            return None
-        if _bias_add(graph, readers[0], members):
-            biases[ref.tensor] = layout
-            continue
-        if _matmul_weight(graph, readers[0]) != ref.tensor:
-            return None
-        layer = ConsumerLayer(readers[0].name, "MatMul", readers[0].inputs[0], ref.tensor, 0, 1,
-                              _bias(graph, readers[0], members))
-        roles = _roles(graph, readers[0].name, members) if ref.axis == 1 else ["output"]
-        if not roles or len(layout) % len(roles):
-            return None
-        for role, block in zip(roles, np.split(layout, len(roles))):
-            parts.setdefault(role, []).append(Projection(layer, block))
-    for name, layout in biases.items():
-        if not any(p.layer.bias == name and np.array_equal(layout, _full_layout(parts, p.layer))
-                   for projections in parts.values() for p in projections):
-            return None
-    pairs = {first: (parts[first][0], parts[second][0]) for first, second in (("query", "key"), ("value", "output"))
-             if len(parts.get(first, [])) == 1 and len(parts.get(second, [])) == 1
-             and parts[first][0].heads.shape == parts[second][0].heads.shape}
-    if not pairs or sum(len(projections) for projections in parts.values()) != 2 * len(pairs):
-        return None
-    return HeadBasis(group, pairs.get("query"), pairs.get("value"))
-
-
-def _full_layout(parts: dict[str, list[Projection]], layer: ConsumerLayer) -> np.ndarray:
-    """A projection's whole layout: the blocks of all its roles, in order."""
-    return np.sort(np.concatenate([p.heads for ps in parts.values() for p in ps if p.layer is layer]), axis=0)
-
-
-def _roles(graph: Graph, node_name: str, members: dict[str, int]) -> list[str]:
-    """What a projection into the unit axis computes, from the products of two activations its
-    output reaches through the group's tensors: "query" (operand 0 of a product that contracts
-    the unit axis), "key" (operand 1), "value" (a product whose output keeps it). A packed
-    projection, sliced apart on the way (Slice, Gather or Split along another axis), computes
-    several, listed in the order of the slices; [] when that order is not clear."""
-    found: dict[str, set[int | None]] = {}
-    frontier = [(out, None) for out in graph.node_by_name[node_name].outputs]
-    seen = set()
-    while frontier:
-        name, part = frontier.pop()
-        seen.add(name)
-        for reader in graph.consumers.get(name, []):
-            if reader.op_type == "MatMul" and not any(graph.is_constant(i) for i in reader.inputs):
-                role = "value" if reader.outputs[0] in members else ("query", "key")[reader.inputs.index(name)]
-                found.setdefault(role, set()).add(part)
-                continue
-            for position, out in enumerate(reader.outputs):
-                if out in members and out not in seen:
-                    index = _slice_index(graph, reader, position)
-                    frontier.append((out, index if index is not None else part))
-    if any(len(indices) != 1 for indices in found.values()):
-        return []
-    order = {role: next(iter(indices)) for role, indices in found.items()}
-    if len(order) == 1:
-        return list(order)
-    if sorted(order.values(), key=str) != list(range(len(order))):
-        return []
-    return sorted(order, key=order.get)
-
-
-def _slice_index(graph: Graph, node: Node, position: int) -> int | None:
-    """Which slice of its input a slicing node's output ``position`` is: a Split's output
-    position, a Gather's constant scalar index, a Slice's constant start; None for other nodes."""
-    if node.op_type == "Split":
-        return position
-    if node.op_type == "Gather" and graph.is_constant(node.inputs[1]) and graph.constants[node.inputs[1]].size == 1:
-        return int(graph.constants[node.inputs[1]].reshape(-1)[0])
-    if node.op_type == "Slice" and len(node.inputs) > 1 and graph.is_constant(node.inputs[1]):
-        starts = graph.constants[node.inputs[1]].reshape(-1)
-        return int(starts[0]) if starts.size == 1 else None
-    return None
-
-
-def _commutes(graph: Graph, node: Node, members: dict[str, int]) -> bool:
-    """Whether a node on the unit axis's way passes a per-head basis change through: data
-    movement, scalar scaling, a bias Add, a slice along an axis other than the unit axis, a
-    product of two activations, a 2-D MatMul projection."""
-    if node.op_type in _DATA_MOVEMENT or _scalar_scaling(graph, node) or _bias_add(graph, node, members):
-        return True
-    if node.op_type in ("Slice", "Gather", "Split"):
-        return node.inputs[0] in members and not _slices_unit_axis(graph, node, members[node.inputs[0]])
-    if node.op_type == "MatMul":
-        return _matmul_weight(graph, node) is not None or not any(graph.is_constant(i) for i in node.inputs)
-    return False
-
-
-def _slices_unit_axis(graph: Graph, node: Node, unit_axis: int) -> bool:
-    """Whether a Slice, Gather or Split cuts its input along ``unit_axis`` (or cannot be read)."""
-    rank = len(graph.shapes[node.inputs[0]])
-    if node.op_type in ("Gather", "Split"):
-        return int(node.attr("axis", 0)) % rank == unit_axis
-    if len(node.inputs) < 4 or not node.inputs[3]:
-        return True  # every axis sliced
-    if not graph.is_constant(node.inputs[3]):
-        return True
-    return any(int(a) % rank == unit_axis for a in graph.constants[node.inputs[3]].reshape(-1))
-
-
-def _bias(graph: Graph, node: Node, members: dict[str, int]) -> str | None:
-    readers = graph.consumers.get(node.outputs[0], [])
-    if len(readers) == 1 and _bias_add(graph, readers[0], members):
-        return next(name for name in readers[0].inputs if graph.is_constant(name))
-    return None
-
 
 def _augmented(graph: Graph, layer: ConsumerLayer) -> np.ndarray:
     """``[W; b]``: the projection's weight with its bias (zeros without one) as the last row."""

@@ -30,7 +30,7 @@ from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
 from .errors import first_line
-from .head_rotation import rotatable_heads
+from .attention_heads import rotatable_heads
 from .ir import Graph, load_model
 from .shapes import synthetic_inputs
 from .model_files import save_model

@@ -1,4 +1,5 @@
-"""Rotating attention heads before pruning head dimensions (spa_compiler.head_rotation)."""
+"""Rotating attention heads before pruning head dimensions (spa_compiler.head_rotation,
+spa_compiler.attention_heads)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 
 from helpers import relative_error
 from spa_compiler import PruneConfig, analyze_graph, load_model, prune_graph
+from spa_compiler.attention_heads import rotatable_heads
 from spa_compiler.head_rotation import (
-    TOLERANCE, GroupRotation, RotateHeads, query_key_bases, rotatable_heads, rotate_heads, rotated_graph,
-    value_output_bases,
+    TOLERANCE, GroupRotation, RotateHeads, query_key_bases, rotate_heads, rotated_graph, value_output_bases,
 )
 from spa_compiler.shapes import synthetic_inputs
 from spa_compiler.verify import fidelity, run_model
