@@ -195,12 +195,14 @@ def rotated_graph(graph: Graph, values: dict[str, np.ndarray]) -> Graph:
 @dataclass(frozen=True)
 class HeadRotation:
     """What :class:`RotateHeads` did: the graph before (fidelity is measured against it), each
-    rotated group's unit energies, and, per rotated query/key group, the constant axes whose
-    zeroing removes its units exactly (it has no consumer weight to zero)."""
+    rotated group's unit energies, per rotated query/key group the constant axes whose zeroing
+    removes its units exactly (it has no consumer weight to zero), and the constants rotated
+    (the report lists them as changed, so that ``spa_compiler.torch.narrow`` carries them over)."""
 
     original: Graph
     energies: dict[int, np.ndarray]
     zeroable: dict[int, list[int]]
+    rotated: frozenset[str] = frozenset()  # the constants given new values
     dropped: int = 0  # groups whose rotation did not keep the outputs
     error: float = 0.0  # the largest relative output error a rotation checked gave
 
@@ -225,7 +227,8 @@ class RotateHeads(Pass):
         zeroable = {r.basis.group.id: sorted({axis_id(p.layer.weight, 1) for p in r.basis.query_key}
                                              | {axis_id(p.layer.bias, 0) for p in r.basis.query_key if p.layer.bias})
                     for r in kept if r.basis.query_key}
-        state.rotation = HeadRotation(state.graph, {r.basis.group.id: r.energy for r in kept}, zeroable,
+        rotated = frozenset(name for r in kept for name in r.values)
+        state.rotation = HeadRotation(state.graph, {r.basis.group.id: r.energy for r in kept}, zeroable, rotated,
                                       len(rotations) - len(kept), error)
         if kept:
             state.graph = rotated_graph(state.graph, {k: v for r in kept for k, v in r.values.items()})

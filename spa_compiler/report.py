@@ -43,7 +43,7 @@ class GroupChange:
 class InitializerChange:
     """What became of one weight of the input model: ``kept[axis]`` lists the indices kept along
     each axis that lost some (the others are whole), ``compensated`` whether its remaining values
-    were re-fitted (then the pruned file holds them, not a slice of the original)."""
+    were re-fitted or rotated (then the pruned file holds them, not a slice of the original)."""
 
     name: str
     shape: list[int]
@@ -130,10 +130,11 @@ def _file_size(path: Path) -> int:
 
 
 def initializer_changes(state: PruneState) -> list[InitializerChange]:
-    """Every initializer that lost indices or was re-fitted, with the indices kept per axis (a
-    QDQ weight re-fitted is reported by its quantized initializer)."""
+    """Every initializer that lost indices or was re-fitted (or rotated), with the indices kept
+    per axis (a QDQ weight re-fitted is reported by its quantized initializer)."""
     analysis, changes = state.analysis, []
     refitted = {state.graph.quantized[n].storage if n in state.graph.quantized else n for n in state.compensated}
+    refitted |= state.rotation.rotated if state.rotation is not None else set()
     for name, value in state.graph.constants.items():
         if name in state.graph.quantized:
             continue  # not an initializer: the float value of one

@@ -227,6 +227,26 @@ def test_narrow_refuses_a_module_whose_code_fixes_the_attention_width(exported, 
         narrow(module, report)
 
 
+@pytest.mark.accurate
+def test_rotated_head_dimensions_go_to_torch_through_to_torch_not_narrow(exported, tmp_path):
+    """The default pipeline prunes the ViT's rotated head dimensions: its rotated weights are
+    reported as changed, narrow refuses (a module's code scales scores by its own head size) and
+    says what to do, and to_torch trains the pruned file as it is."""
+    from models import zoo
+    from spa_compiler import ModelError
+    from spa_compiler.torch import narrow
+
+    path, report = _prune_half(exported("vit_tiny"), tmp_path)
+    assert report.rotated_heads == 4 and any(g.kind == "head dims" and g.channels_after < g.channels_before
+                                             for g in report.groups)
+    assert sum(change.compensated for change in report.initializers) >= 4 * 3
+    with pytest.raises(ModelError, match="removed head dimensions.*--heads"):
+        narrow(zoo.vit_tiny(), report)
+    feeds = _feeds(path, seed=5)
+    expected = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    np.testing.assert_allclose(_run_torch(to_torch(path), feeds), expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
 def test_narrow_names_the_layer_that_fails_and_the_width_its_code_fixes(exported, tmp_path):
     """The zoo C2f splits cv1's output by a fixed ``self.hidden``: the narrowed module cannot run,
     and the error names the conv that got the wrong width and the attribute."""

@@ -373,6 +373,13 @@ def narrow(module: nn.Module, report: PruneReport | dict | str | os.PathLike,
     ``--json-report``) to ``module`` in place and return it (module docstring). ``example_inputs``
     (positional, as the ONNX inputs) default to seeded inputs of the ONNX model's input shapes."""
     data = _load_report(report)
+    head_dims = [g["name"] for g in data.get("groups", [])
+                 if g.get("kind") == "head dims" and g["channels_after"] < g["channels_before"]]
+    if head_dims:
+        raise ModelError(
+            f"the pruning removed head dimensions ({head_dims[0]}{', ...' if len(head_dims) > 1 else ''}), which a "
+            "module's own code cannot follow (it scales scores by its head size); prune with --heads "
+            "(PruneConfig(head_dims=False)) to narrow this module, or train the pruned file with to_torch")
     if isinstance(module, torch.jit.ScriptModule):
         log.warning("the module is TorchScript: its weights are narrowed, but its constants (in_channels, "
                     "out_features, ...) keep the unpruned widths; rebuild it at the new widths to train it")
