@@ -75,8 +75,9 @@ class Analyse(Pass):
 
     Attention loses whole heads (``head_dims`` False), head dimensions (True), or, by default
     (None), head dimensions when the run collects statistics (onnxruntime runs the model) and
-    every attention group's heads can be rotated first (:mod:`spa_compiler.head_rotation`), whole heads otherwise: on
-    all-MiniLM-L6-v2 rotated head dimensions keep more than whole heads at every target."""
+    every attention group's heads can be rotated first (:mod:`spa_compiler.head_rotation`),
+    whole heads otherwise: on all-MiniLM-L6-v2 rotated head dimensions keep more than whole
+    heads at every target."""
 
     name, description, requires, provides = "analyse", "analysing channel dependencies", ("graph",), ("analysis",)
 
