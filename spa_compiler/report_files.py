@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .report import PruneReport, _count, fidelity_warning
+from .report import PruneReport, _count, data_free, fidelity_warning
 
 if TYPE_CHECKING:
     from .sweep import PointResult, SweepResult
@@ -48,7 +48,7 @@ def quality_label(report: PruneReport) -> str:
     if report.eval_after is not None:
         return "--eval score"
     if report.held_out_fidelity is not None:
-        return "output cosine (held-out samples)"
+        return "output cosine (held-out synthetic samples)" if data_free(report) else "output cosine (held-out samples)"
     return "output cosine (synthetic inputs)"
 
 

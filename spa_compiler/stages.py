@@ -123,6 +123,8 @@ class CollectStatistics(Pass):
         else:
             tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
             data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
+            state.held_out = synthetic_calibration(graph, HELD_OUT_SYNTHETIC, config.seed + 1)[0]
+            state.held_out_source = "synthetic samples the statistics did not see"
 
         def report(done: int, total: int) -> None:
             state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
@@ -148,6 +150,11 @@ class CollectStatistics(Pass):
 
 
 HELD_OUT_SHARE, HELD_OUT_MAX = 8, 32
+HELD_OUT_SYNTHETIC = 16
+"""Synthetic samples made, data-free, to measure fidelity on: like the statistics' (token ids
+from the vocabulary's prior, natural-image-like pictures), another seed. The report's first
+figure, on standard-normal floats and all-zero integers, says little of a language model
+(all-MiniLM-L6-v2 at ``--flops 0.5``: cosine 0.31 there, 0.83 on real sentences)."""
 
 
 def split_held_out(data: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -272,7 +279,8 @@ class Verify(Pass):
             state.fidelity = fidelity(run_reference(original, feeds), run_model(state.model, feeds))
         if state.held_out is not None and state.fidelity is not None:
             batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
-            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow)
+            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow,
+                                                        state.held_out_source)
         return state
 
 

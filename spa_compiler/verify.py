@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Fidelity", "verify_model", "run_model", "run_reference", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
+    "FidelitySums",
 ]
 
 
@@ -242,45 +243,68 @@ def _onnxruntime_cpu_ops() -> frozenset[tuple[str, str]]:
     return frozenset((k.domain, k.op_name) for k in state.get_all_opkernel_def() if k.provider == "CPUExecutionProvider")
 
 
+class FidelitySums:
+    """The sums :class:`Fidelity` is made of, added batch by batch (outputs whose first axis is
+    the sample axis), so the outputs of many samples (a language model's logits) are never held
+    together: per-sample cosines, ``Σ‖after − before‖²``, ``Σ‖before‖²``, the largest absolute
+    error, and the decisions kept out of those made."""
+
+    def __init__(self) -> None:
+        self.cosines: list[np.ndarray] = []
+        self.squared_error = self.squared_norm = self.max_abs_error = 0.0
+        self.kept = self.decisions = 0
+
+    def add(self, before: list[np.ndarray], after: list[np.ndarray]) -> None:
+        firsts = {np.shape(x)[0] if np.ndim(x) else 1 for x in before}
+        samples = firsts.pop() if len(firsts) == 1 else 1  # outputs disagreeing on the first axis: one sample
+
+        def per_sample(outputs: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate([np.asarray(x, dtype=np.float64).reshape(samples, -1) for x in outputs], axis=1)
+
+        a, b = per_sample(before), per_sample(after)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        self.cosines.append(np.divide(np.einsum("ij,ij->i", a, b), norms, out=np.ones_like(norms), where=norms != 0))  # 0/0: 1
+        self.squared_error += float(np.sum((a - b) ** 2))
+        self.squared_norm += float(np.sum(a**2))
+        self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(a - b))) if a.size else 0.0)  # NaN stays
+        for x, y in zip(before, after):
+            if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2:  # class scores
+                self.kept += int(np.sum(np.argmax(x, -1) == np.argmax(y, -1)))
+                self.decisions += int(np.prod(np.shape(x)[:-1]))
+
+    def result(self, source: str) -> "Fidelity":
+        cosines = np.concatenate(self.cosines)
+        return Fidelity(
+            max_abs_error=self.max_abs_error,
+            relative_error=float(np.sqrt(self.squared_error) / max(np.sqrt(self.squared_norm), 1e-30)),
+            cosine=float(np.mean(cosines)),
+            top1_agreement=self.kept / self.decisions if self.decisions else None,
+            samples=len(cosines),
+            source=source,
+        )
+
+
 def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "synthetic inputs") -> Fidelity:
     """Compare outputs whose first axis is the sample axis (see :class:`Fidelity`)."""
-    firsts = {np.shape(x)[0] if np.ndim(x) else 1 for x in before}
-    samples = firsts.pop() if len(firsts) == 1 else 1  # outputs disagreeing on the first axis: one sample
-
-    def per_sample(outputs: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate([np.asarray(x, dtype=np.float64).reshape(samples, -1) for x in outputs], axis=1)
-
-    a, b = per_sample(before), per_sample(after)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cosines = np.divide(np.einsum("ij,ij->i", a, b), norms, out=np.ones_like(norms), where=norms != 0)  # 0/0: 1, NaN stays
-    decisions = [(x, y) for x, y in zip(before, after) if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2]
-    agreement = (
-        float(np.mean(np.concatenate([(np.argmax(x, -1) == np.argmax(y, -1)).reshape(-1) for x, y in decisions])))
-        if decisions else None
-    )
-    return Fidelity(
-        max_abs_error=float(np.max(np.abs(a - b))) if a.size else 0.0,
-        relative_error=float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
-        cosine=float(np.mean(cosines)),
-        top1_agreement=agreement,
-        samples=samples,
-        source=source,
-    )
+    sums = FidelitySums()
+    sums.add(before, after)
+    return sums.result(source)
 
 
 def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[str, np.ndarray], batch: int,
-                      narrow: Narrowing = _unchanged) -> Fidelity:
-    """:func:`fidelity` on real held-out samples (keyed by input, first axis samples), run in
-    batches of ``batch`` (1 when the model's batch axis is fixed); ``narrow`` as in :func:`verify_model`."""
+                      narrow: Narrowing = _unchanged, source: str = "held-out calibration samples") -> Fidelity:
+    """:func:`fidelity` on held-out samples (keyed by input, first axis samples), run in batches
+    of ``batch`` (1 when the model's batch axis is fixed) and compared batch by batch; ``narrow``
+    as in :func:`verify_model`; ``source`` says what the samples are."""
     count = len(next(iter(samples.values())))
     reference, weights = reference_session(original)
-    sessions = [(reference, weights), (session_for(free_batch_copy(pruned) if batch > 1 else pruned, layout=False), {})]
-    outputs = []
-    for (session, extra), narrowing in zip(sessions, (_unchanged, narrow)):
-        runs = [session.run(None, {**{k: narrowing(k, v[i:i + batch]) for k, v in samples.items()}, **extra})
-                for i in range(0, count, batch)]
-        outputs.append([np.concatenate(parts) for parts in zip(*runs)])
-    mask = attention_mask(samples)  # outputs at padding count for nothing
-    before = [padding_zeroed(narrow(name, value), mask) for name, value in zip(original.outputs, outputs[0])]
-    after = [padding_zeroed(value, mask) for value in outputs[1]]
-    return fidelity(before, after, f"{count} held-out calibration samples")
+    session = session_for(free_batch_copy(pruned) if batch > 1 else pruned, layout=False)
+    sums = FidelitySums()
+    for i in range(0, count, batch):
+        feeds = {k: v[i:i + batch] for k, v in samples.items()}
+        before = reference.run(None, {**feeds, **weights})
+        after = session.run(None, {k: narrow(k, v) for k, v in feeds.items()})
+        mask = attention_mask(feeds)  # outputs at padding count for nothing
+        sums.add([padding_zeroed(narrow(name, value), mask) for name, value in zip(original.outputs, before)],
+                 [padding_zeroed(value, mask) for value in after])
+    return sums.result(f"{count} {source}")

@@ -211,6 +211,30 @@ def test_held_out_fidelity_and_eval(tmp_path, calibration):
     assert "held out" in report.calibration
 
 
+def test_data_free_fidelity_is_measured_on_unseen_synthetic_samples(tmp_path):
+    """Data-free, the report also compares outputs on 16 synthetic samples made like the
+    statistics' (another seed), compared batch by batch as on the whole set at once."""
+    from spa_compiler.synthetic import synthetic_calibration
+    from spa_compiler.verify import FidelitySums, fidelity
+
+    out = tmp_path / "small.onnx"
+    report = prune(EXAMPLE, out, PruneConfig(flops=0.5, bench_runs=0, seed=3))
+    held = report.held_out_fidelity
+    assert held.samples == 16 and held.source == "16 synthetic samples the statistics did not see"
+    x = synthetic_calibration(load_model(EXAMPLE), 16, seed=4)[0]["input"]
+    before, after = outputs(str(EXAMPLE), x), outputs(str(out), x)
+    whole = fidelity([before], [after])
+    assert held.cosine == pytest.approx(whole.cosine, rel=1e-5) and held.cosine < 1 - 1e-6
+    assert held.top1_agreement == pytest.approx(np.mean(before.argmax(1) == after.argmax(1)))
+    sums = FidelitySums()
+    for part in (slice(0, 5), slice(5, 16)):
+        sums.add([before[part]], [after[part]])
+    halves = sums.result("x")
+    assert (halves.cosine, halves.relative_error, halves.max_abs_error, halves.top1_agreement, halves.samples) == \
+        pytest.approx((whole.cosine, whole.relative_error, whole.max_abs_error, whole.top1_agreement, 16), rel=1e-12)
+    assert synthetic_only(report)
+
+
 def test_eval_script_errors_are_input_errors(tmp_path):
     (tmp_path / "bad.py").write_text("x = 1\n")
     with pytest.raises(InputError, match="defines no function score"):
