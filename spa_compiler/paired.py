@@ -3,7 +3,8 @@
 For a consumer layer, ``x`` are its input features in the original network and ``x̃`` those
 the pruned network gives it at the same positions (both with a trailing constant 1): the
 re-fit toward the original outputs needs ``G̃ = Σ x̃ x̃ᵀ`` and ``C = Σ x̃ xᵀ``
-(:mod:`spa_compiler.refit`).
+(:mod:`spa_compiler.refit`). For a layer that feeds a residual stream, ``x`` is extended by the
+stream's error ``δ = r − r̃`` at the same rows (:mod:`spa_compiler.residual_target`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .calibrate import (
 )
 from .batch_axis import declares_batch_of_one, fixed_batch
 from .feature_rows import feature_width, layer_features, sample_rows
+from .residual_target import residual_rows
 from .ir import Graph
 from .subnetwork import prefix_model
 from .token_mask import attention_mask
@@ -36,16 +38,19 @@ class PairedStatistics:
     ``gram = Σ x̃ x̃ᵀ`` over the pruned input's features and ``cross = Σ x̃ xᵀ`` against the
     original input's features at the same positions, both with a trailing constant 1. They are
     kept in two folds (``gram[f]``, ``cross[f]``: the rows of alternate batches of samples), so
-    a re-fit can be checked on rows it was not fitted to."""
+    a re-fit can be checked on rows it was not fitted to. ``residual`` is the width of the
+    residual stream's error ``δ`` that extends ``x`` (0 for none): ``cross`` against ``[x; δ; 1]``."""
 
     layer: ConsumerLayer
     gram: np.ndarray  # [2, pruned features + 1, pruned features + 1]
-    cross: np.ndarray  # [2, pruned features + 1, features + 1]
+    cross: np.ndarray  # [2, pruned features + 1, features + residual + 1]
+    residual: int = 0
 
     @classmethod
-    def empty(cls, layer: ConsumerLayer, pruned_width: int, width: int) -> "PairedStatistics":
-        """Zero sums for ``pruned_width`` and ``width`` features (without the constant 1)."""
-        return cls(layer, np.zeros((2, pruned_width + 1, pruned_width + 1)), np.zeros((2, pruned_width + 1, width + 1)))
+    def empty(cls, layer: ConsumerLayer, pruned_width: int, width: int, residual: int = 0) -> "PairedStatistics":
+        """Zero sums for ``pruned_width`` and ``width`` (+ ``residual``) features (without the constant 1)."""
+        return cls(layer, np.zeros((2, pruned_width + 1, pruned_width + 1)),
+                   np.zeros((2, pruned_width + 1, width + residual + 1)), residual)
 
     def add(self, pruned: np.ndarray, original: np.ndarray, fold: int = 0) -> None:
         """Fold in one batch of rows: products in float32 (twice as fast; one batch's sums are
@@ -65,13 +70,15 @@ class PairedStatistics:
 @dataclass
 class _OriginalRows:
     """The rows a layer's statistics take from one batch (samples ``start`` to ``stop``):
-    positions (None for all) and the original network's features there."""
+    positions (None for all) and the original network's features there, and its residual
+    stream's values there (None when the layer feeds none)."""
 
     start: int
     stop: int
     shape: tuple[int, ...]  # of the original activation on that batch
     taken: np.ndarray | None
     features: np.ndarray
+    stream: np.ndarray | None = None
 
 
 class PairedRunner:
@@ -81,11 +88,14 @@ class PairedRunner:
     so each run may give them new values, and each run computes only the start of the network
     that the layers asked for read (:func:`~spa_compiler.subnetwork.prefix_model`). The rows
     of a layer come in two folds, those of alternate batches; a stage of ``n`` samples runs in
-    batches of ``batch_size`` but at least two (one sample each when the model's batch is fixed)."""
+    batches of ``batch_size`` but at least two (one sample each when the model's batch is fixed).
+    ``streams`` maps a layer (by node) to the residual stream its output is added to, whose
+    error extends its original features."""
 
     def __init__(self, graph: Graph, pruned: onnx.ModelProto, layers: list[ConsumerLayer], weights: set[str],
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, streams: dict[str, str] | None = None) -> None:
         self.graph = graph
+        self.streams = streams or {}
         self.pruned = with_weight_inputs(pruned, weights)
         self.fixed = fixed_batch(graph) or declares_batch_of_one(graph.model)  # see batch_for
         self.batch_size = batch_size
@@ -116,7 +126,7 @@ class PairedRunner:
         available = len(next(iter(data.values())))
         planned = {layer.node: min(count, available) for layer_list, count in plan for layer in layer_list}
         layers = [layer for layer in self.layers if layer.node in planned]
-        session = session_for(exposing(graph.model, sorted({layer.activation for layer in layers})))
+        session = session_for(exposing(graph.model, self._read(layers)))
         rng = np.random.default_rng(seed)
         self.original = {layer.node: [] for layer in layers}
         readers: dict[tuple[int, int], list[ConsumerLayer]] = {}
@@ -125,7 +135,7 @@ class PairedRunner:
                 readers.setdefault(span, []).append(layer)
         for (start, stop), batch_layers in sorted(readers.items(), key=lambda item: (item[0][1] - item[0][0], item[0])):
             feeds = {name: array[start:stop] for name, array in data.items()}
-            activations = sorted({layer.activation for layer in batch_layers})
+            activations = self._read(batch_layers)
             values = dict(zip(activations, session.run(activations, feeds)))
             mask = attention_mask(feeds)
             for layer in batch_layers:
@@ -134,7 +144,14 @@ class PairedRunner:
                 budget = -(-min(rows_per_feature * (width + 1), MAX_ROWS) // len(self.batches(planned[layer.node])))
                 taken = sample_rows(layer, graph, x.shape, rng, budget, mask)
                 features = layer_features(layer, graph, x, taken)
-                self.original[layer.node].append(_OriginalRows(start, stop, x.shape, taken, features))
+                stream = self.streams.get(layer.node)
+                rows = residual_rows(values[stream], taken) if stream else None
+                self.original[layer.node].append(_OriginalRows(start, stop, x.shape, taken, features, rows))
+
+    def _read(self, layers: list[ConsumerLayer]) -> list[str]:
+        """The tensors a run must return for ``layers``: their inputs and residual streams."""
+        streams = {self.streams[layer.node] for layer in layers if layer.node in self.streams}
+        return sorted({layer.activation for layer in layers} | streams)
 
     def statistics(self, layers: list[ConsumerLayer], data: dict[str, np.ndarray],
                    weights: dict[str, np.ndarray]) -> dict[str, PairedStatistics]:
@@ -144,7 +161,7 @@ class PairedRunner:
         features') has none."""
         graph = self.graph
         layers = [layer for layer in layers if self.original.get(layer.node)]
-        activations = sorted({layer.activation for layer in layers})
+        activations = self._read(layers)
         if not activations:
             return {}
         prefix = prefix_model(self.pruned, activations)
@@ -164,8 +181,15 @@ class PairedRunner:
                 axis = layer.channel_axis
                 if np.delete(cached.shape, axis).tolist() != np.delete(x_pruned.shape, axis).tolist():
                     continue  # pruning removed rows too (a channel axis among its row axes): no row pairs with one
+                original = cached.features
+                if cached.stream is not None:
+                    stream = narrowed[self.streams[layer.node]]
+                    error = (cached.stream - residual_rows(stream, cached.taken) if stream.shape[-1] == cached.stream.shape[-1]
+                             else np.zeros_like(cached.stream))  # a stream that lost channels: the plain target
+                    original = np.hstack([original, error])
                 if layer.node not in stats:
                     width = feature_width(layer, x_pruned.shape)
-                    stats[layer.node] = PairedStatistics.empty(layer, width, cached.features.shape[1])
-                stats[layer.node].add(layer_features(layer, graph, x_pruned, cached.taken), cached.features, index % 2)
+                    residual = 0 if cached.stream is None else cached.stream.shape[1]
+                    stats[layer.node] = PairedStatistics.empty(layer, width, cached.features.shape[1], residual)
+                stats[layer.node].add(layer_features(layer, graph, x_pruned, cached.taken), original, index % 2)
         return stats

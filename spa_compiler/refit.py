@@ -34,7 +34,9 @@ a classifier after pooling one), whichever is more; but the runs may cost at mos
 MACs (``BUDGET_MACS``: :func:`stage_samples` caps the stages' samples), so a 4-GMAC ResNet-50
 re-fits its late layers on fewer samples than they would want (the held-out choice then keeps
 fewer parameters). The bias term also corrects the shift of every output's mean that removed
-channels and upstream errors leave.
+channels and upstream errors leave. A layer whose output is added to a residual stream is
+fitted toward its original output plus the stream's error there
+(:mod:`~spa_compiler.residual_target`): the block's sum, not the layer's term, is matched.
 
 Layers whose weight is shared with another node are left alone: one re-fit cannot serve both.
 """
@@ -50,6 +52,7 @@ from .calibrate import ConsumerLayer
 from .cost import node_macs
 from .paired import PairedRunner, PairedStatistics
 from .pipeline import Pass
+from .residual_target import extended_target, residual_stream
 from .rewrite import rewrite_model, slice_constant
 from .secondorder import augmented, feature_columns
 from .state import PruneState
@@ -189,9 +192,10 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     rows = float(stats.gram[:, -1, -1].sum())
     kept = np.setdiff1d(np.arange(features), feature_columns(removed_channels, layer.features_per_channel))
     kept_columns = np.append(kept, features)  # and the bias
-    gram, cross, target, prior = stats.gram, stats.cross, weights, current[:, kept_columns]
+    target = extended_target(weights, stats.residual)  # [W, I, b] toward the residual stream's error too
+    gram, cross, prior = stats.gram, stats.cross, current[:, kept_columns]
     if layer.bias is None:
-        gram, cross, target, prior = gram[:, :-1, :-1], cross[:, :-1, :-1], weights[:, :-1], prior[:, :-1]
+        gram, cross, target, prior = gram[:, :-1, :-1], cross[:, :-1, :-1], target[:, :-1], prior[:, :-1]
     has_bias = layer.bias is not None
     if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
         ridge = "unchanged"  # statistics that overflowed float64 fit nothing
@@ -269,6 +273,20 @@ def stages(levels: list[list[ConsumerLayer]], count: int) -> list[list[ConsumerL
     return [[layer for level in levels[a:b] for layer in level] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def residual_streams(graph, sequence: list[list[ConsumerLayer]]) -> dict[str, str]:
+    """The residual stream each layer's re-fit also corrects (:mod:`~spa_compiler.residual_target`),
+    by node: only a stream that no layer of the layer's own stage computes, since the stage's
+    layers are re-fitted together and the stream's error is measured before."""
+    streams = {}
+    for stage in sequence:
+        nodes = {layer.node for layer in stage}
+        for layer in stage:
+            stream = residual_stream(graph, layer)
+            if stream and not nodes & {node.name for node in prefix_nodes(graph.model, [stream])}:
+                streams[layer.node] = stream
+    return streams
+
+
 class Refit(Pass):
     """Sequential re-fitting of every consumer layer on the pruned network's inputs, stage by
     stage (see the module docstring); ``rounds`` repeats the whole sequence."""
@@ -278,7 +296,8 @@ class Refit(Pass):
     provides = ("compensated",)
 
     def __init__(self, rounds: int = 1, samples: int = SAMPLES, stage_count: int = STAGES,
-                 budget: float = BUDGET_MACS) -> None:
+                 budget: float = BUDGET_MACS, residual: bool = True) -> None:
+        self.residual = residual
         self.rounds = rounds
         self.samples = samples
         self.stage_count = stage_count
@@ -294,8 +313,9 @@ class Refit(Pass):
         ]
         refitted = {layer.weight for layer in layers} | {layer.bias for layer in layers if layer.bias}
         pruned = rewrite_model(analysis, state.removed_by_axis, state.compensated)
-        runner = PairedRunner(graph, pruned, layers, refitted, config.calibration_batch)
         sequence = stages(layer_levels(graph, layers), self.stage_count)
+        streams = residual_streams(graph, sequence) if self.residual else {}
+        runner = PairedRunner(graph, pruned, layers, refitted, config.calibration_batch, streams)
         available = len(next(iter(state.calibration_data.values())))
         macs = node_macs(analysis)
         prefixes = [prefix_nodes(graph.model, sorted({layer.activation for layer in stage})) for stage in sequence]

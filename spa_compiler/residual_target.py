@@ -1,0 +1,65 @@
+"""Re-fit targets that carry the residual stream's error.
+
+A layer whose output ``y`` (its bias added) is added to a residual stream ``r`` feeds the
+block's output ``s = r + y``. In the pruned network the stream ``r̃`` already differs from the
+original ``r`` by what every pruned layer before it changed; a re-fit that matches the layer's
+original output (``ỹ ≈ y``) leaves ``s̃ − s = r̃ − r`` and passes that error on. Fitting
+instead toward
+
+    ỹ ≈ y + δ,   δ = r − r̃
+
+makes ``s̃ ≈ s`` as far as the layer's inputs can predict ``δ``: each residual block takes up
+the error of the blocks before it (its bias alone removes the error's mean). As a linear
+target this is ``[W, I] [x; δ]``: the original input features ``x`` extended by ``δ`` at the
+same rows (tokens), the original weights ``W`` extended by the identity
+(:func:`extended_target`); the least-squares re-fit (:mod:`spa_compiler.refit`) is otherwise
+the same, and its held-out choice of ridge measures the error toward this target.
+
+Only layers whose outputs lie along the last axis (MatMul, Gemm: one row per token or sample,
+one output per weight row) take such a target, and only where the stream keeps its width after
+pruning (a transformer's hidden size, blocked by its LayerNorms); elsewhere ``δ`` is zero and
+the target is the plain one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .calibrate import ConsumerLayer
+from .ir import Graph
+
+__all__ = ["residual_stream", "residual_rows", "extended_target"]
+
+
+def residual_stream(graph: Graph, layer: ConsumerLayer) -> str | None:
+    """The tensor ``r`` that the layer's output (after its bias) is added to, when that Add is
+    the output's only reader, ``r`` is no constant and both have the sum's shape; else None."""
+    node = graph.node_by_name[layer.node]
+    if layer.channel_axis != -1 or layer.rows_per_output != 1:
+        return None
+    output = node.outputs[0]
+    if layer.bias is not None and layer.bias not in node.inputs:  # a separate Add of the bias first
+        output = graph.consumers[output][0].outputs[0]
+    readers = graph.consumers.get(output, [])
+    if len(readers) != 1 or readers[0].op_type != "Add" or output in graph.outputs:
+        return None
+    add = readers[0]
+    others = [name for name in add.inputs if name != output]
+    if len(others) != 1 or graph.is_constant(others[0]):
+        return None
+    shapes = {graph.shapes.get(name) for name in (output, others[0], add.outputs[0])}
+    return others[0] if len(shapes) == 1 and None not in shapes else None
+
+
+def residual_rows(value: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """The stream's values at a layer's feature rows: ``[rows, width]`` (outputs last)."""
+    flat = value.reshape(-1, value.shape[-1])
+    return flat if rows is None else flat[rows]
+
+
+def extended_target(weights: np.ndarray, residual: int) -> np.ndarray:
+    """The augmented weights ``[W, b]`` (bias last) extended to ``[W, I, b]`` for ``residual``
+    columns of ``δ`` (``residual`` is the number of outputs, or 0: ``weights`` as they are)."""
+    if not residual:
+        return weights
+    return np.hstack([weights[:, :-1], np.eye(len(weights), residual), weights[:, -1:]])
