@@ -48,7 +48,7 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
     if criterion.compensation is not None:
         passes.append(criterion.compensation())
     if config.refit_rounds:
-        passes.append(Refit(config.refit_rounds))
+        passes.append(Refit(config.refit_rounds, residual=config.refit_residual))
     passes.append(Rewrite())
     if config.verify:
         passes.append(Verify())

@@ -100,8 +100,9 @@ def test_residual_target_brings_the_blocks_outputs_closer(tmp_path):
     errors = {}
     for residual in (False, True):
         config = PruneConfig(flops=0.3, calibration=str(tmp_path / "calib.npz"), round_to=1, bench_runs=0,
-                             input_shapes={"x": (1, TOKENS, WIDTH)})
+                             input_shapes={"x": (1, TOKENS, WIDTH)}, refit_residual=residual)
         passes = [Refit(samples=128, residual=residual) if p.name == "refit" else p for p in default_passes(config)]
+        assert [p.residual for p in default_passes(config) if p.name == "refit"] == [residual]
         state = Pipeline(passes)(PruneState(config, graph=load_model(path, config.input_shapes)))
         pruned = ort.InferenceSession(state.model.SerializeToString(), providers=["CPUExecutionProvider"])
         after = np.concatenate([pruned.run(None, {"x": samples[i:i + 1]})[0] for i in range(128, 256)])
