@@ -16,7 +16,8 @@ same rows (tokens), the original weights ``W`` extended by the identity
 the same, and its held-out choice of ridge measures the error toward this target.
 
 Only layers whose outputs lie along the last axis (MatMul, Gemm: one row per token or sample,
-one output per weight row) take such a target, and only where the stream keeps its width after
+one output per weight row), added to the stream by an Add or a fused Add + LayerNorm
+(onnxruntime's ``SkipLayerNormalization``), take such a target, and only where the stream keeps its width after
 pruning (a transformer's hidden size, blocked by its LayerNorms); elsewhere ``δ`` is zero and
 the target is the plain one.
 """
@@ -28,26 +29,31 @@ import numpy as np
 from .calibrate import ConsumerLayer
 from .ir import Graph
 
-__all__ = ["residual_stream", "residual_rows", "extended_target"]
+__all__ = ["residual_stream", "residual_rows", "extended_target", "SUMS"]
+
+SUMS = {"Add", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
+"""Ops whose first two inputs are summed: a residual Add, and onnxruntime's fusions of that Add
+with the LayerNorm (or RMSNorm) after it."""
 
 
 def residual_stream(graph: Graph, layer: ConsumerLayer) -> str | None:
-    """The tensor ``r`` that the layer's output (after its bias) is added to, when that Add is
-    the output's only reader, ``r`` is no constant and both have the sum's shape; else None."""
+    """The tensor ``r`` that the layer's output (after its bias) is added to, when that sum
+    (:data:`SUMS`) is the output's only reader, ``r`` is no constant and both have one shape
+    (the sum's: no broadcasting); else None."""
     node = graph.node_by_name[layer.node]
     if layer.channel_axis != -1 or layer.rows_per_output != 1:
         return None
     output = node.outputs[0]
-    if layer.bias is not None and layer.bias not in node.inputs:  # a separate Add of the bias first
-        output = graph.consumers[output][0].outputs[0]
     readers = graph.consumers.get(output, [])
-    if len(readers) != 1 or readers[0].op_type != "Add" or output in graph.outputs:
+    if len(readers) == 1 and readers[0].op_type == "Add" and layer.bias in readers[0].inputs:  # the bias first
+        output = readers[0].outputs[0]
+        readers = graph.consumers.get(output, [])
+    if len(readers) != 1 or readers[0].op_type not in SUMS or output in graph.outputs:
         return None
-    add = readers[0]
-    others = [name for name in add.inputs if name != output]
-    if len(others) != 1 or graph.is_constant(others[0]):
+    others = [name for name in readers[0].inputs[:2] if name != output]
+    if len(others) != 1 or not others[0] or graph.is_constant(others[0]):
         return None
-    shapes = {graph.shapes.get(name) for name in (output, others[0], add.outputs[0])}
+    shapes = {graph.shapes.get(name) for name in (output, others[0])}
     return others[0] if len(shapes) == 1 and None not in shapes else None
 
 

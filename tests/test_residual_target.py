@@ -86,6 +86,30 @@ def test_layers_feeding_a_residual_stream_are_found(tmp_path):
     assert residual_streams(graph, stages(levels, 1)) == {"down0": "x"}  # one stage: s0 is computed by down0 in it
 
 
+def test_a_fused_add_and_layernorm_is_a_residual_sum(tmp_path):
+    """onnxruntime's SkipLayerNormalization sums its first two inputs (and its bias, here the
+    projection's) before normalising: the projection feeding it takes the stream's error."""
+    rng = np.random.default_rng(0)
+    constants = {"W": rng.standard_normal((WIDTH, WIDTH)), "B": rng.standard_normal(WIDTH),
+                 "gamma": np.ones(WIDTH), "beta": np.zeros(WIDTH)}
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="stream"),
+        helper.make_node("MatMul", ["r", "W"], ["y"], name="projection"),
+        helper.make_node("SkipLayerNormalization", ["y", "r", "gamma", "beta", "B"], ["out"], name="skip_norm",
+                         domain="com.microsoft", epsilon=1e-5),
+    ]
+    graph = helper.make_graph(
+        nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, WIDTH])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, TOKENS, WIDTH])],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in constants.items()],
+    )
+    path = tmp_path / "fused.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), path)
+    loaded = load_model(path)
+    assert residual_stream(loaded, ConsumerLayer("projection", "MatMul", "r", "W", 0, 1, "B")) == "r"
+    assert residual_stream(loaded, ConsumerLayer("projection", "MatMul", "r", "W", 0, 1, None)) == "r"
+
+
 def test_residual_target_brings_the_blocks_outputs_closer(tmp_path):
     """Pruned to 0.3 of the FLOPs, re-fitted on 128 samples: the second block taking up the
     first block's error leaves the output nearer the original on 128 other samples (relative
