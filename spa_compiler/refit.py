@@ -323,7 +323,7 @@ class Refit(Pass):
             [min(available, samples_needed(graph, stage, self.samples)) for stage in sequence],
             [part_macs(nodes, macs) for nodes in prefixes], sum(macs.values()), self.budget, min(self.samples, available),
         )
-        log.info("re-fit stages' samples: %s", counts)
+        log.info("re-fit stages' samples: %s; %d layers fitted toward their residual sums", counts, len(streams))
         state.note("re-fitting layers: running the original network")
         runner.cache_original(list(zip(sequence, counts)), state.calibration_data, config.seed, ROWS_PER_FEATURE)
         chosen: Counter[str] = Counter()
