@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Fidelity", "verify_model", "run_model", "run_reference", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
-    "FidelitySums",
+    "FidelitySums", "class_score_outputs",
 ]
 
 
@@ -46,8 +46,8 @@ class Fidelity:
     ``cosine`` is the mean over samples of the cosine between the sample's original and pruned
     outputs (all outputs flattened together); ``relative_error`` is ``‖after − before‖ / ‖before‖``
     over everything; ``top1_agreement`` is the share of decisions kept, for outputs whose last
-    axis looks like class scores (rank >= 2, at least 2 classes): the fraction of positions
-    where the arg-max over the last axis is unchanged (None when no output qualifies).
+    axis holds class scores (:func:`class_score_outputs`): the fraction of positions where the
+    arg-max over the last axis is unchanged (None when no output qualifies).
     """
 
     max_abs_error: float
@@ -218,7 +218,7 @@ def verify_model(
                 f"the pruned model's output '{name}' is not finite (inf or NaN) where the original's is, on synthetic "
                 "inputs: its activations overflow; nothing was written. Try a milder target or --refit 0"
             )
-    return fidelity(before, after)
+    return fidelity(before, after, class_scores=class_score_outputs(original))
 
 
 def _numeric(value: np.ndarray) -> bool:
@@ -243,13 +243,41 @@ def _onnxruntime_cpu_ops() -> frozenset[tuple[str, str]]:
     return frozenset((k.domain, k.op_name) for k in state.get_all_opkernel_def() if k.provider == "CPUExecutionProvider")
 
 
+SCORE_OPS = {"MatMul", "Gemm", "Softmax", "LogSoftmax"}
+
+
+def class_score_outputs(graph: Graph) -> list[bool]:
+    """Per graph output, whether its last axis holds class scores, whose arg-max is a decision:
+    a ``[samples, K]`` output (``K >= 2``), or one of higher rank made along its last axis by a
+    Softmax or LogSoftmax, or by a linear layer (MatMul, Gemm, or the Add of their bias): a
+    language model's logits, a recogniser's per-position characters. Not a LayerNorm's hidden
+    states, whose largest feature decides nothing, nor a detector's map of scores."""
+    flags = []
+    for name in graph.outputs:
+        shape = graph.shapes.get(name, ())
+        node = graph.producer.get(name)
+        if node is not None and node.op_type == "Add":  # a bias added to a linear layer's output
+            linear = [graph.producer.get(x) for x in node.inputs if not graph.is_constant(x)]
+            node = linear[0] if len(linear) == 1 else node
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            default = -1 if graph.opset >= 13 else 1  # before opset 13: over the axes from 1 on, flattened
+            along_last = int(node.attr("axis", default)) % len(shape) == len(shape) - 1 if shape else False
+        else:
+            along_last = node is not None and node.op_type in SCORE_OPS
+        flags.append(len(shape) >= 2 and shape[-1] >= 2 and (len(shape) == 2 or along_last))
+    return flags
+
+
 class FidelitySums:
     """The sums :class:`Fidelity` is made of, added batch by batch (outputs whose first axis is
     the sample axis), so the outputs of many samples (a language model's logits) are never held
     together: per-sample cosines, ``Σ‖after − before‖²``, ``Σ‖before‖²``, the largest absolute
-    error, and the decisions kept out of those made."""
+    error, and the decisions kept out of those made, over the outputs ``class_scores`` marks
+    (:func:`class_score_outputs`; without it, every output of rank 2 or more with 2 or more
+    values along its last axis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, class_scores: list[bool] | None = None) -> None:
+        self.class_scores = class_scores
         self.cosines: list[np.ndarray] = []
         self.squared_error = self.squared_norm = self.max_abs_error = 0.0
         self.kept = self.decisions = 0
@@ -267,8 +295,9 @@ class FidelitySums:
         self.squared_error += float(np.sum((a - b) ** 2))
         self.squared_norm += float(np.sum(a**2))
         self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(a - b))) if a.size else 0.0)  # NaN stays
-        for x, y in zip(before, after):
-            if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2:  # class scores
+        scores = self.class_scores or [np.ndim(x) >= 2 and np.shape(x)[-1] >= 2 for x in before]
+        for x, y, decides in zip(before, after, scores):
+            if decides:
                 self.kept += int(np.sum(np.argmax(x, -1) == np.argmax(y, -1)))
                 self.decisions += int(np.prod(np.shape(x)[:-1]))
 
@@ -284,9 +313,10 @@ class FidelitySums:
         )
 
 
-def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "synthetic inputs") -> Fidelity:
+def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "synthetic inputs",
+             class_scores: list[bool] | None = None) -> Fidelity:
     """Compare outputs whose first axis is the sample axis (see :class:`Fidelity`)."""
-    sums = FidelitySums()
+    sums = FidelitySums(class_scores)
     sums.add(before, after)
     return sums.result(source)
 
@@ -299,7 +329,7 @@ def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[st
     count = len(next(iter(samples.values())))
     reference, weights = reference_session(original)
     session = session_for(free_batch_copy(pruned) if batch > 1 else pruned, layout=False)
-    sums = FidelitySums()
+    sums = FidelitySums(class_score_outputs(original))
     for i in range(0, count, batch):
         feeds = {k: v[i:i + batch] for k, v in samples.items()}
         before = reference.run(None, {**feeds, **weights})

@@ -391,3 +391,40 @@ def test_layers_too_wide_to_refit_keep_their_compensated_weights(monkeypatch):
     monkeypatch.setattr(refit, "MAX_FEATURES", 10**6)
     refitted = compensated(1)
     assert set(refitted) - set(without)  # layers that lost no input channels re-fitted too
+
+
+def test_top1_agreement_counts_class_scores_only(tmp_path):
+    """Top-1 agreement is measured on outputs whose last axis holds class scores (a 2-D output,
+    logits of a linear layer, a softmax along the last axis), never on hidden states or maps."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from spa_compiler.verify import class_score_outputs, fidelity
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])
+    constants = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+                 for name, shape in (("W", (8, 8)), ("b", (8,)), ("g", (8,)), ("W2", (40, 3)))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["logits"]),
+        helper.make_node("Add", ["logits", "b"], ["biased"]),
+        helper.make_node("Softmax", ["x"], ["probabilities"], axis=-1),
+        helper.make_node("Softmax", ["x"], ["over_tokens"], axis=1),
+        helper.make_node("LayerNormalization", ["x", "g"], ["hidden"], axis=-1),
+        helper.make_node("Sigmoid", ["x"], ["map"]),
+        helper.make_node("Flatten", ["x"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "W2"], ["classes"]),
+    ]
+    names = ["logits", "biased", "probabilities", "over_tokens", "hidden", "map", "classes"]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    graph = helper.make_graph(nodes, "outputs", [x], outputs, constants)
+    path = tmp_path / "outputs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    flags = class_score_outputs(load_model(path))
+    assert dict(zip(names, flags)) == {"logits": True, "biased": True, "probabilities": True, "over_tokens": False,
+                                       "hidden": False, "map": False, "classes": True}
+
+    before = [rng.standard_normal((4, 5, 8)), rng.standard_normal((4, 5, 8))]
+    after = [before[0], before[1][..., ::-1]]  # the first output's decisions all kept, the second's moved
+    assert fidelity(before, after, class_scores=[True, False]).top1_agreement == 1.0
+    assert fidelity(before, after, class_scores=[False, False]).top1_agreement is None
+    assert fidelity(before, after).top1_agreement < 1.0  # without a graph: every output of rank 2 or more
