@@ -57,6 +57,7 @@ from .rewrite import rewrite_model, slice_constant
 from .secondorder import augmented, feature_columns
 from .state import PruneState
 from .subnetwork import part_macs, prefix_nodes
+from .token_mask import attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -210,19 +211,20 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     return matrix, bias, ridge
 
 
-def samples_needed(graph, layers: list[ConsumerLayer], least: int) -> int:
+def samples_needed(graph, layers: list[ConsumerLayer], least: int, real_share: float = 1.0) -> int:
     """Samples enough for every layer to see ``ROWS_PER_FEATURE`` rows per feature (at least
     ``least``): a convolution gets one row per output position from each sample, a layer on
-    tokens one per token, a classifier after pooling one, so token and pooled layers need more."""
+    tokens one per real token (``real_share`` of the tokens, the rest padding that the attention
+    mask leaves out), a classifier after pooling one, so token and pooled layers need more."""
     needed = least
     for layer in layers:
         shape = graph.shapes[layer.activation]
         width = shape[layer.channel_axis] * layer.features_per_channel
         if layer.channel_axis == 1:  # one row per output position
-            per_sample = int(np.prod(graph.shapes[graph.node_by_name[layer.node].outputs[0]][2:]))
+            per_sample = float(np.prod(graph.shapes[graph.node_by_name[layer.node].outputs[0]][2:]))
         else:  # one row per token
-            per_sample = int(np.prod(shape[1:-1]))
-        needed = max(needed, -(-ROWS_PER_FEATURE * (width + 1) // max(per_sample, 1)))
+            per_sample = float(np.prod(shape[1:-1])) * (real_share if len(shape) == 3 else 1.0)
+        needed = max(needed, int(np.ceil(ROWS_PER_FEATURE * (width + 1) / max(per_sample, 1.0))))
     return needed
 
 
@@ -317,10 +319,12 @@ class Refit(Pass):
         streams = residual_streams(graph, sequence) if self.residual else {}
         runner = PairedRunner(graph, pruned, layers, refitted, config.calibration_batch, streams)
         available = len(next(iter(state.calibration_data.values())))
+        mask = attention_mask(state.calibration_data)
+        real_share = float(mask.mean()) if mask is not None and mask.any() else 1.0
         macs = node_macs(analysis)
         prefixes = [prefix_nodes(graph.model, sorted({layer.activation for layer in stage})) for stage in sequence]
         counts = stage_samples(
-            [min(available, samples_needed(graph, stage, self.samples)) for stage in sequence],
+            [min(available, samples_needed(graph, stage, self.samples, real_share)) for stage in sequence],
             [part_macs(nodes, macs) for nodes in prefixes], sum(macs.values()), self.budget, min(self.samples, available),
         )
         log.info("re-fit stages' samples: %s; %d layers fitted toward their residual sums", counts, len(streams))
