@@ -184,8 +184,10 @@ class PairedRunner:
                 original = cached.features
                 if cached.stream is not None:
                     stream = narrowed[self.streams[layer.node]]
-                    error = (cached.stream - residual_rows(stream, cached.taken) if stream.shape[-1] == cached.stream.shape[-1]
-                             else np.zeros_like(cached.stream))  # a stream that lost channels: the plain target
+                    if stream.shape[-1] == cached.stream.shape[-1]:
+                        error = cached.stream - residual_rows(stream, cached.taken)
+                    else:  # a stream that lost channels: the plain target
+                        error = np.zeros_like(cached.stream)
                     original = np.hstack([original, error])
                 if layer.node not in stats:
                     width = feature_width(layer, x_pruned.shape)

@@ -17,9 +17,10 @@ the same, and its held-out choice of ridge measures the error toward this target
 
 Only layers whose outputs lie along the last axis (MatMul, Gemm: one row per token or sample,
 one output per weight row), added to the stream by an Add or a fused Add + LayerNorm
-(onnxruntime's ``SkipLayerNormalization``), take such a target, and only where the stream keeps its width after
-pruning (a transformer's hidden size, blocked by its LayerNorms); elsewhere ``δ`` is zero and
-the target is the plain one.
+(onnxruntime's ``SkipLayerNormalization``), take such a target, and only where the stream
+keeps its width after pruning (a transformer's hidden size, blocked by its LayerNorms);
+elsewhere ``δ`` is zero and the target is the plain one. On the calibration rows the fit can
+only lower the block's error; the held-out choice keeps it from fitting noise.
 """
 
 from __future__ import annotations

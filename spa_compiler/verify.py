@@ -291,7 +291,8 @@ class FidelitySums:
 
         a, b = per_sample(before), per_sample(after)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        self.cosines.append(np.divide(np.einsum("ij,ij->i", a, b), norms, out=np.ones_like(norms), where=norms != 0))  # 0/0: 1
+        cosines = np.divide(np.einsum("ij,ij->i", a, b), norms, out=np.ones_like(norms), where=norms != 0)  # 0/0: 1
+        self.cosines.append(cosines)
         self.squared_error += float(np.sum((a - b) ** 2))
         self.squared_norm += float(np.sum(a**2))
         self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(a - b))) if a.size else 0.0)  # NaN stays

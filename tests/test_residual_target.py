@@ -23,10 +23,11 @@ def residual_mlp(path, seed: int = 0) -> None:
     """Two residual MLP blocks on ``[batch, 16 tokens, 8]``: ``s = x + W2 relu(W1 x) + b2``, then
     ``s + W4 relu(W3 s) + b4``; the second block's stream is the first block's sum."""
     rng = np.random.default_rng(seed)
+    up, down = (WIDTH, HIDDEN), (HIDDEN, WIDTH)
     weights = {
-        "W1": rng.standard_normal((WIDTH, HIDDEN)) / np.sqrt(WIDTH), "W2": rng.standard_normal((HIDDEN, WIDTH)) / np.sqrt(HIDDEN),
+        "W1": rng.standard_normal(up) / np.sqrt(WIDTH), "W2": rng.standard_normal(down) / np.sqrt(HIDDEN),
         "b2": rng.standard_normal(WIDTH) * 0.1,
-        "W3": rng.standard_normal((WIDTH, HIDDEN)) / np.sqrt(WIDTH), "W4": rng.standard_normal((HIDDEN, WIDTH)) / np.sqrt(HIDDEN),
+        "W3": rng.standard_normal(up) / np.sqrt(WIDTH), "W4": rng.standard_normal(down) / np.sqrt(HIDDEN),
         "b4": rng.standard_normal(WIDTH) * 0.1,
     }
     nodes = []
