@@ -98,8 +98,8 @@ def test_measurement_plan_fits_the_budget():
     costs = [(1e9, 4)] * 10  # ten groups, 1 GMAC parts, four widths each: 4e10 MACs per sample
     assert measurement_plan(costs, 32, 2e12) == (32, True)
     assert measurement_plan(costs, 32, 4e11) == (10, True)
-    assert measurement_plan(costs, 32, 1e11) == (10, False)  # 4 samples at every width cost 1.6e11
-    assert measurement_plan(costs, 32, 1e9) == (4, False)  # never below LEAST_SAMPLES
+    assert measurement_plan(costs, 32, 1e11) == (10, False)  # 8 samples at every width cost 3.2e11
+    assert measurement_plan(costs, 32, 1e9) == (8, False)  # never below LEAST_SAMPLES
     assert measurement_plan(costs, 2, 1e9) == (2, False)
 
 
