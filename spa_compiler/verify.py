@@ -243,7 +243,7 @@ def _onnxruntime_cpu_ops() -> frozenset[tuple[str, str]]:
     return frozenset((k.domain, k.op_name) for k in state.get_all_opkernel_def() if k.provider == "CPUExecutionProvider")
 
 
-SCORE_OPS = {"MatMul", "Gemm", "Softmax", "LogSoftmax"}
+LINEAR_OPS = {"MatMul", "Gemm"}
 
 
 def class_score_outputs(graph: Graph) -> list[bool]:
@@ -263,7 +263,7 @@ def class_score_outputs(graph: Graph) -> list[bool]:
             default = -1 if graph.opset >= 13 else 1  # before opset 13: over the axes from 1 on, flattened
             along_last = int(node.attr("axis", default)) % len(shape) == len(shape) - 1 if shape else False
         else:
-            along_last = node is not None and node.op_type in SCORE_OPS
+            along_last = node is not None and node.op_type in LINEAR_OPS
         flags.append(len(shape) >= 2 and shape[-1] >= 2 and (len(shape) == 2 or along_last))
     return flags
 
