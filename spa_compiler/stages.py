@@ -40,7 +40,10 @@ from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
-from .verify import class_score_outputs, custom_ops, fidelity, held_out_fidelity, run_model, run_reference, verify_model
+from .verify import (
+    class_score_outputs, custom_ops, fidelity, held_out_fidelity, run_model, run_reference, synthetic_source,
+    verify_model,
+)
 
 __all__ = [
     "Load", "Analyse", "CollectStatistics", "Score", "Allocate", "Rewrite", "Verify", "Save",
@@ -277,7 +280,7 @@ class Verify(Pass):
         if original is not state.graph and state.fidelity is not None:
             feeds = synthetic_inputs(original.input_shapes, original.dtypes, state.config.seed)
             state.fidelity = fidelity(run_reference(original, feeds), run_model(state.model, feeds),
-                                      class_scores=class_score_outputs(original))
+                                      synthetic_source(original), class_score_outputs(original))
         if state.held_out is not None and state.fidelity is not None:
             batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
             state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow,

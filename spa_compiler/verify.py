@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Fidelity", "verify_model", "run_model", "run_reference", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
-    "FidelitySums", "class_score_outputs",
+    "FidelitySums", "class_score_outputs", "synthetic_source",
 ]
 
 
@@ -218,7 +218,15 @@ def verify_model(
                 f"the pruned model's output '{name}' is not finite (inf or NaN) where the original's is, on synthetic "
                 "inputs: its activations overflow; nothing was written. Try a milder target or --refit 0"
             )
-    return fidelity(before, after, class_scores=class_score_outputs(original))
+    return fidelity(before, after, synthetic_source(original), class_score_outputs(original))
+
+
+def synthetic_source(graph: Graph) -> str:
+    """What :func:`~spa_compiler.shapes.synthetic_inputs` feeds ``graph``, for the report: its
+    integer inputs (token ids, masks) are all zero, which a language model's outputs on them
+    say little about."""
+    floats = [np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[n]), np.floating) for n in graph.inputs]
+    return "synthetic inputs" if all(floats) else "synthetic inputs (integer inputs all zero)"
 
 
 def _numeric(value: np.ndarray) -> bool:
