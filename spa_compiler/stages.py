@@ -40,10 +40,7 @@ from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
-from .verify import (
-    class_score_outputs, custom_ops, fidelity, held_out_fidelity, run_model, run_reference, synthetic_source,
-    verify_model,
-)
+from .verify import custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
     "Load", "Analyse", "CollectStatistics", "Score", "Allocate", "Rewrite", "Verify", "Save",
@@ -127,7 +124,6 @@ class CollectStatistics(Pass):
             tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
             data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
             state.held_out = synthetic_calibration(graph, HELD_OUT_SYNTHETIC, config.seed + 1)[0]
-            state.held_out_source = "synthetic samples the statistics did not see"
 
         def report(done: int, total: int) -> None:
             state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
@@ -153,7 +149,7 @@ class CollectStatistics(Pass):
 
 
 HELD_OUT_SHARE, HELD_OUT_MAX = 8, 32
-HELD_OUT_SYNTHETIC = 16
+HELD_OUT_SYNTHETIC, HELD_OUT_SYNTHETIC_SOURCE = 16, "synthetic samples the statistics did not see"
 """Synthetic samples made, data-free, to measure fidelity on: like the statistics' (token ids
 from the vocabulary's prior, natural-image-like pictures), another seed. The report's first
 figure, on standard-normal floats and all-zero integers, says little of a language model
@@ -275,16 +271,12 @@ class Verify(Pass):
     def run(self, state: PruneState) -> PruneState:
         shapes = expected_shapes(state.analysis, state.removed_by_axis)
         narrow = partial(narrow_io, state.analysis, state.removed_by_axis)
-        state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow)
         original = state.input_graph  # fidelity to the input model
-        if original is not state.graph and state.fidelity is not None:
-            feeds = synthetic_inputs(original.input_shapes, original.dtypes, state.config.seed)
-            state.fidelity = fidelity(run_reference(original, feeds), run_model(state.model, feeds),
-                                      synthetic_source(original), class_score_outputs(original))
+        state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow, original)
         if state.held_out is not None and state.fidelity is not None:
             batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
-            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow,
-                                                        state.held_out_source)
+            source = "held-out calibration samples" if state.config.calibration else HELD_OUT_SYNTHETIC_SOURCE
+            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow, source)
         return state
 
 

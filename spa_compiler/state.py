@@ -6,7 +6,7 @@ in twice or reached back into. In the default pipeline::
     load      -> graph
     depth     -> depth, graph                  (--depth / --units depth: residual branches removed)
     analyse   -> analysis
-    calibrate -> statistics, calibration, calibration_data, held_out, held_out_source
+    calibrate -> statistics, calibration, calibration_data, held_out
     rotate    -> rotation, graph, analysis      (attention heads in a new basis, when head dims are the units)
     score     -> scores
     allocate  -> plan, removed_by_axis
@@ -52,8 +52,8 @@ class PruneState:
 
     ``calibration_data`` holds the inputs the statistics came from (keyed by graph input, first
     axis samples); ``held_out`` the samples kept aside to measure fidelity on (the user's, or
-    synthetic ones in a data-free run), ``held_out_source`` what they are. ``compensated`` holds
-    new values, before slicing, for constants a compensation pass re-fitted;
+    synthetic ones in a data-free run). ``compensated`` holds new values, before slicing, for
+    constants a compensation pass re-fitted;
     the rewriter slices those instead of the originals. ``cost_exponent``: how allocation weighs
     a removal's score against the cost it saves (``score / saving ** cost_exponent``; see
     :func:`~spa_compiler.allocate.allocate`). ``timings`` holds seconds per pass, ``peak_mb`` the
@@ -69,7 +69,6 @@ class PruneState:
     calibration: str | None = None
     calibration_data: dict[str, np.ndarray] | None = None
     held_out: dict[str, np.ndarray] | None = None
-    held_out_source: str = "held-out calibration samples"
     rotation: HeadRotation | None = None
     scores: dict[int, np.ndarray] | None = None
     cost_exponent: float = COST_EXPONENT

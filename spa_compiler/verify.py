@@ -173,12 +173,15 @@ def _unchanged(name: str, value: np.ndarray) -> np.ndarray:
 
 def verify_model(
     original: Graph, pruned: onnx.ModelProto, expected: dict[str, tuple[int, ...]], seed: int = 0,
-    narrow: Narrowing = _unchanged,
+    narrow: Narrowing = _unchanged, reference: Graph | None = None,
 ) -> Fidelity | None:
     """Run every check; raise :class:`VerificationError` on the first failure. Returns None
     (checks 1-3 only) when the model has custom ops onnxruntime cannot run. ``narrow`` maps an
     original graph input or output (by name) to the pruned model's (see
-    :mod:`spa_compiler.interface`; the identity unless the user let the interface change)."""
+    :mod:`spa_compiler.interface`; the identity unless the user let the interface change).
+    ``reference`` is the model the outputs are compared with, ``original`` unless passes
+    rewrote the graph before pruning (rotated heads, removed branches): then the input model."""
+    reference = original if reference is None else reference
     serialized = None if streaming.has_external(pruned) else pruned.SerializeToString()
     try:
         streaming.check_model(pruned) if serialized is None else onnx.checker.check_model(serialized)
@@ -193,11 +196,11 @@ def verify_model(
     if emptied:
         raise VerificationError(f"internal error: tensor '{emptied[0]}' would lose every element; nothing was written")
     _check_shapes(original, pruned, expected)
-    feeds = synthetic_inputs(original.input_shapes, original.dtypes, seed)
+    feeds = synthetic_inputs(reference.input_shapes, reference.dtypes, seed)
     try:
-        before = run_reference(original, feeds)
+        before = run_reference(reference, feeds)
     except Exception as exc:
-        if custom_ops(original):
+        if custom_ops(reference):
             return None
         raise ModelError(f"onnxruntime cannot run the input model ({first_line(exc)})") from None
     before = [narrow(name, value) for name, value in zip(original.outputs, before)]
@@ -218,7 +221,7 @@ def verify_model(
                 f"the pruned model's output '{name}' is not finite (inf or NaN) where the original's is, on synthetic "
                 "inputs: its activations overflow; nothing was written. Try a milder target or --refit 0"
             )
-    return fidelity(before, after, synthetic_source(original), class_score_outputs(original))
+    return fidelity(before, after, synthetic_source(reference), class_score_outputs(reference))
 
 
 def synthetic_source(graph: Graph) -> str:
