@@ -40,6 +40,7 @@ from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
+from .token_augment import REPLACED, tokens_wanted, with_token_copies
 from .verify import custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
@@ -120,6 +121,10 @@ class CollectStatistics(Pass):
             data, state.held_out = split_held_out(data)
             kept_aside = f" ({len(next(iter(state.held_out.values())))} more held out to measure fidelity)" if state.held_out else ""
             source = f"{len(next(iter(data.values())))} samples from {config.calibration}{kept_aside}"
+            if config.token_copies:
+                data, copies = with_token_copies(graph, data, tokens_wanted(graph, layers), config.seed)
+                if copies:
+                    source += f", and {copies} copies of them with {REPLACED:.0%} of their tokens replaced"
         else:
             tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
             data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)

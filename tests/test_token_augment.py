@@ -1,0 +1,109 @@
+"""Copies of few calibration sequences with replaced tokens (spa_compiler.token_augment)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from spa_compiler import PruneConfig, PruneState, analyze_graph
+from spa_compiler.ir import load_model
+from spa_compiler.stages import CollectStatistics
+from spa_compiler.synthetic_tokens import token_prior
+from spa_compiler.token_augment import MAX_COPIES, REPLACED, tokens_wanted, with_token_copies
+from tests.test_synthetic import _token_model
+
+LENGTH = 16
+
+
+def _calibration(samples: int, real: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``samples`` sequences of ``real`` tokens (the first and last special: ids 1 and 2) padded
+    to ``LENGTH``; token types 1 on the second half of the real tokens; positions 0, 1, ..."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((samples, LENGTH), dtype=np.int64)
+    ids[:, :real] = rng.integers(40, 1000, (samples, real))
+    ids[:, 0], ids[:, real - 1] = 1, 2
+    mask = np.zeros_like(ids)
+    mask[:, :real] = 1
+    types = np.zeros_like(ids)
+    types[:, real // 2 : real] = 1
+    positions = np.broadcast_to(np.arange(LENGTH), ids.shape).copy()
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "position_ids": positions}
+
+
+def test_copies_replace_inner_tokens_only(tmp_path):
+    graph = _token_model(tmp_path)
+    data = _calibration(samples=10, real=12)
+    augmented, copies = with_token_copies(graph, data, wanted=10 * 12 + 30 * 12, seed=0)
+    assert copies == 30  # (wanted - 120 real tokens) / 12 tokens per sample
+    assert all(len(array) == 40 for array in augmented.values())
+    for name in data:  # the samples first, unchanged
+        assert np.array_equal(augmented[name][:10], data[name])
+    sources = np.arange(30) % 10
+    for name in ("attention_mask", "token_type_ids", "position_ids"):  # a copy's other inputs are its source's
+        assert np.array_equal(augmented[name][10:], data[name][sources])
+    original, copied = data["input_ids"][sources], augmented["input_ids"][10:]
+    changed = copied != original
+    assert not changed[:, 0].any() and not changed[:, 11:].any()  # special tokens and padding kept
+    inner = 30 * 10
+    assert abs(changed.sum() / inner - REPLACED) < 0.05  # 300 inner tokens, about 15% replaced
+    prior = token_prior(graph.constants["words"]).probabilities
+    assert (prior[copied[changed]] > 0).all()  # drawn from the vocabulary's prior
+
+
+def test_no_copies_when_tokens_suffice_or_no_vocabulary(tmp_path):
+    graph = _token_model(tmp_path)
+    data = _calibration(samples=10, real=12)
+    assert with_token_copies(graph, data, wanted=120, seed=0) == (data, 0)
+    few, copies = with_token_copies(graph, _calibration(samples=2, real=4), wanted=10_000, seed=0)
+    assert copies == 2 * MAX_COPIES and len(few["input_ids"]) == 2 + 2 * MAX_COPIES
+    floats = {"x": np.zeros((4, LENGTH), dtype=np.float32)}
+    assert with_token_copies(graph, floats, wanted=10_000, seed=0) == (floats, 0)
+
+
+def _token_encoder(tmp_path) -> str:
+    """ids → Gather on a [1000, 16] table, masked, → MatMul 16→64 → Relu → MatMul 64→16."""
+    rng = np.random.default_rng(1)
+    weights = {
+        "words": rng.standard_normal((1000, 16)).astype(np.float32),
+        "up": rng.standard_normal((16, 64)).astype(np.float32),
+        "down": rng.standard_normal((64, 16)).astype(np.float32),
+        "axis": np.array([2], dtype=np.int64),
+    }
+    nodes = [
+        helper.make_node("Gather", ["words", "input_ids"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["mu"]),
+        helper.make_node("Mul", ["e", "mu"], ["x"]),
+        helper.make_node("MatMul", ["x", "up"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "down"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, LENGTH]) for n in ("input_ids", "attention_mask")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, LENGTH, 16])]
+    initializers = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    model = helper.make_model(helper.make_graph(nodes, "encoder", inputs, outputs, initializers),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    path = str(tmp_path / "encoder.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def test_calibration_gets_copies_until_the_widest_layer_has_its_rows(tmp_path):
+    graph = load_model(_token_encoder(tmp_path))
+    data = _calibration(samples=8, real=6)
+    np.savez(tmp_path / "calib.npz", input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+
+    def calibrated(**options):
+        config = PruneConfig(flops=0.5, calibration=str(tmp_path / "calib.npz"), **options)
+        state = PruneState(config, graph=graph)
+        state.analysis = analyze_graph(graph)
+        return CollectStatistics().run(state)
+
+    assert tokens_wanted(graph, [s.layer for s in calibrated(token_copies=False).statistics.values()]) == 4 * 65
+    state = calibrated()
+    # 8 samples of 6 real tokens: 48 tokens, (260 - 48) / 6 -> 36 copies
+    assert len(state.calibration_data["input_ids"]) == 8 + 36
+    assert state.calibration.endswith("and 36 copies of them with 15% of their tokens replaced")
+    plain = calibrated(token_copies=False)
+    assert len(plain.calibration_data["input_ids"]) == 8 and "tokens replaced" not in plain.calibration
