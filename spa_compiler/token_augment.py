@@ -6,7 +6,9 @@ is singular, and the second-order scores, the compensation and the re-fit fit th
 sentences rather than the language. When the calibration's real tokens (by the attention mask)
 are fewer than ``ROWS_PER_FEATURE · (f + 1)`` for the widest layer on tokens (``f`` input
 features), copies of the calibration samples are appended, the ``k``-th copy of sample
-``k mod n`` (``n`` samples), until the tokens suffice or every sample has ``MAX_COPIES`` copies.
+``k mod n`` (``n`` samples), until the tokens suffice or every sample has ``MAX_COPIES`` copies. Only when every input is
+``[samples, tokens]`` like the ids (a KV cache or pixels would be copied whole) and the samples
+have ``REPLACED_LEAST`` inner tokens each on average (shorter ones would be copied unchanged).
 In each copy ``REPLACED`` of the inner tokens (the real tokens but the first and the last, where
 tokenizers put their special tokens) of the input that reads the largest embedding table (the
 vocabulary) are replaced by ids drawn from the vocabulary's prior
@@ -38,6 +40,7 @@ __all__ = ["with_token_copies", "tokens_wanted", "REPLACED", "MAX_COPIES"]
 
 REPLACED = 0.15  # share of a copy's inner tokens replaced
 MAX_COPIES = 8  # copies per calibration sample at most
+REPLACED_LEAST = 2  # inner tokens per sample, on average, below which no copies are made
 
 
 def tokens_wanted(graph: Graph, layers: list[ConsumerLayer]) -> int:
@@ -59,14 +62,14 @@ def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int,
         return data, 0
     name = max(tables, key=lambda n: len(tables[n]))  # the vocabulary's (not token types', positions')
     table, ids = tables[name], np.asarray(data[name])
-    if ids.ndim != 2 or len(table) < 2:
-        return data, 0
+    if ids.ndim != 2 or len(table) < 2 or any(np.shape(array) != ids.shape for array in data.values()):
+        return data, 0  # other inputs (a KV cache, pixels) would be copied whole: not only tokens
     samples, length = ids.shape
     mask = attention_mask(data)
     real = mask if mask is not None and mask.shape == ids.shape else np.ones(ids.shape, dtype=bool)
     tokens = int(real.sum())
-    if tokens >= wanted or tokens == 0:
-        return data, 0
+    if tokens >= wanted or _inner_tokens(real).sum() < REPLACED_LEAST * samples:
+        return data, 0  # enough tokens, or (nearly) none to replace: copies would be duplicates
     per_sample = tokens / samples
     copies = min(MAX_COPIES * samples, int(np.ceil((wanted - tokens) / per_sample)))
     sources = np.arange(copies) % samples

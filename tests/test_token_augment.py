@@ -107,3 +107,12 @@ def test_calibration_gets_copies_until_the_widest_layer_has_its_rows(tmp_path):
     assert state.calibration.endswith("and 36 copies of them with 15% of their tokens replaced")
     plain = calibrated(token_copies=False)
     assert len(plain.calibration_data["input_ids"]) == 8 and "tokens replaced" not in plain.calibration
+
+
+def test_no_copies_of_other_inputs_or_of_sequences_without_inner_tokens(tmp_path):
+    graph = _token_model(tmp_path)
+    data = _calibration(samples=10, real=12)
+    with_cache = {**data, "past": np.zeros((10, 2, 4, 8), dtype=np.float32)}
+    assert with_token_copies(graph, with_cache, wanted=10_000, seed=0) == (with_cache, 0)
+    pairs = _calibration(samples=10, real=2)  # a first and a last token only: nothing to replace
+    assert with_token_copies(graph, pairs, wanted=10_000, seed=0) == (pairs, 0)
