@@ -174,3 +174,22 @@ def test_data_free_token_models_calibrate_on_512_sequences_by_default(tmp_path):
     assert state.calibration.startswith("data-free, 512 synthetic samples")
     assert len(state.calibration_data["input_ids"]) == 512
     assert calibrated(_image_model(tmp_path, True)[0]).calibration.startswith("data-free, 128 synthetic samples")
+
+
+def test_verification_feeds_token_ids_from_the_prior(tmp_path):
+    """Verification's first fidelity figure runs token ids like data-free calibration's, not all
+    zeros (padding everywhere); floats stay standard normal."""
+    from spa_compiler.verify import verification_inputs
+
+    graph = _token_model(tmp_path)
+    feeds, source = verification_inputs(graph, seed=0)
+    assert source == "synthetic inputs (token ids from the vocabulary's prior)"
+    ids = feeds["input_ids"]
+    assert ids.shape == (1, 16) and ids.dtype == np.int64 and ids.min() >= 1000 // 30 and len(np.unique(ids)) > 8
+    assert (feeds["attention_mask"] == 1).all() and (feeds["token_type_ids"] == 0).all()
+    assert (feeds["position_ids"] == np.arange(16)).all()
+    again, _ = verification_inputs(graph, seed=0)
+    assert all(np.array_equal(feeds[k], again[k]) for k in feeds)
+    image_graph, _, _ = _image_model(tmp_path, batchnorm=False)
+    image_feeds, image_source = verification_inputs(image_graph, seed=0)
+    assert image_source == "synthetic inputs" and abs(float(image_feeds["x"].std()) - 1) < 0.2
