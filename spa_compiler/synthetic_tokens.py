@@ -54,6 +54,7 @@ REGION_WINDOW = 256  # rows over which typical rows must be dense
 REGION_DENSITY = 0.9  # share of typical rows that marks the frequency-ordered block
 EARLY_DENSITY = 0.5  # at most this share of the rows before the block may be typical
 ZIPF_OFFSET = 2.7
+NORM_BLOCK_ELEMENTS = 1 << 18  # table elements whose norms are computed at once
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _frequency_ordered_start(typical: np.ndarray) -> int | None:
 def token_prior(table: np.ndarray) -> TokenPrior:
     """The prior over the rows of ``table`` (``[vocabulary, width]``) of the module docstring."""
     vocabulary = len(table)
-    norms = np.linalg.norm(table.astype(np.float64), axis=1)
+    norms = row_norms(table)
     median = np.median(norms)
     trained, typical = norms >= TRAINED_NORM * median, norms >= TYPICAL_NORM * median
     specials = min(1000, vocabulary // 30)
@@ -123,6 +124,16 @@ def token_prior(table: np.ndarray) -> TokenPrior:
     where = f"from row {first} (where rows of typical norm become dense)" if found \
         else f"in [{rows[0]}, {vocabulary - 1}]"
     return TokenPrior(probabilities, f"Zipf token ids {where} of a {vocabulary}-row embedding")
+
+
+def row_norms(table: np.ndarray) -> np.ndarray:
+    """The rows' Euclidean norms, in float64, a block of rows at a time: a streamed model's
+    table stays on disk (a 1B model's embedding is 2 GB in float64)."""
+    rows = max(1, NORM_BLOCK_ELEMENTS // max(table.shape[1], 1))
+    return np.concatenate([
+        np.linalg.norm(np.asarray(table[start : start + rows], dtype=np.float64), axis=1)
+        for start in range(0, len(table), rows)
+    ])
 
 
 def token_ids(table: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, str]:
