@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from spa_compiler import PruneConfig, PruneState, analyze_graph
 from spa_compiler.ir import load_model
 from spa_compiler.stages import CollectStatistics
 from spa_compiler.synthetic_tokens import token_prior
 from spa_compiler.token_augment import MAX_COPIES, REPLACED, tokens_wanted, with_token_copies
-from tests.test_synthetic import _token_model
+from tests.test_synthetic import _save, _token_model
 
 LENGTH = 16
 
@@ -61,15 +60,11 @@ def test_no_copies_when_tokens_suffice_or_no_vocabulary(tmp_path):
     assert with_token_copies(graph, floats, wanted=10_000, seed=0) == (floats, 0)
 
 
-def _token_encoder(tmp_path) -> str:
+def _token_encoder(tmp_path):
     """ids → Gather on a [1000, 16] table, masked, → MatMul 16→64 → Relu → MatMul 64→16."""
     rng = np.random.default_rng(1)
-    weights = {
-        "words": rng.standard_normal((1000, 16)).astype(np.float32),
-        "up": rng.standard_normal((16, 64)).astype(np.float32),
-        "down": rng.standard_normal((64, 16)).astype(np.float32),
-        "axis": np.array([2], dtype=np.int64),
-    }
+    shapes = {"words": (1000, 16), "up": (16, 64), "down": (64, 16)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     nodes = [
         helper.make_node("Gather", ["words", "input_ids"], ["e"]),
         helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
@@ -81,12 +76,7 @@ def _token_encoder(tmp_path) -> str:
     ]
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [1, LENGTH]) for n in ("input_ids", "attention_mask")]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, LENGTH, 16])]
-    initializers = [numpy_helper.from_array(v, k) for k, v in weights.items()]
-    model = helper.make_model(helper.make_graph(nodes, "encoder", inputs, outputs, initializers),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    path = str(tmp_path / "encoder.onnx")
-    onnx.save(model, path)
-    return path
+    return _save(tmp_path, nodes, inputs, outputs, {**weights, "axis": np.array([2], dtype=np.int64)}, "encoder.onnx")
 
 
 def test_calibration_gets_copies_until_the_widest_layer_has_its_rows(tmp_path):
