@@ -242,7 +242,10 @@ def verification_inputs(graph: Graph, seed: int) -> tuple[dict[str, np.ndarray],
             notes.append(note)
     if any("token ids" in note for note in notes):
         return feeds, "synthetic inputs (token ids from the vocabulary's prior)"
-    return feeds, "synthetic inputs (integer inputs all zero)" if "zeros" in notes else "synthetic inputs"
+    if "zeros" not in notes:
+        return feeds, "synthetic inputs"
+    which = "integer inputs" if set(notes) == {"zeros"} else "some integer inputs"
+    return feeds, f"synthetic inputs ({which} all zero)"
 
 
 def _numeric(value: np.ndarray) -> bool:
