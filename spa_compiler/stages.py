@@ -40,7 +40,7 @@ from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
-from .token_augment import REPLACED, tokens_wanted, with_token_copies
+from .token_augment import tokens_wanted, with_token_copies
 from .verify import custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
@@ -122,9 +122,8 @@ class CollectStatistics(Pass):
             kept_aside = f" ({len(next(iter(state.held_out.values())))} more held out to measure fidelity)" if state.held_out else ""
             source = f"{len(next(iter(data.values())))} samples from {config.calibration}{kept_aside}"
             if config.token_copies:
-                data, copies = with_token_copies(graph, data, tokens_wanted(graph, layers), config.seed)
-                if copies:
-                    source += f", and {copies} copies of them with {REPLACED:.0%} of their tokens replaced"
+                topped = with_token_copies(graph, data, tokens_wanted(graph, layers), config.seed)
+                data, source = topped.data, source + topped.note
         else:
             tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
             data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)

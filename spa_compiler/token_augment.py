@@ -1,8 +1,8 @@
 """More calibration rows for a token model given few sequences: copies with some tokens replaced.
 
-A sentence is a few dozen tokens, so 112 calibration sentences give a layer on tokens about
-1,500 rows, fewer than a 1,536-wide FFN layer has input features: its Hessian ``H = Σ x xᵀ``
-is singular, and the second-order scores, the compensation and the re-fit fit those few
+A sentence is a few dozen tokens, so 112 calibration sentences give a layer on tokens 1,717
+rows, not much more than a 1,536-wide FFN layer has input features: its Hessian ``H = Σ x xᵀ``
+is (nearly) singular, and the second-order scores, the compensation and the re-fit fit those few
 sentences rather than the language. When the calibration's real tokens (by the attention mask)
 are fewer than ``ROWS_PER_FEATURE · (f + 1)`` for the widest layer on tokens (``f`` input
 features), copies of the calibration samples are appended, the ``k``-th copy of sample
@@ -30,6 +30,8 @@ appending 128 synthetic token sequences instead (no sentence context) 0.941; 512
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .calibrate import ConsumerLayer
@@ -38,7 +40,7 @@ from .refit import ROWS_PER_FEATURE
 from .synthetic_tokens import embedding_table, token_prior
 from .token_mask import attention_mask
 
-__all__ = ["with_token_copies", "tokens_wanted", "REPLACED", "MAX_COPIES"]
+__all__ = ["TokenCopies", "with_token_copies", "tokens_wanted", "REPLACED", "MAX_COPIES"]
 
 REPLACED = 0.15  # share of a copy's inner tokens replaced
 MAX_COPIES = 8  # copies per calibration sample at most
@@ -55,23 +57,42 @@ def tokens_wanted(graph: Graph, layers: list[ConsumerLayer]) -> int:
     return ROWS_PER_FEATURE * (max(widths) + 1) if widths else 0
 
 
-def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int,
-                      seed: int) -> tuple[dict[str, np.ndarray], int]:
-    """``data`` followed by copies with replaced tokens (see the module docstring), and how many
-    copies; ``data`` itself when no input reads an embedding table or its tokens suffice."""
+@dataclass(frozen=True)
+class TokenCopies:
+    """The calibration data with its copies, how many copies, the samples' real tokens and the
+    tokens wanted."""
+
+    data: dict[str, np.ndarray]
+    copies: int = 0
+    tokens: int = 0
+    wanted: int = 0
+
+    @property
+    def note(self) -> str:
+        """What the report adds to the calibration's description ("" without copies)."""
+        if not self.copies:
+            return ""
+        return (f", and {self.copies} copies of them with {REPLACED:.0%} of their tokens replaced (their "
+                f"{self.tokens} real tokens are fewer than the {self.wanted} the widest layer wants: more "
+                "sequences would serve it better)")
+
+
+def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int, seed: int) -> TokenCopies:
+    """``data`` followed by copies with replaced tokens (see the module docstring); ``data``
+    itself when no input reads an embedding table or its tokens suffice."""
     tables = {name: table for name in data if (table := embedding_table(graph, name)) is not None}
     if not tables or wanted <= 0:
-        return data, 0
+        return TokenCopies(data)
     name = max(tables, key=lambda n: len(tables[n]))  # the vocabulary's (not token types', positions')
     table, ids = tables[name], np.asarray(data[name])
     if ids.ndim != 2 or len(table) < 2 or any(np.shape(array) != ids.shape for array in data.values()):
-        return data, 0  # other inputs (a KV cache, pixels) would be copied whole: not only tokens
+        return TokenCopies(data)  # other inputs (a KV cache, pixels) would be copied whole: not only tokens
     samples = len(ids)
     mask = attention_mask(data)
     real = mask if mask is not None and mask.shape == ids.shape else np.ones(ids.shape, dtype=bool)
     tokens = int(real.sum())
     if tokens >= wanted or _inner_tokens(real).sum() < REPLACED_LEAST * samples:
-        return data, 0  # enough tokens, or (nearly) none to replace: copies would be duplicates
+        return TokenCopies(data)  # enough tokens, or (nearly) none to replace: copies would be duplicates
     per_sample = tokens / samples
     copies = min(MAX_COPIES * samples, int(np.ceil((wanted - tokens) / per_sample)))
     sources = np.arange(copies) % samples
@@ -82,7 +103,7 @@ def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int,
     draws = rng.choice(len(table), size=int(replaced.sum()), p=token_prior(table).probabilities)
     copied[name] = copied[name].copy()
     copied[name][replaced] = draws.astype(ids.dtype)
-    return {key: np.concatenate([np.asarray(data[key]), copied[key]]) for key in data}, copies
+    return TokenCopies({key: np.concatenate([np.asarray(data[key]), copied[key]]) for key in data}, copies, tokens, wanted)
 
 
 def _inner_tokens(real: np.ndarray) -> np.ndarray:

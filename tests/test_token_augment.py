@@ -9,7 +9,7 @@ from spa_compiler import PruneConfig, PruneState, analyze_graph
 from spa_compiler.ir import load_model
 from spa_compiler.stages import CollectStatistics
 from spa_compiler.synthetic_tokens import token_prior
-from spa_compiler.token_augment import MAX_COPIES, REPLACED, tokens_wanted, with_token_copies
+from spa_compiler.token_augment import MAX_COPIES, REPLACED, TokenCopies, tokens_wanted, with_token_copies
 from tests.test_synthetic import _save, _token_model
 
 LENGTH = 16
@@ -30,11 +30,16 @@ def _calibration(samples: int, real: int, seed: int = 0) -> dict[str, np.ndarray
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "position_ids": positions}
 
 
+def _unchanged(topped: TokenCopies, data: dict[str, np.ndarray]) -> bool:
+    return topped.data is data and topped.copies == 0 and topped.note == ""
+
+
 def test_copies_replace_inner_tokens_only(tmp_path):
     graph = _token_model(tmp_path)
     data = _calibration(samples=10, real=12)
-    augmented, copies = with_token_copies(graph, data, wanted=10 * 12 + 30 * 12, seed=0)
-    assert copies == 30  # (wanted - 120 real tokens) / 12 tokens per sample
+    topped = with_token_copies(graph, data, wanted=10 * 12 + 30 * 12, seed=0)
+    augmented = topped.data
+    assert (topped.copies, topped.tokens, topped.wanted) == (30, 120, 480)  # (480 - 120 real tokens) / 12 per sample
     assert all(len(array) == 40 for array in augmented.values())
     for name in data:  # the samples first, unchanged
         assert np.array_equal(augmented[name][:10], data[name])
@@ -53,11 +58,11 @@ def test_copies_replace_inner_tokens_only(tmp_path):
 def test_no_copies_when_tokens_suffice_or_no_vocabulary(tmp_path):
     graph = _token_model(tmp_path)
     data = _calibration(samples=10, real=12)
-    assert with_token_copies(graph, data, wanted=120, seed=0) == (data, 0)
-    few, copies = with_token_copies(graph, _calibration(samples=2, real=4), wanted=10_000, seed=0)
-    assert copies == 2 * MAX_COPIES and len(few["input_ids"]) == 2 + 2 * MAX_COPIES
+    assert _unchanged(with_token_copies(graph, data, wanted=120, seed=0), data)
+    few = with_token_copies(graph, _calibration(samples=2, real=4), wanted=10_000, seed=0)
+    assert few.copies == 2 * MAX_COPIES and len(few.data["input_ids"]) == 2 + 2 * MAX_COPIES
     floats = {"x": np.zeros((4, LENGTH), dtype=np.float32)}
-    assert with_token_copies(graph, floats, wanted=10_000, seed=0) == (floats, 0)
+    assert _unchanged(with_token_copies(graph, floats, wanted=10_000, seed=0), floats)
 
 
 def _token_encoder(tmp_path):
@@ -94,7 +99,9 @@ def test_calibration_gets_copies_until_the_widest_layer_has_its_rows(tmp_path):
     state = calibrated()
     # 8 samples of 6 real tokens: 48 tokens, (260 - 48) / 6 -> 36 copies
     assert len(state.calibration_data["input_ids"]) == 8 + 36
-    assert state.calibration.endswith("and 36 copies of them with 15% of their tokens replaced")
+    assert state.calibration.endswith("and 36 copies of them with 15% of their tokens replaced (their 48 real "
+                                      "tokens are fewer than the 260 the widest layer wants: more sequences "
+                                      "would serve it better)")
     plain = calibrated(token_copies=False)
     assert len(plain.calibration_data["input_ids"]) == 8 and "tokens replaced" not in plain.calibration
 
@@ -103,6 +110,6 @@ def test_no_copies_of_other_inputs_or_of_sequences_without_inner_tokens(tmp_path
     graph = _token_model(tmp_path)
     data = _calibration(samples=10, real=12)
     with_cache = {**data, "past": np.zeros((10, 2, 4, 8), dtype=np.float32)}
-    assert with_token_copies(graph, with_cache, wanted=10_000, seed=0) == (with_cache, 0)
+    assert _unchanged(with_token_copies(graph, with_cache, wanted=10_000, seed=0), with_cache)
     pairs = _calibration(samples=10, real=2)  # a first and a last token only: nothing to replace
-    assert with_token_copies(graph, pairs, wanted=10_000, seed=0) == (pairs, 0)
+    assert _unchanged(with_token_copies(graph, pairs, wanted=10_000, seed=0), pairs)
