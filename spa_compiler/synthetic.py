@@ -11,8 +11,8 @@ each graph input is classified from the graph and filled accordingly:
 - **token ids** (integer, read by a Gather on a constant ``[vocabulary, width]`` table, through
   casts and reshapes): a Zipf law over the frequency-ordered block of rows that the row norms
   reveal, plus the common characters before it (:mod:`.synthetic_tokens`). An input named like
-  a mask gets ones, like token types or segments zeros, like positions ``0, 1, ...`` along its
-  last axis; other integers zeros.
+  a mask gets ones up to a length drawn per sample, like token types or segments zeros, like
+  positions ``0, 1, ...`` along its last axis; other integers zeros.
 - **audio** (float ``[N, T]`` or ``[N, 1 or 2, T]``, ``T >= 1000``): a few sine tones of random
   frequency and amplitude plus white noise, peak near 0.5 (:mod:`.synthetic_tokens`).
 - anything else: standard normal floats.
@@ -53,7 +53,7 @@ import onnxruntime as ort
 from .calibrate import exposing
 from .feature_rows import conv_patches
 from .ir import Graph, Node
-from .synthetic_tokens import non_image_input, token_ids
+from .synthetic_tokens import non_image_input, token_ids, varied_lengths
 from .verify import session_for
 
 __all__ = ["synthetic_calibration", "image_content", "token_ids", "fit_image_range"]
@@ -71,19 +71,19 @@ def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[di
     """``samples`` synthetic inputs per graph input (first axis = samples, the input's dtype),
     deterministic for ``seed``, and one line describing them (see the module docstring)."""
     rng = np.random.default_rng(seed)
-    arrays, notes, images = {}, [], []
+    arrays, notes, images = {}, {}, []
     for name in graph.inputs:
         shape = (samples, *graph.input_shapes[name][1:])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
         if _image_layout(shape, dtype) is not None:
             images.append(name)
             continue
-        arrays[name], note = non_image_input(graph, name, shape, dtype, rng)
-        notes.append(f"'{name}': {note}")
+        arrays[name], notes[name] = non_image_input(graph, name, shape, dtype, rng)
+    notes.update(varied_lengths(graph, arrays, rng))
     for name in images:
-        arrays[name], note = _image_input(graph, name, samples, arrays, rng)
-        notes.append(f"'{name}': {note}")
-    return {name: arrays[name] for name in graph.inputs}, f"data-free, {samples} synthetic samples: " + "; ".join(notes)
+        arrays[name], notes[name] = _image_input(graph, name, samples, arrays, rng)
+    described = "; ".join(f"'{name}': {notes[name]}" for name in graph.inputs)
+    return {name: arrays[name] for name in graph.inputs}, f"data-free, {samples} synthetic samples: {described}"
 
 
 def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:

@@ -34,6 +34,14 @@ instead of 0.864 at ``--flops 0.75`` and 0.767 instead of 0.709 at ``0.5``.
 Other inputs: named like a mask, ones; like token types or segments, zeros; like positions,
 ``0, 1, ...`` along the last axis; float ``[N, T]`` or ``[N, 1 or 2, T]`` with ``T >= 1000``,
 audio (a few sine tones plus white noise); other floats standard normal; other integers zeros.
+
+**Lengths.** Real batches are sentences of many lengths padded to one: attention spreads over
+fewer tokens in a short one. When a ``[N, T]`` mask comes with token ids of the same shape,
+:func:`varied_lengths` gives each sample a length drawn uniformly from ``⌈T/4⌉ .. T`` and
+zeroes the mask after it (right padding, which a causal model's real tokens never see either).
+On all-MiniLM-L6-v2 data-free (benchmark sentences of 8 to 27 tokens at ``T = 32``) the
+sentence-embedding cosine rose from 0.923 to 0.932 at ``--flops 0.75`` and 0.829 to 0.845
+at 0.5.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import numpy as np
 
 from .ir import Graph, Node
 
-__all__ = ["TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input"]
+__all__ = ["TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input", "varied_lengths"]
 
 MIN_AUDIO_LENGTH = 1000
 PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
@@ -54,6 +62,7 @@ REGION_WINDOW = 256  # rows over which typical rows must be dense
 REGION_DENSITY = 0.9  # share of typical rows that marks the frequency-ordered block
 EARLY_DENSITY = 0.5  # at most this share of the rows before the block may be typical
 ZIPF_OFFSET = 2.7
+SHORTEST = 0.25  # shortest synthetic sequence, as a share of the bound length
 NORM_BLOCK_ELEMENTS = 1 << 18  # table elements whose norms are computed at once
 
 
@@ -178,3 +187,19 @@ def _audio(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
         row += rng.normal(0, rng.uniform(0.02, 0.3), shape[-1])
         row *= 0.5 / max(np.abs(row).max(), 1e-9)
     return flat.reshape(shape)
+
+
+def varied_lengths(graph: Graph, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, str]:
+    """Right-pad the samples of ``arrays`` to lengths drawn from ``⌈T/4⌉ .. T`` by zeroing the
+    ``[N, T]`` mask input after each length, when token ids of the same shape come with it (see
+    the module docstring); ``{mask name: what it now holds}``, empty when no mask qualifies."""
+    tokens = {value.shape for name, value in arrays.items()
+              if value.ndim == 2 and embedding_table(graph, name) is not None}
+    for name, mask in arrays.items():
+        if "mask" in name.lower() and mask.ndim == 2 and mask.shape in tokens and mask.shape[1] > 1:
+            samples, length = mask.shape
+            shortest = int(np.ceil(SHORTEST * length))
+            lengths = rng.integers(shortest, length + 1, samples)
+            arrays[name] = np.where(np.arange(length) < lengths[:, None], mask, 0).astype(mask.dtype)
+            return {name: f"ones for the first {shortest} to {length} tokens, then zeros (a mask; right padding)"}
+    return {}

@@ -123,9 +123,12 @@ def test_token_inputs(tmp_path):
     assert not np.isin(ids, np.arange(500, 520)).any()  # rows with tiny norms are skipped
     assert len(np.unique(ids)) > 100  # spread over the vocabulary ...
     assert np.mean(ids < 200) > np.mean(ids >= 800)  # ... more often low ids (Zipf)
-    assert (arrays["attention_mask"] == 1).all() and (arrays["token_type_ids"] == 0).all()
-    assert (arrays["position_ids"] == np.arange(16)).all()
+    assert (arrays["token_type_ids"] == 0).all() and (arrays["position_ids"] == np.arange(16)).all()
+    lengths = arrays["attention_mask"].sum(axis=1)  # ones, then zeros after each sample's length
+    assert (arrays["attention_mask"] == (np.arange(16) < lengths[:, None])).all()
+    assert lengths.min() >= 4 and lengths.max() <= 16 and len(np.unique(lengths)) >= 8  # 24 draws of 13 lengths
     assert "Zipf token ids in [33, 999]" in description
+    assert "'attention_mask': ones for the first 4 to 16 tokens, then zeros" in description
 
 
 def test_audio_and_other_floats(tmp_path):
