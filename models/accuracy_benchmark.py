@@ -1,7 +1,7 @@
 """Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
 
     python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits] [--flops 0.9,0.75,0.5]
-        [--criteria l2,obs] [--test-samples N] [--calib-samples N] [--no-peers] [--json results.json]
+        [--criteria l2,obs] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers] [--json results.json]
         [--option FIELD=VALUE ...] [--pipeline-defaults]
 
 Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint from test data):
@@ -16,7 +16,8 @@ Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint fr
 Each model is pruned to every ``--flops`` target through ``spa_compiler.prune`` with every
 ``--criteria`` criterion: one data-free row per criterion, and a calibrated row for a criterion
 that uses activation statistics (``obs``: the ``.npz`` of ``--calib-samples`` calibration
-inputs).  The other ``PruneConfig`` fields are the task's ``round_to``, no latency runs,
+inputs, all of them used; or of ``--calib-file`` inputs, spa-prune choosing how many to read, as
+``spa-prune --calib`` does without ``--calib-samples``).  The other ``PruneConfig`` fields are the task's ``round_to``, no latency runs,
 ``CRITERION_ONLY`` (allocation by the criterion's scores, no re-fit; ``--pipeline-defaults`` drops
 it) and the defaults, unless ``--option`` sets them, e.g. ``--option refit_rounds=1``.
 Peers (``models.peers``): onnxsim's structured pruning, data-free and calibrated
@@ -117,8 +118,9 @@ def method_rows(criteria: list[str], task: Task, peers: bool) -> list[Method]:
 class _Run:
     """Prunes one task's model every way into ``folder``, reusing the peers' searches."""
 
-    def __init__(self, task: Task, folder: Path, calibration_samples: int, options: dict[str, Any]) -> None:
-        self.task, self.folder, self.options = task, folder, options
+    def __init__(self, task: Task, folder: Path, calibration_samples: int, options: dict[str, Any],
+                 samples_given: bool = True) -> None:
+        self.task, self.folder, self.options, self.samples_given = task, folder, options, samples_given
         self.source, self.shapes = task.source()
         self.calibration_path = task.calibration(folder / f"{task.name}_calibration.npz", calibration_samples)
         with np.load(self.calibration_path) as data:
@@ -136,7 +138,7 @@ class _Run:
                 **{"round_to": self.task.round_to, "bench_runs": 0, **self.options},
                 flops=target, criterion=method.criterion, input_shapes=self.shapes,
                 calibration=str(self.calibration_path) if method.calibrated else None,
-                calibration_samples=self.calibration_samples if method.calibrated else None,  # data-free: the defaults
+                calibration_samples=self.calibration_samples if method.calibrated and self.samples_given else None,
             )
             return prune(self.source, output, config).flops_ratio
         if method.tool == "onnxsim":
@@ -178,11 +180,13 @@ def _error_text(error: BaseException) -> str:
 
 
 def run_task(task: Task, methods: list[Method], targets: tuple[float, ...], folder: Path,
-             calibration_samples: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
+             calibration_samples: int, options: dict[str, Any] | None = None,
+             samples_given: bool = True) -> dict[str, Any]:
     """Unpruned metrics, then a ``Cell`` per (method label, target); progress on stdout.
-    ``options`` are further ``PruneConfig`` fields for every spa-prune row."""
+    ``options`` are further ``PruneConfig`` fields for every spa-prune row; without
+    ``samples_given``, spa-prune chooses how many of the ``calibration_samples`` to read."""
     start = time.perf_counter()
-    run = _Run(task, folder, calibration_samples, options or {})
+    run = _Run(task, folder, calibration_samples, options or {}, samples_given)
     unpruned = task.metrics(run.source)
     print(f"[{task.name}] {task.description}: unpruned {_metric_text(task, unpruned)} "
           f"(setup {time.perf_counter() - start:.1f} s)", flush=True)
@@ -268,7 +272,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--flops", type=_floats, default=TARGETS, help="FLOPs targets (default 0.9,0.75,0.5)")
     parser.add_argument("--criteria", default="l2,obs", help="spa-prune criteria (default %(default)s)")
     parser.add_argument("--test-samples", type=int, help="test samples per task (default: each task's own)")
-    parser.add_argument("--calib-samples", type=int, default=CALIBRATION_SAMPLES, help="default %(default)s")
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument("--calib-samples", type=int, default=CALIBRATION_SAMPLES,
+                             help="calibration samples, all used (default %(default)s)")
+    calibration.add_argument("--calib-file", type=int, metavar="N",
+                             help="a calibration file of N samples, spa-prune choosing how many to read")
     parser.add_argument("--no-peers", action="store_true", help="spa-prune rows only")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="FIELD=VALUE",
                         help="a further PruneConfig field for every spa-prune row, e.g. refit_rounds=1 (repeatable)")
@@ -286,8 +294,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     unknown = sorted(set(names) - set(TASK_TYPES))
     if unknown:
         parser.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASK_TYPES)}")
+    samples = args.calib_file or args.calib_samples
+    used = "spa-prune choosing how many to read" if args.calib_file else "all used"
     settings = (f"spa-prune rows: PruneConfig options {args.option or 'defaults'}, calibration "
-                f"{args.calib_samples} samples; no fine-tuning anywhere")
+                f"{samples} samples ({used}); no fine-tuning anywhere")
     print(settings, flush=True)
     start = time.perf_counter()
     results = []
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             methods = method_rows(args.criteria.split(","), task, not args.no_peers)
             folder = Path(name) / task_name
             folder.mkdir()
-            results.append(run_task(task, methods, args.flops, folder, args.calib_samples, args.option))
+            results.append(run_task(task, methods, args.flops, folder, samples, args.option, args.calib_file is None))
             render(results[-1], args.flops)
     print(f"\n==== all tables ({time.perf_counter() - start:.0f} s in all) ====\n{settings}")
     for result in results:

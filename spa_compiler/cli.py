@@ -99,7 +99,8 @@ CALIB = typer.Option(
 )
 CALIB_SAMPLES = typer.Option(
     None, min=1, show_default=False,
-    help="Calibration samples used (synthetic ones without --calib): 128 by default, 512 when they are synthetic token sequences.",
+    help="Calibration samples used (synthetic ones without --calib): 128 by default, 512 when they are synthetic token "
+    "sequences, more of a larger --calib file when 128 sequences hold too few tokens for the widest layer.",
 )
 CALIB_BATCH = typer.Option(
     16, min=1, help="Samples whose statistics rows are drawn together, and at most per onnxruntime run (fewer where "

@@ -44,7 +44,7 @@ class PruneConfig:
     calibration_batch: int = 16
     allocation: Literal["sensitivity", "score"] = "sensitivity"
     refit_rounds: int = 1
-    token_copies: bool = True  # few calibration sequences: add copies with replaced tokens (spa_compiler.token_augment)
+    token_copies: bool = True  # few token sequences: read more of the file, then add copies (spa_compiler.token_augment)
     refit_residual: bool = True  # re-fit residual blocks toward the stream's sum (spa_compiler.residual_target)
     evaluation: str | None = None  # a Python file defining score(model_path) -> float
     reinit: bool = False  # write the pruned architecture with fresh weights (spa_compiler.reinit)

@@ -40,7 +40,7 @@ from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
-from .token_augment import tokens_wanted, with_token_copies
+from .token_augment import MORE_SEQUENCES, first_sequences, tokens_wanted, with_token_copies
 from .verify import custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
@@ -117,13 +117,7 @@ class CollectStatistics(Pass):
         wide = [layer.node for layer in layers if layer.features(graph) > MAX_FEATURES]
         layers = [layer for layer in layers if layer.node not in wide]
         if config.calibration:
-            data = load_calibration(config.calibration, graph, config.samples_for())
-            data, state.held_out = split_held_out(data)
-            kept_aside = f" ({len(next(iter(state.held_out.values())))} more held out to measure fidelity)" if state.held_out else ""
-            source = f"{len(next(iter(data.values())))} samples from {config.calibration}{kept_aside}"
-            if config.token_copies:
-                topped = with_token_copies(graph, data, tokens_wanted(graph, layers), config.seed)
-                data, source = topped.data, source + topped.note
+            data, source = self._from_file(state, layers)
         else:
             tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
             data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
@@ -145,6 +139,28 @@ class CollectStatistics(Pass):
                        f"({named}): {'its' if one else 'their'} input channels are scored by magnitude")
         state.calibration, state.calibration_data = source, data
         return state
+
+    @staticmethod
+    def _from_file(state: PruneState, layers: list[ConsumerLayer]) -> tuple[dict[str, np.ndarray], str]:
+        """The ``--calib`` samples the statistics use (the held-out ones set aside in ``state``) and
+        their description: a token model short of real tokens reads more of a larger file when
+        the user did not say how many samples, then tops up with copies (:mod:`.token_augment`)."""
+        config, graph = state.config, state.graph
+        wanted = tokens_wanted(graph, layers) if config.token_copies else 0
+        more = MORE_SEQUENCES if wanted and config.calibration_samples is None else 1
+        data, state.held_out = split_held_out(load_calibration(config.calibration, graph, more * config.samples_for()))
+        if more > 1:
+            data = first_sequences(graph, data, wanted, config.samples_for())
+        count, notes = len(next(iter(data.values()))), []
+        if count > config.samples_for():
+            notes.append(f"more than the default {config.samples_for()}: the widest layer wants {wanted} real tokens")
+        if state.held_out:
+            notes.append(f"{len(next(iter(state.held_out.values())))} more held out to measure fidelity")
+        source = f"{count} samples from {config.calibration}" + (f" ({'; '.join(notes)})" if notes else "")
+        if not wanted:
+            return data, source
+        topped = with_token_copies(graph, data, wanted, config.seed)
+        return topped.data, source + topped.note
 
     def collect(self, graph: Graph, layers: list[ConsumerLayer], data: dict[str, np.ndarray], config: PruneConfig,
                 progress: Callable[[int, int], None]) -> dict[str, LayerStatistics]:

@@ -1,4 +1,5 @@
-"""More calibration rows for a token model given few sequences: copies with some tokens replaced.
+"""More calibration rows for a token model given few sequences: more of the file's sequences, then
+copies with some tokens replaced.
 
 A sentence is a few dozen tokens, so 112 calibration sentences give a layer on tokens 1,717
 rows, not much more than a 1,536-wide FFN layer has input features: its Hessian ``H = Σ x xᵀ``
@@ -20,6 +21,11 @@ words: its rows lie near the language, not only on the sentences given.
 The copies come after the samples, so passes that use the first samples (sensitivity) see the
 user's; the held-out samples that fidelity is measured on are set aside before.
 
+Real sequences serve better than copies. So when the user did not say how many samples to use
+and the file holds more than the default, a token model reads up to ``MORE_SEQUENCES`` times the
+default number and keeps the first ones (at least the default) whose real tokens reach what the
+widest layer wants (:func:`first_sequences`); copies top up only what those still lack.
+
 Measured on all-MiniLM-L6-v2, 128 calibration sentences (112 after the held-out ones, 290
 copies), cosine of sentence embeddings: 0.935 → 0.947 at ``--flops 0.5`` (on the natural
 sentences among the test ones 0.869 → 0.890), 0.969 → 0.978 at 0.75; twice the copies 0.948.
@@ -40,11 +46,13 @@ from .refit import ROWS_PER_FEATURE
 from .synthetic_tokens import embedding_table, token_prior
 from .token_mask import attention_mask
 
-__all__ = ["TokenCopies", "with_token_copies", "tokens_wanted", "REPLACED", "MAX_COPIES"]
+__all__ = ["TokenCopies", "with_token_copies", "first_sequences", "tokens_wanted", "REPLACED", "MAX_COPIES",
+           "MORE_SEQUENCES"]
 
 REPLACED = 0.15  # share of a copy's inner tokens replaced
 MAX_COPIES = 8  # copies per calibration sample at most
 REPLACED_LEAST = 2  # inner tokens per sample, on average, below which no copies are made
+MORE_SEQUENCES = MAX_COPIES + 1  # times the default samples a token model may read from a larger file
 
 
 def tokens_wanted(graph: Graph, layers: list[ConsumerLayer]) -> int:
@@ -88,8 +96,7 @@ def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int, se
     if ids.ndim != 2 or len(table) < 2 or any(np.shape(array) != ids.shape for array in data.values()):
         return TokenCopies(data)  # other inputs (a KV cache, pixels) would be copied whole: not only tokens
     samples = len(ids)
-    mask = attention_mask(data)
-    real = mask if mask is not None and mask.shape == ids.shape else np.ones(ids.shape, dtype=bool)
+    real = _real_tokens(data, ids)
     tokens = int(real.sum())
     if tokens >= wanted or _inner_tokens(real).sum() < REPLACED_LEAST * samples:
         return TokenCopies(data)  # enough tokens, or (nearly) none to replace: copies would be duplicates
@@ -104,6 +111,23 @@ def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int, se
     copied[name] = copied[name].copy()
     copied[name][replaced] = draws.astype(ids.dtype)
     return TokenCopies({key: np.concatenate([np.asarray(data[key]), copied[key]]) for key in data}, copies, tokens, wanted)
+
+
+def first_sequences(graph: Graph, data: dict[str, np.ndarray], wanted: int, least: int) -> dict[str, np.ndarray]:
+    """The first samples of ``data``: ``least``, or more while their real tokens (by the attention
+    mask) are fewer than ``wanted``; the first ``least`` when no input reads an embedding table."""
+    ids = next((np.asarray(data[name]) for name in data if embedding_table(graph, name) is not None), None)
+    count = least
+    if ids is not None and ids.ndim == 2:
+        running = np.cumsum(_real_tokens(data, ids).sum(axis=1))
+        count = max(least, int(np.searchsorted(running, wanted)) + 1)
+    return {key: np.asarray(array)[:count] for key, array in data.items()}
+
+
+def _real_tokens(data: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Booleans over ``ids``: the attention mask's real positions, or every position without one."""
+    mask = attention_mask(data)
+    return mask if mask is not None and mask.shape == ids.shape else np.ones(ids.shape, dtype=bool)
 
 
 def _inner_tokens(real: np.ndarray) -> np.ndarray:

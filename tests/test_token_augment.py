@@ -9,7 +9,9 @@ from spa_compiler import PruneConfig, PruneState, analyze_graph
 from spa_compiler.ir import load_model
 from spa_compiler.stages import CollectStatistics
 from spa_compiler.synthetic_tokens import token_prior
-from spa_compiler.token_augment import MAX_COPIES, REPLACED, TokenCopies, tokens_wanted, with_token_copies
+from spa_compiler.token_augment import (
+    MAX_COPIES, REPLACED, TokenCopies, first_sequences, tokens_wanted, with_token_copies,
+)
 from tests.test_synthetic import _save, _token_model
 
 LENGTH = 16
@@ -84,16 +86,32 @@ def _token_encoder(tmp_path):
     return _save(tmp_path, nodes, inputs, outputs, {**weights, "axis": np.array([2], dtype=np.int64)}, "encoder.onnx")
 
 
+def _calibrated(tmp_path, graph, data, **options):
+    """CollectStatistics on ``data`` saved as the ``--calib`` file."""
+    np.savez(tmp_path / "calib.npz", input_ids=data["input_ids"], attention_mask=data["attention_mask"])
+    config = PruneConfig(flops=0.5, calibration=str(tmp_path / "calib.npz"), **options)
+    state = PruneState(config, graph=graph)
+    state.analysis = analyze_graph(graph)
+    return CollectStatistics().run(state)
+
+
+def test_first_sequences_until_their_real_tokens_suffice(tmp_path):
+    graph = _token_model(tmp_path)
+    data = _calibration(samples=10, real=12)
+    data["attention_mask"][1::2, 6:] = 0  # samples of 12 and 6 real tokens in turn: 12, 18, 30, 36, 48, ...
+    assert len(first_sequences(graph, data, wanted=40, least=2)["input_ids"]) == 5
+    assert len(first_sequences(graph, data, wanted=36, least=2)["position_ids"]) == 4
+    assert len(first_sequences(graph, data, wanted=36, least=7)["attention_mask"]) == 7
+    assert len(first_sequences(graph, data, wanted=10_000, least=2)["input_ids"]) == 10
+    floats = {"x": np.zeros((10, LENGTH), dtype=np.float32)}
+    assert len(first_sequences(graph, floats, wanted=10_000, least=3)["x"]) == 3
+
+
 def test_calibration_gets_copies_until_the_widest_layer_has_its_rows(tmp_path):
     graph = load_model(_token_encoder(tmp_path))
-    data = _calibration(samples=8, real=6)
-    np.savez(tmp_path / "calib.npz", input_ids=data["input_ids"], attention_mask=data["attention_mask"])
 
     def calibrated(**options):
-        config = PruneConfig(flops=0.5, calibration=str(tmp_path / "calib.npz"), **options)
-        state = PruneState(config, graph=graph)
-        state.analysis = analyze_graph(graph)
-        return CollectStatistics().run(state)
+        return _calibrated(tmp_path, graph, _calibration(samples=8, real=6), **options)
 
     assert tokens_wanted(graph, [s.layer for s in calibrated(token_copies=False).statistics.values()]) == 4 * 65
     state = calibrated()
@@ -104,6 +122,20 @@ def test_calibration_gets_copies_until_the_widest_layer_has_its_rows(tmp_path):
                                       "would serve it better)")
     plain = calibrated(token_copies=False)
     assert len(plain.calibration_data["input_ids"]) == 8 and "tokens replaced" not in plain.calibration
+
+
+def test_a_larger_file_gives_more_real_sequences_unless_the_samples_are_given(tmp_path):
+    graph = load_model(_token_encoder(tmp_path))
+    data = _calibration(samples=400, real=2)  # the default 128 samples hold 256 real tokens of the 260 wanted
+    state = _calibrated(tmp_path, graph, data)
+    assert np.array_equal(state.calibration_data["input_ids"], data["input_ids"][:130])  # 130 x 2 >= 260
+    assert np.array_equal(state.held_out["input_ids"], data["input_ids"][-32:])
+    assert state.calibration.endswith("130 samples from " + str(tmp_path / "calib.npz") + " (more than the default "
+                                      "128: the widest layer wants 260 real tokens; 32 more held out to measure fidelity)")
+    given = _calibrated(tmp_path, graph, data, calibration_samples=128)
+    assert len(given.calibration_data["input_ids"]) == 112 and len(given.held_out["input_ids"]) == 16
+    plain = _calibrated(tmp_path, graph, data, token_copies=False)
+    assert len(plain.calibration_data["input_ids"]) == 112
 
 
 def test_no_copies_of_other_inputs_or_of_sequences_without_inner_tokens(tmp_path):
