@@ -24,7 +24,9 @@ user's; the held-out samples that fidelity is measured on are set aside before.
 Real sequences serve better than copies. So when the user did not say how many samples to use
 and the file holds more than the default, a token model reads up to ``MORE_SEQUENCES`` times the
 default number and keeps the first ones (at least the default) whose real tokens reach what the
-widest layer wants (:func:`first_sequences`); copies top up only what those still lack.
+widest layer wants (:func:`first_sequences`); copies top up only what those still lack. From a
+file of 512 sentences MiniLM reads the first 404 (with 32 held out): cosine 0.962 at
+``--flops 0.5`` in 30 s, where 128 of them and their copies give 0.947 in 50 s.
 
 Measured on all-MiniLM-L6-v2, 128 calibration sentences (112 after the held-out ones, 290
 copies), cosine of sentence embeddings: 0.935 → 0.947 at ``--flops 0.5`` (on the natural
