@@ -36,7 +36,8 @@ Other inputs: named like a mask, ones; like token types or segments, zeros; like
 audio (a few sine tones plus white noise); other floats standard normal; other integers zeros.
 
 **Lengths.** Real batches are sentences of many lengths padded to one: attention spreads over
-fewer tokens in a short one. When a ``[N, T]`` mask comes with token ids of the same shape,
+fewer tokens in a short one. When an integer ``[N, T]`` mask (:mod:`.token_mask`'s, whose padding
+statistics leave out) comes with token ids of the same shape,
 :func:`varied_lengths` gives each sample a length drawn uniformly from ``⌈T/4⌉ .. T`` and
 zeroes the mask after it (right padding, which a causal model's real tokens never see either).
 On all-MiniLM-L6-v2 data-free (benchmark sentences of 8 to 27 tokens at ``T = 32``) the
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ir import Graph, Node
+from .token_mask import attention_mask
 
 __all__ = ["TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input", "varied_lengths"]
 
@@ -195,8 +197,8 @@ def varied_lengths(graph: Graph, arrays: dict[str, np.ndarray], rng: np.random.G
     the module docstring); ``{mask name: what it now holds}``, empty when no mask qualifies."""
     tokens = {value.shape for name, value in arrays.items()
               if value.ndim == 2 and embedding_table(graph, name) is not None}
-    for name, mask in arrays.items():
-        if "mask" in name.lower() and mask.ndim == 2 and mask.shape in tokens and mask.shape[1] > 1:
+    for name, mask in arrays.items():  # an integer or boolean mask: padding is then left out of statistics
+        if attention_mask({name: mask}) is not None and mask.shape in tokens and mask.shape[1] > 1:
             samples, length = mask.shape
             shortest = int(np.ceil(SHORTEST * length))
             lengths = rng.integers(shortest, length + 1, samples)
