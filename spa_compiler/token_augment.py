@@ -90,11 +90,11 @@ class TokenCopies:
 def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int, seed: int) -> TokenCopies:
     """``data`` followed by copies with replaced tokens (see the module docstring); ``data``
     itself when no input reads an embedding table or its tokens suffice."""
-    tables = {name: table for name in data if (table := embedding_table(graph, name)) is not None}
-    if not tables or wanted <= 0:
+    vocabulary = _vocabulary_input(graph, data)
+    if vocabulary is None or wanted <= 0:
         return TokenCopies(data)
-    name = max(tables, key=lambda n: len(tables[n]))  # the vocabulary's (not token types', positions')
-    table, ids = tables[name], np.asarray(data[name])
+    name, table = vocabulary
+    ids = np.asarray(data[name])
     if ids.ndim != 2 or len(table) < 2 or any(np.shape(array) != ids.shape for array in data.values()):
         return TokenCopies(data)  # other inputs (a KV cache, pixels) would be copied whole: not only tokens
     samples = len(ids)
@@ -118,12 +118,23 @@ def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int, se
 def first_sequences(graph: Graph, data: dict[str, np.ndarray], wanted: int, least: int) -> dict[str, np.ndarray]:
     """The first samples of ``data``: ``least``, or more while their real tokens (by the attention
     mask) are fewer than ``wanted``; the first ``least`` when no input reads an embedding table."""
-    ids = next((np.asarray(data[name]) for name in data if embedding_table(graph, name) is not None), None)
+    vocabulary = _vocabulary_input(graph, data)
+    ids = np.asarray(data[vocabulary[0]]) if vocabulary else None
     count = least
     if ids is not None and ids.ndim == 2:
         running = np.cumsum(_real_tokens(data, ids).sum(axis=1))
         count = max(least, int(np.searchsorted(running, wanted)) + 1)
     return {key: np.asarray(array)[:count] for key, array in data.items()}
+
+
+def _vocabulary_input(graph: Graph, data: dict[str, np.ndarray]) -> tuple[str, np.ndarray] | None:
+    """The input that reads the largest embedding table (the vocabulary's, not token types' or
+    positions') and that table; None when no input reads one."""
+    tables = {name: table for name in data if (table := embedding_table(graph, name)) is not None}
+    if not tables:
+        return None
+    name = max(tables, key=lambda n: len(tables[n]))
+    return name, tables[name]
 
 
 def _real_tokens(data: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
