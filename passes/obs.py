@@ -6,7 +6,9 @@ across groups as it is (``self_normalized``). Dividing each layer's costs by its
 ``trace(W H Wᵀ)`` (``obs_relative``) was measured worse: digits ResNet at 0.3 of the FLOPs 0.856
 test accuracy against 0.936, MiniLM at 0.5 sentence-embedding cosine 0.741 against 0.749
 (``python -m models.obs_benchmark``). Channels are scored one at a time; compensation removes
-all chosen channels of a layer jointly, which is exact for the joint removal.
+all chosen channels of a layer jointly, which is exact for the joint removal. ``obs_joint``
+chooses them jointly instead, a block at a time with the inverse Hessian downdated between
+blocks (:func:`~spa_compiler.secondorder.greedy_scores`, as OBC and ZipLM do).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import numpy as np
 from spa_compiler.analysis import Group
 from spa_compiler.criteria import Criterion, ScoreContext, register_criterion
 from spa_compiler.pipeline import Pass
-from spa_compiler.secondorder import DAMPING, augmented, compensate_layer, removal_costs
+from spa_compiler.secondorder import DAMPING, Consumer, augmented, compensate_layer, greedy_scores, removal_costs
 from spa_compiler.state import PruneState
 
 from .magnitude import L2Magnitude
 
-__all__ = ["OBS", "OBSRelative", "OBSCompensation"]
+__all__ = ["OBS", "OBSRelative", "OBSJoint", "OBSCompensation"]
 
 
 class OBSCompensation(Pass):
@@ -48,8 +50,11 @@ class OBS(Criterion):
     fallback = L2Magnitude
     compensation = OBSCompensation
     relative = False  # divide each layer's costs by its output energy (the obs_relative ablation)
+    joint = False  # choose a group's channels jointly (obs_joint)
 
     def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
+        if self.joint:
+            return self._joint_score(group, ctx)
         totals = np.zeros(len(group.units))
         by_axis = group.by_axis()
         for axis_id, stats in ctx.statistics_for(group):
@@ -62,6 +67,16 @@ class OBS(Criterion):
             totals += np.bincount(units, weights=costs / energy, minlength=len(group.units))
         return totals
 
+    @staticmethod
+    def _joint_score(group: Group, ctx: ScoreContext) -> np.ndarray:
+        by_axis = group.by_axis()
+        consumers = []
+        for axis_id, stats in ctx.statistics_for(group):
+            units, channels = by_axis[axis_id]
+            consumers.append(Consumer(augmented(stats.layer, ctx.analysis.graph.constants), np.array(stats.inverse(DAMPING)),
+                                      np.asarray(units), np.asarray(channels), stats.layer.features_per_channel))
+        return greedy_scores(consumers, len(group.units), group.prunable)
+
 
 @register_criterion("obs_relative")
 class OBSRelative(OBS):
@@ -69,3 +84,12 @@ class OBSRelative(OBS):
 
     description = "obs with costs relative to each layer's output energy (ablation)"
     relative = True
+
+
+@register_criterion("obs_joint")
+class OBSJoint(OBS):
+    """A group's channels chosen jointly: removed a block at a time, each block's costs given
+    the channels already removed and the weights compensated for them."""
+
+    description = "obs choosing each group's channels jointly, inverse Hessian updated as they go"
+    joint = True
