@@ -1,7 +1,7 @@
 """Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
 
     python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits] [--flops 0.9,0.75,0.5]
-        [--criteria l2,obs] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers] [--json results.json]
+        [--criteria l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers] [--json results.json]
         [--option FIELD=VALUE ...] [--pipeline-defaults]
 
 Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint from test data):
@@ -17,7 +17,8 @@ Each model is pruned to every ``--flops`` target through ``spa_compiler.prune`` 
 ``--criteria`` criterion: one data-free row per criterion, and a calibrated row for a criterion
 that uses activation statistics (``obs``: the ``.npz`` of ``--calib-samples`` calibration
 inputs, all of them used; or of ``--calib-file`` inputs, spa-prune choosing how many to read, as
-``spa-prune --calib`` does without ``--calib-samples``).  The other ``PruneConfig`` fields are the task's ``round_to``, no latency runs,
+``spa-prune --calib`` does without ``--calib-samples``); spa-prune's defaults are the
+calibrated ``obs`` row and the data-free ``obs_joint`` one.  The other ``PruneConfig`` fields are the task's ``round_to``, no latency runs,
 ``CRITERION_ONLY`` (allocation by the criterion's scores, no re-fit; ``--pipeline-defaults`` drops
 it) and the defaults, unless ``--option`` sets them, e.g. ``--option refit_rounds=1``.
 Peers (``models.peers``): onnxsim's structured pruning, data-free and calibrated
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASK_TYPES), help="comma-separated, of: %(default)s")
     parser.add_argument("--flops", type=_floats, default=TARGETS, help="FLOPs targets (default 0.9,0.75,0.5)")
-    parser.add_argument("--criteria", default="l2,obs", help="spa-prune criteria (default %(default)s)")
+    parser.add_argument("--criteria", default="l2,obs,obs_joint", help="spa-prune criteria (default %(default)s)")
     parser.add_argument("--test-samples", type=int, help="test samples per task (default: each task's own)")
     calibration = parser.add_mutually_exclusive_group()
     calibration.add_argument("--calib-samples", type=int, default=CALIBRATION_SAMPLES,

@@ -50,7 +50,7 @@ def spa_methods(calibration: str) -> dict[str, Callable[[float], PruneConfig]]:
     fast = dict(criterion="l2", allocation="score", refit_rounds=0)
     return {
         "spa L2, width": lambda t: PruneConfig(flops=t, **fast),
-        "spa obs data-free, width": lambda t: PruneConfig(flops=t),
+        "spa obs data-free, width": lambda t: PruneConfig(flops=t, criterion="obs"),
         "spa obs calibrated, width": lambda t: PruneConfig(flops=t, calibration=calibration),
         "spa calibrated, depth": lambda t: PruneConfig(flops=t, units="depth", calibration=calibration),
         "spa calibrated, depth 1 + width": lambda t: PruneConfig(flops=t, depth=1, calibration=calibration),

@@ -7,7 +7,8 @@ once on scikit-learn's bundled 8x8 digits (80/20 split, ``random_state=0``, fixe
 exports it to ONNX and writes the first ``--samples`` training images to a calibration
 ``.npz`` (key "input").  It then prunes the exported file to 0.75, 0.5 and 0.3 of its FLOPs
 with each criterion -- l1, l2, random, activation (with calibration), obs (with calibration)
-and obs data-free (no calibration) -- through ``spa_compiler.prune`` and measures the pruned
+and obs data-free (no calibration), the obs_relative ablation, obs_joint with calibration and
+data-free -- through ``spa_compiler.prune`` and measures the pruned
 model's top-1 accuracy on the 360 held-out images with onnxruntime.  Nothing is fine-tuned,
 before or after pruning: the numbers say how much of the trained function each criterion keeps.
 
@@ -55,6 +56,8 @@ CRITERIA: tuple[tuple[str, str, bool], ...] = (
     ("obs", "obs", True),
     ("obs (data-free)", "obs", False),
     ("obs_relative (ablation)", "obs_relative", True),
+    ("obs_joint", "obs_joint", True),
+    ("obs_joint (data-free)", "obs_joint", False),
 )
 
 

@@ -32,7 +32,7 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
     passes; a ``latency`` target allocates on measured latency and times the result;
     ``--units depth`` removes residual branches only (:mod:`spa_compiler.depth_prune`)."""
     config.target(), config.constraints()
-    criterion = get_criterion(config.criterion)
+    criterion = get_criterion(config.criterion_name)
     if config.units == "depth":
         passes: list[PassLike] = [PruneDepth(None), Analyse(), KeepWidths(), Rewrite()]
         return [*passes, Verify()] if config.verify else passes

@@ -122,7 +122,7 @@ DEBUG = typer.Option(False, "--debug", help="Show tracebacks and debug logging."
 
 
 def make_config(
-    criterion: str, scope: str, round_to: int, min_keep: float, exclude: List[str], input_shape: List[str],
+    criterion: Optional[str], scope: str, round_to: int, min_keep: float, exclude: List[str], input_shape: List[str],
     prune_hidden: bool, head_dims: Optional[bool], calib: Optional[Path], calib_samples: Optional[int], calib_batch: int,
     allocation: str, eval_script: Optional[Path], refit: int, seed: int, bench_runs: int, **target: Optional[float],
 ) -> PruneConfig:
@@ -185,7 +185,10 @@ def run(
         "this machine: profiled per node, checked by timing the result (profiles cached in ~/.cache/spa-prune "
         "or $SPA_PRUNE_CACHE).",
     ),
-    criterion: str = typer.Option("obs", help="Channel importance criterion (see --list-criteria)."),
+    criterion: Optional[str] = typer.Option(
+        None, help="Channel importance criterion (see --list-criteria); default: obs with --calib, obs_joint without.",
+        show_default=False,
+    ),
     scope: str = SCOPE,
     round_to: int = ROUND_TO,
     min_keep: float = MIN_KEEP,

@@ -10,11 +10,20 @@ from .cost import CostMetric, get_metric
 from .criteria import get_criterion
 from .errors import TargetError
 
-__all__ = ["PruneConfig", "TARGET_TOLERANCE", "CALIBRATION_SAMPLES", "SYNTHETIC_TOKEN_SAMPLES"]
+__all__ = ["PruneConfig", "TARGET_TOLERANCE", "CALIBRATION_SAMPLES", "SYNTHETIC_TOKEN_SAMPLES", "default_criterion"]
 
 TARGET_TOLERANCE = 0.02
 CALIBRATION_SAMPLES = 128  # calibration samples by default
 SYNTHETIC_TOKEN_SAMPLES = 512  # synthetic token sequences by default (data-free)
+
+
+def default_criterion(calibrated: bool) -> str:
+    """The criterion the accuracy benchmark finds best for the data given: ``obs`` with
+    calibration data, ``obs_joint`` data-free. At ``--flops 0.5`` data-free, choosing channels
+    jointly lifts the PP-OCRv4 recogniser's character accuracy from 0.388 to 0.514 and the
+    direction classifier's accuracy from 0.690 to 0.830 (0.75: 0.974 → 0.968, 0.945 → 0.965);
+    calibrated, it loses there (0.994 → 0.978, 0.960 → 0.940)."""
+    return "obs" if calibrated else "obs_joint"
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class PruneConfig:
     params: float | None = None
     ratio: float | None = None
     latency: float | None = None
-    criterion: str = "obs"
+    criterion: str | None = None  # None: default_criterion(), by whether there is calibration data
     scope: Literal["global", "uniform"] = "global"
     round_to: int = 16
     min_keep: float = 0.1
@@ -59,9 +68,14 @@ class PruneConfig:
         return SYNTHETIC_TOKEN_SAMPLES if synthetic_tokens and not self.calibration else CALIBRATION_SAMPLES
 
     @property
+    def criterion_name(self) -> str:
+        """The criterion asked for, else :func:`default_criterion` for the data given."""
+        return self.criterion if self.criterion is not None else default_criterion(self.calibration is not None)
+
+    @property
     def needs_statistics(self) -> bool:
         """Whether the run collects layer statistics (calibration or data-free)."""
-        return (get_criterion(self.criterion).needs_statistics or self.allocation == "sensitivity"
+        return (get_criterion(self.criterion_name).needs_statistics or self.allocation == "sensitivity"
                 or self.refit_rounds > 0)
 
     def target(self) -> Target:

@@ -176,7 +176,7 @@ def build_report(state: PruneState) -> PruneReport:
     return PruneReport(
         input=str(state.source),
         output=str(state.output),
-        criterion=config.criterion,
+        criterion=config.criterion_name,
         target_kind=target.kind,
         target_value=target.value,
         scope=config.scope,

@@ -60,7 +60,10 @@ def sweep(
     params: Optional[str] = typer.Option(None, help="Parameter fractions to keep."),
     ratio: Optional[str] = typer.Option(None, help="Fractions of every group's channels to remove."),
     latency: Optional[str] = typer.Option(None, help="Measured onnxruntime latency fractions to keep (1 thread)."),
-    criterion: str = typer.Option("obs", help="Criteria to compare, separated by commas (see --list-criteria)."),
+    criterion: Optional[str] = typer.Option(
+        None, help="Criteria to compare, separated by commas (see --list-criteria); default: obs with --calib, "
+        "obs_joint without.", show_default=False,
+    ),
     scope: str = SCOPE,
     round_to: int = ROUND_TO,
     min_keep: float = MIN_KEEP,
@@ -93,7 +96,8 @@ def sweep(
             criterion, scope, round_to, min_keep, exclude, input_shape, prune_hidden, head_dims, calib,
             calib_samples, calib_batch, allocation, eval_script, refit, seed, bench_runs,
         )
-        points = sweep_points([c.strip() for c in criterion.split(",") if c.strip()], targets)
+        criteria = criterion or base.criterion_name
+        points = sweep_points([c.strip() for c in criteria.split(",") if c.strip()], targets)
         for point in points:
             split_passes(point.config(base))  # checks every target, criterion and option before any work
         engine = _engine(use_ray)

@@ -141,7 +141,7 @@ def analysis_of_a_fresh_load():
 
 def prune_to_latency(config: PruneConfig, progress=None) -> PruneState:
     """The latency allocation between scoring and verification, without the optional passes."""
-    passes = [Analyse(), Score(get_criterion(config.criterion)), AllocateLatency(), Rewrite(), Verify()]
+    passes = [Analyse(), Score(get_criterion(config.criterion_name)), AllocateLatency(), Rewrite(), Verify()]
     return Pipeline(passes, progress)(PruneState(config, graph=load_model(EXAMPLE)))
 
 

@@ -129,7 +129,7 @@ def test_builtin_criteria_need_no_entry_points():
         "print(get_criterion('l2').name, len(available_criteria()))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["l2", "7"]
+    assert out.stdout.split() == ["l2", "8"]
 
 
 def test_registering_a_taken_name_raises():
