@@ -73,7 +73,7 @@ class OBS(Criterion):
         consumers = []
         for axis_id, stats in ctx.statistics_for(group):
             units, channels = by_axis[axis_id]
-            consumers.append(Consumer(augmented(stats.layer, ctx.analysis.graph.constants), np.array(stats.inverse(DAMPING)),
+            consumers.append(Consumer(augmented(stats.layer, ctx.analysis.graph.constants), stats.inverse(DAMPING),
                                       np.asarray(units), np.asarray(channels), stats.layer.features_per_channel))
         return greedy_scores(consumers, len(group.units), group.prunable)
 

@@ -110,10 +110,14 @@ class Consumer:
         costs = removal_costs(self.weights, self.inverse, self.channels[live], self.per_channel)
         return np.bincount(self.units[live], weights=costs, minlength=len(present))
 
+    @property
+    def frozen(self) -> bool:
+        """Too wide to downdate: its costs stay the first ones."""
+        return self.inverse.shape[0] > GREEDY_MAX_FEATURES
+
     def remove(self, units: np.ndarray) -> None:
-        """Compensate the weights for the channels of ``units`` and downdate the inverse."""
-        if self.inverse.shape[0] > GREEDY_MAX_FEATURES:
-            return
+        """Compensate the weights for the channels of ``units`` and downdate the inverse (new
+        arrays: the statistics' own stay as they are)."""
         columns = feature_columns(self.channels[np.isin(self.units, units)], self.per_channel)
         if len(columns):
             solved = np.linalg.solve(self.inverse[np.ix_(columns, columns)], self.inverse[columns, :])
@@ -132,23 +136,30 @@ def greedy_scores(consumers: list[Consumer], unit_count: int, candidates: list[i
     marginal costs; the units left score that maximum plus their costs after the last block.
     Units that are not candidates score their first costs. With one step, the units removed
     are ordered by their one-at-a-time costs."""
-    scores = sum(consumer.costs(np.ones(unit_count, dtype=bool)) for consumer in consumers)
+    everyone = np.ones(unit_count, dtype=bool)
+    frozen = sum((c.costs(everyone) for c in consumers if c.frozen), np.zeros(unit_count))
+    updated = [c for c in consumers if not c.frozen]
+
+    def costs(present: np.ndarray) -> np.ndarray:
+        return frozen + sum((c.costs(present) for c in updated), np.zeros(unit_count))
+
+    scores = costs(everyone)
     present = np.zeros(unit_count, dtype=bool)
     present[np.asarray(candidates, dtype=int)] = True
     removable = int(GREEDY_SHARE * len(candidates))
     block = max(1, math.ceil(removable / max(1, steps)))
     highest, removed = 0.0, 0
     while removed < removable:
-        costs = sum(consumer.costs(present) for consumer in consumers)
+        current = costs(present)
         left = np.flatnonzero(present)
-        taken = left[np.argsort(costs[left], kind="stable")[: min(block, removable - removed)]]
-        scores[taken] = np.maximum.accumulate(np.maximum(costs[taken], highest))
+        taken = left[np.argsort(current[left], kind="stable")[: min(block, removable - removed)]]
+        scores[taken] = np.maximum.accumulate(np.maximum(current[taken], highest))
         highest = float(scores[taken[-1]])
         present[taken] = False
         removed += len(taken)
-        for consumer in consumers:
+        for consumer in updated:
             consumer.remove(taken)
     left = np.flatnonzero(present)
     if len(left):
-        scores[left] = highest + sum(consumer.costs(present) for consumer in consumers)[left]
+        scores[left] = highest + costs(present)[left]
     return scores

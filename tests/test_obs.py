@@ -75,6 +75,19 @@ def test_greedy_scores_rise_by_the_exact_marginal_costs():
     np.testing.assert_allclose(scores[removed], np.maximum.accumulate(np.diff(errors)), rtol=1e-6)
 
 
+def test_greedy_without_downdates_keeps_the_one_at_a_time_order(monkeypatch):
+    """A consumer too wide to downdate keeps its first costs: the order is obs's."""
+    monkeypatch.setattr(obs, "GREEDY_MAX_FEATURES", 0)
+    rng = np.random.default_rng(5)
+    x, augmented_x = _design(rng, features=6)
+    weights = rng.standard_normal((3, 7))
+    single = obs.removal_costs(weights, np.linalg.inv(augmented_x.T @ augmented_x), np.arange(6), 1)
+    scores = obs.greedy_scores([_consumer(weights, augmented_x)], 6, list(range(6)), steps=5)
+    assert np.argsort(scores).tolist() == np.argsort(single).tolist()
+    removed = np.argsort(single)[:5]
+    np.testing.assert_allclose(scores[removed], single[removed], rtol=1e-12)
+
+
 def test_greedy_keeps_one_of_two_alike_channels():
     """Channels 0 and 1 are nearly the same feature: one at a time each looks free (the other
     stands in), so both go; jointly one of them stays, and the joint removal of three channels
