@@ -9,7 +9,10 @@ role follows from the products it reaches: operand 0 of a product that contracts
 (queries), operand 1 (keys), a product whose output keeps it (values). A packed projection (q, k
 and v from one MatMul, reshaped to ``[.., 3, H, D]`` and taken apart by Slice, Gather or Split)
 has one block of heads per role, in the order of the slices. Heads pair by their order along the
-projections.
+projections. onnxruntime's fused ``Attention`` (``com.microsoft``) is such a packed projection
+with the products inside it: its weight's columns are Q, K and V slabs by position, so its
+role per block is read from the columns (queries and keys, or values), its bias is the
+projection's, and the op commutes with the change of basis (each head on its own, no rotary).
 """
 
 from __future__ import annotations
@@ -74,6 +77,26 @@ def _matmul_weight(graph: Graph, node: Node) -> str | None:
     return weight if plain and graph.constants[weight].ndim == 2 and graph.constants[weight].dtype.kind == "f" else None
 
 
+def _fused_attention(node: Node) -> bool:
+    return node.op_type == "Attention" and node.domain == "com.microsoft"
+
+
+def _fused_roles(graph: Graph, node: Node, layout: np.ndarray) -> list[str]:
+    """The roles of a group's columns of a fused Attention's packed weight, one per block of
+    ``num_heads`` rows of ``layout`` (``[rows, units]``): "query", "key" or "value" by the slab
+    (Q, K, V) the block's columns lie in; [] when a block straddles two."""
+    width = graph.constants[node.inputs[1]].shape[1]
+    sizes = node.attr("qkv_hidden_sizes")
+    hq = int(sizes[0]) if sizes else width // 3
+    heads = int(node.attr("num_heads", 0))
+    if heads <= 0 or len(layout) % heads:
+        return []
+    slabs = [np.searchsorted([hq, 2 * hq], block, side="right") for block in np.split(layout, len(layout) // heads)]
+    if any(len(set(slab.ravel())) != 1 for slab in slabs):
+        return []
+    return [("query", "key", "value")[int(slab.flat[0])] for slab in slabs]
+
+
 def _scalar_scaling(graph: Graph, node: Node) -> bool:
     if node.op_type not in ("Mul", "Div"):
         return False
@@ -117,14 +140,20 @@ def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | N
         readers, layout = graph.consumers.get(ref.tensor, []), _unit_layout(group, axis_id)
         if len(readers) != 1 or layout is None:
             return None
-        if _bias_add(graph, readers[0], members):
+        reader = readers[0]
+        fused = _fused_attention(reader)
+        if _bias_add(graph, reader, members) or (fused and ref.tensor in reader.inputs[2:3]):
             biases[ref.tensor] = layout
             continue
-        if _matmul_weight(graph, readers[0]) != ref.tensor:
+        if fused and ref.tensor == reader.inputs[1] and ref.axis == 1:
+            bias = next(iter(reader.inputs[2:3]), None) or None
+            layer = ConsumerLayer(reader.name, reader.op_type, reader.inputs[0], ref.tensor, 0, 1, bias)
+            roles = _fused_roles(graph, reader, layout)
+        elif _matmul_weight(graph, reader) == ref.tensor:
+            layer = ConsumerLayer(reader.name, "MatMul", reader.inputs[0], ref.tensor, 0, 1, _bias(graph, reader, members))
+            roles = _roles(graph, reader.name, members) if ref.axis == 1 else ["output"]
+        else:
             return None
-        layer = ConsumerLayer(readers[0].name, "MatMul", readers[0].inputs[0], ref.tensor, 0, 1,
-                              _bias(graph, readers[0], members))
-        roles = _roles(graph, readers[0].name, members) if ref.axis == 1 else ["output"]
         if not roles or len(layout) % len(roles):
             return None
         for role, block in zip(roles, np.split(layout, len(roles))):
@@ -193,8 +222,11 @@ def _slice_index(graph: Graph, node: Node, position: int) -> int | None:
 def _commutes(graph: Graph, node: Node, members: dict[str, int]) -> bool:
     """Whether a node on the unit axis's way passes a per-head basis change through: data
     movement, scalar scaling, a bias Add, a slice along an axis other than the unit axis, a
-    product of two activations, a 2-D MatMul projection."""
+    product of two activations, a 2-D MatMul projection, a fused Attention (whose rule makes
+    head dimensions its units only where it computes each head on its own)."""
     if node.op_type in _DATA_MOVEMENT or _scalar_scaling(graph, node) or _bias_add(graph, node, members):
+        return True
+    if _fused_attention(node):
         return True
     if node.op_type in ("Slice", "Gather", "Split"):
         return node.inputs[0] in members and not _slices_unit_axis(graph, node, members[node.inputs[0]])

@@ -1,5 +1,6 @@
 """onnxruntime's fused attention ops (domain ``com.microsoft``): Attention, MultiHeadAttention,
-GroupQueryAttention and RotaryEmbedding, pruned by whole attention heads.
+GroupQueryAttention and RotaryEmbedding, pruned by whole attention heads (Attention also by
+head dimensions).
 
 Every one computes each head on its own: head ``h`` reads elements ``h*D .. (h+1)*D - 1`` of
 the query, key and value hidden axes (``D`` the head size, ``hidden / num_heads``) and writes
@@ -10,9 +11,16 @@ on the output's hidden axis: output element ``i`` couples with ``(i // Dv) * Dv`
 element of its head, and every other per-head element (a weight column, a bias element, a
 past-state or attention-bias row) couples with that anchor.
 
-* ``Attention`` projects its input through a packed ``weights[input_hidden, 3 * hidden]``
-  (columns: Q, then K, then V, each ``num_heads`` slabs of ``D``) and ``bias[3 * hidden]``; the
-  weight's columns are the roots, its rows read the input (a linear map, ``input_weight``).
+* ``Attention`` projects its input through a packed ``weights[input_hidden, 2 * hq + hv]``
+  (columns: Q, then K, then V, each ``num_heads`` slabs of ``Dq`` or ``Dv``; ``qkv_hidden_sizes``
+  ``[hq, hq, hv]``, or three equal thirds) and ``bias``; the weight's columns are the roots, its
+  rows read the input (a linear map, ``input_weight``). With ``--head-dims`` (no past state,
+  ``Dq = Dv``) the units are head dimensions instead, as for the plain ops: position d of every
+  head's Q, K and V and of the output; the head count stays and the original ``scale`` is
+  written (its default follows the head size). Within a head the attention is invariant
+  to a basis change of Q and K (``A Bᵀ = I``) and of V (undone in the output projection), so
+  :mod:`spa_compiler.head_rotation` rotates the packed weight's slabs as it does plain
+  projections.
 * ``MultiHeadAttention`` takes projected ``query``, ``key``, ``value`` (``[B, S, hidden]``) and
   an optional packed ``bias[3 * hidden]``; the projections before it are the roots.
 * ``GroupQueryAttention``: query head ``h`` attends with key/value head ``h // r`` (``r =
@@ -25,8 +33,8 @@ past-state or attention-bias row) couples with that anchor.
 * ``RotaryEmbedding`` rotates pairs of dimensions within one head, the same way in every head.
 
 MACs: ``S * T * (Dq + Dv)`` per head and sequence (``Q·Kᵀ`` and ``P·V``, ``T`` the key length),
-and for Attention also its projection ``S * input_hidden * 3 * hidden``. Forms not modelled
-(packed or BNSH query/key/value in MultiHeadAttention, unequal ``qkv_hidden_sizes``, rotary
+and for Attention also its projection ``S * input_hidden * (2 * hq + hv)``. Forms not modelled
+(packed or BNSH query/key/value in MultiHeadAttention, ``qkv_hidden_sizes`` with Q and K unequal, rotary
 inside Attention, shared past/present buffers, quantized KV caches, QK outputs) are barriers.
 """
 
@@ -107,11 +115,13 @@ class Attention(OpRule):
     @staticmethod
     def _sizes(node: "Node", width: int) -> tuple[int, int, int]:
         """``(heads, hq, hv)`` for a weight of ``width`` columns: the head count and the Q (= K)
-        and V hidden sizes."""
+        and V hidden sizes (``qkv_hidden_sizes``, else three equal thirds)."""
         heads = int(node.attr("num_heads", 0))
         sizes = node.attr("qkv_hidden_sizes")
-        if sizes and (len(sizes) != 3 or len(set(sizes)) != 1):
-            raise Unsupported(f"qkv_hidden_sizes {list(sizes)} are not equal")
+        if sizes:
+            if len(sizes) != 3 or sizes[0] != sizes[1] or sum(sizes) != width:
+                raise Unsupported(f"qkv_hidden_sizes {list(sizes)} are not Q and K of one size and V filling {width} columns")
+            return heads, int(sizes[0]), int(sizes[2])
         if width % 3:
             raise Unsupported(f"its weights' {width} columns are not Q, K and V of one size")
         return heads, width // 3, width // 3
@@ -127,37 +137,69 @@ class Attention(OpRule):
         dq, dv = head_size(hq, heads, "the Q hidden size"), head_size(hv, heads, "the V hidden size")
         if c.shape(y)[2] != hv:
             raise Unsupported(f"its output's hidden size {c.shape(y)[2]} is not the V hidden size {hv}")
-        anchor_heads(c, y, 2, dv)
-        columns = np.arange(2 * hq + hv)
-        head = np.where(columns < 2 * hq, (columns % hq) // dq, (columns - 2 * hq) // dv)
-        for name in (w, bias):
-            if name:
-                couple_to_heads(c, name, len(c.shape(name)) - 1, y, 2, dv, head)
+        if c.head_dims and dq == dv and not (past or output_at(node, 1)):
+            self._couple_head_dims(c, w, bias, y, hq, dq, dv)
+        else:
+            self._couple_heads(c, w, bias, y, hq, dq, dv)
+            for name in (past, output_at(node, 1)):  # [2, B, heads, positions, D]
+                _per_head_rows(c, name, 2, heads, y, dv)
+            _per_head_rows(c, attention_bias, 1, heads, y, dv)
         c.couple(x, 2, w, 0)
         c.root(w, 1)
         c.tag(w, 0, "weight")
         c.tag(w, 1, "weight")
         c.tag(w, 0, "consumer")
-        for name in (past, output_at(node, 1)):  # [2, B, heads, positions, D]
-            _per_head_rows(c, name, 2, heads, y, dv)
-        _per_head_rows(c, attention_bias, 1, heads, y, dv)
+
+    @staticmethod
+    def _couple_heads(c: Coupler, w: str, bias: str, y: str, hq: int, dq: int, dv: int) -> None:
+        """Whole heads: the Q, K and V slabs of head h (and their bias) with output head h."""
+        anchor_heads(c, y, 2, dv)
+        columns = np.arange(c.shape(w)[1])
+        head = np.where(columns < 2 * hq, (columns % hq) // dq, (columns - 2 * hq) // dv)
+        for name in (w, bias):
+            if name:
+                couple_to_heads(c, name, len(c.shape(name)) - 1, y, 2, dv, head)
+
+    @staticmethod
+    def _couple_head_dims(c: Coupler, w: str, bias: str, y: str, hq: int, dq: int, dv: int) -> None:
+        """Head dimensions (``--head-dims``): position d of every head's query, key and value,
+        and output element ``h*D + d``, is one unit (``Q_h K_hᵀ`` sums over d, so every head
+        loses the same d of both), anchored on head 0's query column d. The head count stays;
+        a per-head attention bias keeps its rows."""
+        columns = np.arange(c.shape(w)[1])
+        c.couple(w, 1, w, 1, columns, np.where(columns < 2 * hq, columns % dq, (columns - 2 * hq) % dv))
+        hidden = c.shape(y)[2]
+        c.couple(y, 2, w, 1, np.arange(hidden), np.arange(hidden) % dv)
+        c.tag(y, 2, "head_dims")
+        if bias:
+            c.couple(bias, 0, w, 1)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
-        heads, _, hv = self._sizes(node, r.old_shape(node.inputs[1])[1])
-        dv = hv // heads
-        kept = r.new_shape(node.outputs[0])[2] // dv
-        r.set_attr(node, "num_heads", kept)
-        if node.attr("qkv_hidden_sizes"):
-            r.set_attr(node, "qkv_hidden_sizes", [kept * dv] * 3)
+        """``num_heads`` the heads with a column left; ``qkv_hidden_sizes`` when head dimensions
+        went (Q and K lose the same ones, V its own), and then the original ``scale``
+        (``1/√Dq`` unless given) explicitly, since its default follows the head size."""
+        w = node.inputs[1]
+        heads, hq, hv = self._sizes(node, r.old_shape(w)[1])
+        dq = hq // heads
+        kept = np.setdiff1d(np.arange(2 * hq + hv), r.removed(w, 1))
+        head = np.where(kept < 2 * hq, (kept % hq) // dq, (kept - 2 * hq) // (hv // heads))
+        remaining = len(np.unique(head))
+        new_q, new_v = int(np.sum(kept < hq)), int(np.sum(kept >= 2 * hq))
+        r.set_attr(node, "num_heads", remaining)
+        if node.attr("qkv_hidden_sizes") or new_q != new_v:
+            r.set_attr(node, "qkv_hidden_sizes", [new_q, new_q, new_v])
+        if new_q // remaining != dq and node.attr("scale") is None:
+            r.set_attr(node, "scale", float(1.0 / np.sqrt(dq)))
 
     def macs_axes(self, node: "Node", shape: Callable[[str], tuple[int, ...]]):
         x, w = node.inputs[0], node.inputs[1]
-        return [(x, 0), (x, 1), (x, 2), (w, 1), _key_length(output_at(node, 1), 3, x, 1)]
+        return [(x, 0), (x, 1), (x, 2), (w, 1), _key_length(output_at(node, 1), 3, x, 1), (node.outputs[0], 2)]
 
     def macs_value(self, sizes: Sequence[float]) -> float:
-        """``B * S * (input_hidden * 3h + T * 2h)``: the projection, then ``Q·Kᵀ`` and ``P·V``."""
-        b, s, hidden_in, width, t = sizes
-        return b * s * (hidden_in * width + t * 2 * width / 3)
+        """``B * S * (input_hidden * (2hq + hv) + T * (hq + hv))``: the projection, then ``Q·Kᵀ``
+        and ``P·V`` (``hv`` the output's hidden size, ``hq`` the rest of the weight's half)."""
+        b, s, hidden_in, width, t, hv = sizes
+        return b * s * (hidden_in * width + t * ((width - hv) / 2 + hv))
 
     def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
         """The packed QKV projection ``input @ weights + bias``."""
