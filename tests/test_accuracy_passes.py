@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,12 @@ def test_refit_layer_is_the_ridge_least_squares_solution():
     np.testing.assert_allclose(matrix[:, [0, 2, 3, 4, 5]], expected[:, :5], rtol=2e-5)
     np.testing.assert_allclose(bias, expected[:, 5], rtol=2e-5, atol=1e-6)
     assert np.all(matrix[:, 1] == 0)
+
+    # on synthetic rows a layer moves part of the way: P + t (W̃ − P)
+    partial, partial_bias, _ = refit_layer(layer, weights, present, stats, np.array([1]), ridge=0.01, trust=0.5)
+    kept = [0, 2, 3, 4, 5]
+    np.testing.assert_allclose(partial[:, kept], (present[:, kept] + matrix[:, kept]) / 2, rtol=1e-12)
+    np.testing.assert_allclose(partial_bias, (present[:, 6] + bias) / 2, rtol=1e-12)
 
 
 def test_refit_ridge_is_chosen_on_held_out_rows():
@@ -142,6 +149,31 @@ def test_refit_brings_outputs_closer_to_the_original(calibration):
         state = Pipeline(default_passes(config))(PruneState(config, graph=load_model(EXAMPLE)))
         errors[rounds] = float(np.linalg.norm(outputs(state.model, x) - reference) / np.linalg.norm(reference))
     assert errors[0] > 0.3 and errors[1] < 0.1 * errors[0], errors  # measured 0.443 and 0.024
+
+
+def test_data_free_refit_moves_part_of_the_way(calibration):
+    """Data-free, a layer's re-fit moves SYNTHETIC_TRUST of the way from its compensated weights:
+    the first re-fitted layer (whose inputs no earlier re-fit changed) lands on the mean of its
+    compensated and fully re-fitted weights; with --calib the whole step is taken."""
+    from spa_compiler.refit import SYNTHETIC_TRUST, Refit
+
+    assert SYNTHETIC_TRUST == 0.5
+
+    def weights(config: PruneConfig, trust: float | None = None) -> dict[str, np.ndarray]:
+        passes = [Refit(synthetic_trust=trust) if trust is not None and isinstance(p, Refit) else p
+                  for p in default_passes(config)]
+        return Pipeline(passes)(PruneState(config, graph=load_model(EXAMPLE))).compensated
+
+    data_free = PruneConfig(flops=0.5, criterion="obs", round_to=8)
+    compensated, halfway, whole = (weights(dataclasses.replace(data_free, refit_rounds=0)), weights(data_free),
+                                   weights(data_free, trust=1.0))
+    graph = load_model(EXAMPLE)
+    present = {name: compensated.get(name, graph.constants[name]) for name in whole}
+    first = next(n.inputs[1] for n in graph.nodes if n.inputs[1:2] and n.inputs[1] in whole
+                 and not np.array_equal(whole[n.inputs[1]], present[n.inputs[1]]))
+    np.testing.assert_allclose(halfway[first], (present[first] + whole[first]) / 2, rtol=1e-4, atol=1e-6)
+    calibrated = PruneConfig(flops=0.5, criterion="obs", round_to=8, calibration=str(calibration))
+    np.testing.assert_array_equal(weights(calibrated)[first], weights(calibrated, trust=0.25)[first])
 
 
 def test_sensitivity_scores_add_up_to_the_measured_distortion(calibration):
