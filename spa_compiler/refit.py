@@ -143,14 +143,20 @@ def _penalty(gram: np.ndarray, ridge: float, bias: bool) -> np.ndarray:
     return penalty
 
 
+def _applied(solution: np.ndarray, prior: np.ndarray, trust: float) -> np.ndarray:
+    """The weights a re-fit leaves: ``P + t (W̃ − P)`` (``t = 1``: the re-fit itself)."""
+    return solution if trust == 1.0 else prior + trust * (solution - prior)
+
+
 def _ridge_errors(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior: np.ndarray, ridges: list[float],
-                  bias: bool) -> list[float]:
+                  bias: bool, trust: float = 1.0) -> list[float]:
     """The held-out errors of :func:`held_out_ridge` for the ridges ``λ``, without forming the
     re-fitted weights. With ``V = [Wᵀ; Pᵀ]`` and ``Y = (G̃_a + D)⁻¹ [C_a, D]``, the weights fitted
     on fold ``a`` are ``W̃ᵀ = Y V`` and their error on fold ``f`` is
     ``Σ (Yᵀ G̃_f Y) ∘ (V Vᵀ) − 2 Σ Y ∘ (C_f W Vᵀ)`` (``W Vᵀ``: the rows of ``V Vᵀ`` for ``W``):
     products over the features only, where forming ``W̃`` costs products over its output rows
-    (a convolution with channel statistics has one per output and kernel position)."""
+    (a convolution with channel statistics has one per output and kernel position). The weights
+    applied with ``trust`` t, ``P + t (W̃ − P)``, are ``Y' V`` with ``Y' = [t Y_C, t Y_D + (1 − t) I]``."""
     stacked = np.hstack([target, prior])
     outer = stacked.T @ stacked  # V Vᵀ
     against = [cross[f] @ outer[: target.shape[1]] for f in (0, 1)]  # C_f W Vᵀ
@@ -160,6 +166,9 @@ def _ridge_errors(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior
         for f in (0, 1):
             penalty = _penalty(gram[1 - f], ridge, bias)
             y = np.linalg.solve(gram[1 - f] + np.diag(penalty), np.hstack([cross[1 - f], np.diag(penalty)]))
+            if trust != 1.0:
+                y *= trust
+                y[:, target.shape[1]:] += (1.0 - trust) * np.eye(len(y))
             error += float(np.sum((y.T @ gram[f] @ y) * outer) - 2 * np.sum(y * against[f]))
         errors.append(error)
     return errors
@@ -172,21 +181,23 @@ def _output_error(solution: np.ndarray, gram: np.ndarray, target_cross: np.ndarr
 
 
 def held_out_ridge(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior: np.ndarray, bias: bool,
-                   candidates: tuple[float | str, ...] = RIDGES) -> float | str:
+                   candidates: tuple[float | str, ...] = RIDGES, trust: float = 1.0) -> float | str:
     """The re-fit of ``candidates`` that, fitted on one fold and measured on the other (both
     ways), leaves the least output error: a layer whose rows are too few to re-fit (a wide
     layer on tokens, a classifier after pooling) keeps its present weights. ``gram`` and
-    ``cross`` per fold, ``target`` the original weights ``W``. The ridges' errors come from
+    ``cross`` per fold, ``target`` the original weights ``W``; each candidate weighed as it is
+    applied with ``trust`` (:func:`_applied`). The ridges' errors come from
     :func:`_ridge_errors` when the weights have more output rows than that computes products."""
     target_cross = cross @ target.T  # C Wᵀ per fold
     features, width = prior.shape[1], prior.shape[1] + target.shape[1]
     traced = len(prior) > width + width**2 / (3 * features)  # cost of the two ways, per ridge and fold
     ridges = [ridge for ridge in candidates if not isinstance(ridge, str)] if traced else []
-    errors = dict(zip(ridges, _ridge_errors(gram, cross, target, prior, ridges, bias))) if ridges else {}
+    errors = dict(zip(ridges, _ridge_errors(gram, cross, target, prior, ridges, bias, trust))) if ridges else {}
     for ridge in candidates:
         if ridge not in errors:
             errors[ridge] = sum(
-                _output_error(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), gram[f], target_cross[f])
+                _output_error(_applied(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), prior, trust),
+                              gram[f], target_cross[f])
                 for f in (0, 1)
             )
     return min(candidates, key=lambda ridge: (errors[ridge], candidates.index(ridge)))
@@ -202,7 +213,8 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     ``ridge`` of :data:`RIDGES` over both folds' rows, the one given or else the one chosen on
     held-out rows (:func:`held_out_ridge`; among :data:`FEW_PARAMETERS` when the rows are fewer
     than the pruned layer's features). With ``trust`` below 1 the result is
-    ``P + trust (W̃ − P)`` (synthetic rows: see the module docstring)."""
+    ``P + trust (W̃ − P)`` (synthetic rows: see the module docstring), and the held-out choice
+    weighs each candidate so applied."""
     features = weights.shape[1] - 1
     rows = float(stats.gram[:, -1, -1].sum())
     kept = np.setdiff1d(np.arange(features), feature_columns(removed_channels, layer.features_per_channel))
@@ -215,11 +227,10 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
         ridge = "unchanged"  # statistics that overflowed float64 fit nothing
     if ridge is None:
-        ridge = held_out_ridge(gram, cross, target, prior, has_bias, RIDGES if rows > len(kept) else FEW_PARAMETERS)
-    solved = _refit(gram.sum(axis=0), cross.sum(axis=0) @ target.T, prior, ridge, has_bias)
+        ridge = held_out_ridge(gram, cross, target, prior, has_bias, RIDGES if rows > len(kept) else FEW_PARAMETERS, trust)
+    solved = _applied(_refit(gram.sum(axis=0), cross.sum(axis=0) @ target.T, prior, ridge, has_bias), prior, trust)
     if not np.isfinite(solved).all():
         ridge, solved = "unchanged", prior
-    solved = prior + trust * (solved - prior)
     matrix = np.zeros((len(weights), features))
     matrix[:, kept] = solved[:, : len(kept)]
     bias = solved[:, -1] if layer.bias is not None else weights[:, -1]

@@ -133,7 +133,7 @@ def test_stage_samples_are_capped_to_the_budget():
 
 
 def test_ridge_errors_by_traces_equal_those_of_the_refitted_weights():
-    from spa_compiler.refit import _output_error, _refit, _ridge_errors
+    from spa_compiler.refit import _applied, _output_error, _refit, _ridge_errors
 
     rng = np.random.default_rng(3)
     rows = [rng.standard_normal((40, 7)) for _ in (0, 1)]  # two folds of original features (the last a constant 1)
@@ -144,13 +144,15 @@ def test_ridge_errors_by_traces_equal_those_of_the_refitted_weights():
     cross = np.stack([p.T @ x for p, x in zip(pruned, rows)])
     target, prior = rng.standard_normal((30, 7)), rng.standard_normal((30, 5))
     ridges = [0.001, 0.1, 10.0]
-    traced = _ridge_errors(gram, cross, target, prior, ridges, bias=True)
-    direct = [
-        sum(_output_error(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), gram[f], cross[f] @ target.T)
-            for f in (0, 1))
-        for ridge in ridges
-    ]
-    np.testing.assert_allclose(traced, direct, rtol=1e-9)
+    for trust in (1.0, 0.5):  # the weights as applied: P + t (W̃ − P)
+        traced = _ridge_errors(gram, cross, target, prior, ridges, bias=True, trust=trust)
+        direct = [
+            sum(_output_error(_applied(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), prior, trust),
+                              gram[f], cross[f] @ target.T)
+                for f in (0, 1))
+            for ridge in ridges
+        ]
+        np.testing.assert_allclose(traced, direct, rtol=1e-9)
 
 
 def test_one_width_per_group_when_the_budget_is_small(tmp_path):
