@@ -46,8 +46,8 @@ from .state import PruneState
 from .verify import fidelity, reference_session
 
 __all__ = [
-    "GroupRotation", "HeadRotation", "RotateHeads", "merged_values", "query_key_bases", "rotate_heads",
-    "rotated_graph", "value_output_bases",
+    "GroupRotation", "HeadRotation", "RotateHeads", "query_key_bases", "rotate_heads", "rotated_graph",
+    "value_output_bases",
 ]
 
 TOLERANCE = 1e-3
@@ -184,20 +184,6 @@ def _store(graph: Graph, layer: ConsumerLayer, array: np.ndarray, values: dict[s
         values[layer.bias] = array[-1].astype(graph.constants[layer.bias].dtype)
 
 
-def merged_values(graph: Graph, rotations: list[GroupRotation]) -> dict[str, np.ndarray]:
-    """The constants ``rotations`` change, together. Groups may share a weight (a fused
-    Attention's packed Q/K and V slabs are two groups), each rotating only its own elements:
-    every array is the original with each rotation's changed elements written in."""
-    values: dict[str, np.ndarray] = {}
-    for rotation in rotations:
-        for name, value in rotation.values.items():
-            original = graph.constants[name]
-            merged = values.setdefault(name, original.copy())
-            changed = value != original
-            merged[changed] = value[changed]
-    return values
-
-
 def rotated_graph(graph: Graph, values: dict[str, np.ndarray]) -> Graph:
     """``graph`` with the constants ``values`` replaced, in a new model (``graph`` is left as it
     is; the other initializers are shared, not copied)."""
@@ -245,7 +231,7 @@ class RotateHeads(Pass):
         state.rotation = HeadRotation(state.graph, {r.basis.group.id: r.energy for r in kept}, zeroable, rotated,
                                       len(rotations) - len(kept), error)
         if kept:
-            state.graph = rotated_graph(state.graph, merged_values(state.graph, kept))
+            state.graph = rotated_graph(state.graph, {k: v for r in kept for k, v in r.values.items()})
             state.analysis = replace(state.analysis, graph=state.graph)
         return state
 
@@ -266,7 +252,8 @@ class RotateHeads(Pass):
         reference = outputs(graph)
 
         def error(chosen: list[GroupRotation]) -> float:
-            return fidelity(reference, outputs(rotated_graph(graph, merged_values(graph, chosen)))).relative_error
+            values = {k: v for r in chosen for k, v in r.values.items()}
+            return fidelity(reference, outputs(rotated_graph(graph, values))).relative_error
 
         together = error(rotations)
         if together <= TOLERANCE:
