@@ -24,6 +24,7 @@ import numpy as np
 from .analysis import Analysis, Group
 from .calibrate import ConsumerLayer
 from .ir import Graph, Node
+from .ops.fused_attention import attention_sizes
 
 __all__ = ["HeadBasis", "Projection", "rotatable_heads"]
 
@@ -85,10 +86,7 @@ def _fused_roles(graph: Graph, node: Node, layout: np.ndarray) -> list[str]:
     """The roles of a group's columns of a fused Attention's packed weight, one per block of
     ``num_heads`` rows of ``layout`` (``[rows, units]``): "query", "key" or "value" by the slab
     (Q, K, V) the block's columns lie in; [] when a block straddles two."""
-    width = graph.constants[node.inputs[1]].shape[1]
-    sizes = node.attr("qkv_hidden_sizes")
-    hq = int(sizes[0]) if sizes else width // 3
-    heads = int(node.attr("num_heads", 0))
+    heads, hq, _ = attention_sizes(node, graph.constants[node.inputs[1]].shape[1])
     if heads <= 0 or len(layout) % heads:
         return []
     slabs = [np.searchsorted([hq, 2 * hq], block, side="right") for block in np.split(layout, len(layout) // heads)]

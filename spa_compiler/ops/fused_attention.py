@@ -50,7 +50,7 @@ from .registry import Coupler, OpRule, Rewriter, Unsupported, WeightView, regist
 if TYPE_CHECKING:
     from ..ir import Node
 
-__all__ = ["Attention", "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding", "head_size"]
+__all__ = ["Attention", "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding", "attention_sizes", "head_size"]
 
 MS = "com.microsoft"
 
@@ -60,6 +60,21 @@ def head_size(hidden: int, heads: int, what: str) -> int:
     if heads <= 0 or hidden % heads:
         raise Unsupported(f"{what} of {hidden} is not a whole number of {heads} heads")
     return hidden // heads
+
+
+def attention_sizes(node: "Node", width: int) -> tuple[int, int, int]:
+    """``(heads, hq, hv)`` of a fused Attention whose packed weight has ``width`` columns: the
+    head count and the Q (= K) and V hidden sizes (``qkv_hidden_sizes``, else three equal
+    thirds); Unsupported for other layouts."""
+    heads = int(node.attr("num_heads", 0))
+    sizes = node.attr("qkv_hidden_sizes")
+    if sizes:
+        if len(sizes) != 3 or sizes[0] != sizes[1] or sum(sizes) != width:
+            raise Unsupported(f"qkv_hidden_sizes {list(sizes)} are not Q and K of one size and V filling {width} columns")
+        return heads, int(sizes[0]), int(sizes[2])
+    if width % 3:
+        raise Unsupported(f"its weights' {width} columns are not Q, K and V of one size")
+    return heads, width // 3, width // 3
 
 
 def anchor_heads(c: Coupler, y: str, axis: int, size: int) -> None:
@@ -112,20 +127,6 @@ class Attention(OpRule):
 
     summary = "whole heads: packed QKV weight columns and bias (roots), num_heads rewritten"
 
-    @staticmethod
-    def _sizes(node: "Node", width: int) -> tuple[int, int, int]:
-        """``(heads, hq, hv)`` for a weight of ``width`` columns: the head count and the Q (= K)
-        and V hidden sizes (``qkv_hidden_sizes``, else three equal thirds)."""
-        heads = int(node.attr("num_heads", 0))
-        sizes = node.attr("qkv_hidden_sizes")
-        if sizes:
-            if len(sizes) != 3 or sizes[0] != sizes[1] or sum(sizes) != width:
-                raise Unsupported(f"qkv_hidden_sizes {list(sizes)} are not Q and K of one size and V filling {width} columns")
-            return heads, int(sizes[0]), int(sizes[2])
-        if width % 3:
-            raise Unsupported(f"its weights' {width} columns are not Q, K and V of one size")
-        return heads, width // 3, width // 3
-
     def couple(self, node: "Node", c: Coupler) -> None:
         _refuse(node, {}, {"do_rotary": "rotary embedding inside Attention",
                            "past_present_share_buffer": "a past/present buffer shared in place"})
@@ -133,7 +134,7 @@ class Attention(OpRule):
         bias, past, attention_bias = input_at(node, 2), input_at(node, 4), input_at(node, 5)
         if not c.is_constant(w) or len(c.shape(w)) != 2 or len(c.shape(x)) != 3:
             raise Unsupported("its weights are not a constant [input_hidden, 3 * hidden] matrix over a [B, S, input_hidden] input")
-        heads, hq, hv = self._sizes(node, c.shape(w)[1])
+        heads, hq, hv = attention_sizes(node, c.shape(w)[1])
         dq, dv = head_size(hq, heads, "the Q hidden size"), head_size(hv, heads, "the V hidden size")
         if c.shape(y)[2] != hv:
             raise Unsupported(f"its output's hidden size {c.shape(y)[2]} is not the V hidden size {hv}")
@@ -179,7 +180,7 @@ class Attention(OpRule):
         went (Q and K lose the same ones, V its own), and then the original ``scale``
         (``1/√Dq`` unless given) explicitly, since its default follows the head size."""
         w = node.inputs[1]
-        heads, hq, hv = self._sizes(node, r.old_shape(w)[1])
+        heads, hq, hv = attention_sizes(node, r.old_shape(w)[1])
         dq = hq // heads
         kept = np.setdiff1d(np.arange(2 * hq + hv), r.removed(w, 1))
         head = np.where(kept < 2 * hq, (kept % hq) // dq, (kept - 2 * hq) // (hv // heads))
