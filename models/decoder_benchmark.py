@@ -1,13 +1,14 @@
-"""Perplexity of the tiny decoder (``models.tiny_decoder``) pruned every way, with the peers.
+"""Perplexity of a tiny decoder (``models.tiny_decoder``) pruned every way, with the peers.
 
-    python -m models.decoder_benchmark [--flops 0.9,0.75,0.5] [--no-peers] [--out DIR]
+    python -m models.decoder_benchmark [--family llama|gpt2] [--flops 0.9,0.75,0.5] [--no-peers] [--out DIR]
 
 Rows, each at every ``--flops`` target, no fine-tuning anywhere (perplexity on 64 held-out
 windows of 128 bytes; the achieved FLOPs ratio by spa-prune's cost model in brackets):
 
-- spa-prune, width units (key/value groups with their query heads, FFN neurons): L2 magnitude
-  (``--criterion l2 --allocation score --refit 0``), the default pipeline data-free, and the
-  default pipeline calibrated on 128 training windows;
+- spa-prune, width units (key/value groups with their query heads, FFN neurons; GPT-2's
+  attention loses rotated head dimensions): L2 magnitude (``--criterion l2 --allocation score
+  --refit 0``), the default pipeline data-free, and the default pipeline calibrated on 128
+  training windows; for GPT-2 also both with whole heads (``--heads``);
 - spa-prune, depth units (``--units depth``: whole attention or FFN sublayers, least measured
   distortion per FLOP first), calibrated; and one branch then width (``--depth 1``);
 - onnxsim 0.8.1: ``apply_structured_pruning_cpp`` + ``apply_attention_head_pruning_cpp`` (L2) at
@@ -15,7 +16,8 @@ windows of 128 bytes; the achieved FLOPs ratio by spa-prune's cost model in brac
   (ShortGPT-style block influence on the same calibration windows) dropping the fewest blocks
   that reach it;
 - Torch-Pruning 1.6.1's LLM recipe (``BasePruner``, group L2 magnitude, heads and every width
-  including the hidden size, ``lm_head`` ignored) on the PyTorch model, its ratio searched the same way.
+  including the hidden size, ``lm_head`` ignored) on the PyTorch Llama, its ratio searched the
+  same way (the recipe names Llama's q/k/v projections; GPT-2 packs them in one).
 
 A peer gets 240 s per target; one that fails or runs out of time is reported as failing for
 every target.
@@ -38,20 +40,29 @@ import onnx
 from spa_compiler import PruneConfig, prune
 
 from .peers import flops_of, match_target, onnxsim_prune, onnxsim_simplify
-from .tiny_decoder import CALIBRATION_WINDOWS, EVAL_WINDOWS, RECIPE, corpus, onnx_perplexity, tiny_decoder, windows
+from .tiny_decoder import (CALIBRATION_WINDOWS, EVAL_WINDOWS, RECIPES, SEQUENCE, corpus, onnx_perplexity, tiny_decoder,
+                           windows)
 
 __all__ = ["main"]
 
-SHAPES = {"input_ids": (1, RECIPE["sequence"])}
+SHAPES = {"input_ids": (1, SEQUENCE)}
 PEER_SECONDS = 240  # per target, the search included
 
 
-def spa_methods(calibration: str) -> dict[str, Callable[[float], PruneConfig]]:
+def spa_methods(calibration: str, family: str) -> dict[str, Callable[[float], PruneConfig]]:
     fast = dict(criterion="l2", allocation="score", refit_rounds=0)
-    return {
+    methods = {
         "spa L2, width": lambda t: PruneConfig(flops=t, **fast),
         "spa obs data-free, width": lambda t: PruneConfig(flops=t, criterion="obs"),
         "spa obs calibrated, width": lambda t: PruneConfig(flops=t, calibration=calibration),
+    }
+    if family == "gpt2":
+        methods.update({
+            "spa obs data-free, whole heads": lambda t: PruneConfig(flops=t, criterion="obs", head_dims=False),
+            "spa obs calibrated, whole heads": lambda t: PruneConfig(flops=t, calibration=calibration, head_dims=False),
+        })
+    return {
+        **methods,
         "spa calibrated, depth": lambda t: PruneConfig(flops=t, units="depth", calibration=calibration),
         "spa calibrated, depth 1 + width": lambda t: PruneConfig(flops=t, depth=1, calibration=calibration),
     }
@@ -64,7 +75,7 @@ def torch_pruning_llm(ratio: float, output: Path) -> Path:
 
     from .decoders import export_decoder
 
-    model, _ = tiny_decoder()
+    model, _ = tiny_decoder("llama")
     config = model.config
     num_heads = {}
     for name, module in model.named_modules():
@@ -72,7 +83,7 @@ def torch_pruning_llm(ratio: float, output: Path) -> Path:
             num_heads[module.q_proj] = config.num_attention_heads
             num_heads[module.k_proj] = config.num_key_value_heads
             num_heads[module.v_proj] = config.num_key_value_heads
-    example = torch.zeros(1, RECIPE["sequence"], dtype=torch.int64)
+    example = torch.zeros(1, SEQUENCE, dtype=torch.int64)
     pruner = tp.pruner.BasePruner(
         model, example, importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
         global_pruning=False, pruning_ratio=ratio, ignored_layers=[model.lm_head], num_heads=num_heads,
@@ -88,7 +99,7 @@ def torch_pruning_llm(ratio: float, output: Path) -> Path:
         kv_heads = attention.k_proj.out_features // attention.head_dim
         attention.num_key_value_groups = heads // kv_heads
         config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
-    return export_decoder(model, output, sequence=RECIPE["sequence"])
+    return export_decoder(model, output, sequence=SEQUENCE)
 
 
 def _searched(prune_at: Callable[[float, Path], Path], target: float, original: float, folder: Path, tag: str,
@@ -103,12 +114,13 @@ def _searched(prune_at: Callable[[float, Path], Path], target: float, original: 
     return paths[amount]
 
 
-def _block_pruned(source: Path, target: float, original: float, calibration: list[dict], folder: Path) -> Path:
+def _block_pruned(source: Path, target: float, original: float, calibration: list[dict], folder: Path,
+                  layers: int) -> Path:
     """onnxsim's transformer-block pruning dropping the fewest blocks that reach ``target``."""
     import onnxsim
 
     model = onnx.load(str(source))
-    for count in range(1, 2 * RECIPE["layers"] + 1):
+    for count in range(1, 2 * layers + 1):
         pruned = onnxsim.apply_transformer_block_pruning(model, calibration_data=calibration, num_blocks_to_drop=count)
         path = folder / f"onnxsim_blocks_{count}.onnx"
         onnx.save(pruned, str(path))
@@ -133,6 +145,7 @@ def _time_limited(seconds: int, run: Callable[[float], Path], target: float) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(RECIPES), default="llama")
     parser.add_argument("--flops", default="0.9,0.75,0.5")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="keep the pruned models here")
@@ -140,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     targets = [float(t) for t in args.flops.split(",")]
     folder = args.out or Path(tempfile.mkdtemp(prefix="decoder_benchmark_"))
     folder.mkdir(parents=True, exist_ok=True)
-    _, source = tiny_decoder()
+    _, source = tiny_decoder(args.family)
     train, held = corpus()
-    held_out = windows(held, EVAL_WINDOWS, RECIPE["sequence"], seed=1)
-    calibration = windows(train, CALIBRATION_WINDOWS, RECIPE["sequence"], seed=2)
+    held_out = windows(held, EVAL_WINDOWS, SEQUENCE, seed=1)
+    calibration = windows(train, CALIBRATION_WINDOWS, SEQUENCE, seed=2)
     calib_path = folder / "calibration.npz"
     np.savez(calib_path, input_ids=calibration)
     original = flops_of(source, SHAPES)
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.setdefault(name, {})[target] = cell
         print(f"{name} @ {target}: {cell}  [{seconds:.1f} s]", flush=True)
 
-    for name, make in spa_methods(str(calib_path)).items():
+    for name, make in spa_methods(str(calib_path), args.family).items():
         for target in targets:
             start = time.perf_counter()
             output = folder / f"{name.replace(' ', '_').replace(',', '')}_{target}.onnx"
@@ -174,9 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         peers: dict[str, Callable[[float], Path]] = {
             "onnxsim L2 channels + heads": lambda t: _searched(
                 lambda s, p: onnxsim_prune(simplified, s, p), t, original, folder, "onnxsim", 0.95),
-            "onnxsim transformer blocks": lambda t: _block_pruned(simplified, t, original, batches, folder),
-            "Torch-Pruning LLM recipe": lambda t: _searched(torch_pruning_llm, t, original, folder, "tp", 0.9),
+            "onnxsim transformer blocks": lambda t: _block_pruned(simplified, t, original, batches, folder,
+                                                                  RECIPES[args.family]["layers"]),
         }
+        if args.family == "llama":
+            peers["Torch-Pruning LLM recipe"] = lambda t: _searched(torch_pruning_llm, t, original, folder, "tp", 0.9)
         for name, run in peers.items():
             failure = None
             for target in targets:

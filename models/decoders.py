@@ -1,9 +1,11 @@
-"""Small decoder-only language models (Llama, Qwen2, Mistral) built from ``transformers`` configs
-with seeded random weights, exported to ONNX the common ways.
+"""Small decoder-only language models (Llama, Qwen2, Mistral, GPT-2) built from ``transformers``
+configs with seeded random weights, exported to ONNX the common ways.
 
-Every family has grouped-query attention (key/value heads repeated by Expand and merged by
-Reshape), RMSNorm and rotary embeddings written out as plain ops, a SwiGLU feed-forward block
-and tied input/output embeddings. ``export_decoder`` writes the logits-only form (``input_ids ->
+Llama, Qwen2 and Mistral have grouped-query attention (key/value heads repeated by Expand and
+merged by Reshape), RMSNorm and rotary embeddings written out as plain ops and a SwiGLU
+feed-forward block; GPT-2 has learned positions, LayerNorm, a GELU feed-forward block and one
+packed ``c_attn`` projection (a Gemm) split into queries, keys and values. All tie their input
+and output embeddings. ``export_decoder`` writes the logits-only form (``input_ids ->
 logits``, classic or dynamo exporter) or, with ``cache=N``, the form with a key/value cache of N
 past positions (``input_ids, attention_mask, past_key_values.{i}.key/value -> logits,
 present.{i}.key/value``) at static shapes.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import pathlib
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from .export import export_checked
 
@@ -24,6 +26,7 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),  # biases on the q/k/v projections
     "mistral": (MistralConfig, MistralForCausalLM),
+    "gpt2": (GPT2Config, GPT2LMHeadModel),  # no grouped-query attention: kv_heads must equal heads
 }
 
 
@@ -31,11 +34,18 @@ def build_decoder(family: str = "llama", layers: int = 2, hidden: int = 64, head
                   intermediate: int = 128, vocab: int = 128, seed: int = 0) -> torch.nn.Module:
     """An eval-mode causal LM of ``family`` with seeded random weights."""
     config_class, model_class = FAMILIES[family]
-    config = config_class(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        tie_word_embeddings=True, attn_implementation="eager",
-    )
+    if family == "gpt2":
+        if kv_heads != heads:
+            raise ValueError(f"GPT-2 has no grouped-query attention: kv_heads ({kv_heads}) must equal heads ({heads})")
+        config = config_class(vocab_size=vocab, n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=heads,
+                              n_positions=256, tie_word_embeddings=True, attn_implementation="eager",
+                              bos_token_id=None, eos_token_id=None)
+    else:
+        config = config_class(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+            tie_word_embeddings=True, attn_implementation="eager",
+        )
     torch.manual_seed(seed)
     return model_class(config).eval()
 

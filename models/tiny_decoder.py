@@ -1,14 +1,17 @@
-"""A tiny Llama-style language model trained on text that ships with Python, to measure pruning on.
+"""Tiny language models trained on text that ships with Python, to measure pruning on.
 
 The corpus is the standard library's own top-level ``*.py`` files (sorted by name; every tenth
-file is held out), read as bytes: the tokens are the 256 byte values. The model is a
+file is held out), read as bytes: the tokens are the 256 byte values. The ``llama`` model is a
 ``transformers`` ``LlamaForCausalLM`` (grouped-query attention, rotary embeddings, RMSNorm,
 SwiGLU, tied embeddings; 4 layers, hidden 128, 4 query heads sharing 2 key/value heads, FFN
-384), trained for a few minutes on the CPU with AdamW, then exported to ONNX (``input_ids
-[1, 128] -> logits [1, 128, 256]``, classic exporter).
+384); the ``gpt2`` model a ``GPT2LMHeadModel`` of the same depth and width (4 heads, learned
+positions, LayerNorm, GELU FFN 512, one packed q/k/v projection). Each is trained for a few
+minutes on the CPU with AdamW, then exported to ONNX (``input_ids [1, 128] -> logits [1, 128,
+256]``, classic exporter).
 
 The trained weights and the export are cached in ``$SPA_PRUNE_CACHE`` (default
-``~/.cache/spa-prune``) under ``tiny_decoder/``, keyed by the recipe; nothing is committed.
+``~/.cache/spa-prune``) under ``tiny_decoder/``, keyed by the family and its recipe; nothing is
+committed.
 Perplexity is ``exp`` of the mean next-byte negative log-likelihood over fixed windows of the
 held-out files.
 """
@@ -28,18 +31,22 @@ import torch
 
 from .decoders import export_decoder
 
-__all__ = ["RECIPE", "corpus", "windows", "train_decoder", "tiny_decoder", "onnx_perplexity", "torch_perplexity",
+__all__ = ["RECIPES", "SEQUENCE", "corpus", "windows", "train_decoder", "tiny_decoder", "onnx_perplexity", "torch_perplexity",
            "cache_dir"]
 
-RECIPE = dict(layers=4, hidden=128, heads=4, kv_heads=2, intermediate=384, vocab=256,
-              sequence=128, batch=16, steps=360, lr=3e-3, seed=0)
+SEQUENCE = 128  # tokens per window, for every family
+_TRAINING = dict(vocab=256, sequence=SEQUENCE, batch=16, steps=360, lr=3e-3, seed=0)
+RECIPES = {
+    "llama": dict(layers=4, hidden=128, heads=4, kv_heads=2, intermediate=384, **_TRAINING),
+    "gpt2": dict(layers=4, hidden=128, heads=4, kv_heads=4, intermediate=512, **_TRAINING),
+}
 EVAL_WINDOWS = 64
 CALIBRATION_WINDOWS = 128
 
 
-def cache_dir() -> pathlib.Path:
+def cache_dir(family: str = "llama") -> pathlib.Path:
     root = pathlib.Path(os.environ.get("SPA_PRUNE_CACHE", pathlib.Path.home() / ".cache" / "spa-prune"))
-    key = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({"family": family, **RECIPES[family]}, sort_keys=True).encode()).hexdigest()[:12]
     folder = root / "tiny_decoder" / key
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -59,14 +66,19 @@ def windows(tokens: np.ndarray, count: int, length: int, seed: int) -> np.ndarra
     return np.stack([tokens[s:s + length] for s in starts])
 
 
-def train_decoder(progress=print) -> torch.nn.Module:
-    """Train the recipe's model on the training bytes (next-byte cross-entropy)."""
+def _untrained(family: str) -> torch.nn.Module:
     from .decoders import build_decoder
 
-    r = RECIPE
+    r = RECIPES[family]
+    return build_decoder(family, r["layers"], r["hidden"], r["heads"], r["kv_heads"], r["intermediate"], r["vocab"],
+                         seed=r["seed"])
+
+
+def train_decoder(family: str = "llama", progress=print) -> torch.nn.Module:
+    """Train the family's recipe on the training bytes (next-byte cross-entropy)."""
+    r = RECIPES[family]
     torch.manual_seed(r["seed"])
-    model = build_decoder("llama", r["layers"], r["hidden"], r["heads"], r["kv_heads"], r["intermediate"], r["vocab"],
-                          seed=r["seed"]).train()
+    model = _untrained(family).train()
     train, _ = corpus()
     optimizer = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -87,22 +99,18 @@ def train_decoder(progress=print) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_decoder(progress=print) -> tuple[torch.nn.Module, pathlib.Path]:
-    """The trained model and its ONNX export, from the cache or trained now."""
-    from .decoders import build_decoder
-
-    r = RECIPE
-    folder = cache_dir()
+def tiny_decoder(family: str = "llama", progress=print) -> tuple[torch.nn.Module, pathlib.Path]:
+    """The family's trained model and its ONNX export, from the cache or trained now."""
+    folder = cache_dir(family)
     weights, exported = folder / "weights.pt", folder / "tiny_decoder.onnx"
     if weights.exists():
-        model = build_decoder("llama", r["layers"], r["hidden"], r["heads"], r["kv_heads"], r["intermediate"],
-                              r["vocab"], seed=r["seed"])
+        model = _untrained(family)
         model.load_state_dict(torch.load(weights))
     else:
-        model = train_decoder(progress)
+        model = train_decoder(family, progress)
         torch.save(model.state_dict(), weights)
     if not exported.exists():
-        export_decoder(model, exported, sequence=r["sequence"])
+        export_decoder(model, exported, sequence=RECIPES[family]["sequence"])
     return model.eval(), exported
 
 

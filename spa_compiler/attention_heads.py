@@ -3,12 +3,14 @@
 A group of head dimensions (``--head-dims``: position d of every head) can have its heads given
 a new basis (:mod:`spa_compiler.head_rotation`) only when every node on the head dimensions' way
 commutes with a per-head basis change: 2-D MatMul projections into the unit axis (with a
-constant bias Add), data movement, scalar scaling, slicing along another axis, the products of
-two activations, and a 2-D MatMul reading the unit axis (the output projection). A projection's
+constant bias Add; or a plain Gemm with its bias), data movement, shape reads, scalar scaling,
+slicing along another axis or into parts of whole heads, the products of two activations, and a
+2-D MatMul or Gemm reading the unit axis (the output projection). A projection's
 role follows from the products it reaches: operand 0 of a product that contracts the unit axis
 (queries), operand 1 (keys), a product whose output keeps it (values). A packed projection (q, k
 and v from one MatMul, reshaped to ``[.., 3, H, D]`` and taken apart by Slice, Gather or Split)
-has one block of heads per role, in the order of the slices. Heads pair by their order along the
+has one block of heads per role, in the order of the slices (GPT-2's ``c_attn`` is a Gemm whose
+output is split into three along the unit axis itself). Heads pair by their order along the
 projections. onnxruntime's fused ``Attention`` (``com.microsoft``) is such a packed projection
 with the products inside it: its weight's columns are Q, K and V slabs by position, so its
 role per block is read from the columns (queries and keys, or values), its bias is the
@@ -69,13 +71,31 @@ def _unit_layout(group: Group, axis_id: int) -> np.ndarray | None:
 
 
 def _matmul_weight(graph: Graph, node: Node) -> str | None:
-    """The 2-D float initializer a MatMul multiplies by (not a quantized weight's dequantized
-    value: rotating it would need new scales), or None."""
-    if node.op_type != "MatMul" or len(node.inputs) != 2 or node.scope:
+    """The 2-D float initializer a MatMul (or a Gemm computing ``x W + b``: no transposes, unit
+    alpha and beta, a 1-D bias) multiplies by (not a quantized weight's dequantized value:
+    rotating it would need new scales), or None."""
+    if node.scope or not (node.op_type == "MatMul" and len(node.inputs) == 2 or _plain_gemm(graph, node)):
         return None
     weight = node.inputs[1]
     plain = graph.is_constant(weight) and weight not in graph.quantized and weight not in graph.integer_weights
     return weight if plain and graph.constants[weight].ndim == 2 and graph.constants[weight].dtype.kind == "f" else None
+
+
+def _plain_gemm(graph: Graph, node: Node) -> bool:
+    """A Gemm that is ``x W + b``: no transposes, unit alpha and beta, a constant 1-D bias or none."""
+    if node.op_type != "Gemm" or any(node.attr(name, 0) for name in ("transA", "transB")):
+        return False
+    if any(float(node.attr(name, 1.0)) != 1.0 for name in ("alpha", "beta")):
+        return False
+    bias = next(iter(node.inputs[2:3]), "")
+    return not bias or (graph.is_constant(bias) and graph.constants[bias].ndim == 1)
+
+
+def _inner_bias(graph: Graph, node: Node) -> str | None:
+    """The bias a node adds inside itself: a fused Attention's or a plain Gemm's input 2."""
+    if _fused_attention(node) or _plain_gemm(graph, node):
+        return next(iter(node.inputs[2:3]), None) or None
+    return None
 
 
 def _fused_attention(node: Node) -> bool:
@@ -126,13 +146,14 @@ def rotatable_heads(analysis: Analysis) -> list[HeadBasis]:
 def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | None:
     refs = {axis_id: analysis.axes[axis_id] for axis_id in group.axes}
     members = {ref.tensor: ref.axis for ref in refs.values()}
+    whole_heads = {ref.tensor for axis_id, ref in refs.items() if _unit_layout(group, axis_id) is not None}
     parts: dict[str, list[Projection]] = {}
     biases: dict[str, np.ndarray] = {}
     for axis_id, ref in refs.items():
         if not ref.constant:
             node = graph.producer.get(ref.tensor)
             readers = graph.consumers.get(ref.tensor, [])
-            if node is None or not all(_commutes(graph, n, members) for n in [node, *readers]):
+            if node is None or not all(_commutes(graph, n, members, whole_heads) for n in [node, *readers]):
                 return None
             continue
         readers, layout = graph.consumers.get(ref.tensor, []), _unit_layout(group, axis_id)
@@ -140,15 +161,15 @@ def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | N
             return None
         reader = readers[0]
         fused = _fused_attention(reader)
-        if _bias_add(graph, reader, members) or (fused and ref.tensor in reader.inputs[2:3]):
+        if _bias_add(graph, reader, members) or ref.tensor == _inner_bias(graph, reader):
             biases[ref.tensor] = layout
             continue
         if fused and ref.tensor == reader.inputs[1] and ref.axis == 1:
-            bias = next(iter(reader.inputs[2:3]), None) or None
-            layer = ConsumerLayer(reader.name, reader.op_type, reader.inputs[0], ref.tensor, 0, 1, bias)
+            layer = ConsumerLayer(reader.name, reader.op_type, reader.inputs[0], ref.tensor, 0, 1, _inner_bias(graph, reader))
             roles = _fused_roles(graph, reader, layout)
         elif _matmul_weight(graph, reader) == ref.tensor:
-            layer = ConsumerLayer(reader.name, "MatMul", reader.inputs[0], ref.tensor, 0, 1, _bias(graph, reader, members))
+            bias = _inner_bias(graph, reader) or _bias(graph, reader, members)
+            layer = ConsumerLayer(reader.name, reader.op_type, reader.inputs[0], ref.tensor, 0, 1, bias)
             roles = _roles(graph, reader.name, members) if ref.axis == 1 else ["output"]
         else:
             return None
@@ -217,17 +238,23 @@ def _slice_index(graph: Graph, node: Node, position: int) -> int | None:
     return None
 
 
-def _commutes(graph: Graph, node: Node, members: dict[str, int]) -> bool:
+def _commutes(graph: Graph, node: Node, members: dict[str, int], whole_heads: set[str]) -> bool:
     """Whether a node on the unit axis's way passes a per-head basis change through: data
-    movement, scalar scaling, a bias Add, a slice along an axis other than the unit axis, a
-    product of two activations, a 2-D MatMul projection, a fused Attention (whose rule makes
-    head dimensions its units only where it computes each head on its own)."""
-    if node.op_type in _DATA_MOVEMENT or _scalar_scaling(graph, node) or _bias_add(graph, node, members):
+    movement, a shape read, scalar scaling, a bias Add, a slice along an axis other than the
+    unit axis, a Split along it into parts that each hold whole heads (``whole_heads``: the
+    tensors in which every unit has as many elements), a product of two activations, a 2-D
+    MatMul or plain Gemm projection, a fused Attention (whose rule makes head dimensions its
+    units only where it computes each head on its own)."""
+    if node.op_type in _DATA_MOVEMENT or node.op_type == "Shape":
         return True
-    if _fused_attention(node):
+    if _scalar_scaling(graph, node) or _bias_add(graph, node, members) or _fused_attention(node):
         return True
+    if node.op_type == "Split" and all(y in whole_heads for y in node.outputs):
+        return node.inputs[0] in whole_heads
     if node.op_type in ("Slice", "Gather", "Split"):
         return node.inputs[0] in members and not _slices_unit_axis(graph, node, members[node.inputs[0]])
+    if node.op_type == "Gemm":
+        return _matmul_weight(graph, node) is not None
     if node.op_type == "MatMul":
         return _matmul_weight(graph, node) is not None or not any(graph.is_constant(i) for i in node.inputs)
     return False

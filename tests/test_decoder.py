@@ -1,5 +1,6 @@
 """Decoder LLMs (Llama, Qwen2, Mistral from ``transformers`` configs): grouped-query attention,
-written-out RMSNorm and rotary embeddings, SwiGLU, tied embeddings.
+written-out RMSNorm and rotary embeddings, SwiGLU, tied embeddings. GPT-2: one packed ``c_attn``
+Gemm split into queries, keys and values, whose head dimensions rotate and prune.
 
 Without a cache they prune to half their FLOPs with the interface unchanged (whole key/value
 groups and FFN neurons), exactly. With a key/value cache in the interface, the default keeps
@@ -36,6 +37,7 @@ def decoders(tmp_path_factory):
         "qwen2 classic": export_decoder(build_decoder("qwen2"), folder / "qwen2.onnx"),
         "mistral classic": export_decoder(build_decoder("mistral", kv_heads=1), folder / "mistral.onnx"),
         "llama cache": export_decoder(llama, folder / "llama_cache.onnx", sequence=4, cache=8),
+        "gpt2 classic": export_decoder(build_decoder("gpt2", kv_heads=4), folder / "gpt2.onnx"),
     }
 
 
@@ -111,3 +113,74 @@ def test_cache_loses_key_value_heads_when_allowed(decoders, tmp_path):
     assert [a.shape for a in actual][1] == (1, 1, 12, 16)
     assert relative_error(expected, actual) <= 1e-4
     assert np.allclose(expected[0], actual[0], rtol=1e-4, atol=1e-4)
+
+
+GPT2_HIDDEN, GPT2_HEADS, GPT2_DIM = 64, 4, 16
+
+
+def _gpt2_dims(analysis):
+    return [g for g in analysis.groups if analysis.kind(g) == "head dims"]
+
+
+def test_gpt2_packed_projection_units_hold_every_role_of_one_head_dimension(decoders):
+    """``c_attn`` (a Gemm, split along its outputs into q, k, v): with head dimensions, position
+    d of every head's query, key and value is one unit (as in onnxruntime's fused Attention),
+    with the output projection's rows of the values; each layer's group rotates (queries and
+    keys, values and output) and the rotation keeps the outputs within float32 rounding."""
+    from spa_compiler.attention_heads import rotatable_heads
+    from spa_compiler.head_rotation import RotateHeads, rotate_heads
+
+    graph = load_model(decoders["gpt2 classic"])
+    analysis = analyze_graph(graph, head_dims=True)
+    dims = _gpt2_dims(analysis)
+    assert len(dims) == 2 and all(len(g.units) == GPT2_DIM == len(g.prunable) for g in dims)
+    c_attn = analysis.axis_id("model.transformer.h.0.attn.c_attn.weight", 1)
+    c_proj = analysis.axis_id("model.transformer.h.0.attn.c_proj.weight", 0)
+    (first,) = [g for g in dims if c_attn in g.axes]
+    heads = np.arange(GPT2_HEADS) * GPT2_DIM + 3
+    np.testing.assert_array_equal(first.units[3].members[c_attn],
+                                  np.concatenate([part * GPT2_HIDDEN + heads for part in range(3)]))
+    np.testing.assert_array_equal(first.units[3].members[c_proj], heads)
+    bases = rotatable_heads(analysis)
+    assert len(bases) == 2
+    query, key = bases[0].query_key
+    value, output = bases[0].value_output
+    assert [p.layer.op_type for p in (query, key, value, output)] == ["Gemm"] * 4
+    np.testing.assert_array_equal(query.heads[:, 3], heads)
+    np.testing.assert_array_equal(key.heads[:, 3], GPT2_HIDDEN + heads)
+    np.testing.assert_array_equal(value.heads[:, 3], 2 * GPT2_HIDDEN + heads)
+    data = {"input_ids": np.random.default_rng(0).integers(0, 128, (32, 16))}
+    kept, error = RotateHeads._exact(graph, rotate_heads(graph, bases, data, {}), data)
+    assert len(kept) == 2 and error < 1e-5
+
+
+def test_gpt2_head_dimensions_prune_exactly(decoders):
+    """With the queries' and keys' last 8 dimensions zeroed in every head, L2 removes those 8
+    units (their values read by no output projection row after the harness zeroes them): the
+    pruned model equals the zeroed original, c_attn keeps 3 x 4 heads x 8 columns and the head
+    count stays."""
+    graph = load_model(decoders["gpt2 classic"])
+    last = (np.arange(GPT2_HEADS)[:, None] * GPT2_DIM + np.arange(GPT2_DIM // 2, GPT2_DIM)).ravel()
+    query_key = np.concatenate([last, GPT2_HIDDEN + last])
+    for layer in range(2):
+        for name in (f"model.transformer.h.{layer}.attn.c_attn.weight", f"model.transformer.h.{layer}.attn.c_attn.bias"):
+            zeroed = graph.constants[name].copy()
+            zeroed[..., query_key] = 0
+            graph.set_constant(name, zeroed)
+    config = PruneConfig(ratio=0.5, round_to=1, head_dims=True, criterion="l2")
+    pruned = assert_exact(graph, config, rtol=1e-5)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert weights["model.transformer.h.0.attn.c_attn.weight"].shape == (GPT2_HIDDEN, 3 * GPT2_HIDDEN // 2)
+    assert weights["model.transformer.h.1.attn.c_proj.weight"].shape == (GPT2_HIDDEN // 2, GPT2_HIDDEN)
+
+
+@pytest.mark.accurate
+def test_gpt2_default_pipeline_prunes_rotated_head_dimensions(decoders, tmp_path):
+    """Left unset, the default pipeline (statistics) makes GPT-2's head dimensions the units,
+    rotates both layers' heads (outputs kept within 1e-5) and reaches the target."""
+    state = prune_graph(load_model(decoders["gpt2 classic"]), PruneConfig(flops=0.6, round_to=4))
+    assert len(_gpt2_dims(state.analysis)) == 2 and len(state.rotation.energies) == 2
+    assert state.rotation.dropped == 0 and state.rotation.error <= 1e-5
+    assert state.plan.achieved == pytest.approx(0.6, abs=0.02)
+    removed = [len(state.plan.removed.get(g.id, [])) for g in _gpt2_dims(state.analysis)]
+    assert sum(removed) > 0, removed

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
+from .patterns import feeds_attention
 from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
 from .runtime_shapes import bounds_at_run_time, clamp, couple_run_time_slice
 
@@ -37,7 +38,10 @@ class Concat(OpRule):
 @register_op("Split")
 class Split(OpRule):
     """Output k's element i on the split axis is input element ``offset_k + i``; the split sizes
-    (attribute, input or ``num_outputs``) are rewritten."""
+    (attribute, input or ``num_outputs``) are rewritten. A packed projection's queries, keys and
+    values taken apart into equal parts (GPT-2's ``c_attn``) lose the same elements of every part
+    when head dimensions are the units: position d of every head's query, key and value is one
+    unit, as in the packed weight of onnxruntime's fused ``Attention``."""
 
     summary = "offset map on the split axis; split sizes rewritten"
 
@@ -50,6 +54,9 @@ class Split(OpRule):
             c.couple(y, axis, x, axis, np.arange(n), offset + np.arange(n))
             couple_same(c, x, y, [k for k in range(len(c.shape(x))) if k != axis])
             offset += n
+        if c.head_dims and _attention_parts(c, node.outputs, axis):
+            for y in node.outputs[1:]:
+                c.couple(y, axis, node.outputs[0], axis)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         axis = normalize_axis(int(node.attr("axis", 0)), len(r.old_shape(node.inputs[0])))
@@ -62,6 +69,15 @@ class Split(OpRule):
         else:
             r.remove_attr(node, "num_outputs")
             r.set_input(node, 1, np.asarray(new, dtype=np.int64))
+
+
+def _attention_parts(c: Coupler, parts: list[str], axis: int) -> bool:
+    """Whether the outputs of a split are equal parts that each reach a product of two
+    activations (Q·Kᵀ, P·V), directly or through the Reshape that splits their heads."""
+    if len(parts) < 2 or len({c.shape(y)[axis] for y in parts}) != 1:
+        return False
+    return all(feeds_attention(c, y) or any(r.op_type == "Reshape" and feeds_attention(c, r.outputs[0])
+                                            for r in c.consumers(y)) for y in parts)
 
 
 def _slice_params(node: "Node", c: Coupler | Rewriter, rank: int):
