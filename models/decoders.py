@@ -39,7 +39,7 @@ def build_decoder(family: str = "llama", layers: int = 2, hidden: int = 64, head
             raise ValueError(f"GPT-2 has no grouped-query attention: kv_heads ({kv_heads}) must equal heads ({heads})")
         config = config_class(vocab_size=vocab, n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=heads,
                               n_positions=256, tie_word_embeddings=True, attn_implementation="eager",
-                              bos_token_id=None, eos_token_id=None)
+                              bos_token_id=None, eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     else:
         config = config_class(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
