@@ -38,6 +38,7 @@ def decoders(tmp_path_factory):
         "mistral classic": export_decoder(build_decoder("mistral", kv_heads=1), folder / "mistral.onnx"),
         "llama cache": export_decoder(llama, folder / "llama_cache.onnx", sequence=4, cache=8),
         "gpt2 classic": export_decoder(build_decoder("gpt2", kv_heads=4), folder / "gpt2.onnx"),
+        "gpt2 dynamo": export_decoder(build_decoder("gpt2", kv_heads=4), folder / "gpt2_dynamo.onnx", dynamo=True),
     }
 
 
@@ -152,6 +153,14 @@ def test_gpt2_packed_projection_units_hold_every_role_of_one_head_dimension(deco
     data = {"input_ids": np.random.default_rng(0).integers(0, 128, (32, 16))}
     kept, error = RotateHeads._exact(graph, rotate_heads(graph, bases, data, {}), data)
     assert len(kept) == 2 and error < 1e-5
+
+
+def test_gpt2_dynamo_export_rotates_its_head_dimensions_too(decoders):
+    from spa_compiler.attention_heads import rotatable_heads
+
+    analysis = analyze_graph(load_model(decoders["gpt2 dynamo"]), head_dims=True)
+    assert [len(g.units) for g in _gpt2_dims(analysis)] == [GPT2_DIM, GPT2_DIM]
+    assert len(rotatable_heads(analysis)) == 2
 
 
 def test_gpt2_head_dimensions_prune_exactly(decoders):
