@@ -7,8 +7,11 @@ windows of 128 bytes; the achieved FLOPs ratio by spa-prune's cost model in brac
 
 - spa-prune, width units (key/value groups with their query heads, FFN neurons; GPT-2's
   attention loses rotated head dimensions): L2 magnitude (``--criterion l2 --allocation score
-  --refit 0``), the default pipeline data-free, and the default pipeline calibrated on 128
-  training windows; for GPT-2 also both with whole heads (``--heads``);
+  --refit 0``), the default pipeline data-free (with ``obs``; statistics from sequences the model
+  wrote, as by default, and from token ids of the vocabulary's prior, as before), the default
+  pipeline data-free with its own criterion (``obs_joint``), and the default pipeline calibrated
+  on 128 training windows; for GPT-2 also the data-free and calibrated ones with whole heads
+  (``--heads``);
 - spa-prune, depth units (``--units depth``: whole attention or FFN sublayers, least measured
   distortion per FLOP first), calibrated; and one branch then width (``--depth 1``);
 - onnxsim 0.8.1: ``apply_structured_pruning_cpp`` + ``apply_attention_head_pruning_cpp`` (L2) at
@@ -53,7 +56,9 @@ def spa_methods(calibration: str, family: str) -> dict[str, Callable[[float], Pr
     fast = dict(criterion="l2", allocation="score", refit_rounds=0)
     methods = {
         "spa L2, width": lambda t: PruneConfig(flops=t, **fast),
+        "spa obs data-free, prior tokens, width": lambda t: PruneConfig(flops=t, criterion="obs", self_written=False),
         "spa obs data-free, width": lambda t: PruneConfig(flops=t, criterion="obs"),
+        "spa data-free (obs_joint), width": lambda t: PruneConfig(flops=t),
         "spa obs calibrated, width": lambda t: PruneConfig(flops=t, calibration=calibration),
     }
     if family == "gpt2":

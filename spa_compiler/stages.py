@@ -25,7 +25,7 @@ from .calibrate import (
     MAX_FEATURES, ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration,
 )
 from .config import TARGET_TOLERANCE, PruneConfig
-from .cost import CostMetric, CostModel
+from .cost import CostMetric, CostModel, node_macs
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
@@ -37,6 +37,7 @@ from .model_files import save_model
 from .pipeline import Pass
 from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
+from .self_written import SelfWritten, self_written
 from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
@@ -119,9 +120,7 @@ class CollectStatistics(Pass):
         if config.calibration:
             data, source = self._from_file(state, layers)
         else:
-            tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
-            data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
-            state.held_out = synthetic_calibration(graph, HELD_OUT_SYNTHETIC, config.seed + 1)[0]
+            data, source = self._data_free(state, layers)
 
         def report(done: int, total: int) -> None:
             state.note(f"collecting statistics of {len(layers)} layers: {done}/{total} samples")
@@ -140,8 +139,32 @@ class CollectStatistics(Pass):
         state.calibration, state.calibration_data = source, data
         return state
 
-    @staticmethod
-    def _from_file(state: PruneState, layers: list[ConsumerLayer]) -> tuple[dict[str, np.ndarray], str]:
+    @classmethod
+    def _data_free(cls, state: PruneState, layers: list[ConsumerLayer]) -> tuple[dict[str, np.ndarray], str]:
+        """Synthetic samples (:mod:`.synthetic`), a causal language model's rewritten into text of
+        its own (:mod:`.self_written`; an eighth of them then held out to measure fidelity on,
+        like a file's, and topped up with copies like a file's); and their description."""
+        config, graph = state.config, state.graph
+        tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
+        data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
+        written = SelfWritten(None, "")
+        if tokens and config.self_written:
+            def report(done: int, total: int) -> None:
+                state.note(f"writing sequences with the model: position {done}/{total}")
+
+            macs = sum(node_macs(state.analysis).values())
+            written = self_written(graph, data, macs, config.calibration_batch, config.seed, report)
+        if written.data is None:
+            state.held_out = synthetic_calibration(graph, HELD_OUT_SYNTHETIC, config.seed + 1)[0]
+            state.held_out_source = HELD_OUT_SYNTHETIC_SOURCE
+            return data, source + (f"; {written.note}" if written.note else "")
+        data, state.held_out = split_held_out(written.data)
+        state.held_out_source = "sequences the model wrote that the statistics did not see"
+        held = f", {len(next(iter(state.held_out.values())))} of them held out to measure fidelity" if state.held_out else ""
+        return cls._topped_up(state, layers, data, written.note + held)
+
+    @classmethod
+    def _from_file(cls, state: PruneState, layers: list[ConsumerLayer]) -> tuple[dict[str, np.ndarray], str]:
         """The ``--calib`` samples the statistics use (the held-out ones set aside in ``state``) and
         their description: a token model short of real tokens reads more of a larger file when
         the user did not say how many samples, then tops up with copies (:mod:`.token_augment`)."""
@@ -149,6 +172,7 @@ class CollectStatistics(Pass):
         wanted = tokens_wanted(graph, layers) if config.token_copies else 0
         more = MORE_SEQUENCES if wanted and config.calibration_samples is None else 1
         data, state.held_out = split_held_out(load_calibration(config.calibration, graph, more * config.samples_for()))
+        state.held_out_source = "held-out calibration samples"
         if more > 1:
             data = first_sequences(graph, data, wanted, config.samples_for())
         count, notes = len(next(iter(data.values()))), []
@@ -157,9 +181,17 @@ class CollectStatistics(Pass):
         if state.held_out:
             notes.append(f"{len(next(iter(state.held_out.values())))} more held out to measure fidelity")
         source = f"{count} samples from {config.calibration}" + (f" ({'; '.join(notes)})" if notes else "")
+        return cls._topped_up(state, layers, data, source)
+
+    @staticmethod
+    def _topped_up(state: PruneState, layers: list[ConsumerLayer], data: dict[str, np.ndarray],
+                   source: str) -> tuple[dict[str, np.ndarray], str]:
+        """Token sequences too few for the widest layer on tokens, followed by copies with
+        replaced tokens (:mod:`.token_augment`); other data as it is."""
+        wanted = tokens_wanted(state.graph, layers) if state.config.token_copies else 0
         if not wanted:
             return data, source
-        topped = with_token_copies(graph, data, wanted, config.seed)
+        topped = with_token_copies(state.graph, data, wanted, state.config.seed)
         return topped.data, source + topped.note
 
     def collect(self, graph: Graph, layers: list[ConsumerLayer], data: dict[str, np.ndarray], config: PruneConfig,
@@ -295,8 +327,8 @@ class Verify(Pass):
         state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow, original)
         if state.held_out is not None and state.fidelity is not None:
             batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
-            source = "held-out calibration samples" if state.config.calibration else HELD_OUT_SYNTHETIC_SOURCE
-            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow, source)
+            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow,
+                                                        state.held_out_source)
         return state
 
 
