@@ -112,8 +112,9 @@ def write_sequences(graph: Graph, feeds: dict[str, np.ndarray], io: LanguageMode
         for start in range(0, count, per_run):
             part = {name: array[start:start + per_run] for name, array in feeds.items()}
             part[io.tokens] = tokens[start:start + per_run]
-            scores = _scores(session, weights, part, output)
-            tokens[start:start + per_run, position + 1] = _draw(scores.reshape(-1, *scores.shape[-2:])[:, position], rng)
+            scores = session.run(None, {**part, **weights})[output]
+            at = scores.reshape(-1, *scores.shape[-2:])[:, position].astype(np.float64)
+            tokens[start:start + per_run, position + 1] = _draw(at, rng)
         if progress is not None:
             progress(position + 1, length - 1)
     return {**feeds, io.tokens: tokens.astype(feeds[io.tokens].dtype)}
