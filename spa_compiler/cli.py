@@ -95,7 +95,9 @@ HEAD_DIMS = typer.Option(
          "attention's heads can be rotated, whole heads otherwise.",
 )
 CALIB = typer.Option(
-    None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files."
+    None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files. "
+    "Without it the inputs are synthetic, shaped like what the graph expects; a causal language model writes "
+    "its own text."
 )
 CALIB_SAMPLES = typer.Option(
     None, min=1, show_default=False,
