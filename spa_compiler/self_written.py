@@ -30,8 +30,10 @@ from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from .batch_axis import samples_per_run
+from .errors import first_line
 from .ir import Graph
 from .synthetic_tokens import embedding_table
 from .verify import reference_session
@@ -143,7 +145,10 @@ def self_written(graph: Graph, feeds: dict[str, np.ndarray], macs_per_sample: fl
                                  f"{BUDGET_MACS:.0e} MACs, so prior tokens")
     count = min(count, affordable)
     first = {name: array[:count] for name, array in feeds.items()}
-    written = write_sequences(graph, first, io, np.random.default_rng([seed, 1]), batch_size, progress)
+    try:
+        written = write_sequences(graph, first, io, np.random.default_rng([seed, 1]), batch_size, progress)
+    except (InvalidArgument, Fail, RuntimeException) as exc:  # e.g. a first axis that is no sample axis
+        return SelfWritten(None, f"the model did not run to write sequences ({first_line(exc)}), so prior tokens")
     if written is None:
         return SelfWritten(None, "")
     return SelfWritten(written, f"data-free, sequences of {length} tokens the model wrote itself "

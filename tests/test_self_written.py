@@ -17,11 +17,12 @@ from spa_compiler.self_written import LEAST_SEQUENCES, language_model_io, self_w
 VOCABULARY, LENGTH, WIDTH = 12, 10, 16
 
 
-def _successor_model(path, causal: bool = True):
+def _successor_model(path, causal: bool = True, batch: int = 1):
     """``input_ids [N, T] -> logits [N, T, V]``: position t's scores are 40 at the successor
     ``(id + 5) mod V`` of token t and 0 elsewhere, through an embedding table and a projection
     (a first-order language model, causal); or (``causal`` False) with every position's
-    embedding shifted by the sequence's mean embedding, which reads later tokens."""
+    embedding shifted by the sequence's mean embedding, which reads later tokens. Declared for
+    ``batch`` sequences."""
     rng = np.random.default_rng(0)
     table = rng.standard_normal((VOCABULARY, WIDTH)).astype(np.float32)
     successor = np.eye(VOCABULARY, dtype=np.float32)[(np.arange(VOCABULARY) + 5) % VOCABULARY] * 40
@@ -35,8 +36,8 @@ def _successor_model(path, causal: bool = True):
     nodes.append(helper.make_node("MatMul", [hidden, "projection"], ["logits"]))
     graph = helper.make_graph(
         nodes, "successor",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, LENGTH])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, LENGTH, VOCABULARY])],
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, LENGTH])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, LENGTH, VOCABULARY])],
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(projection, "projection"),
          numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")],
     )
@@ -84,6 +85,15 @@ def test_writing_is_bounded_by_its_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(written_module, "BUDGET_MACS", (LEAST_SEQUENCES - 1) * (LENGTH - 1) * 1e3)
     result = self_written(graph, _prior_feeds(), 1e3, 8, 0)
     assert result.data is None and "prior tokens" in result.note
+
+
+def test_a_model_that_does_not_run_one_sequence_at_a_time_keeps_the_prior(tmp_path):
+    """A first axis fixed at 2 (no sample axis that a copy may free): writing cannot run, and the
+    report says so in one line instead of failing."""
+    graph = _successor_model(tmp_path / "pairs.onnx", batch=2)
+    result = self_written(graph, _prior_feeds(), 1e3, 8, 0)
+    assert result.data is None and result.note.startswith("the model did not run to write sequences (")
+    assert result.note.endswith("), so prior tokens") and "\n" not in result.note
 
 
 @pytest.mark.accurate
