@@ -35,6 +35,7 @@ from .errors import TargetError
 from .ir import Graph, load_model
 from .model_files import save_model
 from .pipeline import Pass
+from .self_written import self_written
 from .sensitivity import samples_for
 from .state import PruneState
 from .synthetic import synthetic_calibration
@@ -132,13 +133,13 @@ class PruneDepth(Pass):
         if not branches:
             raise TargetError("the model has no removable residual branch (a fork whose join is a residual Add)")
         available = max(1, config.samples_for())
+        analysis = analyze_graph(graph)
         data = (load_calibration(config.calibration, graph, available) if config.calibration
-                else synthetic_calibration(graph, available, config.seed)[0])
+                else self._data_free(state, analysis, available))
         per_sample = sum(int(np.prod(graph.shapes[n][1:])) for n in graph.outputs if n in graph.shapes)
         samples = samples_for(per_sample, len(next(iter(data.values()))))
         state.note(f"measuring {len(branches)} residual branches on {samples} samples")
         distortions = branch_distortions(graph, branches, {k: v[:samples] for k, v in data.items()})
-        analysis = analyze_graph(graph)
         cost_before = {k: CostModel(analysis, k).original_total for k in ("flops", "params")}
         budget = (1.0 - config.target().value) * cost_before[kind]
         costs = _branch_costs(graph, analysis, branches, kind)
@@ -152,6 +153,19 @@ class PruneDepth(Pass):
         log.info("depth: removed %d of %d branches, %.3f of the %s left", len(removed), len(branches), state.depth.kept, kind)
         state.graph = pruned
         return state
+
+
+    @staticmethod
+    def _data_free(state: PruneState, analysis: Analysis, samples: int) -> dict[str, np.ndarray]:
+        """Synthetic samples, a causal language model's rewritten into text of its own
+        (:mod:`.self_written`), as the statistics' are."""
+        config, graph = state.config, state.graph
+        data = synthetic_calibration(graph, samples, config.seed)[0]
+        if not config.self_written:
+            return data
+        state.note("writing sequences with the model")
+        written = self_written(graph, data, sum(node_macs(analysis).values()), config.calibration_batch, config.seed)
+        return data if written.data is None else written.data
 
 
 def _reloaded(model: onnx.ModelProto, graph: Graph) -> Graph:

@@ -107,3 +107,26 @@ def test_a_model_without_residual_branches_is_refused(tmp_path):
     onnx.save(model, tmp_path / "plain.onnx")
     with pytest.raises(TargetError, match="no removable residual branch"):
         prune(tmp_path / "plain.onnx", tmp_path / "out.onnx", PruneConfig(flops=0.5, depth=1, bench_runs=0))
+
+
+def test_data_free_depth_units_score_branches_on_the_text_a_language_model_writes(llama):
+    """Data-free, the branches of a causal language model are measured on the sequences it
+    wrote (those the statistics would use, seed for seed); with ``self_written=False``, on the
+    prior's token ids."""
+    from spa_compiler.analysis import analyze_graph
+    from spa_compiler.cost import node_macs
+    from spa_compiler.depth_prune import PruneDepth
+    from spa_compiler.self_written import self_written
+    from spa_compiler.state import PruneState
+    from spa_compiler.synthetic import synthetic_calibration
+
+    graph = load_model(llama)
+    analysis = analyze_graph(graph)
+    prior = synthetic_calibration(graph, 32, 0)[0]
+    expected = self_written(graph, prior, sum(node_macs(analysis).values()), 16, 0).data["input_ids"]
+    state = PruneState(PruneConfig(flops=0.7, units="depth"), graph=graph)
+    written = PruneDepth(None)._data_free(state, analysis, 32)["input_ids"]
+    np.testing.assert_array_equal(written, expected)
+    assert np.mean(written[:, 1:] != prior["input_ids"][:, 1:]) > 0.5
+    state = PruneState(PruneConfig(flops=0.7, units="depth", self_written=False), graph=graph)
+    np.testing.assert_array_equal(PruneDepth(None)._data_free(state, analysis, 32)["input_ids"], prior["input_ids"])
