@@ -35,7 +35,7 @@ from .errors import TargetError
 from .ir import Graph, load_model
 from .model_files import save_model
 from .pipeline import Pass
-from .self_written import self_written
+from .self_written import written_once
 from .sensitivity import samples_for
 from .state import PruneState
 from .synthetic import synthetic_calibration
@@ -157,14 +157,10 @@ class PruneDepth(Pass):
 
     @staticmethod
     def _data_free(state: PruneState, analysis: Analysis, samples: int) -> dict[str, np.ndarray]:
-        """Synthetic samples, a causal language model's rewritten into text of its own
-        (:mod:`.self_written`), as the statistics' are."""
-        config, graph = state.config, state.graph
-        data = synthetic_calibration(graph, samples, config.seed)[0]
-        if not config.self_written:
-            return data
-        state.note("writing sequences with the model")
-        written = self_written(graph, data, sum(node_macs(analysis).values()), config.calibration_batch, config.seed)
+        """Synthetic samples, a causal language model's rewritten into text of its own, the
+        text the statistics then use (:func:`~spa_compiler.self_written.written_once`)."""
+        data = synthetic_calibration(state.graph, samples, state.config.seed)[0]
+        written = written_once(state, analysis, data)
         return data if written.data is None else written.data
 
 

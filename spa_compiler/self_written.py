@@ -26,19 +26,24 @@ default pipeline is 5.156 / 6.183 from prior tokens and 5.133 / 5.324 from its o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
+from .analysis import Analysis
 from .batch_axis import samples_per_run
+from .cost import node_macs
 from .errors import first_line
 from .ir import Graph
 from .synthetic_tokens import embedding_table
 from .verify import reference_session
 
-__all__ = ["language_model_io", "write_sequences", "self_written", "BUDGET_MACS", "LEAST_SEQUENCES"]
+if TYPE_CHECKING:
+    from .state import PruneState
+
+__all__ = ["language_model_io", "write_sequences", "self_written", "written_once", "BUDGET_MACS", "LEAST_SEQUENCES"]
 
 BUDGET_MACS = 2e12  # MACs writing may run (about 25 s of onnxruntime on two cores)
 LEAST_SEQUENCES = 16  # fewer would be too little text: the prior's tokens are used instead
@@ -154,3 +159,19 @@ def self_written(graph: Graph, feeds: dict[str, np.ndarray], macs_per_sample: fl
     return SelfWritten(written, f"data-free, sequences of {length} tokens the model wrote itself "
                                 f"('{io.tokens}': first token from the vocabulary's prior, each next one drawn "
                                 f"from its scores '{io.scores}' at the position before), {count} written")
+
+
+def written_once(state: PruneState, analysis: Analysis, feeds: dict[str, np.ndarray]) -> SelfWritten:
+    """:func:`self_written` from ``feeds``, once per run: the first pass that needs data-free
+    samples (depth units, else the statistics) writes with the model as it came in, and the
+    text is kept in ``state.written`` for the next; nothing with ``self_written`` off."""
+    config = state.config
+    if not config.self_written:
+        return SelfWritten(None, "")
+    if state.written is None:
+        def report(done: int, total: int) -> None:
+            state.note(f"writing sequences with the model: position {done}/{total}")
+
+        macs = sum(node_macs(analysis).values())
+        state.written = self_written(state.graph, feeds, macs, config.calibration_batch, config.seed, report)
+    return state.written

@@ -25,7 +25,7 @@ from .calibrate import (
     MAX_FEATURES, ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration,
 )
 from .config import TARGET_TOLERANCE, PruneConfig
-from .cost import CostMetric, CostModel, node_macs
+from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
 from .errors import TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
@@ -37,7 +37,7 @@ from .model_files import save_model
 from .pipeline import Pass
 from .report import build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
-from .self_written import SelfWritten, self_written
+from .self_written import SelfWritten, written_once
 from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
@@ -147,19 +147,11 @@ class CollectStatistics(Pass):
         config, graph = state.config, state.graph
         tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
         data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
-        written = SelfWritten(None, "")
-        if tokens and config.self_written:
-            def report(done: int, total: int) -> None:
-                state.note(f"writing sequences with the model: position {done}/{total}")
-
-            macs = sum(node_macs(state.analysis).values())
-            written = self_written(graph, data, macs, config.calibration_batch, config.seed, report)
+        written = written_once(state, state.analysis, data) if tokens else SelfWritten(None, "")
         if written.data is None:
             state.held_out = synthetic_calibration(graph, HELD_OUT_SYNTHETIC, config.seed + 1)[0]
-            state.held_out_source = HELD_OUT_SYNTHETIC_SOURCE
             return data, source + (f"; {written.note}" if written.note else "")
         data, state.held_out = split_held_out(written.data)
-        state.held_out_source = "sequences the model wrote that the statistics did not see"
         held = f", {len(next(iter(state.held_out.values())))} of them held out to measure fidelity" if state.held_out else ""
         return cls._topped_up(state, layers, data, written.note + held)
 
@@ -172,7 +164,6 @@ class CollectStatistics(Pass):
         wanted = tokens_wanted(graph, layers) if config.token_copies else 0
         more = MORE_SEQUENCES if wanted and config.calibration_samples is None else 1
         data, state.held_out = split_held_out(load_calibration(config.calibration, graph, more * config.samples_for()))
-        state.held_out_source = "held-out calibration samples"
         if more > 1:
             data = first_sequences(graph, data, wanted, config.samples_for())
         count, notes = len(next(iter(data.values()))), []
@@ -313,6 +304,15 @@ class Rewrite(Pass):
         return state
 
 
+def _held_out_source(state: PruneState) -> str:
+    """What the held-out samples are: the user's, sequences the model wrote, or synthetic."""
+    if state.config.calibration:
+        return "held-out calibration samples"
+    if state.written is not None and state.written.data is not None:
+        return "sequences the model wrote that the statistics did not see"
+    return HELD_OUT_SYNTHETIC_SOURCE
+
+
 class Verify(Pass):
     """The checker, the predicted shapes, an onnxruntime run, and the fidelity figures: on
     synthetic inputs, and on held-out calibration samples when the user gave data."""
@@ -328,7 +328,7 @@ class Verify(Pass):
         if state.held_out is not None and state.fidelity is not None:
             batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
             state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow,
-                                                        state.held_out_source)
+                                                        _held_out_source(state))
         return state
 
 

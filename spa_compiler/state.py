@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .head_rotation import HeadRotation
     from .ir import Graph
     from .report import PruneReport
+    from .self_written import SelfWritten
     from .verify import Fidelity
 
 __all__ = ["PruneState", "Progress"]
@@ -52,8 +53,8 @@ class PruneState:
 
     ``calibration_data`` holds the inputs the statistics came from (keyed by graph input, first
     axis samples); ``held_out`` the samples kept aside to measure fidelity on (the user's, or
-    synthetic ones in a data-free run, or sequences a language model wrote), ``held_out_source``
-    what they are. ``compensated`` holds new values, before slicing, for
+    synthetic ones in a data-free run, or sequences a language model wrote); ``written`` what a
+    causal language model wrote in a data-free run (:func:`~spa_compiler.self_written.written_once`). ``compensated`` holds new values, before slicing, for
     constants a compensation pass re-fitted;
     the rewriter slices those instead of the originals. ``cost_exponent``: how allocation weighs
     a removal's score against the cost it saves (``score / saving ** cost_exponent``; see
@@ -70,7 +71,7 @@ class PruneState:
     calibration: str | None = None
     calibration_data: dict[str, np.ndarray] | None = None
     held_out: dict[str, np.ndarray] | None = None
-    held_out_source: str = ""
+    written: SelfWritten | None = None
     rotation: HeadRotation | None = None
     scores: dict[int, np.ndarray] | None = None
     cost_exponent: float = COST_EXPONENT
