@@ -1,6 +1,6 @@
 """Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
 
-    python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits] [--flops 0.9,0.75,0.5]
+    python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits,vit] [--flops 0.9,0.75,0.5]
         [--criteria l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers] [--json results.json]
         [--option FIELD=VALUE ...] [--pipeline-defaults]
 
@@ -11,7 +11,8 @@ Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint fr
 - ``det``: PP-OCRv4 detector, text-line F1 on rendered pages;
 - ``minilm``: all-MiniLM-L6-v2, mean cosine and nearest-neighbour agreement of the pruned
   sentence embeddings with the original ones (``models.minilm_task``);
-- ``digits``: the digits ResNet, top-1 accuracy on held-out images (``models.digits_task``).
+- ``digits``: the digits ResNet, top-1 accuracy on held-out images (``models.digits_task``);
+- ``vit``: a vision transformer trained on the same digits, the same metric (``models.digits_vit``).
 
 Each model is pruned to every ``--flops`` target through ``spa_compiler.prune`` with every
 ``--criteria`` criterion: one data-free row per criterion, and a calibrated row for a criterion
@@ -46,7 +47,7 @@ import numpy as np
 
 from spa_compiler import PruneConfig, SpaError, get_criterion, prune
 
-from .digits_task import DigitsTask
+from .digits_task import DigitsTask, DigitsViTTask
 from .minilm_task import MiniLMTask
 from .ocr_tasks import ClsTask, DetTask, RecTask
 from .peers import PeerError, match_target, flops_of, onnxsim_prune, onnxsim_simplify
@@ -56,7 +57,7 @@ from .tasks import Task
 __all__ = ["TASKS", "TASK_TYPES", "Cell", "main", "method_rows", "run_task"]
 
 TASK_TYPES: dict[str, type[Task]] = {
-    task.name: task for task in (RecTask, ClsTask, DetTask, MiniLMTask, DigitsTask)
+    task.name: task for task in (RecTask, ClsTask, DetTask, MiniLMTask, DigitsTask, DigitsViTTask)
 }
 TASKS: dict[str, Task] = {name: task() for name, task in TASK_TYPES.items()}
 """One instance of every task with its default number of test samples (built lazily)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -127,26 +127,29 @@ def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def train_digits_model(
-    epochs: int = DEFAULT_EPOCHS, seed: int = 0, threads: int = DEFAULT_THREADS
+    epochs: int = DEFAULT_EPOCHS, seed: int = 0, threads: int = DEFAULT_THREADS,
+    architecture: Callable[[int], nn.Module] = lambda seed: digits_resnet(seed=seed),
+    learning_rate: float = LEARNING_RATE, weight_decay: float = WEIGHT_DECAY,
 ) -> tuple[nn.Module, float]:
-    """Train ``digits_resnet(seed=seed)`` on the training split; return ``(model, test_accuracy)``.
+    """Train ``architecture(seed)`` (the digits ResNet by default) on the training split; return
+    ``(model, test_accuracy)``.
 
-    AdamW (lr 3e-3, weight decay 1e-4) with a one-cycle schedule, batches of 32 in an order
-    drawn from a generator seeded with ``seed``, random +-1 pixel shifts as augmentation (from
-    the same generator), ``threads`` CPU threads and deterministic algorithms: the same ``seed``
-    (and ``threads``) gives the same weights.  The model is returned in eval mode; the accuracy
-    is torch's on the test split.
+    AdamW (lr 3e-3, weight decay 1e-4 by default) with a one-cycle schedule, batches of 32 in an
+    order drawn from a generator seeded with ``seed``, random +-1 pixel shifts as augmentation
+    (from the same generator), ``threads`` CPU threads and deterministic algorithms: the same
+    ``seed`` (and ``threads``) gives the same weights.  The model is returned in eval mode; the
+    accuracy is torch's on the test split.
     """
     x_train, x_test, y_train, y_test = load_digits_split(seed)
     with _deterministic_cpu(threads):
-        model = digits_resnet(seed=seed)
+        model = architecture(seed)
         generator = torch.Generator().manual_seed(seed)
         inputs, targets = torch.from_numpy(x_train), torch.from_numpy(y_train)
         background = float(inputs.min())  # a zero pixel after standardisation
         steps_per_epoch = -(-len(inputs) // BATCH_SIZE)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=LEARNING_RATE, epochs=epochs, steps_per_epoch=steps_per_epoch
+            optimizer, max_lr=learning_rate, epochs=epochs, steps_per_epoch=steps_per_epoch
         )
         model.train()
         for _ in range(epochs):

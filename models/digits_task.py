@@ -1,7 +1,8 @@
-"""The digits ResNet of ``models.digits`` as an accuracy task: top-1 accuracy on the held-out split.
+"""The digits ResNet of ``models.digits`` and the digits ViT of ``models.digits_vit`` as accuracy
+tasks: top-1 accuracy on the held-out split.
 
-The model is trained once per task instance (seed 0, about 10 s) and exported with a dynamic
-batch axis.  Test images are the first ``test_samples`` of the 360 held-out ones; calibration
+The model is trained once per task instance (seed 0, about 10 s for the ResNet, a minute for the
+ViT) and exported with a dynamic batch axis.  Test images are the first ``test_samples`` of the 360 held-out ones; calibration
 images come from the training split.  Metric: **accuracy**, the fraction of test images whose
 arg-max class is the label.  Torch-Pruning prunes the trained PyTorch model (``torch_prune``).
 """
@@ -16,10 +17,11 @@ import numpy as np
 from torch import nn
 
 from .digits import INPUT_SHAPE, load_digits_split, onnx_accuracy, train_digits_model
+from .digits_vit import torch_pruning_vit, train_digits_vit
 from .export import export_onnx
 from .tasks import Shapes, Task
 
-__all__ = ["DigitsTask", "torch_pruning_digits"]
+__all__ = ["DigitsTask", "DigitsViTTask", "torch_pruning_digits"]
 
 
 def torch_pruning_digits(model: nn.Module, ratio: float, round_to: int) -> nn.Module:
@@ -59,7 +61,7 @@ class DigitsTask(Task):
 
     @cached_property
     def _source(self) -> Path:
-        return export_onnx(self._model, INPUT_SHAPE, self.folder / "digits.onnx", opset=17, dynamic_batch=True)
+        return export_onnx(self._model, INPUT_SHAPE, self.folder / f"{self.name}.onnx", opset=17, dynamic_batch=True)
 
     def source(self) -> tuple[Path, Shapes]:
         return self._source, {"input": INPUT_SHAPE}
@@ -72,5 +74,24 @@ class DigitsTask(Task):
         return {"accuracy": onnx_accuracy(path, x_test, y_test)}
 
     def torch_prune(self, ratio: float, output: Path) -> Path:
-        return export_onnx(torch_pruning_digits(self._model, ratio, self.round_to), INPUT_SHAPE, output,
-                           opset=17, dynamic_batch=True)
+        return export_onnx(self._torch_pruned(ratio), INPUT_SHAPE, output, opset=17, dynamic_batch=True)
+
+    def _torch_pruned(self, ratio: float) -> nn.Module:
+        return torch_pruning_digits(self._model, ratio, self.round_to)
+
+
+class DigitsViTTask(DigitsTask):
+    name = "vit"
+
+    @property
+    def description(self) -> str:
+        return f"digits ViT (scikit-learn 8x8 digits), top-1 accuracy on {len(self._split[3])} held-out images"
+
+    @cached_property
+    def _model(self) -> nn.Module:
+        return train_digits_vit()[0]
+
+    def _torch_pruned(self, ratio: float) -> nn.Module:
+        import torch
+
+        return torch_pruning_vit(copy.deepcopy(self._model).eval(), ratio, torch.zeros(INPUT_SHAPE))
