@@ -725,12 +725,13 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int, image_size: int, patch: int, hidden: int, heads: int, depth: int, mlp_ratio: int
+        self, num_classes: int, image_size: int, patch: int, hidden: int, heads: int, depth: int, mlp_ratio: int,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image size {image_size} is not divisible by patch size {patch}")
-        self.patch_embed = nn.Conv2d(3, hidden, patch, stride=patch)
+        self.patch_embed = nn.Conv2d(in_channels, hidden, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden))
         self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, hidden))
         self.blocks = nn.Sequential(
@@ -754,9 +755,11 @@ def vit_tiny(
     depth: int = 2,
     mlp_ratio: int = 4,
     seed: int = 0,
+    in_channels: int = 3,
 ) -> nn.Module:
     """Vision transformer for 32x32 images: 64 patch tokens + class token, separate q/k/v, exact GELU."""
-    return _seeded(seed, lambda: VisionTransformer(num_classes, image_size, patch, hidden, heads, depth, mlp_ratio))
+    return _seeded(seed, lambda: VisionTransformer(num_classes, image_size, patch, hidden, heads, depth, mlp_ratio,
+                                                   in_channels))
 
 
 class GPT2(nn.Module):

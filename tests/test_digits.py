@@ -80,9 +80,9 @@ def test_prune_half_flops_keeps_accuracy(digits_model, split, tmp_path):
 
 @pytest.mark.accurate
 def test_vision_transformer_keeps_accuracy_data_free(split, tmp_path):
-    """The digits ViT (a trained image transformer) at half its FLOPs, data-free: the default
-    pipeline rotates and prunes head dimensions and keeps the test accuracy within 0.02 (measured
-    0.967 -> 0.972); L2 ranking alone, without sensitivity or re-fitting, does not (measured 0.464)."""
+    """The digits ViT (a trained image transformer) at 0.3 of its FLOPs, data-free: the default
+    pipeline rotates and prunes head dimensions and keeps the test accuracy within 0.03 (measured
+    0.989 -> 0.978); L2 ranking alone, without sensitivity or re-fitting, does not (measured 0.761)."""
     from models.digits import INPUT_SHAPE
     from models.digits_vit import train_digits_vit
     from models.export import export_onnx
@@ -90,15 +90,15 @@ def test_vision_transformer_keeps_accuracy_data_free(split, tmp_path):
     model, accuracy = train_digits_vit()
     source = export_onnx(model, INPUT_SHAPE, tmp_path / "vit.onnx", opset=17, dynamic_batch=True)
     _, x_test, _, y_test = split
-    assert accuracy > 0.95 and abs(onnx_accuracy(source, x_test, y_test) - accuracy) < 1e-9
+    assert accuracy > 0.97 and abs(onnx_accuracy(source, x_test, y_test) - accuracy) < 1e-9
     accuracies = {}
     for name, options in {"default": {}, "l2 alone": dict(criterion="l2", allocation="score", refit_rounds=0)}.items():
         output = tmp_path / f"{name}.onnx"
-        report = prune(source, output, PruneConfig(flops=0.5, bench_runs=0, **options))
-        assert 0.47 <= report.flops_ratio <= 0.52
+        report = prune(source, output, PruneConfig(flops=0.3, bench_runs=0, **options))
+        assert 0.27 <= report.flops_ratio <= 0.31
         accuracies[name] = onnx_accuracy(output, x_test, y_test)
         if name == "default":
             assert report.rotated_heads == 8  # queries/keys and values/outputs of 4 blocks
             assert any(g.kind == "head dims" and g.channels_after < g.channels_before for g in report.groups)
-    assert accuracies["default"] >= accuracy - 0.02, (accuracies, accuracy)
-    assert accuracies["l2 alone"] < 0.8, accuracies
+    assert accuracies["default"] >= accuracy - 0.03, (accuracies, accuracy)
+    assert accuracies["l2 alone"] < 0.9, accuracies
