@@ -2,8 +2,8 @@
 tasks: top-1 accuracy on the held-out split.
 
 The model is trained once per task instance (seed 0, about 10 s for the ResNet, a minute for the
-ViT) and exported with a dynamic batch axis.  Test images are the first ``test_samples`` of the 360 held-out ones; calibration
-images come from the training split.  Metric: **accuracy**, the fraction of test images whose
+ViT) and exported with a dynamic batch axis.  Test images are the first ``test_samples`` of the
+360 held-out ones; calibration images come from the training split.  Metric: **accuracy**, the fraction of test images whose
 arg-max class is the label.  Torch-Pruning prunes the trained PyTorch model (``torch_prune``).
 """
 
@@ -45,10 +45,11 @@ class DigitsTask(Task):
     metric_names = ("accuracy",)
     default_test_samples = 360
     torch_pruning = True
+    model_name = "digits ResNet"
 
     @property
     def description(self) -> str:
-        return f"digits ResNet (scikit-learn 8x8 digits), top-1 accuracy on {len(self._split[3])} held-out images"
+        return f"{self.model_name} (scikit-learn 8x8 digits), top-1 accuracy on {len(self._split[3])} held-out images"
 
     @cached_property
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -82,10 +83,7 @@ class DigitsTask(Task):
 
 class DigitsViTTask(DigitsTask):
     name = "vit"
-
-    @property
-    def description(self) -> str:
-        return f"digits ViT (scikit-learn 8x8 digits), top-1 accuracy on {len(self._split[3])} held-out images"
+    model_name = "digits ViT"
 
     @cached_property
     def _model(self) -> nn.Module:
