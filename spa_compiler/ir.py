@@ -3,8 +3,9 @@ read and written by :mod:`spa_compiler.model_files`).
 
 ``load_model`` turns an ONNX file into a :class:`Graph`: weights held in ``Constant`` nodes or
 computed by constant subgraphs (``ConstantOfShape``, ``Unsqueeze`` of a constant, ...) are folded
-into initializers, dynamic input dimensions are bound to concrete sizes for analysis, and every
-tensor gets a concrete shape. The graph keeps the model's own (possibly dynamic) input and output
+into initializers, every reader of a shared vector constant or Reshape target gets its own
+copy (:mod:`spa_compiler.unshare`), dynamic input dimensions are bound to concrete sizes for
+analysis, and every tensor gets a concrete shape. The graph keeps the model's own (possibly dynamic) input and output
 declarations, so the pruned model stays as dynamic as the original.
 """
 
@@ -23,6 +24,7 @@ from onnx import helper, numpy_helper
 
 from . import streaming
 from .model_files import check_input_path, read_proto
+from .unshare import unshare
 from .errors import InputError, UnsupportedModelError
 from .shapes import bind_input_shapes, infer_shapes
 from .quantized import FOLD_EXCLUDED, QuantizedWeight, dequantized_weights, integer_weights, unsupported_quantization
@@ -257,6 +259,7 @@ def load_model(
     bound = bind_input_shapes(raw, dict(input_shapes or {}))
     model = streaming.fold_without_weights(raw, _fold_constants)
     hoist_initializers(model)
+    unshare(model)
     dtypes = {
         v.name: v.type.tensor_type.elem_type
         for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]

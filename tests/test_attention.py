@@ -104,12 +104,12 @@ def test_flops_target_counts_heads_with_all_their_projections(tmp_path):
 
 
 def test_a_shape_value_used_elsewhere_keeps_the_heads(tmp_path):
-    """If the shape constant holding the head count also feeds something spa-prune does not
-    follow, the heads must stay."""
+    """If the target holding the head count also feeds something spa-prune does not follow,
+    the heads must stay."""
     path = _attention_model(tmp_path / "attention.onnx")
     model = onnx.load(path)
-    model.graph.node.append(onnx.helper.make_node("Add", ["bu", "Heads"], ["odd"]))
-    model.graph.output.append(onnx.helper.make_tensor_value_info("odd", onnx.TensorProto.INT64, [1]))
+    model.graph.node.append(onnx.helper.make_node("Add", ["split_target", "split_target"], ["odd"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("odd", onnx.TensorProto.INT64, [4]))
     onnx.save(model, path)
     analysis = analyze_graph(load_model(path, {"x": (1, 6, HIDDEN)}))
     heads = [g for g in analysis.groups if analysis.tagged(g, "heads")]
@@ -123,11 +123,13 @@ def test_head_dims_are_units_when_asked(tmp_path):
     run-time head-dim constant is rewritten."""
     graph = load_model(_attention_model(tmp_path / "attention.onnx"), {"x": (1, 6, HIDDEN)})
     analysis = analyze_graph(graph, head_dims=True)
-    (dims,) = [g for g in analysis.groups if analysis.kind(g) == "head dims"]
-    assert (len(dims.units), len(dims.prunable)) == (HEAD_DIM, HEAD_DIM)
-    rows = dims.units[3].members[analysis.axis_id("Wq", 1)]
-    np.testing.assert_array_equal(rows, np.arange(HEADS) * HEAD_DIM + 3)
-    np.testing.assert_array_equal(dims.units[3].members[analysis.axis_id("Wv", 1)], rows)
+    query_key, value_output = sorted((g for g in analysis.groups if analysis.kind(g) == "head dims"),
+                                     key=lambda g: analysis.axis_id("Wq", 1) not in g.units[0].members)
+    for dims, weights in ((query_key, ("Wq", "Wk")), (value_output, ("Wv",))):
+        assert (len(dims.units), len(dims.prunable)) == (HEAD_DIM, HEAD_DIM)
+        for name in weights:  # position 3 of every head
+            np.testing.assert_array_equal(dims.units[3].members[analysis.axis_id(name, 1)],
+                                          np.arange(HEADS) * HEAD_DIM + 3)
     # Q·Kᵀ reads head dims through no weight: zero Q's odd dims so that removing them is exact
     odd = (np.arange(HEADS)[:, None] * HEAD_DIM + np.arange(1, HEAD_DIM, 2)).ravel()
     for name in ("Wq", "Bq"):
@@ -135,10 +137,11 @@ def test_head_dims_are_units_when_asked(tmp_path):
         value[..., odd] = 0
         graph.set_constant(name, value)
     pruned = assert_exact(graph, PruneConfig(ratio=0.5, round_to=1, head_dims=True, criterion="l2"), rtol=1e-5)
-    assert initializer_shape(pruned, "Wq") == (HIDDEN, HIDDEN // 2)
+    assert initializer_shape(pruned, "Wq") == initializer_shape(pruned, "Wv") == (HIDDEN, HIDDEN // 2)
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
     assert initializers["Heads"].tolist() == [HEADS]
-    assert initializers["HeadDim"].tolist() == [HEAD_DIM // 2]
+    # the targets of q, k and v are one Concat in the file; each Reshape got its own copy
+    assert [initializers[n].tolist() for n in ("HeadDim", "HeadDim.1", "HeadDim.2")] == [[HEAD_DIM // 2]] * 3
     assert initializers["Hidden"].tolist() == [HIDDEN // 2]
     x = np.random.default_rng(5).standard_normal((2, 7, HIDDEN)).astype(np.float32)
     assert run_model(pruned, {"x": x})[0].shape == (2, 7, HIDDEN)

@@ -57,11 +57,17 @@ def _rotated(tmp_path, seed=0):
     return graph, bases, rotated_graph(graph, values), {r.basis.group.id: r.energy for r in rotations}, data
 
 
+def _role(bases, values: bool):
+    """The basis of the values and output (``values``) or of the queries and keys."""
+    (basis,) = [b for b in bases if (b.value_output if values else b.query_key)]
+    return basis
+
+
 def test_rotation_keeps_the_function_and_leaves_the_input_graph(tmp_path):
     graph, bases, rotated, energies, data = _rotated(tmp_path)
-    (basis,) = bases  # one group: the projections share the run-time head-dim constant
-    assert [p.layer.weight for p in [*basis.query_key, *basis.value_output]] == ["Wq", "Wk", "Wv", "Wo"]
-    assert [p.heads.shape for p in basis.query_key] == [(HEADS, HEAD_DIM)] * 2
+    query_key, value_output = _role(bases, False), _role(bases, True)  # two groups, each its own basis
+    assert [p.layer.weight for p in [*query_key.query_key, *value_output.value_output]] == ["Wq", "Wk", "Wv", "Wo"]
+    assert [p.heads.shape for p in query_key.query_key] == [(HEADS, HEAD_DIM)] * 2
     before = {name: graph.constants[name].copy() for name in ("Wq", "Wk", "Wv", "Wo", "Bq")}
     feeds = {"x": data["x"][:8]}
     assert relative_error(run_model(graph.model, feeds), run_model(rotated.model, feeds)) < 1e-5
@@ -78,7 +84,8 @@ def test_a_rotation_that_changes_the_outputs_is_dropped(tmp_path):
     by 1% does not and is dropped."""
     graph = load_model(_attention_model(tmp_path / "attention.onnx"), SHAPES)
     data = {"x": np.random.default_rng(1).standard_normal((64, 6, HIDDEN)).astype(np.float32)}
-    (rotation,) = rotate_heads(graph, rotatable_heads(analyze_graph(graph, head_dims=True)), data, {})
+    (rotation,) = [r for r in rotate_heads(graph, rotatable_heads(analyze_graph(graph, head_dims=True)), data, {})
+                   if r.basis.query_key]
     kept, error = RotateHeads._exact(graph, [rotation], data)
     assert kept == [rotation] and error < 1e-5
     off = {**rotation.values, "Wq": rotation.values["Wq"] * np.float32(1.01)}
@@ -131,7 +138,7 @@ def test_a_packed_projection_rotates_each_role_exactly(tmp_path):
 def _zero_last(graph, bases, count, values: bool):
     """A copy of the model with the last ``count`` dimensions of every head zeroed on the
     producing side of the queries and keys or (``values``) of the values."""
-    (basis,) = bases
+    basis = _role(bases, values)
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     producers = basis.value_output[:1] if values else basis.query_key
@@ -159,22 +166,14 @@ def test_the_last_dimensions_after_rotation_cost_less_than_any_before(tmp_path):
         assert after < 0.75 * plain, (values, after, plain)
 
 
-def _scaled_model(tmp_path, own_value_target: bool = False):
-    """The attention model with its queries scaled per head dimension on their way to Q·Kᵀ;
-    ``own_value_target``: the values reshaped by a target of their own, so that queries/keys
-    and values/output are separate groups."""
+def _scaled_model(tmp_path):
+    """The attention model with its queries scaled per head dimension on their way to Q·Kᵀ."""
     model = onnx.load(_attention_model(tmp_path / "attention.onnx"))
     nodes = model.graph.node
     for node in nodes:
         if node.op_type == "Transpose" and node.input[0] == "q2":
             node.input[0] = "q2s"
-        if own_value_target and node.op_type == "Reshape" and node.input[0] == "v1":
-            node.input[1] = "value_target"
     nodes.insert([n.output[0] for n in nodes].index("q2") + 1, onnx.helper.make_node("Mul", ["q2", "DimScale"], ["q2s"]))
-    if own_value_target:
-        nodes.insert([n.output[0] for n in nodes].index("split_target") + 1, onnx.helper.make_node(
-            "Concat", ["bu", "lu", "Heads", "ValueDim"], ["value_target"], axis=0))
-        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([HEAD_DIM]), "ValueDim"))
     scale = np.linspace(0.5, 1.5, HEAD_DIM).astype(np.float32)
     model.graph.initializer.append(onnx.numpy_helper.from_array(scale, "DimScale"))
     onnx.save(model, tmp_path / "scaled.onnx")
@@ -186,7 +185,7 @@ def test_forced_head_dims_keep_unrotatable_queries_and_keys_whole(tmp_path):
     """--head-dims on attention whose queries/keys cannot be rotated: their head dimensions
     (which no weight reads, so no measurement can emulate their removal) are kept whole; the
     values' are rotated and pruned."""
-    graph = load_model(_scaled_model(tmp_path, own_value_target=True), SHAPES)
+    graph = load_model(_scaled_model(tmp_path), SHAPES)
     state = prune_graph(graph, PruneConfig(flops=0.8, round_to=1, head_dims=True))
     dims = {g.name: g for g in state.analysis.groups if state.analysis.kind(g) == "head dims"}
     assert len(dims) == 2 and len(state.rotation.energies) == 1
@@ -198,26 +197,27 @@ def test_forced_head_dims_keep_unrotatable_queries_and_keys_whole(tmp_path):
 
 def test_a_per_dimension_scale_on_the_way_keeps_the_basis(tmp_path):
     """A Mul by a [head_dim] vector (a norm's scale, a rotary table) does not commute with a
-    change of basis: the group it is in (here queries, keys, values and output together, which
-    share the run-time head-dim constant) keeps its basis."""
+    change of basis: the group it is in (here the queries and keys) keeps its basis; the values
+    and output, a group of their own, rotate."""
     path = _scaled_model(tmp_path)
     analysis = analyze_graph(load_model(path, SHAPES), head_dims=True)
-    assert [analysis.kind(g) for g in analysis.groups].count("head dims") == 1
-    assert rotatable_heads(analysis) == []
+    assert [analysis.kind(g) for g in analysis.groups].count("head dims") == 2
+    (basis,) = rotatable_heads(analysis)
+    assert basis.query_key is None and [p.layer.weight for p in basis.value_output] == ["Wv", "Wo"]
 
 
 @pytest.mark.accurate
 def test_pruning_head_dims_rotates_and_measures_fidelity_to_the_input(tmp_path):
-    """The default pipeline with --head-dims rotates the group, leaves the caller's graph as it
+    """The default pipeline with --head-dims rotates both groups, leaves the caller's graph as it
     was, and reports fidelity to that graph (not to the rotated one)."""
     graph = load_model(_attention_model(tmp_path / "attention.onnx"), SHAPES)
     weights = graph.constants["Wq"].copy()
     state = prune_graph(graph, PruneConfig(flops=0.6, round_to=1, head_dims=True))
-    assert "rotate" in state.timings and list(state.rotation.energies) == [0]
+    dims = [g for g in state.analysis.groups if state.analysis.kind(g) == "head dims"]
+    assert "rotate" in state.timings and sorted(state.rotation.energies) == sorted(g.id for g in dims)
     assert state.rotation.original is graph and state.graph is not graph
     np.testing.assert_array_equal(graph.constants["Wq"], weights)
-    (dims,) = [g for g in state.analysis.groups if state.analysis.kind(g) == "head dims"]
-    assert len(state.plan.removed[dims.id]) == HEAD_DIM // 2
+    assert all(state.plan.removed.get(g.id) for g in dims)  # both pruned (measured 4 and 3 of 8)
     feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, state.config.seed)
     expected = fidelity(run_model(graph.model, feeds), run_model(state.model, feeds))
     assert abs(state.fidelity.cosine - expected.cosine) < 1e-6 and state.fidelity.cosine > 0.7
@@ -231,7 +231,7 @@ def test_head_dims_by_default_only_where_statistics_rotate_every_head(tmp_path):
     path = _attention_model(tmp_path / "attention.onnx")
     with_statistics = prune_graph(load_model(path, SHAPES), PruneConfig(flops=0.7))
     assert "head dims" in {with_statistics.analysis.kind(g) for g in with_statistics.analysis.groups}
-    assert list(with_statistics.rotation.energies) == [0]
+    assert len(with_statistics.rotation.energies) == 2  # queries/keys, values/output
     fast = PruneConfig(flops=0.7, criterion="l2", allocation="score", refit_rounds=0)
     without = prune_graph(load_model(path, SHAPES), fast)
     assert "heads" in {without.analysis.kind(g) for g in without.analysis.groups}
@@ -250,5 +250,5 @@ def test_command_line_reports_the_rotation_and_analyze_says_what_pruning_uses(tm
     assert "8 head dims" in dims.stdout and "prunes rotated" not in dims.stdout
     pruned = run_cli(tmp_path, "attention.onnx", "-o", "out.onnx", "--flops", "0.7", *shape, columns=200, fast=False)
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
-    assert re.search(r"head dimensions: 1 attention group .* rotated first .*within \d\.\de-0[5-9]", pruned.stdout), pruned.stdout
+    assert re.search(r"head dimensions: 2 attention groups .* rotated first .*within \d\.\de-0[5-9]", pruned.stdout), pruned.stdout
     assert (tmp_path / "out.onnx").exists()

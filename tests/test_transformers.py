@@ -52,6 +52,49 @@ def test_gpt2_with_a_dynamic_sequence_prunes_heads_exactly(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def untrained_bert(tmp_path_factory):
+    """A tiny BertModel as initialised (every bias zero, every LayerNorm weight one: equal vectors
+    an exporter merges), exported both ways at 24 tokens."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from models.real import export_minilm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128)).eval()
+    folder = tmp_path_factory.mktemp("bert")
+    return {export: export_minilm(folder / f"{export}.onnx", seq_len=24, dynamo=export == "dynamo", encoder=encoder)
+            for export in ("classic", "dynamo")}
+
+
+BERT_SHAPES = {name: (1, 24) for name in ENCODER_INPUTS}
+
+
+@pytest.mark.parametrize("export", ["classic", "dynamo"])
+def test_untrained_bert_prunes_head_dimensions_exactly(untrained_bert, export):
+    """The dynamo export reads one zero bias in every projection and one reshape target in every
+    layer's queries, keys and values, and writes kᵀ as reshapes to ``[heads, T, D]`` and back;
+    the classic one reshapes attention's output to its own shape before merging the heads. Each
+    layer still has its own FFN group and two head-dimension groups, pruned exactly."""
+    graph = randomize_weights(load_model(untrained_bert[export], BERT_SHAPES), seed=1)
+    kinds = sorted((analysis.kind(g), len(g.units)) for analysis in [analyze_graph(graph, head_dims=True)]
+                   for g in analysis.groups if g.prunable)
+    assert kinds == [("channels", 128)] * 2 + [("head dims", 16)] * 4
+    assert_exact(graph, PruneConfig(ratio=0.5, round_to=1, head_dims=True, input_shapes=BERT_SHAPES), rtol=1e-4)
+
+
+@pytest.mark.accurate
+@pytest.mark.parametrize("export", ["classic", "dynamo"])
+def test_untrained_bert_rotates_head_dimensions_by_default(untrained_bert, tmp_path, export):
+    report = prune(untrained_bert[export], tmp_path / "half.onnx",
+                   PruneConfig(flops=0.5, input_shapes=BERT_SHAPES, bench_runs=0))
+    assert report.rotated_heads == 4  # queries/keys and values/outputs of 2 layers
+    assert 0.47 <= report.flops_ratio <= 0.52
+
+
+@pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     from models.real import export_minilm, load_minilm
 

@@ -72,11 +72,17 @@ def repeats_inner_axis(c: Coupler, x: str, inner: int) -> bool:
 
 
 def comes_from_attention(c: Coupler, name: str) -> bool:
-    """Whether ``name`` is (through Transposes) the product of two activations (P·V)."""
+    """Whether ``name`` is (through Transposes and Reshapes that keep the shape, as the classic
+    exporter writes around ``scaled_dot_product_attention``) the product of two activations (P·V)."""
     node = c.producer(name)
-    while node is not None and node.op_type == "Transpose":
+    while node is not None and (node.op_type == "Transpose" or _keeps_shape(c, node)):
         node = c.producer(node.inputs[0])
     return node is not None and node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs)
+
+
+def _keeps_shape(c: Coupler, node: "Node") -> bool:
+    """Whether ``node`` is a Reshape whose output has its input's shape (it regroups nothing)."""
+    return node.op_type == "Reshape" and c.shape(node.inputs[0]) == c.shape(node.outputs[0])
 
 
 def comes_from_recurrent(c: Coupler, name: str) -> bool:
@@ -88,12 +94,14 @@ def comes_from_recurrent(c: Coupler, name: str) -> bool:
     return node is not None and node.op_type in ("RNN", "GRU", "LSTM")
 
 
-_ON_THE_WAY_TO_ATTENTION = ("Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")
+_ON_THE_WAY_TO_ATTENTION = ("Transpose", "Reshape", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")
 
 
-def feeds_attention(c: Coupler, name: str, depth: int = 4) -> bool:
+def feeds_attention(c: Coupler, name: str, depth: int = 6) -> bool:
     """Whether the split tensor reaches a product of two activations (Q·Kᵀ, P·V) through a
-    few data-movement or scaling ops; only labels the group as heads in reports."""
+    few data-movement or scaling ops (the dynamo exporter writes ``kᵀ`` as a Reshape to
+    ``[B·H, T, D]``, a Transpose and a Reshape back); the split then makes heads, or head
+    dimensions with ``--head-dims``."""
     for node in c.consumers(name):
         if node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs):
             return True

@@ -1,0 +1,102 @@
+"""Every reader of a shared vector constant or Reshape target gets its own copy.
+
+Exporters merge what holds the same values: the dynamo exporter's optimiser keeps one
+``[1, T, -1, 16]`` for the reshape into heads of every layer (a constant, or a ``Concat`` of the
+run-time batch and sequence sizes with ``[-1]`` and ``[16]`` when those are dynamic), and one zero
+bias for every projection that has a zero bias (every LayerNorm's ones and zeros too, in a model
+not trained yet). What several nodes read ties their axes together in the analysis: a shared
+reshape target gives the queries, keys and values of every layer one head size, so their head
+dimensions are one group that cannot be rotated; a shared bias makes every projection it serves
+one channel group, and the residual stream's blocks then hold them all.
+
+Copies change nothing the model computes, so :func:`unshare` gives, before the analysis, every
+Reshape whose target a ``Concat`` shared with an earlier Reshape computes its own copy of that
+``Concat`` (its other inputs still shared), and then every node input that reads a 1-D
+initializer shared with an earlier one its own copy; copies are named ``<name>.<k>``. Only
+vectors are copied: a shared matrix is a tied weight (an embedding read by the output
+projection, ALBERT's layers), which its readers must keep tied, and large; the copy of a vector
+kept on disk (a streamed model's) refers to the same bytes. Names read inside a control-flow
+subgraph and graph outputs are left shared.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from .subgraphs import subgraphs_of, walk_nodes
+
+__all__ = ["unshare"]
+
+
+def unshare(model: onnx.ModelProto) -> int:
+    """Give each Reshape of ``model``'s main graph its own target ``Concat`` and each reader of a
+    shared 1-D initializer its own copy (see the module docstring), in place; the number of
+    copies made."""
+    graph = model.graph
+    taken = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {
+        o for node in graph.node for o in node.output
+    } | {node.name for node in graph.node}
+    return _own_reshape_targets(graph, taken) + _own_vectors(graph, taken)
+
+
+def _own_reshape_targets(graph: onnx.GraphProto, taken: set[str]) -> int:
+    """Copy the ``Concat`` computing a Reshape target read by an earlier Reshape too, for each
+    later Reshape; each copy comes right after its original. The number of copies."""
+    producers = {node.output[0]: node for node in graph.node if node.op_type == "Concat"}
+    read: set[str] = set()
+    copies: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in producers:
+            continue
+        target = node.input[1]
+        if target not in read:
+            read.add(target)
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(producers[target])
+        copy.name = _fresh(copy.name or "Concat", taken)
+        copy.output[0] = _fresh(target, taken)
+        node.input[1] = copy.output[0]
+        copies.setdefault(target, []).append(copy)
+    if copies:
+        ordered = []
+        for node in graph.node:
+            ordered.append(onnx.NodeProto.FromString(node.SerializeToString()))
+            if node.op_type == "Concat":
+                ordered.extend(copies.get(node.output[0], []))
+        del graph.node[:]
+        graph.node.extend(ordered)
+    return sum(len(c) for c in copies.values())
+
+
+def _own_vectors(graph: onnx.GraphProto, taken: set[str]) -> int:
+    """Give each reader of a shared 1-D initializer its own copy; the number of copies."""
+    vectors = {t.name: t for t in graph.initializer if len(t.dims) == 1}
+    kept_shared = {o.name for o in graph.output} | {
+        name for node in graph.node for sub in subgraphs_of(node) for inner in walk_nodes(sub) for name in inner.input
+    }
+    read: set[str] = set()
+    copies = []
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name not in vectors or name in kept_shared:
+                continue
+            if name not in read:
+                read.add(name)
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(vectors[name])
+            copy.name = _fresh(name, taken)
+            copies.append(copy)
+            node.input[slot] = copy.name
+    graph.initializer.extend(copies)
+    return len(copies)
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    """``<name>.<k>`` for the smallest ``k >= 1`` not in ``taken``, which it joins."""
+    k = 1
+    while f"{name}.{k}" in taken:
+        k += 1
+    taken.add(f"{name}.{k}")
+    return f"{name}.{k}"
