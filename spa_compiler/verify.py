@@ -15,7 +15,9 @@ The numbers of (4) compared with the original's are the *fidelity* in the report
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -68,20 +70,38 @@ def session_for(
     ``serialized``, the model's bytes when the caller has them already; ``layout=False`` leaves
     out the layout optimisation (NCHWc: weights reordered, in a second copy). A model with streamed
     weights is read from files (:func:`~spa_compiler.streaming.header_file`), never serialised
-    with them."""
+    with them. Where onnxruntime cannot build the session with the layout optimisation (1.32
+    cannot when a Conv whose weight is a graph input has its output exposed too, as the
+    sensitivity measurements of a ResNet's shortcut do), it is built without."""
+    if not optimize:
+        level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    else:
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its own retries
+        if level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            try:
+                return _session(model, _options(level, threads, profile_prefix), serialized)
+            except (RuntimeError, ValueError) as error:
+                log.debug("no session with the layout optimisation (%s): built without it", first_line(error))
+                level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        return _session(model, _options(level, threads, profile_prefix), serialized)
+
+
+def _options(level: ort.GraphOptimizationLevel, threads: int, profile_prefix: str | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = level
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    elif not layout:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def _session(model: onnx.ModelProto, options: ort.SessionOptions, serialized: bytes | None) -> ort.InferenceSession:
     if not streaming.has_external(model):
         return ort.InferenceSession(serialized or model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     try:
