@@ -14,9 +14,9 @@ from google.protobuf.message import EncodeError, Message
 from . import streaming
 from .errors import InputError, OutputError
 from .proto_copy import copy_field
-from .subgraphs import attribute_subgraphs
+from .subgraphs import all_initializers, attribute_subgraphs
 
-__all__ = ["check_input_path", "check_output_path", "read_proto", "save_model", "all_tensors"]
+__all__ = ["check_input_path", "check_output_path", "read_proto", "save_model", "all_tensors", "file_bytes"]
 
 
 def check_input_path(path: Path) -> None:
@@ -133,6 +133,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
     return path
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """The bytes of the model at ``path`` on disk: its file and the external data files its
+    tensors refer to (not a ``<name>.data`` an earlier model left beside it)."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for tensor in all_initializers(model.graph) if streaming.is_external(tensor)
+                 for entry in tensor.external_data if entry.key == "location"}
+    data = [path.parent / location for location in locations]
+    return path.stat().st_size + sum(file.stat().st_size for file in data if file.exists())
 
 
 def _inline_bytes(model: onnx.ModelProto) -> int:

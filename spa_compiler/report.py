@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +14,7 @@ from rich.text import Text
 
 from .cost import CostModel
 from .interface import interface_changes
+from .model_files import file_bytes
 from .quantized import saturation
 from .subgraphs import control_flow_notes
 from .verify import custom_ops
@@ -124,11 +124,6 @@ def _count(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _file_size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
 def initializer_changes(state: PruneState) -> list[InitializerChange]:
     """Every initializer that lost indices or was re-fitted (or rotated), with the indices kept
     per axis (a QDQ weight re-fitted is reported by its quantized initializer)."""
@@ -185,8 +180,8 @@ def build_report(state: PruneState) -> PruneReport:
         macs_after=costs["flops"][1],
         params_before=costs["params"][0],
         params_after=costs["params"][1],
-        size_before=_file_size(state.source),
-        size_after=_file_size(state.output),
+        size_before=file_bytes(state.source),
+        size_after=file_bytes(state.output),
         groups=groups,
         barriers=[f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers],
         fidelity=state.fidelity,

@@ -142,6 +142,7 @@ def test_external_data_round_trip(tmp_path):
     }
     assert locations == {"small.onnx.data"}
     assert report.size_after == out.stat().st_size + (out_dir / "small.onnx.data").stat().st_size
+    assert report.size_before == source.stat().st_size + (tmp_path / "w.data").stat().st_size  # the file it names
     onnx.checker.check_model(str(out), full_check=True)
     loaded = onnx.load(str(out))
     assert all(t.data_location != TensorProto.EXTERNAL for t in loaded.graph.initializer)
@@ -153,6 +154,14 @@ def test_external_data_round_trip(tmp_path):
     out_ext, out_inline = run(out, x), run(tmp_path / "inline.onnx", x)
     assert out_ext.shape == (1, 10)
     np.testing.assert_array_equal(out_ext, out_inline)
+
+
+def test_file_size_counts_only_the_data_the_model_refers_to(tmp_path):
+    """A ``<name>.data`` an earlier model left beside the output is not the pruned model's."""
+    out = tmp_path / "small.onnx"
+    (tmp_path / "small.onnx.data").write_bytes(bytes(1 << 20))
+    report = prune(EXAMPLE, out, PruneConfig(flops=0.5, bench_runs=0))
+    assert report.size_after == out.stat().st_size and report.size_before == EXAMPLE.stat().st_size
 
 
 def test_external_data_output_elsewhere_with_latency(tmp_path, monkeypatch):
