@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .config import TARGET_TOLERANCE
 from .cost import CostModel
 from .interface import interface_changes
 from .model_files import file_bytes
@@ -226,6 +227,12 @@ def render_report(report: PruneReport, console: Console) -> None:
         f"target --{report.target_kind} {report.target_value:g} ({report.scope}, round-to {report.round_to}, "
         f"criterion {report.criterion}): {pruned} of {len(report.groups)} groups pruned"
     )
+    achieved = {"flops": report.flops_ratio, "params": report.params_ratio}.get(report.target_kind)
+    if achieved is not None and achieved > report.target_value + 5e-4:
+        console.print(
+            f"reached {achieved:.3f}, above --{report.target_kind} {report.target_value:g} by less than the "
+            f"tolerance {TARGET_TOLERANCE:g}: nothing more can go (--analyze shows what blocks the rest)"
+        )
     if report.target_kind == "latency":
         console.print(
             f"measured latency ratio {report.latency_ratio:.3f} (onnxruntime, 1 thread, batch as bound; CPU time "

@@ -104,6 +104,22 @@ def test_unreachable_target_says_what_blocks_it(tmp_path):
 
 
 @pytest.mark.real_model
+def test_a_target_missed_within_the_tolerance_says_so(tmp_path):
+    """--flops 0.485 on AlexNet: its best reachable, 0.497, is within the tolerance; the report
+    says the target was not met and why."""
+    from rich.console import Console
+
+    from spa_compiler.report import render_report
+
+    source = onnx_light_model_paths()["bvlc_alexnet"]
+    report = prune(source, tmp_path / "pruned.onnx", PruneConfig(flops=0.485, bench_runs=0))
+    assert report.flops_ratio == pytest.approx(0.497, abs=1e-3)
+    console = Console(record=True, width=200)
+    render_report(report, console)
+    assert "reached 0.497, above --flops 0.485 by less than the tolerance 0.02" in console.export_text()
+
+
+@pytest.mark.real_model
 def test_light_alexnet_keeps_channels_next_to_lrn():
     """LRN mixes neighbouring channels: the two convolutions before LRNs keep every channel
     (conv2 has two groups, so its 256 channels are 128 units of one position in each group)."""
