@@ -152,23 +152,8 @@ def test_hugging_face_resnet_prunes_with_the_default_pipeline(tmp_path):
     """Hugging Face's ResNetModel (classic export): the sensitivity measurements feed its
     convolution weights as inputs and expose each shortcut's output, a graph onnxruntime 1.32
     cannot build a session for with its layout optimisation; the session is built without it."""
-    import torch
-    from transformers import ResNetConfig, ResNetModel
+    from models.hf_zoo import FAMILIES, export
 
-    from models.export import export_checked
-
-    class Pooled(torch.nn.Module):
-        def __init__(self, backbone: torch.nn.Module) -> None:
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.backbone(pixel_values=pixel_values).pooler_output
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        backbone = ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1]))
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    source = export_checked(Pooled(backbone).eval(), {"pixel_values": pixels}, tmp_path / "resnet.onnx")
+    source = export(FAMILIES["resnet"], tmp_path / "resnet.onnx", dynamo=False)
     report = prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, bench_runs=0))
     _assert_valid_pruned(source, tmp_path / "half.onnx", report)
