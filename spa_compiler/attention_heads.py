@@ -240,8 +240,8 @@ def _slice_index(graph: Graph, node: Node, position: int) -> int | None:
 
 def _commutes(graph: Graph, node: Node, members: dict[str, int], whole_heads: set[str]) -> bool:
     """Whether a node on the unit axis's way passes a per-head basis change through: data
-    movement, a shape read, scalar scaling, a bias Add, a slice along an axis other than the
-    unit axis, a Split along it into parts that each hold whole heads (``whole_heads``: the
+    movement, a shape read, scalar scaling, a bias Add, a slice or a Concat along an axis other
+    than the unit axis, a Split along it into parts that each hold whole heads (``whole_heads``: the
     tensors in which every unit has as many elements), a product of two activations, a 2-D
     MatMul or plain Gemm projection, a fused Attention (whose rule makes head dimensions its
     units only where it computes each head on its own)."""
@@ -253,6 +253,10 @@ def _commutes(graph: Graph, node: Node, members: dict[str, int], whole_heads: se
         return node.inputs[0] in whole_heads
     if node.op_type in ("Slice", "Gather", "Split"):
         return node.inputs[0] in members and not _slices_unit_axis(graph, node, members[node.inputs[0]])
+    if node.op_type == "Concat":  # a key/value cache joined along the sequence (every input rotated too)
+        y = node.outputs[0]
+        return y in members and all(x in members for x in node.inputs) \
+            and int(node.attr("axis")) % len(graph.shapes[y]) != members[y]
     if node.op_type == "Gemm":
         return _matmul_weight(graph, node) is not None
     if node.op_type == "MatMul":

@@ -94,6 +94,19 @@ def test_untrained_bert_rotates_head_dimensions_by_default(untrained_bert, tmp_p
     assert 0.47 <= report.flops_ratio <= 0.52
 
 
+@pytest.mark.accurate
+def test_classic_gpt2_with_its_cache_concat_rotates_head_dimensions(tmp_path):
+    """The classic export of Hugging Face's GPT-2 joins each layer's keys and values to an empty
+    cache (a one-input Concat) and reads the causal mask from that Concat's shape: head
+    dimensions still find their way to attention, and rotate through the Concat."""
+    from models.hf_zoo import FAMILIES, export
+
+    source = export(FAMILIES["gpt2"], tmp_path / "gpt2.onnx", dynamo=False)
+    report = prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert report.rotated_heads == 2  # one group per layer: the packed projection's parts prune together
+    assert 0.47 <= report.flops_ratio <= 0.52
+
+
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     from models.real import export_minilm, load_minilm

@@ -94,7 +94,7 @@ def comes_from_recurrent(c: Coupler, name: str) -> bool:
     return node is not None and node.op_type in ("RNN", "GRU", "LSTM")
 
 
-_ON_THE_WAY_TO_ATTENTION = ("Transpose", "Reshape", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")
+_ON_THE_WAY_TO_ATTENTION = ("Transpose", "Reshape", "Concat", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Mul", "Div")
 
 
 def feeds_attention(c: Coupler, name: str, depth: int = 6) -> bool:
