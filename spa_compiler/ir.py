@@ -5,8 +5,8 @@ read and written by :mod:`spa_compiler.model_files`).
 computed by constant subgraphs (``ConstantOfShape``, ``Unsqueeze`` of a constant, ...) are folded
 into initializers, every reader of a shared vector constant or Reshape target gets its own
 copy (:mod:`spa_compiler.unshare`), dynamic input dimensions are bound to concrete sizes for
-analysis, and every tensor gets a concrete shape. The graph keeps the model's own (possibly dynamic) input and output
-declarations, so the pruned model stays as dynamic as the original.
+analysis, and every tensor gets a concrete shape. The graph keeps the model's own (possibly
+dynamic) input and output declarations, so the pruned model stays as dynamic as the original.
 """
 
 from __future__ import annotations
