@@ -1,8 +1,8 @@
 """Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
 
     python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits,vit] [--flops 0.9,0.75,0.5]
-        [--criteria l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers] [--json results.json]
-        [--option FIELD=VALUE ...] [--pipeline-defaults]
+        [--criteria default,l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers]
+        [--json results.json] [--option FIELD=VALUE ...] [--criterion-only]
 
 Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint from test data):
 
@@ -18,10 +18,12 @@ Each model is pruned to every ``--flops`` target through ``spa_compiler.prune`` 
 ``--criteria`` criterion: one data-free row per criterion, and a calibrated row for a criterion
 that uses activation statistics (``obs``: the ``.npz`` of ``--calib-samples`` calibration
 inputs, all of them used; or of ``--calib-file`` inputs, spa-prune choosing how many to read, as
-``spa-prune --calib`` does without ``--calib-samples``); spa-prune's defaults are the
-calibrated ``obs`` row and the data-free ``obs_joint`` one.  The other ``PruneConfig`` fields are the task's ``round_to``, no latency runs,
-``CRITERION_ONLY`` (allocation by the criterion's scores, no re-fit; ``--pipeline-defaults`` drops
-it) and the defaults, unless ``--option`` sets them, e.g. ``--option refit_rounds=1``.
+``spa-prune --calib`` does without ``--calib-samples``). ``default`` (the default) is what
+``spa-prune`` does when no criterion is named: a data-free row (``obs_joint``) and a calibrated
+one (``obs``).  The other ``PruneConfig`` fields are the task's ``round_to``, no latency runs and
+the defaults (measured sensitivity, sequential re-fit), unless ``--option`` sets them, e.g.
+``--option refit_rounds=0``; ``--criterion-only`` sets ``CRITERION_ONLY`` (allocation by the
+criterion's scores, no re-fit: the previous pipeline, to compare criteria cheaply).
 Peers (``models.peers``): onnxsim's structured pruning, data-free and calibrated
 (Wanda + least-squares re-fit), and Torch-Pruning where a PyTorch model exists.  One table per
 task metric: a row per method, a column per target, cells ``metric (achieved FLOPs ratio)
@@ -66,10 +68,12 @@ TARGETS = (0.9, 0.75, 0.5)
 ROW_FIELDS = {"flops", "criterion", "input_shapes", "calibration", "calibration_samples"}
 """``PruneConfig`` fields each row sets; ``--option`` sets any other."""
 CRITERION_ONLY = {"allocation": "score", "refit_rounds": 0}
-"""``PruneConfig`` fields the rows use unless ``--option`` or ``--pipeline-defaults`` says otherwise:
+"""``PruneConfig`` fields the rows use with ``--criterion-only`` (``--option`` may override them):
 channels allocated by the criterion's own scores and no sequential re-fit, so that the rows
 compare criteria.  The measured-sensitivity allocation and the re-fit (``PruneConfig``'s
 defaults) cost about 25 times as much: 6 CPU minutes per recogniser pruning instead of 15 s."""
+DEFAULT = "default"
+"""The ``--criteria`` name of spa-prune's own choice (:func:`spa_compiler.config.default_criterion`)."""
 CALIBRATION_SAMPLES = 128
 ERROR_WIDTH = 40
 TORCH_PRUNING_MAX = 0.75
@@ -93,7 +97,7 @@ class Method:
 
     label: str
     tool: str
-    criterion: str = ""
+    criterion: str | None = None  # None: spa-prune's default for the data given
     calibrated: bool = False
 
 
@@ -101,6 +105,9 @@ def method_rows(criteria: list[str], task: Task, peers: bool) -> list[Method]:
     """spa-prune rows (a calibrated one too for criteria that collect statistics), then peers."""
     rows = []
     for criterion in criteria:
+        if criterion == DEFAULT:
+            rows += [Method("default (data-free)", "spa-prune"), Method("default (calibrated)", "spa-prune", calibrated=True)]
+            continue
         try:
             data_aware = get_criterion(criterion).needs_statistics
         except SpaError:
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASK_TYPES), help="comma-separated, of: %(default)s")
     parser.add_argument("--flops", type=_floats, default=TARGETS, help="FLOPs targets (default 0.9,0.75,0.5)")
-    parser.add_argument("--criteria", default="l2,obs,obs_joint", help="spa-prune criteria (default %(default)s)")
+    parser.add_argument("--criteria", default=DEFAULT,
+                        help=f"spa-prune criteria, '{DEFAULT}' for its own choice (default %(default)s; e.g. {DEFAULT},l2,obs)")
     parser.add_argument("--test-samples", type=int, help="test samples per task (default: each task's own)")
     calibration = parser.add_mutually_exclusive_group()
     calibration.add_argument("--calib-samples", type=int, default=CALIBRATION_SAMPLES,
@@ -282,12 +290,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--no-peers", action="store_true", help="spa-prune rows only")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="FIELD=VALUE",
                         help="a further PruneConfig field for every spa-prune row, e.g. refit_rounds=1 (repeatable)")
-    parser.add_argument("--pipeline-defaults", action="store_true",
-                        help=f"PruneConfig's own defaults instead of {CRITERION_ONLY} (slow)")
+    parser.add_argument("--criterion-only", action="store_true",
+                        help=f"{CRITERION_ONLY} instead of PruneConfig's defaults (the previous pipeline; fast)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     configurable = {f.name for f in fields(PruneConfig)}
-    base = {} if args.pipeline_defaults else {k: v for k, v in CRITERION_ONLY.items() if k in configurable}
+    base = {k: v for k, v in CRITERION_ONLY.items() if k in configurable} if args.criterion_only else {}
     args.option = {**base, **dict(args.option)}
     taken = sorted(set(args.option) & ROW_FIELDS)
     if taken:

@@ -1330,6 +1330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=int, metavar="SEED", help="check one graph, describe it and its outcome")
     parser.add_argument("--save", type=Path, metavar="PATH", help="with --replay: write the generated model")
     args = parser.parse_args(argv)
+    ort.set_default_logger_severity(3)  # the optimiser's notes on nodes it leaves (one per graph) bury the progress
     if args.replay is not None:
         fuzz = fuzz_seed(args.replay)
         print(fuzz.describe())

@@ -102,3 +102,26 @@ def test_vision_transformer_keeps_accuracy_data_free(split, tmp_path):
             assert any(g.kind == "head dims" and g.channels_after < g.channels_before for g in report.groups)
     assert accuracies["default"] >= accuracy - 0.03, (accuracies, accuracy)
     assert accuracies["l2 alone"] < 0.9, accuracies
+
+
+@pytest.mark.accurate
+def test_accuracy_benchmark_runs_the_tools_defaults_by_default(capsys):
+    """``python -m models.accuracy_benchmark`` with no criteria prunes the way ``spa-prune`` does
+    unasked: a data-free row and a calibrated one, both through the default pipeline (measured
+    0.994 and 1.000 at 0.5 on the digits ResNet)."""
+    from models.accuracy_benchmark import main, method_rows
+    from models.digits_task import DigitsTask
+
+    rows = method_rows(["default", "l2", "obs"], DigitsTask(), peers=True)
+    assert [(m.label, m.criterion, m.calibrated) for m in rows[:5]] == [
+        ("default (data-free)", None, False), ("default (calibrated)", None, True), ("l2", "l2", False),
+        ("obs (data-free)", "obs", False), ("obs (calibrated)", "obs", True),
+    ]
+    assert [m.tool for m in rows[5:]] == ["onnxsim", "onnxsim", "torch-pruning"]
+    (result,) = main(["--tasks", "digits", "--flops", "0.5", "--no-peers"])
+    assert "PruneConfig options defaults" in capsys.readouterr().out
+    cells = {label: cells[0.5] for label, cells in result["cells"].items()}
+    assert sorted(cells) == ["default (calibrated)", "default (data-free)"]
+    for cell in cells.values():
+        assert cell.error is None and 0.47 <= cell.flops_ratio <= 0.52
+        assert cell.metrics["accuracy"] >= 0.97, cells
