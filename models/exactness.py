@@ -1,4 +1,5 @@
-"""The exactness check of DESIGN invariant 3, shared by the test suite and ``models.fuzz``.
+"""The exactness check of DESIGN invariant 3, shared by the test suite, ``models.fuzz`` and
+``models.hf_zoo``.
 
 Channels whose outgoing effect is zero can be removed without changing any output. To make a
 chosen set of channels have no effect, every weight slab that *reads* them (the Conv, Gemm and
@@ -8,15 +9,103 @@ constant shows up as a difference.
 
 A channel contracted in a product of two activations (Q·Kᵀ over the dimensions of a single
 head) is read by no weight; :func:`zero_contracted` zeroes it at its source instead.
+
+The zeroed model is pruned with its plan *steered* to the channels zeroed (:func:`steering`):
+zeroing changes what a criterion or a sensitivity measurement sees, and a plan chosen anew could
+remove other channels. :func:`steered_error` runs the whole check on any model.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+from typing import ClassVar, Iterator
+
 import numpy as np
 
-from spa_compiler import Analysis, Graph
+from spa_compiler import Analysis, Criterion, Graph, PruneConfig, prune_graph, register_criterion, synthetic_inputs
+from spa_compiler.verify import run_model
 
-__all__ = ["zero_readers", "zero_contracted", "relative_error"]
+__all__ = [
+    "randomize_weights", "zero_readers", "zero_contracted", "relative_error", "ChosenFirst", "steering", "steered_error",
+    "RTOL",
+]
+
+RTOL = 1e-4
+"""Relative error above which a pruned model is not exact (rounding stays far below)."""
+
+WEIGHT_CONSUMERS = {
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+    "GroupNormalization", "LayerNormalization", "SimplifiedLayerNormalization", "Add", "Sub", "Mul", "PRelu",
+}
+
+
+def randomize_weights(graph: Graph, seed: int = 0) -> Graph:
+    """Give every float constant read by a weighted or affine op seeded random values (positive
+    where it is a BatchNorm variance) so that no two channels are alike; parameters such as
+    Resize scales keep their values."""
+    rng = np.random.default_rng(seed)
+    variances = {n.inputs[4] for n in graph.nodes if n.op_type == "BatchNormalization"}
+    weights = {name for n in graph.nodes if n.op_type in WEIGHT_CONSUMERS for name in n.inputs}
+    for name, value in list(graph.constants.items()):
+        if name not in weights or not np.issubdtype(value.dtype, np.floating) or value.size < 2:
+            continue
+        fan_in = max(1, int(np.prod(value.shape[1:]))) if value.ndim > 1 else 1
+        fresh = rng.standard_normal(value.shape) / np.sqrt(fan_in)
+        if name in variances:
+            fresh = 0.5 + np.abs(fresh)
+        graph.set_constant(name, fresh.astype(value.dtype))
+    return graph
+
+
+@register_criterion("chosen_first")
+class ChosenFirst(Criterion):
+    """Scores the chosen units 0 and all others 1, so the plan removes those first (testing only)."""
+
+    description = "the units an exactness check chose score lowest (testing only)"
+    chosen: ClassVar[dict[int, tuple[int, frozenset[int]]]] = {}
+
+    def score(self, group, ctx) -> np.ndarray:
+        n_units, chosen = self.chosen.get(group.id, (len(group.units), frozenset()))
+        if n_units != len(group.units):
+            raise RuntimeError(f"group {group.id} ({group.name}) is not the group the units were chosen from")
+        scores = np.ones(n_units)
+        scores[sorted(chosen)] = 0.0
+        return scores
+
+
+@contextlib.contextmanager
+def steering(chosen: dict[int, tuple[int, frozenset[int]]]) -> Iterator[None]:
+    """Within the block, criterion ``chosen_first`` removes ``chosen`` first: group id ->
+    (the group's unit count, the unit indices)."""
+    ChosenFirst.chosen = chosen
+    try:
+        yield
+    finally:
+        ChosenFirst.chosen = {}
+
+
+def steered_error(graph: Graph, config: PruneConfig, seed: int = 0) -> tuple[float, int]:
+    """``(relative error, channels removed)`` of the exactness check on ``graph`` (changed in
+    place): pruned with ``config``, the channels its plan removes are zeroed at their readers
+    (and contracted sources), and the zeroed graph is pruned again with the plan steered to the
+    same channels (allocation by the steering scores, nothing re-fitted, head dimensions left
+    unrotated: the op rules' index maps are checked, not the rotation). The error is between the
+    zeroed graph's outputs and its pruning's on seeded synthetic inputs: rounding only, when
+    every op rule maps its indices right."""
+    plain = replace(config, head_dims=False)
+    first = prune_graph(graph, plain)
+    groups = {g.id: g for g in first.analysis.groups}
+    chosen = {gid: (len(groups[gid].units), frozenset(units)) for gid, units in first.plan.removed.items()}
+    zero_readers(graph, first.analysis, first.removed_by_axis)
+    zero_contracted(graph, first.analysis, first.plan.removed)
+    feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, seed)
+    expected = run_model(graph.model, feeds)
+    with steering(chosen):
+        second = prune_graph(graph, replace(plain, criterion="chosen_first", allocation="score", refit_rounds=0))
+    if second.plan.removed != first.plan.removed:
+        raise RuntimeError("the steered plan removes other channels than the first")
+    return relative_error(expected, run_model(second.model, feeds)), second.plan.n_removed
 
 
 def _zero_slabs(graph: Graph, analysis: Analysis, slabs: dict[int, np.ndarray]) -> list[str]:

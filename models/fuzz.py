@@ -28,7 +28,6 @@ invalid model or different outputs is a failure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import random
 import re
@@ -39,34 +38,31 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from models.exactness import relative_error, zero_contracted, zero_readers
+from models.exactness import RTOL, relative_error, steering, zero_contracted, zero_readers
 from spa_compiler import (
     Analysis,
-    Criterion,
     PruneConfig,
     SpaError,
     VerificationError,
     analyze_graph,
     load_model,
     prune_graph,
-    register_criterion,
     synthetic_inputs,
 )
 
 __all__ = [
     "Choices", "RandomChoices", "FuzzGraph", "generate_graph", "Outcome", "check_graph",
-    "fuzz_seed", "blocked_category", "Summary", "run", "main", "RTOL", "OPSETS",
+    "fuzz_seed", "blocked_category", "Summary", "run", "main", "OPSETS",
 ]
 
 T = TypeVar("T")
-RTOL = 1e-4
 OPSETS = (11, 23)
 INT64_MAX = np.iinfo(np.int64).max
 MAX_SIDE = 8  # upsampling blocks only run on feature maps at most this high and wide
@@ -1099,31 +1095,6 @@ def fuzz_seed(seed: int) -> FuzzGraph:
 
 # -- the oracle -----------------------------------------------------------------------------
 
-@register_criterion("fuzz_chosen")
-class ChosenFirst(Criterion):
-    """Scores the units the fuzzer chose 0 and all others 1, so the plan removes those first."""
-
-    description = "the units models.fuzz chose score lowest (testing only)"
-    chosen: ClassVar[dict[int, tuple[int, frozenset[int]]]] = {}
-
-    def score(self, group, ctx) -> np.ndarray:
-        n_units, chosen = self.chosen.get(group.id, (len(group.units), frozenset()))
-        if n_units != len(group.units):
-            raise RuntimeError(f"group {group.id} ({group.name}) is not the group the fuzzer chose from")
-        scores = np.ones(n_units)
-        scores[sorted(chosen)] = 0.0
-        return scores
-
-
-@contextlib.contextmanager
-def _steering(chosen: dict[int, tuple[int, frozenset[int]]]) -> Iterator[None]:
-    ChosenFirst.chosen = chosen
-    try:
-        yield
-    finally:
-        ChosenFirst.chosen = {}
-
-
 @dataclass(frozen=True)
 class Outcome:
     """``status`` is "pruned", "blocked" or "failed"; ``reason`` says what was removed, what
@@ -1215,7 +1186,7 @@ def _prune_exactly(path: Path, seed: int) -> Outcome:
     ratio, chosen = _choose(analysis, rng)
     # the criterion steers the plan, so allocation ranks by its scores (measured sensitivity would
     # replace them) and nothing is re-fitted: the oracle checks the op rules' index maps
-    config = PruneConfig(ratio=ratio, criterion="fuzz_chosen", allocation="score", refit_rounds=0, round_to=1,
+    config = PruneConfig(ratio=ratio, criterion="chosen_first", allocation="score", refit_rounds=0, round_to=1,
                          min_keep=0.0, seed=seed, verify=False)
     if not any(g.prunable for g in analysis.groups):
         try:
@@ -1225,7 +1196,7 @@ def _prune_exactly(path: Path, seed: int) -> Outcome:
         return Outcome("failed", "no group is prunable, yet prune_graph did not refuse")
     if not chosen:
         return Outcome("blocked", "every prunable group has a single channel")
-    with _steering(chosen):
+    with steering(chosen):
         first = prune_graph(graph, config)
         if not first.plan.n_removed:
             return Outcome("blocked", "the plan removes nothing")
@@ -1330,7 +1301,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=int, metavar="SEED", help="check one graph, describe it and its outcome")
     parser.add_argument("--save", type=Path, metavar="PATH", help="with --replay: write the generated model")
     args = parser.parse_args(argv)
-    ort.set_default_logger_severity(3)  # the optimiser's notes on nodes it leaves (one per graph) bury the progress
     if args.replay is not None:
         fuzz = fuzz_seed(args.replay)
         print(fuzz.describe())

@@ -9,7 +9,11 @@ tokens, or ``pixel_values`` / audio of the size given), and pruned to ``--flops`
 pipeline, data-free. A row: the achieved FLOPs ratio, the groups pruned, the attention groups
 rotated (head dimensions) and the cosine of the outputs to the original's on synthetic inputs
 the statistics did not see; or the error that stopped the export or the pruning. Random weights
-say nothing about accuracy: this measures what the analysis finds in each export.
+say nothing about accuracy: this measures what the analysis finds in each export. Its
+exactness column is the check (:func:`models.exactness.steered_error`) on the export with every
+weight, bias and norm made random (``EXACTNESS``: half of every group's channels): the relative
+error of the pruned model against the model with those channels' readers zeroed, rounding only
+when every op rule maps its indices right (above ``RTOL``, 1e-4, it says FAILED).
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from typing import Any, Callable
 import torch
 import transformers as hf
 
-from spa_compiler import PruneConfig, SpaError, prune
+from spa_compiler import PruneConfig, SpaError, load_model, prune
 
+from .exactness import RTOL, randomize_weights, steered_error
 from .table import print_table, write_json
 
 __all__ = ["FAMILIES", "Family", "run"]
 
 SEQUENCE = 24
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+EXACTNESS = PruneConfig(ratio=0.5, round_to=1, min_keep=0.0, criterion="l2", allocation="score", refit_rounds=0,
+                        bench_runs=0, verify=False)
 
 
 class Family:
@@ -113,7 +120,7 @@ def run(names: list[str], flops: float, folder: Path) -> list[dict[str, Any]]:
             try:
                 source = export(FAMILIES[name], folder / f"{name}_{exporter}.onnx", dynamo=exporter == "dynamo")
             except Exception as error:  # the exporter's failure is a result
-                row["outcome"] = f"export fails: {type(error).__name__}"
+                row["outcome"], row["exactness"] = f"export fails: {type(error).__name__}", "-"
                 rows.append(row)
                 print(f"{name} {exporter}: {row['outcome']}", flush=True)
                 continue
@@ -126,10 +133,23 @@ def run(names: list[str], flops: float, folder: Path) -> list[dict[str, Any]]:
                 cosine = report.held_out_fidelity.cosine if report.held_out_fidelity else report.fidelity.cosine
                 row["outcome"] = (f"FLOPs {report.flops_ratio:.3f}, {pruned} of {len(report.groups)} groups pruned, "
                                   f"{report.rotated_heads} rotated, cosine {cosine:.4f}")
+            row["exactness"] = _exactness(source)
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
-            print(f"{name} {exporter}: {row['outcome']} ({row['seconds']:.1f} s)", flush=True)
+            print(f"{name} {exporter}: {row['outcome']}; exactness {row['exactness']} ({row['seconds']:.1f} s)",
+                  flush=True)
     return rows
+
+
+def _exactness(source: Path) -> str:
+    """The exactness check's relative error and channels removed, or the error that stopped it."""
+    try:
+        error, removed = steered_error(randomize_weights(load_model(source), seed=1), EXACTNESS)
+    except SpaError as failure:
+        return str(failure).split(";")[0]
+    except RuntimeError as failure:  # the plan could not be steered: a defect
+        return f"FAILED: {failure}"
+    return f"{error:.1e} ({removed} channels)" + ("" if error <= RTOL else f" FAILED: above {RTOL:g}")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -145,7 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="spa_hf_zoo_") as folder:
         rows = run(names, args.flops, Path(folder))
     print()
-    print_table(rows, [("family", "family", "16s"), ("exporter", "exporter", "8s"), ("outcome", "outcome", "s")])
+    print_table(rows, [("family", "family", "16s"), ("exporter", "exporter", "8s"), ("exactness", "exactness", "24s"),
+                       ("outcome", "outcome", "s")])
     write_json(args.json, rows)
     return rows
 

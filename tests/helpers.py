@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import onnx
 import pytest
 
-from models.exactness import relative_error, zero_readers
+from models.exactness import randomize_weights, relative_error, zero_readers
 from spa_compiler import Graph, PruneConfig, prune_graph, synthetic_inputs
 from spa_compiler.rewrite import rewrite_model
 from spa_compiler.verify import run_model
@@ -23,30 +22,6 @@ __all__ = [
     "randomize_weights", "assert_exact", "relative_error",
     "assert_checker_passes_unless_input_fails",
 ]
-
-
-WEIGHT_CONSUMERS = {
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
-    "GroupNormalization", "Add", "Sub", "Mul", "PRelu",
-}
-
-
-def randomize_weights(graph: Graph, seed: int = 0) -> Graph:
-    """Give every float constant read by a weighted or affine op seeded random values (positive
-    where it is a BatchNorm variance) so that no two channels are alike; parameters such as
-    Resize scales keep their values."""
-    rng = np.random.default_rng(seed)
-    variances = {n.inputs[4] for n in graph.nodes if n.op_type == "BatchNormalization"}
-    weights = {name for n in graph.nodes if n.op_type in WEIGHT_CONSUMERS for name in n.inputs}
-    for name, value in list(graph.constants.items()):
-        if name not in weights or not np.issubdtype(value.dtype, np.floating) or value.size < 2:
-            continue
-        fan_in = max(1, int(np.prod(value.shape[1:]))) if value.ndim > 1 else 1
-        fresh = rng.standard_normal(value.shape) / np.sqrt(fan_in)
-        if name in variances:
-            fresh = 0.5 + np.abs(fresh)
-        graph.set_constant(name, fresh.astype(value.dtype))
-    return graph
 
 
 def assert_checker_passes_unless_input_fails(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:

@@ -94,6 +94,30 @@ def test_untrained_bert_rotates_head_dimensions_by_default(untrained_bert, tmp_p
     assert 0.47 <= report.flops_ratio <= 0.52
 
 
+@pytest.mark.parametrize("export", ["classic", "dynamo"])
+def test_steered_exactness_check_passes_and_can_fail(untrained_bert, export, monkeypatch):
+    """``models.exactness.steered_error`` (the Hugging Face benchmark's exactness column): the
+    pruned BERT reproduces the zeroed one (measured 0 either export, 1e-6 allowed); with one
+    sliced bias shifted by a position, as a wrong index map would, it does not (measured 0.36)."""
+    from models.exactness import randomize_weights, steered_error
+    from models.hf_zoo import EXACTNESS
+    from spa_compiler import rewrite
+
+    def graph():
+        return randomize_weights(load_model(untrained_bert[export], BERT_SHAPES), seed=1)
+
+    error, removed = steered_error(graph(), EXACTNESS)
+    assert error < 1e-6 and removed >= 128
+    slice_constant = rewrite.slice_constant
+
+    def shifted(analysis, removed_by_axis, name, value):
+        sliced = slice_constant(analysis, removed_by_axis, name, value)
+        return np.roll(sliced, 1) if sliced.ndim == 1 and sliced.shape != value.shape else sliced
+
+    monkeypatch.setattr(rewrite, "slice_constant", shifted)
+    assert steered_error(graph(), EXACTNESS)[0] > 0.01
+
+
 @pytest.mark.accurate
 def test_classic_gpt2_with_its_cache_concat_rotates_head_dimensions(tmp_path):
     """The classic export of Hugging Face's GPT-2 joins each layer's keys and values to an empty
