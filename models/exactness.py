@@ -18,17 +18,19 @@ remove other channels. :func:`steered_error` runs the whole check on any model.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import ClassVar, Iterator
 
 import numpy as np
 
-from spa_compiler import Analysis, Criterion, Graph, PruneConfig, prune_graph, register_criterion, synthetic_inputs
+from spa_compiler import (
+    Analysis, Criterion, Graph, PruneConfig, PruneState, prune_graph, register_criterion, synthetic_inputs,
+)
 from spa_compiler.verify import run_model
 
 __all__ = [
     "randomize_weights", "zero_readers", "zero_contracted", "relative_error", "ChosenFirst", "steering", "steered_error",
-    "RTOL",
+    "ZeroedPruning", "prune_zeroed", "RTOL",
 ]
 
 RTOL = 1e-4
@@ -85,16 +87,20 @@ def steering(chosen: dict[int, tuple[int, frozenset[int]]]) -> Iterator[None]:
         ChosenFirst.chosen = {}
 
 
-def steered_error(graph: Graph, config: PruneConfig, seed: int = 0) -> tuple[float, int]:
-    """``(relative error, channels removed)`` of the exactness check on ``graph`` (changed in
-    place): pruned with ``config``, the channels its plan removes are zeroed at their readers
-    (and contracted sources), and the zeroed graph is pruned again with the plan steered to the
-    same channels (allocation by the steering scores, nothing re-fitted, head dimensions left
-    unrotated: the op rules' index maps are checked, not the rotation). The error is between the
-    zeroed graph's outputs and its pruning's on seeded synthetic inputs: rounding only, when
-    every op rule maps its indices right."""
-    plain = replace(config, head_dims=False)
-    first = prune_graph(graph, plain)
+@dataclass(frozen=True)
+class ZeroedPruning:
+    """A zeroed model and its pruning: the inputs, the zeroed model's outputs on them, the pruning."""
+
+    feeds: dict[str, np.ndarray]
+    expected: list[np.ndarray]
+    pruned: PruneState
+
+
+def prune_zeroed(graph: Graph, first: PruneState, config: PruneConfig, seed: int = 0) -> ZeroedPruning:
+    """Zero in ``graph`` (in place) the readers, and the contracted sources, of the channels the
+    plan of ``first`` (a pruning of ``graph``) removes; run it on seeded synthetic inputs; prune
+    it with ``config`` and the plan steered to the same channels (allocation by the steering
+    scores, nothing re-fitted)."""
     groups = {g.id: g for g in first.analysis.groups}
     chosen = {gid: (len(groups[gid].units), frozenset(units)) for gid, units in first.plan.removed.items()}
     zero_readers(graph, first.analysis, first.removed_by_axis)
@@ -102,10 +108,21 @@ def steered_error(graph: Graph, config: PruneConfig, seed: int = 0) -> tuple[flo
     feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, seed)
     expected = run_model(graph.model, feeds)
     with steering(chosen):
-        second = prune_graph(graph, replace(plain, criterion="chosen_first", allocation="score", refit_rounds=0))
-    if second.plan.removed != first.plan.removed:
+        pruned = prune_graph(graph, replace(config, criterion="chosen_first", allocation="score", refit_rounds=0))
+    return ZeroedPruning(feeds, expected, pruned)
+
+
+def steered_error(graph: Graph, config: PruneConfig, seed: int = 0) -> tuple[float, int]:
+    """``(relative error, channels removed)`` of the exactness check on ``graph`` (changed in
+    place): pruned with ``config``, then :func:`prune_zeroed` (head dimensions left unrotated:
+    the op rules' index maps are checked, not the rotation). The error is between the zeroed
+    graph's outputs and its pruning's: rounding only, when every op rule maps its indices right."""
+    plain = replace(config, head_dims=False)
+    first = prune_graph(graph, plain)
+    check = prune_zeroed(graph, first, plain, seed)
+    if check.pruned.plan.removed != first.plan.removed:
         raise RuntimeError("the steered plan removes other channels than the first")
-    return relative_error(expected, run_model(second.model, feeds)), second.plan.n_removed
+    return relative_error(check.expected, run_model(check.pruned.model, check.feeds)), check.pruned.plan.n_removed
 
 
 def _zero_slabs(graph: Graph, analysis: Analysis, slabs: dict[int, np.ndarray]) -> list[str]:

@@ -45,7 +45,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from models.exactness import RTOL, relative_error, steering, zero_contracted, zero_readers
+from models.exactness import RTOL, prune_zeroed, relative_error, steering
 from spa_compiler import (
     Analysis,
     PruneConfig,
@@ -54,7 +54,6 @@ from spa_compiler import (
     analyze_graph,
     load_model,
     prune_graph,
-    synthetic_inputs,
 )
 
 __all__ = [
@@ -1198,13 +1197,10 @@ def _prune_exactly(path: Path, seed: int) -> Outcome:
         return Outcome("blocked", "every prunable group has a single channel")
     with steering(chosen):
         first = prune_graph(graph, config)
-        if not first.plan.n_removed:
-            return Outcome("blocked", "the plan removes nothing")
-        zero_readers(graph, first.analysis, first.removed_by_axis)
-        zero_contracted(graph, first.analysis, first.plan.removed)
-        feeds = synthetic_inputs(graph.input_shapes, graph.dtypes, seed)
-        expected = _run(graph.model, feeds)
-        second = prune_graph(graph, replace(config, verify=True))
+    if not first.plan.n_removed:
+        return Outcome("blocked", "the plan removes nothing")
+    zeroed = prune_zeroed(graph, first, replace(config, verify=True), seed)
+    feeds, expected, second = zeroed.feeds, zeroed.expected, zeroed.pruned
     if second.plan.removed != first.plan.removed:
         return Outcome("failed", "pruning the zeroed model planned different channels")
     pruned = second.model
