@@ -118,6 +118,23 @@ def test_steered_exactness_check_passes_and_can_fail(untrained_bert, export, mon
     assert steered_error(graph(), EXACTNESS)[0] > 0.01
 
 
+@pytest.mark.parametrize("family, exporter", [
+    ("segformer", "classic"), ("segformer", "dynamo"), ("swin", "classic"), ("whisper-encoder", "dynamo"),
+    ("dinov2", "dynamo"), ("clip-vision", "dynamo"), ("gpt2", "classic"), ("gpt2", "dynamo"), ("qwen2", "dynamo"),
+    ("deberta-v2", "classic"), ("convnext", "dynamo"), ("mobilenet-v2", "classic"),
+])
+def test_hugging_face_exports_prune_exactly(family, exporter, tmp_path):
+    """The Hugging Face benchmark's exactness column, in the suite for a dozen exports: half of every
+    group's channels zeroed at their readers, the pruned model reproduces the zeroed one (measured
+    0 on the transformers, 1e-7 on MobileNetV2; 1e-5 allowed)."""
+    from models.exactness import randomize_weights, steered_error
+    from models.hf_zoo import EXACTNESS, FAMILIES, export
+
+    source = export(FAMILIES[family], tmp_path / f"{family}.onnx", dynamo=exporter == "dynamo")
+    error, removed = steered_error(randomize_weights(load_model(source), seed=1), EXACTNESS)
+    assert error < 1e-5 and removed > 0, (error, removed)
+
+
 @pytest.mark.accurate
 def test_classic_gpt2_with_its_cache_concat_rotates_head_dimensions(tmp_path):
     """The classic export of Hugging Face's GPT-2 joins each layer's keys and values to an empty
