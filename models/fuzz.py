@@ -42,7 +42,6 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from models.exactness import RTOL, prune_zeroed, relative_error, steering
@@ -55,6 +54,7 @@ from spa_compiler import (
     load_model,
     prune_graph,
 )
+from spa_compiler.verify import run_model
 
 __all__ = [
     "Choices", "RandomChoices", "FuzzGraph", "generate_graph", "Outcome", "check_graph",
@@ -1167,14 +1167,6 @@ def _parameters(model: onnx.ModelProto) -> int:
     return sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in floating)
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
 def _prune_exactly(path: Path, seed: int) -> Outcome:
     graph = load_model(path)
     analysis = analyze_graph(graph)
@@ -1212,7 +1204,7 @@ def _prune_exactly(path: Path, seed: int) -> Outcome:
         return Outcome("failed", f"graph inputs/outputs changed: {_interface(graph.model)} -> {_interface(pruned)}")
     if _parameters(pruned) >= _parameters(graph.model):
         return Outcome("failed", "the pruned model is not smaller")
-    actual = _run(pruned, feeds)
+    actual = run_model(pruned, feeds)
     shapes = ([a.shape for a in expected], [a.shape for a in actual])
     if shapes[0] != shapes[1]:
         return Outcome("failed", f"output shapes changed: {shapes[0]} -> {shapes[1]}")
@@ -1230,7 +1222,7 @@ def check_graph(fuzz: FuzzGraph, seed: int, workdir: Path) -> Outcome:
     """Run the oracle on one generated graph (``seed`` draws the channels and the inputs)."""
     try:
         onnx.checker.check_model(fuzz.model, full_check=True)
-        _run(fuzz.model, {"x": np.random.default_rng(seed).standard_normal(_input_shape(fuzz.model), np.float32)})
+        run_model(fuzz.model, {"x": np.random.default_rng(seed).standard_normal(_input_shape(fuzz.model), np.float32)})
     except Exception as exc:
         return Outcome("failed", f"the generator made a graph that is invalid or does not run: {_first_line(exc)}")
     path = workdir / "fuzz.onnx"

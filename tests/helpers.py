@@ -13,7 +13,7 @@ import re
 import onnx
 import pytest
 
-from models.exactness import randomize_weights, relative_error, zero_readers
+from models.exactness import RTOL, randomize_weights, relative_error, zero_readers
 from spa_compiler import Graph, PruneConfig, prune_graph, synthetic_inputs
 from spa_compiler.rewrite import rewrite_model
 from spa_compiler.verify import run_model
@@ -35,7 +35,7 @@ def assert_checker_passes_unless_input_fails(original: onnx.ModelProto, pruned: 
             onnx.checker.check_model(original, full_check=True)
 
 
-def assert_exact(graph: Graph, config: PruneConfig, rtol: float = 1e-4, seed: int = 0) -> onnx.ModelProto:
+def assert_exact(graph: Graph, config: PruneConfig, rtol: float = RTOL, seed: int = 0) -> onnx.ModelProto:
     """Prune with ``config``, after zeroing what reads the removed channels; outputs must match
     within ``rtol`` (relative L2). Returns the pruned model."""
     result = prune_graph(graph, config)
