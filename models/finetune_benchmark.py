@@ -1,6 +1,6 @@
 """Benchmark: prune, then fine-tune in PyTorch (or train the pruned architecture from scratch), export, measure.
 
-    python -m models.finetune_benchmark [--tasks digits,cls] [--epochs 3] [--distill]
+    python -m models.finetune_benchmark [--tasks digits,cls,minilm] [--epochs 3] [--distill]
         [--scratch-epochs 15] [--json results.json]
 
 Every pruned ONNX model goes back into PyTorch with ``spa_compiler.torch.to_torch``, is trained with a
@@ -15,6 +15,13 @@ onnxruntime, so every figure is the accuracy of an ONNX file.
 - ``cls`` (``models.ocr_tasks.ClsTask``): PP-OCR's direction classifier, a PaddlePaddle export, pruned
   at 0.5 and fine-tuned on 2000 rendered lines (seed 2, disjoint from test and calibration texts),
   half of them turned by 180 degrees. Its output is already a softmax: the loss reads its log.
+- ``minilm`` (``models.minilm_task.MiniLMTask``): all-MiniLM-L6-v2 pruned at 0.5 with 128
+  calibration sentences and distilled on 2000 generated sentences (seed 2, none a test or
+  calibration sentence; lr 1e-4): there are no labels, the loss is the mean squared error of the
+  last hidden states to the unpruned model's over the real tokens,
+  ``Σ_t m_t ‖h_t − h*_t‖² / (d Σ_t m_t)`` (``m`` the attention mask, ``d`` the hidden width).
+  The generated sentences share their templates with most test sentences; the task's written
+  cosine (65 written sentences) shows what the distillation does for other text.
 
 ``--distill`` adds knowledge distillation: the loss is ``0.5 * cross-entropy(labels) + 0.5 *
 KL(teacher || student)``, the teacher's distribution being the *unpruned ONNX model's* outputs on the
@@ -30,6 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -41,15 +49,18 @@ from spa_compiler.torch import to_torch
 
 from .digits import BATCH_SIZE, DEFAULT_EPOCHS, LEARNING_RATE, load_digits_split
 from .digits_task import DigitsTask
+from .minilm_task import SEQ_LEN, MiniLMTask, generate_sentences
 from .ocr_tasks import ClsTask
+from .sentences import tokenize
 from .table import print_table, write_json
 from .tasks import Task, run_batched
 from .text_render import render_lines
 
-__all__ = ["Recipe", "train", "export_trained", "main"]
+__all__ = ["Recipe", "classification_loss", "hidden_state_loss", "train", "export_trained", "main"]
 
 TRAIN_SEED = 2
 CLS_TRAIN_LINES = 2000
+MINILM_TRAIN_SENTENCES = 2000
 CALIBRATION_SAMPLES = 128
 TEMPERATURE = 2.0
 
@@ -57,13 +68,15 @@ TEMPERATURE = 2.0
 @dataclass(frozen=True)
 class Recipe:
     """How to train: ``epochs`` of AdamW at ``learning_rate`` (cosine decay to 0, or one-cycle when
-    ``one_cycle``); ``probabilities``: the model outputs a softmax, not logits."""
+    ``one_cycle``)."""
 
     epochs: int
     learning_rate: float
-    probabilities: bool = False
     one_cycle: bool = False
-    distill: bool = False
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A training loss: ``loss(outputs, index)`` for the model's outputs on the training samples ``index``."""
 
 
 def _log_probabilities(outputs: torch.Tensor, probabilities: bool, temperature: float = 1.0) -> torch.Tensor:
@@ -72,137 +85,192 @@ def _log_probabilities(outputs: torch.Tensor, probabilities: bool, temperature: 
     return F.log_softmax(outputs / temperature, dim=1)
 
 
-def train(module: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray, recipe: Recipe,
-          teacher: np.ndarray | None = None, seed: int = 0) -> torch.nn.Module:
-    """Train ``module`` (``inputs[i] -> labels[i]``, classes on axis 1) by ``recipe``; with
-    ``teacher`` outputs the loss mixes in KL(teacher || student) (module docstring)."""
-    generator = torch.Generator().manual_seed(seed)
-    x, y = torch.from_numpy(inputs), torch.from_numpy(labels).long()
+def classification_loss(labels: np.ndarray, probabilities: bool = False, teacher: np.ndarray | None = None) -> Loss:
+    """Cross-entropy to ``labels`` (classes on axis 1); with ``teacher`` outputs, half of it and half
+    ``T² KL(teacher || student)`` at temperature ``T`` (1 for probabilities, ``TEMPERATURE`` for logits)."""
+    y = torch.from_numpy(labels).long()
     soft = torch.from_numpy(teacher) if teacher is not None else None
-    steps = recipe.epochs * math.ceil(len(x) / BATCH_SIZE)
+    t = 1.0 if probabilities else TEMPERATURE
+
+    def loss(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        value = F.nll_loss(_log_probabilities(outputs, probabilities), y[index])
+        if soft is None:
+            return value
+        target = soft[index] if probabilities else F.softmax(soft[index] / t, dim=1)
+        student = _log_probabilities(outputs, probabilities, t)
+        return 0.5 * value + 0.5 * t * t * F.kl_div(student, target, reduction="batchmean")
+
+    return loss
+
+
+def hidden_state_loss(teacher: np.ndarray, mask: np.ndarray) -> Loss:
+    """Distillation of hidden states ``[samples, tokens, d]``: ``Σ_t m_t ‖h_t − h*_t‖² / (d Σ_t m_t)``
+    over the batch, ``h*`` the ``teacher``'s, ``m`` the attention ``mask`` (padding does not count)."""
+    target = torch.from_numpy(teacher)
+    weights = torch.from_numpy(mask).to(target.dtype).unsqueeze(-1)
+
+    def loss(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        m = weights[index]
+        return ((outputs - target[index]) ** 2 * m).sum() / (m.sum() * outputs.shape[-1])
+
+    return loss
+
+
+def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], loss: Loss, recipe: Recipe,
+          seed: int = 0) -> torch.nn.Module:
+    """Train ``module`` on ``inputs`` (fed in their order, samples on axis 0) to lower ``loss``
+    by ``recipe``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = [torch.from_numpy(array) for array in inputs.values()]
+    count = len(x[0])
+    steps = recipe.epochs * math.ceil(count / BATCH_SIZE)
     optimizer = torch.optim.AdamW(module.parameters(), lr=recipe.learning_rate, weight_decay=1e-4)
     schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=steps)
                 if recipe.one_cycle else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps))
     module.train()
     for _ in range(recipe.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), BATCH_SIZE):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, BATCH_SIZE):
             index = order[start:start + BATCH_SIZE]
             if len(index) < 2:  # BatchNorm in train mode needs two samples
                 continue
-            outputs = module(x[index])
-            loss = F.nll_loss(_log_probabilities(outputs, recipe.probabilities), y[index])
-            if soft is not None:
-                t = 1.0 if recipe.probabilities else TEMPERATURE
-                target = soft[index] if recipe.probabilities else F.softmax(soft[index] / t, dim=1)
-                student = _log_probabilities(outputs, recipe.probabilities, t)
-                loss = 0.5 * loss + 0.5 * t * t * F.kl_div(student, target, reduction="batchmean")
+            outputs = module(*(array[index] for array in x))
+            value = loss(outputs[0] if isinstance(outputs, (tuple, list)) else outputs, index)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             optimizer.step()
             schedule.step()
     return module.eval()
 
 
-def export_trained(module: torch.nn.Module, reference: Path, sample: np.ndarray, path: Path) -> Path:
+def export_trained(module: torch.nn.Module, reference: Path, sample: dict[str, np.ndarray], path: Path) -> Path:
     """``torch.onnx.export`` with the input and output names of the ONNX model at ``reference``
-    and a dynamic batch axis."""
+    (``sample`` holds an example of each input, by name) and a dynamic batch axis."""
     graph = onnx.load(str(reference)).graph
     initializers = {t.name for t in graph.initializer}
-    input_name = next(i.name for i in graph.input if i.name not in initializers)
+    input_names = [i.name for i in graph.input if i.name not in initializers]
     output_name = graph.output[0].name
     with torch.no_grad():
-        torch.onnx.export(module, (torch.from_numpy(sample),), str(path), dynamo=False, opset_version=17,
-                          input_names=[input_name], output_names=[output_name],
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+        torch.onnx.export(module, tuple(torch.from_numpy(sample[name]) for name in input_names), str(path),
+                          dynamo=False, opset_version=17, input_names=input_names, output_names=[output_name],
+                          dynamic_axes={name: {0: "batch"} for name in [*input_names, output_name]})
     return path
 
 
 @dataclass
 class Setting:
-    """One task of the benchmark: its data, how to fine-tune and how to train from scratch."""
+    """One task of the benchmark: its training inputs (by model input name), how to fine-tune
+    (``finetune`` with ``finetune_loss``, named ``finetune_label`` in the table) and how to train
+    from scratch (``scratch`` with ``scratch_loss``, or None)."""
 
     task: Task
-    inputs: np.ndarray
-    labels: np.ndarray
+    inputs: dict[str, np.ndarray]
     targets: tuple[float, ...]
     finetune: Recipe
-    scratch: Recipe | None
-    reference: dict[float, float]
+    finetune_loss: Loss
+    finetune_label: str
+    scratch: Recipe | None = None
+    scratch_loss: Loss | None = None
+    reference: dict[float, float] = dataclasses.field(default_factory=dict)
+
+
+def _single_input(task: Task, images: np.ndarray) -> dict[str, np.ndarray]:
+    return {next(iter(task.source()[1])): images.astype(np.float32)}
+
+
+def _teacher(task: Task, inputs: dict[str, np.ndarray], distill: bool) -> np.ndarray | None:
+    """The unpruned model's first output on ``inputs`` when distilling, else None."""
+    return run_batched(task.source()[0], inputs) if distill else None
+
+
+def _classifier_label(distill: bool) -> str:
+    return "fine-tuned + distilled" if distill else "fine-tuned"
 
 
 def _digits(epochs: int, scratch_epochs: int, distill: bool) -> Setting:
+    task = DigitsTask()
     x_train, _, y_train, _ = load_digits_split()
-    scratch = Recipe(scratch_epochs, LEARNING_RATE, one_cycle=True) if scratch_epochs else None
-    return Setting(DigitsTask(), x_train.astype(np.float32), y_train, (0.5, 0.3),
-                   Recipe(epochs, 1e-3, distill=distill), scratch, {0.5: 0.997, 0.3: 0.994})
+    inputs = _single_input(task, x_train)
+    return Setting(task, inputs, (0.5, 0.3), Recipe(epochs, 1e-3),
+                   classification_loss(y_train, teacher=_teacher(task, inputs, distill)), _classifier_label(distill),
+                   Recipe(scratch_epochs, LEARNING_RATE, one_cycle=True) if scratch_epochs else None,
+                   classification_loss(y_train), {0.5: 0.997, 0.3: 0.994})
 
 
 def _cls(epochs: int, scratch_epochs: int, distill: bool) -> Setting:
     task = ClsTask()
     exclude = {line.text for line in task.test_lines + task.calibration_lines(CALIBRATION_SAMPLES)}
     images, labels = task.preprocess(render_lines(CLS_TRAIN_LINES, TRAIN_SEED, exclude=exclude))
-    return Setting(task, images.astype(np.float32), labels, (0.5,),
-                   Recipe(epochs, 3e-4, probabilities=True, distill=distill), None, {})
+    inputs = _single_input(task, images)
+    loss = classification_loss(labels, probabilities=True, teacher=_teacher(task, inputs, distill))
+    return Setting(task, inputs, (0.5,), Recipe(epochs, 3e-4), loss, _classifier_label(distill))
 
 
-SETTINGS = {"digits": _digits, "cls": _cls}
+def _minilm(epochs: int, scratch_epochs: int, distill: bool) -> Setting:
+    """Distillation only (no labels): ``distill`` and ``scratch_epochs`` do not apply."""
+    task = MiniLMTask()
+    exclude = {*task.test_sentences, *task.calibration_sentences(CALIBRATION_SAMPLES)}
+    inputs = tokenize(task.tokenizer, generate_sentences(MINILM_TRAIN_SENTENCES, TRAIN_SEED, exclude), SEQ_LEN)
+    loss = hidden_state_loss(_teacher(task, inputs, True), inputs["attention_mask"])
+    return Setting(task, inputs, (0.5,), Recipe(epochs, 1e-4), loss, "distilled")
+
+
+SETTINGS = {"digits": _digits, "cls": _cls, "minilm": _minilm}
 
 
 def _run_setting(name: str, setting: Setting, folder: Path, seed: int) -> list[dict]:
     task = setting.task
     source, shapes = task.source()
-    before = task.evaluate(source)
+    before = task.metrics(source)
     calibration = task.calibration(folder / f"{name}_calib.npz", CALIBRATION_SAMPLES)
-    teacher = run_batched(source, {next(iter(shapes)): setting.inputs}) if setting.finetune.distill else None
-    sample = setting.inputs[:2]
+    sample = {key: array[:2] for key, array in setting.inputs.items()}
     rows = []
 
-    def row(target: float, path: str, epochs: int, model: Path, seconds: float, achieved: float) -> None:
-        accuracy = task.evaluate(model)
+    def row(target: float, path: str, epochs: int, metrics: dict[str, float], seconds: float, achieved: float) -> None:
+        main_metric, *others = task.metric_names
+        accuracy = metrics[main_metric]
         rows.append({"task": name, "flops": target, "achieved": achieved, "path": path, "epochs": epochs,
-                     "accuracy": accuracy,
-                     "of_unpruned": accuracy / before, "seconds": seconds,
-                     "torch_pruning": setting.reference.get(target, float("nan"))})
+                     "accuracy": accuracy, "of_unpruned": accuracy / before[main_metric], "seconds": seconds,
+                     "torch_pruning": setting.reference.get(target, float("nan")),
+                     "others": ", ".join(f"{metric} {metrics[metric]:.3f}" for metric in others)})
         print(f"{name} {target} {path}: {accuracy:.4f} ({seconds:.0f} s)", flush=True)
 
-    rows.append({"task": name, "flops": 1.0, "achieved": 1.0, "path": "unpruned", "epochs": 0, "accuracy": before,
-                 "of_unpruned": 1.0, "seconds": 0.0, "torch_pruning": float("nan")})
+    row(1.0, "unpruned", 0, before, 0.0, 1.0)
     for target in setting.targets:
         config = PruneConfig(flops=target, input_shapes=shapes, calibration=str(calibration), bench_runs=0,
                              round_to=task.round_to, seed=seed)
         pruned = folder / f"{name}_{target}.onnx"
         achieved = prune(source, pruned, config).flops_ratio
-        row(target, "pruned", 0, pruned, 0.0, achieved)
+        row(target, "pruned", 0, task.metrics(pruned), 0.0, achieved)
         started = time.perf_counter()
-        module = train(to_torch(pruned), setting.inputs, setting.labels, setting.finetune, teacher, seed)
+        module = train(to_torch(pruned), setting.inputs, setting.finetune_loss, setting.finetune, seed)
         tuned = export_trained(module, pruned, sample, folder / f"{name}_{target}_tuned.onnx")
-        kind = "fine-tuned + distilled" if teacher is not None else "fine-tuned"
-        row(target, kind, setting.finetune.epochs, tuned, time.perf_counter() - started, achieved)
+        row(target, setting.finetune_label, setting.finetune.epochs, task.metrics(tuned), time.perf_counter() - started,
+            achieved)
         if setting.scratch is not None:
             fresh = folder / f"{name}_{target}_fresh.onnx"
             fresh_ratio = prune(source, fresh, dataclasses.replace(config, reinit=True)).flops_ratio
             started = time.perf_counter()
-            module = train(to_torch(fresh), setting.inputs, setting.labels, setting.scratch, None, seed)
+            module = train(to_torch(fresh), setting.inputs, setting.scratch_loss, setting.scratch, seed)
             trained = export_trained(module, fresh, sample, folder / f"{name}_{target}_scratch.onnx")
-            row(target, "from scratch (--reinit)", setting.scratch.epochs, trained, time.perf_counter() - started,
-                fresh_ratio)
+            row(target, "from scratch (--reinit)", setting.scratch.epochs, task.metrics(trained),
+                time.perf_counter() - started, fresh_ratio)
     return rows
 
 
 COLUMNS = [("task", "task", "8s"), ("flops", "--flops", "7.2f"), ("achieved", "FLOPs", "5.3f"), ("path", "path", "24s"), ("epochs", "epochs", "6d"),
            ("accuracy", "accuracy", "8.4f"), ("of_unpruned", "/unpruned", "9.3f"), ("seconds", "train s", "7.0f"),
-           ("torch_pruning", "TP L2+3ep", "9.3f")]
+           ("torch_pruning", "TP L2+3ep", "9.3f"), ("others", "other metrics", "s")]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="digits,cls", help="comma-separated: digits, cls")
+    parser.add_argument("--tasks", default="digits,cls", help="comma-separated: digits, cls, minilm")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
     parser.add_argument("--scratch-epochs", type=int, default=DEFAULT_EPOCHS,
                         help="epochs from scratch (digits; 0: skip)")
     parser.add_argument("--flops", default=None, help="comma-separated targets instead of the tasks' own")
-    parser.add_argument("--distill", action="store_true", help="distil from the unpruned ONNX model's outputs")
+    parser.add_argument("--distill", action="store_true", help="distil from the unpruned ONNX model's outputs (minilm always does)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)

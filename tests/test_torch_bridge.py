@@ -70,7 +70,7 @@ def test_pruned_paddle_classifier_round_trips_through_torch(tmp_path):
     shapes = ppocr_input_shapes()["cls"]
     path, _ = _prune_half(ppocr_model_paths()["cls"], tmp_path, shapes)
     module = _assert_round_trip(path, tmp_path, shapes)
-    exported = export_trained(module, path, np.zeros((2, 3, 48, 192), np.float32), tmp_path / "batch.onnx")
+    exported = export_trained(module, path, {"x": np.zeros((2, 3, 48, 192), np.float32)}, tmp_path / "batch.onnx")
     batch = np.random.default_rng(3).standard_normal((5, 3, 48, 192)).astype(np.float32)
     expected = ort.InferenceSession(str(path)).run(None, {"x": batch})[0]
     np.testing.assert_allclose(ort.InferenceSession(str(exported)).run(None, {"x": batch})[0], expected,
