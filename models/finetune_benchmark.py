@@ -16,12 +16,12 @@ onnxruntime, so every figure is the accuracy of an ONNX file.
   at 0.5 and fine-tuned on 2000 rendered lines (seed 2, disjoint from test and calibration texts),
   half of them turned by 180 degrees. Its output is already a softmax: the loss reads its log.
 - ``minilm`` (``models.minilm_task.MiniLMTask``): all-MiniLM-L6-v2 pruned at 0.5 with 128
-  calibration sentences and distilled on 2000 generated sentences (seed 2, none a test or
-  calibration sentence; lr 1e-4): there are no labels, the loss is the mean squared error of the
-  last hidden states to the unpruned model's over the real tokens,
-  ``Σ_t m_t ‖h_t − h*_t‖² / (d Σ_t m_t)`` (``m`` the attention mask, ``d`` the hidden width).
-  The generated sentences share their templates with most test sentences; the task's written
-  cosine (65 written sentences) shows what the distillation does for other text.
+  calibration sentences, then distilled as ``spa-prune distill`` does
+  (:func:`spa_compiler.torch.distill.distill`: no labels, the loss the relative squared error of
+  the hidden states to the unpruned model's over the real tokens; lr 1e-4) on 2000 generated
+  sentences (seed 2, none a test or calibration sentence; the last eighth held out). The
+  generated sentences share their templates with most test sentences; the task's written cosine
+  (65 written sentences) shows what the distillation does for other text.
 
 ``--distill`` adds knowledge distillation: the loss is ``0.5 * cross-entropy(labels) + 0.5 *
 KL(teacher || student)``, the teacher's distribution being the *unpruned ONNX model's* outputs on the
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from spa_compiler import PruneConfig, prune
 from spa_compiler.torch import to_torch
+from spa_compiler.torch.distill import distill as distill_pruned
 
 from .digits import BATCH_SIZE, DEFAULT_EPOCHS, LEARNING_RATE, load_digits_split
 from .digits_task import DigitsTask
@@ -56,7 +57,7 @@ from .table import print_table, write_json
 from .tasks import Task, run_batched
 from .text_render import render_lines
 
-__all__ = ["Recipe", "classification_loss", "hidden_state_loss", "train", "export_trained", "main"]
+__all__ = ["Recipe", "classification_loss", "train", "export_trained", "main"]
 
 TRAIN_SEED = 2
 CLS_TRAIN_LINES = 2000
@@ -99,19 +100,6 @@ def classification_loss(labels: np.ndarray, probabilities: bool = False, teacher
         target = soft[index] if probabilities else F.softmax(soft[index] / t, dim=1)
         student = _log_probabilities(outputs, probabilities, t)
         return 0.5 * value + 0.5 * t * t * F.kl_div(student, target, reduction="batchmean")
-
-    return loss
-
-
-def hidden_state_loss(teacher: np.ndarray, mask: np.ndarray) -> Loss:
-    """Distillation of hidden states ``[samples, tokens, d]``: ``Σ_t m_t ‖h_t − h*_t‖² / (d Σ_t m_t)``
-    over the batch, ``h*`` the ``teacher``'s, ``m`` the attention ``mask`` (padding does not count)."""
-    target = torch.from_numpy(teacher)
-    weights = torch.from_numpy(mask).to(target.dtype).unsqueeze(-1)
-
-    def loss(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        m = weights[index]
-        return ((outputs - target[index]) ** 2 * m).sum() / (m.sum() * outputs.shape[-1])
 
     return loss
 
@@ -167,7 +155,7 @@ class Setting:
     inputs: dict[str, np.ndarray]
     targets: tuple[float, ...]
     finetune: Recipe
-    finetune_loss: Loss
+    finetune_loss: Loss | None  # None: spa_compiler.torch.distill (spa-prune distill) on the inputs
     finetune_label: str
     scratch: Recipe | None = None
     scratch_loss: Loss | None = None
@@ -211,8 +199,7 @@ def _minilm(epochs: int, scratch_epochs: int, distill: bool) -> Setting:
     task = MiniLMTask()
     exclude = {*task.test_sentences, *task.calibration_sentences(CALIBRATION_SAMPLES)}
     inputs = tokenize(task.tokenizer, generate_sentences(MINILM_TRAIN_SENTENCES, TRAIN_SEED, exclude), SEQ_LEN)
-    loss = hidden_state_loss(_teacher(task, inputs, True), inputs["attention_mask"])
-    return Setting(task, inputs, (0.5,), Recipe(epochs, 1e-4), loss, "distilled")
+    return Setting(task, inputs, (0.5,), Recipe(epochs, 1e-4), None, "spa-prune distill")
 
 
 SETTINGS = {"digits": _digits, "cls": _cls, "minilm": _minilm}
@@ -243,8 +230,14 @@ def _run_setting(name: str, setting: Setting, folder: Path, seed: int) -> list[d
         achieved = prune(source, pruned, config).flops_ratio
         row(target, "pruned", 0, task.metrics(pruned), 0.0, achieved)
         started = time.perf_counter()
-        module = train(to_torch(pruned), setting.inputs, setting.finetune_loss, setting.finetune, seed)
-        tuned = export_trained(module, pruned, sample, folder / f"{name}_{target}_tuned.onnx")
+        tuned = folder / f"{name}_{target}_tuned.onnx"
+        if setting.finetune_loss is None:
+            np.savez(folder / f"{name}_train.npz", **setting.inputs)
+            distill_pruned(pruned, source, folder / f"{name}_train.npz", tuned, setting.finetune.epochs,
+                    setting.finetune.learning_rate, seed)
+        else:
+            module = train(to_torch(pruned), setting.inputs, setting.finetune_loss, setting.finetune, seed)
+            export_trained(module, pruned, sample, tuned)
         row(target, setting.finetune_label, setting.finetune.epochs, task.metrics(tuned), time.perf_counter() - started,
             achieved)
         if setting.scratch is not None:

@@ -212,34 +212,41 @@ def _check_array(name: str, array: np.ndarray, graph: Graph) -> np.ndarray:
 
 
 def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dict[str, np.ndarray]:
-    """Arrays keyed by graph input name, first axis = samples, from an ``.npz`` file or a
-    directory holding ``NAME.npy`` per input (or, for a one-input model, any ``*.npy`` files,
-    concatenated in name order)."""
+    """The first ``samples`` of every input's array (:func:`read_arrays`), checked against the
+    model's input shapes and cast to its input types."""
+    arrays = read_arrays(path, graph.inputs)
+    return {name: _check_array(name, arrays[name], graph)[:samples] for name in graph.inputs}
+
+
+def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--calib") -> dict[str, np.ndarray]:
+    """Arrays keyed by input name, first axis = samples, from an ``.npz`` file or a directory
+    holding ``NAME.npy`` per input (or, for a one-input model, any ``*.npy`` files, concatenated
+    in name order), every one with the same non-zero number of samples. Errors name the file as
+    given to ``option``."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"--calib {path}: no such file or directory")
+        raise InputError(f"{option} {path}: no such file or directory")
     try:
         if path.is_dir():
             files = {p.stem: p for p in sorted(path.glob("*.npy"))}
-            if set(graph.inputs) <= set(files):
-                arrays = {name: np.load(files[name]) for name in graph.inputs}
-            elif len(graph.inputs) == 1 and files:
-                arrays = {graph.inputs[0]: np.concatenate([np.load(p) for p in files.values()])}
+            if set(inputs) <= set(files):
+                arrays = {name: np.load(files[name]) for name in inputs}
+            elif len(inputs) == 1 and files:
+                arrays = {inputs[0]: np.concatenate([np.load(p) for p in files.values()])}
             else:
-                raise InputError(f"--calib {path}: expected {', '.join(n + '.npy' for n in graph.inputs)}")
+                raise InputError(f"{option} {path}: expected {', '.join(n + '.npy' for n in inputs)}")
         else:
             with np.load(path) as data:
                 arrays = {name: data[name] for name in data.files}
     except (OSError, ValueError) as exc:
-        raise InputError(f"--calib {path} cannot be read as numpy data ({exc})") from None
-    missing = [name for name in graph.inputs if name not in arrays]
+        raise InputError(f"{option} {path} cannot be read as numpy data ({exc})") from None
+    missing = [name for name in inputs if name not in arrays]
     if missing:
-        raise InputError(f"--calib {path} has no array for input(s) {', '.join(missing)}; keys: {', '.join(arrays)}")
-    arrays = {name: _check_array(name, arrays[name], graph)[:samples] for name in graph.inputs}
-    counts = {len(a) for a in arrays.values()}
+        raise InputError(f"{option} {path} has no array for input(s) {', '.join(missing)}; keys: {', '.join(arrays)}")
+    counts = {len(arrays[name]) if np.ndim(arrays[name]) else 0 for name in inputs}
     if len(counts) != 1 or 0 in counts:
-        raise InputError(f"--calib {path}: every input needs the same, non-zero number of samples")
-    return arrays
+        raise InputError(f"{option} {path}: every input needs the same, non-zero number of samples")
+    return {name: arrays[name] for name in inputs}
 
 
 def batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -44,6 +44,8 @@ Examples:
 
   spa-prune sweep model.onnx --flops 0.9,0.7,0.5 --criterion l2,obs --report sweep/    (see spa-prune sweep --help)
 
+  spa-prune distill small.onnx --teacher model.onnx --data train.npz    (train toward the original; see spa-prune distill --help)
+
   spa-prune model.onnx --analyze
 
   spa-prune --list-ops | --list-criteria
@@ -279,12 +281,17 @@ def _error(label: str, message: str) -> None:
 
 def main() -> None:
     """Console-script entry point: usage errors are one line too, with exit code 2.
-    ``spa-prune sweep ...`` runs the sweep command (:mod:`spa_compiler.sweep_cli`)."""
+    ``spa-prune sweep ...`` runs the sweep command (:mod:`spa_compiler.sweep_cli`),
+    ``spa-prune distill ...`` the distillation (:mod:`spa_compiler.distill_cli`)."""
     command, args, name = app, sys.argv[1:], "spa-prune"
     if args[:1] == ["sweep"]:
         from .sweep_cli import sweep_app
 
         command, args, name = sweep_app, args[1:], "spa-prune sweep"
+    elif args[:1] == ["distill"]:
+        from .distill_cli import distill_app
+
+        command, args, name = distill_app, args[1:], "spa-prune distill"
     try:
         code = command(args=args, prog_name=name, standalone_mode=False)
     except typer.TyperException as exc:  # usage errors: bad option, bad value

@@ -1,0 +1,66 @@
+"""``spa-prune distill``: a pruned model trained toward its original's outputs (:mod:`spa_compiler.torch.distill`).
+
+Dispatched from :func:`spa_compiler.cli.main`. Needs the optional PyTorch extra; pruning never does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .cli import DEBUG, SEED, console, reported_errors
+from .errors import InputError
+
+__all__ = ["distill_app"]
+
+EXAMPLES = """
+Examples:
+
+  spa-prune model.onnx --flops 0.5 --calib calib.npz -o small.onnx
+
+  spa-prune distill small.onnx --teacher model.onnx --data train.npz -o small.distilled.onnx
+
+  spa-prune distill small.onnx --teacher model.onnx --data train.npz --epochs 5 --lr 3e-4
+"""
+
+INSTALL = "pip install 'spa-prune[torch]' && pip install --no-deps onnx2torch==1.5.15"
+
+distill_app = typer.Typer(add_completion=False)
+
+
+@distill_app.command(help="Train PRUNED (an .onnx file spa-prune wrote) toward the outputs of the model it was "
+                     "pruned from, on unlabelled inputs (--data: an .npz of the model's inputs, as --calib reads), "
+                     "and write it if its error on held-out samples (the last eighth of --data) fell; otherwise "
+                     "write PRUNED unchanged. Needs PyTorch: " + escape(INSTALL) + EXAMPLES)
+def distill(
+    pruned: Path = typer.Argument(..., metavar="PRUNED", help="The pruned .onnx model (never modified).",
+                                  show_default=False),
+    teacher: Path = typer.Option(..., "--teacher", help="The .onnx model PRUNED was pruned from."),
+    data: Path = typer.Option(..., "--data", help="Inputs to train on: .npz (arrays named by input) or a folder of NAME.npy."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path.",
+                                          show_default="PRUNED.distilled.onnx"),
+    epochs: int = typer.Option(3, min=1, help="Passes over the training samples."),
+    learning_rate: float = typer.Option(1e-4, "--lr", min=0.0, help="AdamW learning rate, decayed to 0 on a cosine."),
+    seed: int = SEED,
+    debug: bool = DEBUG,
+) -> None:
+    with reported_errors(debug):
+        try:
+            from .torch.distill import distill as run_distillation
+        except ImportError:
+            raise InputError(f"spa-prune distill needs PyTorch and onnx2torch: {INSTALL}") from None
+        output = output or pruned.with_name(pruned.stem + ".distilled.onnx")
+        columns = (TextColumn("distilling"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("distill", total=None, loss=float("nan"))
+
+            def progress(step: int, steps: int, loss: float) -> None:
+                bar.update(task, completed=step, total=steps, loss=loss)
+
+            result = run_distillation(pruned, teacher, data, output, epochs, learning_rate, seed, progress)
+        console.print(escape(f"{result.summary}\nwrote {output}"))

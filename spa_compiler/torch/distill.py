@@ -1,0 +1,288 @@
+"""Distillation: a pruned model trained toward its original's outputs, on inputs without labels.
+
+Pruning without fine-tuning keeps what the calibration data can restore by least squares; a few
+epochs of training recover more. :func:`distill` needs neither labels nor training code: the
+original model is the teacher. On the training samples (arrays of the model's inputs, as
+``--calib`` reads them) the pruned model, converted with :func:`~spa_compiler.torch.to_torch`,
+is trained with AdamW (learning rate decayed to 0 on a cosine) to lower
+
+    L = Σ_o  Σ_i m_i ‖y_o,i − y*_o,i‖² / Σ_i m_i ‖y*_o,i‖²
+
+summed over the model's outputs ``o``, ``y*`` the teacher's: each output's squared error relative
+to its own size, so outputs of different scales weigh alike. ``i`` runs over the samples of a
+batch and, for an output laid out ``[samples, tokens, ...]`` under a ``[samples, tokens]``
+attention mask input, over its tokens, ``m`` being that mask (padding does not count); ``m = 1``
+elsewhere. The module trains in eval mode: BatchNorm keeps its statistics, dropout stays off.
+
+The trained module is exported back to ONNX (opset 17, the pruned model's input and output names;
+traced, so the samples' axis stays free where the pruned model's is and any other free axis, a
+sequence length, is fixed to the data's size, which the result lists). It is run with onnxruntime
+on held-out samples (the last ``HELD_OUT_SHARE`` of them, a batch of another size than the traced
+one): it must reproduce the trained module there (``EXPORT_TOLERANCE``), and ``L`` is measured for
+the pruned and the distilled file alike. The distilled model is written only if it reproduces the
+module and its held-out ``L`` is lower; otherwise the pruned model is written unchanged, and the
+result says which and why.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from ..batch_axis import declares_batch_of_one
+from ..calibrate import read_arrays
+from ..errors import InputError
+from ..model_files import check_input_path, check_output_path, save_model
+from ..token_mask import attention_mask
+from .convert import to_torch
+
+__all__ = ["DistillResult", "distill", "distillation_loss", "HELD_OUT_SHARE", "BATCH_SIZE", "OPSET"]
+
+HELD_OUT_SHARE = 1 / 8  # of the samples, set aside to decide whether the distilled model is better
+BATCH_SIZE = 32  # samples per step (1 for a model whose batch is fixed to 1)
+OPSET = 17  # of the exported distilled model
+WEIGHT_DECAY = 1e-4
+EXPORT_TOLERANCE = 1e-4  # of the largest output magnitude: the export must reproduce the trained module
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """Held-out relative error ``L`` of the pruned (``before``) and the distilled (``after``)
+    model, which of them was written, and what the training saw."""
+
+    before: float
+    after: float
+    written: str  # "distilled" or "pruned"
+    samples: int
+    held_out: int
+    epochs: int
+    seconds: float
+    fixed_axes: tuple[str, ...] = ()  # "name[axis]=size": symbolic axes the distilled model fixes
+    export_mismatch: str | None = None  # why the exported distilled model was not trusted
+
+    @property
+    def summary(self) -> str:
+        if self.export_mismatch is not None:
+            verdict = f"the exported distilled model {self.export_mismatch}: the pruned model is written unchanged"
+            error = f"{self.before:.4g} before distillation"
+        else:
+            verdict = ("written" if self.written == "distilled"
+                       else "not lower: the pruned model is written unchanged")
+            error = f"{self.before:.4g} -> {self.after:.4g}"
+        fixed = (f"; its axes {', '.join(self.fixed_axes)} are fixed to the data's sizes (the export traces one "
+                 "shape; only the samples' axis stays free)") if self.fixed_axes else ""
+        return (f"held-out relative error {error} ({verdict}){fixed}; {self.epochs} epochs on {self.samples} "
+                f"samples, {self.held_out} held out, {self.seconds:.0f} s")
+
+
+def _mask_weights(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
+    if mask is not None and output.ndim >= 2 and tuple(output.shape[:2]) == tuple(mask.shape):
+        return mask.reshape(*mask.shape, *([1] * (output.ndim - 2)))
+    return 1.0
+
+
+def distillation_loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``L`` of the module docstring: ``Σ_o Σ m ‖y − y*‖² / Σ m ‖y*‖²`` (``mask`` float, [samples, tokens])."""
+    total = torch.zeros(())
+    for output, target in zip(outputs, targets):
+        weights = _mask_weights(output, mask)
+        total = total + (weights * (output - target) ** 2).sum() / (weights * target**2).sum().clamp_min(1e-12)
+    return total
+
+
+def distill(pruned: str | Path, teacher: str | Path, data: str | Path, output: str | Path, epochs: int = 3,
+            learning_rate: float = 1e-4, seed: int = 0,
+            progress: Callable[[int, int, float], None] | None = None) -> DistillResult:
+    """Train the model at ``pruned`` toward the one at ``teacher`` on the inputs in ``data`` (an
+    ``.npz`` or a folder of ``.npy``, as ``--calib``) and write the better of the two by held-out
+    error to ``output`` (module docstring). ``progress(step, steps, loss)`` is called after
+    every step. Raises :class:`~spa_compiler.errors.InputError` for inputs that do not fit."""
+    started = time.perf_counter()
+    pruned, teacher, output = Path(pruned), Path(teacher), Path(output)
+    for path in (pruned, teacher):
+        check_input_path(path)
+    check_output_path(output, pruned)
+    inputs = _session(pruned).get_inputs()
+    names = [i.name for i in inputs]
+    teacher_inputs = _session(teacher).get_inputs()
+    if _signature(teacher_inputs) != _signature(inputs):
+        raise InputError(f"--teacher {teacher} takes {_described(teacher_inputs)}, {pruned} takes "
+                         f"{_described(inputs)}: give the model {pruned.name} was pruned from")
+    arrays = {i.name: _checked(i, array, data) for i, array in zip(inputs, read_arrays(data, names, "--data").values())}
+    count = len(next(iter(arrays.values())))
+    held_out = max(1, int(count * HELD_OUT_SHARE))
+    if count - held_out < 2:
+        raise InputError(f"--data {data}: {count} samples; distillation needs at least 3 (the last "
+                         f"{HELD_OUT_SHARE:.1%} are held out)")
+    train = {name: array[:-held_out] for name, array in arrays.items()}
+    test = {name: array[-held_out:] for name, array in arrays.items()}
+    proto = onnx.load(str(pruned), load_external_data=False)
+    one_at_a_time = declares_batch_of_one(proto)
+    targets = _run(teacher, train, one_at_a_time)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
+        module = _train(to_torch(pruned), train, targets, 1 if one_at_a_time else BATCH_SIZE, epochs, learning_rate,
+                        seed, progress)
+    before = _held_out_error(pruned, teacher, test, one_at_a_time)
+    with tempfile.TemporaryDirectory() as folder:
+        distilled, fixed = _export(module, proto, train, Path(folder) / "distilled.onnx", one_at_a_time)
+        mismatch = _export_mismatch(module, distilled, test, one_at_a_time)
+        after = _held_out_error(distilled, teacher, test, one_at_a_time) if mismatch is None else float("nan")
+        better = mismatch is None and after < before
+        save_model(onnx.load(str(distilled if better else pruned)), output)
+    return DistillResult(before, after, "distilled" if better else "pruned", count - held_out, held_out, epochs,
+                         time.perf_counter() - started, fixed if better else (), mismatch)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types
+        raise InputError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:300]})") from None
+
+
+def _signature(inputs: Sequence[ort.NodeArg]) -> dict[str, tuple[str, int]]:
+    """Per input its type and rank (pruning keeps both; sizes may be bound or freed)."""
+    return {i.name: (i.type, len(i.shape)) for i in inputs}
+
+
+def _described(inputs: Sequence[ort.NodeArg]) -> str:
+    return ", ".join(f"{i.name} ({i.type}, {len(i.shape)} axes)" for i in inputs)
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+def _checked(declared: ort.NodeArg, array: np.ndarray, data: str | Path) -> np.ndarray:
+    """``array`` cast to the input's type, after checking its shape against the declared one
+    (fixed sizes past the samples' axis must match)."""
+    shape = declared.shape
+    fixed = [isinstance(size, int) and size != array.shape[k] for k, size in enumerate(shape[1:], 1)] \
+        if array.ndim == len(shape) else [True]
+    if any(fixed):
+        raise InputError(f"--data {data}: array '{declared.name}' has shape {array.shape}; the model takes "
+                         f"{tuple(shape)} (first axis: samples)")
+    if declared.type not in _NUMPY_TYPES:
+        raise InputError(f"--data {data}: input '{declared.name}' is {declared.type}, which distillation does not feed")
+    return array.astype(_NUMPY_TYPES[declared.type], copy=False)
+
+
+def _run(path: Path, arrays: dict[str, np.ndarray], one_at_a_time: bool) -> list[np.ndarray]:
+    """Every output of the model at ``path`` on ``arrays``, in batches (one sample at a time
+    when its batch is fixed to 1)."""
+    session = _session(path)
+    names = [i.name for i in session.get_inputs()]
+    count = len(next(iter(arrays.values())))
+    step = 1 if one_at_a_time else 64
+    runs = [session.run(None, {name: arrays[name][start:start + step] for name in names})
+            for start in range(0, count, step)]
+    return [np.concatenate(parts) for parts in zip(*runs)]
+
+
+def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
+    mask = attention_mask(arrays)
+    return None if mask is None else torch.from_numpy(mask.astype(np.float32))
+
+
+def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray], one_at_a_time: bool) -> float:
+    outputs = [torch.from_numpy(o) for o in _run(path, arrays, one_at_a_time)]
+    targets = [torch.from_numpy(t) for t in _run(teacher, arrays, one_at_a_time)]
+    return float(distillation_loss(outputs, targets, _float_mask(arrays)))
+
+
+def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: list[np.ndarray], batch_size: int,
+           epochs: int, learning_rate: float, seed: int,
+           progress: Callable[[int, int, float], None] | None) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    names = list(arrays)
+    inputs = [torch.from_numpy(arrays[name]) for name in names]
+    outputs = [torch.from_numpy(t) for t in targets]
+    mask = _float_mask(arrays)
+    count = len(inputs[0])
+    steps = epochs * math.ceil(count / batch_size)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+    module.eval()  # BatchNorm statistics kept, dropout off; gradients flow all the same
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, batch_size):
+            index = order[start:start + batch_size]
+            produced = module(*(x[index] for x in inputs))
+            produced = list(produced) if isinstance(produced, (tuple, list)) else [produced]
+            loss = distillation_loss(produced, [y[index] for y in outputs], None if mask is None else mask[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if progress is not None:
+                progress(step, steps, loss.item())
+    return module
+
+
+def _export(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, np.ndarray], path: Path,
+            one_at_a_time: bool) -> tuple[Path, tuple[str, ...]]:
+    """``module`` exported to ``path`` with the pruned model's input and output names, traced on
+    two samples (one when the batch is fixed). The samples' axis stays free where the pruned model
+    leaves it free; any other free axis is fixed to the traced size (a trace records one shape),
+    and returned as ``name[axis]=size``."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [v for v in proto.graph.input if v.name not in initializers]
+    sample = {v.name: arrays[v.name][: 1 if one_at_a_time else 2] for v in inputs}
+    dynamic, fixed = {}, []
+    for value in [*inputs, *proto.graph.output]:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                continue
+            if axis == 0:
+                dynamic[value.name] = {0: dim.dim_param or "samples"}
+            elif value.name in sample:
+                fixed.append(f"{value.name}[{axis}]={sample[value.name].shape[axis]}")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on values it records as constants
+        torch.onnx.export(module, tuple(torch.from_numpy(sample[v.name]) for v in inputs), str(path), dynamo=False,
+                          opset_version=OPSET, input_names=[v.name for v in inputs],
+                          output_names=[v.name for v in proto.graph.output], dynamic_axes=dynamic or None)
+    return path, tuple(fixed)
+
+
+def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray],
+                     one_at_a_time: bool) -> str | None:
+    """None when the exported model at ``path`` gives the module's outputs on ``arrays`` (a batch
+    other than the traced one) within ``EXPORT_TOLERANCE`` of their largest magnitude; else why not."""
+    try:
+        exported = _run(path, arrays, one_at_a_time)
+    except Exception as exc:  # onnxruntime's own error types: the trace baked in a shape
+        return f"fails on the held-out samples ({' '.join(str(exc).split())[:200]})"
+    for ours, theirs in zip(exported, _run_module(module, arrays, one_at_a_time)):
+        scale = max(float(np.abs(theirs).max()), 1e-12)
+        if ours.shape != theirs.shape or np.abs(ours - theirs).max() > EXPORT_TOLERANCE * scale:
+            return "differs from the trained module on the held-out samples"
+    return None
+
+
+def _run_module(module: torch.nn.Module, arrays: dict[str, np.ndarray], one_at_a_time: bool) -> list[np.ndarray]:
+    """Every output of ``module`` on ``arrays`` (in input order), in batches as :func:`_run`."""
+    count = len(next(iter(arrays.values())))
+    step = 1 if one_at_a_time else 64
+    runs = []
+    with torch.no_grad():
+        for start in range(0, count, step):
+            produced = module(*(torch.from_numpy(a[start:start + step]) for a in arrays.values()))
+            runs.append([t.numpy() for t in (produced if isinstance(produced, (tuple, list)) else [produced])])
+    return [np.concatenate(parts) for parts in zip(*runs)]
