@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli import DEBUG, SEED, console, reported_errors
+from .cli import DEBUG, console, reported_errors
 from .errors import InputError
 
 __all__ = ["distill_app"]
@@ -45,7 +45,7 @@ def distill(
                                           show_default="PRUNED.distilled.onnx"),
     epochs: int = typer.Option(3, min=1, help="Passes over the training samples."),
     learning_rate: float = typer.Option(1e-4, "--lr", min=0.0, help="AdamW learning rate, decayed to 0 on a cosine."),
-    seed: int = SEED,
+    seed: int = typer.Option(0, help="Seed of the order in which the samples are drawn."),
     debug: bool = DEBUG,
 ) -> None:
     with reported_errors(debug):
