@@ -13,6 +13,12 @@ to its own size, so outputs of different scales weigh alike. ``i`` runs over the
 batch and, for an output laid out ``[samples, tokens, ...]`` under a ``[samples, tokens]``
 attention mask input, over its tokens, ``m`` being that mask (padding does not count); ``m = 1``
 elsewhere. The module trains in eval mode: BatchNorm keeps its statistics, dropout stays off.
+Batches are of ``BATCH_SIZE`` samples. A pruned model that declares a batch of 1 (an export
+without dynamic axes, or ``--input-shape``) trains on batches all the same when it computes each
+sample on its own (:func:`~spa_compiler.batch_axis.fixed_batch`), converted from a copy whose
+batch is free; one sample at a time only when it does not. The teacher's outputs are computed
+once and held, unless they take more than ``TARGET_BYTES``: then each batch's are computed as it
+is trained on.
 
 The trained module is exported back to ONNX (opset 17, the pruned model's input and output names;
 traced, so the samples' axis stays free where the pruned model's is and any other free axis, a
@@ -39,19 +45,22 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..batch_axis import declares_batch_of_one
+from ..batch_axis import declares_batch_of_one, fixed_batch
 from ..calibrate import read_arrays
 from ..errors import InputError
+from ..ir import load_model
 from ..model_files import check_input_path, check_output_path, save_model
+from ..shapes import free_batch_copy
 from ..token_mask import attention_mask
 from .convert import to_torch
 
 __all__ = ["DistillResult", "distill", "distillation_loss", "HELD_OUT_SHARE", "BATCH_SIZE", "OPSET"]
 
 HELD_OUT_SHARE = 1 / 8  # of the samples, set aside to decide whether the distilled model is better
-BATCH_SIZE = 32  # samples per step (1 for a model whose batch is fixed to 1)
+BATCH_SIZE = 32  # samples per step (1 for a model that cannot compute more than one sample at a time)
 OPSET = 17  # of the exported distilled model
 WEIGHT_DECAY = 1e-4
+TARGET_BYTES = 1 << 30  # teacher outputs held in memory at most; beyond, computed batch by batch
 EXPORT_TOLERANCE = 1e-4  # of the largest output magnitude: the export must reproduce the trained module
 
 
@@ -128,21 +137,32 @@ def distill(pruned: str | Path, teacher: str | Path, data: str | Path, output: s
     train = {name: array[:-held_out] for name, array in arrays.items()}
     test = {name: array[-held_out:] for name, array in arrays.items()}
     proto = onnx.load(str(pruned), load_external_data=False)
-    one_at_a_time = declares_batch_of_one(proto)
-    targets = _run(teacher, train, one_at_a_time)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
-        module = _train(to_torch(pruned), train, targets, 1 if one_at_a_time else BATCH_SIZE, epochs, learning_rate,
-                        seed, progress)
-    before = _held_out_error(pruned, teacher, test, one_at_a_time)
+    declared_one = declares_batch_of_one(proto)
+    batch = BATCH_SIZE if not declared_one or not fixed_batch(load_model(pruned)) else 1
+    targets = _TeacherOutputs(teacher, train)
+    before = _held_out_error(pruned, teacher, test)
     with tempfile.TemporaryDirectory() as folder:
-        distilled, fixed = _export(module, proto, train, Path(folder) / "distilled.onnx", one_at_a_time)
-        mismatch = _export_mismatch(module, distilled, test, one_at_a_time)
-        after = _held_out_error(distilled, teacher, test, one_at_a_time) if mismatch is None else float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
+            module = _train(_trainable(pruned, declared_one and batch > 1, Path(folder)), train, targets, batch,
+                            epochs, learning_rate, seed, progress)
+        distilled, fixed = _export(module, proto, train, Path(folder) / "distilled.onnx", declared_one)
+        mismatch = _export_mismatch(module, distilled, test, batch)
+        after = _held_out_error(distilled, teacher, test) if mismatch is None else float("nan")
         better = mismatch is None and after < before
         save_model(onnx.load(str(distilled if better else pruned)), output)
     return DistillResult(before, after, "distilled" if better else "pruned", count - held_out, held_out, epochs,
                          time.perf_counter() - started, fixed if better else (), mismatch)
+
+
+def _trainable(pruned: Path, free_batch: bool, folder: Path) -> torch.nn.Module:
+    """The pruned model in PyTorch; converted from a copy whose declared batch of 1 is free when
+    ``free_batch`` (the model computes each sample on its own: it trains on batches)."""
+    if not free_batch:
+        return to_torch(pruned)
+    copy = folder / "batched.onnx"
+    onnx.save(free_batch_copy(onnx.load(str(pruned))), str(copy))
+    return to_torch(copy)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -180,16 +200,36 @@ def _checked(declared: ort.NodeArg, array: np.ndarray, data: str | Path) -> np.n
     return array.astype(_NUMPY_TYPES[declared.type], copy=False)
 
 
-def _run(path: Path, arrays: dict[str, np.ndarray], one_at_a_time: bool) -> list[np.ndarray]:
-    """Every output of the model at ``path`` on ``arrays``, in batches (one sample at a time
-    when its batch is fixed to 1)."""
-    session = _session(path)
+def _run(session: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of ``session``'s model on ``arrays``, in batches of 64 (one sample at a time
+    when the model declares a batch of 1)."""
     names = [i.name for i in session.get_inputs()]
     count = len(next(iter(arrays.values())))
-    step = 1 if one_at_a_time else 64
+    step = 1 if _declares_batch_of_one(session) else 64
     runs = [session.run(None, {name: arrays[name][start:start + step] for name in names})
             for start in range(0, count, step)]
     return [np.concatenate(parts) for parts in zip(*runs)]
+
+
+def _declares_batch_of_one(session: ort.InferenceSession) -> bool:
+    return any(v.shape and v.shape[0] == 1 for v in (*session.get_inputs(), *session.get_outputs()))
+
+
+class _TeacherOutputs:
+    """The teacher's outputs on the training samples, by sample index: computed once and held
+    when they take at most ``TARGET_BYTES``, else computed for each batch as it is trained on
+    (a detector's full-resolution maps over thousands of pages)."""
+
+    def __init__(self, teacher: Path, arrays: dict[str, np.ndarray]) -> None:
+        self.session, self.arrays = _session(teacher), arrays
+        count = len(next(iter(arrays.values())))
+        per_sample = sum(o.nbytes for o in _run(self.session, {k: v[:1] for k, v in arrays.items()}))
+        self.held = _run(self.session, arrays) if per_sample * count <= TARGET_BYTES else None
+
+    def __getitem__(self, index: np.ndarray) -> list[torch.Tensor]:
+        if self.held is not None:
+            return [torch.from_numpy(t[index]) for t in self.held]
+        return [torch.from_numpy(t) for t in _run(self.session, {k: v[index] for k, v in self.arrays.items()})]
 
 
 def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
@@ -197,20 +237,19 @@ def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
     return None if mask is None else torch.from_numpy(mask.astype(np.float32))
 
 
-def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray], one_at_a_time: bool) -> float:
-    outputs = [torch.from_numpy(o) for o in _run(path, arrays, one_at_a_time)]
-    targets = [torch.from_numpy(t) for t in _run(teacher, arrays, one_at_a_time)]
+def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray]) -> float:
+    outputs = [torch.from_numpy(o) for o in _run(_session(path), arrays)]
+    targets = [torch.from_numpy(t) for t in _run(_session(teacher), arrays)]
     return float(distillation_loss(outputs, targets, _float_mask(arrays)))
 
 
-def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: list[np.ndarray], batch_size: int,
+def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: _TeacherOutputs, batch_size: int,
            epochs: int, learning_rate: float, seed: int,
            progress: Callable[[int, int, float], None] | None) -> torch.nn.Module:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     names = list(arrays)
     inputs = [torch.from_numpy(arrays[name]) for name in names]
-    outputs = [torch.from_numpy(t) for t in targets]
     mask = _float_mask(arrays)
     count = len(inputs[0])
     steps = epochs * math.ceil(count / batch_size)
@@ -221,10 +260,10 @@ def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: list
     for _ in range(epochs):
         order = torch.randperm(count, generator=generator)
         for start in range(0, count, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start:start + batch_size].numpy()
             produced = module(*(x[index] for x in inputs))
             produced = list(produced) if isinstance(produced, (tuple, list)) else [produced]
-            loss = distillation_loss(produced, [y[index] for y in outputs], None if mask is None else mask[index])
+            loss = distillation_loss(produced, targets[index], None if mask is None else mask[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -236,14 +275,14 @@ def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: list
 
 
 def _export(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, np.ndarray], path: Path,
-            one_at_a_time: bool) -> tuple[Path, tuple[str, ...]]:
+            declared_one: bool) -> tuple[Path, tuple[str, ...]]:
     """``module`` exported to ``path`` with the pruned model's input and output names, traced on
-    two samples (one when the batch is fixed). The samples' axis stays free where the pruned model
+    two samples (one when the pruned model declares a batch of 1, which the export keeps). The samples' axis stays free where the pruned model
     leaves it free; any other free axis is fixed to the traced size (a trace records one shape),
     and returned as ``name[axis]=size``."""
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in initializers]
-    sample = {v.name: arrays[v.name][: 1 if one_at_a_time else 2] for v in inputs}
+    sample = {v.name: arrays[v.name][: 1 if declared_one else 2] for v in inputs}
     dynamic, fixed = {}, []
     for value in [*inputs, *proto.graph.output]:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
@@ -261,25 +300,24 @@ def _export(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, n
     return path, tuple(fixed)
 
 
-def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray],
-                     one_at_a_time: bool) -> str | None:
+def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray], batch: int) -> str | None:
     """None when the exported model at ``path`` gives the module's outputs on ``arrays`` (a batch
-    other than the traced one) within ``EXPORT_TOLERANCE`` of their largest magnitude; else why not."""
+    other than the traced one) within ``EXPORT_TOLERANCE`` of their largest magnitude; else why not.
+    The module runs ``batch`` samples at a time, as it trained."""
     try:
-        exported = _run(path, arrays, one_at_a_time)
+        exported = _run(_session(path), arrays)
     except Exception as exc:  # onnxruntime's own error types: the trace baked in a shape
         return f"fails on the held-out samples ({' '.join(str(exc).split())[:200]})"
-    for ours, theirs in zip(exported, _run_module(module, arrays, one_at_a_time)):
+    for ours, theirs in zip(exported, _run_module(module, arrays, batch)):
         scale = max(float(np.abs(theirs).max()), 1e-12)
         if ours.shape != theirs.shape or np.abs(ours - theirs).max() > EXPORT_TOLERANCE * scale:
             return "differs from the trained module on the held-out samples"
     return None
 
 
-def _run_module(module: torch.nn.Module, arrays: dict[str, np.ndarray], one_at_a_time: bool) -> list[np.ndarray]:
-    """Every output of ``module`` on ``arrays`` (in input order), in batches as :func:`_run`."""
+def _run_module(module: torch.nn.Module, arrays: dict[str, np.ndarray], step: int) -> list[np.ndarray]:
+    """Every output of ``module`` on ``arrays`` (in input order), ``step`` samples at a time."""
     count = len(next(iter(arrays.values())))
-    step = 1 if one_at_a_time else 64
     runs = []
     with torch.no_grad():
         for start in range(0, count, step):
