@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -312,7 +313,8 @@ def fidelity_warning(report: PruneReport) -> str | None:
     if not poor:
         return None
     advice = ["give real samples with --calib"] if data_free(report) or not report.calibration else []
-    advice += ["try a milder target", "fine-tune the pruned model"]
+    advice += ["try a milder target", "or train it toward the original, no labels needed: spa-prune distill "
+               f"{shlex.quote(report.output)} --teacher {shlex.quote(report.input)} --data TRAIN.npz"]
     return f"warning: the pruned model's outputs differ markedly from the original's; {', '.join(advice)}"
 
 

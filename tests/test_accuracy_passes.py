@@ -282,7 +282,8 @@ def test_fidelity_warning_says_what_to_do():
 
     assert fidelity_warning(report(0.99, 0.95, "data-free: ...")) is None
     warning = fidelity_warning(report(0.95, 0.6, "data-free: ..."))
-    assert "--calib" in warning and "milder target" in warning and "fine-tune" in warning
+    assert "--calib" in warning and "milder target" in warning
+    assert warning.endswith("spa-prune distill out --teacher in --data TRAIN.npz")
     assert "--calib" not in fidelity_warning(report(0.5, None, "64 samples from c.npz"))
     assert synthetic_only(report(0.99, 0.95, "data-free: ..."))
     measured = report(0.99, 0.95, "112 samples from c.npz (16 more held out to measure fidelity)")
