@@ -45,7 +45,10 @@ def distill(
                                           show_default="PRUNED.distilled.onnx"),
     epochs: int = typer.Option(3, min=1, help="Passes over the training samples."),
     learning_rate: float = typer.Option(1e-4, "--lr", min=0.0, help="AdamW learning rate, decayed to 0 on a cosine."),
-    seed: int = typer.Option(0, help="Seed of the order in which the samples are drawn."),
+    seed: int = typer.Option(0, help="Seed of the order in which the samples are drawn, and of the token copies."),
+    token_copies: bool = typer.Option(True, "--token-copies/--no-token-copies",
+                                      help="Fewer than 1024 token sequences: train on copies of them too, with 40% "
+                                           "of their tokens replaced."),
     debug: bool = DEBUG,
 ) -> None:
     with reported_errors(debug):
@@ -62,5 +65,5 @@ def distill(
             def progress(step: int, steps: int, loss: float) -> None:
                 bar.update(task, completed=step, total=steps, loss=loss)
 
-            result = run_distillation(pruned, teacher, data, output, epochs, learning_rate, seed, progress)
+            result = run_distillation(pruned, teacher, data, output, epochs, learning_rate, seed, progress, token_copies)
         console.print(escape(f"{result.summary}\nwrote {output}"))

@@ -51,7 +51,7 @@ from .refit import ROWS_PER_FEATURE
 from .synthetic_tokens import embedding_table, token_prior
 from .token_mask import attention_mask
 
-__all__ = ["TokenCopies", "with_token_copies", "first_sequences", "tokens_wanted", "REPLACED", "MAX_COPIES",
+__all__ = ["TokenCopies", "with_token_copies", "with_copies_to", "first_sequences", "tokens_wanted", "REPLACED", "MAX_COPIES",
            "MORE_SEQUENCES"]
 
 REPLACED = 0.4  # share of a copy's inner tokens replaced
@@ -116,6 +116,18 @@ def with_token_copies(graph: Graph, data: dict[str, np.ndarray], wanted: int, se
     copied[name] = copied[name].copy()
     copied[name][replaced] = draws.astype(ids.dtype)
     return TokenCopies({key: np.concatenate([np.asarray(data[key]), copied[key]]) for key in data}, copies, tokens, wanted)
+
+
+def with_copies_to(graph: Graph, data: dict[str, np.ndarray], samples: int, seed: int) -> TokenCopies:
+    """``data`` followed by copies with replaced tokens until it holds ``samples`` sequences (at
+    most ``MAX_COPIES`` per sequence; see the module docstring); ``data`` itself when no input
+    reads an embedding table or it holds that many already."""
+    vocabulary = _vocabulary_input(graph, data)
+    count = len(next(iter(data.values()))) if data else 0
+    if vocabulary is None or np.ndim(data[vocabulary[0]]) != 2 or count >= samples:
+        return TokenCopies(data)
+    tokens = int(_real_tokens(data, np.asarray(data[vocabulary[0]])).sum())
+    return with_token_copies(graph, data, tokens * samples // count, seed)
 
 
 def first_sequences(graph: Graph, data: dict[str, np.ndarray], wanted: int, least: int) -> dict[str, np.ndarray]:

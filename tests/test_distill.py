@@ -53,18 +53,32 @@ def _relative_error(model, teacher, ids):
 
 
 def test_distilled_model_is_closer_to_the_original_on_held_out_samples(gpt2, tmp_path):
-    """12 epochs at lr 1e-3 on 84 sequences: the held-out error (12 sequences) falls by at least
-    a quarter (measured 0.0064 -> 0.0035), and the figures are those of the written file."""
+    """12 epochs at lr 1e-3 on 84 sequences and their copies: the held-out error (12 sequences)
+    falls by at least half (measured 0.0064 -> 0.0021; 0.0035 without the copies), and the
+    figures are those of the written file."""
     source, pruned, data = gpt2
     output = tmp_path / "distilled.onnx"
     result = distill(pruned, source, data, output, epochs=12, learning_rate=1e-3)
     assert (result.written, result.samples, result.held_out, result.fixed_axes) == ("distilled", 84, 12, ())
-    assert result.after <= 0.75 * result.before, result
+    assert result.after <= 0.5 * result.before, result
     held_out = np.load(data)["input"][-12:]
     assert _relative_error(output, source, held_out) == pytest.approx(result.after, rel=1e-4)
     assert _relative_error(pruned, source, held_out) == pytest.approx(result.before, rel=1e-4)
     onnx.checker.check_model(str(output), full_check=True)
     assert ort.InferenceSession(str(output)).get_inputs()[0].shape[0] != 1  # the samples' axis stays free
+
+
+def test_few_token_sequences_are_topped_up_with_copies(gpt2, tmp_path):
+    """84 training sequences (fewer than 1024) get 8 copies each with tokens replaced: 756
+    samples, 24 batches per epoch; the 12 held-out sequences are not copied. Without copies, 3
+    batches per epoch."""
+    source, pruned, data = gpt2
+    for token_copies, copies, batches in ((True, 672, 24), (False, 0, 3)):
+        totals = set()
+        result = distill(pruned, source, data, tmp_path / "out.onnx", epochs=1, learning_rate=1e-4,
+                         progress=lambda step, total, loss: totals.add(total), token_copies=token_copies)
+        assert (result.samples, result.copies, result.held_out, totals) == (84, copies, 12, {batches})
+        assert ("672 copies with 40% of their tokens replaced" in result.summary) == token_copies
 
 
 def test_a_worse_model_is_not_written(gpt2, tmp_path):
@@ -90,7 +104,7 @@ def test_model_declaring_a_batch_of_one_trains_on_batches(exported, tmp_path):
     steps = []
     result = distill(pruned, source, data, output, epochs=8, learning_rate=1e-3,
                      progress=lambda step, total, loss: steps.append((step, total)))
-    assert (result.samples, result.held_out) == (21, 3)
+    assert (result.samples, result.held_out, result.copies) == (21, 3, 0)
     assert steps == [(k, 8) for k in range(1, 9)]
     assert result.written == "distilled" and result.after < result.before, result
     shapes = [i.shape for i in ort.InferenceSession(str(output)).get_inputs()]
