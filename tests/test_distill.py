@@ -111,34 +111,51 @@ def test_model_declaring_a_batch_of_one_trains_on_batches(exported, tmp_path):
     assert shapes == [i.shape for i in ort.InferenceSession(str(pruned)).get_inputs()] == [[1, 3, 32, 32]]
 
 
-def _fixed_batch_model(weights: list[np.ndarray]) -> onnx.ModelProto:
-    """x[1, 8] -> MatMul -> Relu -> Reshape to [1, -1] (two samples would become one row) -> MatMul -> y[1, 4]."""
+def _two_layer_model(weights: list[np.ndarray], batch: int | str, reshape: bool) -> onnx.ModelProto:
+    """x[batch, 8] -> MatMul -> Relu -> (Reshape to [1, -1]: two samples would become one row)
+    -> MatMul -> y[batch, 4]."""
     h = onnx.helper
     nodes = [h.make_node("MatMul", ["x", "w0"], ["a"]), h.make_node("Relu", ["a"], ["r"]),
-             h.make_node("Reshape", ["r", "shape"], ["f"]), h.make_node("MatMul", ["f", "w1"], ["y"])]
+             h.make_node("Reshape", ["r", "shape"], ["f"]) if reshape else h.make_node("Identity", ["r"], ["f"]),
+             h.make_node("MatMul", ["f", "w1"], ["y"])]
     initializers = [onnx.numpy_helper.from_array(w, name) for w, name in zip(weights, ("w0", "w1"))]
     initializers.append(onnx.numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape"))
-    graph = h.make_graph(nodes, "fixed", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
-                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], initializers)
+    graph = h.make_graph(nodes, "two_layers", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 8])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 4])], initializers)
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
 
 
-def test_model_that_cannot_batch_trains_one_sample_at_a_time(tmp_path):
-    """A Reshape to [1, -1] fixes the batch: 21 samples, 21 steps per epoch; the student (the
-    teacher's weights with noise) comes closer to the teacher."""
+def _teacher_and_student(folder, batch: int | str, reshape: bool):
+    """The two-layer model, and a student with its weights plus noise; 24 seeded samples."""
     rng = np.random.default_rng(3)
     weights = [rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)]
-    teacher, student = tmp_path / "teacher.onnx", tmp_path / "student.onnx"
-    onnx.save(_fixed_batch_model(weights), str(teacher))
-    onnx.save(_fixed_batch_model([w + 0.3 * rng.standard_normal(w.shape).astype(np.float32) for w in weights]),
-              str(student))
-    data = tmp_path / "x.npz"
-    np.savez(data, x=rng.standard_normal((24, 1, 8)).astype(np.float32).reshape(24, 8))
+    teacher, student, data = folder / "teacher.onnx", folder / "student.onnx", folder / "x.npz"
+    onnx.save(_two_layer_model(weights, batch, reshape), str(teacher))
+    noisy = [w + 0.3 * rng.standard_normal(w.shape).astype(np.float32) for w in weights]
+    onnx.save(_two_layer_model(noisy, batch, reshape), str(student))
+    np.savez(data, x=rng.standard_normal((24, 8)).astype(np.float32))
+    return teacher, student, data
+
+
+def test_model_that_cannot_batch_trains_one_sample_at_a_time(tmp_path):
+    """A Reshape to [1, -1] fixes the batch: 21 samples, 21 steps per epoch; the student comes
+    closer to the teacher."""
+    teacher, student, data = _teacher_and_student(tmp_path, 1, reshape=True)
     steps = []
     result = distill(student, teacher, data, tmp_path / "out.onnx", epochs=2, learning_rate=1e-2,
                      progress=lambda step, total, loss: steps.append(total))
     assert steps == [42] * 42
     assert result.written == "distilled" and result.after < 0.8 * result.before, result
+
+
+def test_batch_declared_as_minus_one_stays_free(tmp_path):
+    """Paddle's exporter declares a free batch as -1: the distilled model's stays free."""
+    teacher, student, data = _teacher_and_student(tmp_path, -1, reshape=False)
+    output = tmp_path / "out.onnx"
+    result = distill(student, teacher, data, output, epochs=4, learning_rate=1e-2)
+    assert result.written == "distilled" and result.after < 0.8 * result.before, result
+    x = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
+    assert ort.InferenceSession(str(output)).run(None, {"x": x})[0].shape == (5, 4)
 
 
 def test_teacher_outputs_computed_batch_by_batch_train_alike(gpt2, tmp_path, monkeypatch):

@@ -301,8 +301,8 @@ def _export(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, n
     dynamic, fixed = {}, []
     for value in [*inputs, *proto.graph.output]:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value"):
-                continue
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue  # a fixed size (-1 or 0, as Paddle's exporter writes, is a free one)
             if axis == 0:
                 dynamic[value.name] = {0: dim.dim_param or "samples"}
             elif value.name in sample:
