@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from .cli import DEBUG, console, reported_errors
 from .errors import InputError
+from .token_augment import REPLACED
 
 __all__ = ["distill_app"]
 
@@ -47,8 +48,8 @@ def distill(
     learning_rate: float = typer.Option(1e-4, "--lr", min=0.0, help="AdamW learning rate, decayed to 0 on a cosine."),
     seed: int = typer.Option(0, help="Seed of the order in which the samples are drawn, and of the token copies."),
     token_copies: bool = typer.Option(True, "--token-copies/--no-token-copies",
-                                      help="Fewer than 1024 token sequences: train on copies of them too, with 40% "
-                                           "of their tokens replaced."),
+                                      help="Fewer than 1024 token sequences: train on copies of them too, with "
+                                           f"{REPLACED:.0%} of their tokens replaced."),
     debug: bool = DEBUG,
 ) -> None:
     with reported_errors(debug):

@@ -51,8 +51,8 @@ from .refit import ROWS_PER_FEATURE
 from .synthetic_tokens import embedding_table, token_prior
 from .token_mask import attention_mask
 
-__all__ = ["TokenCopies", "with_token_copies", "with_copies_to", "first_sequences", "tokens_wanted", "REPLACED", "MAX_COPIES",
-           "MORE_SEQUENCES"]
+__all__ = ["TokenCopies", "with_token_copies", "with_copies_to", "first_sequences", "tokens_wanted", "REPLACED",
+           "MAX_COPIES", "MORE_SEQUENCES"]
 
 REPLACED = 0.4  # share of a copy's inner tokens replaced
 MAX_COPIES = 8  # copies per calibration sample at most

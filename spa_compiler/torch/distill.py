@@ -13,14 +13,17 @@ to its own size, so outputs of different scales weigh alike. ``i`` runs over the
 batch and, for an output laid out ``[samples, tokens, ...]`` under a ``[samples, tokens]``
 attention mask input, over its tokens, ``m`` being that mask (padding does not count); ``m = 1``
 elsewhere. The module trains in eval mode: BatchNorm keeps its statistics, dropout stays off.
+
 Few token sequences (fewer than ``COPIES_UP_TO`` training samples of a model reading an
-embedding table) are topped up to that many with copies, ``MAX_COPIES`` per sequence at most, in
-which 40% of the inner tokens are replaced by ids drawn from the vocabulary's prior
-(:mod:`~spa_compiler.token_augment`, as ``--calib`` does): all-MiniLM-L6-v2 pruned to half its
-FLOPs with 128 calibration sentences, distilled three epochs on those same sentences (112,
-16 held out), keeps cosine 0.952 to the original embeddings without copies (11 s) and 0.956
-with 896 (47 s); on written sentences unlike the calibration's, 0.901 and 0.907. The held-out samples are never
-copied. Batches are of ``BATCH_SIZE`` samples. A pruned model that declares a batch of 1 (an export
+embedding table) are topped up to that many with copies, ``MAX_COPIES`` per sequence at most,
+in which 40% of the inner tokens are replaced by ids drawn from the vocabulary's prior
+(:mod:`~spa_compiler.token_augment`, as ``--calib`` does); the held-out samples are never
+copied. all-MiniLM-L6-v2 pruned to half its FLOPs with 128 calibration sentences and distilled
+three epochs on those same sentences (112, 16 held out) keeps cosine 0.952 to the original
+embeddings without copies (11 s) and 0.956 with 896 (47 s); on written sentences unlike the
+calibration's, 0.901 and 0.907.
+
+Batches are of ``BATCH_SIZE`` samples. A pruned model that declares a batch of 1 (an export
 without dynamic axes, or ``--input-shape``) trains on batches all the same when it computes each
 sample on its own (:func:`~spa_compiler.batch_axis.fixed_batch`), converted from a copy whose
 batch is free; one sample at a time only when it does not. The teacher's outputs are computed
