@@ -98,8 +98,8 @@ HEAD_DIMS = typer.Option(
 )
 CALIB = typer.Option(
     None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files. "
-    "Without it the inputs are synthetic, shaped like what the graph expects; a causal language model writes "
-    "its own text."
+    "Without it the inputs are synthetic, shaped like what the graph expects; a model of the BERT uncased "
+    "vocabulary reads English sentences that ship with spa-prune; a causal language model writes its own text."
 )
 CALIB_SAMPLES = typer.Option(
     None, min=1, show_default=False,

@@ -56,6 +56,7 @@ class PruneConfig:
     allocation: Literal["sensitivity", "score"] = "sensitivity"
     refit_rounds: int = 1
     token_copies: bool = True  # few token sequences: read more of the file, then add copies (spa_compiler.token_augment)
+    known_text: bool = True  # data-free, English sentences for a recognised vocabulary (spa_compiler.known_text)
     self_written: bool = True  # data-free, a causal language model's statistics from its own text (spa_compiler.self_written)
     refit_residual: bool = True  # re-fit residual blocks toward the stream's sum (spa_compiler.residual_target)
     evaluation: str | None = None  # a Python file defining score(model_path) -> float

@@ -37,6 +37,7 @@ from .batch_axis import samples_per_run
 from .cost import node_macs
 from .errors import first_line
 from .ir import Graph
+from .known_text import known_text
 from .synthetic_tokens import embedding_table
 from .verify import reference_session
 
@@ -162,16 +163,22 @@ def self_written(graph: Graph, feeds: dict[str, np.ndarray], macs_per_sample: fl
 
 
 def written_once(state: PruneState, analysis: Analysis, feeds: dict[str, np.ndarray]) -> SelfWritten:
-    """:func:`self_written` from ``feeds``, once per run: the first pass that needs data-free
-    samples (depth units, else the statistics) writes with the model as it came in, and the
-    text is kept in ``state.written`` for the next; nothing with ``self_written`` off."""
+    """Data-free text from ``feeds``, once per run: English sentences where the token ids are of
+    a vocabulary spa-prune recognises (:mod:`.known_text`, unless ``known_text`` is off), else
+    :func:`self_written` (unless ``self_written`` is off). The first pass that needs data-free
+    samples (depth units, else the statistics) makes it from the model as it came in, and the
+    text is kept in ``state.written`` for the next."""
     config = state.config
-    if not config.self_written:
-        return SelfWritten(None, "")
     if state.written is None:
-        def report(done: int, total: int) -> None:
-            state.note(f"writing sequences with the model: position {done}/{total}")
+        known = known_text(state.graph, feeds) if config.known_text else None
+        if known is not None:
+            state.written = SelfWritten(known.data, known.note)
+        elif config.self_written:
+            def report(done: int, total: int) -> None:
+                state.note(f"writing sequences with the model: position {done}/{total}")
 
-        macs = sum(node_macs(analysis).values())
-        state.written = self_written(state.graph, feeds, macs, config.calibration_batch, config.seed, report)
+            macs = sum(node_macs(analysis).values())
+            state.written = self_written(state.graph, feeds, macs, config.calibration_batch, config.seed, report)
+        else:
+            state.written = SelfWritten(None, "")
     return state.written

@@ -141,9 +141,11 @@ class CollectStatistics(Pass):
 
     @classmethod
     def _data_free(cls, state: PruneState, layers: list[ConsumerLayer]) -> tuple[dict[str, np.ndarray], str]:
-        """Synthetic samples (:mod:`.synthetic`), a causal language model's rewritten into text of
-        its own (:mod:`.self_written`; an eighth of them then held out to measure fidelity on,
-        like a file's, and topped up with copies like a file's); and their description."""
+        """Synthetic samples (:mod:`.synthetic`), or text in their place: English sentences for a
+        vocabulary spa-prune recognises (:mod:`.known_text`), else a causal language model's
+        samples rewritten into text of its own (:mod:`.self_written`); of text an eighth is held
+        out to measure fidelity on, like a file's, and the rest topped up with copies like a
+        file's. Returns the samples and their description."""
         config, graph = state.config, state.graph
         tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
         data, source = synthetic_calibration(graph, config.samples_for(synthetic_tokens=tokens), config.seed)
