@@ -131,10 +131,12 @@ def write_sequences(graph: Graph, feeds: dict[str, np.ndarray], io: LanguageMode
 
 @dataclass(frozen=True)
 class SelfWritten:
-    """What writing gave: the samples (None: keep the prior's) and a line for the report."""
+    """What writing gave: the samples (None: keep the prior's), a line for the report, and what
+    the samples are (the report's words for the held-out ones)."""
 
     data: dict[str, np.ndarray] | None
     note: str
+    samples: str = "sequences the model wrote"
 
 
 def self_written(graph: Graph, feeds: dict[str, np.ndarray], macs_per_sample: float, batch_size: int, seed: int,
@@ -172,7 +174,7 @@ def written_once(state: PruneState, analysis: Analysis, feeds: dict[str, np.ndar
     if state.written is None:
         known = known_text(state.graph, feeds) if config.known_text else None
         if known is not None:
-            state.written = SelfWritten(known.data, known.note)
+            state.written = SelfWritten(known.data, known.note, "English sentences that ship with spa-prune")
         elif config.self_written:
             def report(done: int, total: int) -> None:
                 state.note(f"writing sequences with the model: position {done}/{total}")

@@ -307,11 +307,12 @@ class Rewrite(Pass):
 
 
 def _held_out_source(state: PruneState) -> str:
-    """What the held-out samples are: the user's, sequences the model wrote, or synthetic."""
+    """What the held-out samples are: the user's, data-free text (sequences the model wrote,
+    shipped sentences), or synthetic."""
     if state.config.calibration:
         return "held-out calibration samples"
     if state.written is not None and state.written.data is not None:
-        return "sequences the model wrote that the statistics did not see"
+        return f"{state.written.samples} that the statistics did not see"
     return HELD_OUT_SYNTHETIC_SOURCE
 
 

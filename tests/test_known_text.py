@@ -138,12 +138,14 @@ def test_minilm_pruned_data_free_on_english_sentences(tmp_path):
     inputs = tokenize(load_minilm()[0], SENTENCES, 32)
     reference = embed(source, inputs)
     shapes = {name: (1, 32) for name in ENCODER_INPUTS}
-    cosines, notes = {}, {}
+    cosines, notes, held_out = {}, {}, {}
     for known in (True, False):
         output = tmp_path / f"known_{known}.onnx"
         report = prune(source, output, PruneConfig(flops=0.5, input_shapes=shapes, calibration_samples=128,
                                                    known_text=known, bench_runs=0))
         cosines[known], notes[known] = mean_cosine(reference, embed(output, inputs)), report.calibration
+        held_out[known] = report.held_out_fidelity.source
     assert "English sentences that ship with spa-prune" in notes[True] and "Zipf token ids" in notes[False]
+    assert held_out[True] == "16 English sentences that ship with spa-prune that the statistics did not see"
     assert cosines[True] >= 0.87
     assert cosines[True] >= cosines[False] + 0.06
