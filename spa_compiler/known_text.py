@@ -43,7 +43,7 @@ from .token_mask import attention_mask
 from .synthetic_tokens import embedding_table
 
 __all__ = ["Vocabulary", "VOCABULARIES", "KnownText", "recognised_vocabulary", "cohesion", "known_text",
-           "sentence_ids", "TEXT_FOLDER"]
+           "sentence_ids", "shipped_shape", "TEXT_FOLDER"]
 
 TEXT_FOLDER = Path(__file__).resolve().parent / "text"
 COHESION = 3.0  # standard deviations of random pairs' cosine each kind of word must clear
@@ -127,6 +127,13 @@ def _stored_ids(file: str) -> tuple[np.ndarray, ...]:
     with np.load(TEXT_FOLDER / file) as stored:
         ids, lengths = stored["ids"].astype(np.int64), stored["lengths"]
     return tuple(np.split(ids, np.cumsum(lengths)[:-1]))
+
+
+def shipped_shape() -> tuple[int, int]:
+    """The most sentences and the longest sentence's ids over ``VOCABULARIES``: samples enough
+    for every sentence, and a length that truncates none."""
+    texts = [sentence_ids(vocabulary) for vocabulary in VOCABULARIES]
+    return max(len(text) for text in texts), max(len(ids) for text in texts for ids in text)
 
 
 def known_text(graph: Graph, feeds: dict[str, np.ndarray]) -> KnownText | None:

@@ -158,6 +158,56 @@ def test_batch_declared_as_minus_one_stays_free(tmp_path):
     assert ort.InferenceSession(str(output)).run(None, {"x": x})[0].shape == (5, 4)
 
 
+def _bert_vocabulary_encoder(path, length: int | str, rng: np.random.Generator, noise: float = 0.0):
+    """ids[N, length] -> rows of a 30522-row table whose number words, months, weekdays and
+    colours share a direction (spa-prune recognises the BERT uncased vocabulary) -> MatMul 16x32
+    -> Relu -> MatMul 32x16, times the attention mask; weights of ``rng`` plus ``noise``."""
+    from spa_compiler.known_text import BERT_UNCASED
+
+    h = onnx.helper
+    table = rng.standard_normal((BERT_UNCASED.rows, 16)).astype(np.float32)
+    for ids in BERT_UNCASED.kinds.values():
+        table[list(ids)] += 4 * rng.standard_normal(16).astype(np.float32)
+    weights = [rng.standard_normal((16, 32)).astype(np.float32) / 4, rng.standard_normal((32, 16)).astype(np.float32) / 6]
+    weights = [w + noise * rng.standard_normal(w.shape).astype(np.float32) for w in weights]
+    nodes = [h.make_node("Gather", ["table", "input_ids"], ["rows"]), h.make_node("MatMul", ["rows", "w0"], ["a"]),
+             h.make_node("Relu", ["a"], ["r"]), h.make_node("MatMul", ["r", "w1"], ["b"]),
+             h.make_node("Cast", ["attention_mask"], ["m"], to=onnx.TensorProto.FLOAT),
+             h.make_node("Unsqueeze", ["m", "last"], ["mc"]), h.make_node("Mul", ["b", "mc"], ["y"])]
+    inputs = [h.make_tensor_value_info(n, onnx.TensorProto.INT64, ["N", length]) for n in ("input_ids", "attention_mask")]
+    initializers = [onnx.numpy_helper.from_array(a, n) for a, n in
+                    ((table, "table"), (weights[0], "w0"), (weights[1], "w1"), (np.array([-1]), "last"))]
+    graph = h.make_graph(nodes, "encoder", inputs, [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                         initializers)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_without_data_a_bert_vocabulary_model_trains_on_the_shipped_sentences(tmp_path):
+    """No --data: the 640 shipped sentences (560 trained on, 80 held out), truncated to the 12
+    tokens the model takes; the student comes closer to the teacher."""
+    from spa_compiler.torch.distill import SHIPPED
+
+    teacher = _bert_vocabulary_encoder(tmp_path / "teacher.onnx", 12, np.random.default_rng(5))
+    student = _bert_vocabulary_encoder(tmp_path / "student.onnx", 12, np.random.default_rng(5), noise=0.05)
+    result = distill(student, teacher, None, tmp_path / "out.onnx", epochs=2, learning_rate=1e-2, token_copies=False)
+    assert (result.data, result.samples, result.held_out, result.copies) == (SHIPPED, 560, 80, 0)
+    assert result.written == "distilled" and result.after < 0.8 * result.before, result
+    assert f"560 samples ({SHIPPED})" in result.summary
+
+
+def test_without_data_a_free_sequence_axis_is_bound(tmp_path):
+    """A free sequence axis takes the longest shipped sentence (41 ids), or --input-shape's
+    size; the distilled model keeps it fixed and says so."""
+    teacher = _bert_vocabulary_encoder(tmp_path / "teacher.onnx", "T", np.random.default_rng(6))
+    student = _bert_vocabulary_encoder(tmp_path / "student.onnx", "T", np.random.default_rng(6), noise=0.05)
+    longest = distill(student, teacher, None, tmp_path / "a.onnx", epochs=1, learning_rate=1e-2, token_copies=False)
+    assert longest.fixed_axes == ("input_ids[1]=41", "attention_mask[1]=41"), longest
+    bound = distill(student, teacher, None, tmp_path / "b.onnx", epochs=1, learning_rate=1e-2, token_copies=False,
+                    input_shapes={"input_ids": (1, 24), "attention_mask": (1, 24)})
+    assert bound.fixed_axes == ("input_ids[1]=24", "attention_mask[1]=24"), bound
+
+
 def test_teacher_outputs_computed_batch_by_batch_train_alike(gpt2, tmp_path, monkeypatch):
     """With no room to hold the teacher's outputs, each batch's are computed as it is trained on:
     the same training, up to onnxruntime's summation order (held-out error within 1e-3)."""
@@ -194,4 +244,8 @@ def test_cli_refuses_data_and_teacher_that_do_not_fit(gpt2, tmp_path, exported):
                                   "--data", data), "--teacher", "pruned from")
     assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", source, "--data", data, "-o", pruned),
                           "is the input model")
+    assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", source), "--data is needed",
+                          "BERT uncased WordPiece")
+    assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", source, "--data", data,
+                                  "--input-shape", "input=1x32"), "--input-shape is for the shipped sentences")
     assert snapshot(tmp_path, pruned) == {**before, **snapshot(tmp_path / "wrong.npz", tmp_path / "short.npz")}

@@ -77,7 +77,7 @@ def _planted_encoder(path: pathlib.Path, length: int) -> pathlib.Path:
     rng = np.random.default_rng(1)
     table = rng.standard_normal((BERT_UNCASED.rows, 16)).astype(np.float32)
     for ids in BERT_UNCASED.kinds.values():
-        table[list(ids)] += 2 * rng.standard_normal(16).astype(np.float32)
+        table[list(ids)] += 4 * rng.standard_normal(16).astype(np.float32)
     shape = ["N", length]
     inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, shape)
               for name in ("input_ids", "attention_mask", "token_type_ids")]
