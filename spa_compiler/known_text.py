@@ -14,7 +14,7 @@ a sequence; ``lengths``: tokens per sentence), written by ``python -m models.tok
 together in it. For each kind (number words, month names, weekday names, colour names; ids
 scattered over the vocabulary), with rows centred on the mean row of the word block and
 normalised, the mean cosine ``c_kind`` of the kind's pairs is compared with the cosines between
-``PAIRS`` random word rows (mean ``μ``, deviation ``σ``); the vocabulary is recognised
+``BASELINE_ROWS`` random word rows (mean ``μ``, deviation ``σ``); the vocabulary is recognised
 when every kind has ``(c_kind − μ) / σ >= COHESION``. all-MiniLM-L6-v2's table gives 5.2 (colours)
 to 8.5 (weekdays); a random table, its rows shuffled, or shifted by one row (another vocabulary
 of the same size) give at most 1.0.
@@ -47,7 +47,7 @@ __all__ = ["Vocabulary", "VOCABULARIES", "KnownText", "recognised_vocabulary", "
 
 TEXT_FOLDER = Path(__file__).resolve().parent / "text"
 COHESION = 3.0  # standard deviations of random pairs' cosine each kind of word must clear
-PAIRS = 2000  # random word rows whose cosines between each other give the baseline
+BASELINE_ROWS = 2000  # random word rows whose cosines between each other give the baseline
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def cohesion(table: np.ndarray, vocabulary: Vocabulary) -> dict[str, float]:
         centred = np.asarray(rows, dtype=np.float64) - centre
         return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
-    sample = unit(words[np.random.default_rng(0).choice(len(words), size=min(PAIRS, len(words)), replace=False)])
+    sample = unit(words[np.random.default_rng(0).choice(len(words), size=min(BASELINE_ROWS, len(words)), replace=False)])
     baseline = (sample @ sample.T)[np.triu_indices(len(sample), 1)]
     scores = {}
     for kind, ids in vocabulary.kinds.items():
