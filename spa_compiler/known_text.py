@@ -99,7 +99,8 @@ def cohesion(table: np.ndarray, vocabulary: Vocabulary) -> dict[str, float]:
         centred = np.asarray(rows, dtype=np.float64) - centre
         return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
-    sample = unit(words[np.random.default_rng(0).choice(len(words), size=min(BASELINE_ROWS, len(words)), replace=False)])
+    rows = np.random.default_rng(0).choice(len(words), size=min(BASELINE_ROWS, len(words)), replace=False)
+    sample = unit(words[rows])
     baseline = (sample @ sample.T)[np.triu_indices(len(sample), 1)]
     scores = {}
     for kind, ids in vocabulary.kinds.items():
