@@ -161,8 +161,9 @@ def known_text(graph: Graph, feeds: dict[str, np.ndarray]) -> KnownText | None:
         if attention_mask({name: value}) is not None and value.shape == ids.shape:
             data[name] = (np.arange(length) < lengths[:, None]).astype(value.dtype)
     kinds = ", ".join(vocabulary.kinds)
-    return KnownText(data, f"data-free, {count} English sentences that ship with spa-prune, as ids of the {vocabulary.name} "
-                           f"vocabulary (recognised from the {vocabulary.rows}-row embedding: its {kinds} sit together)")
+    return KnownText(data, f"data-free, {count} English sentences that ship with spa-prune, as ids of the "
+                           f"{vocabulary.name} vocabulary (recognised from the {vocabulary.rows}-row embedding: "
+                           f"its {kinds} sit together)")
 
 
 def _padded(sentences: tuple[np.ndarray, ...], length: int,
