@@ -43,9 +43,10 @@ from .token_mask import attention_mask
 from .synthetic_tokens import embedding_table
 
 __all__ = ["Vocabulary", "VOCABULARIES", "KnownText", "recognised_vocabulary", "cohesion", "known_text",
-           "sentence_ids", "shipped_shape", "TEXT_FOLDER"]
+           "sentence_ids", "shipped_shape", "TEXT_FOLDER", "SHIPPED"]
 
 TEXT_FOLDER = Path(__file__).resolve().parent / "text"
+SHIPPED = "English sentences that ship with spa-prune"  # how the report and distillation name them
 COHESION = 3.0  # standard deviations of random pairs' cosine each kind of word must clear
 BASELINE_ROWS = 2000  # random word rows whose cosines between each other give the baseline
 
@@ -161,7 +162,7 @@ def known_text(graph: Graph, feeds: dict[str, np.ndarray]) -> KnownText | None:
         if attention_mask({name: value}) is not None and value.shape == ids.shape:
             data[name] = (np.arange(length) < lengths[:, None]).astype(value.dtype)
     kinds = ", ".join(vocabulary.kinds)
-    return KnownText(data, f"data-free, {count} English sentences that ship with spa-prune, as ids of the "
+    return KnownText(data, f"data-free, {count} {SHIPPED}, as ids of the "
                            f"{vocabulary.name} vocabulary (recognised from the {vocabulary.rows}-row embedding: "
                            f"its {kinds} sit together)")
 

@@ -16,6 +16,7 @@ from rich.text import Text
 from .config import TARGET_TOLERANCE
 from .cost import CostModel
 from .interface import interface_changes
+from .known_text import SHIPPED
 from .model_files import file_bytes
 from .quantized import saturation
 from .subgraphs import control_flow_notes
@@ -89,6 +90,7 @@ class PruneReport:
     rotation_dropped: int = 0  # attention groups whose rotation changed the outputs (kept their basis)
     rotation_error: float = 0.0  # the largest relative output error a rotation checked gave
     initializers: list[InitializerChange] = field(default_factory=list)
+    shipped_text: bool = False  # data-free statistics from the shipped sentences: distillation needs no --data
 
     @property
     def flops_ratio(self) -> float:
@@ -189,6 +191,7 @@ def build_report(state: PruneState) -> PruneReport:
         fidelity=state.fidelity,
         custom_ops=custom_ops(state.graph),
         calibration=state.calibration,
+        shipped_text=state.written is not None and state.written.data is not None and state.written.samples == SHIPPED,
         compensated=len(state.compensated),
         rotated_heads=len(state.rotation.energies) if state.rotation is not None else 0,
         rotation_dropped=state.rotation.dropped if state.rotation is not None else 0,
@@ -313,8 +316,9 @@ def fidelity_warning(report: PruneReport) -> str | None:
     if not poor:
         return None
     advice = ["give real samples with --calib"] if data_free(report) or not report.calibration else []
+    data = "" if report.shipped_text else " --data TRAIN.npz"  # the shipped sentences serve distillation too
     advice += ["try a milder target", "or train it toward the original, no labels needed: spa-prune distill "
-               f"{shlex.quote(report.output)} --teacher {shlex.quote(report.input)} --data TRAIN.npz"]
+               f"{shlex.quote(report.output)} --teacher {shlex.quote(report.input)}{data}"]
     return f"warning: the pruned model's outputs differ markedly from the original's; {', '.join(advice)}"
 
 

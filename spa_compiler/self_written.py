@@ -37,7 +37,7 @@ from .batch_axis import samples_per_run
 from .cost import node_macs
 from .errors import first_line
 from .ir import Graph
-from .known_text import known_text
+from .known_text import SHIPPED, known_text
 from .synthetic_tokens import embedding_table
 from .verify import reference_session
 
@@ -174,7 +174,7 @@ def written_once(state: PruneState, analysis: Analysis, feeds: dict[str, np.ndar
     if state.written is None:
         known = known_text(state.graph, feeds) if config.known_text else None
         if known is not None:
-            state.written = SelfWritten(known.data, known.note, "English sentences that ship with spa-prune")
+            state.written = SelfWritten(known.data, known.note, SHIPPED)
         elif config.self_written:
             def report(done: int, total: int) -> None:
                 state.note(f"writing sequences with the model: position {done}/{total}")

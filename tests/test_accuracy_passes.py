@@ -285,6 +285,9 @@ def test_fidelity_warning_says_what_to_do():
     assert "--calib" in warning and "milder target" in warning
     assert warning.endswith("spa-prune distill out --teacher in --data TRAIN.npz")
     assert "--calib" not in fidelity_warning(report(0.5, None, "64 samples from c.npz"))
+    shipped = report(0.8, None, "data-free, 512 English sentences that ship with spa-prune, ...")
+    shipped.shipped_text = True  # they serve distillation too: no --data in the command
+    assert fidelity_warning(shipped).endswith("spa-prune distill out --teacher in")
     assert synthetic_only(report(0.99, 0.95, "data-free: ..."))
     measured = report(0.99, 0.95, "112 samples from c.npz (16 more held out to measure fidelity)")
     measured.held_out_fidelity = Fidelity(0.1, 0.1, 0.97, None)

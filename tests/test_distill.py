@@ -186,7 +186,7 @@ def _bert_vocabulary_encoder(path, length: int | str, rng: np.random.Generator, 
 def test_without_data_a_bert_vocabulary_model_trains_on_the_shipped_sentences(tmp_path):
     """No --data: the 640 shipped sentences (560 trained on, 80 held out), truncated to the 12
     tokens the model takes; the student comes closer to the teacher."""
-    from spa_compiler.torch.distill import SHIPPED
+    from spa_compiler.known_text import SHIPPED
 
     teacher = _bert_vocabulary_encoder(tmp_path / "teacher.onnx", 12, np.random.default_rng(5))
     student = _bert_vocabulary_encoder(tmp_path / "student.onnx", 12, np.random.default_rng(5), noise=0.05)

@@ -145,6 +145,7 @@ def test_minilm_pruned_data_free_on_english_sentences(tmp_path):
                                                    known_text=known, bench_runs=0))
         cosines[known], notes[known] = mean_cosine(reference, embed(output, inputs)), report.calibration
         held_out[known] = report.held_out_fidelity.source
+        assert report.shipped_text == known
     assert "English sentences that ship with spa-prune" in notes[True] and "Zipf token ids" in notes[False]
     assert held_out[True] == "16 English sentences that ship with spa-prune that the statistics did not see"
     assert cosines[True] >= 0.87

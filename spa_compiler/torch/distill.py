@@ -64,7 +64,7 @@ from ..batch_axis import declares_batch_of_one, fixed_batch
 from ..calibrate import read_arrays
 from ..errors import InputError
 from ..ir import load_model
-from ..known_text import VOCABULARIES, known_text, shipped_shape
+from ..known_text import SHIPPED, VOCABULARIES, known_text, shipped_shape
 from ..model_files import check_input_path, check_output_path, save_model
 from ..shapes import free_batch_copy
 from ..synthetic import synthetic_calibration
@@ -81,7 +81,6 @@ WEIGHT_DECAY = 1e-4
 COPIES_UP_TO = 1024  # training token sequences that copies top a smaller set up to
 TARGET_BYTES = 1 << 30  # teacher outputs held in memory at most; beyond, computed batch by batch
 EXPORT_TOLERANCE = 1e-4  # of the largest output magnitude: the export must reproduce the trained module
-SHIPPED = "English sentences that ship with spa-prune"  # DistillResult.data without --data
 
 
 @dataclass(frozen=True)
