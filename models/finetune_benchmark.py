@@ -1,7 +1,7 @@
 """Benchmark: prune, then fine-tune in PyTorch (or train the pruned architecture from scratch), export, measure.
 
     python -m models.finetune_benchmark [--tasks digits,cls,minilm] [--epochs 3] [--distill]
-        [--scratch-epochs 15] [--json results.json]
+        [--scratch-epochs 15] [--data-free] [--json results.json]
 
 Every pruned ONNX model goes back into PyTorch with ``spa_compiler.torch.to_torch``, is trained with a
 plain PyTorch loop (AdamW, cosine-decayed learning rate, batches of 32, BatchNorm in train mode),
@@ -21,7 +21,9 @@ onnxruntime, so every figure is the accuracy of an ONNX file.
   the hidden states to the unpruned model's over the real tokens; lr 1e-4) on 2000 generated
   sentences (seed 2, none a test or calibration sentence; the last eighth held out). The
   generated sentences share their templates with most test sentences; the task's written cosine
-  (65 written sentences) shows what the distillation does for other text.
+  (65 written sentences) shows what the distillation does for other text. With ``--data-free``
+  it is pruned without calibration data and distilled without training data: on the English
+  sentences that ship with spa-prune (``spa-prune distill`` without ``--data``).
 
 ``--distill`` adds knowledge distillation: the loss is ``0.5 * cross-entropy(labels) + 0.5 *
 KL(teacher || student)``, the teacher's distribution being the *unpruned ONNX model's* outputs on the
@@ -205,11 +207,13 @@ def _minilm(epochs: int, scratch_epochs: int, distill: bool) -> Setting:
 SETTINGS = {"digits": _digits, "cls": _cls, "minilm": _minilm}
 
 
-def _run_setting(name: str, setting: Setting, folder: Path, seed: int) -> list[dict]:
+def _run_setting(name: str, setting: Setting, folder: Path, seed: int, data_free: bool = False) -> list[dict]:
+    """The rows of one task; ``data_free``: pruned without calibration data and distilled without
+    training data (the shipped sentences), where the task distils."""
     task = setting.task
     source, shapes = task.source()
     before = task.metrics(source)
-    calibration = task.calibration(folder / f"{name}_calib.npz", CALIBRATION_SAMPLES)
+    calibration = None if data_free else task.calibration(folder / f"{name}_calib.npz", CALIBRATION_SAMPLES)
     sample = {key: array[:2] for key, array in setting.inputs.items()}
     rows = []
 
@@ -224,21 +228,25 @@ def _run_setting(name: str, setting: Setting, folder: Path, seed: int) -> list[d
 
     row(1.0, "unpruned", 0, before, 0.0, 1.0)
     for target in setting.targets:
-        config = PruneConfig(flops=target, input_shapes=shapes, calibration=str(calibration), bench_runs=0,
-                             round_to=task.round_to, seed=seed)
+        config = PruneConfig(flops=target, input_shapes=shapes, calibration=str(calibration) if calibration else None,
+                             bench_runs=0, round_to=task.round_to, seed=seed)
         pruned = folder / f"{name}_{target}.onnx"
         achieved = prune(source, pruned, config).flops_ratio
         row(target, "pruned", 0, task.metrics(pruned), 0.0, achieved)
         started = time.perf_counter()
         tuned = folder / f"{name}_{target}_tuned.onnx"
         if setting.finetune_loss is None:
-            np.savez(folder / f"{name}_train.npz", **setting.inputs)
-            distill_pruned(pruned, source, folder / f"{name}_train.npz", tuned, setting.finetune.epochs,
-                    setting.finetune.learning_rate, seed)
+            data = None if data_free else folder / f"{name}_train.npz"
+            if data is not None:
+                np.savez(data, **setting.inputs)
+            distill_pruned(pruned, source, data, tuned, setting.finetune.epochs, setting.finetune.learning_rate, seed,
+                           input_shapes=shapes if data is None else None)  # the task's sequence length
         else:
             module = train(to_torch(pruned), setting.inputs, setting.finetune_loss, setting.finetune, seed)
             export_trained(module, pruned, sample, tuned)
-        row(target, setting.finetune_label, setting.finetune.epochs, task.metrics(tuned), time.perf_counter() - started,
+        no_data = data_free and setting.finetune_loss is None
+        label = f"{setting.finetune_label}, no data" if no_data else setting.finetune_label
+        row(target, label, setting.finetune.epochs, task.metrics(tuned), time.perf_counter() - started,
             achieved)
         if setting.scratch is not None:
             fresh = folder / f"{name}_{target}_fresh.onnx"
@@ -264,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="epochs from scratch (digits; 0: skip)")
     parser.add_argument("--flops", default=None, help="comma-separated targets instead of the tasks' own")
     parser.add_argument("--distill", action="store_true", help="distil from the unpruned ONNX model's outputs (minilm always does)")
+    parser.add_argument("--data-free", action="store_true",
+                        help="prune without calibration data; minilm is then distilled without training data "
+                             "(the sentences that ship with spa-prune)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             setting = SETTINGS[name](args.epochs, args.scratch_epochs, args.distill)
             if args.flops:
                 setting.targets = tuple(float(v) for v in args.flops.split(","))
-            rows += _run_setting(name, setting, Path(folder), args.seed)
+            rows += _run_setting(name, setting, Path(folder), args.seed, args.data_free)
     print_table(rows, COLUMNS)
     write_json(args.json, rows)
 
