@@ -93,15 +93,15 @@ class KnownText:
 
 def cohesion(table: np.ndarray, vocabulary: Vocabulary) -> dict[str, float]:
     """``(c_kind − μ) / σ`` for each kind of ``vocabulary`` on ``table`` (the module docstring)."""
-    words = np.asarray(table[vocabulary.words_from :], dtype=np.float64)
-    centre = words.mean(axis=0)
+    words = table[vocabulary.words_from :]
+    centre = np.mean(words, axis=0, dtype=np.float64)
 
     def unit(rows: np.ndarray) -> np.ndarray:
         centred = np.asarray(rows, dtype=np.float64) - centre
         return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
     rows = np.random.default_rng(0).choice(len(words), size=min(BASELINE_ROWS, len(words)), replace=False)
-    sample = unit(words[rows])
+    sample = unit(words[np.sort(rows)])
     baseline = (sample @ sample.T)[np.triu_indices(len(sample), 1)]
     scores = {}
     for kind, ids in vocabulary.kinds.items():

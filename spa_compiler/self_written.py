@@ -131,8 +131,9 @@ def write_sequences(graph: Graph, feeds: dict[str, np.ndarray], io: LanguageMode
 
 @dataclass(frozen=True)
 class SelfWritten:
-    """What writing gave: the samples (None: keep the prior's), a line for the report, and what
-    the samples are (the report's words for the held-out ones)."""
+    """Data-free text a run calibrates on, written by the model (:func:`self_written`) or the
+    shipped sentences (:mod:`.known_text`): the samples (None: keep the prior's), a line for the
+    report, and what the samples are (the report's words for the held-out ones)."""
 
     data: dict[str, np.ndarray] | None
     note: str
