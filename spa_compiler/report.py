@@ -91,6 +91,7 @@ class PruneReport:
     rotation_error: float = 0.0  # the largest relative output error a rotation checked gave
     initializers: list[InitializerChange] = field(default_factory=list)
     shipped_text: bool = False  # data-free statistics from the shipped sentences: distillation needs no --data
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as --input-shape bound them
 
     @property
     def flops_ratio(self) -> float:
@@ -192,6 +193,7 @@ def build_report(state: PruneState) -> PruneReport:
         custom_ops=custom_ops(state.graph),
         calibration=state.calibration,
         shipped_text=state.written is not None and state.written.data is not None and state.written.samples == SHIPPED,
+        input_shapes=dict(config.input_shapes),
         compensated=len(state.compensated),
         rotated_heads=len(state.rotation.energies) if state.rotation is not None else 0,
         rotation_dropped=state.rotation.dropped if state.rotation is not None else 0,
@@ -316,7 +318,9 @@ def fidelity_warning(report: PruneReport) -> str | None:
     if not poor:
         return None
     advice = ["give real samples with --calib"] if data_free(report) or not report.calibration else []
-    data = "" if report.shipped_text else " --data TRAIN.npz"  # the shipped sentences serve distillation too
+    # the shipped sentences serve distillation too, at the shapes the pruning bound
+    data = "".join(f" --input-shape {shlex.quote(name + '=' + 'x'.join(map(str, shape)))}"
+                   for name, shape in report.input_shapes.items()) if report.shipped_text else " --data TRAIN.npz"
     advice += ["try a milder target", "or train it toward the original, no labels needed: spa-prune distill "
                f"{shlex.quote(report.output)} --teacher {shlex.quote(report.input)}{data}"]
     return f"warning: the pruned model's outputs differ markedly from the original's; {', '.join(advice)}"

@@ -288,6 +288,9 @@ def test_fidelity_warning_says_what_to_do():
     shipped = report(0.8, None, "data-free, 512 English sentences that ship with spa-prune, ...")
     shipped.shipped_text = True  # they serve distillation too: no --data in the command
     assert fidelity_warning(shipped).endswith("spa-prune distill out --teacher in")
+    shipped.input_shapes = {"input_ids": (1, 32), "attention mask": (1, 32)}  # as --input-shape bound them
+    assert fidelity_warning(shipped).endswith(
+        "spa-prune distill out --teacher in --input-shape input_ids=1x32 --input-shape 'attention mask=1x32'")
     assert synthetic_only(report(0.99, 0.95, "data-free: ..."))
     measured = report(0.99, 0.95, "112 samples from c.npz (16 more held out to measure fidelity)")
     measured.held_out_fidelity = Fidelity(0.1, 0.1, 0.97, None)
