@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from .analysis import Analysis
+from .shapes import dims_text
 
 __all__ = ["InterfaceChange", "interface_changes", "narrow", "narrow_all", "resize_declarations"]
 
@@ -31,8 +32,7 @@ class InterfaceChange:
     after: tuple[int, ...]
 
     def describe(self) -> str:
-        fmt = lambda shape: "x".join(str(s) for s in shape)  # noqa: E731
-        return f"{self.kind} '{self.name}' {fmt(self.before)} -> {fmt(self.after)}"
+        return f"{self.kind} '{self.name}' {dims_text(self.before)} -> {dims_text(self.after)}"
 
 
 def _removed(analysis: Analysis, removed_by_axis: dict[int, np.ndarray], name: str, rank: int) -> dict[int, np.ndarray]:

@@ -19,6 +19,7 @@ from .interface import interface_changes
 from .known_text import SHIPPED
 from .model_files import file_bytes
 from .quantized import saturation
+from .shapes import input_shape_option
 from .subgraphs import control_flow_notes
 from .verify import custom_ops
 
@@ -319,8 +320,8 @@ def fidelity_warning(report: PruneReport) -> str | None:
         return None
     advice = ["give real samples with --calib"] if data_free(report) or not report.calibration else []
     # the shipped sentences serve distillation too, at the shapes the pruning bound
-    data = "".join(f" --input-shape {shlex.quote(name + '=' + 'x'.join(map(str, shape)))}"
-                   for name, shape in report.input_shapes.items()) if report.shipped_text else " --data TRAIN.npz"
+    data = "".join(f" {input_shape_option(name, shape)}" for name, shape in report.input_shapes.items()) \
+        if report.shipped_text else " --data TRAIN.npz"
     advice += ["try a milder target", "or train it toward the original, no labels needed: spa-prune distill "
                f"{shlex.quote(report.output)} --teacher {shlex.quote(report.input)}{data}"]
     return f"warning: the pruned model's outputs differ markedly from the original's; {', '.join(advice)}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from .proto_copy import copy_without_initializers
 from .subgraphs import all_initializers, inner_value_infos
 
 __all__ = [
-    "parse_input_shapes", "bind_input_shapes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
+    "parse_input_shapes", "input_shape_option", "dims_text", "bind_input_shapes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
     "infer_shapes", "free_batch", "free_batch_copy",
 ]
 
@@ -36,6 +37,16 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             )
         shapes[name] = tuple(int(d) for d in dims.split("x"))
     return shapes
+
+
+def dims_text(shape: tuple[int, ...]) -> str:
+    """``(1, 3, 224, 224)`` as ``1x3x224x224``, the way ``--input-shape`` writes sizes."""
+    return "x".join(str(size) for size in shape)
+
+
+def input_shape_option(name: str, shape: tuple[int, ...]) -> str:
+    """The ``--input-shape`` argument that :func:`parse_input_shapes` reads back as ``{name: shape}``."""
+    return f"--input-shape {shlex.quote(f'{name}={dims_text(shape)}')}"
 
 
 def bind_input_shapes(
