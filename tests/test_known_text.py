@@ -73,7 +73,8 @@ def test_shipped_ids_are_the_tokenizers_and_the_text_is_no_benchmark_sentence():
 
 def _planted_encoder(path: pathlib.Path, length: int) -> pathlib.Path:
     """Embedding lookup of a 30522-row table (random rows, each kind of word's rows sharing a
-    direction) masked by the attention mask, plus token types: the inputs of a BERT encoder."""
+    direction) plus rows of a 2-row token-type table, masked by the attention mask: the inputs of
+    a BERT encoder."""
     rng = np.random.default_rng(1)
     table = rng.standard_normal((BERT_UNCASED.rows, 16)).astype(np.float32)
     for ids in BERT_UNCASED.kinds.values():
@@ -81,20 +82,25 @@ def _planted_encoder(path: pathlib.Path, length: int) -> pathlib.Path:
     shape = ["N", length]
     inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, shape)
               for name in ("input_ids", "attention_mask", "token_type_ids")]
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["rows"]),
-             helper.make_node("Add", ["attention_mask", "token_type_ids"], ["gate"]),
-             helper.make_node("Cast", ["gate"], ["gate_float"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["gate_float", "last"], ["gate_column"]),
+    types = rng.standard_normal((2, 16)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["words"]),
+             helper.make_node("Gather", ["types", "token_type_ids"], ["type_rows"]),
+             helper.make_node("Add", ["words", "type_rows"], ["rows"]),
+             helper.make_node("Cast", ["attention_mask"], ["gate"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["gate", "last"], ["gate_column"]),
              helper.make_node("Mul", ["rows", "gate_column"], ["out"])]
+    initializers = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(types, "types"),
+                    numpy_helper.from_array(np.array([-1]), "last")]
     graph = helper.make_graph(nodes, "encoder", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([-1]), "last")])
+                              initializers)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
 
 def test_sentences_are_framed_to_the_inputs(tmp_path):
     """One sentence per sample, truncated to 12 tokens with [SEP] kept last, padded with [PAD];
-    the mask marks the sentence; token types stay as synthetic inputs made them."""
+    the mask marks the sentence; token types, read by a table of their own, stay as synthetic
+    inputs made them."""
     graph = load_model(_planted_encoder(tmp_path / "encoder.onnx", 12), {"input_ids": (1, 12),
                                                                          "attention_mask": (1, 12), "token_type_ids": (1, 12)})
     feeds = synthetic_calibration(graph, 700, 0)[0]
