@@ -25,6 +25,8 @@ def load_score_function(path: str | Path) -> Callable[[str], float]:
     if not path.is_file():
         raise InputError(f"--eval {path}: no such file; give a Python file defining score(model_path) -> float")
     spec = importlib.util.spec_from_file_location(f"spa_prune_eval_{path.stem}", path)
+    if spec is None or path.suffix != ".py":
+        raise InputError(f"--eval {path} is not a Python file (.py); give one defining score(model_path) -> float")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

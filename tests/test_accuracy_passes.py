@@ -269,6 +269,9 @@ def test_eval_script_errors_are_input_errors(tmp_path):
     (tmp_path / "bad.py").write_text("x = 1\n")
     with pytest.raises(InputError, match="defines no function score"):
         prune(EXAMPLE, tmp_path / "o.onnx", PruneConfig(flops=0.5, evaluation=str(tmp_path / "bad.py")))
+    (tmp_path / "notes.txt").write_text("def score(path): return 1.0\n")
+    with pytest.raises(InputError, match=r"is not a Python file \(\.py\)"):
+        prune(EXAMPLE, tmp_path / "o.onnx", PruneConfig(flops=0.5, evaluation=str(tmp_path / "notes.txt")))
     assert not (tmp_path / "o.onnx").exists()
 
 
