@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +20,13 @@ from .api import analyze as analyze_model
 from .api import prune
 from .config import PruneConfig
 from .criteria import available_criteria
-from .errors import InputError, SpaError
+from .errors import InputError, OutputError, SpaError
 from .shapes import parse_input_shapes
 from .model_files import check_output_path
 from .ops import registered_ops
 from .report import render_analysis, render_report
 
-__all__ = ["app", "main", "make_config", "reported_errors", "check_report_dir"]
+__all__ = ["app", "main", "make_config", "reported_errors", "check_report_dir", "written_after"]
 
 EXAMPLES = """
 Examples:
@@ -142,9 +143,22 @@ def make_config(
 
 
 def check_report_dir(directory: Path) -> None:
-    """A report directory may exist (its files are replaced) but must not be a file."""
+    """A report directory may exist (its files are replaced) but must not be a file, and the
+    nearest directory that exists on its path must be writable (the rest is created)."""
     if directory.exists() and not directory.is_dir():
         raise InputError(f"--report {directory} is a file; give a directory for report.md and the pictures")
+    existing = next(p for p in (directory.absolute(), *directory.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OutputError(f"cannot write the report in {directory}: {existing} is not a writable directory")
+
+
+@contextmanager
+def written_after(model: Path, what: str) -> Iterator[None]:
+    """Writing ``what`` once ``model`` is written: a failure says so, rather than that nothing was."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{model} was written, but {what} could not be ({exc.strerror or exc})") from None
 
 
 @contextmanager
@@ -260,17 +274,18 @@ def run(
             check_output_path(json_report)
         if report_dir is not None:
             check_report_dir(report_dir)
+        output = output or _default_output(model)
         with console.status("pruning") as status:
-            report = prune(
-                model, output or _default_output(model), config, progress=lambda s: status.update(s)
-            )
+            report = prune(model, output, config, progress=lambda s: status.update(s))
         render_report(report, console)
         if json_report is not None:
-            json_report.write_text(report.to_json())
+            with written_after(output, f"--json-report {json_report}"):
+                json_report.write_text(report.to_json())
         if report_dir is not None:
             from .report_files import write_run_report
 
-            note = write_run_report(report, report_dir)
+            with written_after(output, f"the report in {report_dir}"):
+                note = write_run_report(report, report_dir)
             console.print(escape(f"report: {report_dir / 'report.md'}" + (f" ({note})" if note else "")))
 
 

@@ -18,6 +18,7 @@ from .api import output_passes
 from .cli import (
     ALLOCATION, BENCH_RUNS, CALIB, CALIB_BATCH, CALIB_SAMPLES, DEBUG, EVAL_SCRIPT, EXCLUDE, HEAD_DIMS, INPUT_SHAPE,
     MIN_KEEP, PRUNE_HIDDEN, REFIT, ROUND_TO, SCOPE, SEED, check_report_dir, console, make_config, reported_errors,
+    written_after,
 )
 from .config import PruneConfig
 from .errors import InputError, TargetError
@@ -104,7 +105,8 @@ def sweep(
         start = time.perf_counter()
         with _bars(points, base, report_dir / "models") as progress:
             result = run_sweep(model, base, points, report_dir, engine, progress)
-        note = write_sweep_report(result, report_dir)
+        with written_after(report_dir / "models", "the sweep's report"):
+            note = write_sweep_report(result, report_dir)
         _summary(result, time.perf_counter() - start)
         console.print(escape(f"wrote {report_dir / 'sweep.json'}, {report_dir / 'report.md'}"
                              + (f" ({note})" if note else f", {report_dir / 'pareto.png'}")))

@@ -18,7 +18,9 @@ from spa_compiler import PruneConfig, load_model
 from spa_compiler.analysis import analyze_graph
 from spa_compiler.api import prune
 from spa_compiler.calibrate import add_statistics, collect_statistics, consumer_layers, statistics_batch_size
+from spa_compiler.cli import written_after
 from spa_compiler.distributed import statistics_shards
+from spa_compiler.errors import OutputError
 from spa_compiler.report_files import chosen_point, pareto_points, write_run_report, write_sweep_report
 from spa_compiler.sweep import run_sweep, sweep_points
 from spa_compiler.synthetic import synthetic_calibration
@@ -237,6 +239,19 @@ def test_cli_single_run_report(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["report.md", "widths.png"]
     assert "## Widths per group" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_report_under_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "notes").write_text("")
+    result = run_cli(tmp_path, EXAMPLE, "--flops", "0.5", "-o", tmp_path / "small.onnx", "--report", tmp_path / "notes" / "rep")
+    assert_one_line_error(result, r"cannot write the report in .*notes/rep: .*notes is not a writable directory")
+    assert not (tmp_path / "small.onnx").exists()
+
+
+def test_a_write_failing_after_the_model_says_the_model_was_written(tmp_path):
+    with pytest.raises(OutputError, match=r"small.onnx was written, but the report in rep could not be \(Permission denied\)"):
+        with written_after(tmp_path / "small.onnx", "the report in rep"):
+            raise PermissionError(13, "Permission denied")
 
 
 def test_pruning_imports_neither_matplotlib_nor_ray(tmp_path):
