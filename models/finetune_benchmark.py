@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from spa_compiler import PruneConfig, prune
 from spa_compiler.torch import to_torch
 from spa_compiler.torch.distill import distill as distill_pruned
+from spa_compiler.torch.distill import export_module
 
 from .digits import BATCH_SIZE, DEFAULT_EPOCHS, LEARNING_RATE, load_digits_split
 from .digits_task import DigitsTask
@@ -59,7 +60,7 @@ from .table import print_table, write_json
 from .tasks import Task, run_batched
 from .text_render import render_lines
 
-__all__ = ["Recipe", "classification_loss", "train", "export_trained", "main"]
+__all__ = ["Recipe", "classification_loss", "train", "main"]
 
 TRAIN_SEED = 2
 CLS_TRAIN_LINES = 2000
@@ -133,20 +134,6 @@ def train(module: torch.nn.Module, inputs: dict[str, np.ndarray], loss: Loss, re
     return module.eval()
 
 
-def export_trained(module: torch.nn.Module, reference: Path, sample: dict[str, np.ndarray], path: Path) -> Path:
-    """``torch.onnx.export`` with the input and output names of the ONNX model at ``reference``
-    (``sample`` holds an example of each input, by name) and a dynamic batch axis."""
-    graph = onnx.load(str(reference)).graph
-    initializers = {t.name for t in graph.initializer}
-    input_names = [i.name for i in graph.input if i.name not in initializers]
-    output_name = graph.output[0].name
-    with torch.no_grad():
-        torch.onnx.export(module, tuple(torch.from_numpy(sample[name]) for name in input_names), str(path),
-                          dynamo=False, opset_version=17, input_names=input_names, output_names=[output_name],
-                          dynamic_axes={name: {0: "batch"} for name in [*input_names, output_name]})
-    return path
-
-
 @dataclass
 class Setting:
     """One task of the benchmark: its training inputs (by model input name), how to fine-tune
@@ -214,7 +201,6 @@ def _run_setting(name: str, setting: Setting, folder: Path, seed: int, data_free
     source, shapes = task.source()
     before = task.metrics(source)
     calibration = None if data_free else task.calibration(folder / f"{name}_calib.npz", CALIBRATION_SAMPLES)
-    sample = {key: array[:2] for key, array in setting.inputs.items()}
     rows = []
 
     def row(target: float, path: str, epochs: int, metrics: dict[str, float], seconds: float, achieved: float) -> None:
@@ -243,7 +229,7 @@ def _run_setting(name: str, setting: Setting, folder: Path, seed: int, data_free
                            input_shapes=shapes if data is None else None)  # the task's sequence length
         else:
             module = train(to_torch(pruned), setting.inputs, setting.finetune_loss, setting.finetune, seed)
-            export_trained(module, pruned, sample, tuned)
+            export_module(module, onnx.load(str(pruned)), setting.inputs, tuned)
         no_data = data_free and setting.finetune_loss is None
         label = f"{setting.finetune_label}, no data" if no_data else setting.finetune_label
         row(target, label, setting.finetune.epochs, task.metrics(tuned), time.perf_counter() - started,
@@ -253,7 +239,7 @@ def _run_setting(name: str, setting: Setting, folder: Path, seed: int, data_free
             fresh_ratio = prune(source, fresh, dataclasses.replace(config, reinit=True)).flops_ratio
             started = time.perf_counter()
             module = train(to_torch(fresh), setting.inputs, setting.scratch_loss, setting.scratch, seed)
-            trained = export_trained(module, fresh, sample, folder / f"{name}_{target}_scratch.onnx")
+            trained, _ = export_module(module, onnx.load(str(fresh)), setting.inputs, folder / f"{name}_{target}_scratch.onnx")
             row(target, "from scratch (--reinit)", setting.scratch.epochs, task.metrics(trained),
                 time.perf_counter() - started, fresh_ratio)
     return rows

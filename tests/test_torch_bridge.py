@@ -65,12 +65,14 @@ def test_pruned_zoo_model_round_trips_through_torch(exported, tmp_path, name):
 def test_pruned_paddle_classifier_round_trips_through_torch(tmp_path):
     """Also exported with a dynamic batch axis (as the fine-tuning benchmark does): batches of
     other sizes than the traced one give onnxruntime's outputs."""
-    from models.finetune_benchmark import export_trained
+    from spa_compiler.torch.distill import export_module
 
     shapes = ppocr_input_shapes()["cls"]
     path, _ = _prune_half(ppocr_model_paths()["cls"], tmp_path, shapes)
     module = _assert_round_trip(path, tmp_path, shapes)
-    exported = export_trained(module, path, {"x": np.zeros((2, 3, 48, 192), np.float32)}, tmp_path / "batch.onnx")
+    exported, fixed = export_module(module, onnx.load(str(path)), {"x": np.zeros((2, 3, 48, 192), np.float32)},
+                                    tmp_path / "batch.onnx")
+    assert fixed == ("x[2]=48", "x[3]=192")  # the trace records one height and width
     batch = np.random.default_rng(3).standard_normal((5, 3, 48, 192)).astype(np.float32)
     expected = ort.InferenceSession(str(path)).run(None, {"x": batch})[0]
     np.testing.assert_allclose(ort.InferenceSession(str(exported)).run(None, {"x": batch})[0], expected,

@@ -72,7 +72,7 @@ from ..token_augment import REPLACED, TokenCopies, with_copies_to
 from ..token_mask import attention_mask
 from .convert import to_torch
 
-__all__ = ["DistillResult", "distill", "distillation_loss", "HELD_OUT_SHARE", "BATCH_SIZE", "OPSET"]
+__all__ = ["DistillResult", "distill", "distillation_loss", "export_module", "HELD_OUT_SHARE", "BATCH_SIZE", "OPSET"]
 
 HELD_OUT_SHARE = 1 / 8  # of the samples, set aside to decide whether the distilled model is better
 BATCH_SIZE = 32  # samples per step (1 for a model that cannot compute more than one sample at a time)
@@ -179,7 +179,7 @@ def distill(pruned: str | Path, teacher: str | Path, data: str | Path | None, ou
             warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
             module = _train(_trainable(pruned, declared_one and batch > 1, Path(folder)), train, targets, batch,
                             epochs, learning_rate, seed, progress)
-        distilled, fixed = _export(module, proto, train, Path(folder) / "distilled.onnx", declared_one)
+        distilled, fixed = export_module(module, proto, train, Path(folder) / "distilled.onnx", declared_one)
         mismatch = _export_mismatch(module, distilled, test, batch)
         after = _held_out_error(distilled, teacher, test) if mismatch is None else float("nan")
         better = mismatch is None and after < before
@@ -327,11 +327,11 @@ def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: _Tea
     return module
 
 
-def _export(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, np.ndarray], path: Path,
-            declared_one: bool) -> tuple[Path, tuple[str, ...]]:
+def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, np.ndarray], path: Path,
+                  declared_one: bool = False) -> tuple[Path, tuple[str, ...]]:
     """``module`` exported to ``path`` with the pruned model's input and output names, traced on
-    two samples (one when the pruned model declares a batch of 1, which the export keeps). The samples' axis stays free where the pruned model
-    leaves it free; any other free axis is fixed to the traced size (a trace records one shape),
+    two samples (one when the pruned model declares a batch of 1, which the export keeps). The
+    samples' axis stays free where the pruned model leaves it free; any other free axis is fixed to the traced size (a trace records one shape),
     and returned as ``name[axis]=size``."""
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in initializers]
