@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from .api import default_passes, output_passes
 from .config import PruneConfig
-from .errors import SpaError
+from .errors import OutputError, SpaError
 from .evaluate import load_score_function, scored
 from .pipeline import PassLike, Pipeline
 from .report import PruneReport
@@ -204,7 +204,10 @@ def run_sweep(
     """Prune ``source`` at every point, the pruned models written into ``directory``/models."""
     engine, progress = engine or InProcess(), progress or SweepProgress()
     models = Path(directory) / "models"
-    models.mkdir(parents=True, exist_ok=True)
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {models} for the sweep's models: {exc.strerror or exc}") from None
     start = time.perf_counter()
     states = engine.prepare(Path(source), base, points, progress.shared)
     progress.prepared()

@@ -248,6 +248,13 @@ def test_cli_report_under_a_file_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "small.onnx").exists()
 
 
+def test_sweep_models_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "models").write_text("")  # a file where the sweep's models folder goes
+    result = run_cli(tmp_path, "sweep", EXAMPLE, "--flops", "0.7", *FAST_SWEEP, "--report", tmp_path / "out")
+    assert_one_line_error(result, r"cannot create .*out/models for the sweep's models: File exists")
+
+
 def test_a_write_failing_after_the_model_says_the_model_was_written(tmp_path):
     with pytest.raises(OutputError, match=r"small.onnx was written, but the report in rep could not be \(Permission denied\)"):
         with written_after(tmp_path / "small.onnx", "the report in rep"):
