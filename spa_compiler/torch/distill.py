@@ -331,8 +331,8 @@ def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[
                   declared_one: bool = False) -> tuple[Path, tuple[str, ...]]:
     """``module`` exported to ``path`` with the pruned model's input and output names, traced on
     two samples (one when the pruned model declares a batch of 1, which the export keeps). The
-    samples' axis stays free where the pruned model leaves it free; any other free axis is fixed to the traced size (a trace records one shape),
-    and returned as ``name[axis]=size``."""
+    samples' axis stays free where the pruned model leaves it free; any other free axis is fixed
+    to the traced size (a trace records one shape), and returned as ``name[axis]=size``."""
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in initializers]
     sample = {v.name: arrays[v.name][: 1 if declared_one else 2] for v in inputs}
