@@ -221,8 +221,8 @@ def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dic
 def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--calib") -> dict[str, np.ndarray]:
     """Arrays keyed by input name, first axis = samples, from an ``.npz`` file or a directory
     holding ``NAME.npy`` per input (or, for a one-input model, any ``*.npy`` files, concatenated
-    in name order), every one with the same non-zero number of samples. Errors name the file as
-    given to ``option``."""
+    in name order), every one with the same non-zero number of samples and finite. Errors name
+    the file as given to ``option``."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{option} {path}: no such file or directory")
@@ -246,6 +246,10 @@ def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--cal
     counts = {len(arrays[name]) if np.ndim(arrays[name]) else 0 for name in inputs}
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"{option} {path}: every input needs the same, non-zero number of samples")
+    unfinite = [name for name in inputs
+                if np.issubdtype(arrays[name].dtype, np.floating) and not np.isfinite(arrays[name]).all()]
+    if unfinite:
+        raise InputError(f"{option} {path}: {', '.join(unfinite)} holds NaN or infinite values; give finite samples")
     return {name: arrays[name] for name in inputs}
 
 

@@ -228,6 +228,8 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     has_bias = layer.bias is not None
     if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
         ridge = "unchanged"  # statistics that overflowed float64 fit nothing
+    elif ridge is None and not (stats.gram[:, -1, -1] > 0).all():
+        ridge = "unchanged"  # a fold without rows (a single calibration sample): nothing to choose on
     if ridge is None:
         ridge = held_out_ridge(gram, cross, target, prior, has_bias, RIDGES if rows > len(kept) else FEW_PARAMETERS, trust)
     solved = _applied(_refit(gram.sum(axis=0), cross.sum(axis=0) @ target.T, prior, ridge, has_bias), prior, trust)

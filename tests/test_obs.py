@@ -253,3 +253,7 @@ def test_calibration_files(tmp_path, exported):
     np.savez(tmp_path / "shape.npz", input=data[:, :, :2])
     with pytest.raises(InputError, match="expected \\(samples"):
         load_calibration(tmp_path / "shape.npz", graph, 4)
+    data[3, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", input=data)
+    with pytest.raises(InputError, match="input holds NaN or infinite values"):
+        load_calibration(tmp_path / "nan.npz", graph, 4)
