@@ -71,7 +71,7 @@ def distill(
         output = output or pruned.with_name(pruned.stem + ".distilled.onnx")
         columns = (TextColumn("distilling"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("distill", total=None, loss=float("nan"))
 
             def progress(step: int, steps: int, loss: float) -> None:

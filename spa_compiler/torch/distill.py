@@ -113,7 +113,8 @@ class DistillResult:
                  "shape; only the samples' axis stays free)") if self.fixed_axes else ""
         copies = f" and {self.copies} copies with {REPLACED:.0%} of their tokens replaced" if self.copies else ""
         source = f" ({self.data})" if self.data == SHIPPED else ""
-        return (f"held-out relative error {error} ({verdict}){fixed}; {self.epochs} epochs on {self.samples} "
+        epochs = f"{self.epochs} epoch{'s' * (self.epochs != 1)}"
+        return (f"held-out relative error {error} ({verdict}){fixed}; {epochs} on {self.samples} "
                 f"samples{source}{copies}, {self.held_out} held out, {self.seconds:.0f} s")
 
 
