@@ -125,7 +125,8 @@ def _reads_stream(graph: Graph, nodes: set[str], skip: str, upstream: set[str]) 
 
 
 def gate_name(branch: Branch) -> str:
-    return f"depth_gate::{branch.join}"
+    """The gate's input name: one per branch (a projection block's join has two, its body and its shortcut)."""
+    return f"depth_gate::{branch.join}::{branch.exit}"
 
 
 def gate_branches(graph: Graph, branches: list[Branch]) -> onnx.ModelProto:
@@ -133,11 +134,12 @@ def gate_branches(graph: Graph, branches: list[Branch]) -> onnx.ModelProto:
     (:func:`gate_name`): fed 1 the model is the original, fed 0 the branch is removed."""
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
-    joins = {b.join: b for b in branches}
+    joins: dict[str, list[Branch]] = {}
+    for branch in branches:
+        joins.setdefault(branch.join, []).append(branch)
     nodes = []
     for node in model.graph.node:
-        branch = joins.get(node.name)
-        if branch is not None:
+        for branch in joins.get(node.name, []):
             gated = f"{branch.exit}::gated"
             nodes.append(helper.make_node("Mul", [branch.exit, gate_name(branch)], [gated], name=f"{gated}::mul"))
             node.input[list(node.input).index(branch.exit)] = gated

@@ -63,10 +63,9 @@ def branch_distortions(graph: Graph, branches: list[Branch], data: dict[str, np.
     session = session_for(gate_branches(graph, branches))
     count = len(next(iter(data.values())))
     batch = 1 if fixed_batch(graph) or declares_batch_of_one(graph.model) else count  # as the re-fit's runs
-    dtype = {b.join: _numpy_dtype(graph, b) for b in branches}
 
     def outputs(removed: Branch | None) -> list[np.ndarray]:
-        gates = {gate_name(b): np.asarray(0 if b is removed else 1, dtype[b.join]) for b in branches}
+        gates = {gate_name(b): np.asarray(0 if b is removed else 1, _numpy_dtype(graph, b)) for b in branches}
         runs = [session.run(None, {**{k: v[i:i + batch] for k, v in data.items()}, **gates}) for i in range(0, count, batch)]
         return [np.concatenate(parts).astype(np.float64) for parts in zip(*runs)]
 

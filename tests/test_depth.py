@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from spa_compiler import PruneConfig, load_model, prune
 from spa_compiler.depth import find_branches, remove_branches
+from spa_compiler.depth_prune import branch_distortions
 from spa_compiler.errors import TargetError
 from spa_compiler.shapes import synthetic_inputs
 from spa_compiler.verify import run_model
@@ -80,6 +81,22 @@ def test_removing_a_branch_equals_forcing_its_output_to_zero(llama, source):
         kept = {t.name for t in removed.graph.initializer}
         assert not kept & {i for n in branch.nodes for i in graph.node_by_name[n].inputs if graph.is_constant(i)
                            and all(c.name in branch.nodes for c in graph.consumers[i])}
+
+
+def test_each_branch_is_measured_by_its_own_gate():
+    """A projection block's join has two branches, its body and its 1x1 shortcut: each branch's
+    measured distortion is that of the model with its own output forced to zero."""
+    graph = load_model(EXAMPLE)
+    branches = find_branches(graph)
+    data = synthetic_inputs({"input": (8, *graph.input_shapes["input"][1:])}, graph.dtypes, 3)
+    reference = np.concatenate([run_model(graph.model, {"input": x[None]})[0] for x in data["input"]]).astype(np.float64)
+    measured = branch_distortions(graph, branches, data)
+    for branch, distortion in zip(branches, measured):
+        zeroed = _zeroed(graph.model, branch.join, branch.exit)
+        y = np.concatenate([run_model(zeroed, {"input": x[None]})[0] for x in data["input"]]).astype(np.float64)
+        expected = float(np.sum((y - reference) ** 2) / np.sum(reference ** 2))
+        assert distortion == pytest.approx(expected, rel=1e-4), branch.describe(graph)
+    assert min(measured) > 1e-3  # no branch of this model is free to remove
 
 
 def test_depth_then_width_meets_the_target_of_the_original(llama, tmp_path):
