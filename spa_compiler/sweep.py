@@ -64,8 +64,10 @@ class SweepPoint:
 
 
 def sweep_points(criteria: list[str], targets: dict[str, list[float]]) -> list[SweepPoint]:
-    """Every criterion at every target value, criterion by criterion, targets as given."""
-    return [SweepPoint(c, kind, value) for c in criteria for kind, values in targets.items() for value in values]
+    """Every criterion at every target value, criterion by criterion, targets as given; a point
+    listed twice (``--flops 0.5,0.50``) runs once."""
+    points = [SweepPoint(c, kind, value) for c in criteria for kind, values in targets.items() for value in values]
+    return list(dict.fromkeys(points))
 
 
 @dataclass

@@ -22,7 +22,7 @@ from spa_compiler.cli import written_after
 from spa_compiler.distributed import statistics_shards
 from spa_compiler.errors import OutputError
 from spa_compiler.report_files import chosen_point, pareto_points, write_run_report, write_sweep_report
-from spa_compiler.sweep import run_sweep, sweep_points
+from spa_compiler.sweep import SweepPoint, run_sweep, sweep_points
 from spa_compiler.synthetic import synthetic_calibration
 from tests.test_cli import EXAMPLE, assert_one_line_error, run_cli
 
@@ -239,6 +239,15 @@ def test_cli_single_run_report(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["report.md", "widths.png"]
     assert "## Widths per group" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_point_listed_twice_runs_once():
+    points = sweep_points(["l2", "obs", "l2"], {"flops": [0.5, 0.7, 0.50], "params": [0.5]})
+    assert [p.label for p in points] == [
+        SweepPoint(c, k, v).label for c, k, v in
+        [("l2", "flops", 0.5), ("l2", "flops", 0.7), ("l2", "params", 0.5),
+         ("obs", "flops", 0.5), ("obs", "flops", 0.7), ("obs", "params", 0.5)]
+    ]
 
 
 def test_cli_report_under_a_file_is_refused_before_any_work(tmp_path):
