@@ -296,6 +296,11 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(escape(f"control flow: {note}"))
     if report.depth:
         console.print(escape(f"residual branches removed ({len(report.depth)}): " + "; ".join(report.depth)))
+        achieved = {"flops": report.flops_ratio, "params": report.params_ratio}.get(report.target_kind)
+        if achieved is not None and achieved < report.target_value - TARGET_TOLERANCE:
+            console.print(f"the branches alone took the {report.target_kind} to {achieved:.3f}, past "
+                          f"--{report.target_kind} {report.target_value:g}, so no width was pruned; "
+                          "fewer branches (--depth) leave more of the model")
     if report.interface:
         console.print(escape("interface changed (--allow-io-change): " + "; ".join(report.interface)))
 

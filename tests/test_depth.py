@@ -99,6 +99,19 @@ def test_each_branch_is_measured_by_its_own_gate():
     assert min(measured) > 1e-3  # no branch of this model is free to remove
 
 
+def test_branches_past_the_target_are_said_to_be(tmp_path):
+    from rich.console import Console
+
+    from spa_compiler.report import render_report
+
+    report = prune(EXAMPLE, tmp_path / "deep.onnx", PruneConfig(flops=0.5, depth=5, bench_runs=0))
+    assert len(report.depth) == 5 and report.flops_ratio < 0.48
+    assert all(g.channels_after == g.channels_before for g in report.groups)
+    console = Console(record=True, width=300)
+    render_report(report, console)
+    assert f"the branches alone took the flops to {report.flops_ratio:.3f}, past --flops 0.5" in console.export_text()
+
+
 def test_depth_then_width_meets_the_target_of_the_original(llama, tmp_path):
     report = prune(llama, tmp_path / "depth1.onnx", PruneConfig(flops=0.5, depth=1, bench_runs=0))
     assert len(report.depth) == 1 and "mlp" in report.depth[0]  # an FFN sublayer distorts least per MAC
