@@ -59,6 +59,7 @@ __all__ = [
     "with_weight_inputs",
     "consumer_layers",
     "load_calibration",
+    "sameness",
     "collect_statistics",
     "add_statistics",
     "statistics_batch_size",
@@ -251,6 +252,20 @@ def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--cal
     if unfinite:
         raise InputError(f"{option} {path}: {', '.join(unfinite)} holds NaN or infinite values; give finite samples")
     return {name: arrays[name] for name in inputs}
+
+
+def sameness(arrays: dict[str, np.ndarray]) -> str | None:
+    """Why ``arrays`` (samples of a model's inputs, first axis samples) cannot describe its
+    inputs, or None: every sample equal to the first (two or more samples), or a floating-point
+    input holding one value throughout (a blank image). Statistics from such data are those of
+    one input, and the channels chosen and weights re-fitted fit that input."""
+    count = len(next(iter(arrays.values())))
+    if count > 1 and all(np.array_equal(a, np.broadcast_to(a[:1], a.shape)) for a in arrays.values()):
+        return f"its {count} samples are all the same"
+    for name, a in arrays.items():
+        if np.issubdtype(a.dtype, np.floating) and a.size and np.all(a == a.flat[0]):
+            return f"input '{name}' holds the one value {a.flat[0]:g} throughout"
+    return None
 
 
 def batches(arrays: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -75,6 +75,7 @@ class PruneReport:
     fidelity: Any = None
     custom_ops: list[str] = field(default_factory=list)
     calibration: str | None = None
+    calibration_warning: str | None = None  # why the --calib samples describe no real input
     compensated: int = 0
     requantized: tuple[int, int] = (0, 0)  # re-fitted QDQ weights quantized again, values saturated
     timings: dict[str, float] = field(default_factory=dict)
@@ -193,6 +194,7 @@ def build_report(state: PruneState) -> PruneReport:
         fidelity=state.fidelity,
         custom_ops=custom_ops(state.graph),
         calibration=state.calibration,
+        calibration_warning=state.calibration_warning,
         shipped_text=state.written is not None and state.written.data is not None and state.written.samples == SHIPPED,
         input_shapes=dict(config.input_shapes),
         compensated=len(state.compensated),
@@ -263,6 +265,10 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(f"--eval score: {report.eval_before:.4g} before, {report.eval_after:.4g} after")
     if report.calibration:
         console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
+    if report.calibration_warning:
+        console.print(Text(f"warning: the --calib data describes one input, not many ({report.calibration_warning}): "
+                           "the channels chosen and the weights re-fitted fit that input; give varied real samples, "
+                           "or none (data-free)", style="bold yellow"))
     if report.rotated_heads:
         groups = "attention group" if report.rotated_heads == 1 else "attention groups"
         console.print(f"head dimensions: {report.rotated_heads} {groups} (queries/keys, values/outputs) "

@@ -139,7 +139,9 @@ def run_markdown(report: PruneReport, picture: str | None) -> str:
         f"Target --{report.target_kind} {report.target_value:g} ({report.scope}, round-to {report.round_to}, "
         f"criterion {report.criterion}); output `{report.output}`.", "",
         *_costs_table(report), "", *_fidelity_lines(report),
-        *([f"- statistics: {report.calibration}"] if report.calibration else []), "",
+        *([f"- statistics: {report.calibration}"] if report.calibration else []),
+        *([f"- warning: the --calib data describes one input ({report.calibration_warning})"]
+          if report.calibration_warning else []), "",
         "## Widths per group", "", *_widths_table(report), "",
         *([f"![widths per group]({picture})", ""] if picture else []),
         "## What blocked what", "", *_blocked_lines(report), "",

@@ -22,7 +22,7 @@ from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
 from .batch_axis import activations, samples_per_run
 from .calibrate import (
-    MAX_FEATURES, ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration,
+    MAX_FEATURES, ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration, sameness,
 )
 from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
@@ -165,7 +165,9 @@ class CollectStatistics(Pass):
         config, graph = state.config, state.graph
         wanted = tokens_wanted(graph, layers) if config.token_copies else 0
         more = MORE_SEQUENCES if wanted and config.calibration_samples is None else 1
-        data, state.held_out = split_held_out(load_calibration(config.calibration, graph, more * config.samples_for()))
+        loaded = load_calibration(config.calibration, graph, more * config.samples_for())
+        state.calibration_warning = sameness(loaded)
+        data, state.held_out = split_held_out(loaded)
         if more > 1:
             data = first_sequences(graph, data, wanted, config.samples_for())
         count, notes = len(next(iter(data.values()))), []

@@ -69,6 +69,7 @@ class PruneState:
     analysis: Analysis | None = None
     statistics: dict[str, LayerStatistics] | None = None
     calibration: str | None = None
+    calibration_warning: str | None = None
     calibration_data: dict[str, np.ndarray] | None = None
     held_out: dict[str, np.ndarray] | None = None
     written: SelfWritten | None = None

@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from rich.console import Console
 
 import spa_compiler.secondorder as obs
 from spa_compiler import InputError, PruneConfig, load_model, prune, prune_graph, synthetic_inputs
-from spa_compiler.calibrate import load_calibration
+from spa_compiler.calibrate import load_calibration, sameness
 from spa_compiler.feature_rows import conv_patches
+from spa_compiler.report import render_report
 from spa_compiler.synthetic import synthetic_calibration
 from spa_compiler.verify import run_model
 from helpers import relative_error
@@ -257,3 +259,24 @@ def test_calibration_files(tmp_path, exported):
     np.savez(tmp_path / "nan.npz", input=data)
     with pytest.raises(InputError, match="input holds NaN or infinite values"):
         load_calibration(tmp_path / "nan.npz", graph, 4)
+
+
+def test_degenerate_calibration_is_reported(tmp_path, exported):
+    """Samples that are all one input (copies of one sample, a blank image) are named in the
+    report; varied samples, and integer inputs constant by design (token types), are not."""
+    source = exported("conv_fc")
+    graph = load_model(source)
+    varied = synthetic_inputs({"input": (16, *graph.input_shapes["input"][1:])}, graph.dtypes, 3)["input"]
+    assert sameness({"input": varied}) is None
+    assert sameness({"ids": np.arange(12).reshape(4, 3), "types": np.zeros((4, 3), np.int64)}) is None
+    assert sameness({"input": np.zeros_like(varied[:1])}) == "input 'input' holds the one value 0 throughout"
+    copies = np.repeat(varied[:1], 16, axis=0)
+    assert sameness({"input": copies}) == "its 16 samples are all the same"
+    for data, expected in ((varied, None), (copies, "its 16 samples are all the same")):
+        np.savez(tmp_path / "c.npz", input=data)
+        report = prune(source, tmp_path / "p.onnx", PruneConfig(flops=0.6, criterion="obs", calibration=str(tmp_path / "c.npz"),
+                                                                 bench_runs=0))
+        assert report.calibration_warning == expected
+        console = Console(record=True, width=400)
+        render_report(report, console)
+        assert ("warning: the --calib data describes one input" in console.export_text()) == (expected is not None)
