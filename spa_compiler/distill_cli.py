@@ -57,7 +57,8 @@ def distill(
     seed: int = typer.Option(0, help="Seed of the order in which the samples are drawn, and of the token copies."),
     input_shape: List[str] = typer.Option(
         [], help="Without --data: bind a free input axis for the shipped sentences, NAME=1x128 (repeatable; by "
-                 f"default the longest sentence, {shipped_shape()[1]} tokens). The distilled model keeps it fixed."),
+                 f"default the longest sentence, {shipped_shape()[1]} tokens). The distilled model keeps it free "
+                 "where its export runs at other lengths."),
     token_copies: bool = typer.Option(True, "--token-copies/--no-token-copies",
                                       help="Fewer than 1024 token sequences: train on copies of them too, with "
                                            f"{REPLACED:.0%} of their tokens replaced."),

@@ -35,9 +35,11 @@ batch is free; one sample at a time only when it does not. The teacher's outputs
 once and held, unless they take more than ``TARGET_BYTES``: then each batch's are computed as it
 is trained on.
 
-The trained module is exported back to ONNX (opset 17, the pruned model's input and output names;
-traced, so the samples' axis stays free where the pruned model's is and any other free axis, a
-sequence length, is fixed to the data's size, which the result lists). It is run with onnxruntime
+The trained module is exported back to ONNX (opset 17, the pruned model's input and output names,
+traced). Axes the pruned model leaves free (the samples', a sequence length) stay free when the
+export reproduces the module on the samples cut to half their size along them; otherwise (a
+shape the trace recorded as a constant) only the samples' axis stays free and any other is fixed
+to the data's size, which the result lists. It is run with onnxruntime
 on held-out samples (the last ``HELD_OUT_SHARE`` of them, a batch of another size than the traced
 one): it must reproduce the trained module there (``EXPORT_TOLERANCE``), and ``L`` is measured for
 the pruned and the distilled file alike. The distilled model is written only if it reproduces the
@@ -109,8 +111,8 @@ class DistillResult:
             verdict = ("written" if self.written == "distilled"
                        else "not lower: the pruned model is written unchanged")
             error = f"{self.before:.4g} -> {self.after:.4g}"
-        fixed = (f"; its axes {', '.join(self.fixed_axes)} are fixed to the data's sizes (the export traces one "
-                 "shape; only the samples' axis stays free)") if self.fixed_axes else ""
+        fixed = (f"; its axes {', '.join(self.fixed_axes)} are fixed to the data's sizes (exported with them "
+                 "free, it did not run or differed at other sizes)") if self.fixed_axes else ""
         copies = f" and {self.copies} copies with {REPLACED:.0%} of their tokens replaced" if self.copies else ""
         source = f" ({self.data})" if self.data == SHIPPED else ""
         epochs = f"{self.epochs} epoch{'s' * (self.epochs != 1)}"
@@ -331,27 +333,47 @@ def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: _Tea
 def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, np.ndarray], path: Path,
                   declared_one: bool = False) -> tuple[Path, tuple[str, ...]]:
     """``module`` exported to ``path`` with the pruned model's input and output names, traced on
-    two samples (one when the pruned model declares a batch of 1, which the export keeps). The
-    samples' axis stays free where the pruned model leaves it free; any other free axis is fixed
-    to the traced size (a trace records one shape), and returned as ``name[axis]=size``."""
+    two samples (one when the pruned model declares a batch of 1, which the export keeps). Every
+    axis the pruned model leaves free stays free when the export, run on the samples cut to half
+    their size along those axes, reproduces the module there (a trace records shapes as the
+    module computes them, or as constants); else only the samples' axis stays free, any other
+    is fixed to the traced size (as are axes of size 1, which cannot be cut), and those are
+    returned as ``name[axis]=size``."""
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in initializers]
     sample = {v.name: arrays[v.name][: 1 if declared_one else 2] for v in inputs}
-    dynamic, fixed = {}, []
-    for value in [*inputs, *proto.graph.output]:
-        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                continue  # a fixed size (-1 or 0, as Paddle's exporter writes, is a free one)
-            if axis == 0:
-                dynamic[value.name] = {0: dim.dim_param or "samples"}
-            elif value.name in sample:
-                fixed.append(f"{value.name}[{axis}]={sample[value.name].shape[axis]}")
+    free = {value.name: {axis: dim.dim_param or ("samples" if axis == 0 else f"{value.name}_{axis}")
+                         for axis, dim in enumerate(value.type.tensor_type.shape.dim)
+                         if not (dim.HasField("dim_value") and dim.dim_value > 0)}  # -1 or 0, as Paddle writes, is free
+            for value in [*inputs, *proto.graph.output]}
+    batch_only = {name: {0: axes[0]} for name, axes in free.items() if 0 in axes}
+    fixed = tuple(f"{name}[{axis}]={sample[name].shape[axis]}" for name, axes in free.items() if name in sample
+                  for axis in axes if axis)
+    halved = _halved(sample, free)
+    if any(halved[name].shape != array.shape for name, array in sample.items()):
+        _trace(module, inputs, proto, sample, free, path)
+        if _export_mismatch(module, path, halved, len(next(iter(sample.values())))) is None:
+            return path, ()
+    _trace(module, inputs, proto, sample, batch_only, path)
+    return path, fixed
+
+
+def _trace(module: torch.nn.Module, inputs: list[onnx.ValueInfoProto], proto: onnx.ModelProto,
+           sample: dict[str, np.ndarray], dynamic: dict[str, dict[int, str]], path: Path) -> None:
+    """``module`` traced on ``sample`` into ``path``, the axes ``dynamic`` names left free."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on values it records as constants
         torch.onnx.export(module, tuple(torch.from_numpy(sample[v.name]) for v in inputs), str(path), dynamo=False,
                           opset_version=OPSET, input_names=[v.name for v in inputs],
-                          output_names=[v.name for v in proto.graph.output], dynamic_axes=dynamic or None)
-    return path, tuple(fixed)
+                          output_names=[v.name for v in proto.graph.output],
+                          dynamic_axes={name: axes for name, axes in dynamic.items() if axes} or None)
+
+
+def _halved(sample: dict[str, np.ndarray], free: dict[str, dict[int, str]]) -> dict[str, np.ndarray]:
+    """``sample`` cut to the first half (at least one) along every free axis past the samples'."""
+    return {name: array[tuple(slice(0, max(1, size // 2)) if axis and axis in free.get(name, {}) else slice(None)
+                              for axis, size in enumerate(array.shape))]
+            for name, array in sample.items()}
 
 
 def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray], batch: int) -> str | None:
@@ -359,10 +381,10 @@ def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.n
     other than the traced one) within ``EXPORT_TOLERANCE`` of their largest magnitude; else why not.
     The module runs ``batch`` samples at a time, as it trained."""
     try:
-        exported = _run(_session(path), arrays)
-    except Exception as exc:  # onnxruntime's own error types: the trace baked in a shape
+        exported, trained = _run(_session(path), arrays), _run_module(module, arrays, batch)
+    except Exception as exc:  # onnxruntime's or torch's own error types: the trace baked in a shape
         return f"fails on the held-out samples ({' '.join(str(exc).split())[:200]})"
-    for ours, theirs in zip(exported, _run_module(module, arrays, batch)):
+    for ours, theirs in zip(exported, trained):
         scale = max(float(np.abs(theirs).max()), 1e-12)
         if ours.shape != theirs.shape or np.abs(ours - theirs).max() > EXPORT_TOLERANCE * scale:
             return "differs from the trained module on the held-out samples"
@@ -373,7 +395,8 @@ def _run_module(module: torch.nn.Module, arrays: dict[str, np.ndarray], step: in
     """Every output of ``module`` on ``arrays`` (in input order), ``step`` samples at a time."""
     count = len(next(iter(arrays.values())))
     runs = []
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
         for start in range(0, count, step):
             produced = module(*(torch.from_numpy(a[start:start + step]) for a in arrays.values()))
             runs.append([t.numpy() for t in (produced if isinstance(produced, (tuple, list)) else [produced])])
