@@ -19,7 +19,7 @@ from .refit import Refit
 from .reinit import Reinitialise
 from .report import PruneReport
 from .sensitivity import MeasureSensitivity
-from .stages import Allocate, Analyse, BuildReport, CollectStatistics, Load, MeasureLatency, Rewrite, Save, Score, Verify
+from .stages import Allocate, Analyse, BuildReport, CollectStatistics, HeldOutOnly, Load, MeasureLatency, Rewrite, Save, Score, Verify
 from .state import Progress, PruneState
 
 __all__ = ["default_passes", "output_passes", "prune_graph", "prune", "analyze"]
@@ -41,6 +41,8 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
         passes.append(CollectStatistics())
         if config.head_dims is not False:
             passes.append(RotateHeads())
+    elif config.calibration and config.verify:
+        passes.append(HeldOutOnly())
     passes.append(Score(criterion))
     if config.allocation == "sensitivity":
         passes.append(MeasureSensitivity())

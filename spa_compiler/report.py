@@ -264,7 +264,8 @@ def render_report(report: PruneReport, console: Console) -> None:
     if report.eval_before is not None:
         console.print(f"--eval score: {report.eval_before:.4g} before, {report.eval_after:.4g} after")
     if report.calibration:
-        console.print(escape(f"statistics: {report.calibration}; {report.compensated} weight tensors compensated"))
+        compensated = "" if fidelity_only(report) else f"; {report.compensated} weight tensors compensated"
+        console.print(escape(f"statistics: {report.calibration}{compensated}"))
     if report.calibration_warning:
         console.print(Text(f"warning: the --calib data describes one input, not many ({report.calibration_warning}): "
                            "the channels chosen and the weights re-fitted fit that input; give varied real samples, "
@@ -330,6 +331,8 @@ def fidelity_warning(report: PruneReport) -> str | None:
     if not poor:
         return None
     advice = ["give real samples with --calib"] if data_free(report) or not report.calibration else []
+    if fidelity_only(report):
+        advice = ["let the --calib samples choose: drop --criterion, --allocation score and --refit 0"]
     # the shipped sentences serve distillation too, at the shapes the pruning bound
     data = "".join(f" {input_shape_option(name, shape)}" for name, shape in report.input_shapes.items()) \
         if report.shipped_text else " --data TRAIN.npz"
@@ -342,6 +345,16 @@ SYNTHETIC_NOTE = (
     "note: this fidelity is on synthetic inputs, which can overstate it on real data; --calib measures it on "
     "held-out real samples, --eval FILE.py with your own metric"
 )
+
+
+FIDELITY_ONLY = "--calib measures fidelity only"
+"""How ``calibration`` starts when the settings collect no statistics, so the ``--calib``
+samples chose nothing (:class:`~spa_compiler.stages.HeldOutOnly`)."""
+
+
+def fidelity_only(report: PruneReport) -> bool:
+    """Whether the ``--calib`` samples measured fidelity and chose nothing."""
+    return bool(report.calibration) and report.calibration.startswith(FIDELITY_ONLY)
 
 
 def data_free(report: PruneReport) -> bool:

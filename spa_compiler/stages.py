@@ -35,7 +35,7 @@ from .ir import Graph, load_model
 from .shapes import synthetic_inputs
 from .model_files import save_model
 from .pipeline import Pass
-from .report import build_report
+from .report import FIDELITY_ONLY, build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .self_written import SelfWritten, written_once
 from .state import PruneState
@@ -45,7 +45,7 @@ from .token_augment import MORE_SEQUENCES, first_sequences, tokens_wanted, with_
 from .verify import custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
-    "Load", "Analyse", "CollectStatistics", "Score", "Allocate", "Rewrite", "Verify", "Save",
+    "Load", "Analyse", "CollectStatistics", "HeldOutOnly", "Score", "Allocate", "Rewrite", "Verify", "Save",
     "MeasureLatency", "BuildReport",
 ]
 
@@ -195,6 +195,28 @@ class CollectStatistics(Pass):
         return collect_statistics(graph, layers, data, config.calibration_batch, seed=config.seed, progress=progress)
 
 
+class HeldOutOnly(Pass):
+    """``--calib`` under settings that collect no statistics (a magnitude criterion, score
+    allocation, no re-fit): the file is read and checked as the statistics would read it, and
+    up to :data:`HELD_OUT_MAX` of its samples measure the pruned model's fidelity, so the data
+    given is not silently ignored; the report says it chose nothing."""
+
+    name, description = "held-out", "reading held-out samples"
+    requires, provides = ("graph",), ("calibration", "held_out")
+
+    def run(self, state: PruneState) -> PruneState:
+        config = state.config
+        if custom_ops(state.graph):
+            return state
+        loaded = load_calibration(config.calibration, state.graph, HELD_OUT_MAX)
+        state.calibration_warning = sameness(loaded)
+        state.held_out = loaded
+        count = len(next(iter(loaded.values())))
+        state.calibration = (f"{FIDELITY_ONLY} ({count} samples from {config.calibration}): --criterion "
+                             f"{config.criterion_name} with --allocation score and --refit 0 uses no statistics")
+        return state
+
+
 HELD_OUT_SHARE, HELD_OUT_MAX = 8, 32
 HELD_OUT_SYNTHETIC, HELD_OUT_SYNTHETIC_SOURCE = 16, "synthetic samples the statistics did not see"
 """Synthetic samples made, data-free, to measure fidelity on: like the statistics' (token ids
@@ -312,7 +334,7 @@ def _held_out_source(state: PruneState) -> str:
     """What the held-out samples are: the user's, data-free text (sequences the model wrote,
     shipped sentences), or synthetic."""
     if state.config.calibration:
-        return "held-out calibration samples"
+        return "held-out calibration samples" if state.config.needs_statistics else "--calib samples"
     if state.written is not None and state.written.data is not None:
         return f"{state.written.samples} that the statistics did not see"
     return HELD_OUT_SYNTHETIC_SOURCE

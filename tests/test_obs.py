@@ -280,3 +280,32 @@ def test_degenerate_calibration_is_reported(tmp_path, exported):
         console = Console(record=True, width=400)
         render_report(report, console)
         assert ("warning: the --calib data describes one input" in console.export_text()) == (expected is not None)
+
+
+def test_calibration_under_fast_settings_measures_fidelity(tmp_path, exported):
+    """Settings that collect no statistics (l2, score allocation, no re-fit) still read and check
+    ``--calib``: its first 32 samples measure the pruned model, and the report says the data
+    chose nothing. The figures are those of an independent onnxruntime run on the same samples."""
+    source = exported("conv_fc")
+    graph = load_model(source)
+    samples = synthetic_inputs({"input": (40, *graph.input_shapes["input"][1:])}, graph.dtypes, 5)["input"]
+    np.savez(tmp_path / "c.npz", input=samples)
+    fast = dict(flops=0.6, criterion="l2", allocation="score", refit_rounds=0, bench_runs=0)
+    report = prune(source, tmp_path / "p.onnx", PruneConfig(**fast, calibration=str(tmp_path / "c.npz")))
+    assert report.compensated == 0
+    assert report.held_out_fidelity.source == "32 --calib samples"
+    original, pruned = onnx.load(source), onnx.load(tmp_path / "p.onnx")
+    before = np.concatenate([run_model(original, {"input": x[None]})[0].reshape(1, -1) for x in samples[:32]])
+    after = np.concatenate([run_model(pruned, {"input": x[None]})[0].reshape(1, -1) for x in samples[:32]])
+    cosines = np.sum(before * after, 1) / (np.linalg.norm(before, axis=1) * np.linalg.norm(after, axis=1))
+    assert report.held_out_fidelity.cosine == pytest.approx(float(np.mean(cosines)), abs=1e-5)
+    assert report.held_out_fidelity.top1_agreement == pytest.approx(np.mean(before.argmax(1) == after.argmax(1)))
+    console = Console(record=True, width=400)
+    render_report(report, console)
+    text = console.export_text()
+    assert "statistics: --calib measures fidelity only (32 samples from" in text
+    assert "weight tensors compensated" not in text
+    np.savez(tmp_path / "bad.npz", input=samples[..., :1])
+    with pytest.raises(InputError, match=r"calibration array 'input' has shape \(40, 1, 8, 1\)"):
+        prune(source, tmp_path / "q.onnx", PruneConfig(**fast, calibration=str(tmp_path / "bad.npz")))
+    assert not (tmp_path / "q.onnx").exists()
