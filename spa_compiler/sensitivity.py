@@ -13,7 +13,9 @@ declared a graph input (``with_weight_inputs``), so a session serves every measu
 group and a measurement feeds the consumers' new weights (zero columns for the removed
 channels, which is what removing them computes). The curve ``D_g`` is made convex (its lower
 convex hull, so marginal costs rise) and turned into per-unit scores: the k-th unit of the
-group in criterion order scores the increase ``D_g(k) − D_g(k−1)``. Allocation then removes steps in the order of measured
+group in criterion order scores the increase ``D_g(k) − D_g(k−1)``, made strictly increasing
+(:func:`strictly_increasing`) so that the units of one straight piece of the hull still go in
+the criterion's order. Allocation then removes steps in the order of measured
 distortion per cost saved (``cost_exponent = 1``): the greedy solution of the knapsack "least
 total distortion within the budget", treating the groups' distortions as additive.
 
@@ -57,7 +59,7 @@ from .token_mask import attention_mask, padding_zeroed
 from .verify import session_for
 
 __all__ = [
-    "MeasureSensitivity", "TailRunner", "convex_increments", "samples_for", "measurement_plan", "scaled_by_scores",
+    "MeasureSensitivity", "TailRunner", "convex_increments", "strictly_increasing", "samples_for", "measurement_plan", "scaled_by_scores",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,17 @@ def convex_increments(counts: np.ndarray, distortions: np.ndarray, total: int) -
         beyond = grid > xs[-1]
         values[beyond] = ys[-1] + slope * (grid[beyond] - xs[-1])
     return np.diff(values)
+
+
+def strictly_increasing(increments: np.ndarray) -> np.ndarray:
+    """``increments`` (non-decreasing up to rounding, as :func:`convex_increments` gives them)
+    made strictly increasing by the least floating-point steps: units along one straight piece of
+    the hull share an increment, and allocation, which takes a group's lowest scores first,
+    would then order them by index, not in the criterion's order the curve was measured in."""
+    result = np.array(increments, dtype=np.float64)
+    for k in range(1, len(result)):
+        result[k] = max(result[k], np.nextafter(result[k - 1], np.inf))
+    return result
 
 
 def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -251,7 +264,7 @@ class MeasureSensitivity(Pass):
             if measured:
                 increments = convex_increments(np.asarray(measured), np.asarray(distortions), len(order))
             group_scores = np.full(len(group.units), np.inf)
-            group_scores[order] = increments
+            group_scores[order] = strictly_increasing(increments)
             scores[group.id] = group_scores
         state.scores = scores
         state.cost_exponent = 1.0

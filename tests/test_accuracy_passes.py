@@ -16,7 +16,7 @@ from spa_compiler.refit import refit_layer
 from spa_compiler.sensitivity import samples_for
 from spa_compiler.report import fidelity_warning, synthetic_only
 from spa_compiler.rewrite import removed_indices
-from spa_compiler.sensitivity import convex_increments
+from spa_compiler.sensitivity import convex_increments, strictly_increasing
 from spa_compiler.stages import split_held_out
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
@@ -30,6 +30,32 @@ def test_convex_increments_follow_the_lower_hull():
     increments = convex_increments(counts, distortions, 14)
     np.testing.assert_allclose(increments, [0.1875] * 8 + [0.875] * 6, rtol=1e-12)
     assert increments[:12].sum() == pytest.approx(5.0)
+
+
+def test_strictly_increasing_breaks_ties_in_the_given_order():
+    increments = convex_increments(np.array([4, 8]), np.array([1.0, 3.0]), 8)  # two straight pieces
+    assert len(set(increments.tolist())) <= 3  # ties (up to rounding) along each piece
+    strict = strictly_increasing(increments)
+    assert np.all(np.diff(strict) > 0)
+    np.testing.assert_allclose(strict, increments, rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(strictly_increasing(np.zeros(3)), [0.0, 5e-324, 1e-323])
+
+
+def test_sensitivity_keeps_the_criterion_order_within_each_group(calibration):
+    """Measured distortions decide how many units a group loses, the criterion which ones: every
+    group's units ranked by the sensitivity scores come in the criterion's order (units along a
+    straight piece of a distortion curve once came in index order)."""
+    config = PruneConfig(flops=0.5, calibration=str(calibration), round_to=8)
+    pipeline = Pipeline(default_passes(config))
+    criterion = pipeline.until("score")(PruneState(config, graph=load_model(EXAMPLE))).scores
+    state = pipeline.until("sensitivity")(PruneState(config, graph=load_model(EXAMPLE)))
+    ranked = 0
+    for group in state.analysis.groups:
+        if len(group.prunable) > 1 and np.all(np.isfinite(state.scores[group.id][group.prunable])):
+            order = sorted(group.prunable, key=lambda k: (criterion[group.id][k], k))
+            assert sorted(group.prunable, key=lambda k: (state.scores[group.id][k], k)) == order, group.name
+            ranked += 1
+    assert ranked >= 4
 
 
 def test_sensitivity_samples_follow_the_output_size():
