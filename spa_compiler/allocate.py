@@ -13,7 +13,9 @@ step whose priority went up is pushed back. *Uniform* scope removes the same fra
 group, the fraction found by bisection. Every group keeps at least ``min_keep`` of its channels
 (and at least one), and no axis is emptied.
 
-*Rounding per group.* Each group first rounds as ``Constraints.rounding_for`` says. When that
+*Rounding per group.* Each group first rounds as ``Constraints.step_for`` says (channels of its
+widest axis in multiples of ``Constraints.rounding_for``, so a unit spanning several channels,
+a head or a head dimension, counts as those channels). When that
 misses the target (short of it, or more than the tolerance past it, as coarse steps of narrow
 groups do: a 16-channel group only halves), groups are rounded finer, narrowest first
 (:func:`rounding_levels`): each level halves the rounding of the narrowest groups (by powers of
@@ -73,16 +75,40 @@ class Constraints:
             raise TargetError(f"--min-keep must be between 0 and 1, got {self.min_keep}")
 
     def rounding_for(self, width: int) -> int:
+        """Channels per step for a group ``width`` channels wide."""
         step = self.round_to
         while step > 1 and width < 2 * step:
             step //= 2
         return step
 
+    def step_for(self, group: Group) -> int:
+        """Units per step: the fewest whose channels on the group's widest axis make a multiple
+        of :meth:`rounding_for` that axis. A unit is one channel there for most groups; a head
+        dimension spans every head (12 channels of a 12-head projection), so at ``round_to``
+        16 head dimensions go 4 at a time (48 channels), not 16 (192, half of a 32-dimension
+        head), and whole heads of 32 channels one at a time, not 4 (a third of 12 heads)."""
+        width, per_unit = widest_axis(group)
+        rounding = self.rounding_for(width)
+        return rounding // math.gcd(rounding, per_unit)
+
+
+def widest_axis(group: Group) -> tuple[int, int]:
+    """The channels of the group's widest axis and the channels every unit holds there (their
+    greatest common divisor); ``(units, 1)`` for a group without member axes."""
+    widths: dict[int, list[int]] = {}
+    for unit in group.units:
+        for axis, indices in unit.members.items():
+            widths.setdefault(axis, []).append(len(indices))
+    if not widths:
+        return len(group.units), 1
+    counts = max(widths.values(), key=sum)
+    return sum(counts), math.gcd(*counts)
+
 
 @dataclass
 class Plan:
     """Units to remove per group id, the cost ratio reached in the target's cost kind, and the
-    groups rounded finer than ``Constraints.rounding_for`` to reach it (group id -> rounding used)."""
+    groups rounded finer than ``Constraints.step_for`` to reach it (group id -> units per step used)."""
 
     removed: dict[int, list[int]] = field(default_factory=dict)
     achieved: float = 1.0
@@ -245,7 +271,7 @@ def allocate(
     Global removal steps are ranked by score over saving to the power ``cost_exponent``: 0.5 for
     criterion scores (see the module docstring), 1 for measured output distortions, whose ratio
     to the cost saved is the knapsack's greedy order."""
-    rule = {g.id: c.rounding_for(len(g.units)) for g in analysis.groups}
+    rule = {g.id: c.step_for(g) for g in analysis.groups}
     if target.kind == "ratio":
         removed = _uniform_removal(analysis, scores, target.value, c, rule)
         return Plan(removed, _cost_after(analysis, metric, removed))
@@ -279,7 +305,7 @@ def rounding_levels(groups: list[Group], c: Constraints) -> Iterator[dict[int, i
     """Successively finer roundings per group id (see the module docstring): the rule's first,
     then, level by level, the narrowest groups' rounding halved; groups ``4 * round_to`` wide
     or wider stop at ``min(8, round_to)`` until no narrower group can round finer."""
-    steps = {g.id: c.rounding_for(len(g.units)) for g in groups}
+    steps = {g.id: c.step_for(g) for g in groups}
     yield dict(steps)
     wide, speed = 4 * c.round_to, min(8, c.round_to)
     for floor in (lambda n: speed if n >= wide else 1, lambda n: 1):

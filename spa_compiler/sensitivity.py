@@ -295,7 +295,7 @@ class MeasureSensitivity(Pass):
         n = len(group.units)
         floor = max(1, math.ceil(constraints.min_keep * n))
         most = min(removable, n - floor)
-        step = constraints.rounding_for(n)
+        step = constraints.step_for(group)
         counts = {min(most, max(step, int(round(f * most / step)) * step)) for f in self.fractions}
         return sorted(c for c in counts if c > 0)
 

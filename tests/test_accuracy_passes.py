@@ -211,7 +211,7 @@ def test_sensitivity_scores_add_up_to_the_measured_distortion(calibration):
     group = max((g for g in state.analysis.groups if g.prunable), key=lambda g: len(g.units))
     order = sorted(group.prunable, key=lambda k: (l2_scores[group.id][k], k))
     most = len(group.units) - max(1, int(np.ceil(0.1 * len(group.units))))
-    most -= most % config.constraints().rounding_for(len(group.units))
+    most -= most % config.constraints().step_for(group)
     predicted = float(np.sum(state.scores[group.id][order[:most]]))
 
     # the same removal by zeroing what reads those channels, without compensation or the

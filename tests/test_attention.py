@@ -8,6 +8,8 @@ import pytest
 
 from helpers import assert_exact
 from spa_compiler import PruneConfig, analyze_graph, load_model, prune_graph
+from spa_compiler.allocate import Constraints, widest_axis
+from spa_compiler.analysis import Group, Unit
 from spa_compiler.verify import run_model
 
 HEADS, HEAD_DIM, HIDDEN = 4, 8, 32
@@ -101,6 +103,21 @@ def test_flops_target_counts_heads_with_all_their_projections(tmp_path):
     heads = next(g for g in result.analysis.groups if result.analysis.tagged(g, "heads"))
     assert len(result.plan.removed[heads.id]) == HEADS // 2
     assert result.plan.achieved == pytest.approx(0.5, abs=0.02)
+
+
+def test_rounding_counts_the_channels_a_unit_spans(tmp_path):
+    """--round-to counts channels of the widest axis, not units: a head of 8 channels is a whole
+    step at round-to 8, a head dimension spans 4 channels (one per head), so 2 of them make 8."""
+    graph = load_model(_attention_model(tmp_path / "attention.onnx"), {"x": (1, 16, HIDDEN)})
+    constraints = Constraints(round_to=8)
+    (heads,) = [g for g in analyze_graph(graph).groups if g.prunable]
+    dims = [g for g in analyze_graph(graph, head_dims=True).groups if g.prunable]
+    assert widest_axis(heads) == (HIDDEN, HEAD_DIM) and constraints.step_for(heads) == 1
+    assert {widest_axis(g) for g in dims} == {(HIDDEN, HEADS)} and {constraints.step_for(g) for g in dims} == {2}
+    assert Constraints(round_to=16).step_for(Group(0, "g", [0], [Unit({0: np.array([k])}) for k in range(64)], "n")) == 16
+    result = prune_graph(graph, PruneConfig(flops=0.75, round_to=8, min_keep=0.0, criterion="l2"))
+    assert len(result.plan.removed[heads.id]) == 1 and result.plan.rounded_finer == {}  # 3 heads: the rule's own step
+    assert result.plan.achieved == pytest.approx(0.75, abs=0.02)
 
 
 def test_a_shape_value_used_elsewhere_keeps_the_heads(tmp_path):
