@@ -51,6 +51,7 @@ class OBS(Criterion):
     compensation = OBSCompensation
     relative = False  # divide each layer's costs by its output energy (the obs_relative ablation)
     joint = False  # choose a group's channels jointly (obs_joint)
+    alternative = "obs_joint"
 
     def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
         if self.joint:
@@ -84,6 +85,7 @@ class OBSRelative(OBS):
 
     description = "obs with costs relative to each layer's output energy (ablation)"
     relative = True
+    alternative = None
 
 
 @register_criterion("obs_joint")
@@ -93,3 +95,4 @@ class OBSJoint(OBS):
 
     description = "obs choosing each group's channels jointly, inverse Hessian updated as they go"
     joint = True
+    alternative = "obs"

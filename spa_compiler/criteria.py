@@ -117,6 +117,9 @@ class Criterion:
     are used as they are, instead of through :func:`comparable_scores`; a group such a criterion
     cannot score (no statistics) is scored by ``fallback``.
     ``compensation``: a pass class run after allocation that re-fits the remaining weights.
+    ``alternative``: another criterion ordering units by the same cost; with sensitivity
+    allocation each group is measured at its middle width in both orders and keeps the one
+    that distorts the outputs less (:class:`~spa_compiler.sensitivity.MeasureSensitivity`).
     """
 
     name = ""
@@ -125,6 +128,7 @@ class Criterion:
     self_normalized = False
     fallback: type[Criterion] | None = None
     compensation: Callable[[], PassLike] | None = None
+    alternative: str | None = None
 
     def score(self, group: Group, ctx: ScoreContext) -> np.ndarray:
         raise NotImplementedError

@@ -76,6 +76,7 @@ class PruneReport:
     custom_ops: list[str] = field(default_factory=list)
     calibration: str | None = None
     calibration_warning: str | None = None  # why the --calib samples describe no real input
+    order_choice: str | None = None  # groups ordered by the criterion's alternative (sensitivity pass)
     compensated: int = 0
     requantized: tuple[int, int] = (0, 0)  # re-fitted QDQ weights quantized again, values saturated
     timings: dict[str, float] = field(default_factory=dict)
@@ -195,6 +196,7 @@ def build_report(state: PruneState) -> PruneReport:
         custom_ops=custom_ops(state.graph),
         calibration=state.calibration,
         calibration_warning=state.calibration_warning,
+        order_choice=state.order_choice,
         shipped_text=state.written is not None and state.written.data is not None and state.written.samples == SHIPPED,
         input_shapes=dict(config.input_shapes),
         compensated=len(state.compensated),
@@ -266,6 +268,8 @@ def render_report(report: PruneReport, console: Console) -> None:
     if report.calibration:
         compensated = "" if fidelity_only(report) else f"; {report.compensated} weight tensors compensated"
         console.print(escape(f"statistics: {report.calibration}{compensated}"))
+    if report.order_choice:
+        console.print(escape(f"channel order: {report.order_choice}"))
     if report.calibration_warning:
         console.print(Text(f"warning: the --calib data describes one input, not many ({report.calibration_warning}): "
                            "the channels chosen and the weights re-fitted fit that input; give varied real samples, "

@@ -140,6 +140,7 @@ def run_markdown(report: PruneReport, picture: str | None) -> str:
         f"criterion {report.criterion}); output `{report.output}`.", "",
         *_costs_table(report), "", *_fidelity_lines(report),
         *([f"- statistics: {report.calibration}"] if report.calibration else []),
+        *([f"- channel order: {report.order_choice}"] if report.order_choice else []),
         *([f"- warning: the --calib data describes one input ({report.calibration_warning})"]
           if report.calibration_warning else []), "",
         "## Widths per group", "", *_widths_table(report), "",

@@ -19,6 +19,16 @@ the criterion's order. Allocation then removes steps in the order of measured
 distortion per cost saved (``cost_exponent = 1``): the greedy solution of the knapsack "least
 total distortion within the budget", treating the groups' distortions as additive.
 
+Which units a group loses first is the criterion's order, or, with ``--calib``, that of its
+``alternative`` (``obs`` and ``obs_joint``: the same second-order cost, units chosen one at a
+time or jointly with the inverse Hessian updated): both orders are measured with the group's
+middle count removed and the one that distorts the outputs less is kept, group by group. On
+the accuracy benchmark at ``--flops 0.5``, calibrated, the PP-OCRv4 recogniser reads 0.999 of
+its characters (0.990 in ``obs``'s order throughout), the digits ResNet at 0.3 keeps 1.000 of
+its test images (0.989; 0.9972 against 0.9940 over six draws of calibration images); the
+direction classifier keeps 0.940 (0.945), MiniLM 0.948 (0.947). Data-free the choice is not
+made: measured on synthetic inputs it misleads.
+
 A measurement runs only the part of the network the changed weights affect
 (:mod:`~spa_compiler.subnetwork`), from the activations one run of the whole network left at
 that part's boundary (the whole network when building the part's session would cost more than
@@ -48,6 +58,7 @@ from .analysis import Group
 from .batch_axis import declares_batch_of_one, fixed_batch
 from .calibrate import LayerStatistics, exposing, with_weight_inputs
 from .cost import node_macs
+from .criteria import ScoreContext, get_criterion
 from .ir import Graph
 from .pipeline import Pass
 from .quantized import zero_slabs
@@ -240,22 +251,33 @@ class MeasureSensitivity(Pass):
             log.warning("%d groups cannot be measured (no weight emulates their removal) and are kept whole: %s",
                         len(unmeasurable), ", ".join(g.name for g in unmeasurable[:3]))
         groups = [g for g in groups if changed[g.id]]
-        samples, every_width, whole = self._plan(state, model, groups, counts, changed)
+        alternatives = self._alternative_orders(state, groups, orders)
+        samples, every_width, whole = self._plan(state, model, groups, counts, changed, alternatives)
         feeds = {name: array[:samples] for name, array in state.calibration_data.items()}
         runner = TailRunner(graph, model, feeds, list(changed.values()))
         energy = sum(float(np.sum(y * y)) for y in runner.reference.values()) or 1.0
         scores = {**state.scores, **{g.id: np.full(len(g.units), np.inf) for g in unmeasurable}}
+        taken = 0
         for done, group in enumerate(groups):
             state.note(f"measuring sensitivity of group {done + 1}/{len(groups)}")
             order, measured = orders[group.id], counts[group.id]
             if not every_width and measured:
                 measured = [measured[len(measured) // 2]]
             outputs = runner.tail(changed[group.id], whole[group.id])
-            distortions = []
-            for count in measured:
-                pruned = outputs(self._pruned_weights(state, layers, group, order[:count]))
-                error = sum(float(np.sum((y - runner.reference[name]) ** 2)) for name, y in pruned.items())
-                distortions.append(error / energy)
+
+            def distortion(units: list[int]) -> float:
+                pruned = outputs(self._pruned_weights(state, layers, group, units))
+                return sum(float(np.sum((y - runner.reference[name]) ** 2)) for name, y in pruned.items()) / energy
+
+            known: dict[int, float] = {}
+            alternative = alternatives.get(group.id)
+            if alternative is not None and measured:
+                middle = counts[group.id][len(counts[group.id]) // 2]
+                given, other = distortion(order[:middle]), distortion(alternative[:middle])
+                if other < given:
+                    order, given, taken = alternative, other, taken + 1
+                known[middle] = given
+            distortions = [known[count] if count in known else distortion(order[:count]) for count in measured]
             if not every_width and measured:
                 measured, distortions = counts[group.id], scaled_by_scores(
                     state.scores[group.id][order], measured[0], distortions[0], counts[group.id]
@@ -268,17 +290,44 @@ class MeasureSensitivity(Pass):
             scores[group.id] = group_scores
         state.scores = scores
         state.cost_exponent = 1.0
+        if alternatives:
+            state.order_choice = (f"{taken} of {len(alternatives)} groups in {self._alternative_name(state)}'s order, "
+                                  "the rest in the criterion's (the one that distorted the outputs less at their middle width)")
         return state
 
+    @staticmethod
+    def _alternative_name(state: PruneState) -> str | None:
+        return get_criterion(state.config.criterion_name).alternative
+
+    def _alternative_orders(self, state: PruneState, groups: list[Group],
+                            orders: dict[int, list[int]]) -> dict[int, list[int]]:
+        """Each group's units in the order of the criterion's ``alternative`` (the same cost
+        chosen one at a time or jointly), where it scores the group and orders it differently;
+        none data-free: measured on synthetic inputs the choice misleads (the PP-OCRv4
+        recogniser at ``--flops 0.5`` read 0.710 of its characters with it, 0.874 without)."""
+        name = self._alternative_name(state)
+        if name is None or not state.statistics or not state.config.calibration:
+            return {}
+        criterion, context = get_criterion(name), ScoreContext(state.analysis, state.config.seed, state.statistics)
+        alternatives = {}
+        for group in groups:
+            if context.statistics_for(group):
+                scores = criterion.score(group, context)
+                order = sorted(group.prunable, key=lambda k: (scores[k], k))
+                if order != orders[group.id]:
+                    alternatives[group.id] = order
+        return alternatives
+
     def _plan(self, state: PruneState, model: onnx.ModelProto, groups: list[Group], counts: dict[int, list[int]],
-              changed: dict[int, set[str]]) -> tuple[int, bool, dict[int, bool]]:
+              changed: dict[int, set[str]], alternatives: dict[int, list[int]]) -> tuple[int, bool, dict[int, bool]]:
         """``(samples, every width, whole network per group)``: what the measurements run within
         the budget (:func:`measurement_plan`, each group's part of the network counted), and for
         which groups a part would not save what its session costs."""
         graph = state.graph
         macs = node_macs(state.analysis)
         total = sum(macs.values())
-        costs = [(part_macs(tail_nodes(model, changed[g.id]), macs), len(counts[g.id])) for g in groups]
+        costs = [(part_macs(tail_nodes(model, changed[g.id]), macs), len(counts[g.id]) + (g.id in alternatives))
+                 for g in groups]
         per_sample = sum(int(np.prod(graph.shapes[name][1:])) for name in graph.outputs if name in graph.shapes)
         wanted = samples_for(per_sample, len(next(iter(state.calibration_data.values()))), self.samples)
         samples, every_width = measurement_plan(costs, wanted, self.budget)

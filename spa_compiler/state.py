@@ -75,6 +75,7 @@ class PruneState:
     written: SelfWritten | None = None
     rotation: HeadRotation | None = None
     scores: dict[int, np.ndarray] | None = None
+    order_choice: str | None = None  # which groups the sensitivity pass ordered by the criterion's alternative
     cost_exponent: float = COST_EXPONENT
     plan: Plan | None = None
     removed_by_axis: dict[int, np.ndarray] | None = None

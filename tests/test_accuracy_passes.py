@@ -15,8 +15,10 @@ from spa_compiler.paired import PairedStatistics
 from spa_compiler.refit import refit_layer
 from spa_compiler.sensitivity import samples_for
 from spa_compiler.report import fidelity_warning, synthetic_only
-from spa_compiler.rewrite import removed_indices
-from spa_compiler.sensitivity import convex_increments, strictly_increasing
+from spa_compiler.criteria import ScoreContext, get_criterion
+from spa_compiler.rewrite import removed_indices, rewrite_model
+from spa_compiler.secondorder import compensate_layer
+from spa_compiler.sensitivity import MeasureSensitivity, convex_increments, strictly_increasing
 from spa_compiler.stages import split_held_out
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
@@ -41,21 +43,66 @@ def test_strictly_increasing_breaks_ties_in_the_given_order():
     np.testing.assert_array_equal(strictly_increasing(np.zeros(3)), [0.0, 5e-324, 1e-323])
 
 
-def test_sensitivity_keeps_the_criterion_order_within_each_group(calibration):
-    """Measured distortions decide how many units a group loses, the criterion which ones: every
-    group's units ranked by the sensitivity scores come in the criterion's order (units along a
-    straight piece of a distortion curve once came in index order)."""
-    config = PruneConfig(flops=0.5, calibration=str(calibration), round_to=8)
+def _orders(scores: dict[int, np.ndarray], group) -> list[int]:
+    return sorted(group.prunable, key=lambda k: (scores[group.id][k], k))
+
+
+def test_sensitivity_keeps_the_criterion_order_within_each_group():
+    """Data-free, measured distortions decide how many units a group loses, the criterion which
+    ones: every group's units ranked by the sensitivity scores come in the criterion's order
+    (units along a straight piece of a distortion curve once came in index order)."""
+    config = PruneConfig(flops=0.5, round_to=8)
     pipeline = Pipeline(default_passes(config))
     criterion = pipeline.until("score")(PruneState(config, graph=load_model(EXAMPLE))).scores
     state = pipeline.until("sensitivity")(PruneState(config, graph=load_model(EXAMPLE)))
-    ranked = 0
-    for group in state.analysis.groups:
-        if len(group.prunable) > 1 and np.all(np.isfinite(state.scores[group.id][group.prunable])):
-            order = sorted(group.prunable, key=lambda k: (criterion[group.id][k], k))
-            assert sorted(group.prunable, key=lambda k: (state.scores[group.id][k], k)) == order, group.name
-            ranked += 1
-    assert ranked >= 4
+    assert state.order_choice is None  # data-free: no choice of order
+    ranked = [g for g in state.analysis.groups
+              if len(g.prunable) > 1 and np.all(np.isfinite(state.scores[g.id][g.prunable]))]
+    assert len(ranked) >= 4
+    for group in ranked:
+        assert _orders(state.scores, group) == _orders(criterion, group), group.name
+
+
+def test_calibrated_sensitivity_keeps_the_order_that_distorts_less(calibration):
+    """With --calib each group goes in obs's order or obs_joint's, whichever distorts the
+    outputs less with the group's middle count removed. Checked independently: each order's
+    removal written out by the rewriter, weights compensated, run on the samples the pass
+    measured on (the first 32 of those the statistics used)."""
+    config = PruneConfig(flops=0.5, calibration=str(calibration), round_to=8)
+    pipeline = Pipeline(default_passes(config))
+    state = pipeline.until("sensitivity")(PruneState(config, graph=load_model(EXAMPLE)))
+    analysis, constants = state.analysis, state.graph.constants
+    context = ScoreContext(analysis, 0, state.statistics)
+    obs_scores = pipeline.until("score")(PruneState(config, graph=load_model(EXAMPLE))).scores
+    samples = state.calibration_data["input"][:32]
+    reference = outputs(str(EXAMPLE), samples)
+    constraints, joint = config.constraints(), get_criterion("obs_joint")
+    kinds, alternatives = [], []
+    for group in analysis.groups:
+        if len(group.prunable) < 2 or not context.statistics_for(group):
+            continue
+        joint_scores = joint.score(group, context)
+        orders = (_orders(obs_scores, group), sorted(group.prunable, key=lambda k: (joint_scores[k], k)))
+        chosen = _orders(state.scores, group)
+        assert chosen in orders, group.name
+        if orders[0] == orders[1]:
+            continue
+        alternatives.append(chosen == orders[1])
+        counts = MeasureSensitivity()._counts(group, len(group.prunable), constraints)
+        errors = []
+        for order in orders:
+            removed = removed_indices(analysis, {group.id: order[:counts[len(counts) // 2]]})
+            compensated = {}
+            for stats in state.statistics.values():
+                channels = removed.get(analysis.axis_id(stats.layer.weight, stats.layer.axis))
+                if channels is not None:
+                    compensated.update(compensate_layer(stats, constants, channels))
+            errors.append(float(np.sum((outputs(rewrite_model(analysis, removed, compensated), samples) - reference) ** 2)))
+        if abs(errors[0] - errors[1]) > 0.01 * max(errors):
+            assert chosen == orders[int(errors[1] < errors[0])], (group.name, errors)
+            kinds.append(int(errors[1] < errors[0]))
+    assert len(kinds) >= 3, kinds
+    assert state.order_choice.startswith(f"{sum(alternatives)} of {len(alternatives)} groups in obs_joint's order")
 
 
 def test_sensitivity_samples_follow_the_output_size():
