@@ -292,7 +292,8 @@ class MeasureSensitivity(Pass):
         state.cost_exponent = 1.0
         if alternatives:
             state.order_choice = (f"{taken} of {len(alternatives)} groups in {self._alternative_name(state)}'s order, "
-                                  "the rest in the criterion's (the one that distorted the outputs less at their middle width)")
+                                  f"the rest in {state.config.criterion_name}'s: whichever distorted the outputs "
+                                  "less at the group's middle width")
         return state
 
     @staticmethod
