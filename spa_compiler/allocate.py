@@ -13,9 +13,9 @@ step whose priority went up is pushed back. *Uniform* scope removes the same fra
 group, the fraction found by bisection. Every group keeps at least ``min_keep`` of its channels
 (and at least one), and no axis is emptied.
 
-*Rounding per group.* Each group first rounds as ``Constraints.step_for`` says (channels of its
-widest axis in multiples of ``Constraints.rounding_for``, so a unit spanning several channels,
-a head or a head dimension, counts as those channels). When that
+*Rounding per group.* Each group first rounds as :func:`unit_steps` says (attention heads and
+head dimensions by the channels they span on their widest axis, ``Constraints.step_for``;
+other groups by ``Constraints.rounding_for`` their width). When that
 misses the target (short of it, or more than the tolerance past it, as coarse steps of narrow
 groups do: a 16-channel group only halves), groups are rounded finer, narrowest first
 (:func:`rounding_levels`): each level halves the rounding of the narrowest groups (by powers of
@@ -39,7 +39,7 @@ from .analysis import Analysis, Group
 from .cost import CostMetric, CostModel
 from .errors import TargetError
 
-__all__ = ["Target", "Constraints", "Plan", "allocate", "unit_counts", "rounding_levels", "COST_EXPONENT"]
+__all__ = ["Target", "Constraints", "Plan", "allocate", "unit_counts", "rounding_levels", "unit_steps", "COST_EXPONENT"]
 
 Scope = Literal["global", "uniform"]
 
@@ -92,6 +92,19 @@ class Constraints:
         return rounding // math.gcd(rounding, per_unit)
 
 
+SPANNING_KINDS = ("heads", "head dims")
+"""Group kinds whose units round by the channels they span (:meth:`Constraints.step_for`)."""
+
+
+def unit_steps(analysis: Analysis, c: Constraints) -> dict[int, int]:
+    """Units per step of every group by the rounding rule: attention heads and head dimensions
+    by the channels they span (:meth:`Constraints.step_for`), other groups a channel per unit (a
+    recurrent layer's hidden unit spans its gates, but its hidden size is itself a dimension of
+    the recurrence's matrix product and keeps multiples of the rounding)."""
+    return {g.id: c.step_for(g) if analysis.kind(g) in SPANNING_KINDS else c.rounding_for(len(g.units))
+            for g in analysis.groups}
+
+
 def widest_axis(group: Group) -> tuple[int, int]:
     """The channels of the group's widest axis and the channels every unit holds there (their
     greatest common divisor); ``(units, 1)`` for a group without member axes."""
@@ -108,7 +121,7 @@ def widest_axis(group: Group) -> tuple[int, int]:
 @dataclass
 class Plan:
     """Units to remove per group id, the cost ratio reached in the target's cost kind, and the
-    groups rounded finer than ``Constraints.step_for`` to reach it (group id -> units per step used)."""
+    groups rounded finer than :func:`unit_steps` to reach it (group id -> units per step used)."""
 
     removed: dict[int, list[int]] = field(default_factory=dict)
     achieved: float = 1.0
@@ -271,14 +284,14 @@ def allocate(
     Global removal steps are ranked by score over saving to the power ``cost_exponent``: 0.5 for
     criterion scores (see the module docstring), 1 for measured output distortions, whose ratio
     to the cost saved is the knapsack's greedy order."""
-    rule = {g.id: c.step_for(g) for g in analysis.groups}
+    rule = unit_steps(analysis, c)
     if target.kind == "ratio":
         removed = _uniform_removal(analysis, scores, target.value, c, rule)
         return Plan(removed, _cost_after(analysis, metric, removed))
     if CostModel(analysis, metric).original_total <= 0:
         raise TargetError(f"the model has no {metric.label} to reduce ({metric.description})")
     best: Plan | None = None
-    for steps in rounding_levels(analysis.groups, c):
+    for steps in rounding_levels(analysis.groups, c, rule):
         if c.scope == "uniform":
             removed = _allocate_uniform(analysis, scores, metric, target.value, c, steps)
         else:
@@ -301,11 +314,12 @@ def _miss(plan: Plan, target: Target) -> tuple[bool, float]:
     return plan.achieved > target.value, abs(plan.achieved - target.value)
 
 
-def rounding_levels(groups: list[Group], c: Constraints) -> Iterator[dict[int, int]]:
-    """Successively finer roundings per group id (see the module docstring): the rule's first,
-    then, level by level, the narrowest groups' rounding halved; groups ``4 * round_to`` wide
-    or wider stop at ``min(8, round_to)`` until no narrower group can round finer."""
-    steps = {g.id: c.step_for(g) for g in groups}
+def rounding_levels(groups: list[Group], c: Constraints, rule: dict[int, int] | None = None) -> Iterator[dict[int, int]]:
+    """Successively finer roundings per group id (see the module docstring): the rule's first
+    (:func:`unit_steps`; without ``rule``, a channel per unit), then, level by level, the
+    narrowest groups' rounding halved; groups ``4 * round_to`` wide or wider stop at
+    ``min(8, round_to)`` until no narrower group can round finer."""
+    steps = dict(rule) if rule is not None else {g.id: c.rounding_for(len(g.units)) for g in groups}
     yield dict(steps)
     wide, speed = 4 * c.round_to, min(8, c.round_to)
     for floor in (lambda n: speed if n >= wide else 1, lambda n: 1):

@@ -54,6 +54,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from .allocate import unit_steps
 from .analysis import Group
 from .batch_axis import declares_batch_of_one, fixed_batch
 from .calibrate import LayerStatistics, exposing, with_weight_inputs
@@ -244,7 +245,8 @@ class MeasureSensitivity(Pass):
         constraints = config.constraints()
         groups = [g for g in analysis.groups if g.prunable]
         orders = {g.id: sorted(g.prunable, key=lambda k: (state.scores[g.id][k], k)) for g in groups}
-        counts = {g.id: self._counts(g, len(orders[g.id]), constraints) for g in groups}
+        steps = unit_steps(analysis, constraints)
+        counts = {g.id: self._counts(g, len(orders[g.id]), constraints.min_keep, steps[g.id]) for g in groups}
         changed = {g.id: set(self._pruned_weights(state, layers, g, orders[g.id], compensate=False)) for g in groups}
         unmeasurable = [g for g in groups if not changed[g.id]]
         if unmeasurable:
@@ -340,12 +342,12 @@ class MeasureSensitivity(Pass):
         }
         return samples, every_width, whole
 
-    def _counts(self, group: Group, removable: int, constraints) -> list[int]:
-        """Removal counts measured: fractions of what the group may lose, on its rounding grid."""
+    def _counts(self, group: Group, removable: int, min_keep: float, step: int) -> list[int]:
+        """Removal counts measured: fractions of what the group may lose, on its rounding grid
+        (``step`` units)."""
         n = len(group.units)
-        floor = max(1, math.ceil(constraints.min_keep * n))
+        floor = max(1, math.ceil(min_keep * n))
         most = min(removable, n - floor)
-        step = constraints.step_for(group)
         counts = {min(most, max(step, int(round(f * most / step)) * step)) for f in self.fractions}
         return sorted(c for c in counts if c > 0)
 

@@ -88,7 +88,7 @@ def test_calibrated_sensitivity_keeps_the_order_that_distorts_less(calibration):
         if orders[0] == orders[1]:
             continue
         alternatives.append(chosen == orders[1])
-        counts = MeasureSensitivity()._counts(group, len(group.prunable), constraints)
+        counts = MeasureSensitivity()._counts(group, len(group.prunable), 0.1, constraints.rounding_for(len(group.units)))
         errors = []
         for order in orders:
             removed = removed_indices(analysis, {group.id: order[:counts[len(counts) // 2]]})
@@ -258,7 +258,7 @@ def test_sensitivity_scores_add_up_to_the_measured_distortion(calibration):
     group = max((g for g in state.analysis.groups if g.prunable), key=lambda g: len(g.units))
     order = sorted(group.prunable, key=lambda k: (l2_scores[group.id][k], k))
     most = len(group.units) - max(1, int(np.ceil(0.1 * len(group.units))))
-    most -= most % config.constraints().step_for(group)
+    most -= most % config.constraints().rounding_for(len(group.units))
     predicted = float(np.sum(state.scores[group.id][order[:most]]))
 
     # the same removal by zeroing what reads those channels, without compensation or the

@@ -59,7 +59,7 @@ def test_narrow_groups_round_finer_to_land_on_the_target(tmp_path, monkeypatch):
         assert (24 - len(units)) % result.plan.rounded_finer.get(gid, 8) == 0
     import spa_compiler.allocate as allocate_module
 
-    rule_only = lambda groups, c: iter([next(rounding_levels(groups, c))])  # noqa: E731
+    rule_only = lambda groups, c, rule: iter([next(rounding_levels(groups, c, rule))])  # noqa: E731
     monkeypatch.setattr(allocate_module, "rounding_levels", rule_only)
     assert prune_graph(load_model(path), PruneConfig(flops=0.5, verify=False)).plan.achieved < 0.46
 
