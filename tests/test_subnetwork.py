@@ -171,7 +171,7 @@ def test_one_width_per_group_when_the_budget_is_small(tmp_path):
     analysis = state.analysis
     group = max((g for g in analysis.groups if g.prunable), key=lambda g: len(g.units))
     order = sorted(group.prunable, key=lambda k: (criterion_scores[group.id][k], k))
-    counts = measure._counts(group, len(order), config.constraints())
+    counts = measure._counts(group, len(order), config.min_keep, config.constraints().rounding_for(len(group.units)))
     middle = counts[len(counts) // 2]
     layers = {analysis.axis_id(s.layer.weight, s.layer.axis): s for s in state.statistics.values()}
     weights = measure._pruned_weights(state, layers, group, order[:middle])
