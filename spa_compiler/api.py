@@ -27,7 +27,8 @@ __all__ = ["default_passes", "output_passes", "prune_graph", "prune", "analyze"]
 
 def default_passes(config: PruneConfig) -> list[PassLike]:
     """In memory, from a loaded graph to the verified pruned model: (remove residual branches,)
-    analyse, calibrate, (rotate attention heads,) score, measure sensitivity, allocate,
+    analyse, calibrate (or, when nothing uses statistics, read ``--calib`` samples to measure
+    fidelity on), (rotate attention heads,) score, measure sensitivity, allocate,
     (compensate), re-fit, rewrite, verify. The criterion and the options decide the optional
     passes; a ``latency`` target allocates on measured latency and times the result;
     ``--units depth`` removes residual branches only (:mod:`spa_compiler.depth_prune`)."""
