@@ -147,8 +147,7 @@ class _GroupSteps:
     def __init__(self, group: Group, scores: np.ndarray, c: Constraints, step: int) -> None:
         self.group = group
         self.scores = scores
-        prunable = group.prunable
-        self.order = sorted(prunable, key=lambda k: (scores[k], k))
+        self.order = group.ranked(scores)
         self.n = len(group.units)
         self.floor = max(1, math.ceil(c.min_keep * self.n))
         self.step = step
@@ -239,7 +238,7 @@ def _uniform_removal(
         step = steps[group.id]
         keep = min(n, math.ceil(keep / step) * step)
         take = []
-        for k in sorted(group.prunable, key=lambda k: (scores[group.id][k], k)):
+        for k in group.ranked(scores[group.id]):
             if len(take) == n - keep:
                 break
             counts = unit_counts(group, [k])

@@ -68,6 +68,10 @@ class Group:
     def prunable(self) -> list[int]:
         return [k for k, unit in enumerate(self.units) if not unit.blocked]
 
+    def ranked(self, scores) -> list[int]:
+        """The prunable units, lowest score first (ties by unit index): the order they go in."""
+        return sorted(self.prunable, key=lambda k: (scores[k], k))
+
     @property
     def blocked_reasons(self) -> list[str]:
         return sorted({u.blocked_by for u in self.units if u.blocked_by})

@@ -246,7 +246,7 @@ class MeasureSensitivity(Pass):
         model = with_weight_inputs(graph.model, overridable)
         constraints = config.constraints()
         groups = [g for g in analysis.groups if g.prunable]
-        orders = {g.id: sorted(g.prunable, key=lambda k: (state.scores[g.id][k], k)) for g in groups}
+        orders = {g.id: g.ranked(state.scores[g.id]) for g in groups}
         steps = unit_steps(analysis, constraints)
         counts = {g.id: self._counts(g, len(orders[g.id]), constraints.min_keep, steps[g.id]) for g in groups}
         changed = {g.id: set(self._pruned_weights(state, layers, g, orders[g.id], compensate=False)) for g in groups}
@@ -319,8 +319,7 @@ class MeasureSensitivity(Pass):
         alternatives = {}
         for group in groups:
             if context.statistics_for(group):
-                scores = criterion.score(group, context)
-                order = sorted(group.prunable, key=lambda k: (scores[k], k))
+                order = group.ranked(criterion.score(group, context))
                 if order != orders[group.id]:
                     alternatives[group.id] = order
         return alternatives
