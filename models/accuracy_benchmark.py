@@ -2,7 +2,7 @@
 
     python -m models.accuracy_benchmark [--tasks rec,cls,det,minilm,digits,vit] [--flops 0.9,0.75,0.5]
         [--criteria default,l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers]
-        [--json results.json] [--option FIELD=VALUE ...] [--criterion-only]
+        [--json results.json] [--option FIELD=VALUE ...] [--criterion-only] [--ablation]
 
 Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint from test data):
 
@@ -24,6 +24,11 @@ one (``obs``).  The other ``PruneConfig`` fields are the task's ``round_to``, no
 the defaults (measured sensitivity, sequential re-fit), unless ``--option`` sets them, e.g.
 ``--option refit_rounds=0``; ``--criterion-only`` sets ``CRITERION_ONLY`` (allocation by the
 criterion's scores, no re-fit: the previous pipeline, to compare criteria cheaply).
+``--ablation`` prints what each method buys instead: the default pipeline, calibrated, then
+once with each of its methods turned off (``ABLATIONS``: the measured sensitivity, the re-fit,
+its residual targets, rotated head dimensions and token copies where the model has them, both
+allocation and re-fit, and the second-order criterion), then data-free (and with token ids
+drawn from the vocabulary's prior instead of the shipped sentences); no peers.
 Peers (``models.peers``): onnxsim's structured pruning, data-free and calibrated
 (Wanda + least-squares re-fit), and Torch-Pruning where a PyTorch model exists.  One table per
 task metric: a row per method, a column per target, cells ``metric (achieved FLOPs ratio)
@@ -99,6 +104,7 @@ class Method:
     tool: str
     criterion: str | None = None  # None: spa-prune's default for the data given
     calibrated: bool = False
+    options: tuple[tuple[str, Any], ...] = ()  # further PruneConfig fields of this row (``--ablation``)
 
 
 def method_rows(criteria: list[str], task: Task, peers: bool) -> list[Method]:
@@ -124,6 +130,37 @@ def method_rows(criteria: list[str], task: Task, peers: bool) -> list[Method]:
     return rows
 
 
+ABLATIONS: tuple[tuple[str, tuple[tuple[str, Any], ...], str | None], ...] = (
+    ("without measured sensitivity", (("allocation", "score"),), None),
+    ("without the re-fit", (("refit_rounds", 0),), None),
+    ("without residual targets", (("refit_residual", False),), None),
+    ("whole heads (no head dims)", (("head_dims", False),), "attention"),
+    ("without token copies", (("token_copies", False),), "tokens"),
+    ("criterion alone", tuple(CRITERION_ONLY.items()), None),
+)
+"""``--ablation`` rows: the calibrated default with one method turned off (``PruneConfig``
+fields), for the tasks with the ``Task`` flag named (None: every task). "criterion alone" turns
+off the sensitivity allocation and the re-fit together: the previous pipeline."""
+DATA_FREE_ABLATIONS = (("token ids from the prior", (("known_text", False),), "tokens"),)
+"""``--ablation`` rows after the data-free default: data-free statistics without the shipped text."""
+
+
+def ablation_rows(task: Task) -> list[Method]:
+    """The calibrated default, each ``ABLATIONS`` row that applies to ``task``, the same with L2
+    magnitude for ``obs`` (no second-order choice, no compensation), then the data-free default and
+    its ``DATA_FREE_ABLATIONS``."""
+    def applies(flag: str | None) -> bool:
+        return flag is None or getattr(task, flag)
+
+    calibrated = [Method(f"calibrated, {label}", "spa-prune", calibrated=True, options=options)
+                  for label, options, flag in ABLATIONS if applies(flag)]
+    data_free = [Method(f"data-free, {label}", "spa-prune", options=options)
+                 for label, options, flag in DATA_FREE_ABLATIONS if applies(flag)]
+    return [Method("default (calibrated)", "spa-prune", calibrated=True), *calibrated,
+            Method("calibrated, l2 instead of obs", "spa-prune", "l2", calibrated=True),
+            Method("default (data-free)", "spa-prune"), *data_free]
+
+
 class _Run:
     """Prunes one task's model every way into ``folder``, reusing the peers' searches."""
 
@@ -144,7 +181,7 @@ class _Run:
         """Write the pruned model to ``output``; return its FLOPs ratio."""
         if method.tool == "spa-prune":
             config = PruneConfig(
-                **{"round_to": self.task.round_to, "bench_runs": 0, **self.options},
+                **{"round_to": self.task.round_to, "bench_runs": 0, **self.options, **dict(method.options)},
                 flops=target, criterion=method.criterion, input_shapes=self.shapes,
                 calibration=str(self.calibration_path) if method.calibrated else None,
                 calibration_samples=self.calibration_samples if method.calibrated and self.samples_given else None,
@@ -244,7 +281,9 @@ def render(result: dict[str, Any], targets: tuple[float, ...]) -> None:
         rows = [{"method": label, **{str(t): _cell_text(cells[t], metric, unpruned) for t in targets}}
                 for label, cells in {"unpruned": dict.fromkeys(targets, original), **result["cells"]}.items()]
         width = max([22, *(len(row[str(t)]) for row in rows for t in targets)])
-        print_table(rows, [("method", "method", "22s"), *((str(t), f"--flops {t:g}", f"{width}s") for t in targets)])
+        label_width = max(22, *(len(row["method"]) for row in rows))
+        print_table(rows, [("method", "method", f"{label_width}s"),
+                           *((str(t), f"--flops {t:g}", f"{width}s") for t in targets)])
     for label, cells in result["cells"].items():
         for target, cell in cells.items():
             if cell.error is not None and len(cell.error) > ERROR_WIDTH:
@@ -288,6 +327,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     calibration.add_argument("--calib-file", type=int, metavar="N",
                              help="a calibration file of N samples, spa-prune choosing how many to read")
     parser.add_argument("--no-peers", action="store_true", help="spa-prune rows only")
+    parser.add_argument("--ablation", action="store_true",
+                        help="instead of --criteria and the peers: the defaults, each with one method turned off")
     parser.add_argument("--option", type=_option, action="append", default=[], metavar="FIELD=VALUE",
                         help="a further PruneConfig field for every spa-prune row, e.g. refit_rounds=1 (repeatable)")
     parser.add_argument("--criterion-only", action="store_true",
@@ -314,7 +355,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="spa_accuracy_") as name:
         for task_name in names:
             task = TASK_TYPES[task_name](args.test_samples)
-            methods = method_rows(args.criteria.split(","), task, not args.no_peers)
+            methods = ablation_rows(task) if args.ablation else method_rows(args.criteria.split(","), task, not args.no_peers)
             folder = Path(name) / task_name
             folder.mkdir()
             results.append(run_task(task, methods, args.flops, folder, samples, args.option, args.calib_file is None))

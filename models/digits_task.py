@@ -84,6 +84,7 @@ class DigitsTask(Task):
 class DigitsViTTask(DigitsTask):
     name = "vit"
     model_name = "digits ViT"
+    attention = True
 
     @cached_property
     def _model(self) -> nn.Module:

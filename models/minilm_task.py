@@ -127,6 +127,7 @@ class MiniLMTask(Task):
     default_test_samples = 300
     round_to = 16
     torch_pruning = True
+    attention = tokens = True
 
     @property
     def description(self) -> str:

@@ -133,6 +133,7 @@ class RecTask(_LineTask):
     name = "rec"
     input_shape = (1, 3, 48, 320)
     metric_names = ("character accuracy",)
+    attention = True
     default_test_samples = 150
 
     @property

@@ -40,6 +40,10 @@ class Task(ABC):
     """``PruneConfig.round_to`` suited to the model's channel widths."""
     torch_pruning: ClassVar[bool] = False
     """Whether ``torch_prune`` is available (the model exists as a PyTorch module)."""
+    attention: ClassVar[bool] = False
+    """Whether the model has attention heads (whose dimensions spa-prune rotates and prunes)."""
+    tokens: ClassVar[bool] = False
+    """Whether the model reads token ids (calibration sentences get copies, data-free runs read text)."""
 
     def __init__(self, test_samples: int | None = None) -> None:
         self.test_samples = test_samples or self.default_test_samples
