@@ -552,3 +552,41 @@ def test_top1_agreement_counts_class_scores_only(tmp_path):
     assert fidelity(before, after, class_scores=[True, False]).top1_agreement == 1.0
     assert fidelity(before, after, class_scores=[False, False]).top1_agreement is None
     assert fidelity(before, after).top1_agreement < 1.0  # without a graph: every output of rank 2 or more
+
+
+
+@pytest.mark.accurate
+def test_allocation_to_given_widths_and_refit_on_other_samples():
+    """``models.minilm_diagnosis``' passes. ``KeepCounts`` in place of the allocation removes the
+    given number of units per group, lowest ranked first (the allocation's own counts give its
+    plan back). ``ReplaceSamples`` after the compensation hands the re-fit other samples: the
+    run's own give its weights back exactly, others (the same inputs halved) other weights."""
+    from models.minilm_diagnosis import KeepCounts, ReplaceSamples
+
+    config = PruneConfig(flops=0.5, bench_runs=0)
+
+    def run(pipeline: Pipeline) -> PruneState:
+        return pipeline(PruneState(config, graph=load_model(EXAMPLE)))
+
+    passes = Pipeline(default_passes(config)).until("refit")
+    allocated = run(passes)
+    counts = {gid: len(units) for gid, units in allocated.plan.removed.items()}
+    assert sum(counts.values()) >= 8
+    kept = run(passes.replace("allocate", KeepCounts(counts)))
+    assert {gid: sorted(units) for gid, units in kept.plan.removed.items()} == {
+        gid: sorted(units) for gid, units in allocated.plan.removed.items()}
+    halves = {gid: count // 2 for gid, count in counts.items()}
+    half = run(passes.until("allocate").replace("allocate", KeepCounts(halves)))
+    groups = {group.id: group for group in half.analysis.groups}
+    for gid, count in halves.items():
+        assert half.plan.removed[gid] == groups[gid].ranked(half.scores[gid])[:count]
+
+    own = run(passes.insert_after("compensate", ReplaceSamples(allocated.calibration_data)))
+    assert own.compensated.keys() == allocated.compensated.keys() and allocated.compensated
+    for name, value in allocated.compensated.items():
+        np.testing.assert_array_equal(own.compensated[name], value)
+    halved = {name: array * 0.5 for name, array in allocated.calibration_data.items()}
+    other = run(passes.insert_after("compensate", ReplaceSamples(halved)))
+    common = allocated.compensated.keys() & other.compensated.keys()
+    assert len(common) >= 4
+    assert max(float(np.abs(other.compensated[name] - allocated.compensated[name]).max()) for name in common) > 1e-3
