@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     taken = sorted(set(args.option) & ROW_FIELDS)
     if taken:
         parser.error(f"--option cannot set {', '.join(taken)}: each row sets it")
+    if args.ablation and args.criteria != DEFAULT:
+        parser.error("--ablation makes its own rows (the default criteria, one method off at a time); drop --criteria")
     names = args.tasks.split(",")
     unknown = sorted(set(names) - set(TASK_TYPES))
     if unknown:
