@@ -15,8 +15,12 @@ Two formats made by ``onnxruntime.quantization`` are understood:
   :meth:`QuantizedWeight.dequantize`.
 
 A re-fitted float weight is written back by :meth:`QuantizedWeight.quantize` with its original
-scale and zero point: ``q = saturate(round(w / scale) + zero_point)``. That is lossy (rounding
-to the existing grid, clipping to its range), where slicing alone is exact.
+scale and zero point: ``q = clip(round(w / scale) + zero_point, q_min, q_max)``, where
+``[q_min, q_max]`` is the range of the original stored values, not of the integer type: a
+model quantized in 7 bits (onnxruntime's ``reduce_range``, for x86 machines without VNNI, whose
+int8 convolutions add pairs of products in 16 bits and saturate with 8-bit weights) keeps 7-bit
+weights. That is lossy (rounding to the existing grid, clipping to its range), where slicing
+alone is exact.
 
 Formats this module does not understand (the QOperator ops such as ``QLinearConv``,
 block-wise quantization, 4-bit and float-8 types, contrib-domain Q/DQ) are refused at load by
@@ -48,6 +52,7 @@ __all__ = [
     "integer_weights",
     "requantize",
     "saturation",
+    "stored_range",
     "with_float_weights",
     "zero_slabs",
 ]
@@ -94,15 +99,16 @@ class QuantizedWeight:
             centred = centred * self._along(self.scale.astype(np.float64), q.ndim)
         return centred.astype(np.float32)
 
-    def quantize(self, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        """``saturate(round(w / scale) + zero_point)`` in ``dtype`` (round half to even, as
-        ``QuantizeLinear`` does)."""
+    def quantize(self, w: np.ndarray, original: np.ndarray) -> np.ndarray:
+        """``clip(round(w / scale) + zero_point, q_min, q_max)`` in the dtype of the ``original``
+        stored values, ``[q_min, q_max]`` their range (round half to even, as ``QuantizeLinear``
+        does)."""
         if self.scale is None:
             raise ValueError(f"the scale of quantized weight '{self.storage}' is unknown")
         scale = self._along(self.scale.astype(np.float64), w.ndim)
         values = np.rint(w.astype(np.float64) / scale) + self._along(self.zero_point.astype(np.float64), w.ndim)
-        info = np.iinfo(dtype)
-        return np.clip(values, info.min, info.max).astype(dtype)
+        low, high = stored_range(original)
+        return np.clip(values, low, high).astype(original.dtype)
 
     def zero(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """The stored value of a zero weight at every position: the zero point."""
@@ -224,21 +230,30 @@ def requantize(graph: "Graph", values: dict[str, np.ndarray]) -> dict[str, np.nd
                 raise VerificationError(f"internal error: float values for integer constant '{name}'; nothing was written")
             result[name] = value
             continue
-        result[weight.storage] = weight.quantize(value, graph.constants[weight.storage].dtype)
+        result[weight.storage] = weight.quantize(value, graph.constants[weight.storage])
     return result
+
+
+def stored_range(stored: np.ndarray) -> tuple[int, int]:
+    """The range a quantized weight's re-fitted values are clipped to: that of its stored
+    values (the integer type's when it holds none)."""
+    if stored.size == 0:
+        info = np.iinfo(stored.dtype)
+        return int(info.min), int(info.max)
+    return int(stored.min()), int(stored.max())
 
 
 def saturation(graph: "Graph", values: dict[str, np.ndarray]) -> tuple[int, int]:
     """How many of ``values`` (new float values of constants) are QDQ weights, and how many more
-    of their stored values sit at the ends of their integer range once quantized again (values
-    beyond the original grid's range, clipped)."""
+    of their stored values sit at the ends of the original's range once quantized again (values
+    beyond it, clipped: :func:`stored_range`)."""
     count = saturated = 0
     for name, stored in requantize(graph, {n: v for n, v in values.items() if n in graph.quantized}).items():
-        info = np.iinfo(stored.dtype)
         original = graph.constants[name]
+        low, high = stored_range(original)
         count += 1
-        saturated += int(np.count_nonzero((stored == info.min) | (stored == info.max))
-                         - np.count_nonzero((original == info.min) | (original == info.max)))
+        saturated += int(np.count_nonzero((stored == low) | (stored == high))
+                         - np.count_nonzero((original == low) | (original == high)))
     return count, max(saturated, 0)
 
 

@@ -414,3 +414,31 @@ def test_latency_profile_charges_fused_qlinearconv_kernels_to_their_conv(tmp_pat
     compute = {n.name for n in graph.nodes if n.op_type == "Conv"}
     assert attribute_kernel(graph, compute, "n4_Conv_token_7", "QLinearConv") == "n4_Conv"
     assert attribute_kernel(graph, compute, "n9_Conv_token_12", "QLinearConv") == "n9_Conv"
+
+
+def test_requantized_weights_keep_the_range_of_the_original_values(tmp_path):
+    """A re-fitted weight is quantized again within the range its stored values span, not the
+    integer type's: 7-bit weights (onnxruntime's reduce_range) stay 7-bit, values beyond are
+    clipped to that range and counted as saturated."""
+    from spa_compiler.quantized import requantize, saturation, stored_range
+
+    model = _qdq_conv_chain(per_channel=True)
+    seven_bit = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W2")) // 2
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "W2"))
+    model.graph.initializer.append(numpy_helper.from_array(seven_bit.astype(np.int8), "W2"))
+    onnx.save(model, str(tmp_path / "q.onnx"))
+    graph = load_model(tmp_path / "q.onnx")
+    low, high = stored_range(graph.constants["W2"])
+    assert -50 <= low < 0 < high <= 50  # the seeded int8 values (-100 to 99) halved
+    weight = graph.quantized["w2"]
+    doubled = 2 * weight.dequantize(graph.constants["W2"])  # re-fitted values twice the original
+    stored = requantize(graph, {"w2": doubled})["W2"]
+    assert stored.dtype == np.int8 and stored.min() == low and stored.max() == high
+    scale = weight._along(weight.scale, 4)
+    zero_point = weight._along(weight.zero_point, 4)
+    expected = np.clip(np.rint(doubled.astype(np.float64) / scale) + zero_point, low, high)
+    np.testing.assert_array_equal(stored, expected)
+    assert np.count_nonzero(expected != np.rint(doubled.astype(np.float64) / scale) + zero_point) > 50  # clipped
+    at_ends = int(np.count_nonzero((stored == low) | (stored == high)))
+    before = int(np.count_nonzero((graph.constants["W2"] == low) | (graph.constants["W2"] == high)))
+    assert saturation(graph, {"w2": doubled}) == (1, at_ends - before) and at_ends - before > 50
