@@ -284,7 +284,7 @@ def render_report(report: PruneReport, console: Console) -> None:
                       f"rotating them changed the outputs (relative error {report.rotation_error:.2g})")
     if report.requantized[0]:
         console.print(f"lossy: {report.requantized[0]} re-fitted weights quantized again with their original scales "
-                      f"({report.requantized[1]} more values at the ends of the integer range)")
+                      f"({report.requantized[1]} more values at the ends of the range the original weights span)")
     hidden = [g for g in report.groups if g.kind == "hidden" and g.channels_after < g.channels_before]
     if hidden:
         console.print(
