@@ -100,28 +100,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                calibration=str(path), calibration_samples=len(next(iter(data.values()))))
             for (label, path), data in zip(files.items(), (calibration, with_test))
         }
-        counts, samples = {}, {}
-        for label, config in configs.items():
-            state = _pipeline(config).until("allocate")(PruneState(config, source=source))
-            counts[label] = {gid: len(units) for gid, units in state.plan.removed.items()}
-            samples[label] = state.calibration_data
-        runs = [(f"{label} sentences", label, _pipeline) for label in configs]
-        for own, other in (("calibration", "with test"), ("with test", "calibration")):
-            runs.append((f"widths of '{other}', the rest of '{own}'", own,
-                         lambda config, output, other=other: _pipeline(config, output).replace(
-                             "allocate", KeepCounts(counts[other]))))
-            runs.append((f"'{own}' up to compensation, the re-fit on '{other}'", own,
-                         lambda config, output, other=other: _pipeline(config, output).insert_after(
-                             "compensate", ReplaceSamples(samples[other]))))
-        rows = []
-        for description, label, pipeline in runs:
-            output = folder / "pruned.onnx"
-            state = pipeline(configs[label], output)(PruneState(configs[label], source=source))
+        output = folder / "pruned.onnx"
+        rows, counts, samples = [], {}, {}
+
+        def measure(description: str, config: PruneConfig, pipeline: Pipeline) -> PruneState:
+            state = pipeline(PruneState(config, source=source))
             metrics = task.metrics(output)
             rows.append(dict(run=description, cosine=metrics["mean cosine"], written=metrics["written cosine"],
                              flops=state.report.flops_ratio))
             print(f"{description}: cosine {metrics['mean cosine']:.3f}, written {metrics['written cosine']:.3f}, "
                   f"FLOPs {state.report.flops_ratio:.3f}", flush=True)
+            return state
+
+        for label, config in configs.items():
+            state = measure(f"{label} sentences", config, _pipeline(config, output))
+            counts[label] = {gid: len(units) for gid, units in state.plan.removed.items()}
+            samples[label] = state.calibration_data
+        for own, other in (("calibration", "with test"), ("with test", "calibration")):
+            config = configs[own]
+            measure(f"widths of '{other}', the rest of '{own}'", config,
+                    _pipeline(config, output).replace("allocate", KeepCounts(counts[other])))
+            measure(f"'{own}' up to compensation, the re-fit on '{other}'", config,
+                    _pipeline(config, output).insert_after("compensate", ReplaceSamples(samples[other])))
     print(f"\nall-MiniLM-L6-v2 at --flops {args.flops:g}; 'calibration': {args.samples} calibration sentences, "
           f"'with test': the same and the {task.test_samples} test sentences")
     print_table(rows, [("run", "run", "58s"), ("cosine", "cosine", "7.3f"), ("written", "written", "8.3f"),
