@@ -76,7 +76,7 @@ def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.n
     ``x`` may have fewer channels than the original (a pruned model's activation)."""
     if layer.patches:
         node = graph.node_by_name[layer.node]
-        return conv_patches(x, node, graph.constants[layer.weight].shape[2:], rows)
+        return conv_patches(x, node, graph.shapes[layer.weight][2:], rows)
     flat = np.moveaxis(x, layer.channel_axis, -1).reshape(-1, x.shape[layer.channel_axis])
     return flat if rows is None else flat[rows]
 

@@ -56,7 +56,8 @@ Layers whose weight is shared with another node are left alone: one re-fit canno
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import ChainMap, Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -74,7 +75,7 @@ from .token_mask import attention_mask
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Refit", "refit_layer", "held_out_ridge", "layer_levels", "stages", "samples_needed", "stage_samples", "SAMPLES", "RIDGES",
+    "Refit", "refit_layer", "held_out_ridge", "least_ridge", "layer_levels", "stages", "samples_needed", "stage_samples", "SAMPLES", "RIDGES",
     "SYNTHETIC_TRUST",
 ]
 
@@ -101,37 +102,68 @@ SCALE_RIDGE = 0.001  # pull of the feature scales toward 1, in units of mean(dia
 SYNTHETIC_TRUST = 0.5  # share of the way from the present weights to the re-fitted ones, data-free
 
 
-def _feature_scales(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool) -> np.ndarray:
-    """``P diag(a)``, the bias ``b`` of ``P`` kept, with the feature scales ``a`` minimising
-    ``Σ ‖W x − b − P diag(a) x̃‖²`` over the weight features:
-    ``(PᵀP ∘ G̃) a = diag(Pᵀ (C Wᵀ)ᵀ) − (Pᵀ b) ∘ Σx̃``, pulled toward ``a = 1`` by ``SCALE_RIDGE``."""
-    features = len(gram) - 1 if bias else len(gram)
+def _feature_scales(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool,
+                    prior_gram: np.ndarray) -> np.ndarray:
+    """The feature scales ``a`` minimising ``Σ ‖W x − b − P diag(a) x̃‖²`` over the weight
+    features (``b``, the bias of ``P``, kept): ``(M ∘ G̃) a = diag(Pᵀ (C Wᵀ)ᵀ) − (Pᵀ b) ∘ Σx̃``
+    with ``M = PᵀP`` over the weight features (``prior_gram``), pulled toward ``a = 1`` by
+    ``SCALE_RIDGE``."""
+    features = len(prior_gram)
     weights = prior[:, :features]
-    system = (weights.T @ weights) * gram[:features, :features]
+    system = prior_gram * gram[:features, :features]
     target = np.sum(target_cross[:features] * weights.T, axis=1)
     if bias:
         target -= (weights.T @ prior[:, -1]) * gram[:features, -1]
     pull = SCALE_RIDGE * max(float(np.diag(system).mean()), 1e-30)
-    scales = np.linalg.solve(system + pull * np.eye(features), target + pull)
-    scaled = prior.copy()
-    scaled[:, :features] *= scales
-    return scaled
+    return np.linalg.solve(system + pull * np.eye(features), target + pull)
 
 
-def _refit(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, ridge: float | str, bias: bool) -> np.ndarray:
+def _few_parameters(kind: str, gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool,
+                    prior_gram: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scales ``a`` and bias ``b̃`` of a few-parameter re-fit ``[P diag(a), b̃]`` (no bias
+    without one): "unchanged" ``a = 1``, ``b̃ = b``; "bias only" ``a = 1`` and the mean residual
+    added to the bias, ``b̃ = b + (W Σx − P Σx̃) / n`` (``Σx̃`` and ``n`` are the last row of
+    ``G̃``, ``W Σx`` the last row of ``C Wᵀ``); "scales" ``a`` from :func:`_feature_scales`,
+    then the bias of ``P diag(a)`` so corrected."""
+    features = len(prior_gram)
+    scales = _feature_scales(gram, target_cross, prior, bias, prior_gram) if kind == "scales" else np.ones(features)
+    if not bias:
+        return scales, None
+    shifted = prior[:, -1]
+    if kind != "unchanged":
+        present_mean = prior[:, :features] @ (scales * gram[-1, :features]) + shifted * gram[-1, -1]
+        shifted = shifted + (target_cross[-1] - present_mean) / gram[-1, -1]
+    return scales, shifted
+
+
+def _few_parameter_error(scales: np.ndarray, shifted: np.ndarray | None, prior: np.ndarray, prior_gram: np.ndarray,
+                         gram: np.ndarray, target_cross: np.ndarray) -> float:
+    """:func:`_output_error` of ``W̃ = [P diag(a), b̃]`` without forming it, from ``M = PᵀP``:
+    ``aᵀ (M ∘ G̃_ww) a + 2 aᵀ (g ∘ Pᵀb̃) + c ‖b̃‖² − 2 (aᵀ d + b̃ · r)``, where ``G̃ = [G̃_ww, g; gᵀ, c]``,
+    ``r`` is the last row of ``C Wᵀ`` and ``d_i = Σ_k P_ki (C Wᵀ)_ik``: products over the
+    features and rows once, not over rows and features squared per candidate."""
+    features = len(scales)
+    weights = prior[:, :features]
+    quadratic = scales @ (prior_gram * gram[:features, :features]) @ scales
+    linear = scales @ np.sum(target_cross[:features] * weights.T, axis=1)
+    if shifted is not None:
+        quadratic += 2 * scales @ (gram[:features, -1] * (weights.T @ shifted)) + gram[-1, -1] * (shifted @ shifted)
+        linear += shifted @ target_cross[-1]
+    return float(quadratic - 2 * linear)
+
+
+def _refit(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, ridge: float | str, bias: bool,
+           prior_gram: np.ndarray | None = None) -> np.ndarray:
     """The re-fitted augmented weights for ``target_cross = C Wᵀ``: for a number ``λ``,
     ``(W Cᵀ + P D)(G̃ + D)⁻¹`` with ``D = λs diag(1, ..., 1, 0)`` (the bias, last, not pulled);
-    for "scales", :func:`_feature_scales` then "bias only"; for "bias only", ``P`` with the mean
-    residual ``(W Σx − P Σx̃) / n`` added to its bias (``Σx̃`` and ``n`` are the last row of ``G̃``,
-    ``W Σx`` the last row of ``C Wᵀ``); for "unchanged", ``P``."""
-    if ridge == "scales":
-        return _refit(gram, target_cross, _feature_scales(gram, target_cross, prior, bias), "bias only", bias)
-    if ridge == "unchanged" or (ridge == "bias only" and not bias):
-        return prior
-    if ridge == "bias only":
-        shifted = prior.copy()
-        shifted[:, -1] += (target_cross[-1] - prior @ gram[-1]) / gram[-1, -1]
-        return shifted
+    for a few-parameter re-fit, ``[P diag(a), b̃]`` of :func:`_few_parameters` (``prior_gram``,
+    ``PᵀP`` over the weight features, computed when not given)."""
+    if isinstance(ridge, str):
+        features = prior.shape[1] - 1 if bias else prior.shape[1]
+        if prior_gram is None:
+            prior_gram = prior[:, :features].T @ prior[:, :features]
+        scales, shifted = _few_parameters(ridge, gram, target_cross, prior, bias, prior_gram)
+        return np.hstack([prior[:, :features] * scales, shifted[:, None]]) if bias else prior * scales
     penalty = _penalty(gram, ridge, bias)
     return np.linalg.solve(gram + np.diag(penalty), target_cross + penalty[:, None] * prior.T).T
 
@@ -150,30 +182,32 @@ def _applied(solution: np.ndarray, prior: np.ndarray, trust: float) -> np.ndarra
     return solution if trust == 1.0 else prior + trust * (solution - prior)
 
 
-def _ridge_errors(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior: np.ndarray, ridges: list[float],
-                  bias: bool, trust: float = 1.0) -> list[float]:
-    """The held-out errors of :func:`held_out_ridge` for the ridges ``λ``, without forming the
-    re-fitted weights. With ``V = [Wᵀ; Pᵀ]`` and ``Y = (G̃_a + D)⁻¹ [C_a, D]``, the weights fitted
-    on fold ``a`` are ``W̃ᵀ = Y V`` and their error on fold ``f`` is
+def _traced_errors(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior: np.ndarray, bias: bool,
+                   trust: float = 1.0) -> Callable[[float], float]:
+    """The held-out error of :func:`held_out_ridge` as a function of the ridge ``λ``, without
+    forming the re-fitted weights. With ``V = [Wᵀ; Pᵀ]`` and ``Y = (G̃_a + D)⁻¹ [C_a, D]``, the
+    weights fitted on fold ``a`` are ``W̃ᵀ = Y V`` and their error on fold ``f`` is
     ``Σ (Yᵀ G̃_f Y) ∘ (V Vᵀ) − 2 Σ Y ∘ (C_f W Vᵀ)`` (``W Vᵀ``: the rows of ``V Vᵀ`` for ``W``):
     products over the features only, where forming ``W̃`` costs products over its output rows
-    (a convolution with channel statistics has one per output and kernel position). The weights
-    applied with ``trust`` t, ``P + t (W̃ − P)``, are ``Y' V`` with ``Y' = [t Y_C, t Y_D + (1 − t) I]``."""
+    (a convolution with channel statistics has one per output and kernel position); ``V Vᵀ``
+    is computed once for every ``λ``. The weights applied with ``trust`` t,
+    ``P + t (W̃ − P)``, are ``Y' V`` with ``Y' = [t Y_C, t Y_D + (1 − t) I]``."""
     stacked = np.hstack([target, prior])
     outer = stacked.T @ stacked  # V Vᵀ
     against = [cross[f] @ outer[: target.shape[1]] for f in (0, 1)]  # C_f W Vᵀ
-    errors = []
-    for ridge in ridges:
-        error = 0.0
+
+    def error(ridge: float) -> float:
+        total = 0.0
         for f in (0, 1):
             penalty = _penalty(gram[1 - f], ridge, bias)
             y = np.linalg.solve(gram[1 - f] + np.diag(penalty), np.hstack([cross[1 - f], np.diag(penalty)]))
             if trust != 1.0:
                 y *= trust
                 y[:, target.shape[1]:] += (1.0 - trust) * np.eye(len(y))
-            error += float(np.sum((y.T @ gram[f] @ y) * outer) - 2 * np.sum(y * against[f]))
-        errors.append(error)
-    return errors
+            total += float(np.sum((y.T @ gram[f] @ y) * outer) - 2 * np.sum(y * against[f]))
+        return total
+
+    return error
 
 
 def _output_error(solution: np.ndarray, gram: np.ndarray, target_cross: np.ndarray) -> float:
@@ -182,27 +216,61 @@ def _output_error(solution: np.ndarray, gram: np.ndarray, target_cross: np.ndarr
     return float(np.sum((solution @ gram) * solution) - 2 * np.sum(solution * target_cross.T))
 
 
+def least_ridge(ridges: list[float], error: Callable[[float], float]) -> tuple[float, float]:
+    """The ridge of ``ridges`` (increasing) with the least ``error``, and that error, found by walking downhill
+    from the middle pair and evaluating only the ridges on the way (three or four of
+    :data:`RIDGES`' five, not all): the held-out error of a ridge regression falls and then rises
+    with ``λ``, so the first ridge past which it rises is the least. Ties go to the weaker ridge."""
+    errors: dict[int, float] = {}
+
+    def at(index: int) -> float:
+        if index not in errors:
+            errors[index] = error(ridges[index])
+        return errors[index]
+
+    index = (len(ridges) - 1) // 2
+    step = -1 if index > 0 and at(index - 1) <= at(index) else 1
+    while 0 <= index + step < len(ridges) and (at(index + step) <= at(index) if step < 0 else at(index + step) < at(index)):
+        index += step
+    return ridges[index], at(index)
+
+
 def held_out_ridge(gram: np.ndarray, cross: np.ndarray, target: np.ndarray, prior: np.ndarray, bias: bool,
                    candidates: tuple[float | str, ...] = RIDGES, trust: float = 1.0) -> float | str:
     """The re-fit of ``candidates`` that, fitted on one fold and measured on the other (both
     ways), leaves the least output error: a layer whose rows are too few to re-fit (a wide
     layer on tokens, a classifier after pooling) keeps its present weights. ``gram`` and
     ``cross`` per fold, ``target`` the original weights ``W``; each candidate weighed as it is
-    applied with ``trust`` (:func:`_applied`). The ridges' errors come from
-    :func:`_ridge_errors` when the weights have more output rows than that computes products."""
+    applied with ``trust`` (:func:`_applied`). Of the ridges, only the least one
+    (:func:`least_ridge`) competes with the few-parameter re-fits; their errors come from
+    :func:`_traced_errors` when the weights have more output rows than that computes products,
+    the few-parameter ones' from :func:`_few_parameter_error`."""
     target_cross = cross @ target.T  # C Wᵀ per fold
     features, width = prior.shape[1], prior.shape[1] + target.shape[1]
+    weight_features = features - 1 if bias else features
+    prior_gram = prior[:, :weight_features].T @ prior[:, :weight_features]  # PᵀP, shared by the few-parameter fits
     traced = len(prior) > width + width**2 / (3 * features)  # cost of the two ways, per ridge and fold
-    ridges = [ridge for ridge in candidates if not isinstance(ridge, str)] if traced else []
-    errors = dict(zip(ridges, _ridge_errors(gram, cross, target, prior, ridges, bias, trust))) if ridges else {}
-    for ridge in candidates:
-        if ridge not in errors:
-            errors[ridge] = sum(
-                _output_error(_applied(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), prior, trust),
-                              gram[f], target_cross[f])
-                for f in (0, 1)
-            )
-    return min(candidates, key=lambda ridge: (errors[ridge], candidates.index(ridge)))
+
+    def direct(ridge: float) -> float:
+        return sum(_output_error(_applied(_refit(gram[1 - f], target_cross[1 - f], prior, ridge, bias), prior, trust),
+                                 gram[f], target_cross[f]) for f in (0, 1))
+
+    def few(kind: str) -> float:
+        total = 0.0
+        for f in (0, 1):
+            scales, shifted = _few_parameters(kind, gram[1 - f], target_cross[1 - f], prior, bias, prior_gram)
+            if trust != 1.0:
+                scales = 1.0 + trust * (scales - 1.0)
+                shifted = None if shifted is None else prior[:, -1] + trust * (shifted - prior[:, -1])
+            total += _few_parameter_error(scales, shifted, prior, prior_gram, gram[f], target_cross[f])
+        return total
+
+    ridges = [ridge for ridge in candidates if not isinstance(ridge, str)]
+    error = _traced_errors(gram, cross, target, prior, bias, trust) if traced and ridges else direct
+    errors = {ridge: few(ridge) for ridge in candidates if isinstance(ridge, str)}
+    if ridges:
+        best, errors[best] = least_ridge(ridges, error)
+    return min(errors, key=lambda ridge: (errors[ridge], candidates.index(ridge)))
 
 
 def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, stats: PairedStatistics,
@@ -384,7 +452,7 @@ class Refit(Pass):
         constants = state.graph.constants
         axis = state.analysis.axis_id(layer.weight, layer.axis)
         removed = state.removed_by_axis.get(axis, np.zeros(0, dtype=np.int64))
-        current = augmented(layer, {**constants, **state.compensated})
+        current = augmented(layer, ChainMap(state.compensated, constants))  # no lookup of every constant
         matrix, bias, ridge = refit_layer(layer, augmented(layer, constants), current, paired, removed, trust=trust)
         if ridge == "unchanged":
             return "unchanged"  # its own held-out rows say a re-fit would not help

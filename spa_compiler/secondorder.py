@@ -28,6 +28,7 @@ next costs are exact marginal costs given the channels already gone.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +66,7 @@ def compensated(weights: np.ndarray, inverse: np.ndarray, columns: np.ndarray) -
     return weights - weights[:, columns] @ np.linalg.solve(block, inverse[columns, :])
 
 
-def augmented(layer: ConsumerLayer, constants: dict[str, np.ndarray]) -> np.ndarray:
+def augmented(layer: ConsumerLayer, constants: Mapping[str, np.ndarray]) -> np.ndarray:
     """The layer's ``[rows, features + 1]`` matrix, its bias (or zeros) last; with channel
     statistics each output's bias is shared evenly by its kernel positions' rows."""
     matrix = layer.matrix(constants[layer.weight]).astype(np.float64)

@@ -132,27 +132,90 @@ def test_stage_samples_are_capped_to_the_budget():
     assert stage_samples(needs, prefix, 4.0, 10.0, 8) == [8, 8, 8, 8]
 
 
-def test_ridge_errors_by_traces_equal_those_of_the_refitted_weights():
-    from spa_compiler.refit import _applied, _output_error, _refit, _ridge_errors
-
-    rng = np.random.default_rng(3)
+def _paired_folds(seed: int, bias: bool = True):
+    """Two folds of paired statistics (4 of 6 features kept, noisy), original weights and present ones."""
+    rng = np.random.default_rng(seed)
     rows = [rng.standard_normal((40, 7)) for _ in (0, 1)]  # two folds of original features (the last a constant 1)
     for fold in rows:
         fold[:, -1] = 1.0
-    pruned = [np.hstack([x[:, :4] + 0.1 * rng.standard_normal((40, 4)), x[:, -1:]]) for x in rows]
+    pruned = [np.hstack([x[:, :4] * rng.uniform(0.5, 2.0, 4) + 0.1 * rng.standard_normal((40, 4)), x[:, -1:]])
+              for x in rows]
+    if not bias:
+        pruned = [p[:, :-1] for p in pruned]
     gram = np.stack([p.T @ p for p in pruned])
     cross = np.stack([p.T @ x for p, x in zip(pruned, rows)])
-    target, prior = rng.standard_normal((30, 7)), rng.standard_normal((30, 5))
-    ridges = [0.001, 0.1, 10.0]
+    target, prior = rng.standard_normal((30, 7)), rng.standard_normal((30, 5 if bias else 4))
+    return gram, cross, target, prior
+
+
+def test_ridge_errors_by_traces_equal_those_of_the_refitted_weights():
+    from spa_compiler.refit import _applied, _output_error, _refit, _traced_errors
+
+    gram, cross, target, prior = _paired_folds(3)
     for trust in (1.0, 0.5):  # the weights as applied: P + t (W̃ − P)
-        traced = _ridge_errors(gram, cross, target, prior, ridges, bias=True, trust=trust)
-        direct = [
-            sum(_output_error(_applied(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), prior, trust),
+        traced = _traced_errors(gram, cross, target, prior, bias=True, trust=trust)
+        for ridge in (0.001, 0.1, 10.0):
+            direct = sum(
+                _output_error(_applied(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), prior, trust),
                               gram[f], cross[f] @ target.T)
                 for f in (0, 1))
-            for ridge in ridges
-        ]
-        np.testing.assert_allclose(traced, direct, rtol=1e-9)
+            np.testing.assert_allclose(traced(ridge), direct, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_parameter_errors_equal_those_of_the_refitted_weights(bias):
+    """The closed-form errors of the scales, bias-only and unchanged re-fits (from ``PᵀP``) are
+    those of the weights formed and multiplied out, and scaled inputs are undone by the scales."""
+    from spa_compiler.refit import _few_parameter_error, _few_parameters, _output_error, _refit
+
+    gram, cross, target, prior = _paired_folds(4, bias)
+    if not bias:
+        target = target[:, :-1]
+        cross = cross[:, :, :-1]
+    weight_features = 4
+    prior_gram = prior[:, :weight_features].T @ prior[:, :weight_features]
+    for kind in ("scales", "bias only", "unchanged"):
+        for f in (0, 1):
+            target_cross = cross[1 - f] @ target.T
+            formed = _refit(gram[1 - f], target_cross, prior, kind, bias)
+            scales, shifted = _few_parameters(kind, gram[1 - f], target_cross, prior, bias, prior_gram)
+            np.testing.assert_allclose(
+                _few_parameter_error(scales, shifted, prior, prior_gram, gram[f], cross[f] @ target.T),
+                _output_error(formed, gram[f], cross[f] @ target.T), rtol=1e-9)
+            if kind == "unchanged":
+                np.testing.assert_array_equal(formed, prior)
+
+
+def test_least_ridge_walks_downhill_from_the_middle():
+    from spa_compiler.refit import least_ridge
+
+    ridges = [0.001, 0.01, 0.1, 1.0, 10.0]
+    for best in range(5):
+        asked = []
+
+        def error(ridge):
+            asked.append(ridge)
+            return (np.log10(ridge) - np.log10(ridges[best])) ** 2 + 1.0
+
+        assert least_ridge(ridges, error) == (ridges[best], 1.0)
+        assert len(asked) == len(set(asked)) == {0: 3, 1: 3, 2: 3, 3: 4, 4: 4}[best]
+    assert least_ridge(ridges, lambda ridge: 2.0) == (0.001, 2.0)  # ties: the weakest ridge
+    assert least_ridge([0.5], lambda ridge: 3.0) == (0.5, 3.0)
+
+
+def test_held_out_choice_is_the_least_error_of_every_candidate():
+    """On folds whose errors fall and rise with the ridge, the choice is the candidate that
+    an evaluation of every one of them picks."""
+    from spa_compiler.refit import RIDGES, _applied, _output_error, _refit, held_out_ridge
+
+    for seed in range(6):
+        gram, cross, target, prior = _paired_folds(seed)
+        errors = {
+            ridge: sum(_output_error(_applied(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), prior, 1.0),
+                                     gram[f], cross[f] @ target.T) for f in (0, 1))
+            for ridge in RIDGES
+        }
+        assert held_out_ridge(gram, cross, target, prior, True) == min(errors, key=errors.get)
 
 
 def test_one_width_per_group_when_the_budget_is_small(tmp_path):
