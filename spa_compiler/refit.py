@@ -16,7 +16,8 @@ not pulled), so that where the calibration rows are few the re-fit stays near th
 without a bias drops the constant feature: its bias stays as it was). How strong a pull, or
 whether to re-fit only the bias or nothing at all, each layer decides on held-out rows: the
 rows come in two folds (alternate batches of samples), each candidate is fitted on one and
-its output error measured on the other, both ways, and the least error wins. So a layer whose
+its output error measured on the other, both ways, and the least error wins (of the ridges,
+only those on the way downhill from the middle one are fitted: :func:`least_ridge`). So a layer whose
 rows are too few for its features (a 1536-wide layer on a few thousand tokens) does not
 over-fit them. A layer reading more than ``MAX_FEATURES`` features (AlexNet's first classifier
 layer reads 9,216) keeps its compensated weights: its sums would take gigabytes. Every layer is
