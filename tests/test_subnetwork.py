@@ -3,6 +3,7 @@ prefixes and its one run of the original network) and the budgets that bound tho
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -208,14 +209,14 @@ def test_held_out_choice_is_the_least_error_of_every_candidate():
     an evaluation of every one of them picks."""
     from spa_compiler.refit import RIDGES, _applied, _output_error, _refit, held_out_ridge
 
-    for seed in range(6):
+    for seed, trust in itertools.product(range(6), (1.0, 0.5)):  # the re-fits as applied: P + t (W̃ − P)
         gram, cross, target, prior = _paired_folds(seed)
         errors = {
-            ridge: sum(_output_error(_applied(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), prior, 1.0),
+            ridge: sum(_output_error(_applied(_refit(gram[1 - f], cross[1 - f] @ target.T, prior, ridge, True), prior, trust),
                                      gram[f], cross[f] @ target.T) for f in (0, 1))
             for ridge in RIDGES
         }
-        assert held_out_ridge(gram, cross, target, prior, True) == min(errors, key=errors.get)
+        assert held_out_ridge(gram, cross, target, prior, True, trust=trust) == min(errors, key=errors.get)
 
 
 def test_one_width_per_group_when_the_budget_is_small(tmp_path):
