@@ -19,6 +19,7 @@ from .calibrate import (
     ROWS_PER_FEATURE,
     ConsumerLayer,
     exposing,
+    one_ahead,
     with_weight_inputs,
 )
 from .batch_axis import declares_batch_of_one, fixed_batch
@@ -170,9 +171,11 @@ class PairedRunner:
         session = session_for(prefix)
         spans = {layer.node: {(rows.start, rows.stop): rows for rows in self.original[layer.node]} for layer in layers}
         stats: dict[str, PairedStatistics] = {}
-        for index, (start, stop) in enumerate(self.batches(len(next(iter(data.values()))))):
-            feeds = {name: array[start:stop] for name, array in data.items()}
-            narrowed = dict(zip(activations, session.run(activations, {**feeds, **weights})))
+        def run(span: tuple[int, int]) -> list[np.ndarray]:
+            return session.run(activations, {**{name: array[span[0]:span[1]] for name, array in data.items()}, **weights})
+
+        for index, ((start, stop), values) in enumerate(one_ahead(run, self.batches(len(next(iter(data.values())))))):
+            narrowed = dict(zip(activations, values))
             for layer in layers:
                 cached = spans[layer.node].get((start, stop))
                 if cached is None:
