@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -67,9 +66,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 ROWS_PER_FEATURE = 8
 MAX_ROWS = 16384
@@ -287,22 +283,6 @@ def exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return probe
 
 
-def one_ahead(run: Callable[[T], R], items: list[T]) -> Iterator[tuple[T, R]]:
-    """``(item, run(item))`` in order, each item's run started in a second thread before the
-    caller handles the result before it: onnxruntime's next run then overlaps the statistics
-    the caller accumulates from the last one (both release the GIL), where one core would idle
-    while the other works. At most two results are held at once."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: tuple[T, Future[R]] | None = None
-        for item in items:
-            future = pool.submit(run, item)
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (item, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
-
-
 def collect_statistics(
     graph: Graph,
     layers: list[ConsumerLayer],
@@ -342,32 +322,26 @@ def collect_statistics(
             stats[layer.node] = LayerStatistics(layer, np.zeros((widths[layer.node], widths[layer.node])))
         budgets = {layer.node: -(-min(ROWS_PER_FEATURE * widths[layer.node], MAX_ROWS) // batch_count) for layer in chunk}
         done = 0
-        runs = [(index, batch, offset) for index, batch in enumerate(batches(data, batch_size), start=first_batch)
-                for offset in range(0, len(next(iter(batch.values()))), run_size)]
-
-        def outputs(run: tuple[int, dict[str, np.ndarray], int]) -> list[np.ndarray]:
-            _, batch, offset = run
-            return session.run(names, {name: array[offset:offset + run_size] for name, array in batch.items()})
-
-        for (index, batch, offset), values in one_ahead(outputs, runs):
+        for index, batch in enumerate(batches(data, batch_size), start=first_batch):
+            rng = np.random.default_rng([seed, index])
             count = len(next(iter(batch.values())))
-            if offset == 0:
-                rng = np.random.default_rng([seed, index])
-                mask = attention_mask(batch)
-                drawn: dict[str, _BatchRows] = {}
-            values = dict(zip(names, values))
-            samples = min(run_size, count - offset)
-            for layer in chunk:  # in layer order, as one run over the batch draws them
-                x = values[layer.activation]
-                if layer.node not in drawn or not drawn[layer.node].shared:
-                    drawn[layer.node] = _BatchRows.draw(
-                        layer, graph, x, offset, samples, count, rng, budgets[layer.node], mask)
-                rows = drawn[layer.node].of_run(offset, samples)
-                if rows is None or len(rows):  # none drawn from this run's samples: nothing to add
-                    stats[layer.node].add(layer_features(layer, graph, x, rows))
-            done += samples
-            if progress:
-                progress(number * total + done, len(chunks) * total)
+            mask = attention_mask(batch)
+            drawn: dict[str, _BatchRows] = {}
+            for offset in range(0, count, run_size):
+                feeds = {name: array[offset:offset + run_size] for name, array in batch.items()}
+                samples = len(next(iter(feeds.values())))
+                values = dict(zip(names, session.run(names, feeds)))
+                for layer in chunk:  # in layer order, as one run over the batch draws them
+                    x = values[layer.activation]
+                    if layer.node not in drawn or not drawn[layer.node].shared:
+                        drawn[layer.node] = _BatchRows.draw(
+                            layer, graph, x, offset, samples, count, rng, budgets[layer.node], mask)
+                    rows = drawn[layer.node].of_run(offset, samples)
+                    if rows is None or len(rows):  # none drawn from this run's samples: nothing to add
+                        stats[layer.node].add(layer_features(layer, graph, x, rows))
+                done += samples
+                if progress:
+                    progress(number * total + done, len(chunks) * total)
         for layer in chunk:
             stats[layer.node].flush()
             if len(chunks) > 1:

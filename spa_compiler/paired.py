@@ -9,7 +9,10 @@ stream's error ``δ = r − r̃`` at the same rows (:mod:`spa_compiler.residual_
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -19,7 +22,6 @@ from .calibrate import (
     ROWS_PER_FEATURE,
     ConsumerLayer,
     exposing,
-    one_ahead,
     with_weight_inputs,
 )
 from .batch_axis import declares_batch_of_one, fixed_batch
@@ -30,7 +32,26 @@ from .subnetwork import prefix_model
 from .token_mask import attention_mask
 from .verify import session_for
 
-__all__ = ["PairedStatistics", "PairedRunner"]
+__all__ = ["PairedStatistics", "PairedRunner", "one_ahead"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def one_ahead(run: Callable[[T], R], items: list[T]) -> Iterator[tuple[T, R]]:
+    """``(item, run(item))`` in order, each item's run started in a second thread before the
+    caller handles the result before it: onnxruntime's next run of a re-fit stage then overlaps
+    the sums the caller adds from the last one (both release the GIL), where one core would
+    idle while the other works. At most two results are held at once."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[T, Future[R]] | None = None
+        for item in items:
+            future = pool.submit(run, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 @dataclass

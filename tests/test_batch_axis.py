@@ -3,8 +3,6 @@ on its own, and feed one at a time where it does not."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import onnx
 import pytest
@@ -124,23 +122,3 @@ def test_free_batch_names_the_interface_batch_and_leaves_intermediate_leading_on
     first = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)]
     assert [d.dim_param for d in first] == ["batch", "batch", "", ""]
     assert [d.dim_value for d in first] == [0, 0, 2, 0] and not first[3].HasField("dim_value")
-
-
-def test_one_ahead_starts_the_next_run_before_handing_over_a_result():
-    """Results come in the items' order, and while the caller holds item k's result the run of
-    item k + 1 has begun (the wait would time out if runs started only when asked for)."""
-    from spa_compiler.calibrate import one_ahead
-
-    begun = {k: threading.Event() for k in (1, 2, 3)}
-
-    def run(item: int) -> int:
-        begun[item].set()
-        return item * item
-
-    handed = []
-    for item, result in one_ahead(run, [1, 2, 3]):
-        handed.append((item, result))
-        if item < 3:
-            assert begun[item + 1].wait(timeout=10)
-    assert handed == [(1, 1), (2, 4), (3, 9)]
-    assert list(one_ahead(run, [])) == []

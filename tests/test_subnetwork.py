@@ -4,6 +4,7 @@ prefixes and its one run of the original network) and the budgets that bound tho
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,23 @@ def test_one_width_per_group_when_the_budget_is_small(tmp_path):
     scores = measure.run(state).scores[group.id]
     assert measured > 0
     np.testing.assert_allclose(np.sum(scores[order[:middle]]), measured, rtol=1e-4)
+
+
+def test_one_ahead_starts_the_next_run_before_handing_over_a_result():
+    """Results come in the items' order, and while the caller holds item k's result the run of
+    item k + 1 has begun (the wait would time out if runs started only when asked for)."""
+    from spa_compiler.paired import one_ahead
+
+    begun = {k: threading.Event() for k in (1, 2, 3)}
+
+    def run(item: int) -> int:
+        begun[item].set()
+        return item * item
+
+    handed = []
+    for item, result in one_ahead(run, [1, 2, 3]):
+        handed.append((item, result))
+        if item < 3:
+            assert begun[item + 1].wait(timeout=10)
+    assert handed == [(1, 1), (2, 4), (3, 9)]
+    assert list(one_ahead(run, [])) == []
