@@ -186,12 +186,27 @@ def infer_shapes(
         declared = _shape_of(value)
         if declared is not None and value.name not in shapes:
             shapes[value.name] = declared
+    _dropout_masks(model, shapes, dtypes)
     missing = [
         out for node in model.graph.node for out in node.output if out and out not in shapes
     ]
     if missing:
         shapes.update(_run_for_shapes(shape_skeleton(model, bound, strip_weights=False), missing, bound, dtypes))
     return shapes, dtypes
+
+
+def _dropout_masks(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int]) -> None:
+    """A Dropout's mask has the shape of its data (every opset); its type is the data's before
+    opset 10, boolean from it. ONNX's inference leaves the mask unset before opset 10, and
+    onnxruntime would otherwise run the whole model, weights and all, for it."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    for node in model.graph.node:
+        if node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and len(node.output) > 1:
+            data, mask = node.input[0], node.output[1]
+            if mask and mask not in shapes and data in shapes:
+                shapes[mask] = shapes[data]
+                if data in dtypes:
+                    dtypes.setdefault(mask, dtypes[data] if opset < 10 else onnx.TensorProto.BOOL)
 
 
 def _run_for_shapes(

@@ -259,6 +259,29 @@ def test_dynamic_dimension_binding(tmp_path):
         load_model(tmp_path / "dyn.onnx", {"foo": (1, 3, 32, 32)})
 
 
+@pytest.mark.parametrize("opset, mask_type", [(9, TensorProto.FLOAT), (13, TensorProto.BOOL)])
+def test_dropout_mask_shape_without_running_the_model(tmp_path, monkeypatch, opset, mask_type):
+    """A Dropout's mask has its data's shape; before opset 10 ONNX's inference leaves it unset,
+    and the loader must not run the model (weights and all) for it."""
+    dropout = helper.make_node("Dropout", ["h"], ["y", "mask"], **({"ratio": 0.5} if opset < 12 else {}))
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), dropout], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5]), helper.make_tensor_value_info("mask", mask_type, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 6
+    onnx.save(model, str(tmp_path / "dropout.onnx"))
+
+    def unexpected(*args):
+        raise AssertionError("onnxruntime ran for shapes")
+
+    monkeypatch.setattr(spa_compiler.shapes, "_run_for_shapes", unexpected)
+    loaded = load_model(tmp_path / "dropout.onnx")
+    assert loaded.shapes["mask"] == (2, 5)
+    assert loaded.dtypes["mask"] == mask_type
+
+
 def test_parse_input_shapes():
     assert parse_input_shapes(["x=1x3x224x224", "y=2x5"]) == {"x": (1, 3, 224, 224), "y": (2, 5)}
     assert parse_input_shapes([]) == {} and parse_input_shapes(None) == {}
