@@ -32,9 +32,10 @@ def digits_vit(seed: int = 0) -> VisionTransformer:
     return vit_tiny(image_size=8, patch=2, depth=DEPTH, in_channels=1, seed=seed)
 
 
-def train_digits_vit(seed: int = 0) -> tuple[nn.Module, float]:
-    """``digits_vit(seed)`` trained on the digits training split; ``(model, test accuracy)``."""
-    return train_digits_model(EPOCHS, seed, architecture=digits_vit, learning_rate=LEARNING_RATE,
+def train_digits_vit(seed: int = 0, epochs: int = EPOCHS) -> tuple[nn.Module, float]:
+    """``digits_vit(seed)`` trained on the digits training split for ``epochs`` epochs;
+    ``(model, test accuracy)``."""
+    return train_digits_model(epochs, seed, architecture=digits_vit, learning_rate=LEARNING_RATE,
                               weight_decay=WEIGHT_DECAY)
 
 
