@@ -52,7 +52,11 @@ def feature_columns(channels: np.ndarray, per_channel: int) -> np.ndarray:
 
 
 def removal_costs(weights: np.ndarray, inverse: np.ndarray, channels: np.ndarray, per_channel: int) -> np.ndarray:
-    """``cost(B_c)`` for each channel c alone, vectorised over channels (blocks of k features)."""
+    """``cost(B_c)`` for each channel c alone, vectorised over channels (blocks of k features);
+    for one feature per channel ``Σ_rows W[r, c]² / (H⁻¹)_cc``, without a solve per channel."""
+    if per_channel == 1:
+        slab = weights[:, np.asarray(channels, dtype=int)]
+        return np.einsum("rc,rc->c", slab, slab) / np.diag(inverse)[channels]
     columns = feature_columns(channels, per_channel).reshape(len(channels), per_channel)
     blocks = inverse[columns[:, :, None], columns[:, None, :]]  # [channels, k, k]
     slabs = np.moveaxis(weights[:, columns], 1, 0)  # [channels, rows, k]

@@ -38,14 +38,17 @@ def test_compensation_is_the_least_squares_solution():
     np.testing.assert_allclose(result[:, kept], expected.T, atol=1e-5)
 
 
-def test_removal_cost_is_the_increase_of_squared_error():
+@pytest.mark.parametrize("per_channel", [1, 2, 3])
+def test_removal_cost_is_the_increase_of_squared_error(per_channel):
+    """One feature per channel (the closed form) and blocks of features (a solve per channel)."""
     rng = np.random.default_rng(1)
     x, augmented_x = _design(rng)
     weights = rng.standard_normal((3, 7))
     inverse = np.linalg.inv(augmented_x.T @ augmented_x)
-    costs = obs.removal_costs(weights, inverse, np.arange(6), 1)
-    for channel in range(6):
-        result = obs.compensated(weights, inverse, np.array([channel]))
+    channels = np.arange(6 // per_channel)
+    costs = obs.removal_costs(weights, inverse, channels, per_channel)
+    for channel in channels:
+        result = obs.compensated(weights, inverse, obs.feature_columns(np.array([channel]), per_channel))
         error = np.sum((augmented_x @ weights.T - augmented_x @ result.T) ** 2)
         assert costs[channel] == pytest.approx(error, rel=1e-6)
 
