@@ -55,7 +55,8 @@ def removal_costs(weights: np.ndarray, inverse: np.ndarray, channels: np.ndarray
     """``cost(B_c)`` for each channel c alone, vectorised over channels (blocks of k features);
     for one feature per channel ``Σ_rows W[r, c]² / (H⁻¹)_cc``, without a solve per channel."""
     if per_channel == 1:
-        slab = weights[:, np.asarray(channels, dtype=int)]
+        channels = np.asarray(channels, dtype=int)
+        slab = weights[:, channels]
         return np.einsum("rc,rc->c", slab, slab) / np.diag(inverse)[channels]
     columns = feature_columns(channels, per_channel).reshape(len(channels), per_channel)
     blocks = inverse[columns[:, :, None], columns[:, None, :]]  # [channels, k, k]
