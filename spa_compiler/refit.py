@@ -120,14 +120,20 @@ def _feature_scales(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarra
 
 
 def _few_parameters(kind: str, gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, bias: bool,
-                    prior_gram: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+                    prior_gram: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The scales ``a`` and bias ``b̃`` of a few-parameter re-fit ``[P diag(a), b̃]`` (no bias
     without one): "unchanged" ``a = 1``, ``b̃ = b``; "bias only" ``a = 1`` and the mean residual
     added to the bias, ``b̃ = b + (W Σx − P Σx̃) / n`` (``Σx̃`` and ``n`` are the last row of
     ``G̃``, ``W Σx`` the last row of ``C Wᵀ``); "scales" ``a`` from :func:`_feature_scales`,
-    then the bias of ``P diag(a)`` so corrected."""
-    features = len(prior_gram)
-    scales = _feature_scales(gram, target_cross, prior, bias, prior_gram) if kind == "scales" else np.ones(features)
+    then the bias of ``P diag(a)`` so corrected (``prior_gram``, ``PᵀP`` over the weight features,
+    is what the scales' solve needs; computed when not given)."""
+    features = prior.shape[1] - 1 if bias else prior.shape[1]
+    if kind == "scales":
+        if prior_gram is None:
+            prior_gram = prior[:, :features].T @ prior[:, :features]
+        scales = _feature_scales(gram, target_cross, prior, bias, prior_gram)
+    else:
+        scales = np.ones(features)
     if not bias:
         return scales, None
     shifted = prior[:, -1]
@@ -153,17 +159,13 @@ def _few_parameter_error(scales: np.ndarray, shifted: np.ndarray | None, prior: 
     return float(quadratic - 2 * linear)
 
 
-def _refit(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, ridge: float | str, bias: bool,
-           prior_gram: np.ndarray | None = None) -> np.ndarray:
+def _refit(gram: np.ndarray, target_cross: np.ndarray, prior: np.ndarray, ridge: float | str, bias: bool) -> np.ndarray:
     """The re-fitted augmented weights for ``target_cross = C Wᵀ``: for a number ``λ``,
     ``(W Cᵀ + P D)(G̃ + D)⁻¹`` with ``D = λs diag(1, ..., 1, 0)`` (the bias, last, not pulled);
-    for a few-parameter re-fit, ``[P diag(a), b̃]`` of :func:`_few_parameters` (``prior_gram``,
-    ``PᵀP`` over the weight features, computed when not given)."""
+    for a few-parameter re-fit, ``[P diag(a), b̃]`` of :func:`_few_parameters`."""
     if isinstance(ridge, str):
         features = prior.shape[1] - 1 if bias else prior.shape[1]
-        if prior_gram is None:
-            prior_gram = prior[:, :features].T @ prior[:, :features]
-        scales, shifted = _few_parameters(ridge, gram, target_cross, prior, bias, prior_gram)
+        scales, shifted = _few_parameters(ridge, gram, target_cross, prior, bias)
         return np.hstack([prior[:, :features] * scales, shifted[:, None]]) if bias else prior * scales
     penalty = _penalty(gram, ridge, bias)
     return np.linalg.solve(gram + np.diag(penalty), target_cross + penalty[:, None] * prior.T).T
