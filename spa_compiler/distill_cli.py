@@ -5,6 +5,7 @@ Dispatched from :func:`spa_compiler.cli.main`. Needs the optional PyTorch extra;
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .cli import DEBUG, console, reported_errors
+from .distill_data import distillation_data
 from .errors import InputError
 from .known_text import shipped_shape
 from .shapes import parse_input_shapes
@@ -65,11 +67,14 @@ def distill(
     debug: bool = DEBUG,
 ) -> None:
     with reported_errors(debug):
-        try:
-            from .torch.distill import distill as run_distillation
-        except ImportError:
-            raise InputError(f"spa-prune distill needs PyTorch and onnx2torch: {INSTALL}") from None
+        if any(importlib.util.find_spec(name) is None for name in ("torch", "onnx2torch")):
+            raise InputError(f"spa-prune distill needs PyTorch and onnx2torch: {INSTALL}")
         output = output or pruned.with_name(pruned.stem + ".distilled.onnx")
+        prepared = distillation_data(pruned, teacher, data, output, parse_input_shapes(input_shape), seed)
+        try:  # after the checks: importing PyTorch takes seconds
+            from .torch.distill import distill_checked
+        except ImportError as exc:
+            raise InputError(f"spa-prune distill cannot import PyTorch or onnx2torch ({exc}): {INSTALL}") from None
         columns = (TextColumn("distilling"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -78,6 +83,5 @@ def distill(
             def progress(step: int, steps: int, loss: float) -> None:
                 bar.update(task, completed=step, total=steps, loss=loss)
 
-            result = run_distillation(pruned, teacher, data, output, epochs, learning_rate, seed, progress, token_copies,
-                                      parse_input_shapes(input_shape))
+            result = distill_checked(prepared, output, epochs, learning_rate, seed, progress, token_copies)
         console.print(escape(f"{result.summary}\nwrote {output}"))

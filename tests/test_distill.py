@@ -3,6 +3,9 @@ inputs, written only when its held-out error falls and its export reproduces the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -257,6 +260,32 @@ def test_cli_distils_and_reports(gpt2, tmp_path):
     assert "held-out relative error" in result.stdout and "(written)" in result.stdout
     assert (tmp_path / "out.onnx").exists()
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr
+
+
+REPORTS_TORCH = """
+import sys
+from spa_compiler.cli import main
+try:
+    main()
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_cli_refuses_before_importing_torch(gpt2, tmp_path):
+    """Input that does not fit is refused in one line before PyTorch is imported (seconds);
+    input that fits goes on to import it."""
+    source, pruned, data = gpt2
+    np.savez(tmp_path / "short.npz", input=np.zeros((8, 16), np.int64))
+    command = [sys.executable, "-c", REPORTS_TORCH, "distill", pruned, "--teacher", source]
+    refused = subprocess.run([*map(str, command), "--data", str(tmp_path / "short.npz")], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=300)
+    assert_one_line_error(refused, "--data", "shape")
+    assert refused.stdout.strip() == "torch imported: False"
+    accepted = subprocess.run([*map(str, command), "--data", str(data), "--epochs", "1", "-o", "out.onnx"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.strip().endswith("torch imported: True") and (tmp_path / "out.onnx").exists()
 
 
 def test_cli_refuses_data_and_teacher_that_do_not_fit(gpt2, tmp_path, exported):

@@ -63,20 +63,17 @@ import onnxruntime as ort
 import torch
 
 from ..batch_axis import declares_batch_of_one, fixed_batch
-from ..calibrate import read_arrays
-from ..errors import InputError
+from ..distill_data import HELD_OUT_SHARE, DistillData, distillation_data, onnx_session
 from ..ir import load_model
-from ..known_text import SHIPPED, VOCABULARIES, known_text, shipped_shape
-from ..model_files import check_input_path, check_output_path, save_model
+from ..known_text import SHIPPED
+from ..model_files import save_model
 from ..shapes import free_batch_copy
-from ..synthetic import synthetic_calibration
 from ..token_augment import REPLACED, TokenCopies, with_copies_to
 from ..token_mask import attention_mask
 from .convert import to_torch
 
-__all__ = ["DistillResult", "distill", "distillation_loss", "export_module", "HELD_OUT_SHARE", "BATCH_SIZE", "OPSET"]
+__all__ = ["DistillResult", "distill", "distill_checked", "distillation_loss", "export_module", "HELD_OUT_SHARE", "BATCH_SIZE", "OPSET"]
 
-HELD_OUT_SHARE = 1 / 8  # of the samples, set aside to decide whether the distilled model is better
 BATCH_SIZE = 32  # samples per step (1 for a model that cannot compute more than one sample at a time)
 OPSET = 17  # of the exported distilled model
 WEIGHT_DECAY = 1e-4
@@ -146,30 +143,18 @@ def distill(pruned: str | Path, teacher: str | Path, data: str | Path | None, ou
     error to ``output`` (module docstring). ``progress(step, steps, loss)`` is called after
     every step. ``token_copies``: few token sequences are topped up with copies (module
     docstring). ``input_shapes`` binds free axes for the shipped sentences. Raises :class:`~spa_compiler.errors.InputError` for inputs that do not fit."""
+    prepared = distillation_data(pruned, teacher, data, output, input_shapes, seed)
+    return distill_checked(prepared, output, epochs, learning_rate, seed, progress, token_copies)
+
+
+def distill_checked(prepared: DistillData, output: str | Path, epochs: int = 3, learning_rate: float = 1e-4,
+                    seed: int = 0, progress: Callable[[int, int, float], None] | None = None,
+                    token_copies: bool = True) -> DistillResult:
+    """:func:`distill` on samples :func:`~spa_compiler.distill_data.distillation_data` checked."""
     started = time.perf_counter()
-    pruned, teacher, output = Path(pruned), Path(teacher), Path(output)
-    for path in (pruned, teacher):
-        check_input_path(path)
-    check_output_path(output, pruned)
-    inputs = _session(pruned).get_inputs()
-    names = [i.name for i in inputs]
-    teacher_inputs = _session(teacher).get_inputs()
-    if _signature(teacher_inputs) != _signature(inputs):
-        raise InputError(f"--teacher {teacher} takes {_described(teacher_inputs)}, {pruned} takes "
-                         f"{_described(inputs)}: give the model {pruned.name} was pruned from")
-    if data is not None and input_shapes:
-        raise InputError("--input-shape is for the shipped sentences; with --data the arrays' shapes are the inputs'")
-    given = read_arrays(data, names, "--data") if data is not None else \
-        _shipped_sentences(teacher, teacher_inputs, input_shapes or {}, seed)
-    arrays = {i.name: _checked(i, array, data) for i, array in zip(inputs, given.values())}
-    count = len(next(iter(arrays.values())))
-    held_out = max(1, int(count * HELD_OUT_SHARE))
-    if count - held_out < 2:
-        raise InputError(f"--data {data}: {count} samples; distillation needs at least 3 (the last "
-                         f"{HELD_OUT_SHARE:.1%} are held out)")
-    train = {name: array[:-held_out] for name, array in arrays.items()}
-    test = {name: array[-held_out:] for name, array in arrays.items()}
+    pruned, teacher, output, test = prepared.pruned, prepared.teacher, Path(output), prepared.test
     proto = onnx.load(str(pruned), load_external_data=False)
+    train = prepared.train
     graph = load_model(pruned, {name: (1, *np.shape(array)[1:]) for name, array in train.items()})  # free axes bound
     copies = with_copies_to(graph, train, COPIES_UP_TO, seed) if token_copies else TokenCopies(train)
     train = copies.data
@@ -187,28 +172,10 @@ def distill(pruned: str | Path, teacher: str | Path, data: str | Path | None, ou
         after = _held_out_error(distilled, teacher, test) if mismatch is None else float("nan")
         better = mismatch is None and after < before
         save_model(onnx.load(str(distilled if better else pruned)), output)
-    return DistillResult(before, after, "distilled" if better else "pruned", count - held_out, held_out, epochs,
-                         time.perf_counter() - started, fixed if better else (), mismatch, copies.copies,
-                         str(data) if data is not None else SHIPPED)
-
-
-def _shipped_sentences(teacher: Path, inputs: Sequence[ort.NodeArg], bound: dict[str, tuple[int, ...]],
-                       seed: int) -> dict[str, np.ndarray]:
-    """The English sentences that ship with spa-prune as inputs of ``teacher``
-    (:func:`~spa_compiler.known_text.known_text`; shapes as ``bound`` gives them, else axes after
-    the first that the model leaves free bound to the longest sentence), or an error saying
-    ``--data`` is needed."""
-    count, length = shipped_shape()
-    shapes = {i.name: (1, *(size if isinstance(size, int) and size > 0 else length for size in i.shape[1:]))
-              for i in inputs}
-    shapes.update({name: (1, *shape[1:]) for name, shape in bound.items()})
-    graph = load_model(teacher, shapes)
-    text = known_text(graph, synthetic_calibration(graph, count, seed)[0])
-    if text is None:
-        raise InputError(f"--data is needed: spa-prune has text of its own only for models of the "
-                         f"{' or '.join(v.name for v in VOCABULARIES)} vocabulary, and {teacher.name}'s inputs "
-                         "are not read by such an embedding table")
-    return {i.name: text.data[i.name] for i in inputs}
+    held_out = len(next(iter(test.values())))
+    return DistillResult(before, after, "distilled" if better else "pruned", prepared.count - held_out, held_out,
+                         epochs, time.perf_counter() - started, fixed if better else (), mismatch, copies.copies,
+                         prepared.source)
 
 
 def _trainable(pruned: Path, free_batch: bool, folder: Path) -> torch.nn.Module:
@@ -219,41 +186,6 @@ def _trainable(pruned: Path, free_batch: bool, folder: Path) -> torch.nn.Module:
     copy = folder / "batched.onnx"
     onnx.save(free_batch_copy(onnx.load(str(pruned))), str(copy))
     return to_torch(copy)
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own error types
-        raise InputError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:300]})") from None
-
-
-def _signature(inputs: Sequence[ort.NodeArg]) -> dict[str, tuple[str, int]]:
-    """Per input its type and rank (pruning keeps both; sizes may be bound or freed)."""
-    return {i.name: (i.type, len(i.shape)) for i in inputs}
-
-
-def _described(inputs: Sequence[ort.NodeArg]) -> str:
-    return ", ".join(f"{i.name} ({i.type}, {len(i.shape)} axes)" for i in inputs)
-
-
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
-
-
-def _checked(declared: ort.NodeArg, array: np.ndarray, data: str | Path) -> np.ndarray:
-    """``array`` cast to the input's type, after checking its shape against the declared one
-    (fixed sizes past the samples' axis must match)."""
-    shape = declared.shape
-    fixed = [isinstance(size, int) and size != array.shape[k] for k, size in enumerate(shape[1:], 1)] \
-        if array.ndim == len(shape) else [True]
-    if any(fixed):
-        raise InputError(f"--data {data}: array '{declared.name}' has shape {array.shape}; the model takes "
-                         f"{tuple(shape)} (first axis: samples)")
-    if declared.type not in _NUMPY_TYPES:
-        raise InputError(f"--data {data}: input '{declared.name}' is {declared.type}, which distillation does not feed")
-    return array.astype(_NUMPY_TYPES[declared.type], copy=False)
 
 
 def _run(session: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -277,7 +209,7 @@ class _TeacherOutputs:
     (a detector's full-resolution maps over thousands of pages)."""
 
     def __init__(self, teacher: Path, arrays: dict[str, np.ndarray]) -> None:
-        self.session, self.arrays = _session(teacher), arrays
+        self.session, self.arrays = onnx_session(teacher), arrays
         count = len(next(iter(arrays.values())))
         per_sample = sum(o.nbytes for o in _run(self.session, {k: v[:1] for k, v in arrays.items()}))
         self.held = _run(self.session, arrays) if per_sample * count <= TARGET_BYTES else None
@@ -294,8 +226,8 @@ def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
 
 
 def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray]) -> float:
-    outputs = [torch.from_numpy(o) for o in _run(_session(path), arrays)]
-    targets = [torch.from_numpy(t) for t in _run(_session(teacher), arrays)]
+    outputs = [torch.from_numpy(o) for o in _run(onnx_session(path), arrays)]
+    targets = [torch.from_numpy(t) for t in _run(onnx_session(teacher), arrays)]
     return float(distillation_loss(outputs, targets, _float_mask(arrays)))
 
 
@@ -381,7 +313,7 @@ def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.n
     other than the traced one) within ``EXPORT_TOLERANCE`` of their largest magnitude; else why not.
     The module runs ``batch`` samples at a time, as it trained."""
     try:
-        exported, trained = _run(_session(path), arrays), _run_module(module, arrays, batch)
+        exported, trained = _run(onnx_session(path), arrays), _run_module(module, arrays, batch)
     except Exception as exc:  # onnxruntime's or torch's own error types: the trace baked in a shape
         return f"fails on the held-out samples ({' '.join(str(exc).split())[:200]})"
     for ours, theirs in zip(exported, trained):
