@@ -101,6 +101,21 @@ def test_the_oracle_catches_a_wrong_rewrite(monkeypatch, workdir):
     assert outcome.status == "failed" and outcome.reason.startswith("outputs differ")
 
 
+AMPLIFIES_ROUNDING = 91004832  # grouped and instance norms, then an output near 0.002
+
+
+def test_a_graph_that_amplifies_rounding_is_judged_by_its_own_noise(workdir):
+    """The zeroed graph's outputs move by about 6e-4 relative when its inputs move by their
+    rounding, and its pruning differs from it by as much (about 5.6e-4, over 1e-4): pruned, and
+    said to be ill-conditioned, with the error within ten times that noise."""
+    graph = fuzz_seed(AMPLIFIES_ROUNDING)
+    assert "instancenorm" in graph.describe()
+    outcome = check_graph(graph, AMPLIFIES_ROUNDING, workdir)
+    assert outcome.status == "pruned", outcome.reason
+    error, noise = map(float, re.search(r"ill-conditioned: error (\S+), rounding noise (\S+)", outcome.reason).groups())
+    assert 1e-4 < error <= 10 * noise < 1e-2
+
+
 def test_command_line_counts_every_graph(capsys):
     assert main(["--graphs", "6", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
