@@ -38,11 +38,6 @@ class DistillData:
     test: dict[str, np.ndarray]
     source: str
 
-    @property
-    def count(self) -> int:
-        """Samples in all, held-out ones included."""
-        return sum(len(next(iter(part.values()))) for part in (self.train, self.test))
-
 
 def distillation_data(pruned: str | Path, teacher: str | Path, data: str | Path | None, output: str | Path,
                       input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0) -> DistillData:

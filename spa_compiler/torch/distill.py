@@ -152,9 +152,9 @@ def distill_checked(prepared: DistillData, output: str | Path, epochs: int = 3, 
                     token_copies: bool = True) -> DistillResult:
     """:func:`distill` on samples :func:`~spa_compiler.distill_data.distillation_data` checked."""
     started = time.perf_counter()
-    pruned, teacher, output, test = prepared.pruned, prepared.teacher, Path(output), prepared.test
+    pruned, teacher, output, train, test = prepared.pruned, prepared.teacher, Path(output), prepared.train, prepared.test
+    samples, held_out = (len(next(iter(part.values()))) for part in (train, test))
     proto = onnx.load(str(pruned), load_external_data=False)
-    train = prepared.train
     graph = load_model(pruned, {name: (1, *np.shape(array)[1:]) for name, array in train.items()})  # free axes bound
     copies = with_copies_to(graph, train, COPIES_UP_TO, seed) if token_copies else TokenCopies(train)
     train = copies.data
@@ -172,9 +172,8 @@ def distill_checked(prepared: DistillData, output: str | Path, epochs: int = 3, 
         after = _held_out_error(distilled, teacher, test) if mismatch is None else float("nan")
         better = mismatch is None and after < before
         save_model(onnx.load(str(distilled if better else pruned)), output)
-    held_out = len(next(iter(test.values())))
-    return DistillResult(before, after, "distilled" if better else "pruned", prepared.count - held_out, held_out,
-                         epochs, time.perf_counter() - started, fixed if better else (), mismatch, copies.copies,
+    return DistillResult(before, after, "distilled" if better else "pruned", samples, held_out, epochs,
+                         time.perf_counter() - started, fixed if better else (), mismatch, copies.copies,
                          prepared.source)
 
 
