@@ -16,7 +16,8 @@ analysis, a criterion steers the plan to them, the weight slabs that read the pl
 are zeroed (and, for channels a product of two activations contracts, the projections that write
 them; see ``models.exactness``), and the model is pruned again. The pruned model must pass the
 full checker, keep its graph inputs and outputs (names, element types, ranks), lose parameters,
-run in onnxruntime and reproduce the zeroed model's outputs within 1e-4 relative; a graph that
+run in onnxruntime (optimised, as the verification runs it) and reproduce the zeroed model's
+outputs within 1e-4 relative (both run unoptimised: :mod:`models.exactness`); a graph that
 amplifies rounding (outputs that nearly cancel, a normalisation over nearly constant values) within
 ten times what its own outputs move when its inputs move by their rounding (at most 1e-2: a wrong
 index map moves them by far more), and the outcome says so. Anything else
@@ -47,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.exactness import RTOL, prune_zeroed, relative_error, steering
+from models.exactness import RTOL, prune_zeroed, relative_error, semantic_outputs, steering
 from spa_compiler import (
     Analysis,
     PruneConfig,
@@ -1207,7 +1208,7 @@ def _prune_exactly(path: Path, seed: int) -> Outcome:
         return Outcome("failed", f"graph inputs/outputs changed: {_interface(graph.model)} -> {_interface(pruned)}")
     if _parameters(pruned) >= _parameters(graph.model):
         return Outcome("failed", "the pruned model is not smaller")
-    actual = run_model(pruned, feeds)
+    actual = semantic_outputs(pruned, feeds)
     shapes = ([a.shape for a in expected], [a.shape for a in actual])
     if shapes[0] != shapes[1]:
         return Outcome("failed", f"output shapes changed: {shapes[0]} -> {shapes[1]}")
@@ -1242,7 +1243,7 @@ def rounding_noise(model: onnx.ModelProto, feeds: dict[str, np.ndarray], expecte
         if np.issubdtype(value.dtype, np.floating) else value
         for name, value in feeds.items()
     }
-    return relative_error(expected, run_model(model, moved))
+    return relative_error(expected, semantic_outputs(model, moved))
 
 
 def check_graph(fuzz: FuzzGraph, seed: int, workdir: Path) -> Outcome:

@@ -60,6 +60,10 @@ PINNED = [
     (41, "two convs sharing a weight", Outcome("pruned", "11 of 13 channels in 1 groups")),
     # Resize by 1.23 keeps 4 channels 4 but resamples them: those channels stay (outputs differed)
     (771, "channels by 1.23", Outcome("pruned", "17 of 36 channels in 1 groups")),
+    # a Transpose into a MatMul with a 1-D weight, which onnxruntime's optimiser miscomputes (up to 1.32 at
+    # least): the oracle compares unoptimised runs
+    (123007194, "transpose [0, 1, 3, 2], MatMul and back -> MatMul with a vector over the width",
+     Outcome("pruned", "3 of 4 channels in 1 groups")),
 ]
 
 
@@ -105,8 +109,8 @@ AMPLIFIES_ROUNDING = 91004832  # grouped and instance norms, then an output near
 
 
 def test_a_graph_that_amplifies_rounding_is_judged_by_its_own_noise(workdir):
-    """The zeroed graph's outputs move by about 6e-4 relative when its inputs move by their
-    rounding, and its pruning differs from it by as much (about 5.6e-4, over 1e-4): pruned, and
+    """The zeroed graph's outputs move by about 3e-4 relative when its inputs move by their
+    rounding, and its pruning differs from it by about twice that (6e-4, over 1e-4): pruned, and
     said to be ill-conditioned, with the error within ten times that noise."""
     graph = fuzz_seed(AMPLIFIES_ROUNDING)
     assert "instancenorm" in graph.describe()
