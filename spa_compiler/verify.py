@@ -19,7 +19,7 @@ import contextlib
 import functools
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -59,6 +59,11 @@ class Fidelity:
     top1_agreement: float | None = None
     samples: int = 1
     source: str = "synthetic inputs"
+    optimiser_change: float | None = None  # see verify_model: the figures are then the unoptimised run's
+
+
+POOR_COSINE = 0.9  # fidelity the report warns of (report.fidelity_warning)
+OPTIMISER_CHANGE = 1e-3  # relative change between onnxruntime's optimised and unoptimised runs beyond rounding
 
 
 def session_for(
@@ -201,7 +206,10 @@ def verify_model(
     original graph input or output (by name) to the pruned model's (see
     :mod:`spa_compiler.interface`; the identity unless the user let the interface change).
     ``reference`` is the model the outputs are compared with, ``original`` unless passes
-    rewrote the graph before pruning (rotated heads, removed branches): then the input model."""
+    rewrote the graph before pruning (rotated heads, removed branches): then the input model.
+    The fidelity is that of the pruned model run optimised, as users run it; when it is poor
+    (cosine under ``POOR_COSINE``), that of its unoptimised run if onnxruntime's optimisations
+    change its outputs (:func:`_unoptimised_if_changed`)."""
     reference = original if reference is None else reference
     serialized = None if streaming.has_external(pruned) else pruned.SerializeToString()
     try:
@@ -225,9 +233,10 @@ def verify_model(
             return None
         raise ModelError(f"onnxruntime cannot run the input model ({first_line(exc)})") from None
     before = [narrow(name, value) for name, value in zip(original.outputs, before)]
+    pruned_feeds = {k: narrow(k, v) for k, v in feeds.items()}
     try:
         session = session_for(pruned, serialized=serialized, layout=False)  # optimised, as users will run it
-        after = session.run(None, {k: narrow(k, v) for k, v in feeds.items()})
+        after = session.run(None, pruned_feeds)
     except Exception as exc:
         raise VerificationError(
             f"internal error: onnxruntime cannot run the pruned model ({first_line(exc)}); nothing was written"
@@ -242,7 +251,26 @@ def verify_model(
                 f"the pruned model's output '{name}' is not finite (inf or NaN) where the original's is, on synthetic "
                 "inputs: its activations overflow; nothing was written. Try a milder target or --refit 0"
             )
-    return fidelity(before, after, source, class_score_outputs(reference))
+    measured = fidelity(before, after, source, class_score_outputs(reference))
+    if measured.cosine >= POOR_COSINE:
+        return measured
+    return _unoptimised_if_changed(measured, before, after, session_for(pruned, optimize=False, serialized=serialized)
+                                   .run(None, pruned_feeds), source, class_score_outputs(reference))
+
+
+def _unoptimised_if_changed(measured: Fidelity, before: list[np.ndarray], after: list[np.ndarray],
+                            plain: list[np.ndarray], source: str, class_scores: list[bool]) -> Fidelity:
+    """The fidelity of the pruned model's unoptimised outputs ``plain``, with the relative change
+    ``‖after − plain‖ / ‖plain‖`` as ``optimiser_change``, when onnxruntime's graph optimisations
+    change its outputs ``after`` by more than rounding (``OPTIMISER_CHANGE``); else ``measured``.
+    The optimiser is not always right: onnxruntime 1.23 to 1.32 fuse a Transpose into a following
+    MatMul with a 1-D weight (``FusedMatMul``) and compute another product, in the input model
+    as in its pruning, and a poor fidelity would then be the optimiser's, not the pruning's."""
+    flat = [np.concatenate([np.asarray(x, np.float64).ravel() for x in outputs]) for outputs in (after, plain)]
+    change = float(np.linalg.norm(flat[0] - flat[1]) / max(np.linalg.norm(flat[1]), 1e-30))
+    if not change > OPTIMISER_CHANGE:
+        return measured
+    return replace(fidelity(before, plain, source, class_scores), optimiser_change=change)
 
 
 def verification_inputs(graph: Graph, seed: int) -> tuple[dict[str, np.ndarray], str]:

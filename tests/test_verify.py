@@ -1,0 +1,56 @@
+"""Verification's fidelity when onnxruntime's graph optimisations change a model's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from spa_compiler import PruneConfig, load_model
+from spa_compiler.api import prune_graph
+from spa_compiler.verify import run_model, verification_inputs
+from tests.test_cli import make_model, tensor, weight
+
+
+def transpose_into_vector_matmul():
+    """x[1,4,6,4] -> Conv 1x1 (8) -> Transpose(last two) -> MatMul with a 1-D weight over the height
+    -> Unsqueeze -> Conv 1x1 (2): the 8 middle channels are prunable. onnxruntime 1.23 to 1.32
+    fuse the Transpose into the MatMul (FusedMatMul, transA) and compute another product."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1"),
+        helper.make_node("Transpose", ["c1"], ["t"], name="transpose", perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["t", "v"], ["m"], name="matmul"),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["u"], name="unsqueeze"),
+        helper.make_node("Conv", ["u", "W2"], ["y"], name="conv2"),
+    ]
+    constants = [weight("W1", 8, 4, 1, 1), weight("B1", 8), weight("v", 6), weight("W2", 2, 8, 1, 1),
+                 numpy_helper.from_array(np.array([-1], np.int64), "axis")]
+    return make_model(nodes, [tensor("x", [1, 4, 6, 4])], [tensor("y", [1, 2, 4, 1])], constants)
+
+
+def _relative(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    a, b = (np.concatenate([np.asarray(x, np.float64).ravel() for x in xs]) for xs in (a, b))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def test_fidelity_of_the_unoptimised_run_when_the_optimiser_changes_the_outputs(tmp_path):
+    """The pruned model keeps the pattern; its optimised outputs are the optimiser's, so the
+    fidelity is measured on its unoptimised run (both models run unoptimised here, independently
+    of the library's fidelity code), and the change the optimiser makes is given."""
+    model = transpose_into_vector_matmul()
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 6, 4)).astype(np.float32)}
+    if _relative(run_model(model, feeds, optimize=False), run_model(model, feeds)) < 1e-3:
+        pytest.skip("this onnxruntime computes a Transpose into a MatMul with a 1-D weight as the graph says")
+    onnx.save(model, tmp_path / "model.onnx")
+    graph = load_model(tmp_path / "model.onnx")
+    state = prune_graph(graph, PruneConfig(ratio=0.5, criterion="l2", allocation="score", refit_rounds=0, round_to=1))
+    assert state.plan.n_removed == 4
+    inputs, _ = verification_inputs(graph, state.config.seed)
+    before = run_model(model, inputs, optimize=False)
+    plain, optimised = run_model(state.model, inputs, optimize=False), run_model(state.model, inputs)
+    fidelity = state.fidelity
+    assert fidelity.optimiser_change == pytest.approx(_relative(plain, optimised), rel=1e-6)
+    assert fidelity.optimiser_change > 0.1
+    assert fidelity.relative_error == pytest.approx(_relative(before, plain), rel=1e-5)
+    assert fidelity.relative_error < _relative(before, optimised)
