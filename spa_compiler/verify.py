@@ -251,11 +251,12 @@ def verify_model(
                 f"the pruned model's output '{name}' is not finite (inf or NaN) where the original's is, on synthetic "
                 "inputs: its activations overflow; nothing was written. Try a milder target or --refit 0"
             )
-    measured = fidelity(before, after, source, class_score_outputs(reference))
+    class_scores = class_score_outputs(reference)
+    measured = fidelity(before, after, source, class_scores)
     if measured.cosine >= POOR_COSINE:
         return measured
-    return _unoptimised_if_changed(measured, before, after, session_for(pruned, optimize=False, serialized=serialized)
-                                   .run(None, pruned_feeds), source, class_score_outputs(reference))
+    plain = session_for(pruned, optimize=False, serialized=serialized).run(None, pruned_feeds)
+    return _unoptimised_if_changed(measured, before, after, plain, source, class_scores)
 
 
 def _unoptimised_if_changed(measured: Fidelity, before: list[np.ndarray], after: list[np.ndarray],
