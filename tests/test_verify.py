@@ -54,3 +54,17 @@ def test_fidelity_of_the_unoptimised_run_when_the_optimiser_changes_the_outputs(
     assert fidelity.optimiser_change > 0.1
     assert fidelity.relative_error == pytest.approx(_relative(before, plain), rel=1e-5)
     assert fidelity.relative_error < _relative(before, optimised)
+
+
+def test_work_sessions_do_not_spin_and_timing_sessions_keep_the_default():
+    """The pipeline's sessions (every core) give their threads back after a run; a timing
+    session of a given thread count is left as a deployment would run it."""
+    from spa_compiler.verify import session_for
+
+    model = transpose_into_vector_matmul()
+    key = "session.intra_op.allow_spinning"
+    work = session_for(model).get_session_options()
+    timing = session_for(model, threads=2).get_session_options()
+    assert work.get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        timing.get_session_config_entry(key)
