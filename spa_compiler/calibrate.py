@@ -46,7 +46,7 @@ from .ir import Graph, Node
 from .shapes import free_batch_copy
 from .batch_axis import samples_per_run
 from .ops import WeightView, get_rule
-from .feature_rows import feature_width, layer_features, row_count, sample_rows
+from .feature_rows import feature_width, layer_features, row_count, row_products, sample_rows
 from .token_mask import attention_mask
 from .verify import session_for
 
@@ -117,7 +117,8 @@ class LayerStatistics:
     pending_rows: int = field(default=0, repr=False)
 
     def add(self, rows: np.ndarray) -> None:
-        """Queue feature rows (without the constant 1); fold them in by chunks."""
+        """Queue feature rows (without the constant 1); fold them in by chunks
+        (:func:`~spa_compiler.feature_rows.row_products`)."""
         self.pending.append(rows)
         self.pending_rows += len(rows)
         if self.pending_rows >= CHUNK_ROWS:
@@ -125,9 +126,8 @@ class LayerStatistics:
 
     def flush(self) -> None:
         if self.pending:
-            rows = np.vstack(self.pending).astype(np.float64)
-            rows = np.hstack([rows, np.ones((len(rows), 1))])
-            self.hessian += rows.T @ rows
+            rows = np.vstack(self.pending)
+            self.hessian += row_products(rows)[0]
             self.rows += len(rows)
             self.pending, self.pending_rows = [], 0
 

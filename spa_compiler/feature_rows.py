@@ -15,7 +15,7 @@ from .token_mask import real_rows
 if TYPE_CHECKING:
     from .calibrate import ConsumerLayer
 
-__all__ = ["conv_patches", "sample_rows", "row_count", "layer_features", "feature_width"]
+__all__ = ["conv_patches", "sample_rows", "row_count", "layer_features", "feature_width", "row_products"]
 
 
 def conv_patches(x: np.ndarray, node: Node, kernel: tuple[int, ...], rows: np.ndarray | None) -> np.ndarray:
@@ -83,3 +83,19 @@ def layer_features(layer: ConsumerLayer, graph: Graph, x: np.ndarray, rows: np.n
 
 def feature_width(layer: ConsumerLayer, shape: tuple[int, ...]) -> int:
     return shape[layer.channel_axis] * layer.features_per_channel
+
+
+def row_products(rows: np.ndarray, other: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[rows 1]ᵀ[rows 1]`` and, given ``other`` (same row count), ``[rows 1]ᵀ[other 1]``: the
+    sums one chunk of rows adds to second-order statistics. The products are in float32 (twice
+    as fast; one chunk's sums, a few thousand rows, are well within its precision; callers
+    accumulate them in float64), in float64 when float32 overflows (activations beyond 1e19)."""
+    for dtype in (np.float32, np.float64):
+        ones = np.ones((len(rows), 1), dtype=dtype)
+        left = np.hstack([rows.astype(dtype), ones])
+        with np.errstate(over="ignore"):
+            gram = left.T @ left
+            cross = None if other is None else left.T @ np.hstack([other.astype(dtype), ones])
+        if np.isfinite(gram).all() and (cross is None or np.isfinite(cross).all()):
+            break
+    return gram, cross

@@ -25,7 +25,7 @@ from .calibrate import (
     with_weight_inputs,
 )
 from .batch_axis import declares_batch_of_one, fixed_batch
-from .feature_rows import feature_width, layer_features, sample_rows
+from .feature_rows import feature_width, layer_features, row_products, sample_rows
 from .residual_target import residual_rows
 from .ir import Graph
 from .subnetwork import prefix_model
@@ -75,16 +75,8 @@ class PairedStatistics:
                    np.zeros((2, pruned_width + 1, width + residual + 1)), residual)
 
     def add(self, pruned: np.ndarray, original: np.ndarray, fold: int = 0) -> None:
-        """Fold in one batch of rows: products in float32 (twice as fast; one batch's sums are
-        well within its precision), accumulated in float64; in float64 when float32 overflows
-        (activations beyond 1e19)."""
-        for dtype in (np.float32, np.float64):
-            ones = np.ones((len(pruned), 1), dtype=dtype)
-            rows = np.hstack([pruned.astype(dtype), ones])
-            with np.errstate(over="ignore"):
-                gram, cross = rows.T @ rows, rows.T @ np.hstack([original.astype(dtype), ones])
-            if np.isfinite(gram).all() and np.isfinite(cross).all():
-                break
+        """Fold in one batch of rows (:func:`~spa_compiler.feature_rows.row_products`)."""
+        gram, cross = row_products(pruned, original)
         self.gram[fold] += gram
         self.cross[fold] += cross
 
