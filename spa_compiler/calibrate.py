@@ -117,8 +117,9 @@ class LayerStatistics:
     pending_rows: int = field(default=0, repr=False)
 
     def add(self, rows: np.ndarray) -> None:
-        """Queue feature rows (without the constant 1); fold them in by chunks
-        (:func:`~spa_compiler.feature_rows.row_products`)."""
+        """Queue feature rows (without the constant 1); fold them in by chunks of
+        ``CHUNK_ROWS`` (:func:`~spa_compiler.feature_rows.row_products`), the caller flushing at
+        each batch's end."""
         self.pending.append(rows)
         self.pending_rows += len(rows)
         if self.pending_rows >= CHUNK_ROWS:
@@ -342,6 +343,8 @@ def collect_statistics(
                 done += samples
                 if progress:
                     progress(number * total + done, len(chunks) * total)
+            for layer in chunk:  # a batch's rows never share a product with another's: shards sum the same products
+                stats[layer.node].flush()
         for layer in chunk:
             stats[layer.node].flush()
             if len(chunks) > 1:
