@@ -345,9 +345,8 @@ def collect_statistics(
                     progress(number * total + done, len(chunks) * total)
             for layer in chunk:  # a batch's rows never share a product with another's: shards sum the same products
                 stats[layer.node].flush()
-        for layer in chunk:
-            stats[layer.node].flush()
-            if len(chunks) > 1:
+        if len(chunks) > 1:
+            for layer in chunk:
                 stats[layer.node].spill()
     return stats
 
