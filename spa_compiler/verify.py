@@ -245,9 +245,7 @@ def verify_model(
         session = session_for(pruned, serialized=serialized, layout=False)  # optimised, as users will run it
         after = session.run(None, pruned_feeds)
     except Exception as exc:
-        raise VerificationError(
-            f"internal error: onnxruntime cannot run the pruned model ({first_line(exc)}); nothing was written"
-        ) from None
+        raise VerificationError(_run_failure(pruned, serialized, pruned_feeds, first_line(exc))) from None
     for name, a, b in zip(original.outputs, before, after):
         if np.shape(a) != np.shape(b):
             raise VerificationError(
@@ -264,6 +262,20 @@ def verify_model(
         return measured
     plain = session_for(pruned, optimize=False, serialized=serialized).run(None, pruned_feeds)
     return _unoptimised_if_changed(measured, before, after, plain, source, class_scores)
+
+
+def _run_failure(pruned: onnx.ModelProto, serialized: bytes | None, feeds: dict[str, np.ndarray], error: str) -> str:
+    """What to say when onnxruntime cannot run the pruned model optimised: an onnxruntime issue
+    when it runs without graph optimisations (onnxruntime 1.32 moves a Transpose through a Resize
+    whose sizes are constant and gathers from its empty ``roi`` and ``scales`` when those are
+    graph inputs), else an internal error. Either way the model is not written: users run it
+    optimised."""
+    try:
+        session_for(pruned, optimize=False, serialized=serialized).run(None, feeds)
+    except Exception:
+        return f"internal error: onnxruntime cannot run the pruned model ({error}); nothing was written"
+    return (f"onnxruntime's graph optimisations cannot run the pruned model ({error}), which runs without them: "
+            "an onnxruntime issue, not the pruning's; nothing was written. Try another target")
 
 
 def _unoptimised_if_changed(measured: Fidelity, before: list[np.ndarray], after: list[np.ndarray],

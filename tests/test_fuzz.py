@@ -120,6 +120,23 @@ def test_a_graph_that_amplifies_rounding_is_judged_by_its_own_noise(workdir):
     assert 1e-4 < error <= 10 * noise < 1e-2
 
 
+OPTIMISER_CRASH = 200012412  # Transpose, MatMul, Transpose into a Resize whose roi and scales are empty graph inputs
+
+
+def test_a_model_only_onnxruntimes_optimiser_cannot_run_is_not_written_and_said_so(workdir):
+    """The pruned model runs unoptimised, but onnxruntime 1.32's optimiser moves the Transpose
+    through the Resize (its sizes now a constant) and gathers from the empty roi and scales: the
+    verification refuses it and says whose issue it is (where onnxruntime runs it, it is pruned)."""
+    graph = fuzz_seed(OPTIMISER_CRASH)
+    assert "resize x2 linear (sizes)" in graph.describe() and "weights listed as inputs" in graph.describe()
+    outcome = check_graph(graph, OPTIMISER_CRASH, workdir)
+    if outcome.status == "failed":
+        assert outcome.reason.startswith("VerificationError: onnxruntime's graph optimisations cannot run the pruned")
+        assert "which runs without them: an onnxruntime issue, not the pruning's; nothing was written" in outcome.reason
+    else:
+        assert outcome.status == "pruned", outcome.reason
+
+
 def test_command_line_counts_every_graph(capsys):
     assert main(["--graphs", "6", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
