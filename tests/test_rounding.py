@@ -31,7 +31,7 @@ def test_levels_round_the_narrowest_groups_finer_first():
 def _narrow_model(tmp_path, width: int = 24):
     """Three 3x3 convs of ``width`` channels, pooled into a classifier: at --round-to 16 a group of
     24 rounds to 8, and those steps go from 0.67 of the FLOPs straight past 0.5 to 0.35."""
-    text = f"""g (float[1,3,16,16] x) => (float[1,10] y) {{
+    text = """g (float[1,3,16,16] x) => (float[1,10] y) {
         a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
         ra = Relu (a)
         b = Conv <pads = [1, 1, 1, 1]> (ra, W2, B2)
@@ -41,7 +41,7 @@ def _narrow_model(tmp_path, width: int = 24):
         p = GlobalAveragePool (rc)
         f = Flatten (p)
         y = Gemm <transB = 1> (f, W4, B4)
-    }}"""
+    }"""
     w = width
     consts = {"W1": (w, 3, 3, 3), "B1": (w,), "W2": (w, w, 3, 3), "B2": (w,), "W3": (w, w, 3, 3), "B3": (w,),
               "W4": (10, w), "B4": (10,)}
