@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -253,6 +254,29 @@ def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--cal
     if unfinite:
         raise InputError(f"{option} {path}: {', '.join(unfinite)} holds NaN or infinite values; give finite samples")
     return {name: arrays[name] for name in inputs}
+
+
+def array_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shapes of the arrays in a ``--calib`` file (``.npz`` members) or folder (``.npy``
+    files, by name), read from their headers without their data; empty when they cannot be read
+    (:func:`read_arrays` then says why)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return {p.stem: tuple(np.load(p, mmap_mode="r").shape) for p in sorted(path.glob("*.npy"))}
+        with zipfile.ZipFile(path) as archive:
+            return {member[:-len(".npy")]: _header_shape(archive, member) for member in archive.namelist()
+                    if member.endswith(".npy")}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}
+
+
+def _header_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
+    """The shape an ``.npy`` member of an ``.npz`` archive declares in its header."""
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(read(stream)[0])
 
 
 def sameness(arrays: dict[str, np.ndarray]) -> str | None:

@@ -244,9 +244,12 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
 
 
 def load_model(
-    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None, lean: bool = False
+    path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None, lean: bool = False,
+    data_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> Graph:
-    """Read, fold and shape an ONNX model. Raises :class:`SpaError` subclasses on bad input.
+    """Read, fold and shape an ONNX model, its inputs bound by ``input_shapes``, then by the
+    calibration arrays' ``data_shapes`` (:func:`~spa_compiler.shapes.bind_input_shapes`). Raises
+    :class:`SpaError` subclasses on bad input.
 
     ``lean`` streams a model from 64 MB of weights (:mod:`spa_compiler.streaming`): its proto then
     refers to scratch files for them, so write it, or a model pruned from it, with
@@ -256,7 +259,7 @@ def load_model(
     check_input_path(path)
     raw, uses_external = read_proto(path, lean)
     opset = _reject_unsupported(raw, path)
-    bound = bind_input_shapes(raw, dict(input_shapes or {}))
+    bound = bind_input_shapes(raw, dict(input_shapes or {}), data_shapes)
     model = streaming.fold_without_weights(raw, _fold_constants)
     hoist_initializers(model)
     unshare(model)

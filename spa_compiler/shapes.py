@@ -17,7 +17,7 @@ from .proto_copy import copy_without_initializers
 from .subgraphs import all_initializers, inner_value_infos
 
 __all__ = [
-    "parse_input_shapes", "input_shape_option", "dims_text", "bind_input_shapes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
+    "parse_input_shapes", "input_shape_option", "dims_text", "bind_input_shapes", "with_free_axes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
     "infer_shapes", "free_batch", "free_batch_copy",
 ]
 
@@ -50,8 +50,13 @@ def input_shape_option(name: str, shape: tuple[int, ...]) -> str:
 
 
 def bind_input_shapes(
-    model: onnx.ModelProto, user: dict[str, tuple[int, ...]]
+    model: onnx.ModelProto, user: dict[str, tuple[int, ...]], data: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int, ...]]:
+    """Every graph input's concrete shape: as ``user`` (``--input-shape``) gives it, else its fixed
+    sizes, a free first axis (the batch) 1, and other free axes those of ``data``, the shapes of
+    calibration arrays (samples first) by input name, or for a one-input model any arrays of one
+    shape after the samples (a folder of ``.npy`` files). A free axis nothing binds is an error
+    that says how to bind it."""
     initializers = {t.name for t in model.graph.initializer}
     real_inputs = [i for i in model.graph.input if i.name not in initializers]
     unknown = set(user) - {i.name for i in real_inputs}
@@ -81,12 +86,20 @@ def bind_input_shapes(
                     )
             bound[value.name] = shape
             continue
+        given = (data or {}).get(value.name)
+        if given is None and data and len(real_inputs) == 1 and len({tuple(d[1:]) for d in data.values()}) == 1:
+            given = next(iter(data.values()))
+        if given is not None and len(given) != len(dims):
+            raise InputError(f"calibration array '{value.name}' has shape {tuple(given)}; the model input has "
+                             f"{len(dims)} dimensions (samples first)")
         shape = []
         for axis, dim in enumerate(dims):
             if dim.dim_value > 0:
                 shape.append(dim.dim_value)
             elif axis == 0:
                 shape.append(1)  # batch defaults to 1
+            elif given is not None:
+                shape.append(int(given[axis]))
             else:
                 example = "x".join(
                     str(d.dim_value) if d.dim_value > 0 else ("1" if i == 0 else "N")
@@ -99,6 +112,12 @@ def bind_input_shapes(
                 )
         bound[value.name] = tuple(shape)
     return bound
+
+
+def with_free_axes(model: onnx.ModelProto) -> set[str]:
+    """The graph inputs with a free axis after the first (the ones a batch of one does not bind)."""
+    return {value.name for value in model.graph.input
+            if any(dim.dim_value <= 0 for dim in value.type.tensor_type.shape.dim[1:])}
 
 
 def shape_skeleton(

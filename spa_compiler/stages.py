@@ -22,7 +22,8 @@ from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
 from .batch_axis import activations, samples_per_run
 from .calibrate import (
-    MAX_FEATURES, ConsumerLayer, LayerStatistics, collect_statistics, consumer_layers, load_calibration, sameness,
+    MAX_FEATURES, ConsumerLayer, LayerStatistics, array_shapes, collect_statistics, consumer_layers, load_calibration,
+    sameness,
 )
 from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
@@ -32,7 +33,7 @@ from .interface import interface_changes, narrow as narrow_io, narrow_all, resiz
 from .errors import first_line
 from .attention_heads import rotatable_heads
 from .ir import Graph, load_model
-from .shapes import synthetic_inputs
+from .shapes import dims_text, synthetic_inputs, with_free_axes
 from .model_files import save_model
 from .pipeline import Pass
 from .report import FIDELITY_ONLY, build_report
@@ -53,14 +54,17 @@ log = logging.getLogger(__name__)
 
 
 class Load(Pass):
-    """Read ``state.source``, fold constants and bind the dynamic dimensions. A model of 64 MB of
+    """Read ``state.source``, fold constants and bind the dynamic dimensions (``--input-shape``,
+    else the ``--calib`` arrays' shapes, else a batch of one). A model of 64 MB of
     weights or more keeps them on disk (``load_model(lean=True)``): write the pruned
     ``state.model`` with :class:`Save` or :func:`~spa_compiler.model_files.save_model`."""
 
     name, description, requires, provides = "load", "loading the model", ("source",), ("graph",)
 
     def run(self, state: PruneState) -> PruneState:
-        state.graph = load_model(state.source, state.config.input_shapes, lean=True)
+        config = state.config
+        data_shapes = array_shapes(config.calibration) if config.calibration else None
+        state.graph = load_model(state.source, config.input_shapes, lean=True, data_shapes=data_shapes)
         return state
 
 
@@ -175,6 +179,8 @@ class CollectStatistics(Pass):
             notes.append(f"more than the default {config.samples_for()}: the widest layer wants {wanted} real tokens")
         if state.held_out:
             notes.append(f"{len(next(iter(state.held_out.values())))} more held out to measure fidelity")
+        if bound := shapes_bound(graph, config):
+            notes.append(bound)
         source = f"{count} samples from {config.calibration}" + (f" ({'; '.join(notes)})" if notes else "")
         return cls._topped_up(state, layers, data, source)
 
@@ -195,6 +201,13 @@ class CollectStatistics(Pass):
         return collect_statistics(graph, layers, data, config.calibration_batch, seed=config.seed, progress=progress)
 
 
+def shapes_bound(graph: Graph, config: PruneConfig) -> str:
+    """What the ``--calib`` arrays' shapes bound (the inputs with free axes after the batch that
+    ``--input-shape`` left free), for the report; "" when nothing."""
+    bound = [name for name in graph.inputs if name in with_free_axes(graph.model) and name not in config.input_shapes]
+    return "their shapes bind " + ", ".join(f"{name}={dims_text(graph.input_shapes[name])}" for name in bound) if bound else ""
+
+
 class HeldOutOnly(Pass):
     """``--calib`` under settings that collect no statistics (a magnitude criterion, score
     allocation, no re-fit): the file is read and checked as the statistics would read it, and
@@ -212,7 +225,8 @@ class HeldOutOnly(Pass):
         state.calibration_warning = sameness(loaded)
         state.held_out = loaded
         count = len(next(iter(loaded.values())))
-        state.calibration = (f"{FIDELITY_ONLY} ({count} samples from {config.calibration}): --criterion "
+        bound = f"; {shapes_bound(state.graph, config)}" if shapes_bound(state.graph, config) else ""
+        state.calibration = (f"{FIDELITY_ONLY} ({count} samples from {config.calibration}{bound}): --criterion "
                              f"{config.criterion_name} with --allocation score and --refit 0 uses no statistics")
         return state
 

@@ -3,6 +3,7 @@ atomic saving, the errors ``load_model`` raises, and registering a criterion."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import spa_compiler
 from spa_compiler import model_files
+from spa_compiler.calibrate import array_shapes
 from spa_compiler.proto_copy import copy_without_initializers
 from spa_compiler.verify import reference_session, run_model
 from spa_compiler import (
@@ -257,6 +259,40 @@ def test_dynamic_dimension_binding(tmp_path):
         load_model(tmp_path / "dyn.onnx", {"input": (1, 3, 32)})
     with pytest.raises(InputError, match="foo"):
         load_model(tmp_path / "dyn.onnx", {"foo": (1, 3, 32, 32)})
+
+
+@pytest.mark.accurate
+def test_calibration_arrays_bind_the_free_dimensions(tmp_path):
+    """Without --input-shape, the --calib arrays' shapes bind the free axes after the batch: the
+    model is pruned (and its FLOPs counted) at 24x28, as the same run with --input-shape does."""
+    model = onnx.load(str(EXAMPLE))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for axis, name in ((0, "N"), (2, "H"), (3, "W")):
+        dims[axis].Clear()
+        dims[axis].dim_param = name
+    onnx.save(model, str(tmp_path / "dyn.onnx"))
+    images = seeded_input(12, 3, 24, 28)
+    np.savez(tmp_path / "calib.npz", input=images)
+    config = PruneConfig(flops=0.6, calibration=str(tmp_path / "calib.npz"), bench_runs=0)
+    from_data = prune(tmp_path / "dyn.onnx", tmp_path / "a.onnx", config)
+    given = prune(tmp_path / "dyn.onnx", tmp_path / "b.onnx", dataclasses.replace(config, input_shapes={"input": (1, 3, 24, 28)}))
+    assert "their shapes bind input=1x3x24x28" in from_data.calibration
+    assert "their shapes bind" not in given.calibration
+    assert from_data.macs_before == given.macs_before and from_data.macs_after == given.macs_after
+    np.testing.assert_allclose(run(tmp_path / "a.onnx", images[:2]), run(tmp_path / "b.onnx", images[:2]), rtol=0, atol=0)
+    with pytest.raises(InputError, match=r"calibration array 'input' has shape \(12, 24, 28\); the model input has 4"):
+        load_model(tmp_path / "dyn.onnx", data_shapes={"input": (12, 24, 28)})
+    assert load_model(tmp_path / "dyn.onnx", data_shapes={"a": (5, 3, 8, 9)}).input_shapes == {"input": (1, 3, 8, 9)}
+
+
+def test_calibration_array_shapes_come_from_the_headers(tmp_path):
+    np.savez(tmp_path / "two.npz", ids=np.zeros((4, 32), np.int64), mask=np.ones((4, 31), np.int64))
+    assert array_shapes(tmp_path / "two.npz") == {"ids": (4, 32), "mask": (4, 31)}
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "folder" / "x.npy", np.zeros((3, 1, 5, 6), np.float32))
+    assert array_shapes(tmp_path / "folder") == {"x": (3, 1, 5, 6)}
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert array_shapes(tmp_path / "broken.npz") == {} and array_shapes(tmp_path / "absent.npz") == {}
 
 
 @pytest.mark.parametrize("opset, mask_type", [(9, TensorProto.FLOAT), (13, TensorProto.BOOL)])
