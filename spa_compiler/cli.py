@@ -87,8 +87,8 @@ ROUND_TO = typer.Option(
 )
 MIN_KEEP = typer.Option(0.1, help="Keep at least this fraction of every group's channels.")
 EXCLUDE = typer.Option([], help="Node name whose channels must not be pruned (repeatable).")
-INPUT_SHAPE = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable). Without it, the --calib "
-                           "arrays' shapes bind the free dimensions they cover.")
+INPUT_SHAPE = typer.Option([], help="Bind a dynamic input: NAME=1x3x224x224 (repeatable); inputs sharing a named "
+                           "dimension take its size. Without it, the --calib arrays' shapes bind the free dimensions.")
 PRUNE_HIDDEN = typer.Option(
     False, "--prune-hidden", help="Also prune the hidden size through LayerNorms (lossy, transformers)."
 )

@@ -49,14 +49,18 @@ def input_shape_option(name: str, shape: tuple[int, ...]) -> str:
     return f"--input-shape {shlex.quote(f'{name}={dims_text(shape)}')}"
 
 
+ANONYMOUS = ("", "?")  # dim_params that name no size (Paddle's exports write "?")
+
+
 def bind_input_shapes(
     model: onnx.ModelProto, user: dict[str, tuple[int, ...]], data: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Every graph input's concrete shape: as ``user`` (``--input-shape``) gives it, else its fixed
-    sizes, a free first axis (the batch) 1, and other free axes those of ``data``, the shapes of
-    calibration arrays (samples first) by input name, or for a one-input model any arrays of one
-    shape after the samples (a folder of ``.npy`` files). A free axis nothing binds is an error
-    that says how to bind it."""
+    """Every graph input's concrete shape: as ``user`` (``--input-shape``) gives it; else per axis
+    its fixed size, the size ``user`` gave an axis of the same name (a ``dim_param`` such as
+    ``sequence``: binding ``input_ids`` binds ``attention_mask`` too), 1 for the first axis (the
+    batch), or the size in ``data``, the shapes of calibration arrays (samples first) by input
+    name, or for a one-input model any arrays of one shape after the samples (a folder of
+    ``.npy`` files). Free axes nothing binds are one error that says how to bind them."""
     initializers = {t.name for t in model.graph.initializer}
     real_inputs = [i for i in model.graph.input if i.name not in initializers]
     unknown = set(user) - {i.name for i in real_inputs}
@@ -66,52 +70,87 @@ def bind_input_shapes(
             f"--input-shape names {', '.join(sorted(unknown))}, which is not a graph input; "
             f"the inputs are: {names}"
         )
-    bound: dict[str, tuple[int, ...]] = {}
     for value in real_inputs:
-        dims = value.type.tensor_type.shape.dim
         if not value.type.HasField("tensor_type"):
             raise ModelError(f"graph input '{value.name}' is not a tensor; spa-prune needs tensor inputs")
-        if value.name in user:
-            shape = user[value.name]
-            if len(shape) != len(dims):
-                raise InputError(
-                    f"--input-shape {value.name} has {len(shape)} dimensions; "
-                    f"the model's input has {len(dims)}"
-                )
-            for axis, (dim, size) in enumerate(zip(dims, shape)):
-                if dim.dim_value > 0 and dim.dim_value != size:
-                    raise InputError(
-                        f"--input-shape {value.name}: dimension {axis} is fixed to "
-                        f"{dim.dim_value} in the model, not {size}"
-                    )
-            bound[value.name] = shape
+    bound = {value.name: _user_shape(value, user[value.name]) for value in real_inputs if value.name in user}
+    named = {dim.dim_param: size for value in real_inputs if value.name in bound
+             for dim, size in zip(value.type.tensor_type.shape.dim, bound[value.name])
+             if dim.dim_value <= 0 and dim.dim_param not in ANONYMOUS}
+    unbound = []
+    for value in real_inputs:
+        if value.name in bound:
             continue
-        given = (data or {}).get(value.name)
-        if given is None and data and len(real_inputs) == 1 and len({tuple(d[1:]) for d in data.values()}) == 1:
-            given = next(iter(data.values()))
-        if given is not None and len(given) != len(dims):
-            raise InputError(f"calibration array '{value.name}' has shape {tuple(given)}; the model input has "
-                             f"{len(dims)} dimensions (samples first)")
-        shape = []
-        for axis, dim in enumerate(dims):
-            if dim.dim_value > 0:
-                shape.append(dim.dim_value)
-            elif axis == 0:
-                shape.append(1)  # batch defaults to 1
-            elif given is not None:
-                shape.append(int(given[axis]))
-            else:
-                example = "x".join(
-                    str(d.dim_value) if d.dim_value > 0 else ("1" if i == 0 else "N")
-                    for i, d in enumerate(dims)
-                )
-                raise ModelError(
-                    f"graph input '{value.name}' has an unknown dimension {axis} "
-                    f"('{dim.dim_param or '?'}'); bind it with --input-shape "
-                    f"{value.name}={example}"
-                )
-        bound[value.name] = tuple(shape)
+        given = _data_shape(value, real_inputs, data or {})
+        shape = [_axis_size(axis, dim, named, given) for axis, dim in enumerate(value.type.tensor_type.shape.dim)]
+        if None in shape:
+            unbound.append(value)
+        else:
+            bound[value.name] = tuple(shape)
+    if unbound:
+        raise ModelError(_unbound_message(unbound))
     return bound
+
+
+def _user_shape(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` as ``--input-shape`` gave it for ``value``, checked against the model's sizes."""
+    dims = value.type.tensor_type.shape.dim
+    if len(shape) != len(dims):
+        raise InputError(f"--input-shape {value.name} has {len(shape)} dimensions; the model's input has {len(dims)}")
+    for axis, (dim, size) in enumerate(zip(dims, shape)):
+        if dim.dim_value > 0 and dim.dim_value != size:
+            raise InputError(f"--input-shape {value.name}: dimension {axis} is fixed to {dim.dim_value} in the "
+                             f"model, not {size}")
+    return tuple(shape)
+
+
+def _data_shape(value: onnx.ValueInfoProto, real_inputs: list, data: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The calibration array's shape for ``value`` (see :func:`bind_input_shapes`), checked for rank."""
+    given = data.get(value.name)
+    if given is None and data and len(real_inputs) == 1 and len({tuple(d[1:]) for d in data.values()}) == 1:
+        given = next(iter(data.values()))
+    rank = len(value.type.tensor_type.shape.dim)
+    if given is not None and len(given) != rank:
+        raise InputError(f"calibration array '{value.name}' has shape {tuple(given)}; the model input has "
+                         f"{rank} dimensions (samples first)")
+    return given
+
+
+def _axis_size(axis: int, dim, named: dict[str, int], given: tuple[int, ...] | None) -> int | None:
+    """One axis's size by the rules of :func:`bind_input_shapes`; None when nothing binds it."""
+    if dim.dim_value > 0:
+        return dim.dim_value
+    if dim.dim_param in named:
+        return named[dim.dim_param]
+    if axis == 0:
+        return 1
+    return int(given[axis]) if given is not None else None
+
+
+def _unbound_message(unbound: list[onnx.ValueInfoProto]) -> str:
+    """One line: the first free axis, the other inputs left free, and the ``--input-shape``
+    options that bind them all (one input per named axis: the others take its size)."""
+    def free(value):
+        return [(axis, dim.dim_param) for axis, dim in enumerate(value.type.tensor_type.shape.dim)
+                if axis > 0 and dim.dim_value <= 0]
+
+    def example(value):
+        return "x".join(str(d.dim_value) if d.dim_value > 0 else ("1" if i == 0 else "N")
+                        for i, d in enumerate(value.type.tensor_type.shape.dim))
+
+    covered, needed = set(), []
+    for value in unbound:
+        names = {name for _, name in free(value)}
+        if names & set(ANONYMOUS) or names - covered:
+            needed.append(value)
+            covered |= names
+    axis, name = free(unbound[0])[0]
+    text = f"graph input '{unbound[0].name}' has an unknown dimension {axis} ('{name or '?'}')"
+    if len(unbound) > 1:
+        text += f", as do {', '.join(v.name for v in unbound[1:])}"
+    options = " ".join(f"--input-shape {value.name}={example(value)}" for value in needed)
+    shared = " (the others share its named dimensions)" if len(needed) < len(unbound) else ""
+    return f"{text}; bind {'it' if len(unbound) == 1 else 'them'} with {options}{shared}"
 
 
 def with_free_axes(model: onnx.ModelProto) -> set[str]:

@@ -18,6 +18,7 @@ import spa_compiler
 from spa_compiler import model_files
 from spa_compiler.calibrate import array_shapes
 from spa_compiler.proto_copy import copy_without_initializers
+from spa_compiler.shapes import bind_input_shapes
 from spa_compiler.verify import reference_session, run_model
 from spa_compiler import (
     InputError,
@@ -259,6 +260,25 @@ def test_dynamic_dimension_binding(tmp_path):
         load_model(tmp_path / "dyn.onnx", {"input": (1, 3, 32)})
     with pytest.raises(InputError, match="foo"):
         load_model(tmp_path / "dyn.onnx", {"foo": (1, 3, 32, 32)})
+
+
+def test_named_dimensions_bind_together():
+    """Inputs sharing a dim_param take the size --input-shape gave one of them; the error for
+    unbound ones names them all and the options that bind them (anonymous axes need each input)."""
+    def model(a_dims, b_dims):
+        inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name, dims in (("a", a_dims), ("b", b_dims))]
+        return small_model([helper.make_node("Add", ["a", "b"], ["y"])], inputs,
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+
+    named = model(["batch", "sequence"], ["batch", "sequence"])
+    assert bind_input_shapes(named, {"a": (2, 7)}) == {"a": (2, 7), "b": (2, 7)}
+    with pytest.raises(ModelError, match=r"^graph input 'a' has an unknown dimension 1 \('sequence'\), as do b; "
+                                         r"bind them with --input-shape a=1xN \(the others share its named dimensions\)$"):
+        bind_input_shapes(named, {})
+    anonymous = model(["batch", "?"], ["batch", "?"])
+    with pytest.raises(ModelError, match=r"bind them with --input-shape a=1xN --input-shape b=1xN$"):
+        bind_input_shapes(anonymous, {})
+    assert bind_input_shapes(anonymous, {"a": (1, 3)}, {"b": (5, 3)}) == {"a": (1, 3), "b": (1, 3)}
 
 
 @pytest.mark.accurate
