@@ -1226,24 +1226,34 @@ def _prune_exactly(path: Path, seed: int) -> Outcome:
     return Outcome("pruned", f"{removed} of {total} channels in {len(second.plan.removed)} groups{conditioning}")
 
 
-ROUNDING_MARGIN = 10  # an error within this many times the zeroed model's own rounding noise is rounding
+ROUNDING_MARGIN = 30  # an error within this many times the zeroed model's own rounding noise is rounding: a
+# sum taken in another order (a pruned tensor's other memory alignment) errs by a few ulps, not one (seed
+# 500000532: 2.1e-4 against a one-ulp noise of 1.8e-5; in float64 the pruned and zeroed models agree exactly)
 MOST_TOLERANCE = 1e-2  # ... up to this: a wrong index map moves the outputs by far more
 
 
 def rounding_noise(model: onnx.ModelProto, feeds: dict[str, np.ndarray], expected: list[np.ndarray],
                    seed: int) -> float:
-    """The relative change of ``model``'s outputs when its floating-point inputs move by their
-    own rounding (each value times ``1 + ε u``, ``ε`` the type's machine epsilon, ``u`` uniform in
-    [-1, 1], seeded): a graph that amplifies rounding (a normalisation over nearly constant
-    values, outputs that nearly cancel) differs from its pruning by as much, with every index
-    map right."""
+    """The relative change of ``model``'s outputs when its floating-point inputs and weights move
+    by their own rounding (each value times ``1 + ε u``, ``ε`` the type's machine epsilon, ``u``
+    uniform in [-1, 1], seeded): a graph that amplifies rounding (a normalisation over nearly
+    constant values, outputs that nearly cancel) differs from its pruning by as much, with every
+    index map right. The weights move too: a channel that its bias dominates hides the input's
+    rounding (seed 500000532: an InstanceNormalization over an attention channel of std/mean
+    0.005 moved the outputs by 2e-4 with the inputs' rounding alone showing 0, 1e-5 to 4e-5 with
+    the weights')."""
     rng = np.random.default_rng(seed)
-    moved = {
-        name: (value * (1 + np.finfo(value.dtype).eps * rng.uniform(-1, 1, value.shape))).astype(value.dtype)
-        if np.issubdtype(value.dtype, np.floating) else value
-        for name, value in feeds.items()
-    }
-    return relative_error(expected, semantic_outputs(model, moved))
+
+    def moved(value: np.ndarray) -> np.ndarray:
+        if not np.issubdtype(value.dtype, np.floating):
+            return value
+        return (value * (1 + np.finfo(value.dtype).eps * rng.uniform(-1, 1, value.shape))).astype(value.dtype)
+
+    nudged = onnx.ModelProto()
+    nudged.CopyFrom(model)
+    for tensor in nudged.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(moved(numpy_helper.to_array(tensor)), tensor.name))
+    return relative_error(expected, semantic_outputs(nudged, {name: moved(value) for name, value in feeds.items()}))
 
 
 def check_graph(fuzz: FuzzGraph, seed: int, workdir: Path) -> Outcome:
