@@ -6,8 +6,9 @@ each graph input is classified from the graph and filled accordingly:
 - **image** (float, rank 4, 1, 3 or 4 channels first or last, both spatial sides >= 8): synthetic
   pictures ``z`` in ``[0, 1]`` of two families, *natural* (1/f "pink" noise, whose power
   spectrum ``1/f²`` is that of photographs, under occluding rectangles, ellipses and strokes,
-  near-grey colours) and *text* (glyph-like dark strokes on rows of a light textured page), then
-  mapped into the model's range by ``x = a z + b`` (see below).
+  near-grey colours) and *text* (lines of English words in glyphs that ship with spa-prune, dark
+  on a light textured page, half of them upside down: :mod:`.rendered_text`), then mapped into
+  the model's range by ``x = a z + b`` (see below).
 - **token ids** (integer, read by a Gather on a constant ``[vocabulary, width]`` table, through
   casts and reshapes): a Zipf law over the frequency-ordered block of rows that the row norms
   reveal, plus the common characters before it (:mod:`.synthetic_tokens`). An input named like
@@ -53,6 +54,7 @@ import onnxruntime as ort
 from .calibrate import exposing
 from .feature_rows import conv_patches
 from .ir import Graph, Node
+from .rendered_text import text_scene
 from .synthetic_tokens import non_image_input, token_ids, varied_lengths
 from .verify import session_for
 
@@ -147,48 +149,6 @@ def _natural_scene(rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
     return np.clip(scene, 0, 1)
 
 
-def _glyph(rng: np.random.Generator, left: float, top: float, cell: float, glyph: float) -> np.ndarray:
-    """Stroke segments of one glyph in the cell ``[left, left + cell] x [top, top + glyph]``:
-    one to three strokes between points of a 3x3 grid spanning the lower 60% (x-height, 70% of
-    glyphs) or the whole height (capitals), a bowl (an ellipse as ten segments) in 40% of
-    glyphs, a stem (with ascender or descender) in 30%."""
-    low, bottom = top + (0.4 * glyph if rng.random() < 0.7 else 0.0), top + glyph
-    grid_x, grid_y = left + np.array([0.1, 0.5, 0.9]) * cell, low + np.array([0.05, 0.5, 0.95]) * (bottom - low)
-    points = rng.integers(0, 3, (rng.integers(1, 4), 4))
-    parts = [np.stack([grid_x[points[:, 0]], grid_y[points[:, 1]], grid_x[points[:, 2]], grid_y[points[:, 3]]], axis=1)]
-    if rng.random() < 0.4:
-        angle = np.linspace(0, 2 * np.pi, 11)
-        x, y = left + cell * (0.5 + 0.4 * np.cos(angle)), (low + bottom) / 2 + 0.45 * (bottom - low) * np.sin(angle)
-        parts.append(np.stack([x[:-1], y[:-1], x[1:], y[1:]], axis=1))
-    if rng.random() < 0.3:
-        x = left + cell * rng.choice([0.1, 0.9])
-        parts.append(np.array([[x, top + rng.choice([0.0, 0.4]) * glyph, x, bottom + rng.choice([0.0, 0.3]) * glyph]]))
-    return np.concatenate(parts)
-
-
-def _text_scene(rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
-    """Luminance in [0, 1]: rows of glyphs (:func:`_glyph`), dark ink on a light page textured by
-    ``noise``; glyphs are 0.45 to 0.85 of ``min(height, 48)`` pixels tall (a text line fills a
-    48-pixel-high image), 15% of the cells left blank as spaces."""
-    height, width = noise.shape
-    ink, page = rng.uniform(0.0, 0.35), rng.uniform(0.65, 1.0)
-    scene = page + 0.04 * noise
-    glyph = rng.uniform(0.45, 0.85) * min(height, 48)
-    pitch, stroke = glyph * rng.uniform(1.3, 2.2), max(glyph * rng.uniform(0.07, 0.14), 1.0)
-    top = rng.uniform(0, max(height - glyph, 0) if height < glyph + pitch else pitch - glyph)
-    while top + glyph <= height:
-        left, right = rng.uniform(0, 0.25) * width, rng.uniform(0.6, 1.0) * width
-        while True:
-            cell = glyph * rng.uniform(0.45, 0.85)
-            if left + cell > right:
-                break
-            if rng.random() > 0.15:
-                _draw_segments(scene, _glyph(rng, left, top, cell, glyph), stroke, ink)
-            left += cell * rng.uniform(1.0, 1.25)
-        top += pitch
-    return np.clip(scene, 0, 1)
-
-
 def image_content(rng: np.random.Generator, n: int, channels: int, height: int, width: int, text_share: float) -> np.ndarray:
     """``n`` synthetic pictures ``[n, channels, height, width]`` in [0, 1], a share
     ``text_share`` of them text scenes spread evenly among natural ones (any leading run of
@@ -196,7 +156,7 @@ def image_content(rng: np.random.Generator, n: int, channels: int, height: int, 
     fields of amplitude 0.05 (near-grey colours)."""
     noise = _pink_noise(rng, n, height, width)
     text = np.floor((np.arange(n) + 1) * text_share) > np.floor(np.arange(n) * text_share)
-    luminance = np.stack([(_text_scene if text[i] else _natural_scene)(rng, noise[i]) for i in range(n)])
+    luminance = np.stack([(text_scene if text[i] else _natural_scene)(rng, noise[i]) for i in range(n)])
     images = np.repeat(luminance[:, None], channels, axis=1)
     if channels > 1:
         images += 0.05 * _pink_noise(rng, n * channels, height, width, 2.0).reshape(n, channels, height, width)
