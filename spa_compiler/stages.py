@@ -225,7 +225,8 @@ class HeldOutOnly(Pass):
         state.calibration_warning = sameness(loaded)
         state.held_out = loaded
         count = len(next(iter(loaded.values())))
-        bound = f"; {shapes_bound(state.graph, config)}" if shapes_bound(state.graph, config) else ""
+        bound = shapes_bound(state.graph, config)
+        bound = f"; {bound}" if bound else ""
         state.calibration = (f"{FIDELITY_ONLY} ({count} samples from {config.calibration}{bound}): --criterion "
                              f"{config.criterion_name} with --allocation score and --refit 0 uses no statistics")
         return state
