@@ -26,7 +26,10 @@ from .verify import POOR_COSINE, custom_ops
 if TYPE_CHECKING:
     from .state import PruneState
 
-__all__ = ["GroupChange", "InitializerChange", "PruneReport", "initializer_changes", "build_report", "render_report", "render_analysis"]
+__all__ = [
+    "GroupChange", "InitializerChange", "PruneReport", "initializer_changes", "build_report", "render_report", "render_analysis",
+    "describe_fidelity",
+]
 
 
 @dataclass
@@ -250,9 +253,10 @@ def render_report(report: PruneReport, console: Console) -> None:
             f"of the inference thread, original and pruned model run in turns)"
         )
     if report.fidelity is not None:
-        console.print(f"verified: onnx.checker full check, onnxruntime run; {_describe(report.fidelity)}")
+        console.print("verified: onnx.checker full check, onnxruntime run; "
+                      + describe_fidelity(report.fidelity, report.held_out_fidelity))
         if report.held_out_fidelity is not None:
-            console.print(_describe(report.held_out_fidelity))
+            console.print(describe_fidelity(report.held_out_fidelity))
         warning = fidelity_warning(report)
         if warning:
             console.print(Text(warning, style="bold yellow"))
@@ -316,11 +320,20 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(escape("interface changed (--allow-io-change): " + "; ".join(report.interface)))
 
 
-def _describe(f) -> str:
+def describe_fidelity(f, held_out=None) -> str:
+    """One line of figures of the fidelity ``f``; none when no sample of it has outputs beyond
+    round-off (``counted`` 0: both models' outputs all but zero beside those on the
+    ``held_out`` samples)."""
+    if f.counted == 0:
+        share = f"{f.scale / held_out.scale:.2g} of their size" if held_out is not None and held_out.scale else "round-off"
+        where = held_out.source if held_out is not None else "other inputs"
+        return f"outputs vs original on {f.source} not compared: both models' outputs are all but zero there ({share} on {where})"
     agreement = f", top-1 agreement {f.top1_agreement:.3f}" if f.top1_agreement is not None else ""
     optimiser = (f" (run without onnxruntime's graph optimisations, which change its outputs by {f.optimiser_change:.3g} "
                  "relative: an onnxruntime issue, not the pruning's)") if f.optimiser_change else ""
-    return (f"outputs vs original on {f.source}: cosine {f.cosine:.4f}{agreement}, relative error "
+    counted = (f" over {f.counted} of {f.samples} samples (the other {f.samples - f.counted}: outputs all but zero in "
+               "both models)") if f.counted is not None else ""
+    return (f"outputs vs original on {f.source}: cosine {f.cosine:.4f}{counted}{agreement}, relative error "
             f"{f.relative_error:.3g}{optimiser}")
 
 

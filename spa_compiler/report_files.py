@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .report import PruneReport, _count, data_free, fidelity_warning
+from .report import PruneReport, _count, data_free, describe_fidelity, fidelity_warning
 
 if TYPE_CHECKING:
     from .sweep import PointResult, SweepResult
@@ -108,12 +108,8 @@ def _costs_table(report: PruneReport) -> list[str]:
 
 
 def _fidelity_lines(report: PruneReport) -> list[str]:
-    lines = []
-    for f in (report.fidelity, report.held_out_fidelity):
-        if f is not None:
-            top1 = f", top-1 agreement {f.top1_agreement:.3f}" if f.top1_agreement is not None else ""
-            lines.append(f"- outputs vs original on {f.source}: cosine {f.cosine:.4f}{top1}, "
-                         f"relative error {f.relative_error:.3g}")
+    lines = [f"- {describe_fidelity(f, report.held_out_fidelity if f is report.fidelity else None)}"
+             for f in (report.fidelity, report.held_out_fidelity) if f is not None]
     warning = fidelity_warning(report)
     return lines + ([f"- **{warning}**"] if warning else [])
 
@@ -154,7 +150,8 @@ def _point_row(result: PointResult) -> str:
     report, point = result.report, result.point
     if report is None:
         return f"| {point.target_kind} {point.target_value:g} | failed: {_cell(result.error)} |" + " |" * 8
-    fidelity, held = report.fidelity, report.held_out_fidelity
+    held = report.held_out_fidelity
+    fidelity = report.fidelity if report.fidelity is not None and report.fidelity.counted != 0 else None  # 0: not compared
     latency = (f"{report.latency_after_ms:.2f} ({report.latency_ratio:.3f})"
                if report.latency_ratio is not None else "-")
     return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -43,7 +44,7 @@ from .state import PruneState
 from .synthetic import synthetic_calibration
 from .synthetic_tokens import embedding_table
 from .token_augment import MORE_SEQUENCES, first_sequences, tokens_wanted, with_token_copies
-from .verify import custom_ops, held_out_fidelity, verify_model
+from .verify import SILENT, custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
     "Load", "Analyse", "CollectStatistics", "HeldOutOnly", "Score", "Allocate", "Rewrite", "Verify", "Save",
@@ -369,8 +370,10 @@ class Verify(Pass):
         state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow, original)
         if state.held_out is not None and state.fidelity is not None:
             batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
-            state.held_out_fidelity = held_out_fidelity(original, state.model, state.held_out, batch, narrow,
-                                                        _held_out_source(state))
+            held = held_out_fidelity(original, state.model, state.held_out, batch, narrow, _held_out_source(state))
+            if state.fidelity.scale < SILENT * held.scale:  # both models' outputs there all but zero: nothing to compare
+                state.fidelity = replace(state.fidelity, counted=0)
+            state.held_out_fidelity = held
         return state
 
 

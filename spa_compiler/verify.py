@@ -47,10 +47,15 @@ class Fidelity:
     """How close the pruned outputs are to the original's on ``samples`` inputs (``source``).
 
     ``cosine`` is the mean over samples of the cosine between the sample's original and pruned
-    outputs (all outputs flattened together); ``relative_error`` is ``‖after − before‖ / ‖before‖``
-    over everything; ``top1_agreement`` is the share of decisions kept, for outputs whose last
-    axis holds class scores (:func:`class_score_outputs`): the fraction of positions where the
-    arg-max over the last axis is unchanged (None when no output qualifies).
+    outputs (all outputs flattened together), over the ``counted`` samples with a signal: a sample
+    whose outputs are all but zero in both models (norms under ``SILENT`` times ``scale``, the
+    largest norm of one sample's outputs in either model; a detector's map of a picture without
+    text) has only round-off to compare, and its cosine is noise; ``relative_error`` is
+    ``‖after − before‖ / ‖before‖`` over everything; ``top1_agreement`` is the share of decisions
+    kept, for outputs whose last axis holds class scores (:func:`class_score_outputs`): the
+    fraction of positions where the arg-max over the last axis is unchanged (None when no output
+    qualifies). ``counted`` 0 says the samples' outputs are all but zero beside those of other
+    inputs (the held-out samples'): no figure of them means anything.
     """
 
     max_abs_error: float
@@ -60,9 +65,12 @@ class Fidelity:
     samples: int = 1
     source: str = "synthetic inputs"
     optimiser_change: float | None = None  # see verify_model: the figures are then the unoptimised run's
+    counted: int | None = None  # samples the cosine is over (None: every one)
+    scale: float = 0.0  # largest norm of one sample's outputs, original or pruned
 
 
 POOR_COSINE = 0.9  # fidelity the report warns of (report.fidelity_warning)
+SILENT = 1e-3  # a sample's outputs below this share of the largest sample's are all but zero
 OPTIMISER_CHANGE = 1e-3  # relative change between onnxruntime's optimised and unoptimised runs beyond rounding
 
 
@@ -366,7 +374,7 @@ def class_score_outputs(graph: Graph) -> list[bool]:
 class FidelitySums:
     """The sums :class:`Fidelity` is made of, added batch by batch (outputs whose first axis is
     the sample axis), so the outputs of many samples (a language model's logits) are never held
-    together: per-sample cosines, ``Σ‖after − before‖²``, ``Σ‖before‖²``, the largest absolute
+    together: per-sample cosines and norms, ``Σ‖after − before‖²``, ``Σ‖before‖²``, the largest absolute
     error, and the decisions kept out of those made, over the outputs ``class_scores`` marks
     (:func:`class_score_outputs`; without it, every output of rank 2 or more with 2 or more
     values along its last axis)."""
@@ -374,6 +382,7 @@ class FidelitySums:
     def __init__(self, class_scores: list[bool] | None = None) -> None:
         self.class_scores = class_scores
         self.cosines: list[np.ndarray] = []
+        self.norms: list[np.ndarray] = []  # per sample: [‖before‖, ‖after‖]
         self.squared_error = self.squared_norm = self.max_abs_error = 0.0
         self.kept = self.decisions = 0
 
@@ -385,9 +394,11 @@ class FidelitySums:
             return np.concatenate([np.asarray(x, dtype=np.float64).reshape(samples, -1) for x in outputs], axis=1)
 
         a, b = per_sample(before), per_sample(after)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cosines = np.divide(np.einsum("ij,ij->i", a, b), norms, out=np.ones_like(norms), where=norms != 0)  # 0/0: 1
+        norms = np.stack([np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)], axis=1)
+        products = norms.prod(axis=1)
+        cosines = np.divide(np.einsum("ij,ij->i", a, b), products, out=np.ones_like(products), where=products != 0)  # 0/0: 1
         self.cosines.append(cosines)
+        self.norms.append(norms)
         self.squared_error += float(np.sum((a - b) ** 2))
         self.squared_norm += float(np.sum(a**2))
         self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(a - b))) if a.size else 0.0)  # NaN stays
@@ -398,14 +409,20 @@ class FidelitySums:
                 self.decisions += int(np.prod(np.shape(x)[:-1]))
 
     def result(self, source: str) -> "Fidelity":
-        cosines = np.concatenate(self.cosines)
+        cosines, norms = np.concatenate(self.cosines), np.concatenate(self.norms)
+        scale = float(norms.max())
+        signal = norms.max(axis=1) >= SILENT * scale
+        if not signal.any():  # all zero: nothing to weigh them against
+            signal[:] = True
         return Fidelity(
             max_abs_error=self.max_abs_error,
             relative_error=float(np.sqrt(self.squared_error) / max(np.sqrt(self.squared_norm), 1e-30)),
-            cosine=float(np.mean(cosines)),
+            cosine=float(np.mean(cosines[signal])),
             top1_agreement=self.kept / self.decisions if self.decisions else None,
             samples=len(cosines),
             source=source,
+            counted=None if signal.all() else int(signal.sum()),
+            scale=scale,
         )
 
 

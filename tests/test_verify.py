@@ -68,3 +68,45 @@ def test_work_sessions_do_not_spin_and_timing_sessions_keep_the_default():
     assert work.get_session_config_entry(key) == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):
         timing.get_session_config_entry(key)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_samples_with_all_but_zero_outputs_in_both_models_do_not_count_toward_the_cosine():
+    """A detector's map of a picture without text is round-off in both models: its cosine is
+    noise. Four samples of 50 outputs (seeded): two with a signal (pruned = original + 5% noise),
+    one all but zero in both (1e-6 of the signal's size, unrelated directions), one all but zero
+    in the original only, where the pruned model fires (a false detection, which counts)."""
+    from spa_compiler.verify import SILENT, fidelity
+
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal((2, 50))
+    noisy = signal + 0.05 * rng.standard_normal((2, 50))
+    quiet, quieter = 1e-6 * rng.standard_normal((2, 50)), 1e-6 * rng.standard_normal(50)
+    fires = rng.standard_normal(50)
+    before = np.vstack([signal, quiet[:1], quieter[None]])[:, None, :]  # one output [samples, 1, 50]
+    after = np.vstack([noisy, quiet[1:], fires[None]])[:, None, :]
+    f = fidelity([before], [after])
+    counted = [_cosine(signal[0], noisy[0]), _cosine(signal[1], noisy[1]), _cosine(quieter, fires)]
+    assert f.samples == 4 and f.counted == 3
+    assert f.cosine == pytest.approx(np.mean(counted), rel=1e-12)
+    assert f.scale == pytest.approx(max(np.linalg.norm(x) for x in [*signal, *noisy, fires]), rel=1e-12)
+    assert np.linalg.norm(quiet, axis=1).max() < SILENT * f.scale
+    assert abs(_cosine(quiet[0], quiet[1])) < 0.5  # what the plain mean would have taken in
+    assert fidelity([before[:2]], [after[:2]]).counted is None  # every sample has a signal
+
+
+def test_the_report_says_over_which_samples_and_when_a_figure_means_nothing():
+    from spa_compiler.report import describe_fidelity
+    from spa_compiler.verify import Fidelity
+
+    held = Fidelity(0.5, 0.17, 0.9855, None, samples=16, source="16 held-out synthetic samples", counted=8, scale=256.0)
+    noise = Fidelity(7e-4, 1.0, 0.0256, None, samples=1, counted=0, scale=0.0017)
+    assert describe_fidelity(held) == (
+        "outputs vs original on 16 held-out synthetic samples: cosine 0.9855 over 8 of 16 samples (the other 8: "
+        "outputs all but zero in both models), relative error 0.17")
+    assert describe_fidelity(noise, held) == (
+        "outputs vs original on synthetic inputs not compared: both models' outputs are all but zero there (6.6e-06 of "
+        "their size on 16 held-out synthetic samples)")
