@@ -21,7 +21,7 @@ from .model_files import file_bytes
 from .quantized import saturation
 from .shapes import input_shape_option
 from .subgraphs import control_flow_notes
-from .verify import POOR_COSINE, custom_ops
+from .verify import POOR_COSINE, Fidelity, custom_ops
 
 if TYPE_CHECKING:
     from .state import PruneState
@@ -320,7 +320,7 @@ def render_report(report: PruneReport, console: Console) -> None:
         console.print(escape("interface changed (--allow-io-change): " + "; ".join(report.interface)))
 
 
-def describe_fidelity(f, held_out=None) -> str:
+def describe_fidelity(f: Fidelity, held_out: Fidelity | None = None) -> str:
     """One line of figures of the fidelity ``f``; none when no sample of it has outputs beyond
     round-off (``counted`` 0: both models' outputs all but zero beside those on the
     ``held_out`` samples)."""
