@@ -66,6 +66,7 @@ MIN_IMAGE_SIDE = 8
 FIT_SAMPLES = 16  # images through the first Conv for the closed-form fit
 FIT_ROWS = 8192  # output positions of those images used
 SCORE_SAMPLES = 6  # images per candidate run through the model to compare BatchNorm statistics
+CHUNK_VALUES = 2**23  # float64 values of the fields made at a time (64 MB)
 CONTENTS = {"natural": 0.0, "text": 1.0, "natural and text": 0.5}  # share of text images
 
 
@@ -99,14 +100,24 @@ def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
     return None
 
 
+def _fields_per_chunk(height: int, width: int) -> int:
+    """Fields ``[height, width]`` made at a time: about ``CHUNK_VALUES`` values."""
+    return max(1, CHUNK_VALUES // (height * width))
+
+
 def _pink_noise(rng: np.random.Generator, n: int, height: int, width: int, exponent: float = 1.0) -> np.ndarray:
-    """``n`` fields ``[height, width]`` of zero mean and unit variance with amplitude spectrum
-    ``1/f^exponent`` (white noise filtered in the Fourier domain)."""
+    """``n`` fields ``[height, width]`` (float64) of zero mean and unit variance with amplitude
+    spectrum ``1/f^exponent`` (white noise filtered in the Fourier domain), a chunk of fields at a
+    time (the same draws in the same order as all at once)."""
     fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
     frequency = np.maximum(np.hypot(fy, fx), 1.0 / max(height, width))
-    field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((n, height, width))) / frequency**exponent, s=(height, width))
-    field -= field.mean(axis=(1, 2), keepdims=True)
-    return field / np.maximum(field.std(axis=(1, 2), keepdims=True), 1e-12)
+    fields = np.empty((n, height, width))
+    for start in range(0, n, _fields_per_chunk(height, width)):
+        part = fields[start:start + _fields_per_chunk(height, width)]
+        field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(part.shape)) / frequency**exponent, s=(height, width))
+        field -= field.mean(axis=(1, 2), keepdims=True)
+        part[...] = field / np.maximum(field.std(axis=(1, 2), keepdims=True), 1e-12)
+    return fields
 
 
 def _draw_segments(canvas: np.ndarray, segments: np.ndarray, width: float, level: float) -> None:
@@ -154,13 +165,18 @@ def image_content(rng: np.random.Generator, n: int, channels: int, height: int, 
     ``text_share`` of them text scenes spread evenly among natural ones (any leading run of
     samples has both); colour channels are the luminance plus independent smooth (``1/f²``)
     fields of amplitude 0.05 (near-grey colours)."""
-    noise = _pink_noise(rng, n, height, width)
+    luminance = _pink_noise(rng, n, height, width)  # the noise, each field replaced by its scene
     text = np.floor((np.arange(n) + 1) * text_share) > np.floor(np.arange(n) * text_share)
-    luminance = np.stack([(text_scene if text[i] else _natural_scene)(rng, noise[i]) for i in range(n)])
-    images = np.repeat(luminance[:, None], channels, axis=1)
-    if channels > 1:
-        images += 0.05 * _pink_noise(rng, n * channels, height, width, 2.0).reshape(n, channels, height, width)
-    return np.clip(images, 0, 1).astype(np.float32)
+    for i in range(n):
+        luminance[i] = (text_scene if text[i] else _natural_scene)(rng, luminance[i])
+    images = np.empty((n, channels, height, width), np.float32)
+    step = max(1, _fields_per_chunk(height, width) // channels)
+    for start in range(0, n, step):
+        part = np.repeat(luminance[start:start + step, None], channels, axis=1)
+        if channels > 1:
+            part += 0.05 * _pink_noise(rng, len(part) * channels, height, width, 2.0).reshape(part.shape)
+        images[start:start + step] = np.clip(part, 0, 1)
+    return images
 
 
 @dataclass(frozen=True)
@@ -266,8 +282,10 @@ def _image_input(
     channels, height, width = shape[1:] if layout == "NCHW" else (shape[3], shape[1], shape[2])
 
     def as_input(pictures: np.ndarray, scale: float, shift: float) -> np.ndarray:
-        x = scale * pictures + shift
-        return (x if layout == "NCHW" else x.transpose(0, 2, 3, 1)).astype(dtype)
+        """``scale * pictures + shift`` in the input's layout and dtype, made in ``pictures``."""
+        pictures *= scale
+        pictures += shift
+        return (pictures if layout == "NCHW" else pictures.transpose(0, 2, 3, 1)).astype(dtype, copy=False)
 
     batchnorms = _batchnorms(graph)
     if not batchnorms:
@@ -289,15 +307,17 @@ def _image_input(
         for inverted in (False, True):
             z = 1 - pictures if inverted else pictures
             candidate = _Candidate(content, inverted, *(fit_image_range(graph, *pair, z) if pair else _standardising(z)))
-            x = as_input(z[:SCORE_SAMPLES], candidate.scale, candidate.shift)
+            x = as_input(z[:SCORE_SAMPLES].copy(), candidate.scale, candidate.shift)
             feeds = [{**{k: v[i : i + 1] for k, v in arrays.items()}, name: x[i : i + 1]} for i in range(len(x))]
             scored.append((_batchnorm_mismatch(graph, session, feeds), candidate))
             log.debug("'%s': %s, BatchNorm mismatch %.4g", name, candidate.text(), scored[-1][0])
     mismatch, best = min(scored, key=lambda item: item[0])
     pictures = image_content(rng, samples, channels, height, width, CONTENTS[best.content])
+    if best.inverted:
+        np.subtract(1, pictures, out=pictures)
     how = f"range fitted to BatchNorm '{pair[1].name}' after Conv '{pair[0].name}'" if pair \
         else "standardised to zero mean and unit variance (a default: no BatchNorm right after a first Conv)"
-    return as_input(1 - pictures if best.inverted else pictures, best.scale, best.shift), (
+    return as_input(pictures, best.scale, best.shift), (
         f"{samples} {best.text()}, {how}; content and polarity matching {len(batchnorms)} BatchNorm "
         f"layers best (mismatch {mismatch:.3g})"
     )
