@@ -105,8 +105,8 @@ CALIB = typer.Option(
 )
 CALIB_SAMPLES = typer.Option(
     None, min=1, show_default=False,
-    help="Calibration samples used (synthetic ones without --calib): 128 by default, 512 when they are synthetic token "
-    "sequences, more of a larger --calib file when 128 sequences hold too few tokens for the widest layer.",
+    help="Calibration samples used (synthetic ones without --calib): 128 of a --calib file by default (more of a larger "
+    "file when 128 sequences hold too few tokens for the widest layer); without it 256, or 512 synthetic token sequences.",
 )
 CALIB_BATCH = typer.Option(
     16, min=1, help="Samples whose statistics rows are drawn together, and at most per onnxruntime run (fewer where "
