@@ -37,14 +37,15 @@ def fixed_batch(graph: Graph) -> bool:
     return graph.__dict__["_fixed_batch"]
 
 
-def samples_per_run(graph: Graph, batch_size: int, tensors: set[str]) -> int:
+def samples_per_run(graph: Graph, batch_size: int, tensors: set[str], bound: int | None = None) -> int:
     """Samples per onnxruntime run: one when the batch is fixed, otherwise ``batch_size``, fewer
-    when ``tensors`` (those a run returns or holds) would take more than ``RUN_BYTES``: such runs
-    are memory-bound (ResNet-50 runs a third slower per image in batches of 8 than one at a time,
-    its layers' inputs, 35 MB per image, returned)."""
+    when ``tensors`` (those a run returns or holds) would take more than ``bound`` bytes
+    (``RUN_BYTES`` unless given): such runs are memory-bound (ResNet-50 runs a third slower per
+    image in batches of 8 than one at a time, its layers' inputs, 35 MB per image, returned)."""
     if fixed_batch(graph):
         return 1
-    return max(1, min(batch_size, RUN_BYTES // max(_tensor_bytes(graph, tensors), 1)))
+    bound = RUN_BYTES if bound is None else bound
+    return max(1, min(batch_size, bound // max(_tensor_bytes(graph, tensors), 1)))
 
 
 def activations(graph: Graph) -> set[str]:

@@ -28,7 +28,9 @@ since each costs a run of the pruned network up to the stage's layers over its s
 (:func:`~spa_compiler.subnetwork.prefix_model`; the re-fitted weights are graph inputs, fed anew
 at each stage), so a 27-level detector re-fits in 16 runs instead of 27. The original network
 runs once for all stages (on each batch they use), every layer's rows drawn then and its
-original features there kept (:class:`~spa_compiler.paired.PairedRunner`). ``rounds`` repeats the sequence. A stage uses the
+original features there kept (:class:`~spa_compiler.paired.PairedRunner`); a batch holds as
+many samples as keep the layer inputs a run returns within ``RUN_BYTES`` (PP-OCRv4's detector
+at 640×640: 4 samples, 3.2 GB at the peak of its whole pruning instead of 6.1 GB with 16). ``rounds`` repeats the sequence. A stage uses the
 first ``SAMPLES`` samples, or as many as its layers need to see four rows per feature (a
 convolution gets one row per output position from each sample, a layer on tokens one per token,
 a classifier after pooling one), whichever is more; but the runs may cost at most ``budget``
@@ -62,6 +64,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .batch_axis import samples_per_run
 from .calibrate import ConsumerLayer
 from .cost import node_macs
 from .paired import PairedRunner, PairedStatistics
@@ -84,6 +87,7 @@ SAMPLES = 8  # calibration samples a re-fit stage uses at least: each stage runs
 STAGES = 16  # sequential re-fit stages at most (consecutive levels merged)
 ROWS_PER_FEATURE = 4  # rows of a layer's features per feature: a well-posed ridge regression
 BUDGET_MACS = 5e11  # MACs the re-fit's network runs may take (about 15 s of onnxruntime on two cores)
+RUN_BYTES = 256 << 20  # layer inputs one run returns, at most (two runs are in flight; see batch_axis.samples_per_run)
 MAX_FEATURES = 5792  # a wider layer is not re-fitted: its sums per fold (4 (f + 1)² floats) would pass 1 GiB
 
 
@@ -420,7 +424,9 @@ class Refit(Pass):
         pruned = rewrite_model(analysis, state.removed_by_axis, state.compensated)
         sequence = stages(layer_levels(graph, layers), self.stage_count)
         streams = residual_streams(graph, sequence) if self.residual else {}
-        runner = PairedRunner(graph, pruned, layers, refitted, config.calibration_batch, streams)
+        returned = {layer.activation for layer in layers} | set(streams.values())
+        batch = samples_per_run(graph, config.calibration_batch, returned, RUN_BYTES)
+        runner = PairedRunner(graph, pruned, layers, refitted, batch, streams)
         available = len(next(iter(state.calibration_data.values())))
         mask = attention_mask(state.calibration_data)
         real_share = float(mask.mean()) if mask is not None and mask.any() else 1.0

@@ -122,3 +122,25 @@ def test_free_batch_names_the_interface_batch_and_leaves_intermediate_leading_on
     first = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output, *model.graph.value_info)]
     assert [d.dim_param for d in first] == ["batch", "batch", "", ""]
     assert [d.dim_value for d in first] == [0, 0, 2, 0] and not first[3].HasField("dim_value")
+
+
+@pytest.mark.accurate
+@pytest.mark.parametrize("run_bytes, batch", [(3 * 2816 + 100, 3), (1 << 30, 16)])
+def test_re_fit_runs_return_at_most_their_bound_of_layer_inputs(tmp_path, monkeypatch, run_bytes, batch):
+    """The re-fit's runs return the inputs of the layers it fits (conv1 reads x, 768 bytes per
+    sample; conv2 reads relu1, 2048): at most ``refit.RUN_BYTES`` a run, two runs in flight."""
+    from spa_compiler import paired, refit
+
+    sizes = []
+    original_init = paired.PairedRunner.__init__
+
+    def recording(self, graph, pruned, layers, weights, batch_size=16, streams=None):
+        sizes.append(batch_size)
+        original_init(self, graph, pruned, layers, weights, batch_size, streams)
+
+    monkeypatch.setattr(refit, "RUN_BYTES", run_bytes)
+    monkeypatch.setattr(refit.PairedRunner, "__init__", recording)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(2).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    prune_graph(_per_sample(tmp_path), PruneConfig(flops=0.7, criterion="obs", calibration=calib, round_to=1))
+    assert sizes == [batch]
