@@ -11,13 +11,13 @@ from .criteria import get_criterion
 from .errors import TargetError
 
 __all__ = [
-    "PruneConfig", "TARGET_TOLERANCE", "CALIBRATION_SAMPLES", "SYNTHETIC_SAMPLES", "SYNTHETIC_TOKEN_SAMPLES",
+    "PruneConfig", "TARGET_TOLERANCE", "CALIBRATION_SAMPLES", "SYNTHETIC_IMAGE_SAMPLES", "SYNTHETIC_TOKEN_SAMPLES",
     "default_criterion",
 ]
 
 TARGET_TOLERANCE = 0.02
 CALIBRATION_SAMPLES = 128  # calibration samples by default
-SYNTHETIC_SAMPLES = 256  # synthetic samples by default (data-free: pictures, audio, other inputs)
+SYNTHETIC_IMAGE_SAMPLES = 256  # synthetic pictures by default (data-free)
 SYNTHETIC_TOKEN_SAMPLES = 512  # synthetic token sequences by default (data-free)
 
 
@@ -66,20 +66,23 @@ class PruneConfig:
     evaluation: str | None = None  # a Python file defining score(model_path) -> float
     reinit: bool = False  # write the pruned architecture with fresh weights (spa_compiler.reinit)
 
-    def samples_for(self, synthetic_tokens: bool = False) -> int:
-        """Calibration samples to use: as asked, else ``CALIBRATION_SAMPLES`` of a file; when
-        there is no calibration data, ``SYNTHETIC_SAMPLES`` synthetic ones, or
-        ``SYNTHETIC_TOKEN_SAMPLES`` synthetic token sequences. They cost nothing to make, and the
-        draw matters less the more of them there are: a data-free language model needs their
-        variety (MiniLM at ``--flops 0.75``: cosine 0.897 from 128 sequences, 0.909 from 512),
-        and at ``--flops 0.5`` the PP-OCRv4 recogniser reads 0.925 to 0.968 of its characters
-        over five seeds from 256 pictures, 0.801 to 0.954 from 128 (the direction classifier
-        0.875 to 0.945 against 0.815 to 0.900; 512 pictures were no better)."""
+    def samples_for(self, synthetic_tokens: bool = False, synthetic_images: bool = False) -> int:
+        """Calibration samples to use: as asked, else ``CALIBRATION_SAMPLES``; when there is no
+        calibration data, ``SYNTHETIC_TOKEN_SAMPLES`` synthetic token sequences for a model
+        with token inputs, ``SYNTHETIC_IMAGE_SAMPLES`` synthetic pictures for one with image
+        inputs. They cost little to make, and the draw matters less the more of them there are:
+        a data-free language model needs their variety (MiniLM at ``--flops 0.75``: cosine 0.897
+        from 128 sequences, 0.909 from 512), and at ``--flops 0.5`` the PP-OCRv4 recogniser reads
+        0.925 to 0.968 of its characters over five seeds from 256 pictures, 0.801 to 0.954 from
+        128 (the direction classifier 0.875 to 0.945 against 0.815 to 0.900; 512 pictures were no
+        better). Other synthetic inputs (standard normal) keep 128: nothing measured says more help."""
         if self.calibration_samples is not None:
             return self.calibration_samples
-        if self.calibration:
-            return CALIBRATION_SAMPLES
-        return SYNTHETIC_TOKEN_SAMPLES if synthetic_tokens else SYNTHETIC_SAMPLES
+        if not self.calibration and synthetic_tokens:
+            return SYNTHETIC_TOKEN_SAMPLES
+        if not self.calibration and synthetic_images:
+            return SYNTHETIC_IMAGE_SAMPLES
+        return CALIBRATION_SAMPLES
 
     @property
     def criterion_name(self) -> str:

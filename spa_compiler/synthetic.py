@@ -58,7 +58,7 @@ from .rendered_text import text_scene
 from .synthetic_tokens import non_image_input, token_ids, varied_lengths
 from .verify import session_for
 
-__all__ = ["synthetic_calibration", "image_content", "token_ids", "fit_image_range"]
+__all__ = ["synthetic_calibration", "image_content", "image_inputs", "token_ids", "fit_image_range"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[di
         arrays[name], notes[name] = _image_input(graph, name, samples, arrays, rng)
     described = "; ".join(f"'{name}': {notes[name]}" for name in graph.inputs)
     return {name: arrays[name] for name in graph.inputs}, f"data-free, {samples} synthetic samples: {described}"
+
+
+def image_inputs(graph: Graph) -> list[str]:
+    """The graph inputs that get synthetic pictures (see the module docstring)."""
+    return [name for name in graph.inputs if _image_layout(
+        tuple(graph.input_shapes[name]), onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])) is not None]
 
 
 def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:

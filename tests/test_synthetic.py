@@ -157,9 +157,9 @@ def test_deterministic_for_a_seed(tmp_path):
     assert not np.array_equal(first["x"], other["x"])
 
 
-def test_data_free_calibrates_on_512_token_sequences_or_256_other_samples_by_default(tmp_path):
-    """Synthetic token sequences default to 512, other synthetic inputs (pictures) to 256, user
-    data to 128; an explicit --calib-samples wins."""
+def test_data_free_calibrates_on_512_token_sequences_or_256_pictures_by_default(tmp_path):
+    """Synthetic token sequences default to 512, synthetic pictures to 256, other synthetic
+    inputs and user data to 128; an explicit --calib-samples wins."""
     from spa_compiler import PruneConfig, PruneState, analyze_graph
     from spa_compiler.stages import CollectStatistics
 
@@ -170,8 +170,9 @@ def test_data_free_calibrates_on_512_token_sequences_or_256_other_samples_by_def
 
     graph = _token_model(tmp_path)
     config = PruneConfig(flops=0.5, criterion="obs")
-    assert (config.samples_for(), config.samples_for(synthetic_tokens=True)) == (256, 512)
-    assert PruneConfig(flops=0.5, calibration="data.npz").samples_for() == 128
+    assert (config.samples_for(), config.samples_for(synthetic_tokens=True)) == (128, 512)
+    assert config.samples_for(synthetic_images=True) == 256
+    assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(synthetic_images=True) == 128
     assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(synthetic_tokens=True) == 128
     assert PruneConfig(flops=0.5, calibration_samples=64).samples_for(synthetic_tokens=True) == 64
     state = calibrated(graph)
