@@ -74,13 +74,12 @@ def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[di
     """``samples`` synthetic inputs per graph input (first axis = samples, the input's dtype),
     deterministic for ``seed``, and one line describing them (see the module docstring)."""
     rng = np.random.default_rng(seed)
-    arrays, notes, images = {}, {}, []
+    arrays, notes, images = {}, {}, image_inputs(graph)
     for name in graph.inputs:
+        if name in images:
+            continue
         shape = (samples, *graph.input_shapes[name][1:])
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
-        if _image_layout(shape, dtype) is not None:
-            images.append(name)
-            continue
         arrays[name], notes[name] = non_image_input(graph, name, shape, dtype, rng)
     notes.update(varied_lengths(graph, arrays, rng))
     for name in images:
@@ -117,9 +116,9 @@ def _pink_noise(rng: np.random.Generator, n: int, height: int, width: int, expon
     time (the same draws in the same order as all at once)."""
     fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
     frequency = np.maximum(np.hypot(fy, fx), 1.0 / max(height, width))
-    fields = np.empty((n, height, width))
-    for start in range(0, n, _fields_per_chunk(height, width)):
-        part = fields[start:start + _fields_per_chunk(height, width)]
+    fields, step = np.empty((n, height, width)), _fields_per_chunk(height, width)
+    for start in range(0, n, step):
+        part = fields[start:start + step]
         field = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(part.shape)) / frequency**exponent, s=(height, width))
         field -= field.mean(axis=(1, 2), keepdims=True)
         part[...] = field / np.maximum(field.std(axis=(1, 2), keepdims=True), 1e-12)
