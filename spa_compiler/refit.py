@@ -30,7 +30,7 @@ at each stage), so a 27-level detector re-fits in 16 runs instead of 27. The ori
 runs once for all stages (on each batch they use), every layer's rows drawn then and its
 original features there kept (:class:`~spa_compiler.paired.PairedRunner`); a batch holds as
 many samples as keep the layer inputs a run returns within ``RUN_BYTES`` (PP-OCRv4's detector
-at 640×640: 4 samples, 3.2 GB at the peak of its whole pruning instead of 6.1 GB with 16).
+at 640×640: 4 samples, 3.1 GB at the peak of its whole pruning instead of 6.1 GB with 16).
 ``rounds`` repeats the sequence. A stage uses the first ``SAMPLES`` samples, or as many as its
 layers need to see four rows per feature (a convolution gets one row per output position from
 each sample, a layer on tokens one per token, a classifier after pooling one), whichever is more; but the runs may cost at most ``budget``
