@@ -322,12 +322,11 @@ def render_report(report: PruneReport, console: Console) -> None:
 
 def describe_fidelity(f: Fidelity, held_out: Fidelity | None = None) -> str:
     """One line of figures of the fidelity ``f``; none when no sample of it has outputs beyond
-    round-off (``counted`` 0: both models' outputs all but zero beside those on the
-    ``held_out`` samples)."""
+    round-off (``counted`` 0, set by the verification only beside ``held_out`` samples: both
+    models' outputs all but zero next to theirs)."""
     if f.counted == 0:
-        share = f"{f.scale / held_out.scale:.2g} of their size" if held_out is not None and held_out.scale else "round-off"
-        where = held_out.source if held_out is not None else "other inputs"
-        return f"outputs vs original on {f.source} not compared: both models' outputs are all but zero there ({share} on {where})"
+        return (f"outputs vs original on {f.source} not compared: both models' outputs are all but zero there "
+                f"({f.scale / held_out.scale:.2g} of their size on {held_out.source})")
     agreement = f", top-1 agreement {f.top1_agreement:.3f}" if f.top1_agreement is not None else ""
     optimiser = (f" (run without onnxruntime's graph optimisations, which change its outputs by {f.optimiser_change:.3g} "
                  "relative: an onnxruntime issue, not the pruning's)") if f.optimiser_change else ""
