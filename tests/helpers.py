@@ -9,6 +9,7 @@ mis-sliced constant shows up as a difference.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import onnx
 import pytest
@@ -20,8 +21,25 @@ from spa_compiler.verify import run_model
 
 __all__ = [
     "randomize_weights", "assert_exact", "relative_error",
-    "assert_checker_passes_unless_input_fails",
+    "assert_checker_passes_unless_input_fails", "EXAMPLE", "dynamic_example_file",
 ]
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+
+
+def dynamic_example_file(folder: Path) -> Path:
+    """The example model as ``folder/dyn.onnx`` with its input ``[N, 3, H, W]`` and output
+    ``[N, 10]``: batch, height and width free, as a dynamic export declares them."""
+    model = onnx.load(str(EXAMPLE))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for axis, name in ((0, "N"), (2, "H"), (3, "W")):
+        dims[axis].Clear()
+        dims[axis].dim_param = name
+    batch = model.graph.output[0].type.tensor_type.shape.dim[0]
+    batch.Clear()
+    batch.dim_param = "N"
+    onnx.save(model, str(folder / "dyn.onnx"))
+    return folder / "dyn.onnx"
 
 
 def assert_checker_passes_unless_input_fails(original: onnx.ModelProto, pruned: onnx.ModelProto) -> None:

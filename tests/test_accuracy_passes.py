@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -21,10 +19,9 @@ from spa_compiler.secondorder import compensate_layer
 from spa_compiler.sensitivity import MeasureSensitivity, convex_increments, strictly_increasing
 from spa_compiler.stages import split_held_out
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+from helpers import EXAMPLE
 
 pytestmark = pytest.mark.accurate
-
 
 
 def test_convex_increments_follow_the_lower_hull():
@@ -552,7 +549,6 @@ def test_top1_agreement_counts_class_scores_only(tmp_path):
     assert fidelity(before, after, class_scores=[True, False]).top1_agreement == 1.0
     assert fidelity(before, after, class_scores=[False, False]).top1_agreement is None
     assert fidelity(before, after).top1_agreement < 1.0  # without a graph: every output of rank 2 or more
-
 
 
 @pytest.mark.accurate

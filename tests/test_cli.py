@@ -23,7 +23,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+from helpers import EXAMPLE, dynamic_example_file
+
 CLI = [sys.executable, "-m", "spa_compiler.cli"]
 FAST_CLI = ("--criterion", "l2", "--allocation", "score", "--refit", "0")  # the fast pipeline (see conftest)
 
@@ -387,16 +388,7 @@ def test_model_onnxruntime_cannot_load_is_a_clear_user_error(tmp_path):
 
 @pytest.fixture
 def dynamic_example(tmp_path: Path) -> Path:
-    """The example with input [N,3,H,W] and output [N,10]."""
-    model = onnx.load(str(EXAMPLE))
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    for axis, name in ((0, "N"), (2, "H"), (3, "W")):
-        dims[axis].Clear()
-        dims[axis].dim_param = name
-    out = model.graph.output[0].type.tensor_type.shape.dim[0]
-    out.Clear()
-    out.dim_param = "N"
-    return save(model, tmp_path / "dyn.onnx")
+    return dynamic_example_file(tmp_path)
 
 
 def test_dynamic_spatial_dims_need_input_shape(tmp_path, dynamic_example):

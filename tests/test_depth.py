@@ -19,10 +19,10 @@ from spa_compiler.errors import TargetError
 from spa_compiler.shapes import synthetic_inputs
 from spa_compiler.verify import run_model
 
+from helpers import EXAMPLE
+
 torch = pytest.importorskip("torch")
 from models.decoders import build_decoder, export_decoder  # noqa: E402
-
-EXAMPLE = "models/examples/mini_resnet.onnx"
 
 
 @pytest.fixture(scope="module")

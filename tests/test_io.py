@@ -33,7 +33,7 @@ from spa_compiler import (
     save_model,
 )
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+from helpers import EXAMPLE, dynamic_example_file
 
 
 def sha(path: Path) -> str:
@@ -244,19 +244,8 @@ def test_load_qoperator_quantized_and_old_opset_are_unsupported(tmp_path):
         load_model(tmp_path / "old.onnx")
 
 
-def dynamic_example(tmp_path: Path) -> Path:
-    """The example model with its batch, height and width free (``N``, ``H``, ``W``), as dyn.onnx."""
-    model = onnx.load(str(EXAMPLE))
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    for axis, name in ((0, "N"), (2, "H"), (3, "W")):
-        dims[axis].Clear()
-        dims[axis].dim_param = name
-    onnx.save(model, str(tmp_path / "dyn.onnx"))
-    return tmp_path / "dyn.onnx"
-
-
 def test_dynamic_dimension_binding(tmp_path):
-    dynamic_example(tmp_path)
+    dynamic_example_file(tmp_path)
     with pytest.raises(ModelError, match=r"'input'.*--input-shape input="):
         load_model(tmp_path / "dyn.onnx")
     graph = load_model(tmp_path / "dyn.onnx", {"input": (2, 3, 32, 32)})
@@ -291,7 +280,7 @@ def test_named_dimensions_bind_together():
 def test_calibration_arrays_bind_the_free_dimensions(tmp_path):
     """Without --input-shape, the --calib arrays' shapes bind the free axes after the batch: the
     model is pruned (and its FLOPs counted) at 24x28, as the same run with --input-shape does."""
-    dynamic_example(tmp_path)
+    dynamic_example_file(tmp_path)
     images = seeded_input(12, 3, 24, 28)
     np.savez(tmp_path / "calib.npz", input=images)
     config = PruneConfig(flops=0.6, calibration=str(tmp_path / "calib.npz"), bench_runs=0)

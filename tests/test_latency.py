@@ -28,7 +28,7 @@ from spa_compiler.profiling import attribute_kernel
 from spa_compiler.stages import Analyse, Rewrite, Score, Verify
 from test_cli import FAST_CLI
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+from helpers import EXAMPLE
 
 
 @pytest.fixture(scope="module")

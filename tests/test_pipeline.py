@@ -25,8 +25,9 @@ from spa_compiler import (
     prune_graph,
 )
 
+from helpers import EXAMPLE
+
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "models" / "examples" / "mini_resnet.onnx"
 
 
 def state_for(config: PruneConfig) -> PruneState:

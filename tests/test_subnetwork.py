@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from spa_compiler.stages import Analyse
 from spa_compiler.subnetwork import prefix_model, tail_model
 from spa_compiler.verify import session_for
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "mini_resnet.onnx"
+from helpers import EXAMPLE
 
 
 @pytest.fixture(scope="module")
