@@ -82,8 +82,10 @@ def test_prune_half_flops_keeps_accuracy(digits_model, split, tmp_path):
 def test_vision_transformer_keeps_accuracy_data_free(split, tmp_path):
     """The digits ViT (a trained image transformer; a third of the benchmark's epochs, a minute
     less) at 0.3 of its FLOPs, data-free: the default pipeline rotates and prunes head dimensions
-    and keeps the test accuracy within 0.03 (measured 0.961 -> 0.953; the benchmark's model 0.989
-    -> 0.978); L2 ranking alone, without sensitivity or re-fitting, does not (measured 0.625)."""
+    and keeps the test accuracy within 0.03 (measured 0.961 -> 0.953, and on another CPU, whose
+    float kernels train it otherwise, 0.950 -> 0.942; the benchmark's model 0.989 -> 0.978); L2
+    ranking alone, without sensitivity or re-fitting, does not (measured 0.625 and 0.725). The
+    trained model need only have learnt the task (over 0.93)."""
     from models.digits import INPUT_SHAPE
     from models.digits_vit import EPOCHS, train_digits_vit
     from models.export import export_onnx
@@ -91,7 +93,7 @@ def test_vision_transformer_keeps_accuracy_data_free(split, tmp_path):
     model, accuracy = train_digits_vit(epochs=EPOCHS // 3)
     source = export_onnx(model, INPUT_SHAPE, tmp_path / "vit.onnx", opset=17, dynamic_batch=True)
     _, x_test, _, y_test = split
-    assert accuracy > 0.95 and abs(onnx_accuracy(source, x_test, y_test) - accuracy) < 1e-9
+    assert accuracy > 0.93 and abs(onnx_accuracy(source, x_test, y_test) - accuracy) < 1e-9
     accuracies = {}
     for name, options in {"default": {}, "l2 alone": dict(criterion="l2", allocation="score", refit_rounds=0)}.items():
         output = tmp_path / f"{name}.onnx"
