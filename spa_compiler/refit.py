@@ -33,11 +33,12 @@ many samples as keep the layer inputs a run returns within ``RUN_BYTES`` (PP-OCR
 at 640×640: 4 samples, 3.1 GB at the peak of its whole pruning instead of 6.1 GB with 16).
 ``rounds`` repeats the sequence. A stage uses the first ``SAMPLES`` samples, or as many as its
 layers need to see four rows per feature (a convolution gets one row per output position from
-each sample, a layer on tokens one per token, a classifier after pooling one), whichever is more; but the runs may cost at most ``budget``
-MACs (``BUDGET_MACS``: :func:`stage_samples` caps the stages' samples), so a 4-GMAC ResNet-50
-re-fits its late layers on fewer samples than they would want (the held-out choice then keeps
-fewer parameters). The bias term also corrects the shift of every output's mean that removed
-channels and upstream errors leave. A layer whose output is added to a residual stream is
+each sample, a layer on tokens one per token, a classifier after pooling one), whichever is
+more; but the runs may cost at most ``budget`` MACs (``BUDGET_MACS``: :func:`stage_samples` caps
+the stages' samples), so a 4-GMAC ResNet-50 re-fits its late layers on fewer samples than they
+would want (the held-out choice then keeps fewer parameters). The bias term also corrects the
+shift of every output's mean that removed channels and upstream errors leave. A layer whose
+output is added to a residual stream is
 fitted toward its original output plus the stream's error there
 (:mod:`~spa_compiler.residual_target`): the block's sum, not the layer's term, is matched.
 
