@@ -38,9 +38,9 @@ more; but the runs may cost at most ``budget`` MACs (``BUDGET_MACS``: :func:`sta
 the stages' samples), so a 4-GMAC ResNet-50 re-fits its late layers on fewer samples than they
 would want (the held-out choice then keeps fewer parameters). The bias term also corrects the
 shift of every output's mean that removed channels and upstream errors leave. A layer whose
-output is added to a residual stream is
-fitted toward its original output plus the stream's error there
-(:mod:`~spa_compiler.residual_target`): the block's sum, not the layer's term, is matched.
+output is added to a residual stream is fitted toward its original output plus the stream's
+error there (:mod:`~spa_compiler.residual_target`): the block's sum, not the layer's term, is
+matched.
 
 Data-free, the rows are synthetic inputs (:mod:`spa_compiler.synthetic`), and a re-fit that
 matches the original layers on them can still miss on real inputs, which held-out synthetic
