@@ -51,11 +51,15 @@ def selected_downstream(c: Coupler, name: str, to_origin: list[int] | None = Non
     return found
 
 
-def followed_by_shuffle(c: Coupler, name: str) -> bool:
-    direct = c.consumers(name)
+def followed_by_shuffle(c: Coupler, x: str, y: str) -> bool:
+    """Whether the split of ``x`` into ``y`` is a channel shuffle: a Transpose follows it, and
+    then only Reshapes or Flattens back to ``x``'s shape (DeBERTa's ``[B, T, H, D] ->
+    [B, H, T, D] -> [B·H, T, D]`` is attention, not a shuffle)."""
+    direct = c.consumers(y)
     return (
         len(direct) == 1 and direct[0].op_type == "Transpose"
-        and all(n.op_type in ("Reshape", "Flatten") for n in through_transposes(c, name))
+        and all(n.op_type in ("Reshape", "Flatten") and c.shape(n.outputs[0]) == c.shape(x)
+                for n in through_transposes(c, y))
     )
 
 
@@ -72,17 +76,22 @@ def repeats_inner_axis(c: Coupler, x: str, inner: int) -> bool:
 
 
 def comes_from_attention(c: Coupler, name: str) -> bool:
-    """Whether ``name`` is (through Transposes and Reshapes that keep the shape, as the classic
-    exporter writes around ``scaled_dot_product_attention``) the product of two activations (P·V)."""
+    """Whether ``name`` is (through Transposes and Reshapes that keep the last axis, as the
+    classic exporter writes around ``scaled_dot_product_attention`` and DeBERTa splits ``B·H``
+    back into ``B, H``) the product of two activations (P·V)."""
     node = c.producer(name)
-    while node is not None and (node.op_type == "Transpose" or _keeps_shape(c, node)):
+    while node is not None and (node.op_type == "Transpose" or _keeps_last_axis(c, node)):
         node = c.producer(node.inputs[0])
     return node is not None and node.op_type == "MatMul" and not any(c.is_constant(i) for i in node.inputs)
 
 
-def _keeps_shape(c: Coupler, node: "Node") -> bool:
-    """Whether ``node`` is a Reshape whose output has its input's shape (it regroups nothing)."""
-    return node.op_type == "Reshape" and c.shape(node.inputs[0]) == c.shape(node.outputs[0])
+def _keeps_last_axis(c: Coupler, node: "Node") -> bool:
+    """Whether ``node`` is a Reshape that regroups only the axes before the last: the last axis
+    has the same size on both sides, so (the sizes being equal in total) it is a block of its own."""
+    if node.op_type != "Reshape":
+        return False
+    a, b = c.shape(node.inputs[0]), c.shape(node.outputs[0])
+    return bool(a) and bool(b) and a[-1] == b[-1]
 
 
 def comes_from_recurrent(c: Coupler, name: str) -> bool:

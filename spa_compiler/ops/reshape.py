@@ -113,7 +113,7 @@ def couple_reshape(c: Coupler, x: str, y: str) -> dict[int, int]:
                 coupled[big_b[0]] = big_a[0]
         elif len(big_a) == 1 and len(big_b) > 1:
             n = a[big_a[0]]
-            if followed_by_shuffle(c, y):
+            if followed_by_shuffle(c, x, y):
                 innermost = big_b[-1]
                 c.couple(x, big_a[0], y, innermost, np.arange(n), np.arange(n) % b[innermost])
                 coupled[innermost] = big_a[0]
