@@ -621,6 +621,31 @@ def test_gather_negative_indices(tmp_path):
     assert list(input_value(pruned, nodes(pruned, "Gather")[0], 1)) == expected
 
 
+def test_gather_elements_keeps_channels_on_other_axes(tmp_path):
+    """GatherElements along the width (DeBERTa's relative positions): the channel axis of the
+    data, the indices and the output are one, so channels leave the constant indices too, whose
+    values stay."""
+    indices = np.random.default_rng(0).integers(0, 8, size=(1, 8, 8, 5)).astype(np.int64)
+    graph = build(tmp_path, chain("h = GatherElements <axis = 3> (a, I)\ny = Conv (h, W2)", "float[1,4,8,5] y"), 13,
+                  {"W1": (8, 3, 3, 3), "B1": (8,), "I": indices, "W2": (4, 8, 1, 1)})
+    result, pruned = prune_exact(graph)
+    gone = removed(result, "W1", 0)
+    assert len(gone) == 4
+    np.testing.assert_array_equal(removed(result, "W2", 1), gone)
+    np.testing.assert_array_equal(input_value(pruned, nodes(pruned, "GatherElements")[0], 1),
+                                  np.delete(indices, gone, axis=1))
+
+
+def test_gather_elements_along_channels_blocks_them(tmp_path):
+    """Gathered along the channels, the data's channel positions are whatever the indices say."""
+    indices = np.random.default_rng(0).integers(0, 8, size=(1, 8, 8, 8)).astype(np.int64)
+    graph = build(tmp_path, chain("h = GatherElements <axis = 1> (a, I)\ny = Conv (h, W2)", Y4), 13,
+                  {"W1": (8, 3, 3, 3), "B1": (8,), "I": indices, "W2": (4, 8, 1, 1)})
+    analysis = analyze_graph(graph)
+    assert not group_of(analysis, "W1", 0).prunable
+    assert "GatherElements" in " ".join(group_of(analysis, "W1", 0).blocked_reasons)
+
+
 def test_transpose_then_matmul(tmp_path):
     """NCHW -> NHWC, then MatMul with a weight [C, K]: the weight's rows go with the channels."""
     body = "t = Transpose <perm = [0, 2, 3, 1]> (a)\ny = MatMul (t, Wm)"

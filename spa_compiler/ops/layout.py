@@ -195,6 +195,27 @@ class Gather(OpRule):
         r.set_input(node, 1, new_index[kept].astype(r.constant(indices).dtype))
 
 
+@register_op("GatherElements")
+class GatherElements(OpRule):
+    """``y[i0..ik..] = data[i0..indices[i0..ik..]..]`` along ``axis``: output position p of every
+    axis is data position p and indices position p, except along ``axis``, where the data
+    positions are whatever the indices hold (a barrier) and the output follows the indices.
+    Axes on which the three sizes differ read positions by offset (a barrier). Constant indices
+    are sliced with their axes; their values stay (the gathered axis keeps its size)."""
+
+    summary = "non-gathered axes identity with the indices; the gathered data axis a barrier"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        data, indices, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        axis = normalize_axis(int(node.attr("axis", 0)), len(c.shape(data)))
+        for k, (size_data, size_indices) in enumerate(zip(c.shape(data), c.shape(indices))):
+            if k == axis:
+                c.couple(indices, k, y, k)
+            elif size_data == size_indices:
+                c.couple(data, k, y, k)
+                c.couple(indices, k, y, k)
+
+
 @register_op("Transpose")
 class Transpose(OpRule):
     """Output axis k is input axis ``perm[k]``."""
