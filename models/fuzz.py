@@ -876,9 +876,11 @@ def _pad(b: _Builder, x: str) -> str:
 def _center(b: _Builder, x: str) -> str:
     op = b.choices.choice(["ReduceMean", "ReduceMax", "ReduceL2", "ReduceSum"])
     axes = b.choices.choice([[2, 3], [-1], [2], [1]])
-    b.log.append(f"x - {op}(x, axes {axes}) / 2")
-    half = b.binary("Mul", b.reduce(op, x, axes, keepdims=True), b.const(np.float32(0.5)))
-    return b.binary("Sub", x, half)  # half: a mean of the result is no rounding noise
+    # half the mean (a sum over n values times 1 / 2n): a mean of the result is no rounding noise
+    count = math.prod(b.shapes[x][a] for a in axes) if op == "ReduceSum" else 1
+    b.log.append(f"x - {op}(x, axes {axes}) / {2 * count}")
+    half = b.binary("Mul", b.reduce(op, x, axes, keepdims=True), b.const(np.float32(0.5 / count)))
+    return b.binary("Sub", x, half)
 
 
 def _depth_to_space(b: _Builder, x: str) -> str:

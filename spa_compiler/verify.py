@@ -74,30 +74,40 @@ SILENT = 1e-3  # a sample's outputs below this share of the largest sample's are
 OPTIMISER_CHANGE = 1e-3  # relative change between onnxruntime's optimised and unoptimised runs beyond rounding
 
 
+_LEVELS = (
+    ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+)
+"""onnxruntime's graph optimisation levels, most first."""
+
+
 def session_for(
     model: onnx.ModelProto, threads: int = 0, optimize: bool = True, profile_prefix: str | None = None,
-    serialized: bytes | None = None, layout: bool = True,
+    serialized: bytes | None = None, layout: bool = True, fallback: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session; ``optimize=False`` skips graph optimisations (quicker to create);
     ``profile_prefix`` turns on onnxruntime's profiler, writing ``<prefix>_<time>.json``;
     ``serialized``, the model's bytes when the caller has them already; ``layout=False`` leaves
     out the layout optimisation (NCHWc: weights reordered, in a second copy). A model with streamed
     weights is read from files (:func:`~spa_compiler.streaming.header_file`), never serialised
-    with them. Where onnxruntime cannot build the session with the layout optimisation (1.32
-    cannot when a Conv whose weight is a graph input has its output exposed too, as the
-    sensitivity measurements of a ResNet's shortcut do), it is built without."""
+    with them. Where onnxruntime cannot build the session at the level asked, the next lower
+    level is tried, unless ``fallback`` is False (the verification: users run the model
+    optimised). onnxruntime 1.32 cannot build one with the layout optimisation when a Conv whose
+    weight is a graph input has its output exposed too, as the sensitivity measurements of a
+    ResNet's shortcut do, nor with its extended optimisations when a Transpose feeds a Resize
+    that sizes its ``axes`` (opset 18)."""
     if not optimize:
-        level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        first = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     else:
-        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        first = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if layout else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    levels = _LEVELS[_LEVELS.index(first):] if fallback else (first,)
     with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its own retries
-        if level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+        for level in levels[:-1]:
             try:
                 return _session(model, _options(level, threads, profile_prefix), serialized)
-            except (RuntimeError, ValueError) as error:
-                log.debug("no session with the layout optimisation (%s): built without it", first_line(error))
-                level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        return _session(model, _options(level, threads, profile_prefix), serialized)
+            except Exception as error:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception alone
+                log.debug("no session at %s (%s): trying the next level", level, first_line(error))
+        return _session(model, _options(levels[-1], threads, profile_prefix), serialized)
 
 
 def _options(level: ort.GraphOptimizationLevel, threads: int, profile_prefix: str | None) -> ort.SessionOptions:
@@ -250,10 +260,14 @@ def verify_model(
     before = [narrow(name, value) for name, value in zip(original.outputs, before)]
     pruned_feeds = {k: narrow(k, v) for k, v in feeds.items()}
     try:
-        session = session_for(pruned, serialized=serialized, layout=False)  # optimised, as users will run it
+        session = session_for(pruned, serialized=serialized, layout=False, fallback=False)  # as users will run it
         after = session.run(None, pruned_feeds)
     except Exception as exc:
-        raise VerificationError(_run_failure(pruned, serialized, pruned_feeds, first_line(exc))) from None
+        if _optimisable(original.model):
+            raise VerificationError(_run_failure(pruned, serialized, pruned_feeds, first_line(exc))) from None
+        log.warning("onnxruntime's extended graph optimisations cannot run the input model either (%s): the pruned "
+                    "model is checked with the optimisations that run it", first_line(exc))
+        after = session_for(pruned, serialized=serialized, layout=False).run(None, pruned_feeds)
     for name, a, b in zip(original.outputs, before, after):
         if np.shape(a) != np.shape(b):
             raise VerificationError(
@@ -270,6 +284,15 @@ def verify_model(
         return measured
     plain = session_for(pruned, optimize=False, serialized=serialized).run(None, pruned_feeds)
     return _unoptimised_if_changed(measured, before, after, plain, source, class_scores)
+
+
+def _optimisable(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime builds a session for ``model`` with its extended graph optimisations."""
+    try:
+        session_for(model, layout=False, fallback=False)
+    except Exception:
+        return False
+    return True
 
 
 def _run_failure(pruned: onnx.ModelProto, serialized: bytes | None, feeds: dict[str, np.ndarray], error: str) -> str:
