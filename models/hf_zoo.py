@@ -81,6 +81,8 @@ FAMILIES: dict[str, Family] = {
     "resnet": _image(hf.ResNetConfig, hf.ResNetModel, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1]),
     "convnext": _image(hf.ConvNextConfig, hf.ConvNextModel, hidden_sizes=[32, 64], depths=[1, 1], num_stages=2),
     "mobilenet-v2": _image(hf.MobileNetV2Config, hf.MobileNetV2Model, image_size=32, depth_multiplier=0.35),
+    "mobilevit": _image(hf.MobileViTConfig, hf.MobileViTModel, size=64, image_size=64, hidden_sizes=[32, 48, 64],
+                        neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 64]),
     "whisper-encoder": Family(
         lambda: hf.WhisperModel(hf.WhisperConfig(
             d_model=64, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1, decoder_attention_heads=4,

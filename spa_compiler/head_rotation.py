@@ -77,7 +77,14 @@ def _cholesky(moment: np.ndarray) -> np.ndarray:
 
 def query_key_bases(c_query: np.ndarray, c_key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(A, B, s)`` for one head with query moment ``C_q`` and key covariance ``C_k``:
-    ``A Bᵀ = I``, ``Aᵀ C_q A = Bᵀ C_k B = diag(s)`` (up to the ridge), ``s`` decreasing."""
+    ``A Bᵀ = I``, ``Aᵀ C_q A = Bᵀ C_k B = diag(s)`` (up to the ridge), ``s`` decreasing. A head
+    whose queries or key covariance vanish (a trace that is not positive: zero, or below zero
+    by rounding, as when every key is the same, a sequence of one token) gives every key the
+    same score, which the softmax ignores: its dimensions carry nothing (``s = 0``) and keep
+    their basis."""
+    if not (np.trace(c_query) > 0 and np.trace(c_key) > 0):
+        identity = np.eye(len(c_query))
+        return identity, identity, np.zeros(len(c_query))
     l_query, l_key = _cholesky(c_query), _cholesky(c_key)
     u, s, vt = np.linalg.svd(l_query.T @ l_key)
     root = np.sqrt(s)

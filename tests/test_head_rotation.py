@@ -38,6 +38,17 @@ def test_query_key_bases_keep_the_scores_and_order_the_dimensions():
     assert np.all(np.diff(s) <= 0)
 
 
+def test_keys_that_are_all_the_same_carry_nothing():
+    """One token per sequence (MobileViT's deepest patches at 64x64): the keys' covariance is zero,
+    here -1e-66 on the diagonal by rounding, which no Cholesky factor takes. Every key scores the
+    same, so the head's dimensions carry nothing and keep their basis."""
+    rng = np.random.default_rng(2)
+    vanished = -1e-66 * np.eye(8) + 1e-67 * np.ones((8, 8))
+    a, b, s = query_key_bases(_moment(rng, 8), vanished)
+    np.testing.assert_array_equal(a @ b.T, np.eye(8))
+    np.testing.assert_array_equal(s, np.zeros(8))
+
+
 def test_value_output_bases_whiten_the_values_and_order_the_rows():
     rng = np.random.default_rng(1)
     c_output, rows = _moment(rng, 8), rng.standard_normal((8, 32))
