@@ -57,6 +57,14 @@ def _image(config: type, model: type, size: int = 32, **options: Any) -> Family:
                   lambda: torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
 
 
+def _audio(config: type, model: type, **options: Any) -> Family:
+    """A wav2vec2-style encoder: 1,600 samples through two strided convolutions."""
+    convolutions = dict(conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                        num_conv_pos_embedding_groups=4)
+    return Family(lambda: model(config(**convolutions, **options)),
+                  "input_values", lambda: torch.randn(1, 1600, generator=torch.Generator().manual_seed(0)))
+
+
 FAMILIES: dict[str, Family] = {
     "bert": _text(hf.BertConfig, hf.BertModel, **SMALL),
     "roberta": _text(hf.RobertaConfig, hf.RobertaModel, **SMALL),
@@ -67,19 +75,53 @@ FAMILIES: dict[str, Family] = {
     "deberta-v3": _text(hf.DebertaV2Config, hf.DebertaV2Model, relative_attention=True, pos_att_type=["p2c", "c2p"],
                         position_buckets=16, max_relative_positions=-1, share_att_key=True, norm_rel_ebd="layer_norm",
                         position_biased_input=False, **SMALL),
+    "mpnet": _text(hf.MPNetConfig, hf.MPNetModel, **SMALL),
+    "xlm-roberta": _text(hf.XLMRobertaConfig, hf.XLMRobertaModel, **SMALL),
+    "data2vec-text": _text(hf.Data2VecTextConfig, hf.Data2VecTextModel, **SMALL),
+    "roformer": _text(hf.RoFormerConfig, hf.RoFormerModel, embedding_size=64, **SMALL),
+    "convbert": _text(hf.ConvBertConfig, hf.ConvBertModel, embedding_size=64, **SMALL),
+    "mobilebert": _text(hf.MobileBertConfig, hf.MobileBertModel, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, embedding_size=32, intra_bottleneck_size=32,
+                        true_hidden_size=32, num_feedforward_networks=2),
+    "squeezebert": _text(hf.SqueezeBertConfig, hf.SqueezeBertModel, embedding_size=64, **SMALL),
+    "funnel": _text(hf.FunnelConfig, hf.FunnelModel, d_model=64, n_head=4, d_head=16, d_inner=128, block_sizes=[1, 1],
+                    num_decoder_layers=1),
+    "t5-encoder": _text(hf.T5Config, hf.T5EncoderModel, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+    "bart": _text(hf.BartConfig, hf.BartModel, d_model=64, encoder_layers=2, decoder_layers=2,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128),
     "gpt2": _text(hf.GPT2Config, hf.GPT2LMHeadModel, n_embd=64, n_layer=2, n_head=4),
     "qwen2": _text(hf.Qwen2Config, hf.Qwen2ForCausalLM, num_key_value_heads=2, **SMALL),
+    "llama": _text(hf.LlamaConfig, hf.LlamaForCausalLM, num_key_value_heads=2, **SMALL),
+    "mistral": _text(hf.MistralConfig, hf.MistralForCausalLM, num_key_value_heads=2, **SMALL),
+    "gemma": _text(hf.GemmaConfig, hf.GemmaForCausalLM, num_key_value_heads=2, head_dim=16, **SMALL),
+    "phi": _text(hf.PhiConfig, hf.PhiForCausalLM, **SMALL),
+    "bloom": _text(hf.BloomConfig, hf.BloomForCausalLM, hidden_size=64, n_layer=2, n_head=4),
+    "falcon": _text(hf.FalconConfig, hf.FalconForCausalLM, hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
     "vit": _image(hf.ViTConfig, hf.ViTModel, image_size=32, patch_size=8, **SMALL),
     "deit": _image(hf.DeiTConfig, hf.DeiTModel, image_size=32, patch_size=8, **SMALL),
     "dinov2": _image(hf.Dinov2Config, hf.Dinov2Model, image_size=32, patch_size=8, **SMALL),
     "clip-vision": _image(hf.CLIPVisionConfig, hf.CLIPVisionModel, image_size=32, patch_size=8, **SMALL),
+    "siglip-vision": _image(hf.SiglipVisionConfig, hf.SiglipVisionModel, image_size=32, patch_size=8, **SMALL),
+    "beit": _image(hf.BeitConfig, hf.BeitModel, image_size=32, patch_size=8, use_relative_position_bias=True, **SMALL),
+    "levit": _image(hf.LevitConfig, hf.LevitModel, size=64, image_size=64, hidden_sizes=[32, 64, 96],
+                    num_attention_heads=[1, 2, 3], depths=[1, 1, 1], key_dim=[8, 8, 8]),
     "swin": _image(hf.SwinConfig, hf.SwinModel, image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
                    num_heads=[2, 4], window_size=4),
+    "swinv2": _image(hf.Swinv2Config, hf.Swinv2Model, image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
+                     num_heads=[2, 4], window_size=4),
+    "pvt": _image(hf.PvtConfig, hf.PvtModel, size=64, image_size=64, num_encoder_blocks=2, depths=[1, 1],
+                  sequence_reduction_ratios=[2, 1], hidden_sizes=[32, 64], num_attention_heads=[1, 2],
+                  patch_sizes=[4, 2], strides=[4, 2], mlp_ratios=[2, 2]),
     "segformer": _image(hf.SegformerConfig, hf.SegformerModel, size=64, num_encoder_blocks=2, depths=[1, 1],
                         sr_ratios=[2, 1], hidden_sizes=[32, 64], num_attention_heads=[1, 2], patch_sizes=[7, 3],
                         strides=[4, 2], mlp_ratios=[2, 2]),
     "resnet": _image(hf.ResNetConfig, hf.ResNetModel, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1]),
     "convnext": _image(hf.ConvNextConfig, hf.ConvNextModel, hidden_sizes=[32, 64], depths=[1, 1], num_stages=2),
+    "convnextv2": _image(hf.ConvNextV2Config, hf.ConvNextV2Model, hidden_sizes=[32, 64], depths=[1, 1], num_stages=2),
+    "regnet": _image(hf.RegNetConfig, hf.RegNetModel, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
+                     groups_width=8),
+    "poolformer": _image(hf.PoolFormerConfig, hf.PoolFormerModel, hidden_sizes=[32, 64], depths=[1, 1],
+                         num_encoder_blocks=2, patch_sizes=[7, 3], strides=[4, 2], padding=[2, 1]),
     "mobilenet-v2": _image(hf.MobileNetV2Config, hf.MobileNetV2Model, image_size=32, depth_multiplier=0.35),
     "mobilevit": _image(hf.MobileViTConfig, hf.MobileViTModel, size=64, image_size=64, hidden_sizes=[32, 48, 64],
                         neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 64]),
@@ -88,6 +130,8 @@ FAMILIES: dict[str, Family] = {
             d_model=64, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1, decoder_attention_heads=4,
             encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=50)).get_encoder(),
         "input_features", lambda: torch.randn(1, 16, 100, generator=torch.Generator().manual_seed(0))),
+    "wav2vec2": _audio(hf.Wav2Vec2Config, hf.Wav2Vec2Model, **SMALL),
+    "hubert": _audio(hf.HubertConfig, hf.HubertModel, **SMALL),
 }
 
 

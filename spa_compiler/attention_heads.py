@@ -175,7 +175,7 @@ def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | N
             return None
         if not roles or len(layout) % len(roles):
             return None
-        for role, block in zip(roles, np.split(layout, len(roles))):
+        for role, block in zip(roles, _role_blocks(graph, reader, layout, len(roles))):
             parts.setdefault(role, []).append(Projection(layer, block))
     for name, layout in biases.items():
         if not any(p.layer.bias == name and np.array_equal(layout, _full_layout(parts, p.layer))
@@ -187,6 +187,31 @@ def _head_basis(analysis: Analysis, graph: Graph, group: Group) -> HeadBasis | N
     if not pairs or sum(len(projections) for projections in parts.values()) != 2 * len(pairs):
         return None
     return HeadBasis(group, pairs.get("query"), pairs.get("value"))
+
+
+def _role_blocks(graph: Graph, node: Node, layout: np.ndarray, count: int) -> list[np.ndarray]:
+    """The rows of a packed projection's layout (``[rows, units]``, rows in column order) that
+    each of its ``count`` roles holds: consecutive blocks when the roles are outside the heads
+    (``[roles, H, D]``, or slices along the columns), every ``count``-th row when its output is
+    reshaped with the roles inside each head (``[H, roles, D]``: BLOOM's query_key_value)."""
+    if count > 1 and _roles_inside_heads(graph, node, count):
+        return [layout[role::count] for role in range(count)]
+    return np.split(layout, count)
+
+
+def _roles_inside_heads(graph: Graph, node: Node, count: int) -> bool:
+    """Whether ``node``'s output goes (through a bias Add) to a Reshape whose last three axes are
+    ``[H, count, D]`` with ``H != count``."""
+    name = node.outputs[0]
+    while len(graph.consumers.get(name, [])) == 1:
+        reader = graph.consumers[name][0]
+        if reader.op_type == "Reshape":
+            shape = graph.shapes[reader.outputs[0]]
+            return len(shape) >= 3 and shape[-2] == count and shape[-3] != count
+        if reader.op_type != "Add":
+            return False
+        name = reader.outputs[0]
+    return False
 
 
 def _full_layout(parts: dict[str, list[Projection]], layer: ConsumerLayer) -> np.ndarray:
