@@ -302,6 +302,10 @@ def check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints:
         f"{fixed / cost.original_total:.0%} of the {metric.label} are in layers whose channels cannot be pruned "
         f"(blocked by: {blocked_summary(analysis)})"
     ]
+    tied = [g for g in analysis.groups if analysis.kind(g) == "heads" and len(g.units) == 1]
+    if tied:
+        reasons.append(f"the heads of {len(tied)} attention groups leave only all together ({tied[0].name}, ...): "
+                       "--head-dims prunes their head dimensions instead")
     reasons.append(f"every group keeps at least {constraints.min_keep:g} of its channels (--min-keep)")
     raise TargetError(
         f"cannot reach --{target.kind} {target.value:g}: the best reachable is {plan.achieved:.3f}; "

@@ -16,7 +16,7 @@ from models.export import export_onnx
 from models.real import ppocr_input_shapes, ppocr_model_paths
 from models.sentences import ENCODER_INPUTS, SENTENCES, embed, mean_cosine, tokenize
 from models.zoo import ARCHITECTURES
-from spa_compiler import PruneConfig, analyze_graph, load_model, prune, prune_graph
+from spa_compiler import PruneConfig, TargetError, analyze_graph, load_model, prune, prune_graph
 from spa_compiler.verify import run_model
 
 MINILM_SHAPES = {name: (1, 128) for name in ENCODER_INPUTS}
@@ -146,6 +146,19 @@ def test_classic_gpt2_with_its_cache_concat_rotates_head_dimensions(tmp_path):
     report = prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, bench_runs=0))
     assert report.rotated_heads == 2  # one group per layer: the packed projection's parts prune together
     assert 0.47 <= report.flops_ratio <= 0.52
+
+
+def test_heads_tied_into_one_unit_point_to_head_dimensions(tmp_path):
+    """SqueezeBERT projects queries, keys and values with 1-D convolutions of four groups over the
+    hidden size, which no pruning may narrow: its four heads can leave only all together, and the
+    target is out of reach. The error says so and names --head-dims, with which it is reached."""
+    from models.hf_zoo import FAMILIES, export
+
+    source = export(FAMILIES["squeezebert"], tmp_path / "squeezebert.onnx", dynamo=False)
+    with pytest.raises(TargetError, match="heads of 2 attention groups leave only all together .* --head-dims"):
+        prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    report = prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, head_dims=True, bench_runs=0))
+    assert report.flops_ratio <= 0.51
 
 
 @pytest.mark.accurate
