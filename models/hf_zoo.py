@@ -1,15 +1,19 @@
 """Benchmark: Hugging Face architectures as their exporters write them, pruned data-free.
 
-    python -m models.hf_zoo [--families bert,vit,...] [--flops 0.5] [--json results.json]
+    python -m models.hf_zoo [--families bert,vit,...] [--flops 0.5] [--exporters classic,dynamo,dynamic]
+                            [--json results.json]
 
 Each family is built from a small ``transformers`` config with seeded random weights (offline;
 untrained, so every bias is zero and every norm weight one, values the dynamo exporter merges),
 exported by the classic (TorchScript, opset 17) and the dynamo exporter (``input_ids`` of 24
 tokens, or ``pixel_values`` / audio of the size given), and pruned to ``--flops`` with the default
-pipeline, data-free. A row: the achieved FLOPs ratio, the groups pruned, the attention groups
-rotated (head dimensions) and the cosine of the outputs to the original's on synthetic inputs
-the statistics did not see; or the error that stopped the export or the pruning. Random weights
-say nothing about accuracy: this measures what the analysis finds in each export. Its
+pipeline, data-free. ``dynamic`` is the classic exporter with the batch and the sequence (or
+frames, or height and width) left free (``dynamic_axes``, as ``optimum`` exports), pruned with
+them bound to the example's sizes.
+A row: the achieved FLOPs ratio, the groups pruned, the attention groups rotated (head
+dimensions) and the cosine of the outputs to the original's on synthetic inputs the statistics
+did not see; or the error that stopped the export or the pruning. Random weights say nothing
+about accuracy: this measures what the analysis finds in each export. Its
 exactness column is the check (:func:`models.exactness.steered_error`) on the export with every
 weight, bias and norm made random (``EXACTNESS``: half of every group's channels): the relative
 error of the pruned model against the model with those channels' readers zeroed, rounding only
@@ -147,34 +151,52 @@ class _FirstOutput(torch.nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def export(family: Family, path: Path, dynamo: bool) -> Path:
-    """``family``'s model (seed 0) exported to ``path`` by the dynamo or the classic exporter."""
+EXPORTERS = ("classic", "dynamo", "dynamic")
+
+
+def export(family: Family, path: Path, dynamo: bool, dynamic: bool = False) -> Path:
+    """``family``'s model (seed 0) exported to ``path`` by the dynamo or the classic exporter, the
+    latter with its batch and sequence axes free when ``dynamic``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _FirstOutput(family.build()).eval()
+    example = family.example()
     options = dict(input_names=[family.input_name], output_names=["output"], dynamo=dynamo)
     if dynamo:
-        torch.onnx.export(model, (family.example(),), **options).save(str(path))
-    else:
-        torch.onnx.export(model, (family.example(),), str(path), opset_version=17, **options)
+        torch.onnx.export(model, (example,), **options).save(str(path))
+        return path
+    if dynamic:  # the batch and the sequence, or the frames, or the height and width
+        free = range(1 if example.dim() == 2 else 2, example.dim())
+        options["dynamic_axes"] = {family.input_name: {0: "batch", **{k: f"size_{k}" for k in free}},
+                                   "output": {0: "batch"}}
+    torch.onnx.export(model, (example,), str(path), opset_version=17, **options)
     return path
 
 
-def run(names: list[str], flops: float, folder: Path) -> list[dict[str, Any]]:
+def input_shapes(family: Family) -> dict[str, tuple[int, ...]]:
+    """The example's input shape, which binds a dynamic export's free axes."""
+    return {family.input_name: tuple(family.example().shape)}
+
+
+def run(names: list[str], flops: float, folder: Path,
+        exporters: tuple[str, ...] = EXPORTERS[:2]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
-        for exporter in ("classic", "dynamo"):
+        for exporter in exporters:
             row: dict[str, Any] = {"family": name, "exporter": exporter}
             start = time.perf_counter()
+            shapes = input_shapes(FAMILIES[name]) if exporter == "dynamic" else {}
             try:
-                source = export(FAMILIES[name], folder / f"{name}_{exporter}.onnx", dynamo=exporter == "dynamo")
+                source = export(FAMILIES[name], folder / f"{name}_{exporter}.onnx", dynamo=exporter == "dynamo",
+                                dynamic=exporter == "dynamic")
             except Exception as error:  # the exporter's failure is a result
                 row["outcome"], row["exactness"] = f"export fails: {type(error).__name__}", "-"
                 rows.append(row)
                 print(f"{name} {exporter}: {row['outcome']}", flush=True)
                 continue
             try:
-                report = prune(source, folder / f"{name}_{exporter}_pruned.onnx", PruneConfig(flops=flops, bench_runs=0))
+                config = PruneConfig(flops=flops, bench_runs=0, input_shapes=shapes)
+                report = prune(source, folder / f"{name}_{exporter}_pruned.onnx", config)
             except SpaError as error:
                 row["outcome"] = str(error).split(";")[0]
             else:
@@ -182,7 +204,7 @@ def run(names: list[str], flops: float, folder: Path) -> list[dict[str, Any]]:
                 cosine = report.held_out_fidelity.cosine if report.held_out_fidelity else report.fidelity.cosine
                 row["outcome"] = (f"FLOPs {report.flops_ratio:.3f}, {pruned} of {len(report.groups)} groups pruned, "
                                   f"{report.rotated_heads} rotated, cosine {cosine:.4f}")
-            row["exactness"] = _exactness(source)
+            row["exactness"] = _exactness(source, shapes)
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
             print(f"{name} {exporter}: {row['outcome']}; exactness {row['exactness']} ({row['seconds']:.1f} s)",
@@ -190,10 +212,10 @@ def run(names: list[str], flops: float, folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _exactness(source: Path) -> str:
+def _exactness(source: Path, shapes: dict[str, tuple[int, ...]]) -> str:
     """The exactness check's relative error and channels removed, or the error that stopped it."""
     try:
-        error, removed = steered_error(randomize_weights(load_model(source), seed=1), EXACTNESS)
+        error, removed = steered_error(randomize_weights(load_model(source, shapes), seed=1), EXACTNESS)
     except SpaError as failure:
         return str(failure).split(";")[0]
     except RuntimeError as failure:  # the plan could not be steered: a defect
@@ -205,14 +227,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, of: %(default)s")
     parser.add_argument("--flops", type=float, default=0.5, help="the target (default %(default)s)")
+    parser.add_argument("--exporters", default="classic,dynamo", help=f"comma-separated, of: {', '.join(EXPORTERS)}")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    names = args.families.split(",")
-    unknown = [n for n in names if n not in FAMILIES]
+    names, exporters = args.families.split(","), tuple(args.exporters.split(","))
+    unknown = [n for n in names if n not in FAMILIES] + [e for e in exporters if e not in EXPORTERS]
     if unknown:
-        parser.error(f"unknown families {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+        parser.error(f"unknown families or exporters {', '.join(unknown)}; choose from {', '.join(FAMILIES)} "
+                     f"and {', '.join(EXPORTERS)}")
     with tempfile.TemporaryDirectory(prefix="spa_hf_zoo_") as folder:
-        rows = run(names, args.flops, Path(folder))
+        rows = run(names, args.flops, Path(folder), exporters)
     print()
     print_table(rows, [("family", "family", "16s"), ("exporter", "exporter", "8s"), ("exactness", "exactness", "24s"),
                        ("outcome", "outcome", "s")])

@@ -145,6 +145,9 @@ class ElementCoupler:
     def shape_value_escapes(self, name: str) -> bool:
         return self.shape_values.escapes(name)
 
+    def shape_value_escaping_dims(self, name: str) -> set | None:
+        return self.shape_values.escaping_dims(name)
+
     def repeat_merge(self, merged: str, repeated: str, outer: int) -> bool:
         self.repeat_merges.append((merged, repeated, outer))
         return merged in self.within_groups

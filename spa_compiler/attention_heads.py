@@ -200,11 +200,11 @@ def _role_blocks(graph: Graph, node: Node, layout: np.ndarray, count: int) -> li
 
 
 def _roles_inside_heads(graph: Graph, node: Node, count: int) -> bool:
-    """Whether ``node``'s output goes (through a bias Add) to a Reshape whose last three axes are
-    ``[H, count, D]`` with ``H != count``."""
+    """Whether ``node``'s output goes (through a bias Add; Shape reads aside) to a Reshape whose
+    last three axes are ``[H, count, D]`` with ``H != count``."""
     name = node.outputs[0]
-    while len(graph.consumers.get(name, [])) == 1:
-        reader = graph.consumers[name][0]
+    while len(readers := [n for n in graph.consumers.get(name, []) if n.op_type != "Shape"]) == 1:
+        reader = readers[0]
         if reader.op_type == "Reshape":
             shape = graph.shapes[reader.outputs[0]]
             return len(shape) >= 3 and shape[-2] == count and shape[-3] != count

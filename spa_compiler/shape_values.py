@@ -24,7 +24,7 @@ read by arithmetic escapes too (rewriting it would change the result).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 
@@ -122,6 +122,24 @@ class ShapeValues:
     def escapes(self, name: str) -> bool:
         """Whether the shape value ``name`` (or a constant feeding shape values) reaches anything
         but followed ops and Reshape targets: then what it sizes must not change."""
+        return next(self._escaping(name), None) is not None
+
+    def escaping_dims(self, name: str) -> set[Dim] | None:
+        """The axes whose run-time sizes reach, through the shape value ``name``, anything but
+        followed ops and Reshape targets (DeBERTa's ``sqrt(q.size(-1) * 3)`` reads the head
+        dimension, not the heads): those sizes must not change, the others may. None when an
+        escaping value is not known symbolically."""
+        read: set[Dim] = set()
+        for escaping in self._escaping(name):
+            value = self.values.get(escaping)
+            if value is None or any(element is None for element in value):
+                return None
+            read.update(*(dims_of(element) for element in value))
+        return read
+
+    def _escaping(self, name: str) -> Iterator[str]:
+        """The tensors, among ``name`` and the shape values computed from it, that something
+        other than a followed op or a Reshape target reads."""
         pending, seen = [name], set()
         while pending:
             name = pending.pop()
@@ -129,19 +147,18 @@ class ShapeValues:
                 continue
             seen.add(name)
             if name in self.graph.outputs:
-                return True
+                yield name
             for consumer in self.graph.consumers.get(name, []):
                 slots = {k for k, n in enumerate(consumer.inputs) if n == name}
                 if all((consumer.op_type, k) in SHAPE_TARGET_SLOTS for k in slots) and (
                     consumer.op_type == "Reshape" or name in self.derived
                 ):
                     continue
-                if consumer.op_type not in _FOLLOWED or consumer.outputs[0] not in self.values:
-                    return True
-                if consumer.op_type in _ARITHMETIC and name not in self.derived:
-                    return True
+                if consumer.op_type not in _FOLLOWED or consumer.outputs[0] not in self.values \
+                        or (consumer.op_type in _ARITHMETIC and name not in self.derived):
+                    yield name
+                    continue
                 pending.extend(o for o in consumer.outputs if o)
-        return False
 
     def _evaluate(self, node: Node) -> None:
         result = self._compute(node)

@@ -123,7 +123,8 @@ def test_slice_bounds_not_a_chunk_keep_the_channels(tmp_path):
 def test_run_time_target_partly_unknown_blocks_the_axes_it_reads(tmp_path):
     """A target ``[n, c, Size(r) // (n * c)]``: Size is not followed, so the target cannot be
     rewritten; the channels whose count ``c`` it reads keep their size, and the reason names the
-    Shape node whose value goes where it cannot be followed."""
+    Shape node whose channel count goes where it cannot be followed (``Shape(r)``, not
+    ``Shape(a)``, whose batch size alone goes there)."""
     body = """
         sz = Size (r)
         nc = Mul (n, c)
@@ -137,7 +138,32 @@ def test_run_time_target_partly_unknown_blocks_the_axes_it_reads(tmp_path):
     analysis = analyze_graph(graph)
     group = group_of(analysis, "W1", 0)
     assert (len(group.units), len(group.prunable)) == (8, 0)
-    assert group.blocked_reasons == ["Shape node 'Shape_1': its value is used in a way spa-prune cannot follow"]
+    assert group.blocked_reasons == ["Shape node 'Shape_10': its size is used in a way spa-prune cannot follow"]
+
+
+SCALED_BY_A_SIZE = """
+    sr2 = Shape (r)
+    size = Gather <axis = 0> (sr2, {index})
+    sizef = Cast <to = 1> (size)
+    root = Sqrt (sizef)
+    d = Div (r, root)
+    y = Conv (d, W2)
+"""
+
+
+def test_a_size_read_by_arithmetic_keeps_only_its_own_axis(tmp_path):
+    """``r / sqrt(r.size(2))`` (DeBERTa scales its scores by ``sqrt(q.size(-1))``): Sqrt is not
+    followed, so the height must keep its size, but the channels may leave, exactly; scaled by
+    ``sqrt(r.size(1))`` instead, the channels keep theirs."""
+    consts = {"W2": (4, 8, 1, 1)}
+    graph = load_dynamic(tmp_path, SCALED_BY_A_SIZE.format(index="I2"), "float[N,4,H,W] y", consts)
+    result, pruned = prune_exact(graph)
+    assert len(removed(result, "W1", 0)) == 4
+    assert shapes_of(pruned, ["W2"]) == {"W2": (4, 4, 1, 1)}
+    graph = load_dynamic(tmp_path, SCALED_BY_A_SIZE.format(index="I1"), "float[N,4,H,W] y", consts)
+    group = group_of(analyze_graph(graph), "W1", 0)
+    assert len(group.prunable) == 0
+    assert any("its size is used in a way spa-prune cannot follow" in r for r in group.blocked_reasons)
 
 
 def test_groupnorm_decomposed(tmp_path):

@@ -148,6 +148,23 @@ def test_classic_gpt2_with_its_cache_concat_rotates_head_dimensions(tmp_path):
     assert 0.47 <= report.flops_ratio <= 0.52
 
 
+@pytest.mark.accurate
+@pytest.mark.parametrize("family, rotated", [("bloom", 2), ("t5-encoder", 4)])
+def test_exports_with_a_free_sequence_rotate_head_dimensions(tmp_path, family, rotated):
+    """Exported with the batch and the sequence free (as ``optimum`` exports), the graphs read
+    sizes at run time: BLOOM reads the packed projection's shape beside its reshape into heads,
+    T5 feeds sizes to arithmetic no rule follows. Each such read keeps only the axes whose sizes
+    it passes on, so head dimensions still rotate and the target is reached (T5 stopped at
+    0.589 while a Shape whose value escaped kept every axis of its input)."""
+    from models.hf_zoo import FAMILIES, export, input_shapes
+
+    source = export(FAMILIES[family], tmp_path / f"{family}.onnx", dynamo=False, dynamic=True)
+    config = PruneConfig(flops=0.5, bench_runs=0, input_shapes=input_shapes(FAMILIES[family]))
+    report = prune(source, tmp_path / "half.onnx", config)
+    assert report.rotated_heads == rotated
+    assert 0.47 <= report.flops_ratio <= 0.51
+
+
 def test_heads_tied_into_one_unit_point_to_head_dimensions(tmp_path):
     """SqueezeBERT projects queries, keys and values with 1-D convolutions of four groups over the
     hidden size, which no pruning may narrow: its four heads can leave only all together, and the

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..shape_values import Dim
 from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
 from .patterns import feeds_attention
 from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
@@ -277,17 +278,22 @@ class Unsqueeze(OpRule):
 
 @register_op("Shape")
 class Shape(OpRule):
-    """Reads sizes, not values: the input may lose channels when every use of the result is
-    followed symbolically (run-time Reshape targets), which then keeps the sizes consistent."""
+    """Reads sizes, not values: the input may lose channels on every axis whose size reaches
+    only ops followed symbolically (run-time Reshape targets, which then keep the sizes
+    consistent); an axis whose size feeds anything else (``sqrt(q.size(-1))``) keeps it."""
 
-    summary = "input axes free when the shape value only feeds followed Reshape targets"
+    summary = "input axes free unless their size feeds ops not followed"
 
     def couple(self, node: "Node", c: Coupler) -> None:
-        if c.shape_value_escapes(node.outputs[0]):
+        read = c.shape_value_escaping_dims(node.outputs[0])
+        if read is None:
             raise Unsupported("its value is used in a way spa-prune cannot follow")
         x = node.inputs[0]
         for axis in range(len(c.shape(x))):
-            c.free(x, axis)
+            if Dim(x, axis) in read:
+                c.block(x, axis, "its size is used in a way spa-prune cannot follow")
+            else:
+                c.free(x, axis)
 
 
 @register_op("Expand")
