@@ -159,7 +159,7 @@ class PairedRunner:
                 taken = sample_rows(layer, graph, x.shape, rng, budget, mask)
                 features = layer_features(layer, graph, x, taken)
                 stream = self.streams.get(layer.node)
-                rows = residual_rows(values[stream], taken) if stream else None
+                rows = residual_rows(values[stream], taken, x.shape[:-1]) if stream else None
                 self.original[layer.node].append(_OriginalRows(start, stop, x.shape, taken, features, rows))
 
     def _read(self, layers: list[ConsumerLayer]) -> list[str]:
@@ -201,7 +201,7 @@ class PairedRunner:
                 if cached.stream is not None:
                     stream = narrowed[self.streams[layer.node]]
                     if stream.shape[-1] == cached.stream.shape[-1]:
-                        error = cached.stream - residual_rows(stream, cached.taken)
+                        error = cached.stream - residual_rows(stream, cached.taken, x_pruned.shape[:-1])
                     else:  # a stream that lost channels: the plain target
                         error = np.zeros_like(cached.stream)
                     original = np.hstack([original, error])

@@ -58,9 +58,12 @@ def residual_stream(graph: Graph, layer: ConsumerLayer) -> str | None:
     return others[0] if len(shapes) == 1 and None not in shapes else None
 
 
-def residual_rows(value: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-    """The stream's values at a layer's feature rows: ``[rows, width]`` (outputs last)."""
-    flat = value.reshape(-1, value.shape[-1])
+def residual_rows(value: np.ndarray, rows: np.ndarray | None, leading: tuple[int, ...]) -> np.ndarray:
+    """The stream's values at a layer's feature rows: ``[rows, width]`` (outputs last), the
+    layer's output having the leading axes ``leading``. A stream that the sum broadcasts (position
+    embeddings computed once for a whole batch, where an export computes the positions at run
+    time) is broadcast to them first, as the sum does."""
+    flat = np.broadcast_to(value, (*leading, value.shape[-1])).reshape(-1, value.shape[-1])
     return flat if rows is None else flat[rows]
 
 

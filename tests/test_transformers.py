@@ -149,13 +149,15 @@ def test_classic_gpt2_with_its_cache_concat_rotates_head_dimensions(tmp_path):
 
 
 @pytest.mark.accurate
-@pytest.mark.parametrize("family, rotated", [("bloom", 2), ("t5-encoder", 4)])
+@pytest.mark.parametrize("family, rotated", [("bloom", 2), ("t5-encoder", 4), ("mobilebert", 4)])
 def test_exports_with_a_free_sequence_rotate_head_dimensions(tmp_path, family, rotated):
     """Exported with the batch and the sequence free (as ``optimum`` exports), the graphs read
     sizes at run time: BLOOM reads the packed projection's shape beside its reshape into heads,
     T5 feeds sizes to arithmetic no rule follows. Each such read keeps only the axes whose sizes
     it passes on, so head dimensions still rotate and the target is reached (T5 stopped at
-    0.589 while a Shape whose value escaped kept every axis of its input)."""
+    0.589 while a Shape whose value escaped kept every axis of its input). MobileBERT adds
+    position embeddings computed once for the batch to its embedding projection's output: the
+    re-fit broadcasts them to the batch's rows, as the sum does (it stopped with an IndexError)."""
     from models.hf_zoo import FAMILIES, export, input_shapes
 
     source = export(FAMILIES[family], tmp_path / f"{family}.onnx", dynamo=False, dynamic=True)
