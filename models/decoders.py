@@ -80,9 +80,10 @@ class WithCache(torch.nn.Module):
 
 
 def export_decoder(model: torch.nn.Module, path: str | pathlib.Path, sequence: int = 16, dynamo: bool = False,
-                   cache: int = 0) -> pathlib.Path:
+                   cache: int = 0, dynamic: bool = False) -> pathlib.Path:
     """Export ``model`` for a batch of one ``sequence`` tokens (with ``cache`` past positions when
-    ``cache`` > 0), checked against torch."""
+    ``cache`` > 0), checked against torch; with ``dynamic`` (classic exporter, with a cache) the
+    batch, the sequence and the past length are left free, as ``optimum`` exports."""
     config = model.config
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, sequence), generator=generator)
@@ -92,9 +93,14 @@ def export_decoder(model: torch.nn.Module, path: str | pathlib.Path, sequence: i
     head_dim = config.hidden_size // config.num_attention_heads
     inputs = {"input_ids": ids, "attention_mask": torch.ones(1, cache + sequence, dtype=torch.int64)}
     outputs = ["logits"]
+    free = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+            "logits": {0: "batch", 1: "sequence"}}
     for layer in range(config.num_hidden_layers):
         for kind in ("key", "value"):
             inputs[f"past_key_values.{layer}.{kind}"] = torch.randn(
                 1, config.num_key_value_heads, cache, head_dim, generator=generator)
             outputs.append(f"present.{layer}.{kind}")
-    return export_checked(WithCache(model), inputs, path, opset, outputs, dynamo=dynamo)
+            free[f"past_key_values.{layer}.{kind}"] = {0: "batch", 2: "past"}
+            free[f"present.{layer}.{kind}"] = {0: "batch", 2: "total"}
+    options = {"dynamic_axes": free} if dynamic else {}
+    return export_checked(WithCache(model), inputs, path, opset, outputs, dynamo=dynamo, **options)

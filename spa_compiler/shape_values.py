@@ -15,10 +15,13 @@ a shape-like tensor is either
   whatever is pruned, or
 * ``None``: unknown (data-dependent values): the consumer is then a barrier.
 
-Only ``Shape``, ``Gather``, ``Slice``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Cast``, ``Identity`` and
-the integer arithmetic above over 0-D/1-D integer tensors are followed; a shape value read by
-anything else *escapes*, and the tensor whose shape was taken keeps all its channels. A constant
-read by arithmetic escapes too (rewriting it would change the result).
+Only ``Shape``, ``Gather``, ``Slice``, ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Cast``, ``Identity``, a
+``Reshape`` to one axis, the integer arithmetic above over 0-D/1-D integer tensors, and the
+``Where(Equal(target, -1), 1, target)`` by which the classic exporter writes ``expand``'s
+target (an ``Equal`` known where it compares constants, or a size with a negative constant;
+a ``Where`` whose every condition is known) are followed; a shape value read by anything else
+*escapes*, and the axes whose sizes it carries keep all their channels. A constant read by
+arithmetic escapes too (rewriting it would change the result).
 """
 
 from __future__ import annotations
@@ -57,9 +60,10 @@ Element = Union[Dim, Const, Expr, None]
 
 _ARITHMETIC = {"Add", "Sub", "Mul", "Div"}
 _INTEGER_TYPES = {2, 3, 4, 5, 6, 7, 12, 13}  # onnx uint8/int8/uint16/int16/int32/int64/uint32/uint64
-_FOLLOWED = {"Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", *_ARITHMETIC}
+_FOLLOWED = {"Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", "Reshape", "Equal",
+             "Where", *_ARITHMETIC}
 # inputs that read a shape value and whose rules understand a symbolic one
-SHAPE_TARGET_SLOTS = {("Reshape", 1), ("Slice", 1), ("Slice", 2)}
+SHAPE_TARGET_SLOTS = {("Reshape", 1), ("Slice", 1), ("Slice", 2), ("Expand", 1)}
 
 
 def _truncating_division(a: int, b: int) -> int | None:
@@ -181,11 +185,17 @@ class ShapeValues:
             return self._concat(node)
         if op in _ARITHMETIC:
             return self._arithmetic(node)
+        if op == "Equal":
+            return self._equal(node)
+        if op == "Where":
+            return self._where(node)
         if not node.inputs or node.inputs[0] not in self.derived:
             return None
         source = self.values[node.inputs[0]]
         if op in ("Cast", "Identity", "Unsqueeze", "Squeeze"):
             return list(source)
+        if op == "Reshape":  # to one axis of as many elements, as [-1]
+            return list(source) if self.graph.shapes.get(node.outputs[0]) == (len(source),) else None
         if op == "Gather":
             return self._gather(node, source)
         return self._slice(node, source)
@@ -218,14 +228,46 @@ class ShapeValues:
             return None
         if self.graph.dtypes.get(node.outputs[0]) not in _INTEGER_TYPES:
             return None
-        left, right = self.value(node.inputs[0]), self.value(node.inputs[1])
+        pair = self._pair(node, 0)
+        if pair is None or any(e is None for e in [*pair[0], *pair[1]]):
+            return None
+        return [Expr(node.op_type, a, b) for a, b in zip(*pair)]
+
+    def _pair(self, node: Node, first: int) -> tuple[list[Element], list[Element]] | None:
+        """Inputs ``first`` and ``first + 1``'s values, one broadcast to the other's length."""
+        left, right = self.value(node.inputs[first]), self.value(node.inputs[first + 1])
         if left is None or right is None or (len(left) != len(right) and 1 not in (len(left), len(right))):
             return None
         n = max(len(left), len(right))
-        left, right = (left * n if len(left) == 1 else left), (right * n if len(right) == 1 else right)
-        if any(e is None for e in [*left, *right]):
+        return (left * n if len(left) == 1 else left), (right * n if len(right) == 1 else right)
+
+    def _equal(self, node: Node) -> list[Element] | None:
+        """``Equal`` of a shape value and constants, as exporters test a target for ``-1``: 1 or 0
+        where it is known (two constants; a size and a negative constant, which it never is)."""
+        pair = self._pair(node, 0) if any(name in self.derived for name in node.inputs) else None
+        if pair is None:
             return None
-        return [Expr(node.op_type, a, b) for a, b in zip(left, right)]
+        result = []
+        for k, (a, b) in enumerate(zip(*pair)):
+            if isinstance(a, Const) and isinstance(b, Const):
+                equal = a.value == b.value
+            elif isinstance(a, Dim) and isinstance(b, Const) and b.value < 0 \
+                    or isinstance(b, Dim) and isinstance(a, Const) and a.value < 0:
+                equal = False
+            else:
+                return None
+            result.append(Const(int(equal), node.outputs[0], k))
+        return result
+
+    def _where(self, node: Node) -> list[Element] | None:
+        """``Where(condition, a, b)`` element by element, when every condition is known."""
+        condition = self.values.get(node.inputs[0]) if node.inputs[0] in self.derived else None
+        pair = self._pair(node, 1)
+        if condition is None or pair is None or len(condition) not in (1, len(pair[0])) \
+                or not all(isinstance(chosen, Const) for chosen in condition):
+            return None
+        condition = condition * len(pair[0]) if len(condition) == 1 else condition
+        return [a if chosen.value else b for chosen, a, b in zip(condition, *pair)]
 
     def _concat(self, node: Node) -> list[Element] | None:
         parts = [self.value(name) for name in node.inputs]

@@ -37,6 +37,8 @@ def decoders(tmp_path_factory):
         "qwen2 classic": export_decoder(build_decoder("qwen2"), folder / "qwen2.onnx"),
         "mistral classic": export_decoder(build_decoder("mistral", kv_heads=1), folder / "mistral.onnx"),
         "llama cache": export_decoder(llama, folder / "llama_cache.onnx", sequence=4, cache=8),
+        "llama dynamic cache": export_decoder(llama, folder / "llama_dynamic_cache.onnx", sequence=4, cache=8,
+                                              dynamic=True),
         "gpt2 classic": export_decoder(build_decoder("gpt2", kv_heads=4), folder / "gpt2.onnx"),
         "gpt2 dynamo": export_decoder(build_decoder("gpt2", kv_heads=4), folder / "gpt2_dynamo.onnx", dynamo=True),
     }
@@ -88,6 +90,26 @@ def test_cache_keeps_the_interface_by_default_pruning_query_heads_within_groups(
     # the FFN keeps 64 of 128 neurons; the (tied) embedding and output projection stay
     assert projections == [(32, 64)] * 2 + [(64, 32)] * 6 + [(64, 64)] * 6 + [(64, 128), (128, 64)]
     assert_exact(randomize_weights(load_model(source), seed=2), PruneConfig(ratio=0.5, round_to=1))
+
+
+def test_dynamic_cache_prunes_query_heads_within_groups_and_takes_any_length(decoders, tmp_path):
+    """Batch, sequence and past length free, as optimum exports: the classic exporter writes the
+    repeat of the key/value heads as ``Expand`` to ``Where(Equal(t, -1), 1, t)`` with ``t`` a
+    Concat of run-time sizes and the repeat count, which is followed: the query heads within each
+    group are units, as with a static cache (they were blocked), exactly, and the pruned model
+    takes another batch, sequence and past length."""
+    shapes = {"input_ids": (1, 4), "attention_mask": (1, 12),
+              **{f"past_key_values.{i}.{kv}": (1, 2, 8, 16) for i in range(2) for kv in ("key", "value")}}
+    source = decoders["llama dynamic cache"]
+    assert _kinds(analyze_graph(load_model(source, shapes))) == [("channels", 2, 2)] * 2 + [("channels", 128, 128)] * 2
+    assert_exact(randomize_weights(load_model(source, shapes), seed=2), PruneConfig(ratio=0.5, round_to=1))
+    prune(source, tmp_path / "cache.onnx", PruneConfig(ratio=0.5, round_to=1, bench_runs=0, input_shapes=shapes))
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 128, (2, 3)), "attention_mask": np.ones((2, 14), np.int64),
+             **{f"past_key_values.{i}.{kv}": rng.standard_normal((2, 2, 11, 16), np.float32)
+                for i in range(2) for kv in ("key", "value")}}
+    logits, present = run_model(onnx.load(str(tmp_path / "cache.onnx")), feeds)[:2]
+    assert logits.shape == (2, 3, 128) and present.shape == (2, 2, 14, 16)
 
 
 def test_cache_loses_key_value_heads_when_allowed(decoders, tmp_path):

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..shape_values import Dim
+from ..shape_values import Const, Dim, Expr, dims_of
 from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
 from .patterns import feeds_attention
 from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
-from .runtime_shapes import bounds_at_run_time, clamp, couple_run_time_slice
+from .runtime_shapes import bounds_at_run_time, clamp, couple_run_time_slice, couple_sized_by
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -298,16 +298,19 @@ class Shape(OpRule):
 
 @register_op("Expand")
 class Expand(OpRule):
-    """Broadcasts to a constant shape: input axes of the output's size are identity; an axis
+    """Broadcasts to a target shape: input axes of the output's size are identity; an axis
     broadcast from size 1 may lose repeats; target entries other than 1 on a pruned axis are
-    rewritten."""
+    rewritten. A target computed at run time (a dynamic key/value cache's repeat of the
+    key/value heads) is followed symbolically, as a Reshape's is: an entry that is the size of
+    an axis couples that axis with the output axis it sizes, a constant entry is rewritten at
+    its source; anything else keeps the axes it reads."""
 
-    summary = "broadcast: equal-size axes identity; shape rewritten"
+    summary = "broadcast: equal-size axes identity; constant or run-time target rewritten"
 
     def couple(self, node: "Node", c: Coupler) -> None:
-        if not c.is_constant(node.inputs[1]):
-            raise Unsupported(f"its shape input '{node.inputs[1]}' is computed at run time")
-        x, y = node.inputs[0], node.outputs[0]
+        x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
+        if not c.is_constant(target):
+            _couple_run_time_target(c, x, target, y)
         couple_broadcast(c, [x], y)
         source, shape = c.shape(x), c.shape(y)
         for k, size in enumerate(shape):  # a repeated axis loses repeats: its target entry is rewritten
@@ -316,16 +319,38 @@ class Expand(OpRule):
                 c.free(y, k)
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
-        y = node.outputs[0]
+        y, target = node.outputs[0], node.inputs[1]
         old, new = r.old_shape(y), r.new_shape(y)
-        target = [int(v) for v in r.constant(node.inputs[1]).reshape(-1)]
-        offset = len(old) - len(target)
+        if not r.is_constant(target):
+            for k, element in enumerate(r.shape_value(target)):
+                if old[k] != new[k] and isinstance(element, Const) and element.value != 1:
+                    r.set_constant_element(element.source, element.index, new[k])
+            return
+        target_values = [int(v) for v in r.constant(target).reshape(-1)]
+        offset = len(old) - len(target_values)
         rewritten = [
             new[offset + k] if value != 1 and old[offset + k] != new[offset + k] else value
-            for k, value in enumerate(target)
+            for k, value in enumerate(target_values)
         ]
-        if rewritten != target:
+        if rewritten != target_values:
             r.set_input(node, 1, np.asarray(rewritten, dtype=np.int64))
+
+
+def _couple_run_time_target(c: Coupler, x: str, target: str, y: str) -> None:
+    """Couple the entries of an Expand target computed at run time (see :class:`Expand`), or
+    block the axes it reads and raise Unsupported when one is not followed."""
+    value = c.shape_value(target)
+    if value is None or len(value) != len(c.shape(y)) or any(e is None or isinstance(e, Expr) for e in value):
+        for d in set().union(*(dims_of(e) for e in value or [])):
+            c.block(d.tensor, d.axis, "it sizes a run-time Expand target spa-prune cannot follow")
+        raise Unsupported(f"its shape input '{target}' is computed at run time in a way spa-prune cannot follow")
+    for k, element in enumerate(value):
+        if isinstance(element, Dim):
+            couple_sized_by(c, x, y, k, element)
+        elif element.value != 1 and c.shape_value_escapes(element.source):
+            c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
+        elif element.value != 1:
+            c.share((element.source, element.index), y, k)
 
 
 @register_op("Tile")
