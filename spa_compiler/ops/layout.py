@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..shape_values import Const, Dim, Expr, dims_of
+from ..shape_values import Const, Dim
 from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
 from .patterns import feeds_attention
 from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
-from .runtime_shapes import bounds_at_run_time, clamp, couple_run_time_slice, couple_sized_by
+from .runtime_shapes import bounds_at_run_time, clamp, couple_run_time_slice, couple_run_time_target
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -310,7 +310,7 @@ class Expand(OpRule):
     def couple(self, node: "Node", c: Coupler) -> None:
         x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
         if not c.is_constant(target):
-            _couple_run_time_target(c, x, target, y)
+            couple_run_time_target(c, "Expand", x, target, y, keep=1)
         couple_broadcast(c, [x], y)
         source, shape = c.shape(x), c.shape(y)
         for k, size in enumerate(shape):  # a repeated axis loses repeats: its target entry is rewritten
@@ -334,23 +334,6 @@ class Expand(OpRule):
         ]
         if rewritten != target_values:
             r.set_input(node, 1, np.asarray(rewritten, dtype=np.int64))
-
-
-def _couple_run_time_target(c: Coupler, x: str, target: str, y: str) -> None:
-    """Couple the entries of an Expand target computed at run time (see :class:`Expand`), or
-    block the axes it reads and raise Unsupported when one is not followed."""
-    value = c.shape_value(target)
-    if value is None or len(value) != len(c.shape(y)) or any(e is None or isinstance(e, Expr) for e in value):
-        for d in set().union(*(dims_of(e) for e in value or [])):
-            c.block(d.tensor, d.axis, "it sizes a run-time Expand target spa-prune cannot follow")
-        raise Unsupported(f"its shape input '{target}' is computed at run time in a way spa-prune cannot follow")
-    for k, element in enumerate(value):
-        if isinstance(element, Dim):
-            couple_sized_by(c, x, y, k, element)
-        elif element.value != 1 and c.shape_value_escapes(element.source):
-            c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
-        elif element.value != 1:
-            c.share((element.source, element.index), y, k)
 
 
 @register_op("Tile")

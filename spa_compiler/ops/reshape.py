@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..shape_values import Const, Dim, Expr, dims_of
+from ..shape_values import Const
 from .patterns import (
     comes_from_attention, comes_from_recurrent, feeds_attention, followed_by_shuffle, repeats_inner_axis,
     selected_downstream,
 )
 from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
-from .runtime_shapes import couple_computed_entry, couple_sized_by
+from .runtime_shapes import couple_computed_entry, couple_run_time_target
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -178,20 +178,8 @@ class Reshape(OpRule):
         coupled = couple_reshape(c, x, y)
         if c.is_constant(target):
             return
-        value = c.shape_value(target)
-        if value is None or any(e is None for e in value) or len(value) != len(c.shape(y)):
-            for d in set().union(*(dims_of(e) for e in value or [])):
-                c.block(d.tensor, d.axis, "it sizes a run-time Reshape target spa-prune cannot follow")
-            raise Unsupported(f"its target shape '{target}' is computed at run time in a way spa-prune cannot follow")
-        for k, element in enumerate(value):
-            if isinstance(element, Dim):
-                couple_sized_by(c, x, y, k, element)
-            elif isinstance(element, Expr):
-                couple_computed_entry(c, x, y, k, element, coupled.get(k))
-            elif element.value != -1 and c.shape_value_escapes(element.source):
-                c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
-            elif element.value != -1:
-                c.share((element.source, element.index), y, k)
+        couple_run_time_target(c, "Reshape", x, target, y, keep=-1,
+                               computed=lambda k, entry: couple_computed_entry(c, x, y, k, entry, coupled.get(k)))
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         y, target = node.outputs[0], node.inputs[1]

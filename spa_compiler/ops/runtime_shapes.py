@@ -11,7 +11,7 @@ it holds; anything else keeps its size (the axes the entry reads are blocked).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -146,6 +146,32 @@ def couple_sized_by(c: Coupler, x: str, y: str, k: int, dim: Dim) -> None:
         c.couple(y, k, dim.tensor, dim.axis)
     else:
         c.couple(y, k, dim.tensor, dim.axis, np.arange(positions.size), positions)
+
+
+def couple_run_time_target(c: Coupler, kind: str, x: str, target: str, y: str, keep: int,
+                           computed: Callable[[int, Expr], None] | None = None) -> None:
+    """Couple the entries of a ``kind`` node's target shape computed at run time (a Reshape's,
+    an Expand's), read symbolically: an entry that is the size of an axis couples that axis with
+    the output axis it sizes; one computed by arithmetic goes to ``computed`` (None: not
+    followed); a constant entry other than ``keep`` (Reshape's -1, Expand's 1: the size left to
+    the input) is shared by the axes it sizes and rewritten at its source, unless something else
+    reads it. When an entry is not followed, the axes the target reads keep their sizes and
+    Unsupported is raised."""
+    value = c.shape_value(target)
+    if value is None or len(value) != len(c.shape(y)) \
+            or any(e is None or (isinstance(e, Expr) and computed is None) for e in value):
+        for d in set().union(*(dims_of(e) for e in value or [])):
+            c.block(d.tensor, d.axis, f"it sizes a run-time {kind} target spa-prune cannot follow")
+        raise Unsupported(f"its target shape '{target}' is computed at run time in a way spa-prune cannot follow")
+    for k, element in enumerate(value):
+        if isinstance(element, Dim):
+            couple_sized_by(c, x, y, k, element)
+        elif isinstance(element, Expr):
+            computed(k, element)
+        elif element.value != keep and c.shape_value_escapes(element.source):
+            c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
+        elif element.value != keep:
+            c.share((element.source, element.index), y, k)
 
 
 def follows_pruning(element: Element, size_in: int, size_out: int) -> bool:
