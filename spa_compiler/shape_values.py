@@ -125,12 +125,13 @@ class ShapeValues:
 
     def escapes(self, name: str) -> bool:
         """Whether the shape value ``name`` (or a constant feeding shape values) reaches anything
-        but followed ops and Reshape targets: then what it sizes must not change."""
+        but followed ops and shape targets (:data:`SHAPE_TARGET_SLOTS`): then what it sizes must
+        not change."""
         return next(self._escaping(name), None) is not None
 
     def escaping_dims(self, name: str) -> set[Dim] | None:
         """The axes whose run-time sizes reach, through the shape value ``name``, anything but
-        followed ops and Reshape targets (DeBERTa's ``sqrt(q.size(-1) * 3)`` reads the head
+        followed ops and shape targets (DeBERTa's ``sqrt(q.size(-1) * 3)`` reads the head
         dimension, not the heads): those sizes must not change, the others may. None when an
         escaping value is not known symbolically."""
         read: set[Dim] = set()
@@ -143,7 +144,7 @@ class ShapeValues:
 
     def _escaping(self, name: str) -> Iterator[str]:
         """The tensors, among ``name`` and the shape values computed from it, that something
-        other than a followed op or a Reshape target reads."""
+        other than a followed op or a shape target reads."""
         pending, seen = [name], set()
         while pending:
             name = pending.pop()

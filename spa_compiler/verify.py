@@ -267,7 +267,11 @@ def verify_model(
             raise VerificationError(_run_failure(pruned, serialized, pruned_feeds, first_line(exc))) from None
         log.warning("onnxruntime's extended graph optimisations cannot run the input model either (%s): the pruned "
                     "model is checked with the optimisations that run it", first_line(exc))
-        after = session_for(pruned, serialized=serialized, layout=False).run(None, pruned_feeds)
+        try:
+            after = session_for(pruned, serialized=serialized, layout=False).run(None, pruned_feeds)
+        except Exception as again:
+            raise VerificationError(f"internal error: onnxruntime cannot run the pruned model ({first_line(again)}); "
+                                    "nothing was written") from None
     for name, a, b in zip(original.outputs, before, after):
         if np.shape(a) != np.shape(b):
             raise VerificationError(
