@@ -9,7 +9,8 @@ exported by the classic (TorchScript, opset 17) and the dynamo exporter (``input
 tokens, or ``pixel_values`` / audio of the size given), and pruned to ``--flops`` with the default
 pipeline, data-free. ``dynamic`` is the classic exporter with the batch and the sequence (or
 frames, or height and width) left free (``dynamic_axes``, as ``optimum`` exports), pruned with
-them bound to the example's sizes.
+them bound to the example's sizes; ``dynamo-dynamic`` the dynamo exporter with the batch (and a
+token sequence) free.
 A row: the achieved FLOPs ratio, the groups pruned, the attention groups rotated (head
 dimensions) and the cosine of the outputs to the original's on synthetic inputs the statistics
 did not see; or the error that stopped the export or the pruning. Random weights say nothing
@@ -151,18 +152,24 @@ class _FirstOutput(torch.nn.Module):
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-EXPORTERS = ("classic", "dynamo", "dynamic")
+EXPORTERS = ("classic", "dynamo", "dynamic", "dynamo-dynamic")
 
 
 def export(family: Family, path: Path, dynamo: bool, dynamic: bool = False) -> Path:
-    """``family``'s model (seed 0) exported to ``path`` by the dynamo or the classic exporter, the
-    latter with its batch and sequence axes free when ``dynamic``."""
+    """``family``'s model (seed 0) exported to ``path`` by the dynamo or the classic exporter,
+    with its batch and sequence axes free when ``dynamic`` (the dynamo exporter: the batch and a
+    token sequence only, ``torch.export`` dimensions)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _FirstOutput(family.build()).eval()
     example = family.example()
     options = dict(input_names=[family.input_name], output_names=["output"], dynamo=dynamo)
     if dynamo:
+        if dynamic:
+            free = {0: torch.export.Dim("batch", max=64)}
+            if family.input_name == "input_ids":
+                free[1] = torch.export.Dim("sequence", min=2, max=512)
+            options["dynamic_shapes"] = (free,)
         torch.onnx.export(model, (example,), **options).save(str(path))
         return path
     if dynamic:  # the batch and the sequence, or the frames, or the height and width
@@ -185,10 +192,11 @@ def run(names: list[str], flops: float, folder: Path,
         for exporter in exporters:
             row: dict[str, Any] = {"family": name, "exporter": exporter}
             start = time.perf_counter()
-            shapes = input_shapes(FAMILIES[name]) if exporter == "dynamic" else {}
+            dynamic = exporter.endswith("dynamic")
+            shapes = input_shapes(FAMILIES[name]) if dynamic else {}
             try:
-                source = export(FAMILIES[name], folder / f"{name}_{exporter}.onnx", dynamo=exporter == "dynamo",
-                                dynamic=exporter == "dynamic")
+                source = export(FAMILIES[name], folder / f"{name}_{exporter}.onnx",
+                                dynamo=exporter.startswith("dynamo"), dynamic=dynamic)
             except Exception as error:  # the exporter's failure is a result
                 row["outcome"], row["exactness"] = f"export fails: {type(error).__name__}", "-"
                 rows.append(row)
