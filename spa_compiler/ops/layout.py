@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..shape_values import Const, Dim
+from ..shape_values import Dim
 from .common import couple_broadcast, couple_same, int_param, normalized_axes, write_int_param
 from .patterns import feeds_attention
 from .registry import Coupler, OpRule, Rewriter, Unsupported, normalize_axis, register_op
-from .runtime_shapes import bounds_at_run_time, clamp, couple_run_time_slice, couple_run_time_target
+from .runtime_shapes import (
+    bounds_at_run_time, clamp, couple_run_time_slice, couple_run_time_target, rewrite_run_time_target,
+)
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -322,9 +324,7 @@ class Expand(OpRule):
         y, target = node.outputs[0], node.inputs[1]
         old, new = r.old_shape(y), r.new_shape(y)
         if not r.is_constant(target):
-            for k, element in enumerate(r.shape_value(target)):
-                if old[k] != new[k] and isinstance(element, Const) and element.value != 1:
-                    r.set_constant_element(element.source, element.index, new[k])
+            rewrite_run_time_target(r, target, y, keep=1)
             return
         target_values = [int(v) for v in r.constant(target).reshape(-1)]
         offset = len(old) - len(target_values)

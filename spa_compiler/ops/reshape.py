@@ -42,13 +42,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..shape_values import Const
 from .patterns import (
     comes_from_attention, comes_from_recurrent, feeds_attention, followed_by_shuffle, repeats_inner_axis,
     selected_downstream,
 )
 from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
-from .runtime_shapes import couple_computed_entry, couple_run_time_target
+from .runtime_shapes import couple_computed_entry, couple_run_time_target, rewrite_run_time_target
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -187,9 +186,7 @@ class Reshape(OpRule):
         if old == new:
             return
         if not r.is_constant(target):
-            for k, element in enumerate(r.shape_value(target)):
-                if old[k] != new[k] and isinstance(element, Const) and element.value != -1:
-                    r.set_constant_element(element.source, element.index, new[k])
+            rewrite_run_time_target(r, target, y, keep=-1)
             return
         values = [int(v) for v in r.constant(target).reshape(-1)]
         for k, value in enumerate(values):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ..shape_values import Dim, Element, Expr, dims_of, evaluate
+from ..shape_values import Const, Dim, Element, Expr, dims_of, evaluate
 from .common import int_param
 from .registry import Coupler, Rewriter, Unsupported, normalize_axis
 
@@ -172,6 +172,15 @@ def couple_run_time_target(c: Coupler, kind: str, x: str, target: str, y: str, k
             c.block(y, k, f"the shape constant '{element.source}' sizing axis {k} is also used elsewhere")
         elif element.value != keep:
             c.share((element.source, element.index), y, k)
+
+
+def rewrite_run_time_target(r: Rewriter, target: str, y: str, keep: int) -> None:
+    """Write the new size of every axis of ``y`` that lost elements into the constant entry of
+    the run-time ``target`` that sizes it (see :func:`couple_run_time_target`)."""
+    old, new = r.old_shape(y), r.new_shape(y)
+    for k, element in enumerate(r.shape_value(target)):
+        if old[k] != new[k] and isinstance(element, Const) and element.value != keep:
+            r.set_constant_element(element.source, element.index, new[k])
 
 
 def follows_pruning(element: Element, size_in: int, size_out: int) -> bool:
