@@ -23,6 +23,7 @@ from .proto_copy import copy_without_initializers
 from .ops import get_rule
 from .quantized import requantize
 from .subgraphs import all_initializers, subgraphs_of, walk_nodes
+from .unshare import share_identical
 
 __all__ = ["removed_indices", "rewrite_model", "expected_shapes", "slice_constant"]
 
@@ -192,6 +193,7 @@ class _ProtoRewriter:
         kept = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept)
+        share_identical(self.model)
         self._sync_initializer_inputs()
         del graph.value_info[:]
         self._reshape_subgraph_values()

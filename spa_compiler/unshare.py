@@ -17,15 +17,24 @@ vectors are copied: a shared matrix is a tied weight (an embedding read by the o
 projection, ALBERT's layers), which its readers must keep tied, and large; the copy of a vector
 kept on disk (a streamed model's) refers to the same bytes. Names read inside a control-flow
 subgraph and graph outputs are left shared.
+
+After the rewrite, :func:`share_identical` makes matrices that hold the same values one again:
+the weights that constant folding computed once per reader (an LSTM's gate-reordered weights,
+computed from one shared weight in both branches of an If, would otherwise be written twice).
+Vectors and scalars stay as they are (a quantized model keeps a zero point per tensor).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import defaultdict
+
 import onnx
+from onnx import numpy_helper
 
-from .subgraphs import subgraphs_of, walk_nodes
+from .subgraphs import defined_names, subgraphs_of, walk_nodes
 
-__all__ = ["unshare"]
+__all__ = ["unshare", "share_identical"]
 
 
 def unshare(model: onnx.ModelProto) -> int:
@@ -91,6 +100,40 @@ def _own_vectors(graph: onnx.GraphProto, taken: set[str]) -> int:
             node.input[slot] = copy.name
     graph.initializer.extend(copies)
     return len(copies)
+
+
+def share_identical(model: onnx.ModelProto) -> int:
+    """Point every reader of a main-graph initializer of two or more dimensions at the first one
+    holding the same type, shape and values, and drop the others, in place; the number dropped.
+    Initializers that are graph inputs or outputs, kept on disk, or named again inside a subgraph
+    (which would shadow them there) stay as they are."""
+    graph = model.graph
+    fixed = {i.name for i in graph.input} | {o.name for o in graph.output} | {
+        name for node in graph.node for sub in subgraphs_of(node) for name in defined_names(sub)}
+    alike: dict[tuple, list[onnx.TensorProto]] = defaultdict(list)
+    for tensor in graph.initializer:
+        if len(tensor.dims) >= 2 and tensor.name not in fixed and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            alike[(tensor.data_type, tuple(tensor.dims))].append(tensor)
+    first: dict[str, str] = {}
+    for tensors in alike.values():
+        if len(tensors) < 2:
+            continue
+        seen: dict[bytes, str] = {}
+        for tensor in tensors:
+            digest = hashlib.blake2b(numpy_helper.to_array(tensor).tobytes()).digest()
+            if digest in seen:
+                first[tensor.name] = seen[digest]
+            else:
+                seen[digest] = tensor.name
+    if first:
+        for node in walk_nodes(graph):
+            for slot, name in enumerate(node.input):
+                if name in first:
+                    node.input[slot] = first[name]
+        kept = [t for t in graph.initializer if t.name not in first]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return len(first)
 
 
 def _fresh(name: str, taken: set[str]) -> str:

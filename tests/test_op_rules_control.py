@@ -8,10 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spa_compiler import analyze_graph
+import onnx
+
+from spa_compiler import analyze_graph, load_model, prune_graph
 from spa_compiler.cost import node_macs
 from spa_compiler.subgraphs import walk_nodes
-from test_op_rules import build, f32, group_of, prune_exact, removed, shapes_of
+from spa_compiler.unshare import share_identical
+from test_op_rules import CONFIG, build, f32, group_of, make_model, prune_exact, removed, shapes_of
 
 # x -> Conv(W1) a (outer) -> If: then Relu -> Conv(W2); else Conv(W3) -> Relu -> Conv(W4) -> y
 IF_MODEL = """g (float[1,3,8,8] x) => (float[1,4,8,8] y) {{
@@ -187,3 +190,51 @@ def test_scan_state_and_slices_prune(tmp_path):
     result, pruned = prune_exact(graph)
     assert removed(result, "sfinal", 0).tolist() == removed(result, "ys", 1).tolist() == removed(result, "a", 1).tolist()
     assert shapes_of(pruned, ["A", "s0", "W2"]) == {"A": (6, 4), "s0": (4,), "W2": (4, 3)}
+
+
+# Two readers of V through their own Transpose: folding computes Vᵀ once per reader, and the
+# rewrite writes it once.
+SHARED_FOLD_MODEL = """g (float[1,8] x) => (float[1,8] y) {
+    h = MatMul (x, Wa)
+    r = Relu (h)
+    vt = Transpose (V)
+    t = MatMul (r, vt)
+    wt = Transpose (V)
+    s = MatMul (r, wt)
+    y = Sub (t, s)
+}"""
+
+
+def test_weights_folded_once_per_reader_are_written_once(tmp_path):
+    prune_exact(build(tmp_path, SHARED_FOLD_MODEL, 13, {"Wa": (8, 16), "V": (8, 16)}))  # vt and wt randomised apart
+    path = tmp_path / "model.onnx"
+    onnx.save_model(make_model(SHARED_FOLD_MODEL, 13, {"Wa": (8, 16), "V": (8, 16)}), str(path))
+    graph = load_model(path)
+    assert {name: value.shape for name, value in graph.constants.items()} == {"Wa": (8, 16), "vt": (16, 8), "wt": (16, 8)}
+    result = prune_graph(graph, CONFIG)
+    assert len(removed(result, "h", 1)) == 8
+    assert {t.name: tuple(t.dims) for t in result.model.graph.initializer} == {"Wa": (8, 8), "vt": (8, 8)}
+    assert [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul"] == ["Wa", "vt", "vt"]
+
+
+def test_share_identical_leaves_shadowed_names_and_outputs(tmp_path):
+    """Equal matrices merge, except one a subgraph names again and one that is a graph output;
+    vectors stay apart."""
+    model = make_model("""g (float[2,2] x) => (float[2,2] y, float[2,2] O) {
+        a = Add (x, P)
+        b = Add (a, Q)
+        c = ReduceSum <keepdims = 0> (x)
+        k = Greater (c, zero)
+        y = If (k) <then_branch = t () => (float[2] ty) {
+            R = Identity (x)
+            ty = Add (b, R)
+        }, else_branch = e () => (float[2] ey) {
+            ey = Add (b, R)
+        }>
+        z = Add (x, u)
+        y2 = Add (z, v)
+    }""", 13, {"P": np.eye(2, dtype=np.float32), "Q": np.eye(2, dtype=np.float32), "R": np.eye(2, dtype=np.float32),
+               "O": np.eye(2, dtype=np.float32), "zero": f32(0.0), "u": f32(1, 2), "v": f32(1, 2)})
+    assert share_identical(model) == 1
+    assert [t.name for t in model.graph.initializer] == ["P", "R", "O", "zero", "u", "v"]
+    assert [n.input[1] for n in model.graph.node[:2]] == ["P", "P"]
