@@ -8,7 +8,8 @@ sample for sample, what two runs of one give. Only when it does not (a Reshape t
 batch of 1, samples mixed) do the statistics runs feed one sample at a time. The re-fit's, the
 sensitivity's and the depth units' runs keep one sample per run for a model declaring a batch of 1
 (:meth:`~spa_compiler.paired.PairedRunner.batch_for`). The pruned model keeps the input model's
-declared shapes; only these internal copies differ.
+declared shapes; only these internal copies differ. Runs hold samples sample-major
+(:mod:`.sample_layout`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from .ir import Graph
+from .sample_layout import model_feeds, sample_shape
 from .shapes import synthetic_inputs
 from .verify import reference_session
 
@@ -66,17 +68,17 @@ def _runs_batched(graph: Graph) -> bool:
         session, weights = reference_session(graph)  # a copy with its batch freed
     except Exception:  # noqa: BLE001  (custom ops and the like: not this probe's question)
         return True
-    shapes = {name: (2, *shape[1:]) if shape else shape for name, shape in graph.input_shapes.items()}
-    feeds = synthetic_inputs(shapes, graph.dtypes)
+    samples = synthetic_inputs({name: (2, *sample_shape(graph, name)) for name in graph.input_shapes}, graph.dtypes)
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a failure is the answer, not an error to log
     try:
-        batched = session.run(None, {**feeds, **weights}, quiet)
+        batched = session.run(None, {**model_feeds(graph, samples), **weights}, quiet)
     except Exception:  # noqa: BLE001  (onnxruntime raises its own error types, one per status)
         return False
     if not declares_batch_of_one(graph.model):
         return True  # the model itself names its batch axis
-    singles = [session.run(None, {k: v[i:i + 1] for k, v in feeds.items()} | weights, quiet) for i in range(2)]
+    singles = [session.run(None, model_feeds(graph, {k: v[i:i + 1] for k, v in samples.items()}) | weights, quiet)
+               for i in range(2)]
     return all(_agree(both, [one[k] for one in singles]) for k, both in enumerate(batched))
 
 

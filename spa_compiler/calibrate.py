@@ -46,6 +46,7 @@ from .errors import InputError
 from .ir import Graph, Node
 from .shapes import free_batch_copy
 from .batch_axis import samples_per_run
+from .sample_layout import model_feeds, sample_axis, sample_major
 from .ops import WeightView, get_rule
 from .feature_rows import feature_width, layer_features, row_count, row_products, sample_rows
 from .token_mask import attention_mask
@@ -203,26 +204,36 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
     return list(layers.values())
 
 
-def _check_array(name: str, array: np.ndarray, graph: Graph) -> np.ndarray:
-    expected = graph.input_shapes[name]
-    if array.ndim != len(expected) or tuple(array.shape[1:]) != tuple(expected[1:]):
-        raise InputError(
-            f"calibration array '{name}' has shape {array.shape}; expected (samples, "
-            f"{', '.join(map(str, expected[1:]))}) to match the model input"
-        )
+def _check_array(name: str, array: np.ndarray, graph: Graph, count: int) -> np.ndarray:
+    """``array``, ``count`` samples of input ``name`` as the model takes them, checked against its
+    shape and cast to its type, sample-major (:func:`~spa_compiler.sample_layout.sample_major`)."""
+    expected, axis = graph.input_shapes[name], sample_axis(graph, name)
+    if axis is None:
+        if array.ndim > 1:
+            raise InputError(f"calibration array '{name}' has shape {array.shape}; the input is a scalar: give one value")
+    elif array.ndim != len(expected) or any(array.shape[k] != size for k, size in enumerate(expected) if k != axis):
+        layout = ", ".join("samples" if k == axis else str(size) for k, size in enumerate(expected))
+        raise InputError(f"calibration array '{name}' has shape {array.shape}; expected ({layout}) to match the model input")
     dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
-    return array.astype(dtype, copy=False)
+    try:
+        return sample_major(graph, name, array.astype(dtype, copy=False), count)
+    except ValueError as exc:
+        raise InputError(f"calibration array '{name}': {exc}") from None
 
 
 def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dict[str, np.ndarray]:
     """The first ``samples`` of every input's array (:func:`read_arrays`), checked against the
-    model's input shapes and cast to its input types."""
-    arrays = read_arrays(path, graph.inputs)
-    return {name: _check_array(name, arrays[name], graph)[:samples] for name in graph.inputs}
+    model's input shapes and cast to its input types, sample-major."""
+    axes = {name: sample_axis(graph, name) for name in graph.inputs}
+    arrays = read_arrays(path, graph.inputs, axes=axes)
+    count = next(iter(_sample_counts(arrays, axes)), 1)
+    return {name: _check_array(name, arrays[name], graph, count)[:samples] for name in graph.inputs}
 
 
-def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--calib") -> dict[str, np.ndarray]:
-    """Arrays keyed by input name, first axis = samples, from an ``.npz`` file or a directory
+def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--calib",
+                axes: dict[str, int | None] | None = None) -> dict[str, np.ndarray]:
+    """Arrays keyed by input name, samples along each input's axis in ``axes`` (the first when
+    not given; None: a scalar input, one value for all), from an ``.npz`` file or a directory
     holding ``NAME.npy`` per input (or, for a one-input model, any ``*.npy`` files, concatenated
     in name order), every one with the same non-zero number of samples and finite. Errors name
     the file as given to ``option``."""
@@ -246,7 +257,7 @@ def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--cal
     missing = [name for name in inputs if name not in arrays]
     if missing:
         raise InputError(f"{option} {path} has no array for input(s) {', '.join(missing)}; keys: {', '.join(arrays)}")
-    counts = {len(arrays[name]) if np.ndim(arrays[name]) else 0 for name in inputs}
+    counts = _sample_counts({name: arrays[name] for name in inputs}, axes or {})
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"{option} {path}: every input needs the same, non-zero number of samples")
     unfinite = [name for name in inputs
@@ -254,6 +265,17 @@ def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--cal
     if unfinite:
         raise InputError(f"{option} {path}: {', '.join(unfinite)} holds NaN or infinite values; give finite samples")
     return {name: arrays[name] for name in inputs}
+
+
+def _sample_counts(arrays: dict[str, np.ndarray], axes: dict[str, int | None]) -> set[int]:
+    """The numbers of samples ``arrays`` hold along their inputs' sample axes (scalar inputs aside;
+    0 for an array lacking the axis)."""
+    counts = set()
+    for name, array in arrays.items():
+        axis = axes.get(name, 0)
+        if axis is not None:
+            counts.add(array.shape[axis] if np.ndim(array) > axis else 0)
+    return counts
 
 
 def array_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -281,15 +303,18 @@ def _header_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
 
 def sameness(arrays: dict[str, np.ndarray]) -> str | None:
     """Why ``arrays`` (samples of a model's inputs, first axis samples) cannot describe its
-    inputs, or None: every sample equal to the first (two or more samples), or a floating-point
-    input holding one value throughout (a blank image). Statistics from such data are those of
-    one input, and the channels chosen and weights re-fitted fit that input."""
+    inputs, or None: every sample equal to the first (two or more samples), or every
+    floating-point input holding one value throughout (a blank image; a constant input beside
+    one that varies, such as a recurrent model's zero initial state, is as it should be).
+    Statistics from such data are those of one input, and the channels chosen and weights
+    re-fitted fit that input."""
     count = len(next(iter(arrays.values())))
     if count > 1 and all(np.array_equal(a, np.broadcast_to(a[:1], a.shape)) for a in arrays.values()):
         return f"its {count} samples are all the same"
-    for name, a in arrays.items():
-        if np.issubdtype(a.dtype, np.floating) and a.size and np.all(a == a.flat[0]):
-            return f"input '{name}' holds the one value {a.flat[0]:g} throughout"
+    floating = {name: a for name, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and a.size}
+    if floating and all(np.all(a == a.flat[0]) for a in floating.values()):
+        name, a = next(iter(floating.items()))
+        return f"input '{name}' holds the one value {a.flat[0]:g} throughout"
     return None
 
 
@@ -355,7 +380,7 @@ def collect_statistics(
             for offset in range(0, count, run_size):
                 feeds = {name: array[offset:offset + run_size] for name, array in batch.items()}
                 samples = len(next(iter(feeds.values())))
-                values = dict(zip(names, session.run(names, feeds)))
+                values = dict(zip(names, session.run(names, model_feeds(graph, feeds))))
                 for layer in chunk:  # in layer order, as one run over the batch draws them
                     x = values[layer.activation]
                     if layer.node not in drawn or not drawn[layer.node].shared:

@@ -28,6 +28,7 @@ import onnx
 from .allocate import Plan
 from .analysis import Analysis, analyze_graph
 from .batch_axis import declares_batch_of_one, fixed_batch
+from .sample_layout import model_feeds
 from .calibrate import load_calibration
 from .cost import CostModel, node_macs
 from .depth import Branch, find_branches, gate_branches, gate_name, remove_branches
@@ -66,7 +67,8 @@ def branch_distortions(graph: Graph, branches: list[Branch], data: dict[str, np.
 
     def outputs(removed: Branch | None) -> list[np.ndarray]:
         gates = {gate_name(b): np.asarray(0 if b is removed else 1, _numpy_dtype(graph, b)) for b in branches}
-        runs = [session.run(None, {**{k: v[i:i + batch] for k, v in data.items()}, **gates}) for i in range(0, count, batch)]
+        runs = [session.run(None, {**model_feeds(graph, {k: v[i:i + batch] for k, v in data.items()}), **gates})
+                for i in range(0, count, batch)]
         return [np.concatenate(parts).astype(np.float64) for parts in zip(*runs)]
 
     reference = outputs(None)

@@ -43,6 +43,7 @@ from .ir import Graph
 from .pipeline import Pass
 from .proto_copy import copy_without_initializers
 from .state import PruneState
+from .sample_layout import model_feeds
 from .verify import fidelity, reference_session
 
 __all__ = [
@@ -249,7 +250,7 @@ class RotateHeads(Pass):
         checked alone), and the largest relative error seen."""
         if not rotations:
             return [], 0.0
-        samples = [{name: array[i:i + 1] for name, array in data.items()}
+        samples = [model_feeds(graph, {name: array[i:i + 1] for name, array in data.items()})
                    for i in range(min(CHECK_SAMPLES, len(next(iter(data.values())))))]
 
         def outputs(model: Graph) -> list[np.ndarray]:

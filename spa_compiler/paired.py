@@ -27,6 +27,7 @@ from .calibrate import (
 from .batch_axis import declares_batch_of_one, fixed_batch
 from .feature_rows import feature_width, layer_features, row_products, sample_rows
 from .residual_target import residual_rows
+from .sample_layout import model_feeds
 from .ir import Graph
 from .subnetwork import prefix_model
 from .token_mask import attention_mask
@@ -150,7 +151,7 @@ class PairedRunner:
         for (start, stop), batch_layers in sorted(readers.items(), key=lambda item: (item[0][1] - item[0][0], item[0])):
             feeds = {name: array[start:stop] for name, array in data.items()}
             activations = self._read(batch_layers)
-            values = dict(zip(activations, session.run(activations, feeds)))
+            values = dict(zip(activations, session.run(activations, model_feeds(self.graph, feeds))))
             mask = attention_mask(feeds)
             for layer in batch_layers:
                 x = values[layer.activation]
@@ -185,7 +186,8 @@ class PairedRunner:
         spans = {layer.node: {(rows.start, rows.stop): rows for rows in self.original[layer.node]} for layer in layers}
         stats: dict[str, PairedStatistics] = {}
         def run(span: tuple[int, int]) -> list[np.ndarray]:
-            return session.run(activations, {**{name: array[span[0]:span[1]] for name, array in data.items()}, **weights})
+            return session.run(activations, {**model_feeds(graph, {name: array[span[0]:span[1]] for name, array in data.items()}),
+                                             **weights})
 
         for index, ((start, stop), values) in enumerate(one_ahead(run, self.batches(len(next(iter(data.values())))))):
             narrowed = dict(zip(activations, values))

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from .analysis import Analysis
 from .batch_axis import samples_per_run
+from .sample_layout import model_feeds
 from .cost import node_macs
 from .errors import first_line
 from .ir import Graph
@@ -78,19 +78,14 @@ def language_model_io(graph: Graph) -> LanguageModelIO | None:
     return None
 
 
-def _scores(session: ort.InferenceSession, weights: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
-            output: int) -> np.ndarray:
-    return session.run(None, {**feeds, **weights})[output].astype(np.float64)
-
-
-def _causal(session: ort.InferenceSession, weights: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
-            io: LanguageModelIO, output: int) -> bool:
+def _causal(scores: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray],
+            io: LanguageModelIO) -> bool:
     """Whether changing the last token of one sample leaves every earlier position's scores as
-    they were and changes the last position's."""
+    they were and changes the last position's (``scores``: the model's scores for samples)."""
     one = {name: array[:1] for name, array in feeds.items()}
     changed = {**one, io.tokens: one[io.tokens].copy()}
     changed[io.tokens][0, -1] = (changed[io.tokens][0, -1] + 1) % io.vocabulary
-    before, after = _scores(session, weights, one, output), _scores(session, weights, changed, output)
+    before, after = scores(one).astype(np.float64), scores(changed).astype(np.float64)
     if before.shape != after.shape or before.ndim < 2:
         return False
     scale = float(np.max(np.abs(before))) or 1.0
@@ -112,7 +107,11 @@ def write_sequences(graph: Graph, feeds: dict[str, np.ndarray], io: LanguageMode
     module docstring); None when the model is not causal over its token input."""
     session, weights = reference_session(graph)
     output = graph.outputs.index(io.scores)
-    if not _causal(session, weights, feeds, io, output):
+
+    def scores(samples: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(None, {**model_feeds(graph, samples), **weights})[output]
+
+    if not _causal(scores, feeds, io):
         return None
     tokens = np.array(feeds[io.tokens], copy=True)
     count, length = tokens.shape
@@ -121,8 +120,8 @@ def write_sequences(graph: Graph, feeds: dict[str, np.ndarray], io: LanguageMode
         for start in range(0, count, per_run):
             part = {name: array[start:start + per_run] for name, array in feeds.items()}
             part[io.tokens] = tokens[start:start + per_run]
-            scores = session.run(None, {**part, **weights})[output]
-            at = scores.reshape(-1, *scores.shape[-2:])[:, position].astype(np.float64)
+            written = scores(part)
+            at = written.reshape(-1, *written.shape[-2:])[:, position].astype(np.float64)
             tokens[start:start + per_run, position + 1] = _draw(at, rng)
         if progress is not None:
             progress(position + 1, length - 1)

@@ -59,6 +59,7 @@ import onnx
 from .allocate import unit_steps
 from .analysis import Group
 from .batch_axis import declares_batch_of_one, fixed_batch
+from .sample_layout import model_feeds
 from .calibrate import LayerStatistics, exposing, with_weight_inputs
 from .cost import node_macs
 from .criteria import ScoreContext, get_criterion
@@ -190,7 +191,8 @@ class TailRunner:
             for name in boundary
         ) * self.samples <= CACHE_BYTES
         self.whole = session_for(exposing(model, boundary) if cached else model)
-        self.runs = [{k: v[i:i + self.batch] for k, v in feeds.items()} for i in range(0, self.samples, self.batch)]
+        self.runs = [model_feeds(graph, {k: v[i:i + self.batch] for k, v in feeds.items()})
+                     for i in range(0, self.samples, self.batch)]
         names = list(graph.outputs) + (boundary if cached else [])
         per_run = [dict(zip(names, self.whole.run(names, run))) for run in self.runs]
         self.reference = {name: self._outputs(_joined([r[name] for r in per_run])) for name in graph.outputs}

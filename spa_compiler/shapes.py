@@ -18,7 +18,7 @@ from .subgraphs import all_initializers, inner_value_infos
 
 __all__ = [
     "parse_input_shapes", "input_shape_option", "dims_text", "bind_input_shapes", "with_free_axes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
-    "infer_shapes", "free_batch", "free_batch_copy",
+    "infer_shapes", "free_batch", "free_batch_copy", "sample_axes",
 ]
 
 BATCH = "batch"
@@ -52,6 +52,33 @@ def input_shape_option(name: str, shape: tuple[int, ...]) -> str:
 ANONYMOUS = ("", "?")  # dim_params that name no size (Paddle's exports write "?")
 
 
+def sample_axes(model: onnx.ModelProto) -> dict[str, int | None]:
+    """The axis of each graph input (initializers aside) that holds its samples; None for a
+    scalar, one value for every sample (a sample rate). Exporters name the batch axis: the name
+    the inputs' first axes carry marks it wherever an input has it (an RNN's initial state
+    ``[directions, batch, hidden]``). Without it: the first axis when it is free or 1, else the
+    first axis of size 1 (``[2, 1, 128]``), else the first free axis, else the first."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {value.name: list(value.type.tensor_type.shape.dim) for value in model.graph.input
+              if value.name not in initializers}
+    batch = next((dims[0].dim_param for dims in inputs.values()
+                  if dims and dims[0].dim_value <= 0 and dims[0].dim_param not in ANONYMOUS), None)
+
+    def axis_of(dims: list) -> int | None:
+        if not dims:
+            return None
+        named = [axis for axis, dim in enumerate(dims) if batch and dim.dim_param == batch and dim.dim_value <= 0]
+        ones = [axis for axis, dim in enumerate(dims) if dim.dim_value == 1]
+        free = [axis for axis, dim in enumerate(dims) if dim.dim_value <= 0]
+        if named:
+            return named[0]
+        if dims[0].dim_value in (0, 1):
+            return 0
+        return (ones or free or [0])[0]
+
+    return {name: axis_of(dims) for name, dims in inputs.items()}
+
+
 def bind_input_shapes(
     model: onnx.ModelProto, user: dict[str, tuple[int, ...]], data: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int, ...]]:
@@ -60,8 +87,10 @@ def bind_input_shapes(
     ``sequence``: binding ``input_ids`` binds ``attention_mask`` too), 1 for the first axis (the
     batch), or the size in ``data``, the shapes of calibration arrays (samples first) by input
     name, or for a one-input model any arrays of one shape after the samples (a folder of
-    ``.npy`` files). Free axes nothing binds are one error that says how to bind them."""
+    ``.npy`` files). The batch is the input's sample axis (:func:`sample_axes`). Free axes
+    nothing binds are one error that says how to bind them."""
     initializers = {t.name for t in model.graph.initializer}
+    samples = sample_axes(model)
     real_inputs = [i for i in model.graph.input if i.name not in initializers]
     unknown = set(user) - {i.name for i in real_inputs}
     if unknown:
@@ -82,13 +111,14 @@ def bind_input_shapes(
         if value.name in bound:
             continue
         given = _data_shape(value, real_inputs, data or {})
-        shape = [_axis_size(axis, dim, named, given) for axis, dim in enumerate(value.type.tensor_type.shape.dim)]
+        shape = [_axis_size(axis == samples[value.name], dim, named, given and given[axis])
+                 for axis, dim in enumerate(value.type.tensor_type.shape.dim)]
         if None in shape:
             unbound.append(value)
         else:
             bound[value.name] = tuple(shape)
     if unbound:
-        raise ModelError(_unbound_message(unbound))
+        raise ModelError(_unbound_message(unbound, samples))
     return bound
 
 
@@ -116,26 +146,27 @@ def _data_shape(value: onnx.ValueInfoProto, real_inputs: list, data: dict[str, t
     return given
 
 
-def _axis_size(axis: int, dim, named: dict[str, int], given: tuple[int, ...] | None) -> int | None:
-    """One axis's size by the rules of :func:`bind_input_shapes`; None when nothing binds it."""
+def _axis_size(batch: bool, dim, named: dict[str, int], given: int | None) -> int | None:
+    """One axis's size by the rules of :func:`bind_input_shapes` (``batch``: the sample axis,
+    ``given``: the calibration array's size there); None when nothing binds it."""
     if dim.dim_value > 0:
         return dim.dim_value
     if dim.dim_param in named:
         return named[dim.dim_param]
-    if axis == 0:
+    if batch:
         return 1
-    return int(given[axis]) if given is not None else None
+    return int(given) if given is not None else None
 
 
-def _unbound_message(unbound: list[onnx.ValueInfoProto]) -> str:
+def _unbound_message(unbound: list[onnx.ValueInfoProto], samples: dict[str, int | None]) -> str:
     """One line: the first free axis, the other inputs left free, and the ``--input-shape``
     options that bind them all (one input per named axis: the others take its size)."""
     def free(value):
         return [(axis, dim.dim_param) for axis, dim in enumerate(value.type.tensor_type.shape.dim)
-                if axis > 0 and dim.dim_value <= 0]
+                if axis != samples[value.name] and dim.dim_value <= 0]
 
     def example(value):
-        return "x".join(str(d.dim_value) if d.dim_value > 0 else ("1" if i == 0 else "N")
+        return "x".join(str(d.dim_value) if d.dim_value > 0 else ("1" if i == samples[value.name] else "N")
                         for i, d in enumerate(value.type.tensor_type.shape.dim))
 
     covered, needed = set(), []
@@ -154,9 +185,10 @@ def _unbound_message(unbound: list[onnx.ValueInfoProto]) -> str:
 
 
 def with_free_axes(model: onnx.ModelProto) -> set[str]:
-    """The graph inputs with a free axis after the first (the ones a batch of one does not bind)."""
-    return {value.name for value in model.graph.input
-            if any(dim.dim_value <= 0 for dim in value.type.tensor_type.shape.dim[1:])}
+    """The graph inputs with a free axis besides the sample axis (the ones a batch of one does not bind)."""
+    samples = sample_axes(model)
+    return {value.name for value in model.graph.input if value.name in samples
+            and any(dim.dim_value <= 0 for axis, dim in enumerate(value.type.tensor_type.shape.dim) if axis != samples[value.name])}
 
 
 def shape_skeleton(
@@ -293,18 +325,23 @@ def _run_for_shapes(
 
 
 def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Declare, in place, every first dimension of 1 of the main graph's inputs and outputs as
-    the symbolic ``batch``, and leave that of its value infos unknown (an intermediate tensor's
-    leading 1 need not be the samples'); returns ``model``. A free dimension accepts any size, so
-    a first dimension of 1 that is not a sample axis stays valid at its value."""
-    for values, free in ((model.graph.input, True), (model.graph.output, True), (model.graph.value_info, False)):
+    """Declare, in place, the sample axis (:func:`sample_axes`) of the main graph's inputs where
+    it is 1, and the first axis of 1 of its outputs, as the symbolic ``batch``, and leave the first
+    dimension of 1 of its value infos unknown (an intermediate tensor's leading 1 need not be the
+    samples'); returns ``model``. A free dimension accepts any size, so a dimension of 1 that
+    is not a sample axis stays valid at its value."""
+    samples = sample_axes(model)
+    for values, declared in ((model.graph.input, True), (model.graph.output, True), (model.graph.value_info, False)):
         for value in values:
             dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
-                if free:
-                    dims[0].dim_param = BATCH
-                else:
-                    dims[0].ClearField("dim_value")
+            ones = [axis for axis, dim in enumerate(dims) if dim.HasField("dim_value") and dim.dim_value == 1]
+            axis = samples.get(value.name, ones[0] if ones and declared else 0)
+            if axis is None or axis not in ones:
+                continue
+            if declared:
+                dims[axis].dim_param = BATCH
+            else:
+                dims[axis].ClearField("dim_value")
     return model
 
 

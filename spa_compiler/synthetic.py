@@ -55,6 +55,7 @@ from .calibrate import exposing
 from .feature_rows import conv_patches
 from .ir import Graph, Node
 from .rendered_text import text_scene
+from .sample_layout import model_feeds, sample_axis, sample_shape
 from .synthetic_tokens import non_image_input, token_ids, varied_lengths
 from .verify import session_for
 
@@ -71,16 +72,19 @@ CONTENTS = {"natural": 0.0, "text": 1.0, "natural and text": 0.5}  # share of te
 
 
 def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
-    """``samples`` synthetic inputs per graph input (first axis = samples, the input's dtype),
-    deterministic for ``seed``, and one line describing them (see the module docstring)."""
+    """``samples`` synthetic inputs per graph input (sample-major, :mod:`.batch_axis`; the input's
+    dtype; a scalar input one value for all), deterministic for ``seed``, and one line describing
+    them (see the module docstring)."""
     rng = np.random.default_rng(seed)
     arrays, notes, images = {}, {}, image_inputs(graph)
     for name in graph.inputs:
         if name in images:
             continue
-        shape = (samples, *graph.input_shapes[name][1:])
+        shape = (samples, *sample_shape(graph, name))
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
         arrays[name], notes[name] = non_image_input(graph, name, shape, dtype, rng)
+        if sample_axis(graph, name) is None:
+            arrays[name] = np.full_like(arrays[name], arrays[name][0])
     notes.update(varied_lengths(graph, arrays, rng))
     for name in images:
         arrays[name], notes[name] = _image_input(graph, name, samples, arrays, rng)
@@ -313,7 +317,8 @@ def _image_input(
             z = 1 - pictures if inverted else pictures
             candidate = _Candidate(content, inverted, *(fit_image_range(graph, *pair, z) if pair else _standardising(z)))
             x = as_input(z[:SCORE_SAMPLES].copy(), candidate.scale, candidate.shift)
-            feeds = [{**{k: v[i : i + 1] for k, v in arrays.items()}, name: x[i : i + 1]} for i in range(len(x))]
+            feeds = [model_feeds(graph, {**{k: v[i : i + 1] for k, v in arrays.items()}, name: x[i : i + 1]})
+                     for i in range(len(x))]
             scored.append((_batchnorm_mismatch(graph, session, feeds), candidate))
             log.debug("'%s': %s, BatchNorm mismatch %.4g", name, candidate.text(), scored[-1][0])
     mismatch, best = min(scored, key=lambda item: item[0])

@@ -30,6 +30,7 @@ from . import streaming
 from .errors import ModelError, VerificationError
 from .errors import first_line
 from .ir import STANDARD_DOMAINS, Graph
+from .sample_layout import model_feeds
 from .shapes import free_batch, free_batch_copy, large_float, shape_skeleton, synthetic_inputs, weights_as_inputs
 from .synthetic_tokens import non_image_input
 from .token_mask import attention_mask, padding_zeroed
@@ -472,8 +473,9 @@ def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[st
     sums = FidelitySums(class_score_outputs(original))
     for i in range(0, count, batch):
         feeds = {k: v[i:i + batch] for k, v in samples.items()}
-        before = reference.run(None, {**feeds, **weights})
-        after = session.run(None, {k: narrow(k, v) for k, v in feeds.items()})
+        taken = model_feeds(original, feeds)
+        before = reference.run(None, {**taken, **weights})
+        after = session.run(None, {k: narrow(k, v) for k, v in taken.items()})
         mask = attention_mask(feeds)  # outputs at padding count for nothing
         sums.add([padding_zeroed(narrow(name, value), mask) for name, value in zip(original.outputs, before)],
                  [padding_zeroed(value, mask) for value in after])
