@@ -103,6 +103,28 @@ def test_channel_shuffle_with_run_time_target(tmp_path):
     assert shapes_of(pruned, ["W1", "W2"]) == {"W1": (4, 3, 3, 3), "W2": (4, 4, 1, 1)}
 
 
+def test_expand_of_a_relaid_out_tensor_to_its_own_run_time_size(tmp_path):
+    """A meshgrid's ``v.view(-1, 1).expand(len(v), k)`` over channel means: the Expand target's
+    first entry is the channel count read from ``v`` itself, so the expanded rows are the channels,
+    position for position (YOLOv8's anchor grid; this used to fail reshaping 8 indices to 8x5)."""
+    body = """
+        p = ReduceMean <axes = [2, 3], keepdims = 0> (r)
+        pv = Transpose <perm = [1, 0]> (p)
+        sp = Shape (p)
+        cp = Gather <axis = 0> (sp, I1)
+        ucp = Unsqueeze (cp, Z)
+        te = Concat <axis = 0> (ucp, FIVE)
+        e = Expand (pv, te)
+        et = Transpose <perm = [1, 0]> (e)
+        y = MatMul (et, W2)
+    """
+    graph = load_dynamic(tmp_path, body, "float[5,4] y", {"FIVE": i64(5), "W2": (8, 4)})
+    result, pruned = prune_exact(graph)
+    group = group_of(result.analysis, "W1", 0)
+    assert group is group_of(result.analysis, "W2", 0) and len(group.prunable) == 8
+    assert shapes_of(pruned, ["W1", "W2"]) == {"W1": (4, 3, 3, 3), "W2": (4, 4)}
+
+
 def test_slice_bounds_not_a_chunk_keep_the_channels(tmp_path):
     """The last three channels ``r[:, c - 3:]`` are no chunk: ``c - 3`` would move when channels
     leave, so the channels whose count it reads are never pruned."""

@@ -110,9 +110,10 @@ _RELAYOUT = ("Reshape", "Transpose", "Flatten", "Identity")
 
 def _relayout_positions(c: Coupler, source: str, axis: int, x: str, y: str, k: int) -> np.ndarray | None:
     """When ``x`` is ``source`` moved by Reshape/Transpose only (a channel shuffle), the element of
-    ``source``'s ``axis`` that lands at each position of axis ``k`` of ``y`` (``x`` itself, or
-    ``x`` reshaped), found by moving the indices themselves; None when there is no such chain or
-    the axis is mixed with others."""
+    ``source``'s ``axis`` that lands at each position of axis ``k`` of ``y`` (``x`` itself, ``x``
+    reshaped, or ``x`` expanded: a meshgrid's ``arange(h).view(-1, 1).expand(h, w)``), found by
+    moving the indices themselves; None when there is no such chain, the axis is mixed with
+    others, or ``y`` repeats an element along it."""
     chain, name = [], x
     while name != source:
         node = c.producer(name)
@@ -129,8 +130,19 @@ def _relayout_positions(c: Coupler, source: str, axis: int, x: str, y: str, k: i
             moved = np.transpose(moved, node.attr("perm") or None)
         else:
             moved = moved.reshape(c.shape(node.outputs[0]))
-    per_position = np.moveaxis(moved.reshape(c.shape(y)), k, 0).reshape(c.shape(y)[k], -1)
-    return per_position[:, 0] if (per_position == per_position[:, :1]).all() else None
+    shape = c.shape(y)
+    if moved.size == int(np.prod(shape)):
+        moved = moved.reshape(shape)
+    else:
+        try:
+            moved = np.broadcast_to(moved, shape)
+        except ValueError:
+            return None
+    per_position = np.moveaxis(moved, k, 0).reshape(shape[k], -1)
+    positions = per_position[:, 0]
+    if not (per_position == per_position[:, :1]).all() or np.unique(positions).size != positions.size:
+        return None
+    return positions
 
 
 def couple_sized_by(c: Coupler, x: str, y: str, k: int, dim: Dim) -> None:
