@@ -100,7 +100,11 @@ class Analyse(Pass):
             if attention and len(rotatable_heads(dims)) == len(attention):
                 analysis = dims
         if not any(g.prunable for g in analysis.groups):
-            raise TargetError(f"nothing in this model can be pruned; blocked by: {blocked_summary(analysis)}")
+            hidden = not config.prune_hidden and any(
+                g.prunable for g in analyze_graph(state.graph, config.exclude, True, allow_io_change=config.allow_io_change).groups)
+            hint = ("; its channels are normalised over together (LayerNorm): --prune-hidden prunes them "
+                    "all the same, lossy" if hidden else "")
+            raise TargetError(f"nothing in this model can be pruned; blocked by: {blocked_summary(analysis)}{hint}")
         state.analysis = analysis
         return state
 

@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 from spa_compiler import PruneConfig, analyze_graph, prune_graph, synthetic_inputs
+from spa_compiler.errors import TargetError
 from spa_compiler.rewrite import rewrite_model
 from spa_compiler.verify import run_model
 from test_op_rules import build, f32, i64, removed
@@ -82,6 +83,20 @@ def test_written_out_layernorm_over_channels(tmp_path, statistics):
     (actual,) = run_model(pruned, feeds)
     expected = reference(graph, np.setdiff1d(np.arange(C), gone), feeds["x"])
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nothing_prunable_but_through_a_layernorm_names_prune_hidden(tmp_path):
+    """The one error says what would prune the model (openWakeWord's wake-word heads are such)."""
+    graph = layernorm_model(tmp_path, MEAN_SUB_POW)
+    with pytest.raises(TargetError, match="nothing in this model can be pruned; blocked by: ReduceMean .*"
+                                          "normalised over together \\(LayerNorm\\): --prune-hidden prunes them"):
+        prune_graph(graph, PruneConfig(ratio=0.5, round_to=1))
+    text = f"""g (float[1,6,{L}] x) => (float[1,{C},{L}] y) {{
+    a = MatMul (A, x)
+    y = Relu (a)
+    }}"""
+    with pytest.raises(TargetError, match="blocked by: graph output 'y'[^;]*$"):
+        prune_graph(build(tmp_path, text, 13, {"A": (C, 6)}), PruneConfig(ratio=0.5, round_to=1))
 
 
 def test_channel_mean_outside_a_layernorm_stays_a_barrier(tmp_path):
