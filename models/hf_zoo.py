@@ -32,17 +32,15 @@ from typing import Any, Callable
 import torch
 import transformers as hf
 
-from spa_compiler import PruneConfig, SpaError, load_model, prune
+from spa_compiler import PruneConfig
 
-from .exactness import RTOL, randomize_weights, steered_error
 from .table import print_table, write_json
+from .zoo_rows import EXACTNESS, exactness, pruned_outcome
 
-__all__ = ["FAMILIES", "Family", "run"]
+__all__ = ["EXACTNESS", "FAMILIES", "Family", "run"]
 
 SEQUENCE = 24
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-EXACTNESS = PruneConfig(ratio=0.5, round_to=1, min_keep=0.0, criterion="l2", allocation="score", refit_rounds=0,
-                        bench_runs=0, verify=False)
 
 
 class Family:
@@ -202,33 +200,14 @@ def run(names: list[str], flops: float, folder: Path,
                 rows.append(row)
                 print(f"{name} {exporter}: {row['outcome']}", flush=True)
                 continue
-            try:
-                config = PruneConfig(flops=flops, bench_runs=0, input_shapes=shapes)
-                report = prune(source, folder / f"{name}_{exporter}_pruned.onnx", config)
-            except SpaError as error:
-                row["outcome"] = str(error).split(";")[0]
-            else:
-                pruned = sum(g.channels_after < g.channels_before for g in report.groups)
-                cosine = report.held_out_fidelity.cosine if report.held_out_fidelity else report.fidelity.cosine
-                row["outcome"] = (f"FLOPs {report.flops_ratio:.3f}, {pruned} of {len(report.groups)} groups pruned, "
-                                  f"{report.rotated_heads} rotated, cosine {cosine:.4f}")
-            row["exactness"] = _exactness(source, shapes)
+            config = PruneConfig(flops=flops, bench_runs=0, input_shapes=shapes)
+            row["outcome"] = pruned_outcome(source, folder / f"{name}_{exporter}_pruned.onnx", config)
+            row["exactness"] = exactness(source, shapes)
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
             print(f"{name} {exporter}: {row['outcome']}; exactness {row['exactness']} ({row['seconds']:.1f} s)",
                   flush=True)
     return rows
-
-
-def _exactness(source: Path, shapes: dict[str, tuple[int, ...]]) -> str:
-    """The exactness check's relative error and channels removed, or the error that stopped it."""
-    try:
-        error, removed = steered_error(randomize_weights(load_model(source, shapes), seed=1), EXACTNESS)
-    except SpaError as failure:
-        return str(failure).split(";")[0]
-    except RuntimeError as failure:  # the plan could not be steered: a defect
-        return f"FAILED: {failure}"
-    return f"{error:.1e} ({removed} channels)" + ("" if error <= RTOL else f" FAILED: above {RTOL:g}")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

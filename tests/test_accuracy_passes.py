@@ -468,7 +468,7 @@ def test_ir3_model_through_sensitivity_and_refit():
     """Before IR version 4 every initializer is also a graph input, which onnxruntime takes as a
     constant: the runs that feed new weights (sensitivity, re-fit) still take them."""
     from helpers import randomize_weights
-    from models.real import onnx_light_model_paths
+    from models.shipped import onnx_light_model_paths
     from spa_compiler import prune_graph
     from spa_compiler.rewrite import rewrite_model
 

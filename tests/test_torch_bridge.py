@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.real import ppocr_input_shapes, ppocr_model_paths  # noqa: E402
+from models.shipped import ppocr_input_shapes, ppocr_model_paths  # noqa: E402
 from spa_compiler import PruneConfig, UnsupportedModelError, load_model, prune, synthetic_inputs  # noqa: E402
 from spa_compiler.torch import to_torch  # noqa: E402
 

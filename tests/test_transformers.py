@@ -13,7 +13,7 @@ import pytest
 
 from helpers import assert_exact, randomize_weights
 from models.export import export_onnx
-from models.real import ppocr_input_shapes, ppocr_model_paths
+from models.shipped import ppocr_input_shapes, ppocr_model_paths
 from models.sentences import ENCODER_INPUTS, SENTENCES, embed, mean_cosine, tokenize
 from models.zoo import ARCHITECTURES
 from spa_compiler import PruneConfig, TargetError, analyze_graph, load_model, prune, prune_graph

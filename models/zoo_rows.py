@@ -1,0 +1,41 @@
+"""What a zoo benchmark prints for one ONNX file: the default pipeline's outcome at a target, and
+the exactness check on the same graph with random weights (no PyTorch needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spa_compiler import PruneConfig, SpaError, load_model, prune
+
+from .exactness import RTOL, randomize_weights, steered_error
+
+__all__ = ["EXACTNESS", "exactness", "pruned_outcome"]
+
+EXACTNESS = PruneConfig(ratio=0.5, round_to=1, min_keep=0.0, criterion="l2", allocation="score", refit_rounds=0,
+                        bench_runs=0, verify=False)
+
+
+def pruned_outcome(source: Path, output: Path, config: PruneConfig) -> str:
+    """The achieved FLOPs ratio, the groups pruned, the attention groups rotated and the cosine
+    of the outputs to the original's on samples the statistics did not see, or the error that
+    stopped the pruning (its first clause)."""
+    try:
+        report = prune(source, output, config)
+    except SpaError as error:
+        return str(error).split(";")[0]
+    pruned = sum(g.channels_after < g.channels_before for g in report.groups)
+    cosine = report.held_out_fidelity.cosine if report.held_out_fidelity else report.fidelity.cosine
+    return (f"FLOPs {report.flops_ratio:.3f}, {pruned} of {len(report.groups)} groups pruned, "
+            f"{report.rotated_heads} rotated, cosine {cosine:.4f}")
+
+
+def exactness(source: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    """The exactness check's relative error (:func:`models.exactness.steered_error`: half of every
+    group's channels, weights random) and channels removed, or the error that stopped it."""
+    try:
+        error, removed = steered_error(randomize_weights(load_model(source, shapes), seed=1), EXACTNESS)
+    except SpaError as failure:
+        return str(failure).split(";")[0]
+    except RuntimeError as failure:  # the plan could not be steered: a defect
+        return f"FAILED: {failure}"
+    return f"{error:.1e} ({removed} channels)" + ("" if error <= RTOL else f" FAILED: above {RTOL:g}")
