@@ -84,11 +84,11 @@ def bind_input_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Every graph input's concrete shape: as ``user`` (``--input-shape``) gives it; else per axis
     its fixed size, the size ``user`` gave an axis of the same name (a ``dim_param`` such as
-    ``sequence``: binding ``input_ids`` binds ``attention_mask`` too), 1 for the first axis (the
-    batch), or the size in ``data``, the shapes of calibration arrays (samples first) by input
-    name, or for a one-input model any arrays of one shape after the samples (a folder of
-    ``.npy`` files). The batch is the input's sample axis (:func:`sample_axes`). Free axes
-    nothing binds are one error that says how to bind them."""
+    ``sequence``: binding ``input_ids`` binds ``attention_mask`` too), 1 for the batch (the
+    input's sample axis, :func:`sample_axes`), or the size in ``data``, the shapes of calibration
+    arrays (as the model takes them) by input name, or for a one-input model any arrays of one
+    shape after the samples (a folder of ``.npy`` files). Free axes nothing binds are one error
+    that says how to bind them."""
     initializers = {t.name for t in model.graph.initializer}
     samples = sample_axes(model)
     real_inputs = [i for i in model.graph.input if i.name not in initializers]
