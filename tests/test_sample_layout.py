@@ -12,7 +12,7 @@ import pytest
 
 from spa_compiler import PruneConfig, load_model, prune
 from spa_compiler.errors import InputError
-from spa_compiler.calibrate import load_calibration
+from spa_compiler.calibrate import load_calibration, sameness
 from spa_compiler.sample_layout import model_feeds, sample_shape
 from spa_compiler.shapes import sample_axes
 from test_op_rules import make_model
@@ -96,6 +96,14 @@ def test_stateful_model_prunes_with_statistics_and_keeps_its_interface(tmp_path,
     after = ort.InferenceSession(str(output)).run(None, test)
     for b, a in zip(before, after):
         assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b)
+
+
+def test_a_zero_initial_state_beside_varied_inputs_is_no_warning():
+    varied = _calibration(4, np.random.default_rng(2))
+    zero_state = {"x": varied["x"], "state": np.zeros((4, 2, 4), np.float32)}
+    assert sameness(zero_state) is None
+    blank = {**zero_state, "x": np.ones_like(varied["x"]), "sr": np.arange(4)}  # samples differ, no float input does
+    assert sameness(blank) == "input 'x' holds the one value 1 throughout"
 
 
 @pytest.mark.accurate
