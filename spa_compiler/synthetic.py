@@ -72,7 +72,7 @@ CONTENTS = {"natural": 0.0, "text": 1.0, "natural and text": 0.5}  # share of te
 
 
 def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
-    """``samples`` synthetic inputs per graph input (sample-major, :mod:`.batch_axis`; the input's
+    """``samples`` synthetic inputs per graph input (sample-major, :mod:`.sample_layout`; the input's
     dtype; a scalar input one value for all), deterministic for ``seed``, and one line describing
     them (see the module docstring)."""
     rng = np.random.default_rng(seed)
