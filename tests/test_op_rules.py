@@ -48,6 +48,10 @@ def i64(*values: int) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def i32(*values: int) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
 def f32(*values: float) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
@@ -555,23 +559,27 @@ def test_split(tmp_path, opset, split, consts, sizes):
 
 
 SLICE_FORMS = [
-    # (opset, body, constants, start, end, end stays INT64_MAX)
-    pytest.param(9, "h = Slice <starts = [-7], ends = [-1], axes = [1]> (a)", {}, 1, 7, False, id="attributes_opset9"),
+    # (opset, body, constants, start, end, the end kept as it was (None: rewritten))
+    pytest.param(9, "h = Slice <starts = [-7], ends = [-1], axes = [1]> (a)", {}, 1, 7, None, id="attributes_opset9"),
     pytest.param(13, "h = Slice (a, St, En, Ax)", {"St": i64(-6), "En": i64(INT64_MAX), "Ax": i64(1)},
-                 2, 8, True, id="inputs_opset13_int64_max"),
+                 2, 8, INT64_MAX, id="inputs_opset13_int64_max"),
     pytest.param(13, "h = Slice (a, St, En, Ax, Sp)",
-                 {"St": i64(0, 1), "En": i64(8, 6), "Ax": i64(2, -3), "Sp": i64(1, 1)}, 1, 6, False,
+                 {"St": i64(0, 1), "En": i64(8, 6), "Ax": i64(2, -3), "Sp": i64(1, 1)}, 1, 6, None,
                  id="inputs_opset13_two_axes_with_steps"),
+    pytest.param(13, "h = Slice (a, St, En, Ax, Sp)",  # as a TensorFlow export writes a full slice
+                 {"St": i32(0, 2), "En": i32(10**9, 10**9), "Ax": i32(2, 1), "Sp": i32(1, 1)}, 2, 8, 10**9,
+                 id="int32_inputs_opset13"),
     pytest.param(13, f"""St = Constant <value = int64[1] {{-6}}> ()
         En = Constant <value = int64[1] {{{INT64_MAX}}}> ()
         Ax = Constant <value = int64[1] {{1}}> ()
-        h = Slice (a, St, En, Ax)""", {}, 2, 8, True, id="constant_nodes_opset13"),
+        h = Slice (a, St, En, Ax)""", {}, 2, 8, INT64_MAX, id="constant_nodes_opset13"),
 ]
 
 
-@pytest.mark.parametrize("opset, body, consts, start, end, end_is_max", SLICE_FORMS)
-def test_slice_channels(tmp_path, opset, body, consts, start, end, end_is_max):
-    """Channels start..end-1 are read; the others may leave freely; bounds are rewritten."""
+@pytest.mark.parametrize("opset, body, consts, start, end, kept_end", SLICE_FORMS)
+def test_slice_channels(tmp_path, opset, body, consts, start, end, kept_end):
+    """Channels start..end-1 are read; the others may leave freely; bounds are rewritten, in the
+    integer type they had."""
     width = end - start
     graph = build(tmp_path, chain(body + "\ny = Conv (h, W2)", Y4), opset,
                   {"W1": (8, 3, 3, 3), "B1": (8,), **consts, "W2": (4, width, 1, 1)})
@@ -588,9 +596,11 @@ def test_slice_channels(tmp_path, opset, body, consts, start, end, end_is_max):
     else:
         starts, ends = list(input_value(pruned, node, 1)), list(input_value(pruned, node, 2))
         axes = [a % 4 for a in input_value(pruned, node, 3)]
+        assert {input_value(pruned, node, k).dtype for k in range(1, len(node.input))} == {
+            np.asarray(consts.get("St", i64(0))).dtype}
     k = list(axes).index(1)
     assert starts[k] == new_start
-    assert ends[k] == (INT64_MAX if end_is_max else new_start + new_width)
+    assert ends[k] == (new_start + new_width if kept_end is None else kept_end)
     assert shapes_of(pruned, ["W2"]) == {"W2": (4, new_width, 1, 1)}
 
 
@@ -793,6 +803,25 @@ def test_squeeze_unsqueeze(tmp_path, opset, squeeze, unsqueeze, consts):
     graph = build(tmp_path, chain(body, "float[1,4,1,1] y"), opset, {"W1": (8, 3, 3, 3), "B1": (8,), **consts, **W2})
     _, pruned = prune_exact(graph)
     assert shapes_of(pruned, ["W1", "W2"]) == {"W1": (4, 3, 3, 3), "W2": (4, 4, 1, 1)}
+
+
+def test_reshape_side_by_side_positions(tmp_path):
+    """``[1, 8, 6] -> [1, 4, 12]``: two consecutive positions' 6 channels side by side (a model
+    reading a sequence two tokens at a time). Channel c is feature c and 6 + c of the merged
+    axis; both leave with it, and the target's 12 becomes twice the kept channels."""
+    text = """g (float[1,8,4] x) => (float[1,4,5] y) {
+        m = MatMul (x, Wa)
+        r = Relu (m)
+        h = Reshape (r, T)
+        y = MatMul (h, Wb)
+    }"""
+    graph = build(tmp_path, text, 13, {"Wa": (4, 6), "T": i64(1, 4, 12), "Wb": (12, 5)})
+    result, pruned = prune_exact(graph)
+    gone = removed(result, "Wa", 1)
+    assert len(gone) == 3
+    np.testing.assert_array_equal(removed(result, "Wb", 0), np.sort(np.concatenate([gone, gone + 6])))
+    assert shapes_of(pruned, ["Wa", "Wb"]) == {"Wa": (4, 3), "Wb": (6, 5)}
+    assert list(input_value(pruned, nodes(pruned, "Reshape")[0], 1)) == [1, 4, 6]
 
 
 def test_channel_shuffle(tmp_path):

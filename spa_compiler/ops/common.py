@@ -50,11 +50,13 @@ def int_param(node: "Node", c: Coupler | Rewriter, attr: str, slot: int | None) 
 
 
 def write_int_param(node: "Node", r: Rewriter, attr: str, slot: int, values: list[int]) -> None:
-    """Write back a parameter read by :func:`int_param`, where it came from."""
+    """Write back a parameter read by :func:`int_param`, where it came from, an input in the
+    integer type it had (a Slice's starts, ends, axes and steps must share theirs: int32 in a
+    TensorFlow export)."""
     if attr in node.attrs:
         r.set_attr(node, attr, [int(v) for v in values])
     else:
-        r.set_input(node, slot, np.asarray(values, dtype=np.int64))
+        r.set_input(node, slot, np.asarray(values, dtype=np.asarray(r.constant(node.inputs[slot])).dtype))
 
 
 def couple_same(c: Coupler, a: str, b: str, axes: range | list[int] | None = None) -> None:

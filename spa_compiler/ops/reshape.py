@@ -15,8 +15,9 @@ Transpose and a Reshape follow is a channel shuffle: there input element i coupl
 ``i % |b_last|`` of the innermost axis, removing the same position from every group, which the
 merge of the transposed axes maps exactly. A block that merges and splits at once (GroupNorm's
 ``[N, C, H, W] -> [N, G, C/G * H * W]``) couples its outer axes slab by slab when one inner size
-divides the other, so that whole groups of channels leave together. Any other regrouping is a
-barrier.
+divides the other, so that whole groups of channels leave together; and its innermost axes when
+one size divides the other (``[P, C] -> [P/r, r*C]``, r positions' channels side by side):
+channel c is every element ``c mod C`` of the wider axis. Any other regrouping is a barrier.
 
 With ``--head-dims`` the splits and merges of attention couple the innermost axis instead: the
 units are head dimensions, position d of every head (Q·Kᵀ couples Q's and K's, P·V V's with the
@@ -110,6 +111,8 @@ def couple_reshape(c: Coupler, x: str, y: str) -> dict[int, int]:
         elif len(big_a) > 1 and len(big_b) > 1:
             if _couple_outer_slabs(c, x, y, [a[k] for k in big_a], [b[k] for k in big_b], big_a[0], big_b[0]):
                 coupled[big_b[0]] = big_a[0]
+            if _couple_innermost_residues(c, x, y, big_a[-1], big_b[-1]):
+                coupled[big_b[-1]] = big_a[-1]
         elif len(big_a) == 1 and len(big_b) > 1:
             n = a[big_a[0]]
             if followed_by_shuffle(c, x, y):
@@ -149,6 +152,26 @@ def _couple_outer_slabs(
         return False
     n = c.shape(fine)[fine_axis]
     c.couple(fine, fine_axis, coarse, coarse_axis, np.arange(n), np.arange(n) // ratio)
+    return True
+
+
+def _couple_innermost_residues(c: Coupler, x: str, y: str, inner_a: int, inner_b: int) -> bool:
+    """A block that merges and splits at once whose innermost sizes divide one another
+    (``[P, C] -> [P/r, r*C]``: r consecutive positions of C channels side by side, as a model
+    that reads a sequence r tokens at a time writes it): the block's flat index ``f`` is element
+    ``f mod |inner|`` of each innermost axis, so with ``C`` dividing ``D = r*C``, element j of the
+    finer side's ``D`` is element ``j mod C`` of the ``C`` side, and removing channel c removes
+    ``c, C + c, ..., (r-1)C + c``; what remains keeps its order. Not where the block leads to or
+    comes from attention (``[T, H*D] -> [T*H, D]``): that would prune head dimensions, which
+    only ``--head-dims`` asks for. Returns whether it coupled."""
+    size_a, size_b = c.shape(x)[inner_a], c.shape(y)[inner_b]
+    if size_a == size_b or (size_a % size_b and size_b % size_a):
+        return False
+    if not c.head_dims and (feeds_attention(c, y) or comes_from_attention(c, x)):
+        return False
+    fine, fine_axis, coarse, coarse_axis = (y, inner_b, x, inner_a) if size_b > size_a else (x, inner_a, y, inner_b)
+    n, period = max(size_a, size_b), min(size_a, size_b)
+    c.couple(fine, fine_axis, coarse, coarse_axis, np.arange(n), np.arange(n) % period)
     return True
 
 
