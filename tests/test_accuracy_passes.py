@@ -220,6 +220,27 @@ def test_refit_brings_outputs_closer_to_the_original(calibration):
     assert errors[0] > 0.3 and errors[1] < 0.1 * errors[0], errors  # measured 0.443 and 0.024
 
 
+def test_refit_stages_read_every_calibration_sample(calibration, monkeypatch):
+    """Rows from many samples vary as the data does: within the budget (a small model's runs are
+    far within it) every stage reads every calibration sample that is not held out, not the
+    ``SAMPLES`` its rows per feature would need."""
+    from spa_compiler.paired import PairedRunner
+    from spa_compiler.refit import SAMPLES
+
+    seen: list[int] = []
+    statistics = PairedRunner.statistics
+
+    def recording(self, layers, data, weights):
+        seen.append(len(next(iter(data.values()))))
+        return statistics(self, layers, data, weights)
+
+    monkeypatch.setattr(PairedRunner, "statistics", recording)
+    config = PruneConfig(flops=0.5, calibration=str(calibration), round_to=8)
+    state = Pipeline(default_passes(config))(PruneState(config, graph=load_model(EXAMPLE)))
+    available = len(next(iter(state.calibration_data.values())))
+    assert available > 4 * SAMPLES and len(seen) >= 2 and set(seen) == {available}, (available, seen)
+
+
 def test_data_free_refit_moves_part_of_the_way(calibration, monkeypatch):
     """Data-free, every layer's re-fit moves SYNTHETIC_TRUST of the way from its compensated
     weights (refit_layer's trust; its maths is tested above); with --calib the whole step."""

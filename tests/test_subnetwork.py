@@ -13,7 +13,7 @@ import spa_compiler.sensitivity as sensitivity
 from spa_compiler import PruneConfig, PruneState, load_model
 from spa_compiler.calibrate import consumer_layers, exposing, with_weight_inputs
 from spa_compiler.paired import PairedRunner
-from spa_compiler.refit import samples_needed, stage_samples
+from spa_compiler.refit import stage_samples
 from spa_compiler.sensitivity import TailRunner, measurement_plan, scaled_by_scores
 from spa_compiler.stages import Analyse
 from spa_compiler.subnetwork import prefix_model, tail_model
@@ -108,21 +108,6 @@ def test_one_measurement_is_scaled_by_the_cumulative_scores():
     scores = np.array([1.0, 1.0, 2.0, 4.0])
     np.testing.assert_allclose(scaled_by_scores(scores, 2, 0.1, [1, 2, 3, 4]), [0.05, 0.1, 0.2, 0.4])
     np.testing.assert_allclose(scaled_by_scores(np.zeros(4), 2, 0.1, [1, 4]), [0.05, 0.2])
-
-
-def test_samples_needed_count_real_tokens_only():
-    """A layer on 32 tokens of 384 features needs 4 · 385 rows: 49 sequences of real tokens, 97
-    when half of every sequence is padding; a classifier after pooling, a row per sample."""
-    from types import SimpleNamespace
-
-    from spa_compiler.calibrate import ConsumerLayer
-
-    graph = SimpleNamespace(shapes={"tokens": (1, 32, 384), "pooled": (1, 64)})
-    tokens = ConsumerLayer("t", "MatMul", "tokens", "W", 0, 1, None)
-    pooled = ConsumerLayer("p", "Gemm", "pooled", "W2", 1, 1, None)
-    assert samples_needed(graph, [tokens], 8) == 49
-    assert samples_needed(graph, [tokens], 8, real_share=0.5) == 97
-    assert samples_needed(graph, [pooled], 8, real_share=0.5) == 4 * 65  # no token axis: the mask says nothing
 
 
 def test_stage_samples_are_capped_to_the_budget():
