@@ -63,6 +63,7 @@ MODELS = {
     "oww_hey_jarvis": Shipped("openwakeword", "openwakeword==0.4.0", "resources/models/hey_jarvis_v0.1.onnx", {}),
     "oww_hey_mycroft": Shipped("openwakeword", "openwakeword==0.4.0", "resources/models/hey_mycroft_v0.1.onnx", {}),
     "oww_alexa": Shipped("openwakeword", "openwakeword==0.4.0", "resources/models/alexa_v0.1.onnx", {}),
+    "magika": Shipped("magika", "magika==1.0.3", "models/standard_v3_3/model.onnx", {}),
 }
 
 
