@@ -78,7 +78,7 @@ class PruneReport:
     fidelity: Any = None
     custom_ops: list[str] = field(default_factory=list)
     calibration: str | None = None
-    calibration_warning: str | None = None  # why the --calib samples describe no real input
+    calibration_warning: str | None = None  # why the --calib (or synthetic) samples describe one input, not many
     order_choice: str | None = None  # groups ordered by the criterion's alternative (sensitivity pass)
     compensated: int = 0
     requantized: tuple[int, int] = (0, 0)  # re-fitted QDQ weights quantized again, values saturated
@@ -275,9 +275,7 @@ def render_report(report: PruneReport, console: Console) -> None:
     if report.order_choice:
         console.print(escape(f"channel order: {report.order_choice}"))
     if report.calibration_warning:
-        console.print(Text(f"warning: the --calib data describes one input, not many ({report.calibration_warning}): "
-                           "the channels chosen and the weights re-fitted fit that input; give varied real samples, "
-                           "or none (data-free)", style="bold yellow"))
+        console.print(Text(sameness_warning(report), style="bold yellow"))
     if report.rotated_heads:
         groups = "attention group" if report.rotated_heads == 1 else "attention groups"
         console.print(f"head dimensions: {report.rotated_heads} {groups} (queries/keys, values/outputs) "
@@ -374,6 +372,18 @@ samples chose nothing (:class:`~spa_compiler.stages.HeldOutOnly`)."""
 def fidelity_only(report: PruneReport) -> bool:
     """Whether the ``--calib`` samples measured fidelity and chose nothing."""
     return bool(report.calibration) and report.calibration.startswith(FIDELITY_ONLY)
+
+
+def sameness_warning(report: PruneReport) -> str:
+    """The warning for samples that describe one input (``report.calibration_warning``): a
+    ``--calib`` file's, or the synthetic ones of an input spa-prune cannot tell the content of
+    (integers no embedding table reads: zeros)."""
+    if data_free(report):
+        return (f"warning: data-free, the synthetic samples describe one input ({report.calibration_warning}): "
+                "spa-prune cannot tell what the model's inputs hold, so the channels were chosen for that input and "
+                "the fidelity figures say nothing of real ones; give real samples with --calib")
+    return (f"warning: the --calib data describes one input, not many ({report.calibration_warning}): the channels "
+            "chosen and the weights re-fitted fit that input; give varied real samples, or none (data-free)")
 
 
 def data_free(report: PruneReport) -> bool:

@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .report import PruneReport, _count, data_free, describe_fidelity, fidelity_warning
+from .report import PruneReport, _count, data_free, describe_fidelity, fidelity_warning, sameness_warning
 
 if TYPE_CHECKING:
     from .sweep import PointResult, SweepResult
@@ -137,8 +137,7 @@ def run_markdown(report: PruneReport, picture: str | None) -> str:
         *_costs_table(report), "", *_fidelity_lines(report),
         *([f"- statistics: {report.calibration}"] if report.calibration else []),
         *([f"- channel order: {report.order_choice}"] if report.order_choice else []),
-        *([f"- warning: the --calib data describes one input ({report.calibration_warning})"]
-          if report.calibration_warning else []), "",
+        *([f"- {sameness_warning(report)}"] if report.calibration_warning else []), "",
         "## Widths per group", "", *_widths_table(report), "",
         *([f"![widths per group]({picture})", ""] if picture else []),
         "## What blocked what", "", *_blocked_lines(report), "",

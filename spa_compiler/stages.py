@@ -161,6 +161,7 @@ class CollectStatistics(Pass):
         data, source = synthetic_calibration(graph, samples, config.seed)
         written = written_once(state, state.analysis, data) if tokens else SelfWritten(None, "")
         if written.data is None:
+            state.calibration_warning = sameness(data)  # an input of unknown content: zeros
             state.held_out = synthetic_calibration(graph, HELD_OUT_SYNTHETIC, config.seed + 1)[0]
             return data, source + (f"; {written.note}" if written.note else "")
         data, state.held_out = split_held_out(written.data)

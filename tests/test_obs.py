@@ -110,18 +110,18 @@ def test_greedy_keeps_one_of_two_alike_channels():
     assert _least_squares_error(augmented_x, weights, joint) < 0.2 * _least_squares_error(augmented_x, weights, one_at_a_time)
 
 
-def _two_layer_model(path, combination: bool):
-    """x[N,4] -> MatMul W1 (4->8) -> MatMul W2 (8->3) -> y; hidden channel 7 = channel 0 + 1."""
-    text = """
+def _two_layer_model(path, combination: bool, inputs: int = 4):
+    """x[N,inputs] -> MatMul W1 (inputs->8) -> MatMul W2 (8->3) -> y; hidden channel 7 = channel 0 + 1."""
+    text = f"""
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 4] x) => (float[N, 3] y) {
+        g (float[N, {inputs}] x) => (float[N, 3] y) {{
             h = MatMul (x, W1)
             y = MatMul (h, W2)
-        }
+        }}
     """
     model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(2)
-    w1 = rng.standard_normal((4, 8))
+    w1 = rng.standard_normal((inputs, 8))
     if combination:
         w1[:, 7] = w1[:, 0] + w1[:, 1]
     w2 = rng.standard_normal((8, 3))
@@ -132,16 +132,18 @@ def _two_layer_model(path, combination: bool):
 
 
 def test_a_channel_that_is_a_linear_combination_is_removed_with_no_error(tmp_path, monkeypatch):
+    """Eight inputs, so that the hidden channels span seven dimensions: only 0, 1 or 7 leaves
+    with no error."""
     monkeypatch.setattr(obs, "DAMPING", 1e-9)
-    source = _two_layer_model(tmp_path / "m.onnx", combination=True)
+    source = _two_layer_model(tmp_path / "m.onnx", combination=True, inputs=8)
     rng = np.random.default_rng(3)
-    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 4)).astype(np.float32))
-    graph = load_model(source, {"x": (1, 4)})
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 8)).astype(np.float32))
+    graph = load_model(source, {"x": (1, 8)})
     result = prune_graph(graph, PruneConfig(ratio=0.125, round_to=1, min_keep=0.0, criterion="obs",
                                             calibration=str(tmp_path / "calib.npz")))
     hidden = result.analysis.axis_id("W1", 1)
     assert result.removed_by_axis[hidden].tolist()[0] in (0, 1, 7)
-    fresh = {"x": rng.standard_normal((32, 4)).astype(np.float32)}
+    fresh = {"x": rng.standard_normal((32, 8)).astype(np.float32)}
     assert relative_error(run_model(graph.model, fresh), run_model(result.model, fresh)) < 1e-5
     assert sorted(result.compensated) == ["W2"]
 

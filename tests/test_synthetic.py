@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa_compiler.ir import load_model
@@ -198,3 +199,40 @@ def test_verification_feeds_token_ids_from_the_prior(tmp_path):
     image_graph, _, _ = _image_model(tmp_path, batchnorm=False)
     image_feeds, image_source = verification_inputs(image_graph, seed=0)
     assert image_source == "synthetic inputs" and abs(float(image_feeds["x"].std()) - 1) < 0.2
+
+
+@pytest.mark.accurate
+def test_data_free_samples_of_one_input_are_warned_of(tmp_path):
+    """Byte ids compared against ``0..K-1`` (a one-hot), no embedding table: spa-prune cannot tell
+    what they hold, so every synthetic sample is zeros. The report says the figures, on copies of
+    one input, say nothing of real ones."""
+    import onnx.parser
+    from rich.console import Console
+
+    from spa_compiler import PruneConfig, prune
+    from spa_compiler.report import render_report
+
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int32[1, 6] ids) => (float[1, 4] y) {
+            u = Unsqueeze (ids, Last)
+            hot = Equal (u, Range)
+            f = Cast <to = 1> (hot)
+            h = MatMul (f, W1)
+            r = Relu (h)
+            p = ReduceMax <axes = [1], keepdims = 0> (r)
+            y = MatMul (p, W2)
+        }""")
+    rng = np.random.default_rng(0)
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.asarray([-1], np.int64), "Last"),
+        numpy_helper.from_array(np.arange(8, dtype=np.int32), "Range"),
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W2"),
+    ])
+    onnx.save(model, tmp_path / "m.onnx")
+    report = prune(tmp_path / "m.onnx", tmp_path / "p.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert report.calibration_warning == "its 128 samples are all the same"
+    console = Console(record=True, width=400)
+    render_report(report, console)
+    assert "warning: data-free, the synthetic samples describe one input" in console.export_text()
