@@ -32,8 +32,10 @@ benchmark's sentences are). The default pipeline data-free keeps a sentence-embe
 instead of 0.864 at ``--flops 0.75`` and 0.767 instead of 0.709 at ``0.5``.
 
 Other inputs: named like a mask, ones; like token types or segments, zeros; like positions,
-``0, 1, ...`` along the last axis; float ``[N, T]`` or ``[N, 1 or 2, T]`` with ``T >= 1000``,
-audio (a few sine tones plus white noise); other floats standard normal; other integers zeros.
+``0, 1, ...`` along the last axis; float ids (a Keras Embedding casts its float input), token
+ids as the integer ones; float ``[N, T]``, ``[N, 1 or 2, T]`` or ``[N, T, 1 or 2]`` with
+``T >= 1000``, audio (a few sine tones plus white noise); other floats standard normal; other
+integers zeros.
 
 **Lengths.** Real batches are sentences of many lengths padded to one: attention spreads over
 fewer tokens in a short one. When an integer or boolean ``[N, T]`` mask (one :mod:`.token_mask`
@@ -161,19 +163,23 @@ def non_image_input(
     lowered = name.lower()
     if "mask" in lowered:
         return np.ones(shape, dtype), "ones (a mask)"
-    if np.issubdtype(dtype, np.floating):
+    floating = np.issubdtype(dtype, np.floating)
+    if not floating and ("type" in lowered or "segment" in lowered):
+        return np.zeros(shape, dtype), "zeros (token types)"
+    if not floating and "position" in lowered:
+        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype), "0, 1, ... (positions)"
+    table = embedding_table(graph, name)  # float ids too: Keras's Embedding casts its float input
+    if table is not None and len(table) >= 2:
+        ids, note = token_ids(table, shape, rng)
+        return ids.astype(dtype), note
+    if floating:
         if len(shape) in (2, 3) and shape[-1] >= MIN_AUDIO_LENGTH and (len(shape) == 2 or shape[1] <= 2):
             return _audio(rng, shape).astype(dtype), "tones plus noise (audio)"
+        if len(shape) == 3 and shape[1] >= MIN_AUDIO_LENGTH and shape[2] <= 2:  # channels last, as Keras has it
+            channels_first = _audio(rng, (shape[0], shape[2], shape[1]))
+            return np.swapaxes(channels_first, 1, 2).astype(dtype), "tones plus noise (audio)"
         return rng.standard_normal(shape).astype(dtype), "standard normal"
-    if "type" in lowered or "segment" in lowered:
-        return np.zeros(shape, dtype), "zeros (token types)"
-    if "position" in lowered:
-        return np.broadcast_to(np.arange(shape[-1]), shape).astype(dtype), "0, 1, ... (positions)"
-    table = embedding_table(graph, name)
-    if table is None or len(table) < 2:
-        return np.zeros(shape, dtype), "zeros"
-    ids, note = token_ids(table, shape, rng)
-    return ids.astype(dtype), note
+    return np.zeros(shape, dtype), "zeros"
 
 
 def _audio(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -32,14 +32,14 @@ from .errors import first_line
 from .ir import STANDARD_DOMAINS, Graph
 from .sample_layout import model_feeds
 from .shapes import free_batch, free_batch_copy, large_float, shape_skeleton, synthetic_inputs, weights_as_inputs
-from .synthetic_tokens import non_image_input
+from .synthetic_tokens import embedding_table, non_image_input
 from .token_mask import attention_mask, padding_zeroed
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Fidelity", "verify_model", "run_model", "run_reference", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
-    "FidelitySums", "class_score_outputs", "verification_inputs",
+    "FidelitySums", "decision_outputs", "verification_inputs", "ARG_MAX", "THRESHOLD",
 ]
 
 
@@ -53,9 +53,9 @@ class Fidelity:
     largest norm of one sample's outputs in either model; a detector's map of a picture without
     text) has only round-off to compare, and its cosine is noise; ``relative_error`` is
     ``‖after − before‖ / ‖before‖`` over everything; ``top1_agreement`` is the share of decisions
-    kept, for outputs whose last axis holds class scores (:func:`class_score_outputs`): the
-    fraction of positions where the arg-max over the last axis is unchanged (None when no output
-    qualifies). ``counted`` 0 says the samples' outputs are all but zero beside those of other
+    kept, for outputs that hold decisions (:func:`decision_outputs`): the positions where the
+    arg-max of class scores over the last axis is unchanged, and the probabilities (of a
+    Sigmoid) still on their side of 0.5 (None when no output holds any). ``counted`` 0 says the samples' outputs are all but zero beside those of other
     inputs (the held-out samples'): no figure of them means anything.
     """
 
@@ -283,12 +283,12 @@ def verify_model(
                 f"the pruned model's output '{name}' is not finite (inf or NaN) where the original's is, on synthetic "
                 "inputs: its activations overflow; nothing was written. Try a milder target or --refit 0"
             )
-    class_scores = class_score_outputs(reference)
-    measured = fidelity(before, after, source, class_scores)
+    decisions = decision_outputs(reference)
+    measured = fidelity(before, after, source, decisions)
     if measured.cosine >= POOR_COSINE:
         return measured
     plain = session_for(pruned, optimize=False, serialized=serialized).run(None, pruned_feeds)
-    return _unoptimised_if_changed(measured, before, after, plain, source, class_scores)
+    return _unoptimised_if_changed(measured, before, after, plain, source, decisions)
 
 
 def _optimisable(model: onnx.ModelProto) -> bool:
@@ -315,7 +315,7 @@ def _run_failure(pruned: onnx.ModelProto, serialized: bytes | None, feeds: dict[
 
 
 def _unoptimised_if_changed(measured: Fidelity, before: list[np.ndarray], after: list[np.ndarray],
-                            plain: list[np.ndarray], source: str, class_scores: list[bool]) -> Fidelity:
+                            plain: list[np.ndarray], source: str, decisions: list[str | None]) -> Fidelity:
     """The fidelity of the pruned model's unoptimised outputs ``plain``, with the relative change
     ``‖after − plain‖ / ‖plain‖`` as ``optimiser_change``, when onnxruntime's graph optimisations
     change its outputs ``after`` by more than rounding (``OPTIMISER_CHANGE``); else ``measured``.
@@ -326,13 +326,14 @@ def _unoptimised_if_changed(measured: Fidelity, before: list[np.ndarray], after:
     change = float(np.linalg.norm(flat[0] - flat[1]) / max(np.linalg.norm(flat[1]), 1e-30))
     if not change > OPTIMISER_CHANGE:
         return measured
-    return replace(fidelity(before, plain, source, class_scores), optimiser_change=change)
+    return replace(fidelity(before, plain, source, decisions), optimiser_change=change)
 
 
 def verification_inputs(graph: Graph, seed: int) -> tuple[dict[str, np.ndarray], str]:
     """The seeded inputs of the bound shapes that verification runs both models on, and what
     they are, for the report: standard-normal floats (:func:`~spa_compiler.shapes.synthetic_inputs`);
-    integers as data-free calibration makes them (:func:`~spa_compiler.synthetic_tokens.non_image_input`):
+    integers, and floats an embedding table reads, as data-free calibration makes them
+    (:func:`~spa_compiler.synthetic_tokens.non_image_input`):
     token ids drawn from the vocabulary's prior where an embedding table reads them, ones for a
     mask, zeros for token types, ``0, 1, ...`` for positions, zeros otherwise. All-zero token ids
     (padding everywhere) say nothing of a language model: all-MiniLM-L6-v2 pruned to
@@ -341,7 +342,7 @@ def verification_inputs(graph: Graph, seed: int) -> tuple[dict[str, np.ndarray],
     rng = np.random.default_rng(seed)
     notes = []
     for name, value in feeds.items():
-        if not np.issubdtype(value.dtype, np.floating):
+        if not np.issubdtype(value.dtype, np.floating) or embedding_table(graph, name) is not None:
             feeds[name], note = non_image_input(graph, name, value.shape, value.dtype, rng)
             notes.append(note)
     if any("token ids" in note for note in notes):
@@ -377,38 +378,57 @@ def _onnxruntime_cpu_ops() -> frozenset[tuple[str, str]]:
 LINEAR_OPS = {"MatMul", "Gemm"}
 
 
-def class_score_outputs(graph: Graph) -> list[bool]:
-    """Per graph output, whether its last axis holds class scores, whose arg-max is a decision:
-    a ``[samples, K]`` output (``K >= 2``), or one of higher rank made along its last axis by a
-    Softmax or LogSoftmax, or by a linear layer (MatMul, Gemm, or the Add of their bias): a
-    language model's logits, a recogniser's per-position characters. Not a LayerNorm's hidden
-    states, whose largest feature decides nothing, nor a detector's map of scores."""
-    flags = []
+ARG_MAX, THRESHOLD = "arg-max", "threshold"
+"""The decisions an output holds: the arg-max of class scores along its last axis, or each
+probability's side of 0.5."""
+
+
+def decision_outputs(graph: Graph) -> list[str | None]:
+    """Per graph output, the decisions it holds (see :data:`ARG_MAX`, :data:`THRESHOLD`), None for
+    none. Class scores along the last axis, whose arg-max is a decision: a ``[samples, K]`` output
+    (``K >= 2``), or one of higher rank made along its last axis by a Softmax or LogSoftmax, or by
+    a linear layer (MatMul, Gemm, or the Add of their bias): a language model's logits, a
+    recogniser's per-position characters. Probabilities of a Sigmoid, ``[samples, K]``: a yes or
+    no each (a wake word heard, a word boundary, labels of a multi-label classifier), where one
+    value per sample has a cosine of 1 whatever it is. Not a LayerNorm's hidden states, whose
+    largest feature decides nothing, nor a detector's map of scores (rank 3 or more)."""
+    kinds: list[str | None] = []
     for name in graph.outputs:
         shape = graph.shapes.get(name, ())
         node = graph.producer.get(name)
         if node is not None and node.op_type == "Add":  # a bias added to a linear layer's output
             linear = [graph.producer.get(x) for x in node.inputs if not graph.is_constant(x)]
             node = linear[0] if len(linear) == 1 else node
+        if node is not None and node.op_type == "Sigmoid" and len(shape) == 2:
+            kinds.append(THRESHOLD)
+            continue
         if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
             default = -1 if graph.opset >= 13 else 1  # before opset 13: over the axes from 1 on, flattened
             along_last = int(node.attr("axis", default)) % len(shape) == len(shape) - 1 if shape else False
         else:
             along_last = node is not None and node.op_type in LINEAR_OPS
-        flags.append(len(shape) >= 2 and shape[-1] >= 2 and (len(shape) == 2 or along_last))
-    return flags
+        scores = len(shape) >= 2 and shape[-1] >= 2 and (len(shape) == 2 or along_last)
+        kinds.append(ARG_MAX if scores else None)
+    return kinds
+
+
+def _decisions_kept(before: np.ndarray, after: np.ndarray, kind: str) -> tuple[int, int]:
+    """(decisions kept, decisions made) of one output of the ``kind`` of :func:`decision_outputs`."""
+    if kind == THRESHOLD:
+        return int(np.sum((before > 0.5) == (after > 0.5))), int(np.size(before))
+    return int(np.sum(np.argmax(before, -1) == np.argmax(after, -1))), int(np.prod(np.shape(before)[:-1]))
 
 
 class FidelitySums:
     """The sums :class:`Fidelity` is made of, added batch by batch (outputs whose first axis is
     the sample axis), so the outputs of many samples (a language model's logits) are never held
     together: per-sample cosines and norms, ``Σ‖after − before‖²``, ``Σ‖before‖²``, the largest absolute
-    error, and the decisions kept out of those made, over the outputs ``class_scores`` marks
-    (:func:`class_score_outputs`; without it, every output of rank 2 or more with 2 or more
-    values along its last axis)."""
+    error, and the decisions kept out of those made, over the outputs ``decisions`` marks
+    (:func:`decision_outputs`; without it, the arg-max of every output of rank 2 or more with 2
+    or more values along its last axis)."""
 
-    def __init__(self, class_scores: list[bool] | None = None) -> None:
-        self.class_scores = class_scores
+    def __init__(self, decisions: list[str | None] | None = None) -> None:
+        self.decisions_of = decisions
         self.cosines: list[np.ndarray] = []
         self.norms: list[np.ndarray] = []  # per sample: [‖before‖, ‖after‖]
         self.squared_error = self.squared_norm = self.max_abs_error = 0.0
@@ -430,11 +450,12 @@ class FidelitySums:
         self.squared_error += float(np.sum((a - b) ** 2))
         self.squared_norm += float(np.sum(a**2))
         self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(a - b))) if a.size else 0.0)  # NaN stays
-        scores = self.class_scores or [np.ndim(x) >= 2 and np.shape(x)[-1] >= 2 for x in before]
-        for x, y, decides in zip(before, after, scores):
-            if decides:
-                self.kept += int(np.sum(np.argmax(x, -1) == np.argmax(y, -1)))
-                self.decisions += int(np.prod(np.shape(x)[:-1]))
+        kinds = self.decisions_of or [ARG_MAX if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2 else None for x in before]
+        for x, y, kind in zip(before, after, kinds):
+            if kind:
+                kept, made = _decisions_kept(np.asarray(x), np.asarray(y), kind)
+                self.kept += kept
+                self.decisions += made
 
     def result(self, source: str) -> "Fidelity":
         cosines, norms = np.concatenate(self.cosines), np.concatenate(self.norms)
@@ -455,9 +476,9 @@ class FidelitySums:
 
 
 def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "synthetic inputs",
-             class_scores: list[bool] | None = None) -> Fidelity:
+             decisions: list[str | None] | None = None) -> Fidelity:
     """Compare outputs whose first axis is the sample axis (see :class:`Fidelity`)."""
-    sums = FidelitySums(class_scores)
+    sums = FidelitySums(decisions)
     sums.add(before, after)
     return sums.result(source)
 
@@ -470,7 +491,7 @@ def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[st
     count = len(next(iter(samples.values())))
     reference, weights = reference_session(original)
     session = session_for(free_batch_copy(pruned) if batch > 1 else pruned, layout=False)
-    sums = FidelitySums(class_score_outputs(original))
+    sums = FidelitySums(decision_outputs(original))
     for i in range(0, count, batch):
         feeds = {k: v[i:i + batch] for k, v in samples.items()}
         taken = model_feeds(original, feeds)

@@ -535,17 +535,18 @@ def test_layers_too_wide_to_refit_keep_their_compensated_weights(monkeypatch):
     assert set(refitted) - set(without)  # layers that lost no input channels re-fitted too
 
 
-def test_top1_agreement_counts_class_scores_only(tmp_path):
-    """Top-1 agreement is measured on outputs whose last axis holds class scores (a 2-D output,
-    logits of a linear layer, a softmax along the last axis), never on hidden states or maps."""
+def test_top1_agreement_counts_decisions_only(tmp_path):
+    """Top-1 agreement is measured on outputs that hold decisions: class scores along the last
+    axis (a 2-D output, logits of a linear layer, a softmax along the last axis) and a Sigmoid's
+    ``[samples, K]`` probabilities (each one's side of 0.5), never on hidden states or maps."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from spa_compiler.verify import class_score_outputs, fidelity
+    from spa_compiler.verify import ARG_MAX, THRESHOLD, decision_outputs, fidelity
 
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])
     constants = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-                 for name, shape in (("W", (8, 8)), ("b", (8,)), ("g", (8,)), ("W2", (40, 3)))]
+                 for name, shape in (("W", (8, 8)), ("b", (8,)), ("g", (8,)), ("W2", (40, 3)), ("W3", (40, 1)))]
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["logits"]),
         helper.make_node("Add", ["logits", "b"], ["biased"]),
@@ -555,20 +556,27 @@ def test_top1_agreement_counts_class_scores_only(tmp_path):
         helper.make_node("Sigmoid", ["x"], ["map"]),
         helper.make_node("Flatten", ["x"], ["flat"]),
         helper.make_node("Gemm", ["flat", "W2"], ["classes"]),
+        helper.make_node("Gemm", ["flat", "W3"], ["score"]),
+        helper.make_node("Sigmoid", ["score"], ["yes"]),
     ]
-    names = ["logits", "biased", "probabilities", "over_tokens", "hidden", "map", "classes"]
+    names = ["logits", "biased", "probabilities", "over_tokens", "hidden", "map", "classes", "yes"]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
     graph = helper.make_graph(nodes, "outputs", [x], outputs, constants)
     path = tmp_path / "outputs.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    flags = class_score_outputs(load_model(path))
-    assert dict(zip(names, flags)) == {"logits": True, "biased": True, "probabilities": True, "over_tokens": False,
-                                       "hidden": False, "map": False, "classes": True}
+    kinds = decision_outputs(load_model(path))
+    assert dict(zip(names, kinds)) == {"logits": ARG_MAX, "biased": ARG_MAX, "probabilities": ARG_MAX,
+                                       "over_tokens": None, "hidden": None, "map": None, "classes": ARG_MAX,
+                                       "yes": THRESHOLD}
 
     before = [rng.standard_normal((4, 5, 8)), rng.standard_normal((4, 5, 8))]
     after = [before[0], before[1][..., ::-1]]  # the first output's decisions all kept, the second's moved
-    assert fidelity(before, after, class_scores=[True, False]).top1_agreement == 1.0
-    assert fidelity(before, after, class_scores=[False, False]).top1_agreement is None
+    assert fidelity(before, after, decisions=[ARG_MAX, None]).top1_agreement == 1.0
+    assert fidelity(before, after, decisions=[None, None]).top1_agreement is None
+    probabilities = np.array([[0.9], [0.2], [0.6], [0.4]])  # one per sample: a cosine of 1 whatever they are
+    moved = np.array([[0.7], [0.3], [0.4], [0.45]])
+    binary = fidelity([probabilities], [moved], decisions=[THRESHOLD])
+    assert binary.cosine == 1.0 and binary.top1_agreement == 0.75
     assert fidelity(before, after).top1_agreement < 1.0  # without a graph: every output of rank 2 or more
 
 

@@ -149,6 +149,30 @@ def test_audio_and_other_floats(tmp_path):
     assert "'waveform': tones plus noise (audio)" in description and "'features': standard normal" in description
 
 
+def test_keras_inputs_float_ids_and_channels_last_audio(tmp_path):
+    """As TensorFlow exports Keras models: character ids given as floats, cast to integers for an
+    Embedding's Gather, get ids drawn from the table (not standard-normal floats, which cast to
+    -2..2); a waveform ``[N, T, 1]`` gets tones, channels last."""
+    table = np.random.default_rng(0).standard_normal((178, 8)).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["chars"], ["ids"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("Relu", ["waveform"], ["z"])]
+    inputs = [helper.make_tensor_value_info("chars", TensorProto.FLOAT, [1, 21]),
+              helper.make_tensor_value_info("waveform", TensorProto.FLOAT, [1, 4000, 1])]
+    outputs = [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 21, 8]),
+               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4000, 1])]
+    graph = load_model(_save(tmp_path, nodes, inputs, outputs, {"table": table}))
+    arrays, description = synthetic_calibration(graph, 8, seed=0)
+    chars = arrays["chars"]
+    assert chars.dtype == np.float32 and (chars == np.round(chars)).all()
+    assert chars.min() >= 0 and chars.max() < 178 and len(np.unique(chars)) > 20
+    wave = arrays["waveform"].astype(np.float64)
+    assert wave.shape == (8, 4000, 1) and np.allclose(np.abs(wave).max(axis=(1, 2)), 0.5, atol=1e-6)
+    spectrum = np.abs(np.fft.rfft(wave[..., 0], axis=1))
+    assert np.all(spectrum.max(axis=1) > 20 * np.median(spectrum, axis=1))
+    assert "'waveform': tones plus noise (audio)" in description and "token ids" in description
+
+
 def test_deterministic_for_a_seed(tmp_path):
     graph, _, _ = _image_model(tmp_path, batchnorm=True)
     first, text = synthetic_calibration(graph, 4, seed=3)
