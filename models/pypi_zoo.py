@@ -64,6 +64,8 @@ MODELS = {
     "oww_hey_mycroft": Shipped("openwakeword", "openwakeword==0.4.0", "resources/models/hey_mycroft_v0.1.onnx", {}),
     "oww_alexa": Shipped("openwakeword", "openwakeword==0.4.0", "resources/models/alexa_v0.1.onnx", {}),
     "magika": Shipped("magika", "magika==1.0.3", "models/standard_v3_3/model.onnx", {}),
+    "basic_pitch": Shipped("basic_pitch", "basic-pitch==0.4.0", "saved_models/icassp_2022/nmp.onnx", {}),
+    "deepcut": Shipped("pythainlp", "pythainlp==5.4.0", "corpus/deepcut.onnx", {}),
 }
 
 

@@ -17,16 +17,17 @@ EXACTNESS = PruneConfig(ratio=0.5, round_to=1, min_keep=0.0, criterion="l2", all
 
 def pruned_outcome(source: Path, output: Path, config: PruneConfig) -> str:
     """The achieved FLOPs ratio, the groups pruned, the attention groups rotated and the cosine
-    of the outputs to the original's on samples the statistics did not see, or the error that
-    stopped the pruning (its first clause)."""
+    of the outputs to the original's on samples the statistics did not see (and the decisions
+    kept, where the outputs hold any), or the error that stopped the pruning (its first clause)."""
     try:
         report = prune(source, output, config)
     except SpaError as error:
         return str(error).split(";")[0]
     pruned = sum(g.channels_after < g.channels_before for g in report.groups)
-    cosine = report.held_out_fidelity.cosine if report.held_out_fidelity else report.fidelity.cosine
+    fidelity = report.held_out_fidelity or report.fidelity
+    agreement = f", top-1 {fidelity.top1_agreement:.3f}" if fidelity.top1_agreement is not None else ""
     return (f"FLOPs {report.flops_ratio:.3f}, {pruned} of {len(report.groups)} groups pruned, "
-            f"{report.rotated_heads} rotated, cosine {cosine:.4f}")
+            f"{report.rotated_heads} rotated, cosine {fidelity.cosine:.4f}{agreement}")
 
 
 def exactness(source: Path, shapes: dict[str, tuple[int, ...]]) -> str:
