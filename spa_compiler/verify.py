@@ -29,7 +29,7 @@ import onnxruntime as ort
 from . import streaming
 from .errors import ModelError, VerificationError
 from .errors import first_line
-from .ir import STANDARD_DOMAINS, Graph
+from .ir import STANDARD_DOMAINS, Graph, Node
 from .sample_layout import model_feeds
 from .shapes import free_batch, free_batch_copy, large_float, shape_skeleton, synthetic_inputs, weights_as_inputs
 from .synthetic_tokens import embedding_table, non_image_input
@@ -395,7 +395,7 @@ def decision_outputs(graph: Graph) -> list[str | None]:
     kinds: list[str | None] = []
     for name in graph.outputs:
         shape = graph.shapes.get(name, ())
-        node = graph.producer.get(name)
+        node = _before_layout(graph, graph.producer.get(name))
         if node is not None and node.op_type == "Add":  # a bias added to a linear layer's output
             linear = [graph.producer.get(x) for x in node.inputs if not graph.is_constant(x)]
             node = linear[0] if len(linear) == 1 else node
@@ -410,6 +410,22 @@ def decision_outputs(graph: Graph) -> list[str | None]:
         scores = len(shape) >= 2 and shape[-1] >= 2 and (len(shape) == 2 or along_last)
         kinds.append(ARG_MAX if scores else None)
     return kinds
+
+
+def _before_layout(graph: Graph, node: Node | None) -> Node | None:
+    """The producer of what ``node`` only lays out, its last axis kept whole and last (a Reshape
+    whose input and output end in the same size, a Transpose that leaves the last axis last,
+    ``[T, C] -> [T, 1, C]`` as a recogniser's characters per position come out); else ``node``."""
+    while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze"):
+        before, after = graph.shapes.get(node.inputs[0], ()), graph.shapes.get(node.outputs[0], ())
+        keeps_last = bool(before) and bool(after) and before[-1] == after[-1]
+        if node.op_type == "Transpose":
+            perm = node.attr("perm", list(range(len(before)))[::-1])
+            keeps_last = keeps_last and list(perm)[-1] == len(before) - 1
+        if not keeps_last:
+            return node
+        node = graph.producer.get(node.inputs[0])
+    return node
 
 
 def _decisions_kept(before: np.ndarray, after: np.ndarray, kind: str) -> tuple[int, int]:

@@ -537,8 +537,9 @@ def test_layers_too_wide_to_refit_keep_their_compensated_weights(monkeypatch):
 
 def test_top1_agreement_counts_decisions_only(tmp_path):
     """Top-1 agreement is measured on outputs that hold decisions: class scores along the last
-    axis (a 2-D output, logits of a linear layer, a softmax along the last axis) and a Sigmoid's
-    ``[samples, K]`` probabilities (each one's side of 0.5), never on hidden states or maps."""
+    axis (a 2-D output, logits of a linear layer, a softmax along the last axis, those logits
+    reshaped with their last axis whole) and a Sigmoid's ``[samples, K]`` probabilities (each
+    one's side of 0.5), never on hidden states, maps or logits regrouped."""
     from onnx import TensorProto, helper, numpy_helper
 
     from spa_compiler.verify import ARG_MAX, THRESHOLD, decision_outputs, fidelity
@@ -558,8 +559,13 @@ def test_top1_agreement_counts_decisions_only(tmp_path):
         helper.make_node("Gemm", ["flat", "W2"], ["classes"]),
         helper.make_node("Gemm", ["flat", "W3"], ["score"]),
         helper.make_node("Sigmoid", ["score"], ["yes"]),
+        helper.make_node("Reshape", ["biased", "per_position_shape"], ["per_position"]),
+        helper.make_node("Reshape", ["biased", "regrouped_shape"], ["regrouped"]),
     ]
-    names = ["logits", "biased", "probabilities", "over_tokens", "hidden", "map", "classes", "yes"]
+    constants += [numpy_helper.from_array(np.array(shape, dtype=np.int64), name)
+                  for name, shape in (("per_position_shape", [2, 5, 1, 8]), ("regrouped_shape", [2, 10, 4]))]
+    names = ["logits", "biased", "probabilities", "over_tokens", "hidden", "map", "classes", "yes", "per_position",
+             "regrouped"]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
     graph = helper.make_graph(nodes, "outputs", [x], outputs, constants)
     path = tmp_path / "outputs.onnx"
@@ -567,7 +573,7 @@ def test_top1_agreement_counts_decisions_only(tmp_path):
     kinds = decision_outputs(load_model(path))
     assert dict(zip(names, kinds)) == {"logits": ARG_MAX, "biased": ARG_MAX, "probabilities": ARG_MAX,
                                        "over_tokens": None, "hidden": None, "map": None, "classes": ARG_MAX,
-                                       "yes": THRESHOLD}
+                                       "yes": THRESHOLD, "per_position": ARG_MAX, "regrouped": None}
 
     before = [rng.standard_normal((4, 5, 8)), rng.standard_normal((4, 5, 8))]
     after = [before[0], before[1][..., ::-1]]  # the first output's decisions all kept, the second's moved
