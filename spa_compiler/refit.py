@@ -34,8 +34,9 @@ at 640×640: 4 samples, 3.1 GB at the peak of its whole pruning instead of 6.1 G
 ``rounds`` repeats the sequence. A stage draws its layers' rows (at most ``ROWS_PER_FEATURE`` per
 feature, spread evenly) from every calibration sample the runs can afford: rows from many
 samples vary as the data does, where rows from many positions of a few samples do not (magika's
-file-type classifier at ``--flops`` 0.5, its convolution re-fitted on rows from 8 of its 167
-calibration files, read 0.70 of its test files right; from all of them, 0.86). The runs may cost
+file-type classifier at ``--flops`` 0.5, calibrated on 167 files written a type at a time, its
+convolution re-fitted on rows from the first 8, all C sources, read 0.70 of its test files
+right; from all of them, 0.86). The runs may cost
 at most ``budget`` MACs (``BUDGET_MACS``: :func:`stage_samples` caps the stages' samples, at
 ``SAMPLES`` at least), so a 4-GMAC ResNet-50 re-fits on fewer samples than it is given (the
 held-out choice then keeps fewer parameters). The bias term also corrects the
