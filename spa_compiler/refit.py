@@ -320,29 +320,14 @@ def refit_layer(layer: ConsumerLayer, weights: np.ndarray, current: np.ndarray, 
     return matrix, bias, ridge
 
 
-def stage_samples(needs: list[int], prefix_macs: list[float], total_macs: float, budget: float,
-                  least: int) -> list[int]:
-    """Samples per stage: ``needs``, or each capped at a common ``c`` (not below ``least``), the
-    largest for which the runs cost at most ``budget`` MACs: one run of the original network
-    (``total_macs`` per sample) over the most samples a stage uses, and a run of each stage's
-    prefix (``prefix_macs`` per sample, the original network's: a bound on the pruned one's),
-    ``max_k c_k · M + Σ_k c_k · P_k`` (the original's runs for stages of fewer than 32 samples,
-    in smaller batches, left out: their samples are few)."""
-
-    def capped(cap: int) -> list[int]:
-        return [min(n, max(least, cap)) for n in needs]
-
-    def cost(cap: int) -> float:
-        counts = capped(cap)
-        return max(counts, default=0) * total_macs + sum(c * p for c, p in zip(counts, prefix_macs))
-
-    low, high = least, max(needs, default=least)
-    if cost(high) <= budget:
-        return list(needs)
-    while low < high:  # the largest cap within the budget (the least one when none is)
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if cost(middle) <= budget else (low, middle - 1)
-    return capped(low)
+def stage_samples(available: int, prefix_macs: list[float], total_macs: float, budget: float, least: int) -> int:
+    """Samples every stage uses: all ``available``, or the most ``c`` (not below ``least``) for
+    which the runs cost at most ``budget`` MACs: one run of the original network (``total_macs``
+    per sample) and one of each stage's prefix (``prefix_macs`` per sample, the original
+    network's: a bound on the pruned one's) over them, ``c · (M + Σ_k P_k)``."""
+    per_sample = total_macs + sum(prefix_macs)
+    affordable = int(budget // per_sample) if per_sample > 0 else available
+    return min(available, max(least, affordable))
 
 
 def layer_levels(graph, layers: list[ConsumerLayer]) -> list[list[ConsumerLayer]]:
@@ -416,10 +401,9 @@ class Refit(Pass):
         available = len(next(iter(state.calibration_data.values())))
         macs = node_macs(analysis)
         prefixes = [prefix_nodes(graph.model, sorted({layer.activation for layer in stage})) for stage in sequence]
-        counts = stage_samples(
-            [available] * len(sequence),
-            [part_macs(nodes, macs) for nodes in prefixes], sum(macs.values()), self.budget, min(self.samples, available),
-        )
+        count = stage_samples(available, [part_macs(nodes, macs) for nodes in prefixes], sum(macs.values()), self.budget,
+                              min(self.samples, available))
+        counts = [count] * len(sequence)
         log.info("re-fit stages' samples: %s; %d layers fitted toward their residual sums", counts, len(streams))
         state.note("re-fitting layers: running the original network")
         runner.cache_original(list(zip(sequence, counts)), state.calibration_data, config.seed, ROWS_PER_FEATURE)

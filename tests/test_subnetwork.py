@@ -111,11 +111,12 @@ def test_one_measurement_is_scaled_by_the_cumulative_scores():
 
 
 def test_stage_samples_are_capped_to_the_budget():
-    needs, prefix = [8, 8, 100, 224], [1.0, 2.0, 3.0, 4.0]
-    assert stage_samples(needs, prefix, 4.0, 3000.0, 8) == needs  # 224·4 + 8 + 16 + 300 + 896 = 2116
-    # a cap c costs c·4 (the original's run) + 8 + 16 + 3c + 4c: within 500 for c <= 43
-    assert stage_samples(needs, prefix, 4.0, 500.0, 8) == [8, 8, 43, 43]
-    assert stage_samples(needs, prefix, 4.0, 10.0, 8) == [8, 8, 8, 8]
+    prefix = [1.0, 2.0, 3.0, 4.0]  # c samples cost c·4 (the original's run) + c·(1 + 2 + 3 + 4) = 14c
+    assert stage_samples(200, prefix, 4.0, 3000.0, 8) == 200  # 2800: every sample
+    assert stage_samples(224, prefix, 4.0, 3000.0, 8) == 214  # 3136 for all; 214 · 14 = 2996
+    assert stage_samples(224, prefix, 4.0, 500.0, 8) == 35
+    assert stage_samples(224, prefix, 4.0, 10.0, 8) == 8  # never below the least
+    assert stage_samples(5, prefix, 4.0, 10.0, 5) == 5
 
 
 def _paired_folds(seed: int, bias: bool = True):
