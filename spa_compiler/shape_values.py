@@ -63,7 +63,7 @@ _INTEGER_TYPES = {2, 3, 4, 5, 6, 7, 12, 13}  # onnx uint8/int8/uint16/int16/int3
 _FOLLOWED = {"Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity", "Reshape", "Equal",
              "Where", *_ARITHMETIC}
 # inputs that read a shape value and whose rules understand a symbolic one
-SHAPE_TARGET_SLOTS = {("Reshape", 1), ("Slice", 1), ("Slice", 2), ("Expand", 1)}
+SHAPE_TARGET_SLOTS = {("Reshape", 1), ("Slice", 1), ("Slice", 2), ("Expand", 1), ("ConstantOfShape", 0)}
 
 
 def _truncating_division(a: int, b: int) -> int | None:

@@ -6,10 +6,12 @@ Reshape, merging directions and hidden units] -> MatMul -> y``."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
-from spa_compiler import PruneConfig, analyze_graph, prune_graph
-from test_op_rules import CONFIG, attr, build, nodes, prune_exact, removed, shapes_of
+from helpers import randomize_weights
+from spa_compiler import PruneConfig, analyze_graph, load_model, prune_graph
+from test_op_rules import CONFIG, attr, build, initializer, make_model, nodes, prune_exact, removed, shapes_of
 
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 T, IN, FEAT, H, OUT = 5, 6, 8, 8, 4
@@ -104,3 +106,31 @@ def test_recurrent_macs(tmp_path):
     assert macs["LSTM_1"] == T * 2 * 1 * 4 * H * (FEAT + H)
     report = prune_graph(graph, PruneConfig(ratio=0.5, round_to=1, verify=False))
     assert report.plan.achieved < 0.5
+
+
+
+
+def test_states_made_by_constant_of_shape(tmp_path):
+    """Initial states made by ConstantOfShape of a shape computed at run time, as PyTorch exports
+    ``zeros(dirs, batch, hidden)`` with a free batch axis (``Concat([dirs], Shape(x)[1],
+    [hidden])``; loaded at batch 1; a value of 0.5 here, so a wrong state would show): the
+    hidden units leave with the states' last axis, and the constant entry sizing it is rewritten."""
+    text, consts = recurrent_model("LSTM", "bidirectional", states=False)
+    states = """s = Shape (a)
+        b = Gather <axis = 0> (s, one)
+        hs = Concat <axis = 0> (dirs, b, hidden)
+        h0 = ConstantOfShape <value = float[1] {0.5}> (hs)
+        c0 = ConstantOfShape <value = float[1] {0.5}> (hs)
+        Y, Yh"""
+    text = text.replace("Y, Yh", states, 1).replace("(a, W, R, B)", "(a, W, R, B, , h0, c0)")
+    text = text.replace(f"float[{T},1,", f"float[{T},N,")
+    consts |= {"one": np.asarray([1], dtype=np.int64), "dirs": np.asarray([2], dtype=np.int64),
+               "hidden": np.asarray([H], dtype=np.int64), "shape": np.asarray([T, -1, 2 * H], dtype=np.int64)}
+    path = tmp_path / "model.onnx"
+    onnx.save_model(make_model(text, 14, consts), str(path))
+    graph = randomize_weights(load_model(path, {"x": (T, 1, IN)}))
+    assert [n.op_type for n in graph.nodes].count("ConstantOfShape") == 2
+    result, pruned = prune_exact(graph)
+    assert len(removed(result, "Y", 3)) == H // 2
+    assert removed(result, "h0", 2).tolist() == removed(result, "Y", 3).tolist()
+    assert initializer(pruned, "hidden").tolist() == [H // 2] and initializer(pruned, "dirs").tolist() == [2]

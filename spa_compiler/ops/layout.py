@@ -1,5 +1,5 @@
 """Ops that move, join, cut or repeat axes: Concat, Split, Slice, Gather, Transpose, Squeeze,
-Unsqueeze, Shape, Expand, Tile (Reshape and Flatten, which regroup axes: :mod:`.reshape`)."""
+Unsqueeze, Shape, Expand, ConstantOfShape, Tile (Reshape and Flatten, which regroup axes: :mod:`.reshape`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .runtime_shapes import (
 if TYPE_CHECKING:
     from ..ir import Node
 
-__all__ = ["Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand", "Tile"]
+__all__ = ["Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand", "ConstantOfShape", "Tile"]
 
 
 @register_op("Concat")
@@ -334,6 +334,27 @@ class Expand(OpRule):
         ]
         if rewritten != target_values:
             r.set_input(node, 1, np.asarray(rewritten, dtype=np.int64))
+
+
+@register_op("ConstantOfShape", opsets=(9, 23))
+class ConstantOfShape(OpRule):
+    """One value (the ``value`` attribute, 0 by default) at every position of a shape computed
+    at run time: a recurrent layer's zero initial state, ``zeros(directions, batch, hidden)``,
+    as PyTorch exports it with a free batch axis (a constant shape is folded on loading). Every
+    element is the same value, so any positions of any axis may leave and the rest is exactly
+    the smaller tensor; the shape is followed as an Expand's target is: an entry that is the
+    size of an axis couples that axis, a constant entry is rewritten at its source."""
+
+    summary = "one value everywhere: any axis free; constant shape entries rewritten"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        shape, y = node.inputs[0], node.outputs[0]
+        for k in range(len(c.shape(y))):
+            c.free(y, k)
+        couple_run_time_target(c, "ConstantOfShape", y, shape, y, keep=None)
+
+    def rewrite(self, node: "Node", r: Rewriter) -> None:
+        rewrite_run_time_target(r, node.inputs[0], node.outputs[0], keep=None)
 
 
 @register_op("Tile")

@@ -160,14 +160,14 @@ def couple_sized_by(c: Coupler, x: str, y: str, k: int, dim: Dim) -> None:
         c.couple(y, k, dim.tensor, dim.axis, np.arange(positions.size), positions)
 
 
-def couple_run_time_target(c: Coupler, kind: str, x: str, target: str, y: str, keep: int,
+def couple_run_time_target(c: Coupler, kind: str, x: str, target: str, y: str, keep: int | None,
                            computed: Callable[[int, Expr], None] | None = None) -> None:
     """Couple the entries of a ``kind`` node's target shape computed at run time (a Reshape's,
-    an Expand's), read symbolically: an entry that is the size of an axis couples that axis with
-    the output axis it sizes; one computed by arithmetic goes to ``computed`` (None: not
-    followed); a constant entry other than ``keep`` (Reshape's -1, Expand's 1: the size left to
-    the input) is shared by the axes it sizes and rewritten at its source, unless something else
-    reads it. When an entry is not followed, the axes the target reads keep their sizes and
+    an Expand's, a ConstantOfShape's), read symbolically: an entry that is the size of an axis
+    couples that axis with the output axis it sizes; one computed by arithmetic goes to
+    ``computed`` (None: not followed); a constant entry other than ``keep`` (Reshape's -1,
+    Expand's 1: the size left to the input; None where every entry is a size) is shared by the
+    axes it sizes and rewritten at its source, unless something else reads it. When an entry is not followed, the axes the target reads keep their sizes and
     Unsupported is raised."""
     value = c.shape_value(target)
     if value is None or len(value) != len(c.shape(y)) \
@@ -186,7 +186,7 @@ def couple_run_time_target(c: Coupler, kind: str, x: str, target: str, y: str, k
             c.share((element.source, element.index), y, k)
 
 
-def rewrite_run_time_target(r: Rewriter, target: str, y: str, keep: int) -> None:
+def rewrite_run_time_target(r: Rewriter, target: str, y: str, keep: int | None) -> None:
     """Write the new size of every axis of ``y`` that lost elements into the constant entry of
     the run-time ``target`` that sizes it (see :func:`couple_run_time_target`)."""
     old, new = r.old_shape(y), r.new_shape(y)
