@@ -9,9 +9,14 @@ reshape target gives the queries, keys and values of every layer one head size, 
 dimensions are one group that cannot be rotated; a shared bias makes every projection it serves
 one channel group, and the residual stream's blocks then hold them all.
 
+PyTorch's multi-layer recurrent layers start from one ``ConstantOfShape`` of
+``[layers * directions, batch, hidden]`` zeros that every layer slices its states from: read as
+it is, every layer would lose the same hidden units.
+
 Copies change nothing the model computes, so :func:`unshare` gives, before the analysis, every
-Reshape whose target a ``Concat`` shared with an earlier Reshape computes its own copy of that
-``Concat`` (its other inputs still shared), and then every node input that reads a 1-D
+reader of a ``ConstantOfShape`` read by an earlier one its own copy of it; every Reshape and
+ConstantOfShape whose shape a ``Concat`` shared with an earlier one computes its own copy of
+that ``Concat`` (its other inputs still shared); and then every node input that reads a 1-D
 initializer shared with an earlier one its own copy; copies are named ``<name>.<k>``. Only
 vectors are copied: a shared matrix is a tied weight (an embedding read by the output
 projection, ALBERT's layers), which its readers must keep tied, and large; the copy of a vector
@@ -38,40 +43,50 @@ __all__ = ["unshare", "share_identical"]
 
 
 def unshare(model: onnx.ModelProto) -> int:
-    """Give each Reshape of ``model``'s main graph its own target ``Concat`` and each reader of a
-    shared 1-D initializer its own copy (see the module docstring), in place; the number of
-    copies made."""
+    """Give each reader of a ConstantOfShape of ``model``'s main graph its own copy, each Reshape
+    and ConstantOfShape its own shape ``Concat`` and each reader of a shared 1-D initializer its
+    own copy (see the module docstring), in place; the number of copies made."""
     graph = model.graph
     taken = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {
         o for node in graph.node for o in node.output
     } | {node.name for node in graph.node}
-    return _own_reshape_targets(graph, taken) + _own_vectors(graph, taken)
+    return (_own_copies(graph, taken, "ConstantOfShape", None)
+            + _own_copies(graph, taken, "Concat", {"Reshape": 1, "ConstantOfShape": 0})
+            + _own_vectors(graph, taken))
 
 
-def _own_reshape_targets(graph: onnx.GraphProto, taken: set[str]) -> int:
-    """Copy the ``Concat`` computing a Reshape target read by an earlier Reshape too, for each
-    later Reshape; each copy comes right after its original. The number of copies."""
-    producers = {node.output[0]: node for node in graph.node if node.op_type == "Concat"}
+def _own_copies(graph: onnx.GraphProto, taken: set[str], op_type: str, slots: dict[str, int] | None) -> int:
+    """Copy the single-output ``op_type`` node computing a tensor that an earlier reader reads
+    too, for each later reader: the readers are the inputs at ``slots`` of the op types it names
+    (None: every input of every node of the main graph). Each copy comes right after its
+    original. Tensors that are graph outputs or are read inside a subgraph stay shared. The
+    number of copies."""
+    producers = {node.output[0]: node for node in graph.node if node.op_type == op_type and len(node.output) == 1}
+    shared = {o.name for o in graph.output} | {
+        name for node in graph.node for sub in subgraphs_of(node) for inner in walk_nodes(sub) for name in inner.input
+    }
     read: set[str] = set()
     copies: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in producers:
-            continue
-        target = node.input[1]
-        if target not in read:
-            read.add(target)
-            continue
-        copy = onnx.NodeProto()
-        copy.CopyFrom(producers[target])
-        copy.name = _fresh(copy.name or "Concat", taken)
-        copy.output[0] = _fresh(target, taken)
-        node.input[1] = copy.output[0]
-        copies.setdefault(target, []).append(copy)
+        readers = range(len(node.input)) if slots is None else [slots[node.op_type]] if node.op_type in slots else []
+        for slot in (k for k in readers if k < len(node.input)):
+            name = node.input[slot]
+            if name not in producers or name in shared:
+                continue
+            if name not in read:
+                read.add(name)
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(producers[name])
+            copy.name = _fresh(copy.name or op_type, taken)
+            copy.output[0] = _fresh(name, taken)
+            node.input[slot] = copy.output[0]
+            copies.setdefault(name, []).append(copy)
     if copies:
         ordered = []
         for node in graph.node:
             ordered.append(onnx.NodeProto.FromString(node.SerializeToString()))
-            if node.op_type == "Concat":
+            if node.op_type == op_type:
                 ordered.extend(copies.get(node.output[0], []))
         del graph.node[:]
         graph.node.extend(ordered)

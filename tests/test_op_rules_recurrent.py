@@ -134,3 +134,37 @@ def test_states_made_by_constant_of_shape(tmp_path):
     assert len(removed(result, "Y", 3)) == H // 2
     assert removed(result, "h0", 2).tolist() == removed(result, "Y", 3).tolist()
     assert initializer(pruned, "hidden").tolist() == [H // 2] and initializer(pruned, "dirs").tolist() == [2]
+
+
+def test_stacked_layers_slice_one_constant_of_shape(tmp_path):
+    """Two stacked GRUs take their states from one ``ConstantOfShape`` of ``[2, batch, H]``,
+    sliced per layer, as PyTorch exports ``nn.GRU(num_layers=2)``: each layer gets its own copy
+    on loading, so each is a group of its own whose width the allocation chooses; exact."""
+    text = f"""g (float[{T},N,{IN}] x) => (float[{T},N,{OUT}] y) {{
+        a = MatMul (x, Wx)
+        s = Shape (a)
+        b = Gather <axis = 0> (s, one)
+        hs = Concat <axis = 0> (layers, b, hidden)
+        zeros = ConstantOfShape (hs)
+        h0 = Slice (zeros, zero, one, zero)
+        h1 = Slice (zeros, one, layers, zero)
+        Y0, Yh0 = GRU <hidden_size = {H}> (a, W0, R0, B0, , h0)
+        m0 = Squeeze (Y0, one)
+        Y1, Yh1 = GRU <hidden_size = {H}> (m0, W1, R1, B1, , h1)
+        t = Squeeze (Y1, one)
+        y = MatMul (t, Wo)
+    }}"""
+    i64 = lambda v: np.asarray([v], dtype=np.int64)  # noqa: E731
+    consts = {"Wx": (IN, FEAT), "W0": (1, 3 * H, FEAT), "R0": (1, 3 * H, H), "B0": (1, 6 * H),
+              "W1": (1, 3 * H, H), "R1": (1, 3 * H, H), "B1": (1, 6 * H), "Wo": (H, OUT),
+              "zero": i64(0), "one": i64(1), "layers": i64(2), "hidden": i64(H)}
+    path = tmp_path / "model.onnx"
+    onnx.save_model(make_model(text, 14, consts), str(path))
+    graph = randomize_weights(load_model(path, {"x": (T, 1, IN)}))
+    assert [n.op_type for n in graph.nodes].count("ConstantOfShape") == 2
+    assert {g.name for g in analyze_graph(graph).groups if g.prunable} == {
+        "MatMul 'MatMul_0'", "GRU 'GRU_9'", "GRU 'GRU_11'"}
+    result, pruned = prune_exact(graph)
+    assert len(removed(result, "Y0", 3)) == len(removed(result, "Y1", 3)) == H // 2
+    hidden = sorted(initializer(pruned, name).tolist()[0] for name in ("hidden", "hidden.1"))
+    assert hidden == [H // 2, H // 2]
