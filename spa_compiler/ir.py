@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from . import streaming
 from .model_files import check_input_path, read_proto
 from .unshare import unshare
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, UnsupportedModelError, VerificationError
 from .shapes import bind_input_shapes, infer_shapes
 from .quantized import FOLD_EXCLUDED, QuantizedWeight, dequantized_weights, integer_weights, unsupported_quantization
 from .subgraphs import (
@@ -36,6 +36,9 @@ __all__ = [
     "Node",
     "Graph",
     "load_model",
+    "DetachedOutputs",
+    "detach_non_tensor_outputs",
+    "reattach_outputs",
     "STANDARD_DOMAINS",
     "MIN_OPSET",
     "MAX_OPSET",
@@ -102,6 +105,8 @@ class Graph:
     source: Path | None = None
     uses_external_data: bool = False
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    detached_outputs: "DetachedOutputs" = field(default_factory=lambda: DetachedOutputs())
+    """Graph outputs that are not tensors and their stand-ins (:func:`detach_non_tensor_outputs`)."""
 
     def __post_init__(self) -> None:
         self.producer: dict[str, Node] = {}
@@ -263,6 +268,7 @@ def load_model(
     model = streaming.fold_without_weights(raw, _fold_constants)
     hoist_initializers(model)
     unshare(model)
+    detached = detach_non_tensor_outputs(model)
     dtypes = {
         v.name: v.type.tensor_type.elem_type
         for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]
@@ -290,7 +296,57 @@ def load_model(
         source=path,
         uses_external_data=uses_external,
         quantized={name: weight for name, (weight, _) in dequantized.items()},
+        detached_outputs=detached,
     )
+
+
+@dataclass(frozen=True)
+class DetachedOutputs:
+    """Graph outputs that are not tensors, each with its position, and the float tensors their
+    nodes read, graph outputs in their stead while spa-prune works (:func:`detach_non_tensor_outputs`)."""
+
+    values: list[tuple[int, onnx.ValueInfoProto]] = field(default_factory=list)
+    stand_ins: list[str] = field(default_factory=list)
+
+
+def detach_non_tensor_outputs(model: onnx.ModelProto) -> DetachedOutputs:
+    """Replace, in place, the graph outputs that are not tensors (scikit-learn's ``ZipMap``: a
+    sequence of maps from class to probability) by the float tensors their nodes read (the
+    probabilities themselves), appended to the outputs unless they are outputs already.
+    Statistics, measurements and checks then run on tensors alone; :func:`reattach_outputs`
+    restores the interface in the pruned model."""
+    values = [(k, value) for k, value in enumerate(model.graph.output) if not value.type.HasField("tensor_type")]
+    if not values:
+        return DetachedOutputs()
+    names = {value.name for _, value in values}
+    producers = {name: node for node in model.graph.node for name in node.output if name in names}
+    constants = {t.name for t in model.graph.initializer}
+    tensors = [value for value in model.graph.output if value.type.HasField("tensor_type")]
+    present = {value.name for value in tensors}
+    stand_ins = [name for _, value in values if value.name in producers for name in producers[value.name].input
+                 if name and name not in constants and name not in present]
+    stand_ins = list(dict.fromkeys(stand_ins))
+    del model.graph.output[:]
+    model.graph.output.extend([*tensors, *(onnx.ValueInfoProto(name=name) for name in stand_ins)])
+    return DetachedOutputs([(k, onnx.ValueInfoProto.FromString(v.SerializeToString())) for k, v in values], stand_ins)
+
+
+def reattach_outputs(model: onnx.ModelProto, detached: DetachedOutputs) -> None:
+    """Undo :func:`detach_non_tensor_outputs` in the pruned ``model``, in place: the stand-ins
+    leave the outputs and the detached ones return to their positions. Nothing happens when they
+    are back already."""
+    present = {value.name for value in model.graph.output}
+    if not detached.values or all(value.name in present for _, value in detached.values):
+        return
+    made = {name for node in model.graph.node for name in node.output}
+    lost = [value.name for _, value in detached.values if value.name not in made]
+    if lost:
+        raise VerificationError(f"internal error: the pruned model no longer makes output '{lost[0]}'; nothing was written")
+    outputs = [value for value in model.graph.output if value.name not in set(detached.stand_ins)]
+    for k, value in detached.values:
+        outputs.insert(k, value)
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
 
 
 def _name_unnamed_nodes(protos, nodes: list[Node], prefix: str = "") -> None:

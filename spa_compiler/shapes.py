@@ -206,7 +206,8 @@ def shape_skeleton(
                 dim.dim_value = size
     del copy.graph.value_info[:]
     for value in copy.graph.output:
-        value.type.tensor_type.ClearField("shape")
+        if value.type.HasField("tensor_type"):  # reading tensor_type of a sequence or map would make it one
+            value.type.tensor_type.ClearField("shape")
     return copy
 
 

@@ -33,7 +33,7 @@ from .errors import TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
 from .errors import first_line
 from .attention_heads import rotatable_heads
-from .ir import Graph, load_model
+from .ir import Graph, load_model, reattach_outputs
 from .shapes import dims_text, synthetic_inputs, with_free_axes
 from .model_files import save_model
 from .pipeline import Pass
@@ -397,6 +397,7 @@ class Save(Pass):
         self.description = f"writing {self.path}"
 
     def run(self, state: PruneState) -> PruneState:
+        reattach_outputs(state.model, state.graph.detached_outputs)
         state.output = save_model(state.model, self.path, external_data=state.graph.uses_external_data)
         return state
 

@@ -378,9 +378,9 @@ def _onnxruntime_cpu_ops() -> frozenset[tuple[str, str]]:
 LINEAR_OPS = {"MatMul", "Gemm"}
 
 
-ARG_MAX, THRESHOLD = "arg-max", "threshold"
-"""The decisions an output holds: the arg-max of class scores along its last axis, or each
-probability's side of 0.5."""
+ARG_MAX, THRESHOLD, LABEL = "arg-max", "threshold", "label"
+"""The decisions an output holds: the arg-max of class scores along its last axis, each
+probability's side of 0.5, or each integer itself (a class label, a token id), kept when equal."""
 
 
 def decision_outputs(graph: Graph) -> list[str | None]:
@@ -391,9 +391,13 @@ def decision_outputs(graph: Graph) -> list[str | None]:
     recogniser's per-position characters. Probabilities of a Sigmoid, ``[samples, K]``: a yes or
     no each (a wake word heard, a word boundary, labels of a multi-label classifier), where one
     value per sample has a cosine of 1 whatever it is. Not a LayerNorm's hidden states, whose
-    largest feature decides nothing, nor a detector's map of scores (rank 3 or more)."""
+    largest feature decides nothing, nor a detector's map of scores (rank 3 or more). Integers
+    (a class label, a token id): each value a decision of its own."""
     kinds: list[str | None] = []
     for name in graph.outputs:
+        if _integral(onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes.get(name, onnx.TensorProto.FLOAT))):
+            kinds.append(LABEL)  # scikit-learn's predicted labels beside its probabilities
+            continue
         shape = graph.shapes.get(name, ())
         node = _before_layout(graph, graph.producer.get(name))
         if node is not None and node.op_type == "Add":  # a bias added to a linear layer's output
@@ -428,10 +432,16 @@ def _before_layout(graph: Graph, node: Node | None) -> Node | None:
     return node
 
 
+def _integral(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)
+
+
 def _decisions_kept(before: np.ndarray, after: np.ndarray, kind: str) -> tuple[int, int]:
     """(decisions kept, decisions made) of one output of the ``kind`` of :func:`decision_outputs`."""
     if kind == THRESHOLD:
         return int(np.sum((before > 0.5) == (after > 0.5))), int(np.size(before))
+    if kind == LABEL:
+        return int(np.sum(before == after)), int(np.size(before))
     return int(np.sum(np.argmax(before, -1) == np.argmax(after, -1))), int(np.prod(np.shape(before)[:-1]))
 
 
@@ -440,8 +450,9 @@ class FidelitySums:
     the sample axis), so the outputs of many samples (a language model's logits) are never held
     together: per-sample cosines and norms, ``Σ‖after − before‖²``, ``Σ‖before‖²``, the largest absolute
     error, and the decisions kept out of those made, over the outputs ``decisions`` marks
-    (:func:`decision_outputs`; without it, the arg-max of every output of rank 2 or more with 2
-    or more values along its last axis)."""
+    (:func:`decision_outputs`; without it, every integer output's values and the arg-max of every
+    other output of rank 2 or more with 2 or more values along its last axis). Integer outputs
+    count as decisions only, unless every output is one."""
 
     def __init__(self, decisions: list[str | None] | None = None) -> None:
         self.decisions_of = decisions
@@ -457,7 +468,13 @@ class FidelitySums:
         def per_sample(outputs: list[np.ndarray]) -> np.ndarray:
             return np.concatenate([np.asarray(x, dtype=np.float64).reshape(samples, -1) for x in outputs], axis=1)
 
-        a, b = per_sample(before), per_sample(after)
+        kinds = self.decisions_of or [
+            LABEL if _integral(np.asarray(x).dtype) else ARG_MAX if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2 else None
+            for x in before
+        ]
+        # a label's value is a name, not a quantity: the other outputs are compared as numbers
+        quantities = [k for k, kind in enumerate(kinds) if kind != LABEL] or list(range(len(before)))
+        a, b = per_sample([before[k] for k in quantities]), per_sample([after[k] for k in quantities])
         norms = np.stack([np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)], axis=1)
         products = norms.prod(axis=1)
         cosines = np.divide(np.einsum("ij,ij->i", a, b), products, out=np.ones_like(products), where=products != 0)  # 0/0: 1
@@ -466,7 +483,6 @@ class FidelitySums:
         self.squared_error += float(np.sum((a - b) ** 2))
         self.squared_norm += float(np.sum(a**2))
         self.max_abs_error = max(self.max_abs_error, float(np.max(np.abs(a - b))) if a.size else 0.0)  # NaN stays
-        kinds = self.decisions_of or [ARG_MAX if np.ndim(x) >= 2 and np.shape(x)[-1] >= 2 else None for x in before]
         for x, y, kind in zip(before, after, kinds):
             if kind:
                 kept, made = _decisions_kept(np.asarray(x), np.asarray(y), kind)

@@ -542,7 +542,7 @@ def test_top1_agreement_counts_decisions_only(tmp_path):
     one's side of 0.5), never on hidden states, maps or logits regrouped."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from spa_compiler.verify import ARG_MAX, THRESHOLD, decision_outputs, fidelity
+    from spa_compiler.verify import ARG_MAX, LABEL, THRESHOLD, decision_outputs, fidelity
 
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])
@@ -561,19 +561,22 @@ def test_top1_agreement_counts_decisions_only(tmp_path):
         helper.make_node("Sigmoid", ["score"], ["yes"]),
         helper.make_node("Reshape", ["biased", "per_position_shape"], ["per_position"]),
         helper.make_node("Reshape", ["biased", "regrouped_shape"], ["regrouped"]),
+        helper.make_node("ArgMax", ["classes"], ["label"], axis=1, keepdims=0),
     ]
     constants += [numpy_helper.from_array(np.array(shape, dtype=np.int64), name)
                   for name, shape in (("per_position_shape", [2, 5, 1, 8]), ("regrouped_shape", [2, 10, 4]))]
     names = ["logits", "biased", "probabilities", "over_tokens", "hidden", "map", "classes", "yes", "per_position",
              "regrouped"]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    outputs.append(helper.make_tensor_value_info("label", TensorProto.INT64, None))
+    names.append("label")
     graph = helper.make_graph(nodes, "outputs", [x], outputs, constants)
     path = tmp_path / "outputs.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     kinds = decision_outputs(load_model(path))
     assert dict(zip(names, kinds)) == {"logits": ARG_MAX, "biased": ARG_MAX, "probabilities": ARG_MAX,
                                        "over_tokens": None, "hidden": None, "map": None, "classes": ARG_MAX,
-                                       "yes": THRESHOLD, "per_position": ARG_MAX, "regrouped": None}
+                                       "yes": THRESHOLD, "per_position": ARG_MAX, "regrouped": None, "label": LABEL}
 
     before = [rng.standard_normal((4, 5, 8)), rng.standard_normal((4, 5, 8))]
     after = [before[0], before[1][..., ::-1]]  # the first output's decisions all kept, the second's moved
@@ -583,6 +586,10 @@ def test_top1_agreement_counts_decisions_only(tmp_path):
     moved = np.array([[0.7], [0.3], [0.4], [0.45]])
     binary = fidelity([probabilities], [moved], decisions=[THRESHOLD])
     assert binary.cosine == 1.0 and binary.top1_agreement == 0.75
+    labels, relabelled = np.array([3, 1, 4, 1]), np.array([3, 1, 5, 9])  # names, not quantities
+    labelled = fidelity([probabilities, labels], [probabilities, relabelled], decisions=[None, LABEL])
+    assert labelled.cosine == 1.0 and labelled.relative_error == 0.0 and labelled.top1_agreement == 0.5
+    assert fidelity([labels], [relabelled]).top1_agreement == 0.5  # integers are labels without a graph too
     assert fidelity(before, after).top1_agreement < 1.0  # without a graph: every output of rank 2 or more
 
 

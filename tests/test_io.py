@@ -514,3 +514,42 @@ def test_folding_leaves_graphsurgeon_logging_as_it_was(tmp_path):
         G_LOGGER.severity = before
     assert [n.op_type for n in loaded.nodes] == ["MatMul"]
     np.testing.assert_array_equal(loaded.constants["w"], np.eye(3, dtype=np.float32))
+
+
+def test_outputs_that_are_not_tensors_are_kept(tmp_path):
+    """scikit-learn's exports end in a ``ZipMap``: a sequence of maps from class to probability,
+    beside the predicted labels. Their probabilities stand in for the maps while the model is
+    pruned and measured (the labels count as decisions kept when equal), and the pruned file
+    has the same outputs in the same order, the maps made from its own probabilities."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("W1", (8, 32)), ("W2", (32, 3)))]
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        helper.make_node("ZipMap", ["probabilities"], ["maps"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    maps = helper.make_value_info("maps", helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
+    graph = helper.make_graph(nodes, "sklearn_like", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]), maps], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    source, output = tmp_path / "model.onnx", tmp_path / "pruned.onnx"
+    onnx.save(model, source)
+
+    loaded = load_model(source, {"X": (1, 8)})
+    assert loaded.outputs == ["label", "probabilities"]
+    assert [value.name for _, value in loaded.detached_outputs.values] == ["maps"]
+    report = prune(source, output, PruneConfig(ratio=0.5, round_to=1, bench_runs=0))
+    assert report.fidelity.top1_agreement is not None
+    pruned = onnx.load(output)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [value.name for value in pruned.graph.output] == ["label", "maps"]
+    assert pruned.graph.output[1].type.HasField("sequence_type")
+    assert numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == "W1")).shape == (8, 16)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    label, maps_out = ort.InferenceSession(str(output)).run(None, {"X": x})
+    assert [max(m, key=m.get) for m in maps_out] == label.tolist()
