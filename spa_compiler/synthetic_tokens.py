@@ -34,8 +34,12 @@ instead of 0.864 at ``--flops 0.75`` and 0.767 instead of 0.709 at ``0.5``.
 Other inputs: named like a mask, ones; like token types or segments, zeros; like positions,
 ``0, 1, ...`` along the last axis; float ids (a Keras Embedding casts its float input), token
 ids as the integer ones; float ``[N, T]``, ``[N, 1 or 2, T]`` or ``[N, T, 1 or 2]`` with
-``T >= 1000``, audio (a few sine tones plus white noise); other floats standard normal; other
-integers zeros.
+``T >= 1000``, audio (a few sine tones plus white noise); features that scikit-learn's
+``StandardScaler`` reads (an ``ai.onnx.ml`` ``Scaler``, ``y = (x - offset) * scale``), the
+scaler's inverse of standard normal values, ``x = offset + z / scale``: the training features'
+mean and deviation, which it records as a BatchNorm does (a digits MLP data-free at ``--flops
+0.3``: 0.961 of its test images, 0.975 unpruned, where plain standard normal features gave 0.942); other floats
+standard normal; other integers zeros.
 
 **Lengths.** Real batches are sentences of many lengths padded to one: attention spreads over
 fewer tokens in a short one. When an integer or boolean ``[N, T]`` mask (one :mod:`.token_mask`
@@ -178,8 +182,24 @@ def non_image_input(
         if len(shape) == 3 and shape[1] >= MIN_AUDIO_LENGTH and shape[2] <= 2:  # channels last, as Keras has it
             channels_first = _audio(rng, (shape[0], shape[2], shape[1]))
             return np.swapaxes(channels_first, 1, 2).astype(dtype), "tones plus noise (audio)"
+        scaler = _scaler(graph, name)
+        if scaler is not None:
+            offset, scale = scaler
+            z = rng.standard_normal(shape)
+            inverse = np.divide(z, scale, out=np.zeros_like(z), where=scale != 0)
+            return (offset + inverse).astype(dtype), "standard normal through the inverse of its Scaler"
         return rng.standard_normal(shape).astype(dtype), "standard normal"
     return np.zeros(shape, dtype), "zeros"
+
+
+def _scaler(graph: Graph, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(offset, scale)`` of the ``ai.onnx.ml`` Scaler reading ``name`` when it is its only
+    reader, else None."""
+    readers = graph.consumers.get(name, [])
+    if len(readers) != 1 or readers[0].op_type != "Scaler" or readers[0].domain != "ai.onnx.ml":
+        return None
+    node = readers[0]
+    return np.asarray(node.attr("offset", [0.0]), dtype=np.float64), np.asarray(node.attr("scale", [1.0]), dtype=np.float64)
 
 
 def _audio(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
