@@ -9,13 +9,14 @@ reshape target gives the queries, keys and values of every layer one head size, 
 dimensions are one group that cannot be rotated; a shared bias makes every projection it serves
 one channel group, and the residual stream's blocks then hold them all.
 
-PyTorch's multi-layer recurrent layers start from one ``ConstantOfShape`` of
-``[layers * directions, batch, hidden]`` zeros that every layer slices its states from: read as
-it is, every layer would lose the same hidden units.
+PyTorch's multi-layer recurrent layers start from one tensor of ``[layers * directions, batch,
+hidden]`` zeros (a ``ConstantOfShape``, or with the dynamo exporter an ``Expand`` of a constant
+0) that every layer slices its states from: read as it is, every layer would lose the same
+hidden units.
 
 Copies change nothing the model computes, so :func:`unshare` gives, before the analysis, every
-reader of a ``ConstantOfShape`` read by an earlier one its own copy of it; every Reshape and
-ConstantOfShape whose shape a ``Concat`` shared with an earlier one computes its own copy of
+reader of such a *fill* (one value everywhere) read by an earlier one its own copy of it; every
+Reshape and fill whose shape a ``Concat`` shared with an earlier one computes its own copy of
 that ``Concat`` (its other inputs still shared); and then every node input that reads a 1-D
 initializer shared with an earlier one its own copy; copies are named ``<name>.<k>``. Only
 vectors are copied: a shared matrix is a tied weight (an embedding read by the output
@@ -33,7 +34,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -50,26 +53,50 @@ def unshare(model: onnx.ModelProto) -> int:
     taken = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {
         o for node in graph.node for o in node.output
     } | {node.name for node in graph.node}
-    return (_own_copies(graph, taken, "ConstantOfShape", None)
-            + _own_copies(graph, taken, "Concat", {"Reshape": 1, "ConstantOfShape": 0})
+    fills = _fills(graph)
+    copied = _own_copies(graph, taken, lambda node: node.output[0] in fills, lambda node: range(len(node.input)))
+    fills = _fills(graph)  # with the copies
+    return (copied + _own_copies(graph, taken, lambda node: node.op_type == "Concat", lambda node: _shape_slot(node, fills))
             + _own_vectors(graph, taken))
 
 
-def _own_copies(graph: onnx.GraphProto, taken: set[str], op_type: str, slots: dict[str, int] | None) -> int:
-    """Copy the single-output ``op_type`` node computing a tensor that an earlier reader reads
-    too, for each later reader: the readers are the inputs at ``slots`` of the op types it names
-    (None: every input of every node of the main graph). Each copy comes right after its
-    original. Tensors that are graph outputs or are read inside a subgraph stay shared. The
-    number of copies."""
-    producers = {node.output[0]: node for node in graph.node if node.op_type == op_type and len(node.output) == 1}
+def _fills(graph: onnx.GraphProto) -> set[str]:
+    """Outputs holding one value everywhere: of a ConstantOfShape, or of an Expand of a small
+    constant whose elements are all equal (the dynamo exporter's ``zeros``)."""
+    small = {t.name: t for t in graph.initializer if np.prod(t.dims) <= 64}
+    fills = set()
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape":
+            fills.add(node.output[0])
+        elif node.op_type == "Expand" and node.input[0] in small:
+            value = numpy_helper.to_array(small[node.input[0]])
+            if value.size and (value == value.flat[0]).all():
+                fills.add(node.output[0])
+    return fills
+
+
+def _shape_slot(node: onnx.NodeProto, fills: set[str]) -> list[int]:
+    """The input of ``node`` that is a shape it writes its output to: a Reshape's target, a
+    ConstantOfShape's shape, a fill's Expand target."""
+    if node.op_type == "Reshape" or (node.op_type == "Expand" and node.output[0] in fills):
+        return [1]
+    return [0] if node.op_type == "ConstantOfShape" else []
+
+
+def _own_copies(graph: onnx.GraphProto, taken: set[str], copied: Callable[[onnx.NodeProto], bool],
+                slots: Callable[[onnx.NodeProto], Iterable[int]]) -> int:
+    """Copy the single-output node that ``copied`` selects when an earlier reader reads what it
+    computes too, for each later reader: the readers are the inputs at ``slots(node)``. Each
+    copy comes right after its original. Tensors that are graph outputs or are read inside a
+    subgraph stay shared. The number of copies."""
+    producers = {node.output[0]: node for node in graph.node if len(node.output) == 1 and copied(node)}
     shared = {o.name for o in graph.output} | {
         name for node in graph.node for sub in subgraphs_of(node) for inner in walk_nodes(sub) for name in inner.input
     }
     read: set[str] = set()
     copies: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        readers = range(len(node.input)) if slots is None else [slots[node.op_type]] if node.op_type in slots else []
-        for slot in (k for k in readers if k < len(node.input)):
+        for slot in (k for k in slots(node) if k < len(node.input)):
             name = node.input[slot]
             if name not in producers or name in shared:
                 continue
@@ -78,7 +105,7 @@ def _own_copies(graph: onnx.GraphProto, taken: set[str], op_type: str, slots: di
                 continue
             copy = onnx.NodeProto()
             copy.CopyFrom(producers[name])
-            copy.name = _fresh(copy.name or op_type, taken)
+            copy.name = _fresh(copy.name or copy.op_type, taken)
             copy.output[0] = _fresh(name, taken)
             node.input[slot] = copy.output[0]
             copies.setdefault(name, []).append(copy)
@@ -86,8 +113,8 @@ def _own_copies(graph: onnx.GraphProto, taken: set[str], op_type: str, slots: di
         ordered = []
         for node in graph.node:
             ordered.append(onnx.NodeProto.FromString(node.SerializeToString()))
-            if node.op_type == op_type:
-                ordered.extend(copies.get(node.output[0], []))
+            if node.output and node.output[0] in copies:
+                ordered.extend(copies[node.output[0]])
         del graph.node[:]
         graph.node.extend(ordered)
     return sum(len(c) for c in copies.values())

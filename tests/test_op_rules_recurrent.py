@@ -136,16 +136,18 @@ def test_states_made_by_constant_of_shape(tmp_path):
     assert initializer(pruned, "hidden").tolist() == [H // 2] and initializer(pruned, "dirs").tolist() == [2]
 
 
-def test_stacked_layers_slice_one_constant_of_shape(tmp_path):
-    """Two stacked GRUs take their states from one ``ConstantOfShape`` of ``[2, batch, H]``,
-    sliced per layer, as PyTorch exports ``nn.GRU(num_layers=2)``: each layer gets its own copy
-    on loading, so each is a group of its own whose width the allocation chooses; exact."""
+@pytest.mark.parametrize("fill", ["ConstantOfShape (hs)", "Expand (value, hs)"], ids=["constant_of_shape", "expand"])
+def test_stacked_layers_slice_one_fill(tmp_path, fill):
+    """Two stacked GRUs take their states from one tensor of ``[2, batch, H]`` zeros, sliced per
+    layer, as PyTorch exports ``nn.GRU(num_layers=2)``: a ``ConstantOfShape`` (the classic
+    exporter) or an ``Expand`` of a constant 0 (the dynamo exporter). Each layer gets its own
+    copy on loading, so each is a group of its own whose width the allocation chooses; exact."""
     text = f"""g (float[{T},N,{IN}] x) => (float[{T},N,{OUT}] y) {{
         a = MatMul (x, Wx)
         s = Shape (a)
         b = Gather <axis = 0> (s, one)
         hs = Concat <axis = 0> (layers, b, hidden)
-        zeros = ConstantOfShape (hs)
+        zeros = {fill}
         h0 = Slice (zeros, zero, one, zero)
         h1 = Slice (zeros, one, layers, zero)
         Y0, Yh0 = GRU <hidden_size = {H}> (a, W0, R0, B0, , h0)
@@ -158,10 +160,12 @@ def test_stacked_layers_slice_one_constant_of_shape(tmp_path):
     consts = {"Wx": (IN, FEAT), "W0": (1, 3 * H, FEAT), "R0": (1, 3 * H, H), "B0": (1, 6 * H),
               "W1": (1, 3 * H, H), "R1": (1, 3 * H, H), "B1": (1, 6 * H), "Wo": (H, OUT),
               "zero": i64(0), "one": i64(1), "layers": i64(2), "hidden": i64(H)}
+    if fill.startswith("Expand"):
+        consts["value"] = np.zeros(1, dtype=np.float32)
     path = tmp_path / "model.onnx"
     onnx.save_model(make_model(text, 14, consts), str(path))
     graph = randomize_weights(load_model(path, {"x": (T, 1, IN)}))
-    assert [n.op_type for n in graph.nodes].count("ConstantOfShape") == 2
+    assert [n.op_type for n in graph.nodes].count(fill.split()[0]) == 2
     assert {g.name for g in analyze_graph(graph).groups if g.prunable} == {
         "MatMul 'MatMul_0'", "GRU 'GRU_9'", "GRU 'GRU_11'"}
     result, pruned = prune_exact(graph)
