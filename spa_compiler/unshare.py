@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -87,28 +87,16 @@ def _own_copies(graph: onnx.GraphProto, taken: set[str], copied: Callable[[onnx.
                 slots: Callable[[onnx.NodeProto], Iterable[int]]) -> int:
     """Copy the single-output node that ``copied`` selects when an earlier reader reads what it
     computes too, for each later reader: the readers are the inputs at ``slots(node)``. Each
-    copy comes right after its original. Tensors that are graph outputs or are read inside a
-    subgraph stay shared. The number of copies."""
+    copy comes right after its original. The number of copies."""
     producers = {node.output[0]: node for node in graph.node if len(node.output) == 1 and copied(node)}
-    shared = {o.name for o in graph.output} | {
-        name for node in graph.node for sub in subgraphs_of(node) for inner in walk_nodes(sub) for name in inner.input
-    }
-    read: set[str] = set()
     copies: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for slot in (k for k in slots(node) if k < len(node.input)):
-            name = node.input[slot]
-            if name not in producers or name in shared:
-                continue
-            if name not in read:
-                read.add(name)
-                continue
-            copy = onnx.NodeProto()
-            copy.CopyFrom(producers[name])
-            copy.name = _fresh(copy.name or copy.op_type, taken)
-            copy.output[0] = _fresh(name, taken)
-            node.input[slot] = copy.output[0]
-            copies.setdefault(name, []).append(copy)
+    for node, slot, name in _later_reads(graph, producers, slots):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(producers[name])
+        copy.name = _fresh(copy.name or copy.op_type, taken)
+        copy.output[0] = _fresh(name, taken)
+        node.input[slot] = copy.output[0]
+        copies.setdefault(name, []).append(copy)
     if copies:
         ordered = []
         for node in graph.node:
@@ -123,25 +111,35 @@ def _own_copies(graph: onnx.GraphProto, taken: set[str], copied: Callable[[onnx.
 def _own_vectors(graph: onnx.GraphProto, taken: set[str]) -> int:
     """Give each reader of a shared 1-D initializer its own copy; the number of copies."""
     vectors = {t.name: t for t in graph.initializer if len(t.dims) == 1}
-    kept_shared = {o.name for o in graph.output} | {
+    copies = []
+    for node, slot, name in _later_reads(graph, vectors, lambda node: range(len(node.input))):
+        copy = onnx.TensorProto()
+        copy.CopyFrom(vectors[name])
+        copy.name = _fresh(name, taken)
+        copies.append(copy)
+        node.input[slot] = copy.name
+    graph.initializer.extend(copies)
+    return len(copies)
+
+
+def _later_reads(graph: onnx.GraphProto, names: Collection[str],
+                 slots: Callable[[onnx.NodeProto], Iterable[int]]) -> Iterator[tuple[onnx.NodeProto, int, str]]:
+    """``(node, slot, name)`` for every read of one of ``names`` at the inputs ``slots(node)`` of
+    the main graph's nodes after its first, in node order. Names that are graph outputs or are
+    read inside a subgraph stay shared and are left out."""
+    kept = {o.name for o in graph.output} | {
         name for node in graph.node for sub in subgraphs_of(node) for inner in walk_nodes(sub) for name in inner.input
     }
     read: set[str] = set()
-    copies = []
     for node in graph.node:
-        for slot, name in enumerate(node.input):
-            if name not in vectors or name in kept_shared:
+        for slot in (k for k in slots(node) if k < len(node.input)):
+            name = node.input[slot]
+            if name not in names or name in kept:
                 continue
-            if name not in read:
+            if name in read:
+                yield node, slot, name
+            else:
                 read.add(name)
-                continue
-            copy = onnx.TensorProto()
-            copy.CopyFrom(vectors[name])
-            copy.name = _fresh(name, taken)
-            copies.append(copy)
-            node.input[slot] = copy.name
-    graph.initializer.extend(copies)
-    return len(copies)
 
 
 def share_identical(model: onnx.ModelProto) -> int:
