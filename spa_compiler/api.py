@@ -19,7 +19,10 @@ from .refit import Refit
 from .reinit import Reinitialise
 from .report import PruneReport
 from .sensitivity import MeasureSensitivity
-from .stages import Allocate, Analyse, BuildReport, CollectStatistics, HeldOutOnly, Load, MeasureLatency, Rewrite, Save, Score, Verify
+from .stages import (
+    Allocate, Analyse, BuildReport, CollectStatistics, HeldOutOnly, Load, MeasureLatency, RestoreOutputs, Rewrite, Save,
+    Score, Verify,
+)
 from .state import Progress, PruneState
 
 __all__ = ["default_passes", "output_passes", "prune_graph", "prune", "analyze"]
@@ -29,14 +32,14 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
     """In memory, from a loaded graph to the verified pruned model: (remove residual branches,)
     analyse, calibrate (or, when nothing uses statistics, read ``--calib`` samples to measure
     fidelity on), (rotate attention heads,) score, measure sensitivity, allocate,
-    (compensate), re-fit, rewrite, verify. The criterion and the options decide the optional
+    (compensate), re-fit, rewrite, verify, restore (the outputs that are not tensors). The criterion and the options decide the optional
     passes; a ``latency`` target allocates on measured latency and times the result;
     ``--units depth`` removes residual branches only (:mod:`spa_compiler.depth_prune`)."""
     config.target(), config.constraints()
     criterion = get_criterion(config.criterion_name)
     if config.units == "depth":
         passes: list[PassLike] = [PruneDepth(None), Analyse(), KeepWidths(), Rewrite()]
-        return [*passes, Verify()] if config.verify else passes
+        return [*passes, Verify(), RestoreOutputs()] if config.verify else [*passes, RestoreOutputs()]
     passes = [PruneDepth(config.depth), Analyse()] if config.depth else [Analyse()]
     if config.needs_statistics:
         passes.append(CollectStatistics())
@@ -55,6 +58,7 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
     passes.append(Rewrite())
     if config.verify:
         passes.append(Verify())
+    passes.append(RestoreOutputs())
     return passes
 
 

@@ -47,7 +47,7 @@ from .token_augment import MORE_SEQUENCES, first_sequences, tokens_wanted, with_
 from .verify import SILENT, custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
-    "Load", "Analyse", "CollectStatistics", "HeldOutOnly", "Score", "Allocate", "Rewrite", "Verify", "Save",
+    "Load", "Analyse", "CollectStatistics", "HeldOutOnly", "Score", "Allocate", "Rewrite", "Verify", "RestoreOutputs", "Save",
     "MeasureLatency", "BuildReport",
 ]
 
@@ -387,6 +387,19 @@ class Verify(Pass):
         return state
 
 
+class RestoreOutputs(Pass):
+    """Put the graph outputs that are not tensors (a ZipMap's maps), set aside while the model
+    was pruned and measured (:func:`~spa_compiler.ir.detach_non_tensor_outputs`), back into the
+    pruned model: its interface is the input model's."""
+
+    name, description = "restore", "restoring the outputs that are not tensors"
+    requires = ("graph", "model")
+
+    def run(self, state: PruneState) -> PruneState:
+        reattach_outputs(state.model, state.graph.detached_outputs)
+        return state
+
+
 class Save(Pass):
     """Write the pruned model atomically (external data when the input had it)."""
 
@@ -397,7 +410,6 @@ class Save(Pass):
         self.description = f"writing {self.path}"
 
     def run(self, state: PruneState) -> PruneState:
-        reattach_outputs(state.model, state.graph.detached_outputs)
         state.output = save_model(state.model, self.path, external_data=state.graph.uses_external_data)
         return state
 

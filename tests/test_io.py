@@ -520,7 +520,8 @@ def test_outputs_that_are_not_tensors_are_kept(tmp_path):
     """scikit-learn's exports end in a ``ZipMap``: a sequence of maps from class to probability,
     beside the predicted labels. Their probabilities stand in for the maps while the model is
     pruned and measured (the labels count as decisions kept when equal), and the pruned file
-    has the same outputs in the same order, the maps made from its own probabilities."""
+    has the same outputs in the same order, the maps made from its own probabilities, as has
+    the model ``prune_graph`` returns."""
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
                for name, shape in (("W1", (8, 32)), ("W2", (32, 3)))]
@@ -553,3 +554,5 @@ def test_outputs_that_are_not_tensors_are_kept(tmp_path):
     x = rng.standard_normal((5, 8)).astype(np.float32)
     label, maps_out = ort.InferenceSession(str(output)).run(None, {"X": x})
     assert [max(m, key=m.get) for m in maps_out] == label.tolist()
+    in_memory = prune_graph(load_model(source, {"X": (1, 8)}), PruneConfig(ratio=0.5, round_to=1, bench_runs=0)).model
+    assert [value.name for value in in_memory.graph.output] == ["label", "maps"]  # the last pass, not the saving

@@ -38,10 +38,11 @@ def state_for(config: PruneConfig) -> PruneState:
 def test_default_pipeline_names_its_passes():
     assert Pipeline(default_passes(PruneConfig(flops=0.5))).names == [
         "analyse", "calibrate", "rotate", "score", "sensitivity", "allocate", "compensate", "refit", "rewrite", "verify",
+        "restore",
     ]
     assert "rotate" not in Pipeline(default_passes(PruneConfig(flops=0.5, head_dims=False))).names
     fast = PruneConfig(flops=0.5, criterion="l2", allocation="score", refit_rounds=0)
-    assert Pipeline(default_passes(fast)).names == ["analyse", "score", "allocate", "rewrite", "verify"]
+    assert Pipeline(default_passes(fast)).names == ["analyse", "score", "allocate", "rewrite", "verify", "restore"]
 
 
 def test_stop_after_allocation():
@@ -73,7 +74,7 @@ def test_custom_pass_replaces_the_scoring():
     config = PruneConfig(ratio=0.5, round_to=1)
     pipeline = Pipeline(default_passes(config)).replace("score", KeepFirstHalf())
     state = pipeline(state_for(config))
-    assert pipeline.names == ["analyse", "first_half", "allocate", "rewrite", "verify"]
+    assert pipeline.names == ["analyse", "first_half", "allocate", "rewrite", "verify", "restore"]
     for group in state.analysis.groups:
         removed = state.plan.removed.get(group.id, [])
         prunable_second_half = [k for k in group.prunable if k >= len(group.units) // 2]
