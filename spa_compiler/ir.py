@@ -338,7 +338,7 @@ def reattach_outputs(model: onnx.ModelProto, detached: DetachedOutputs) -> None:
     present = {value.name for value in model.graph.output}
     if not detached.values or all(value.name in present for _, value in detached.values):
         return
-    made = {name for node in model.graph.node for name in node.output}
+    made = {name for node in model.graph.node for name in node.output} | {value.name for value in model.graph.input}
     lost = [value.name for _, value in detached.values if value.name not in made]
     if lost:
         raise VerificationError(f"internal error: the pruned model no longer makes output '{lost[0]}'; nothing was written")
