@@ -32,8 +32,8 @@ def default_passes(config: PruneConfig) -> list[PassLike]:
     """In memory, from a loaded graph to the verified pruned model: (remove residual branches,)
     analyse, calibrate (or, when nothing uses statistics, read ``--calib`` samples to measure
     fidelity on), (rotate attention heads,) score, measure sensitivity, allocate,
-    (compensate), re-fit, rewrite, verify, restore (the outputs that are not tensors). The criterion and the options decide the optional
-    passes; a ``latency`` target allocates on measured latency and times the result;
+    (compensate), re-fit, rewrite, verify, restore (the outputs that are not tensors). The
+    criterion and the options decide the optional passes; a ``latency`` target allocates on measured latency and times the result;
     ``--units depth`` removes residual branches only (:mod:`spa_compiler.depth_prune`)."""
     config.target(), config.constraints()
     criterion = get_criterion(config.criterion_name)

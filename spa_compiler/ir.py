@@ -341,7 +341,9 @@ def reattach_outputs(model: onnx.ModelProto, detached: DetachedOutputs) -> None:
     made = {name for node in model.graph.node for name in node.output} | {value.name for value in model.graph.input}
     lost = [value.name for _, value in detached.values if value.name not in made]
     if lost:
-        raise VerificationError(f"internal error: the pruned model no longer makes output '{lost[0]}'; nothing was written")
+        raise VerificationError(
+            f"internal error: the pruned model no longer makes output '{lost[0]}'; nothing was written"
+        )
     outputs = [value for value in model.graph.output if value.name not in set(detached.stand_ins)]
     for k, value in detached.values:
         outputs.insert(k, value)

@@ -47,8 +47,8 @@ from .token_augment import MORE_SEQUENCES, first_sequences, tokens_wanted, with_
 from .verify import SILENT, custom_ops, held_out_fidelity, verify_model
 
 __all__ = [
-    "Load", "Analyse", "CollectStatistics", "HeldOutOnly", "Score", "Allocate", "Rewrite", "Verify", "RestoreOutputs", "Save",
-    "MeasureLatency", "BuildReport",
+    "Load", "Analyse", "CollectStatistics", "HeldOutOnly", "Score", "Allocate", "Rewrite", "Verify", "RestoreOutputs",
+    "Save", "MeasureLatency", "BuildReport",
 ]
 
 log = logging.getLogger(__name__)

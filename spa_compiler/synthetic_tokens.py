@@ -38,8 +38,8 @@ ids as the integer ones; float ``[N, T]``, ``[N, 1 or 2, T]`` or ``[N, T, 1 or 2
 ``StandardScaler`` reads (an ``ai.onnx.ml`` ``Scaler``, ``y = (x - offset) * scale``), the
 scaler's inverse of standard normal values, ``x = offset + z / scale``: the training features'
 mean and deviation, which it records as a BatchNorm does (a digits MLP data-free at ``--flops
-0.3``: 0.961 of its test images, 0.975 unpruned, where plain standard normal features gave 0.942); other floats
-standard normal; other integers zeros.
+0.3`` reads 0.961 of its test images, 0.975 unpruned, where plain standard normal features
+gave 0.942); other floats standard normal; other integers zeros.
 
 **Lengths.** Real batches are sentences of many lengths padded to one: attention spreads over
 fewer tokens in a short one. When an integer or boolean ``[N, T]`` mask (one :mod:`.token_mask`
@@ -198,8 +198,8 @@ def _scaler(graph: Graph, name: str) -> tuple[np.ndarray, np.ndarray] | None:
     readers = graph.consumers.get(name, [])
     if len(readers) != 1 or readers[0].op_type != "Scaler" or readers[0].domain != "ai.onnx.ml":
         return None
-    node = readers[0]
-    return np.asarray(node.attr("offset", [0.0]), dtype=np.float64), np.asarray(node.attr("scale", [1.0]), dtype=np.float64)
+    offset, scale = readers[0].attr("offset", [0.0]), readers[0].attr("scale", [1.0])
+    return np.asarray(offset, dtype=np.float64), np.asarray(scale, dtype=np.float64)
 
 
 def _audio(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

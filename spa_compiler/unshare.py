@@ -46,9 +46,9 @@ __all__ = ["unshare", "share_identical"]
 
 
 def unshare(model: onnx.ModelProto) -> int:
-    """Give each reader of a ConstantOfShape of ``model``'s main graph its own copy, each Reshape
-    and ConstantOfShape its own shape ``Concat`` and each reader of a shared 1-D initializer its
-    own copy (see the module docstring), in place; the number of copies made."""
+    """Give each reader of a fill in ``model``'s main graph its own copy, each Reshape and fill
+    its own shape ``Concat`` and each reader of a shared 1-D initializer its own copy (see the
+    module docstring), in place; the number of copies made."""
     graph = model.graph
     taken = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {
         o for node in graph.node for o in node.output
@@ -56,8 +56,8 @@ def unshare(model: onnx.ModelProto) -> int:
     fills = _fills(graph)
     copied = _own_copies(graph, taken, lambda node: node.output[0] in fills, lambda node: range(len(node.input)))
     fills = _fills(graph)  # with the copies
-    return (copied + _own_copies(graph, taken, lambda node: node.op_type == "Concat", lambda node: _shape_slot(node, fills))
-            + _own_vectors(graph, taken))
+    targets = _own_copies(graph, taken, lambda node: node.op_type == "Concat", lambda node: _shape_slot(node, fills))
+    return copied + targets + _own_vectors(graph, taken)
 
 
 def _fills(graph: onnx.GraphProto) -> set[str]:

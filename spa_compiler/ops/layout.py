@@ -1,5 +1,6 @@
 """Ops that move, join, cut or repeat axes: Concat, Split, Slice, Gather, Transpose, Squeeze,
-Unsqueeze, Shape, Expand, ConstantOfShape, Tile (Reshape and Flatten, which regroup axes: :mod:`.reshape`)."""
+Unsqueeze, Shape, Expand, ConstantOfShape, Tile (Reshape and Flatten, which regroup axes:
+:mod:`.reshape`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from .runtime_shapes import (
 if TYPE_CHECKING:
     from ..ir import Node
 
-__all__ = ["Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand", "ConstantOfShape", "Tile"]
+__all__ = [
+    "Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand", "ConstantOfShape", "Tile",
+]
 
 
 @register_op("Concat")

@@ -167,8 +167,8 @@ def couple_run_time_target(c: Coupler, kind: str, x: str, target: str, y: str, k
     couples that axis with the output axis it sizes; one computed by arithmetic goes to
     ``computed`` (None: not followed); a constant entry other than ``keep`` (Reshape's -1,
     Expand's 1: the size left to the input; None where every entry is a size) is shared by the
-    axes it sizes and rewritten at its source, unless something else reads it. When an entry is not followed, the axes the target reads keep their sizes and
-    Unsupported is raised."""
+    axes it sizes and rewritten at its source, unless something else reads it. When an entry is
+    not followed, the axes the target reads keep their sizes and Unsupported is raised."""
     value = c.shape_value(target)
     if value is None or len(value) != len(c.shape(y)) \
             or any(e is None or (isinstance(e, Expr) and computed is None) for e in value):
