@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from .groups import AxisRef, Barrier, Group, Unit, build_groups, connected_components
-from .ir import Graph, Node
+from .ir import STANDARD_DOMAINS, Graph, Node
 from .ops import get_rule
 from .ops.registry import Unsupported, normalize_axis
 from .shape_values import ShapeValues
@@ -198,11 +198,12 @@ class ElementCoupler:
 
 
 def _unknown_op_reason(node: Node) -> str:
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in STANDARD_DOMAINS:
         return f"custom op {node.domain}::{node.op_type} is not understood"
     if node.has_subgraph:
         return f"control-flow op {node.op_type} is not pruned through"
-    return f"op {node.op_type} has no pruning rule"
+    standard = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+    return f"op {standard} has no pruning rule"
 
 
 def _couple_nodes(graph: Graph, builder: ElementCoupler, exclude: set[str]) -> list[Barrier]:

@@ -544,6 +544,8 @@ def test_outputs_that_are_not_tensors_are_kept(tmp_path):
     loaded = load_model(source, {"X": (1, 8)})
     assert loaded.outputs == ["label", "probabilities"]
     assert [value.name for _, value in loaded.detached_outputs.values] == ["maps"]
+    barriers = [(b.op_type, b.reason) for b in spa_compiler.analyze_graph(loaded).barriers]
+    assert barriers == [("ZipMap", "op ai.onnx.ml::ZipMap has no pruning rule")]  # a standard domain, not a custom op
     report = prune(source, output, PruneConfig(ratio=0.5, round_to=1, bench_runs=0))
     assert report.fidelity.top1_agreement is not None
     pruned = onnx.load(output)
