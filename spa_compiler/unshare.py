@@ -53,34 +53,31 @@ def unshare(model: onnx.ModelProto) -> int:
     taken = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {
         o for node in graph.node for o in node.output
     } | {node.name for node in graph.node}
-    fills = _fills(graph)
-    copied = _own_copies(graph, taken, lambda node: node.output[0] in fills, lambda node: range(len(node.input)))
-    fills = _fills(graph)  # with the copies
-    targets = _own_copies(graph, taken, lambda node: node.op_type == "Concat", lambda node: _shape_slot(node, fills))
+    small = {t.name: t for t in graph.initializer if np.prod(t.dims) <= 64}
+    copied = _own_copies(graph, taken, lambda node: _is_fill(node, small), lambda node: range(len(node.input)))
+    targets = _own_copies(graph, taken, lambda node: node.op_type == "Concat", lambda node: _shape_slot(node, small))
     return copied + targets + _own_vectors(graph, taken)
 
 
-def _fills(graph: onnx.GraphProto) -> set[str]:
-    """Outputs holding one value everywhere: of a ConstantOfShape, or of an Expand of a small
-    constant whose elements are all equal (the dynamo exporter's ``zeros``)."""
-    small = {t.name: t for t in graph.initializer if np.prod(t.dims) <= 64}
-    fills = set()
-    for node in graph.node:
-        if node.op_type == "ConstantOfShape":
-            fills.add(node.output[0])
-        elif node.op_type == "Expand" and node.input[0] in small:
-            value = numpy_helper.to_array(small[node.input[0]])
-            if value.size and (value == value.flat[0]).all():
-                fills.add(node.output[0])
-    return fills
+def _is_fill(node: onnx.NodeProto, small: dict[str, onnx.TensorProto]) -> bool:
+    """Whether ``node`` writes one value everywhere: a ConstantOfShape, or an Expand of one of
+    the ``small`` constants whose elements are all equal (the dynamo exporter's ``zeros``)."""
+    if node.op_type == "ConstantOfShape":
+        return True
+    if node.op_type != "Expand" or node.input[0] not in small:
+        return False
+    value = numpy_helper.to_array(small[node.input[0]])
+    return bool(value.size) and bool((value == value.flat[0]).all())
 
 
-def _shape_slot(node: onnx.NodeProto, fills: set[str]) -> list[int]:
+def _shape_slot(node: onnx.NodeProto, small: dict[str, onnx.TensorProto]) -> list[int]:
     """The input of ``node`` that is a shape it writes its output to: a Reshape's target, a
-    ConstantOfShape's shape, a fill's Expand target."""
-    if node.op_type == "Reshape" or (node.op_type == "Expand" and node.output[0] in fills):
+    fill's shape (:func:`_is_fill`)."""
+    if node.op_type == "Reshape":
         return [1]
-    return [0] if node.op_type == "ConstantOfShape" else []
+    if _is_fill(node, small):
+        return [0] if node.op_type == "ConstantOfShape" else [1]
+    return []
 
 
 def _own_copies(graph: onnx.GraphProto, taken: set[str], copied: Callable[[onnx.NodeProto], bool],
