@@ -14,8 +14,8 @@ each graph input is classified from the graph and filled accordingly:
   reveal, plus the common characters before it (:mod:`.synthetic_tokens`). An input named like
   a mask gets ones up to a length drawn per sample, like token types or segments zeros, like
   positions ``0, 1, ...`` along its last axis; other integers zeros.
-- **audio** (float ``[N, T]`` or ``[N, 1 or 2, T]``, ``T >= 1000``): a few sine tones of random
-  frequency and amplitude plus white noise, peak near 0.5 (:mod:`.synthetic_tokens`).
+- **audio** (float ``[N, T]``, ``[N, 1 or 2, T]`` or ``[N, T, 1 or 2]``, ``T >= 1000``): harmonic
+  notes with attacks and decays over faint noise (:mod:`.synthetic_audio`).
 - anything else: standard normal floats.
 
 **Range fit.** A BatchNormalization right after a first Conv that reads the image directly

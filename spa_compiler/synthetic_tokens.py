@@ -34,7 +34,7 @@ instead of 0.864 at ``--flops 0.75`` and 0.767 instead of 0.709 at ``0.5``.
 Other inputs: named like a mask, ones; like token types or segments, zeros; like positions,
 ``0, 1, ...`` along the last axis; float ids (a Keras Embedding casts its float input), token
 ids as the integer ones; float ``[N, T]``, ``[N, 1 or 2, T]`` or ``[N, T, 1 or 2]`` with
-``T >= 1000``, audio (a few sine tones plus white noise); features that scikit-learn's
+``T >= 1000``, audio (notes: :mod:`.synthetic_audio`); features that scikit-learn's
 ``StandardScaler`` reads (an ``ai.onnx.ml`` ``Scaler``, ``y = (x - offset) * scale``), the
 scaler's inverse of standard normal values, ``x = offset + z / scale``: the training features'
 mean and deviation, which it records as a BatchNorm does (a digits MLP data-free at ``--flops
@@ -58,11 +58,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ir import Graph, Node
+from .synthetic_audio import MIN_AUDIO_LENGTH, audio_notes
 from .token_mask import attention_mask
 
 __all__ = ["TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input", "varied_lengths"]
 
-MIN_AUDIO_LENGTH = 1000
 PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 TRAINED_NORM = 0.5  # rows shorter than this times the median norm are never drawn
 TYPICAL_NORM = 0.75  # rows at least this times the median norm are typical
@@ -178,10 +178,10 @@ def non_image_input(
         return ids.astype(dtype), note
     if floating:
         if len(shape) in (2, 3) and shape[-1] >= MIN_AUDIO_LENGTH and (len(shape) == 2 or shape[1] <= 2):
-            return _audio(rng, shape).astype(dtype), "tones plus noise (audio)"
+            return audio_notes(rng, shape).astype(dtype), "notes (audio)"
         if len(shape) == 3 and shape[1] >= MIN_AUDIO_LENGTH and shape[2] <= 2:  # channels last, as Keras has it
-            channels_first = _audio(rng, (shape[0], shape[2], shape[1]))
-            return np.swapaxes(channels_first, 1, 2).astype(dtype), "tones plus noise (audio)"
+            channels_first = audio_notes(rng, (shape[0], shape[2], shape[1]))
+            return np.swapaxes(channels_first, 1, 2).astype(dtype), "notes (audio)"
         scaler = _scaler(graph, name)
         if scaler is not None:
             offset, scale = scaler
@@ -200,21 +200,6 @@ def _scaler(graph: Graph, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     offset, scale = readers[0].attr("offset", [0.0]), readers[0].attr("scale", [1.0])
     return np.asarray(offset, dtype=np.float64), np.asarray(scale, dtype=np.float64)
-
-
-def _audio(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Per sample two to five sine tones (60 Hz to 4 kHz at 16 kHz sampling) with random phases
-    and amplitudes plus white noise, scaled to a peak of 0.5."""
-    t = np.arange(shape[-1]) / 16000.0
-    flat = np.empty((int(np.prod(shape[:-1])), shape[-1]))
-    for row in flat:
-        tones = rng.integers(2, 6)
-        frequencies = np.exp(rng.uniform(np.log(60), np.log(4000), tones))
-        phases, amplitudes = rng.uniform(0, 2 * np.pi, tones), rng.uniform(0.2, 1.0, tones)
-        row[:] = (amplitudes[:, None] * np.sin(2 * np.pi * frequencies[:, None] * t + phases[:, None])).sum(0)
-        row += rng.normal(0, rng.uniform(0.02, 0.3), shape[-1])
-        row *= 0.5 / max(np.abs(row).max(), 1e-9)
-    return flat.reshape(shape)
 
 
 def varied_lengths(graph: Graph, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, str]:
