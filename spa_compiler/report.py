@@ -128,6 +128,15 @@ def _ratio(before: float | None, after: float | None) -> str:
     return f"{after / before:.3f}" if before and after is not None else "-"
 
 
+def short_name(name: str, width: int = 60) -> str:
+    """``name`` as written, or, when longer than ``width``, its start and end around "...": an
+    exporter that fuses ops joins their names (TensorFlow's ``a;a;b;b;...``, hundreds of characters)."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) // 3
+    return f"{name[:head]}...{name[head + 3 - width:]}"
+
+
 def _count(value: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= scale:
@@ -298,7 +307,8 @@ def render_report(report: PruneReport, console: Console) -> None:
     if finer:
         console.print(escape(
             f"rounded finer than round-to {report.round_to} to reach the target: "
-            + ", ".join(f"{g.name} {g.channels_before} -> {g.channels_after} (multiples of {g.rounded_to})" for g in finer)
+            + ", ".join(f"{short_name(g.name)} {g.channels_before} -> {g.channels_after} (multiples of {g.rounded_to})"
+                       for g in finer)
         ))
     heads = [g for g in report.groups if g.kind == "heads"]
     if heads:

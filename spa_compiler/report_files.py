@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .report import PruneReport, _count, data_free, describe_fidelity, fidelity_warning, sameness_warning
+from .report import PruneReport, _count, data_free, describe_fidelity, fidelity_warning, sameness_warning, short_name
 
 if TYPE_CHECKING:
     from .sweep import PointResult, SweepResult
@@ -214,7 +214,7 @@ def plot_widths(report: PruneReport, path: Path) -> None:
     """Horizontal bars per group: width before (light) and after (dark)."""
     plt = _pyplot()
     groups = report.groups
-    names = [g.name if len(g.name) <= 48 else "..." + g.name[-45:] for g in groups]
+    names = [short_name(g.name, 48) for g in groups]
     figure, axes = plt.subplots(figsize=(8, 1.2 + 0.22 * len(groups)))
     positions = range(len(groups))
     axes.barh(positions, [g.channels_before for g in groups], color="#c8d3e0", label="before")

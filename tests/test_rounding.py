@@ -77,6 +77,17 @@ def test_report_names_the_groups_rounded_finer(tmp_path, capsys):
     assert report.to_dict()["groups"][0]["rounded_to"] == report.groups[0].rounded_to
 
 
+def test_long_fused_names_are_shortened_in_the_report():
+    """TensorFlow exports join the names of the ops they fuse; the report shows their ends."""
+    from spa_compiler.report import short_name
+
+    fused = "Conv '" + ";".join(f"model_1/block_{k}/Conv2D" for k in range(12)) + "'"
+    shown = short_name(fused)
+    assert len(fused) > 200 and len(shown) == 60
+    assert shown.startswith("Conv 'model_1/block") and shown.endswith("model_1/block_11/Conv2D'") and "..." in shown
+    assert short_name("Conv 'conv1'") == "Conv 'conv1'"
+
+
 @pytest.mark.accurate
 def test_sensitivity_allocation_rounds_finer_too(tmp_path):
     """The accurate default (measured sensitivity, re-fit) goes through the same allocation."""
