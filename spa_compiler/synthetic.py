@@ -9,6 +9,10 @@ each graph input is classified from the graph and filled accordingly:
   near-grey colours) and *text* (lines of English words in glyphs that ship with spa-prune, dark
   on a light textured page, half of them upside down: :mod:`.rendered_text`), then mapped into
   the model's range by ``x = a z + b`` (see below).
+- **frames** (the same at rank 5, ``[N, C, D, H, W]`` or ``[N, D, H, W, C]``: a video, a volume,
+  or one frame for a 3-D convolution): each sample one such picture seen through a window that
+  pans across it by up to ``MAX_PAN`` pixels a frame, so that neighbouring frames are alike, as
+  in a video and in the slices of a volume.
 - **token ids** (integer, read by a Gather on a constant ``[vocabulary, width]`` table, through
   casts and reshapes): a Zipf law over the frequency-ordered block of rows that the row norms
   reveal, plus the common characters before it (:mod:`.synthetic_tokens`). An input named like
@@ -59,7 +63,7 @@ from .sample_layout import model_feeds, sample_axis, sample_shape
 from .synthetic_tokens import non_image_input, token_ids, varied_lengths
 from .verify import session_for
 
-__all__ = ["synthetic_calibration", "image_content", "image_inputs", "token_ids", "fit_image_range"]
+__all__ = ["synthetic_calibration", "image_content", "frames_content", "image_inputs", "token_ids", "fit_image_range"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ FIT_ROWS = 8192  # output positions of those images used
 SCORE_SAMPLES = 6  # images per candidate run through the model to compare BatchNorm statistics
 CHUNK_VALUES = 2**23  # float64 values of the fields made at a time (64 MB)
 CONTENTS = {"natural": 0.0, "text": 1.0, "natural and text": 0.5}  # share of text images
+MAX_PAN = 2  # pixels a synthetic clip's window moves per frame, at most
 
 
 def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
@@ -99,14 +104,22 @@ def image_inputs(graph: Graph) -> list[str]:
 
 
 def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
-    """"NCHW" or "NHWC" for a float image-like shape, else None."""
-    if len(shape) != 4 or not np.issubdtype(dtype, np.floating):
+    """"NCHW" or "NHWC" for a float image-like shape, "NCDHW" or "NDHWC" for frames of them,
+    else None."""
+    if len(shape) not in (4, 5) or not np.issubdtype(dtype, np.floating):
         return None
-    if shape[1] in (1, 3, 4) and min(shape[2:]) >= MIN_IMAGE_SIDE:
-        return "NCHW"
-    if shape[3] in (1, 3, 4) and min(shape[1:3]) >= MIN_IMAGE_SIDE:
-        return "NHWC"
+    if shape[1] in (1, 3, 4) and min(shape[-2:]) >= MIN_IMAGE_SIDE:
+        return "NCHW" if len(shape) == 4 else "NCDHW"
+    if shape[-1] in (1, 3, 4) and min(shape[-3:-1]) >= MIN_IMAGE_SIDE:
+        return "NHWC" if len(shape) == 4 else "NDHWC"
     return None
+
+
+def _picture_sizes(shape: tuple[int, ...], layout: str) -> tuple[int, int | None, int, int]:
+    """``(channels, frames, height, width)`` of an input of ``shape`` in ``layout``; frames None
+    for a single picture (rank 4)."""
+    sizes = dict(zip(layout, shape))
+    return sizes["C"], sizes.get("D"), sizes["H"], sizes["W"]
 
 
 def _fields_per_chunk(height: int, width: int) -> int:
@@ -188,6 +201,20 @@ def image_content(rng: np.random.Generator, n: int, channels: int, height: int, 
     return images
 
 
+def frames_content(rng: np.random.Generator, n: int, channels: int, frames: int, height: int, width: int,
+                   text_share: float) -> np.ndarray:
+    """``n`` synthetic clips ``[n, channels, frames, height, width]`` in [0, 1]: each a picture of
+    :func:`image_content`, ``(frames - 1) * MAX_PAN`` pixels wider than a frame, seen through a
+    window whose left edge is at ``round(v t)`` in frame ``t``, the speed ``v`` drawn per clip
+    from ``[0, MAX_PAN]`` pixels a frame (a camera panning)."""
+    wide = image_content(rng, n, channels, height, width + (frames - 1) * MAX_PAN, text_share)
+    starts = np.rint(rng.uniform(0, MAX_PAN, (n, 1)) * np.arange(frames)).astype(int)
+    clips = np.empty((n, channels, frames, height, width), np.float32)
+    for i, t in np.ndindex(n, frames):
+        clips[i, :, t] = wide[i, :, :, starts[i, t] : starts[i, t] + width]
+    return clips
+
+
 @dataclass(frozen=True)
 class _Candidate:
     """A content family, a polarity and the map ``x = scale * z + shift`` of its pictures."""
@@ -197,9 +224,9 @@ class _Candidate:
     scale: float
     shift: float
 
-    def text(self) -> str:
+    def text(self, noun: str = "pictures") -> str:
         polarity = "inverted" if self.inverted else "as drawn"
-        return f"{self.content} pictures ({polarity}), x = {self.scale:.3g} z {self.shift:+.3g}"
+        return f"{self.content} {noun} ({polarity}), x = {self.scale:.3g} z {self.shift:+.3g}"
 
 
 def _first_batchnorm(graph: Graph, name: str) -> tuple[Node, Node] | None:
@@ -288,25 +315,32 @@ def _image_input(
     shape = (samples, *graph.input_shapes[name][1:])
     dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
     layout = _image_layout(shape, dtype)
-    channels, height, width = shape[1:] if layout == "NCHW" else (shape[3], shape[1], shape[2])
+    channels, frames, height, width = _picture_sizes(shape, layout)
+    noun = "pictures" if frames is None else "single-frame pictures" if frames == 1 else f"{frames}-frame panning clips"
+
+    def draw(n: int, text_share: float) -> np.ndarray:
+        """``n`` pictures (or clips) channels first, ``text_share`` of them text."""
+        if frames is None:
+            return image_content(rng, n, channels, height, width, text_share)
+        return frames_content(rng, n, channels, frames, height, width, text_share)
 
     def as_input(pictures: np.ndarray, scale: float, shift: float) -> np.ndarray:
         """``scale * pictures + shift`` in the input's layout and dtype, made in ``pictures``."""
         pictures *= scale
         pictures += shift
-        return (pictures if layout == "NCHW" else pictures.transpose(0, 2, 3, 1)).astype(dtype, copy=False)
+        return (pictures if layout[1] == "C" else np.moveaxis(pictures, 1, -1)).astype(dtype, copy=False)
 
     batchnorms = _batchnorms(graph)
     if not batchnorms:
-        pictures = image_content(rng, samples, channels, height, width, CONTENTS["natural and text"])
+        pictures = draw(samples, CONTENTS["natural and text"])
         inverted = np.arange(samples) // 2 % 2 == 1  # pairs alternate: either kind of scene, both polarities
         pictures[inverted] = 1 - pictures[inverted]
         return as_input(pictures, *_standardising(pictures)), (
-            f"{samples} natural and text pictures, half inverted, standardised to zero mean and unit variance "
+            f"{samples} natural and text {noun}, half inverted, standardised to zero mean and unit variance "
             "(a default: no BatchNorm to fit)"
         )
-    fit = int(np.clip(2_000_000 // (channels * height * width), 2, FIT_SAMPLES))
-    texts, naturals = (image_content(rng, fit, channels, height, width, share) for share in (1.0, 0.0))
+    fit = int(np.clip(2_000_000 // (channels * (frames or 1) * height * width), 2, FIT_SAMPLES))
+    texts, naturals = (draw(fit, share) for share in (1.0, 0.0))
     alternating = np.stack([naturals, texts], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
     families = {"natural": naturals, "text": texts, "natural and text": alternating}
     pair = _first_batchnorm(graph, name) if layout == "NCHW" else None
@@ -322,12 +356,12 @@ def _image_input(
             scored.append((_batchnorm_mismatch(graph, session, feeds), candidate))
             log.debug("'%s': %s, BatchNorm mismatch %.4g", name, candidate.text(), scored[-1][0])
     mismatch, best = min(scored, key=lambda item: item[0])
-    pictures = image_content(rng, samples, channels, height, width, CONTENTS[best.content])
+    pictures = draw(samples, CONTENTS[best.content])
     if best.inverted:
         np.subtract(1, pictures, out=pictures)
     how = f"range fitted to BatchNorm '{pair[1].name}' after Conv '{pair[0].name}'" if pair \
         else "standardised to zero mean and unit variance (a default: no BatchNorm right after a first Conv)"
     return as_input(pictures, best.scale, best.shift), (
-        f"{samples} {best.text()}, {how}; content and polarity matching {len(batchnorms)} BatchNorm "
+        f"{samples} {best.text(noun)}, {how}; content and polarity matching {len(batchnorms)} BatchNorm "
         f"layers best (mismatch {mismatch:.3g})"
     )

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa_compiler.ir import load_model
-from spa_compiler.synthetic import image_content, synthetic_calibration
+from spa_compiler.synthetic import MAX_PAN, image_content, synthetic_calibration
 
 SAMPLES = 24
 TRUE_MEAN, TRUE_STD = 0.45, 0.25  # the "training" images are (z - 0.45) / 0.25
@@ -86,6 +86,51 @@ def test_image_without_batchnorm_is_standardised(tmp_path):
     medians = np.median(x.reshape(SAMPLES, -1), axis=1)
     assert (medians > 0.5).sum() >= SAMPLES // 4 and (medians < -0.5).sum() >= SAMPLES // 4
 
+
+
+def _shift_between(before: np.ndarray, after: np.ndarray) -> int:
+    """The ``d`` in 0..MAX_PAN for which ``after`` is ``before`` moved ``d`` pixels left (exactly,
+    over the columns both show), else -1; frames are ``[..., H, W]``."""
+    width = before.shape[-1]
+    for d in range(MAX_PAN + 1):
+        if np.array_equal(after[..., : width - d], before[..., d:]):
+            return d
+    return -1
+
+
+@pytest.mark.parametrize("layout", ["NCDHW", "NDHWC"])
+def test_frames_pan_across_one_picture(tmp_path, layout):
+    """A rank-5 input with three colours, channels first or last, gets clips: frame ``t + 1`` is
+    frame ``t`` with the window moved 0 to ``MAX_PAN`` pixels, at a speed that varies by clip."""
+    shape = [1, 3, 5, 24, 32] if layout == "NCDHW" else [1, 5, 24, 32, 3]
+    nodes = [helper.make_node("Relu", ["video"], ["y"]), helper.make_node("Relu", ["volume"], ["z"])]
+    inputs = [helper.make_tensor_value_info("video", TensorProto.FLOAT, shape),
+              helper.make_tensor_value_info("volume", TensorProto.FLOAT, [1, 8, 2, 4, 4])]  # sides < 8: not pictures
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape),
+               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8, 2, 4, 4])]
+    graph = load_model(_save(tmp_path, nodes, inputs, outputs, {}))
+    arrays, description = synthetic_calibration(graph, 12, seed=0)
+    video = arrays["video"]
+    assert video.shape == (12, *shape[1:]) and video.dtype == np.float32
+    clips = video if layout == "NCDHW" else np.moveaxis(video, -1, 1)  # [n, C, D, H, W]
+    shifts = np.array([[_shift_between(clip[:, t], clip[:, t + 1]) for t in range(4)] for clip in clips])
+    assert (shifts >= 0).all() and (shifts > 0).any() and len({tuple(row) for row in shifts}) > 3
+    assert abs(video.mean()) < 1e-3 and abs(video.std() - 1) < 1e-3
+    assert "'video': 12 natural and text 5-frame panning clips" in description
+    assert "'volume': standard normal" in description
+
+
+def test_one_frame_for_a_3d_convolution(tmp_path):
+    """``[N, 3, 1, H, W]`` (a 3-D convolution over single frames) gets pictures."""
+    nodes = [helper.make_node("Relu", ["frame"], ["y"])]
+    inputs = [helper.make_tensor_value_info("frame", TensorProto.FLOAT, [1, 3, 1, 32, 32])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 1, 32, 32])]
+    graph = load_model(_save(tmp_path, nodes, inputs, outputs, {}))
+    arrays, description = synthetic_calibration(graph, 8, seed=0)
+    assert arrays["frame"].shape == (8, 3, 1, 32, 32)
+    assert "8 natural and text single-frame pictures, half inverted" in description
+    medians = np.median(arrays["frame"].reshape(8, -1), axis=1)
+    assert (medians > 0.5).sum() >= 2 and (medians < -0.5).sum() >= 2
 
 def _token_model(tmp_path):
     """BERT-style inputs: ids through a Cast into a Gather on a [1000, 16] table, token types and
