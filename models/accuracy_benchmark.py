@@ -1,6 +1,6 @@
 """Benchmark: task accuracy of real pretrained models pruned by spa-prune and by its peers, no fine-tuning.
 
-    python -m models.accuracy_benchmark [--tasks rec,cls,det,orient,rec_v5,det_v6,ddddocr,filetype,minilm,digits,vit,sklearn,pitch] [--flops 0.9,0.75,0.5]
+    python -m models.accuracy_benchmark [--tasks rec,cls,det,orient,rec_v5,det_v6,ddddocr,filetype,minilm,digits,vit,sklearn,pitch,watermark,watermark_embed] [--flops 0.9,0.75,0.5]
         [--criteria default,l2,obs,obs_joint] [--test-samples N] [--calib-samples N | --calib-file N] [--no-peers]
         [--json results.json] [--option FIELD=VALUE ...] [--criterion-only] [--ablation]
 
@@ -18,7 +18,9 @@ Tasks (``TASKS``; each builds its data from fixed seeds, calibration disjoint fr
 - ``digits``: the digits ResNet, top-1 accuracy on held-out images (``models.digits_task``);
 - ``vit``: a vision transformer trained on the same digits, the same metric (``models.digits_vit``);
 - ``sklearn``: a scikit-learn MLP on the same digits through skl2onnx, the same metric (``models.sklearn_task``);
-- ``pitch``: basic-pitch's note model, frame-level note F1 on synthesised notes of known pitch (``models.pitch_task``).
+- ``pitch``: basic-pitch's note model, frame-level note F1 on synthesised notes of known pitch (``models.pitch_task``);
+- ``watermark``, ``watermark_embed``: RivaGAN's invisible-watermark decoder and encoder, the
+  share of message bits read right from watermarked photograph crops (``models.watermark_task``).
 
 Each model is pruned to every ``--flops`` target through ``spa_compiler.prune`` with every
 ``--criteria`` criterion: one data-free row per criterion, and a calibrated row for a criterion
@@ -66,6 +68,7 @@ from .filetype_task import FileTypeTask
 from .minilm_task import MiniLMTask
 from .ocr_tasks import ClsTask, DetTask, DetV6Task, OrientTask, RecTask, RecV5Task
 from .pitch_task import PitchTask
+from .watermark_task import WatermarkDecodeTask, WatermarkEmbedTask
 from .peers import PeerError, match_target, flops_of, onnxsim_prune, onnxsim_simplify
 from .table import print_table, write_json
 from .sklearn_task import SklearnTask
@@ -75,7 +78,8 @@ __all__ = ["TASKS", "TASK_TYPES", "Cell", "main", "method_rows", "run_task"]
 
 TASK_TYPES: dict[str, type[Task]] = {
     task.name: task for task in (RecTask, ClsTask, DetTask, OrientTask, RecV5Task, DetV6Task, DdddocrTask, FileTypeTask,
-                                 MiniLMTask, DigitsTask, DigitsViTTask, SklearnTask, PitchTask)
+                                 MiniLMTask, DigitsTask, DigitsViTTask, SklearnTask, PitchTask,
+                                 WatermarkDecodeTask, WatermarkEmbedTask)
 }
 TASKS: dict[str, Task] = {name: task() for name, task in TASK_TYPES.items()}
 """One instance of every task with its default number of test samples (built lazily)."""

@@ -66,6 +66,10 @@ MODELS = {
     "magika": Shipped("magika", "magika==1.0.3", "models/standard_v3_3/model.onnx", {}),
     "basic_pitch": Shipped("basic_pitch", "basic-pitch==0.4.0", "saved_models/icassp_2022/nmp.onnx", {}),
     "deepcut": Shipped("pythainlp", "pythainlp==5.4.0", "corpus/deepcut.onnx", {}),
+    "rivagan_encoder": Shipped("imwatermark", "invisible-watermark==0.2.0", "rivagan_encoder.onnx",
+                               {"frame": (1, 3, 1, 256, 256), "data": (1, 32)}),
+    "rivagan_decoder": Shipped("imwatermark", "invisible-watermark==0.2.0", "rivagan_decoder.onnx",
+                               {"frame": (1, 3, 1, 256, 256)}),
 }
 
 
