@@ -70,7 +70,8 @@ def photo_crops(count: int, seed: int, right: bool) -> np.ndarray:
 
 
 def messages(count: int, seed: int) -> np.ndarray:
-    """``count`` random ``BITS``-bit messages ``[count, BITS]`` of zeros and ones (float32)."""
+    """``count`` random ``BITS``-bit messages ``[count, BITS]`` of zeros and ones (float32), drawn
+    with ``seed + 1000`` so that they share no draws with the crops of ``seed``."""
     return np.random.default_rng(seed + 1000).integers(0, 2, (count, BITS)).astype(np.float32)
 
 
