@@ -60,10 +60,13 @@ from .feature_rows import conv_patches
 from .ir import Graph, Node
 from .rendered_text import text_scene
 from .sample_layout import model_feeds, sample_axis, sample_shape
-from .synthetic_tokens import non_image_input, token_ids, varied_lengths
+from .synthetic_tokens import is_waveform, non_image_input, token_ids, varied_lengths
 from .verify import session_for
 
-__all__ = ["synthetic_calibration", "image_content", "frames_content", "image_inputs", "token_ids", "fit_image_range"]
+__all__ = [
+    "synthetic_calibration", "image_content", "frames_content", "image_inputs", "waveform_values", "token_ids",
+    "fit_image_range",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,16 @@ def image_inputs(graph: Graph) -> list[str]:
     """The graph inputs that get synthetic pictures (see the module docstring)."""
     return [name for name in graph.inputs if _image_layout(
         tuple(graph.input_shapes[name]), onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])) is not None]
+
+
+def waveform_values(graph: Graph) -> int:
+    """Values per sample of the graph inputs that get synthetic notes (0: none)."""
+    total = 0
+    for name in graph.inputs:
+        shape = (1, *sample_shape(graph, name))
+        if is_waveform(graph, name, shape, onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])):
+            total += int(np.prod(shape))
+    return total
 
 
 def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:

@@ -13,11 +13,13 @@ Why notes rather than steady sine tones: a model that finds pitches or words rea
 decays and the comb of partials a voiced sound has; steady tones exercise none of them.
 basic-pitch's note model (``models.pitch_task``, note F1 0.989 unpruned) pruned data-free by the
 default pipeline to ``--flops 0.75`` kept 0.702 / 0.702 / 0.701 / 0.702 over seeds 0 to 3 from
-two to five steady sine tones in noise, and 0.784 / 0.991 / 0.993 / 0.743 from notes (at 0.5:
-0.638 / 0.618 / 0.627 / 0.641 and 0.784 / 0.877 / 0.722 / 0.715). Calibrated on 128 clips of its
-task's own kind it keeps 0.994 at 0.75 (0.985 at 0.5). What data-free misses there is one pick:
-which two of the eight channels of its first contour convolution go, which synthetic notes rank
-otherwise than real ones (0.784 with the data-free pick, 0.994 with the calibrated one).
+128 clips of two to five steady sine tones in noise, and 0.784 / 0.991 / 0.993 / 0.743 from 128
+clips of notes (at 0.5: 0.638 / 0.618 / 0.627 / 0.641 and 0.784 / 0.877 / 0.722 / 0.715). Those
+128 were too few: which channels of its first contour convolution go was left to the draw.
+Data-free runs make 2048 clips of notes (:data:`spa_compiler.config.SYNTHETIC_AUDIO_SAMPLES`):
+0.992 / 0.994 / 0.994 / 0.993 at 0.75 and 0.917 / 0.925 / 0.940 / 0.935 at 0.5 (seeds 4 and 5
+at 0.5: 0.714 and 0.733, keeping the contour convolution's channel 5 of 8 where the others keep
+channel 1). Calibrated on 128 clips of its task's own kind it keeps 0.994 at 0.75 (0.985 at 0.5).
 
 A note's waveform is one period of its partials, read at the note's phase: the cost is the
 clip's length, whatever the number of partials.
@@ -27,12 +29,24 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MIN_AUDIO_LENGTH", "audio_notes"]
+__all__ = ["MIN_AUDIO_LENGTH", "audio_notes", "waveform_layout"]
 
 MIN_AUDIO_LENGTH = 1000  # samples along the last axis of a float input taken for a waveform
 RATE = 16000.0  # samples per second the frequencies assume
 MAX_PARTIALS = 20
 TABLE = 4096  # points per period of a note's waveform, interpolated (the 20th partial gets 200 a cycle)
+
+
+def waveform_layout(shape: tuple[int, ...]) -> str | None:
+    """"NT", "NCT" or "NTC" for a waveform-like shape (samples first; ``C`` 1 or 2, ``T`` at least
+    ``MIN_AUDIO_LENGTH``), else None."""
+    if len(shape) == 2 and shape[1] >= MIN_AUDIO_LENGTH:
+        return "NT"
+    if len(shape) == 3 and shape[2] >= MIN_AUDIO_LENGTH and shape[1] <= 2:
+        return "NCT"
+    if len(shape) == 3 and shape[1] >= MIN_AUDIO_LENGTH and shape[2] <= 2:  # channels last, as Keras has it
+        return "NTC"
+    return None
 
 
 def _note(rng: np.random.Generator, length: int) -> np.ndarray:
@@ -50,11 +64,13 @@ def _note(rng: np.random.Generator, length: int) -> np.ndarray:
     return attack * np.exp(-t * rng.uniform(0.0, 6.0)) * release * tone
 
 
-def audio_notes(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Float64 waveforms of ``shape`` (time along the last axis) made of notes (see the module docstring)."""
+def audio_notes(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype = np.float64) -> np.ndarray:
+    """Waveforms of ``shape`` (time along the last axis) made of notes (see the module docstring),
+    each made in float64 and stored as ``dtype``."""
     length = shape[-1]
-    waves = np.zeros((int(np.prod(shape[:-1])), length))
-    for wave in waves:
+    waves = np.zeros((int(np.prod(shape[:-1])), length), dtype)
+    for row in range(len(waves)):
+        wave = np.zeros(length)
         for _ in range(rng.integers(1, 6)):
             start, duration = int(rng.integers(-length // 4, length)), max(1, int(rng.uniform(0.1, 1.0) * length))
             first, last = max(start, 0), min(length, start + duration)  # the part of the note inside the clip
@@ -63,4 +79,5 @@ def audio_notes(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
                 wave[first:last] += note[first - start : last - start]
         wave += rng.normal(0, rng.uniform(0.001, 0.1) * max(np.abs(wave).max(), 1e-3), length)
         wave *= rng.uniform(0.1, 0.9) / max(np.abs(wave).max(), 1e-9)
+        waves[row] = wave
     return waves.reshape(shape)

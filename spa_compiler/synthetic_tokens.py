@@ -58,10 +58,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .ir import Graph, Node
-from .synthetic_audio import MIN_AUDIO_LENGTH, audio_notes
+from .synthetic_audio import audio_notes, waveform_layout
 from .token_mask import attention_mask
 
-__all__ = ["TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input", "varied_lengths"]
+__all__ = ["TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input", "is_waveform", "varied_lengths"]
 
 PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 TRAINED_NORM = 0.5  # rows shorter than this times the median norm are never drawn
@@ -159,6 +159,15 @@ def token_ids(table: np.ndarray, shape: tuple[int, ...], rng: np.random.Generato
     return rng.choice(len(table), size=shape, p=prior.probabilities), prior.description
 
 
+def is_waveform(graph: Graph, name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether :func:`non_image_input` gives input ``name`` of ``shape`` (samples first) notes:
+    floats of a waveform's shape, neither a mask nor ids an embedding table reads."""
+    if not np.issubdtype(dtype, np.floating) or "mask" in name.lower() or waveform_layout(shape) is None:
+        return False
+    table = embedding_table(graph, name)
+    return table is None or len(table) < 2
+
+
 def non_image_input(
     graph: Graph, name: str, shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator
 ) -> tuple[np.ndarray, str]:
@@ -177,11 +186,12 @@ def non_image_input(
         ids, note = token_ids(table, shape, rng)
         return ids.astype(dtype), note
     if floating:
-        if len(shape) in (2, 3) and shape[-1] >= MIN_AUDIO_LENGTH and (len(shape) == 2 or shape[1] <= 2):
-            return audio_notes(rng, shape).astype(dtype), "notes (audio)"
-        if len(shape) == 3 and shape[1] >= MIN_AUDIO_LENGTH and shape[2] <= 2:  # channels last, as Keras has it
-            channels_first = audio_notes(rng, (shape[0], shape[2], shape[1]))
-            return np.swapaxes(channels_first, 1, 2).astype(dtype), "notes (audio)"
+        layout = waveform_layout(shape)
+        if layout == "NTC":
+            channels_first = audio_notes(rng, (shape[0], shape[2], shape[1]), dtype)
+            return np.ascontiguousarray(np.swapaxes(channels_first, 1, 2)), "notes (audio)"
+        if layout is not None:
+            return audio_notes(rng, shape, dtype), "notes (audio)"
         scaler = _scaler(graph, name)
         if scaler is not None:
             offset, scale = scaler

@@ -48,8 +48,9 @@ def test_the_unpruned_model_hears_the_notes():
 @needs_basic_pitch
 def test_pruned_with_and_without_calibration_clips(tmp_path):
     """At half the FLOPs with 128 calibration clips the model keeps its note F1 within 0.03 (0.985
-    of 0.989 on the 100 test clips). Data-free at three quarters, from synthetic notes, it keeps
-    0.784 (default seed; steady sine tones gave 0.702 on every seed tried)."""
+    of 0.989 on the 100 test clips). Data-free at three quarters, from 2048 clips of synthetic
+    notes, it keeps it within 0.03 too (0.992 on the 100; 128 clips gave 0.784, steady sine tones
+    0.702)."""
     from spa_compiler import PruneConfig, prune
 
     task = PitchTask(test_samples=40)
@@ -62,5 +63,5 @@ def test_pruned_with_and_without_calibration_clips(tmp_path):
     assert task.evaluate(calibrated) >= unpruned - 0.03
     data_free = tmp_path / "data_free.onnx"
     report = prune(source, data_free, PruneConfig(flops=0.75, input_shapes=shapes))
-    assert "notes (audio)" in report.calibration
-    assert task.evaluate(data_free) >= 0.75
+    assert report.calibration.startswith("data-free, 2048 synthetic samples") and "notes (audio)" in report.calibration
+    assert task.evaluate(data_free) >= unpruned - 0.03

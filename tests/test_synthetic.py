@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa_compiler.ir import load_model
-from spa_compiler.synthetic import MAX_PAN, image_content, synthetic_calibration
+from spa_compiler.synthetic import MAX_PAN, image_content, synthetic_calibration, waveform_values
 
 SAMPLES = 24
 TRUE_MEAN, TRUE_STD = 0.45, 0.25  # the "training" images are (z - 0.45) / 0.25
@@ -195,6 +195,7 @@ def test_audio_and_other_floats(tmp_path):
     features = arrays["features"]
     assert features.shape == (8, 10) and abs(features.mean()) < 0.5 and 0.6 < features.std() < 1.4
     assert "'waveform': notes (audio)" in description and "'features': standard normal" in description
+    assert waveform_values(graph) == 16000
 
 
 def test_keras_inputs_float_ids_and_channels_last_audio(tmp_path):
@@ -220,6 +221,21 @@ def test_keras_inputs_float_ids_and_channels_last_audio(tmp_path):
     spectrum = np.abs(np.fft.rfft(wave[..., 0], axis=1))
     assert np.all(spectrum.max(axis=1) > 20 * np.median(spectrum, axis=1))
     assert "'waveform': notes (audio)" in description and "token ids" in description
+    assert waveform_values(graph) == 4000
+
+
+def test_waveform_values_count_the_inputs_that_get_notes(tmp_path):
+    """A stereo clip ``[N, 2, T]`` counts its 2T values; a float mask of a waveform's length and a
+    clip of more than two channels get no notes and count nothing."""
+    nodes = [helper.make_node("Relu", [name], [f"{name}_out"]) for name in ("stereo", "attention_mask", "many")]
+    shapes = {"stereo": [1, 2, 3000], "attention_mask": [1, 2000], "many": [1, 3, 3000]}
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in shapes.items()]
+    outputs = [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, shape) for name, shape in shapes.items()]
+    graph = load_model(_save(tmp_path, nodes, inputs, outputs, {}))
+    assert waveform_values(graph) == 6000
+    _, description = synthetic_calibration(graph, 4, seed=0)
+    assert "'stereo': notes (audio)" in description and "'attention_mask': ones (a mask)" in description
+    assert "'many': standard normal" in description
 
 
 def test_deterministic_for_a_seed(tmp_path):
@@ -231,9 +247,10 @@ def test_deterministic_for_a_seed(tmp_path):
     assert not np.array_equal(first["x"], other["x"])
 
 
-def test_data_free_calibrates_on_512_token_sequences_or_256_pictures_by_default(tmp_path):
-    """Synthetic token sequences default to 512, synthetic pictures to 256, other synthetic
-    inputs and user data to 128; an explicit --calib-samples wins."""
+def test_data_free_calibrates_on_512_token_sequences_256_pictures_or_2048_clips_by_default(tmp_path):
+    """Synthetic token sequences default to 512, synthetic pictures to 256, synthetic clips to
+    2048 (fewer when long, no fewer than 128), other synthetic inputs and user data to 128; an
+    explicit --calib-samples wins."""
     from spa_compiler import PruneConfig, PruneState, analyze_graph
     from spa_compiler.stages import CollectStatistics
 
@@ -249,6 +266,10 @@ def test_data_free_calibrates_on_512_token_sequences_or_256_pictures_by_default(
     assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(synthetic_images=True) == 128
     assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(synthetic_tokens=True) == 128
     assert PruneConfig(flops=0.5, calibration_samples=64).samples_for(synthetic_tokens=True) == 64
+    assert config.samples_for(waveform_values=43844) == 2048  # two seconds at 22,050 Hz
+    assert config.samples_for(waveform_values=30 * 16000) == 279  # half a minute at 16 kHz: 2**27 values
+    assert config.samples_for(waveform_values=10**7) == 128
+    assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(waveform_values=43844) == 128
     state = calibrated(graph)
     assert state.calibration.startswith("data-free, 512 synthetic samples")
     assert len(state.calibration_data["input_ids"]) == 512
