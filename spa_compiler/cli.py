@@ -106,9 +106,9 @@ CALIB = typer.Option(
 CALIB_SAMPLES = typer.Option(
     None, min=1, show_default=False,
     help="Calibration samples used (synthetic ones without --calib): 128 of a --calib file by default (more of a larger "
-    "file when 128 sequences hold too few tokens for the widest layer); without it 256 synthetic pictures for image "
-    "inputs, 512 synthetic token sequences for token inputs, 2048 synthetic audio clips for waveform inputs (fewer "
-    "for long ones), else 128.",
+    "file when 128 sequences hold too few tokens for the widest layer); without it 512 synthetic token sequences for "
+    "token inputs, 256 synthetic pictures for image inputs, 2048 synthetic audio clips for waveform inputs (of large "
+    "pictures and long clips as many as 2 GB and 512 MB hold, at least 128), else 128.",
 )
 CALIB_BATCH = typer.Option(
     16, min=1, help="Samples whose statistics rows are drawn together, and at most per onnxruntime run (fewer where "

@@ -12,15 +12,21 @@ from .errors import TargetError
 
 __all__ = [
     "PruneConfig", "TARGET_TOLERANCE", "CALIBRATION_SAMPLES", "SYNTHETIC_IMAGE_SAMPLES", "SYNTHETIC_TOKEN_SAMPLES",
-    "SYNTHETIC_AUDIO_SAMPLES", "SYNTHETIC_AUDIO_VALUES", "default_criterion",
+    "SYNTHETIC_IMAGE_VALUES", "SYNTHETIC_AUDIO_SAMPLES", "SYNTHETIC_AUDIO_VALUES", "default_criterion",
 ]
 
 TARGET_TOLERANCE = 0.02
 CALIBRATION_SAMPLES = 128  # calibration samples by default
-SYNTHETIC_IMAGE_SAMPLES = 256  # synthetic pictures by default (data-free)
+SYNTHETIC_IMAGE_SAMPLES = 256  # synthetic pictures by default (data-free) ...
+SYNTHETIC_IMAGE_VALUES = 2**29  # ... unless they hold more values than this (2 GB in float32)
 SYNTHETIC_TOKEN_SAMPLES = 512  # synthetic token sequences by default (data-free)
 SYNTHETIC_AUDIO_SAMPLES = 2048  # synthetic clips by default (data-free) ...
 SYNTHETIC_AUDIO_VALUES = 2**27  # ... unless they hold more waveform values than this (512 MB in float32)
+
+
+def _bounded(samples: int, fitting: int) -> int:
+    """``samples``, or as many as fit a bound of values (``fitting``), at least ``CALIBRATION_SAMPLES``."""
+    return max(CALIBRATION_SAMPLES, min(samples, fitting))
 
 
 def default_criterion(calibrated: bool) -> str:
@@ -68,16 +74,17 @@ class PruneConfig:
     evaluation: str | None = None  # a Python file defining score(model_path) -> float
     reinit: bool = False  # write the pruned architecture with fresh weights (spa_compiler.reinit)
 
-    def samples_for(self, synthetic_tokens: bool = False, synthetic_images: bool = False,
-                    waveform_values: int = 0) -> int:
+    def samples_for(self, synthetic_tokens: bool = False, picture_values: int = 0, waveform_values: int = 0) -> int:
         """Calibration samples to use: as asked, else ``CALIBRATION_SAMPLES``; when there is no
         calibration data, ``SYNTHETIC_TOKEN_SAMPLES`` synthetic token sequences for a model
-        with token inputs, ``SYNTHETIC_IMAGE_SAMPLES`` synthetic pictures for one with image
-        inputs, and for one whose inputs hold ``waveform_values`` values of audio a sample,
-        ``SYNTHETIC_AUDIO_SAMPLES`` clips of notes, fewer for long ones (as many as
-        ``SYNTHETIC_AUDIO_VALUES`` values hold, at least ``CALIBRATION_SAMPLES``). They cost
-        little to make, and the draw matters less the more of them there are:
-        a data-free language model needs their variety (MiniLM at ``--flops 0.75``: cosine 0.897
+        with token inputs; for one whose inputs hold ``picture_values`` values of pictures a
+        sample, ``SYNTHETIC_IMAGE_SAMPLES`` synthetic pictures; for one whose inputs hold
+        ``waveform_values`` values of audio a sample, ``SYNTHETIC_AUDIO_SAMPLES`` clips of notes.
+        Large pictures and long clips get fewer, as many as ``SYNTHETIC_IMAGE_VALUES`` or
+        ``SYNTHETIC_AUDIO_VALUES`` values hold, never fewer than ``CALIBRATION_SAMPLES`` (256
+        pictures of 640×640 hold 315 million values, 16-frame clips of 224×224 pictures get 222).
+        Synthetic samples cost little to make, and the draw matters less the more of them there
+        are: a data-free language model needs their variety (MiniLM at ``--flops 0.75``: cosine 0.897
         from 128 sequences, 0.909 from 512), and at ``--flops 0.5`` the PP-OCRv4 recogniser reads
         0.925 to 0.968 of its characters over five seeds from 256 pictures, 0.801 to 0.954 from
         128 (the direction classifier 0.875 to 0.945 against 0.815 to 0.900; 512 pictures were no
@@ -90,10 +97,10 @@ class PruneConfig:
             return self.calibration_samples
         if not self.calibration and synthetic_tokens:
             return SYNTHETIC_TOKEN_SAMPLES
-        if not self.calibration and synthetic_images:
-            return SYNTHETIC_IMAGE_SAMPLES
+        if not self.calibration and picture_values:
+            return _bounded(SYNTHETIC_IMAGE_SAMPLES, SYNTHETIC_IMAGE_VALUES // picture_values)
         if not self.calibration and waveform_values:
-            return max(CALIBRATION_SAMPLES, min(SYNTHETIC_AUDIO_SAMPLES, SYNTHETIC_AUDIO_VALUES // waveform_values))
+            return _bounded(SYNTHETIC_AUDIO_SAMPLES, SYNTHETIC_AUDIO_VALUES // waveform_values)
         return CALIBRATION_SAMPLES
 
     @property

@@ -41,7 +41,7 @@ from .report import FIDELITY_ONLY, build_report
 from .rewrite import expected_shapes, removed_indices, rewrite_model
 from .self_written import SelfWritten, written_once
 from .state import PruneState
-from .synthetic import image_inputs, synthetic_calibration, waveform_values
+from .synthetic import picture_values, synthetic_calibration, waveform_values
 from .synthetic_tokens import embedding_table
 from .token_augment import MORE_SEQUENCES, first_sequences, tokens_wanted, with_token_copies
 from .verify import SILENT, custom_ops, held_out_fidelity, verify_model
@@ -157,7 +157,7 @@ class CollectStatistics(Pass):
         file's. Returns the samples and their description."""
         config, graph = state.config, state.graph
         tokens = any(embedding_table(graph, name) is not None for name in graph.inputs)
-        samples = config.samples_for(synthetic_tokens=tokens, synthetic_images=bool(image_inputs(graph)),
+        samples = config.samples_for(synthetic_tokens=tokens, picture_values=picture_values(graph),
                                      waveform_values=waveform_values(graph))
         data, source = synthetic_calibration(graph, samples, config.seed)
         written = written_once(state, state.analysis, data) if tokens else SelfWritten(None, "")

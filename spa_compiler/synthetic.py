@@ -64,8 +64,8 @@ from .synthetic_tokens import is_waveform, non_image_input, token_ids, varied_le
 from .verify import session_for
 
 __all__ = [
-    "synthetic_calibration", "image_content", "frames_content", "image_inputs", "waveform_values", "token_ids",
-    "fit_image_range",
+    "synthetic_calibration", "image_content", "frames_content", "image_inputs", "picture_values", "waveform_values",
+    "token_ids", "fit_image_range",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,11 @@ def image_inputs(graph: Graph) -> list[str]:
     """The graph inputs that get synthetic pictures (see the module docstring)."""
     return [name for name in graph.inputs if _image_layout(
         tuple(graph.input_shapes[name]), onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])) is not None]
+
+
+def picture_values(graph: Graph) -> int:
+    """Values per sample of the graph inputs that get synthetic pictures (0: none)."""
+    return sum(int(np.prod(sample_shape(graph, name))) for name in image_inputs(graph))
 
 
 def waveform_values(graph: Graph) -> int:

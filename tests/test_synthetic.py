@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa_compiler.ir import load_model
-from spa_compiler.synthetic import MAX_PAN, image_content, synthetic_calibration, waveform_values
+from spa_compiler.synthetic import MAX_PAN, image_content, picture_values, synthetic_calibration, waveform_values
 
 SAMPLES = 24
 TRUE_MEAN, TRUE_STD = 0.45, 0.25  # the "training" images are (z - 0.45) / 0.25
@@ -118,6 +118,7 @@ def test_frames_pan_across_one_picture(tmp_path, layout):
     assert abs(video.mean()) < 1e-3 and abs(video.std() - 1) < 1e-3
     assert "'video': 12 natural and text 5-frame panning clips" in description
     assert "'volume': standard normal" in description
+    assert picture_values(graph) == 3 * 5 * 24 * 32
 
 
 def test_one_frame_for_a_3d_convolution(tmp_path):
@@ -249,8 +250,8 @@ def test_deterministic_for_a_seed(tmp_path):
 
 def test_data_free_calibrates_on_512_token_sequences_256_pictures_or_2048_clips_by_default(tmp_path):
     """Synthetic token sequences default to 512, synthetic pictures to 256, synthetic clips to
-    2048 (fewer when long, no fewer than 128), other synthetic inputs and user data to 128; an
-    explicit --calib-samples wins."""
+    2048 (pictures and clips fewer when large, no fewer than 128), other synthetic inputs and
+    user data to 128; an explicit --calib-samples wins."""
     from spa_compiler import PruneConfig, PruneState, analyze_graph
     from spa_compiler.stages import CollectStatistics
 
@@ -262,8 +263,10 @@ def test_data_free_calibrates_on_512_token_sequences_256_pictures_or_2048_clips_
     graph = _token_model(tmp_path)
     config = PruneConfig(flops=0.5, criterion="obs")
     assert (config.samples_for(), config.samples_for(synthetic_tokens=True)) == (128, 512)
-    assert config.samples_for(synthetic_images=True) == 256
-    assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(synthetic_images=True) == 128
+    assert config.samples_for(picture_values=3 * 640 * 640) == 256
+    assert config.samples_for(picture_values=3 * 16 * 224 * 224) == 222  # 16-frame clips: 2**29 values
+    assert config.samples_for(picture_values=3 * 2048 * 2048) == 128
+    assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(picture_values=3 * 224 * 224) == 128
     assert PruneConfig(flops=0.5, calibration="data.npz").samples_for(synthetic_tokens=True) == 128
     assert PruneConfig(flops=0.5, calibration_samples=64).samples_for(synthetic_tokens=True) == 64
     assert config.samples_for(waveform_values=43844) == 2048  # two seconds at 22,050 Hz
