@@ -90,9 +90,10 @@ class PruneConfig:
         128 (the direction classifier 0.875 to 0.945 against 0.815 to 0.900; 512 pictures were no
         better). basic-pitch's notes data-free at ``--flops 0.75`` hung on the draw from 128
         clips (F1 0.743 to 0.993 over four seeds) and do not from 2048 (0.992 to 0.994; two
-        seconds at 22,050 Hz, 360 MB); at 0.5, 0.715 to 0.877 over four and 0.714 to 0.940 over six; from
-        4096 0.899 and 0.711 on the first two (:mod:`.synthetic_audio`). Other synthetic inputs
-        (standard normal) keep 128: nothing measured says more help."""
+        seconds at 22,050 Hz, 360 MB); at 0.5 they read 0.715 to 0.877 over four seeds from 128,
+        0.714 to 0.940 over six from 2048, 0.899 and 0.711 on the first two from 4096
+        (:mod:`.synthetic_audio`). Other synthetic inputs (standard normal) keep 128: nothing
+        measured says more help."""
         if self.calibration_samples is not None:
             return self.calibration_samples
         if not self.calibration and synthetic_tokens:
