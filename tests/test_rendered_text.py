@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spa_compiler.rendered_text import CHARACTERS, _upright_scene, area_resize, faces, text_line, text_scene
+from spa_compiler import rendered_text
+from spa_compiler.rendered_text import (
+    CHARACTERS, _upright_scene, area_resize, faces, is_text_line, text_line, text_scene,
+)
 
 
 def test_shipped_faces_hold_every_printable_character():
@@ -56,3 +59,28 @@ def test_text_scene_is_dark_ink_on_a_light_page_and_seeded():
         flipped += np.array_equal(scene, upright[::-1, ::-1])
         assert np.array_equal(scene, upright) or np.array_equal(scene, upright[::-1, ::-1])
     assert 12 <= flipped <= 28
+
+
+@pytest.mark.parametrize("height, width, text_line_crop", [(48, 320, True), (64, 384, True), (32, 96, True),
+                                                           (48, 143, False), (224, 224, False), (320, 640, False)])
+def test_pictures_three_times_as_wide_as_tall_are_text_line_crops(height, width, text_line_crop):
+    assert is_text_line(height, width) is text_line_crop
+
+
+@pytest.mark.parametrize("height, width, low, high", [(64, 384, 0.55 * 0.8 * 64, 64), (320, 320, 0.55 * 0.8 * 48, 48),
+                                                      (32, 32, 0.55 * 0.8 * 32, 32)])
+def test_lines_fill_a_text_line_crop_and_stay_at_most_48_high_on_a_page(monkeypatch, height, width, low, high):
+    """A text-line crop's lines are up to its height (a reader resizes the line to fill it); a
+    page's up to 48 pixels, whatever its size."""
+    heights = []
+
+    def recording(face, text, line_height, max_width):
+        heights.append(line_height)
+        return text_line(face, text, line_height, max_width)
+
+    monkeypatch.setattr(rendered_text, "text_line", recording)
+    noise = np.random.default_rng(1).standard_normal((height, width))
+    for seed in range(30):
+        _upright_scene(np.random.default_rng(seed), noise)
+    assert low - 1 <= min(heights) and max(heights) <= high
+    assert max(heights) > 0.9 * high  # the whole range is drawn

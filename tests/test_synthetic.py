@@ -8,6 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from spa_compiler import synthetic
 from spa_compiler.ir import load_model
 from spa_compiler.synthetic import MAX_PAN, image_content, picture_values, synthetic_calibration, waveform_values
 
@@ -85,6 +86,27 @@ def test_image_without_batchnorm_is_standardised(tmp_path):
     # half the pictures inverted: dark and light backgrounds both present
     medians = np.median(x.reshape(SAMPLES, -1), axis=1)
     assert (medians > 0.5).sum() >= SAMPLES // 4 and (medians < -0.5).sum() >= SAMPLES // 4
+
+
+@pytest.mark.parametrize("height, width, share, drawn", [(32, 128, 1.0, "text pictures (shaped like a text line, 128x32)"),
+                                                         (32, 64, 0.5, "natural and text pictures")])
+def test_a_text_line_without_batchnorm_gets_text_alone(tmp_path, monkeypatch, height, width, share, drawn):
+    """Without a BatchNorm to choose the content, a picture three or more times as wide as tall
+    (a text-line crop) is all text; any other half natural, half text."""
+    shares, drawing = [], synthetic.image_content
+
+    def recording(rng, n, channels, h, w, text_share):
+        shares.append(text_share)
+        return drawing(rng, n, channels, h, w, text_share)
+
+    monkeypatch.setattr(synthetic, "image_content", recording, raising=True)
+    weight = np.random.default_rng(0).standard_normal((4, 1, 3, 3)).astype(np.float32)
+    path = _save(tmp_path, [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, height, width])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, height, width])], {"w": weight})
+    arrays, description = synthetic_calibration(load_model(path), 8, seed=0)
+    assert shares == [share] and arrays["x"].shape == (8, 1, height, width)
+    assert f"'x': 8 {drawn}, half inverted, standardised" in description
 
 
 
