@@ -43,11 +43,19 @@ BatchNorm to fit (an exporter folded them), half the pictures natural, half text
 inverted, are standardised to zero mean and unit variance over the set, and the description
 says so: the range of models fed mean/std-normalised images, within a factor of two of
 ``[-1, 1]`` (measured on the digits ResNet at half the FLOPs over three seeds: 0.975 to 0.992
-accuracy, 0.869 to 0.903 with ``[-1, 1]``). A picture shaped like a text-line crop
-(:func:`~.rendered_text.is_text_line`) is then all text, half inverted: what a line reader
-reads (ddddocr's, without BatchNorms, at ``--flops 0.5`` over seeds 0, 1, 2: 0.903, 0.851,
-0.884 of its characters, half natural 0.844 on seed 0, 0.754, 0.743, 0.774 before text lines
-filled such pictures' height; at 0.75 0.929, 0.912, 0.921 against 0.938, 0.920, 0.932).
+accuracy, 0.869 to 0.903 with ``[-1, 1]``).
+
+**Text lines.** A picture at least three times as wide as tall
+(:func:`~.rendered_text.is_text_line`) is a crop of one line of text, what a line recogniser or
+a direction classifier reads: its candidates are text alone, in both polarities, its lines as
+high as the picture, and without a BatchNorm it is all text, half inverted. Data-free over
+seeds 0, 1, 2 at ``--flops 0.5`` (and 0.75), against the choice among every content: PP-OCRv4's
+recogniser 0.920, 0.954, 0.970 (0.999, 0.998, 0.993) where it read 0.956, 0.972, 0.914 (0.984,
+0.991, 0.960); PP-OCRv5's 0.976, 0.960, 0.979 (0.983, 0.986, 0.994) where 0.958, 0.980, 0.751
+(0.982, 0.995, 0.992); the direction classifier 0.915, 0.935, 0.910 (0.980, 0.990, 0.940)
+where 0.870, 0.965, 0.905 (0.990, 0.980, 0.980). ddddocr's reader, without BatchNorms, reads
+0.903, 0.851, 0.884 at 0.5 where half natural pictures with lines at most 48 pixels high gave
+0.754, 0.743, 0.774 (at 0.75 0.929, 0.912, 0.921 against 0.938, 0.920, 0.932).
 """
 
 from __future__ import annotations
@@ -331,9 +339,9 @@ def _standardising(pictures: np.ndarray) -> tuple[float, float]:
 def _image_input(
     graph: Graph, name: str, samples: int, arrays: dict[str, np.ndarray], rng: np.random.Generator
 ) -> tuple[np.ndarray, str]:
-    """Pictures for image input ``name``: every candidate content and polarity fitted, the one
-    matching the BatchNorm statistics best kept (see the module docstring); ``arrays`` holds
-    the other inputs, fed alongside."""
+    """Pictures for image input ``name``: every candidate content (text alone for a text-line
+    crop) and polarity fitted, the one matching the BatchNorm statistics best kept (see the
+    module docstring); ``arrays`` holds the other inputs, fed alongside."""
     shape = (samples, *graph.input_shapes[name][1:])
     dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
     layout = _image_layout(shape, dtype)
@@ -353,20 +361,24 @@ def _image_input(
         return (pictures if layout[1] == "C" else np.moveaxis(pictures, 1, -1)).astype(dtype, copy=False)
 
     batchnorms = _batchnorms(graph)
+    text_line = is_text_line(height, width)
+    shape_note = f"; text alone: shaped like a text line ({width}x{height})" if text_line else ""
     if not batchnorms:
-        content = "text" if is_text_line(height, width) else "natural and text"
+        content = "text" if text_line else "natural and text"
         pictures = draw(samples, CONTENTS[content])
         inverted = np.arange(samples) // 2 % 2 == 1  # pairs alternate: either kind of scene, both polarities
         pictures[inverted] = 1 - pictures[inverted]
-        shape_note = f" (shaped like a text line, {width}x{height})" if content == "text" else ""
         return as_input(pictures, *_standardising(pictures)), (
-            f"{samples} {content} {noun}{shape_note}, half inverted, standardised to zero mean and unit variance "
-            "(a default: no BatchNorm to fit)"
+            f"{samples} {content} {noun}, half inverted, standardised to zero mean and unit variance "
+            f"(a default: no BatchNorm to fit){shape_note}"
         )
     fit = int(np.clip(2_000_000 // (channels * (frames or 1) * height * width), 2, FIT_SAMPLES))
-    texts, naturals = (draw(fit, share) for share in (1.0, 0.0))
-    alternating = np.stack([naturals, texts], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
-    families = {"natural": naturals, "text": texts, "natural and text": alternating}
+    texts = draw(fit, 1.0)
+    families = {"text": texts}
+    if not text_line:
+        naturals = draw(fit, 0.0)
+        alternating = np.stack([naturals, texts], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
+        families.update({"natural": naturals, "natural and text": alternating})
     pair = _first_batchnorm(graph, name) if layout == "NCHW" else None
     session = session_for(exposing(graph.model, sorted({n.inputs[0] for n in batchnorms})), optimize=False)
     scored = []
@@ -385,7 +397,8 @@ def _image_input(
         np.subtract(1, pictures, out=pictures)
     how = f"range fitted to BatchNorm '{pair[1].name}' after Conv '{pair[0].name}'" if pair \
         else "standardised to zero mean and unit variance (a default: no BatchNorm right after a first Conv)"
+    chosen = "polarity" if text_line else "content and polarity"
     return as_input(pictures, best.scale, best.shift), (
-        f"{samples} {best.text(noun)}, {how}; content and polarity matching {len(batchnorms)} BatchNorm "
-        f"layers best (mismatch {mismatch:.3g})"
+        f"{samples} {best.text(noun)}, {how}; {chosen} matching {len(batchnorms)} BatchNorm "
+        f"layers best (mismatch {mismatch:.3g}){shape_note}"
     )

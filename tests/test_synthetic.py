@@ -61,6 +61,7 @@ def test_image_range_matches_first_batchnorm(tmp_path):
     x = arrays["x"]
     assert x.shape == (SAMPLES, 3, 32, 32) and x.dtype == np.float32
     assert "fitted to BatchNorm 'bn' after Conv 'conv'" in description
+    assert "; content and polarity matching 1 BatchNorm layers best" in description  # a square picture: any content
     importance = stats["gamma"] ** 2 / np.sum(stats["gamma"] ** 2)
 
     def mismatch(images: np.ndarray) -> tuple[float, float]:
@@ -88,7 +89,7 @@ def test_image_without_batchnorm_is_standardised(tmp_path):
     assert (medians > 0.5).sum() >= SAMPLES // 4 and (medians < -0.5).sum() >= SAMPLES // 4
 
 
-@pytest.mark.parametrize("height, width, share, drawn", [(32, 128, 1.0, "text pictures (shaped like a text line, 128x32)"),
+@pytest.mark.parametrize("height, width, share, drawn", [(32, 128, 1.0, "text pictures"),
                                                          (32, 64, 0.5, "natural and text pictures")])
 def test_a_text_line_without_batchnorm_gets_text_alone(tmp_path, monkeypatch, height, width, share, drawn):
     """Without a BatchNorm to choose the content, a picture three or more times as wide as tall
@@ -107,7 +108,24 @@ def test_a_text_line_without_batchnorm_gets_text_alone(tmp_path, monkeypatch, he
     arrays, description = synthetic_calibration(load_model(path), 8, seed=0)
     assert shares == [share] and arrays["x"].shape == (8, 1, height, width)
     assert f"'x': 8 {drawn}, half inverted, standardised" in description
+    assert ("text alone: shaped like a text line (128x32)" in description) is (share == 1.0)
 
+
+
+def test_a_text_line_with_batchnorm_chooses_only_the_polarity_of_text(tmp_path):
+    """A text-line crop's candidates are text alone: the BatchNorm fit picks its polarity and range."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    stats = {"gamma": np.ones(4), "beta": np.zeros(4), "mean": rng.uniform(-1, 1, 4), "var": rng.uniform(0.5, 2, 4)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 64])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 64])],
+                 {"w": weight, **{k: v.astype(np.float32) for k, v in stats.items()}})
+    arrays, description = synthetic_calibration(load_model(path), 8, seed=0)
+    assert arrays["x"].shape == (8, 3, 16, 64)
+    assert "'x': 8 text pictures (" in description and "; text alone: shaped like a text line (64x16)" in description
+    assert "; polarity matching 1 BatchNorm layers best" in description
 
 
 def _shift_between(before: np.ndarray, after: np.ndarray) -> int:
