@@ -374,11 +374,12 @@ def _image_input(
         )
     fit = int(np.clip(2_000_000 // (channels * (frames or 1) * height * width), 2, FIT_SAMPLES))
     texts = draw(fit, 1.0)
-    families = {"text": texts}
-    if not text_line:
+    if text_line:
+        families = {"text": texts}
+    else:
         naturals = draw(fit, 0.0)
         alternating = np.stack([naturals, texts], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
-        families.update({"natural": naturals, "natural and text": alternating})
+        families = {"natural": naturals, "text": texts, "natural and text": alternating}
     pair = _first_batchnorm(graph, name) if layout == "NCHW" else None
     session = session_for(exposing(graph.model, sorted({n.inputs[0] for n in batchnorms})), optimize=False)
     scored = []
