@@ -62,6 +62,7 @@ import numpy as np
 
 from spa_compiler import PruneConfig, SpaError, get_criterion, prune
 
+from .crepe_task import CrepeTask
 from .ddddocr_task import DdddocrTask
 from .digits_task import DigitsTask, DigitsViTTask
 from .filetype_task import FileTypeTask
@@ -78,7 +79,7 @@ __all__ = ["TASKS", "TASK_TYPES", "Cell", "main", "method_rows", "run_task"]
 
 TASK_TYPES: dict[str, type[Task]] = {
     task.name: task for task in (RecTask, ClsTask, DetTask, OrientTask, RecV5Task, DetV6Task, DdddocrTask, FileTypeTask,
-                                 MiniLMTask, DigitsTask, DigitsViTTask, SklearnTask, PitchTask,
+                                 MiniLMTask, DigitsTask, DigitsViTTask, SklearnTask, PitchTask, CrepeTask,
                                  WatermarkDecodeTask, WatermarkEmbedTask)
 }
 TASKS: dict[str, Task] = {name: task() for name, task in TASK_TYPES.items()}

@@ -39,7 +39,10 @@ from .analysis import Analysis, Group
 from .cost import CostMetric, CostModel
 from .errors import TargetError
 
-__all__ = ["Target", "Constraints", "Plan", "allocate", "unit_counts", "rounding_levels", "unit_steps", "COST_EXPONENT"]
+__all__ = [
+    "Target", "Constraints", "Plan", "allocate", "unit_counts", "rounding_levels", "unit_steps", "COST_EXPONENT",
+    "DISTORTION_EXPONENT",
+]
 
 Scope = Literal["global", "uniform"]
 
@@ -120,12 +123,15 @@ def widest_axis(group: Group) -> tuple[int, int]:
 
 @dataclass
 class Plan:
-    """Units to remove per group id, the cost ratio reached in the target's cost kind, and the
-    groups rounded finer than :func:`unit_steps` to reach it (group id -> units per step used)."""
+    """Units to remove per group id, the cost ratio reached in the target's cost kind, the
+    groups rounded finer than :func:`unit_steps` to reach it (group id -> units per step used),
+    and, for a plan past the target by more than the tolerance because landing within it
+    measured worse, the measured distortion of the plan that landed over this plan's."""
 
     removed: dict[int, list[int]] = field(default_factory=dict)
     achieved: float = 1.0
     rounded_finer: dict[int, int] = field(default_factory=dict)
+    landing_distortion: float | None = None
 
     @property
     def n_removed(self) -> int:
@@ -173,6 +179,12 @@ def _fits(cost: CostModel, counts: dict[int, int]) -> bool:
 
 
 COST_EXPONENT = 0.5
+DISTORTION_EXPONENT = 1.0
+"""``cost_exponent`` of scores that are measured output distortions (:mod:`.sensitivity`),
+additive across groups: a plan's total distortion is the sum of its removed units' scores."""
+CLEAR_GAIN = 1.5
+"""How many times less distortion another plan must measure to replace the first that lands
+(:func:`_least_distortion`): the distortions come from a few samples and add up only roughly."""
 
 
 def _priority(cost: CostModel, steps: _GroupSteps, step: list[int], exponent: float) -> float:
@@ -289,8 +301,12 @@ def allocate(
         return Plan(removed, _cost_after(analysis, metric, removed))
     if CostModel(analysis, metric).original_total <= 0:
         raise TargetError(f"the model has no {metric.label} to reduce ({metric.description})")
+    measured = cost_exponent == DISTORTION_EXPONENT and c.scope == "global"
     best: Plan | None = None
+    landed: list[Plan] = []
     for steps in rounding_levels(analysis.groups, c, rule):
+        if landed and not _keeps_speed(analysis, c, steps):
+            break
         if c.scope == "uniform":
             removed = _allocate_uniform(analysis, scores, metric, target.value, c, steps)
         else:
@@ -304,8 +320,111 @@ def allocate(
         if best is None or _miss(plan, target) < _miss(best, target):
             best = plan
         if target.value - tolerance <= plan.achieved <= target.value:
-            break
+            landed.append(plan)
+            if not measured:
+                break
+    if measured and landed:
+        return _least_distortion(analysis, scores, target, tolerance, c, metric, rule, landed)
     return best
+
+
+def _keeps_speed(analysis: Analysis, c: Constraints, steps: dict[int, int]) -> bool:
+    """Whether every group ``4 * round_to`` wide or wider still rounds to ``min(8, round_to)``
+    channels at least (:func:`rounding_levels`): the rounding that keeps the fast kernels."""
+    wide, speed = 4 * c.round_to, min(8, c.round_to)
+    return all(steps[g.id] >= speed for g in analysis.groups if g.prunable and len(g.units) >= wide)
+
+
+def _least_distortion(
+    analysis: Analysis, scores: dict[int, np.ndarray], target: Target, tolerance: float, c: Constraints,
+    metric: CostMetric, rule: dict[int, int], landed: list[Plan],
+) -> Plan:
+    """With measured distortions (additive: a plan's distortion is the total of its removed
+    units' scores), the first plan that lands within the tolerance, unless a plan measures
+    clearly less (under ``1 / CLEAR_GAIN`` of its distortion): the least distorting of those
+    that land at any rounding level that keeps wide groups fast, and :func:`_knapsack`'s at the
+    rule's rounding, whose last step may go further past the target. Landing can cost far more:
+    when a wide group's next step would go past the tolerance, the steps that land instead may
+    halve narrow groups, each of which distorts the outputs more (CREPE tiny's pitch tracker at
+    ``--flops 0.8``: two 16-channel convolutions halved, 0.16 of the outputs' energy, against
+    0.0017 for eight more of the 128-channel first convolution's channels)."""
+    cost = CostModel(analysis, metric)
+    removed = _knapsack(analysis, scores, cost, target.value * cost.original_total, c, rule)
+    knapsack = Plan(removed, _cost_after(analysis, metric, removed))
+    candidates = [*landed, *([knapsack] if knapsack.achieved <= target.value else [])]
+    least = min(candidates, key=lambda plan: _distortion(scores, plan.removed))
+    first, least_distortion = _distortion(scores, landed[0].removed), _distortion(scores, least.removed)
+    if least_distortion * CLEAR_GAIN >= first:
+        return landed[0]
+    if least.achieved >= target.value - tolerance:
+        return least
+    landing = min(_distortion(scores, plan.removed) for plan in landed)
+    return Plan(least.removed, least.achieved, landing_distortion=landing / least_distortion if least_distortion else math.inf)
+
+
+@dataclass(frozen=True)
+class _Step:
+    group: int
+    units: list[int]
+    counts: dict[int, int]
+    distortion: float
+    saving: float
+
+
+def _knapsack(
+    analysis: Analysis, scores: dict[int, np.ndarray], cost: CostModel, budget: float, c: Constraints,
+    steps: dict[int, int],
+) -> dict[int, list[int]]:
+    """Least total distortion within ``budget``, greedily: steps in the order of distortion per
+    cost saved, but every time one step could reach the budget, the plan finished by the least
+    distorting such step is a candidate; the least distorting candidate (the greedy's own end
+    among them) wins. Greedy alone would finish with whichever step comes next in its order,
+    however large its distortion and whatever smaller one would do."""
+    states = {g.id: _GroupSteps(g, scores[g.id], c, steps[g.id]) for g in analysis.groups}
+    largest = max((s.saving for s in _next_steps(states, cost)), default=0.0)  # savings only shrink as widths do
+    best: dict[int, list[int]] = {}
+    best_distortion, spent = math.inf, 0.0
+    while cost.total > budget:
+        options = _next_steps(states, cost)
+        if not options:
+            break
+        if cost.total - largest <= budget:
+            reaching = [o for o in options if cost.total - o.saving <= budget]
+            if reaching:
+                last = min(reaching, key=lambda o: o.distortion)
+                if spent + last.distortion < best_distortion:
+                    best_distortion = spent + last.distortion
+                    best = {gid: list(s.order[:s.taken]) for gid, s in states.items() if s.taken}
+                    best[last.group] = best.get(last.group, []) + last.units
+        step = min(options, key=lambda o: o.distortion / o.saving)
+        cost.remove(step.counts)
+        states[step.group].take(step.units)
+        spent += step.distortion
+    if (cost.total <= budget and spent <= best_distortion) or not best:
+        return {gid: s.removed for gid, s in states.items() if s.taken}
+    return {gid: sorted(units) for gid, units in best.items()}
+
+
+def _next_steps(states: dict[int, _GroupSteps], cost: CostModel) -> list[_Step]:
+    """Every group's next step that saves cost, fits (no axis emptied) and has a finite score."""
+    options = []
+    for gid, state in states.items():
+        units = state.next_step()
+        if not units:
+            continue
+        counts = unit_counts(state.group, units)
+        distortion = float(state.scores[units].sum())
+        if not _fits(cost, counts) or math.isinf(distortion):
+            continue
+        saving = cost.saving(counts)
+        if saving > 0:
+            options.append(_Step(gid, units, counts, distortion, saving))
+    return options
+
+
+def _distortion(scores: dict[int, np.ndarray], removed: dict[int, list[int]]) -> float:
+    """The total of the removed units' scores: with measured distortions, the plan's distortion."""
+    return float(sum(scores[gid][units].sum() for gid, units in removed.items()))
 
 
 def _miss(plan: Plan, target: Target) -> tuple[bool, float]:

@@ -80,6 +80,7 @@ class PruneReport:
     calibration: str | None = None
     calibration_warning: str | None = None  # why the --calib (or synthetic) samples describe one input, not many
     order_choice: str | None = None  # groups ordered by the criterion's alternative (sensitivity pass)
+    landing_distortion: float | None = None  # past the target's tolerance: the landing plan measured this many times more
     compensated: int = 0
     requantized: tuple[int, int] = (0, 0)  # re-fitted QDQ weights quantized again, values saturated
     timings: dict[str, float] = field(default_factory=dict)
@@ -209,6 +210,7 @@ def build_report(state: PruneState) -> PruneReport:
         calibration=state.calibration,
         calibration_warning=state.calibration_warning,
         order_choice=state.order_choice,
+        landing_distortion=plan.landing_distortion,
         shipped_text=state.written is not None and state.written.data is not None and state.written.samples == SHIPPED,
         input_shapes=dict(config.input_shapes),
         compensated=len(state.compensated),
@@ -256,6 +258,8 @@ def render_report(report: PruneReport, console: Console) -> None:
             f"reached {achieved:.3f}, above --{report.target_kind} {report.target_value:g} by less than the "
             f"tolerance {TARGET_TOLERANCE:g}: nothing more can go (--analyze shows what blocks the rest)"
         )
+    if report.landing_distortion is not None:
+        console.print(landing_note(report))
     if report.target_kind == "latency":
         console.print(
             f"measured latency ratio {report.latency_ratio:.3f} (onnxruntime, 1 thread, batch as bound; CPU time "
@@ -382,6 +386,17 @@ samples chose nothing (:class:`~spa_compiler.stages.HeldOutOnly`)."""
 def fidelity_only(report: PruneReport) -> bool:
     """Whether the ``--calib`` samples measured fidelity and chose nothing."""
     return bool(report.calibration) and report.calibration.startswith(FIDELITY_ONLY)
+
+
+def landing_note(report: PruneReport) -> str:
+    """Why the plan goes past the target by more than the tolerance (``report.landing_distortion``)."""
+    achieved = {"flops": report.flops_ratio, "params": report.params_ratio}.get(report.target_kind)
+    reached = f"reached {achieved:.3f}, " if achieved is not None else ""
+    times = report.landing_distortion
+    cost = (f"{times:.1f} times this plan's measured output distortion" if times != float("inf")
+            else "measured output distortion where this plan adds none")
+    return (f"{reached}past --{report.target_kind} {report.target_value:g} by more than the tolerance "
+            f"{TARGET_TOLERANCE:g}: the steps that would have landed within it cost {cost}")
 
 
 def sameness_warning(report: PruneReport) -> str:

@@ -24,7 +24,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .report import PruneReport, _count, data_free, describe_fidelity, fidelity_warning, sameness_warning, short_name
+from .report import (
+    PruneReport, _count, data_free, describe_fidelity, fidelity_warning, landing_note, sameness_warning, short_name,
+)
 
 if TYPE_CHECKING:
     from .sweep import PointResult, SweepResult
@@ -137,6 +139,7 @@ def run_markdown(report: PruneReport, picture: str | None) -> str:
         *_costs_table(report), "", *_fidelity_lines(report),
         *([f"- statistics: {report.calibration}"] if report.calibration else []),
         *([f"- channel order: {report.order_choice}"] if report.order_choice else []),
+        *([f"- {landing_note(report)}"] if report.landing_distortion is not None else []),
         *([f"- {sameness_warning(report)}"] if report.calibration_warning else []), "",
         "## Widths per group", "", *_widths_table(report), "",
         *([f"![widths per group]({picture})", ""] if picture else []),

@@ -56,7 +56,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .allocate import unit_steps
+from .allocate import DISTORTION_EXPONENT, unit_steps
 from .analysis import Group
 from .batch_axis import declares_batch_of_one, fixed_batch
 from .sample_layout import model_feeds
@@ -297,7 +297,7 @@ class MeasureSensitivity(Pass):
             group_scores[order] = strictly_increasing(increments)
             scores[group.id] = group_scores
         state.scores = scores
-        state.cost_exponent = 1.0
+        state.cost_exponent = DISTORTION_EXPONENT
         if alternatives:
             state.order_choice = (f"{taken} of {len(alternatives)} groups in {self._alternative_name(state)}'s order, "
                                   f"the rest in {state.config.criterion_name}'s: whichever distorted the outputs "

@@ -169,4 +169,5 @@ def test_readme_composed_pipeline_runs(monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     state = namespace["state"]
     assert namespace["pipeline"].names[5] == "widest_groups_first"
-    assert 0.48 <= state.plan.achieved <= 0.52 and state.fidelity.cosine > 0.5
+    landed = 0.48 <= state.plan.achieved <= 0.5  # or past the tolerance, where landing measured worse
+    assert (landed or state.plan.landing_distortion > 1) and state.fidelity.cosine > 0.5

