@@ -107,6 +107,7 @@ class CrepeTask(Task):
     name = "crepe"
     metric_names = ("raw pitch accuracy",)
     default_test_samples = 300
+    torch_pruning = True
 
     @property
     def description(self) -> str:
@@ -122,14 +123,31 @@ class CrepeTask(Task):
 
     @cached_property
     def _onnx(self) -> Path:
+        return self._export(crepe_module(self.weights), self.folder / "crepe_tiny.onnx")
+
+    @staticmethod
+    def _export(model, path: Path) -> Path:
         import torch
 
         from .export import export_checked
 
         frames = torch.from_numpy(harmonic_frames(2, seed=2)[0])
-        return export_checked(crepe_module(self.weights), {INPUT: frames}, self.folder / "crepe_tiny.onnx",
-                              output_names=("probabilities",),
+        return export_checked(model, {INPUT: frames}, path, output_names=("probabilities",),
                               dynamic_axes={INPUT: {0: "frames"}, "probabilities": {0: "frames"}})
+
+    def torch_prune(self, ratio: float, output: Path) -> Path:
+        """Torch-Pruning's global L2-magnitude channel pruning at ``ratio`` of the PyTorch model,
+        widths multiples of ``round_to``, the classifier's outputs kept, exported to ``output``."""
+        import torch
+        import torch_pruning as tp
+
+        model = crepe_module(self.weights)
+        pruner = tp.pruner.MetaPruner(
+            model, torch.from_numpy(harmonic_frames(2, seed=2)[0]), importance=tp.importance.MagnitudeImportance(p=2),
+            global_pruning=True, pruning_ratio=ratio, ignored_layers=[model.classifier], round_to=self.round_to,
+        )
+        pruner.step()
+        return self._export(model, output)
 
     def source(self) -> tuple[Path, Shapes]:
         return self._onnx, {INPUT: (1, FRAME)}

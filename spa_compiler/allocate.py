@@ -24,6 +24,13 @@ until the target is met. Groups at least ``4 * round_to`` wide keep multiples of
 ``round_to`` when smaller) while any narrower group can still round finer: they are the ones
 whose widths decide the kernels' speed. Only then do they round finer too, so the target is
 reached whenever channels remain to remove. The plan records the groups rounded finer.
+
+*Measured distortions* (``cost_exponent`` 1, from :mod:`.sensitivity`) add up to a plan's
+distortion, so plans can be compared: the first plan that lands within the tolerance competes
+with those that land at the finer rounding levels that keep wide groups fast and with the
+knapsack's (:func:`_knapsack`), which may end further past the target; one measuring under
+``1 / CLEAR_GAIN`` of the first's distortion replaces it (:func:`_least_distortion`), and a
+plan past the tolerance records how much more the landing one measured.
 """
 
 from __future__ import annotations
@@ -194,10 +201,12 @@ def _priority(cost: CostModel, steps: _GroupSteps, step: list[int], exponent: fl
 
 def _allocate_global(
     analysis: Analysis, scores: dict[int, np.ndarray], cost: CostModel, budget: float, floor: float,
-    c: Constraints, exponent: float, steps: dict[int, int],
+    c: Constraints, exponent: float, steps: dict[int, int], finishes: list[tuple[float, dict[int, list[int]]]] | None = None,
 ) -> dict[int, list[int]]:
     """Greedy removal down to ``budget``; a step that would go below ``floor`` is set aside
-    and taken at the end only if no other step lands between the two."""
+    and taken at the end only if no other step lands between the two. Given ``finishes``, each
+    time some single step could reach the budget, the plan it would finish (the least
+    distorting such step, see :func:`_finish`) is appended there."""
     states = {g.id: _GroupSteps(g, scores[g.id], c, steps[g.id]) for g in analysis.groups}
     heap: list[tuple[float, int]] = []
     set_aside: list[int] = []
@@ -205,7 +214,13 @@ def _allocate_global(
         step = state.next_step()
         if step:
             heapq.heappush(heap, (_priority(cost, state, step, exponent), gid))
+    # savings only shrink as widths do: no step saves more than the largest first one
+    largest = max((s.saving for s in _next_steps(states, cost)), default=0.0) if finishes is not None else 0.0
+    taken, finished_at = 0, -1
     while heap and cost.total > budget:
+        if finishes is not None and cost.total - largest <= budget and taken != finished_at:
+            finished_at = taken
+            finishes.extend(_finish(states, cost, budget))
         priority, gid = heapq.heappop(heap)
         state = states[gid]
         step = state.next_step()
@@ -223,6 +238,7 @@ def _allocate_global(
             continue
         cost.remove(counts)
         state.take(step)
+        taken += 1
         following = state.next_step()
         if following:
             heapq.heappush(heap, (_priority(cost, state, following, exponent), gid))
@@ -380,29 +396,24 @@ def _knapsack(
     distorting such step is a candidate; the least distorting candidate (the greedy's own end
     among them) wins. Greedy alone would finish with whichever step comes next in its order,
     however large its distortion and whatever smaller one would do."""
-    states = {g.id: _GroupSteps(g, scores[g.id], c, steps[g.id]) for g in analysis.groups}
-    largest = max((s.saving for s in _next_steps(states, cost)), default=0.0)  # savings only shrink as widths do
-    best: dict[int, list[int]] = {}
-    best_distortion, spent = math.inf, 0.0
-    while cost.total > budget:
-        options = _next_steps(states, cost)
-        if not options:
-            break
-        if cost.total - largest <= budget:
-            reaching = [o for o in options if cost.total - o.saving <= budget]
-            if reaching:
-                last = min(reaching, key=lambda o: o.distortion)
-                if spent + last.distortion < best_distortion:
-                    best_distortion = spent + last.distortion
-                    best = {gid: list(s.order[:s.taken]) for gid, s in states.items() if s.taken}
-                    best[last.group] = best.get(last.group, []) + last.units
-        step = min(options, key=lambda o: o.distortion / o.saving)
-        cost.remove(step.counts)
-        states[step.group].take(step.units)
-        spent += step.distortion
-    if (cost.total <= budget and spent <= best_distortion) or not best:
-        return {gid: s.removed for gid, s in states.items() if s.taken}
-    return {gid: sorted(units) for gid, units in best.items()}
+    finishes: list[tuple[float, dict[int, list[int]]]] = []
+    removed = _allocate_global(analysis, scores, cost, budget, -math.inf, c, DISTORTION_EXPONENT, steps, finishes)
+    if cost.total <= budget:
+        finishes.append((_distortion(scores, removed), removed))
+    return min(finishes, key=lambda finish: finish[0])[1] if finishes else removed
+
+
+def _finish(states: dict[int, _GroupSteps], cost: CostModel, budget: float) -> list[tuple[float, dict[int, list[int]]]]:
+    """The plan, and its distortion, that the least distorting next step reaching ``budget``
+    would finish; none when no step reaches it."""
+    reaching = [step for step in _next_steps(states, cost) if cost.total - step.saving <= budget]
+    if not reaching:
+        return []
+    last = min(reaching, key=lambda step: step.distortion)
+    removed = {gid: list(s.order[:s.taken]) for gid, s in states.items() if s.taken}
+    removed[last.group] = sorted(removed.get(last.group, []) + last.units)
+    spent = sum(float(s.scores[s.order[:s.taken]].sum()) for s in states.values())
+    return [(spent + last.distortion, {gid: sorted(units) for gid, units in removed.items()})]
 
 
 def _next_steps(states: dict[int, _GroupSteps], cost: CostModel) -> list[_Step]:
