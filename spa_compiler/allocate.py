@@ -26,11 +26,11 @@ whose widths decide the kernels' speed. Only then do they round finer too, so th
 reached whenever channels remain to remove. The plan records the groups rounded finer.
 
 *Measured distortions* (``cost_exponent`` 1, from :mod:`.sensitivity`) add up to a plan's
-distortion, so plans can be compared: the first plan that lands within the tolerance competes
-with those that land at the finer rounding levels that keep wide groups fast and with the
-knapsack's (:func:`_knapsack`), which may end further past the target; one measuring under
-``1 / CLEAR_GAIN`` of the first's distortion replaces it (:func:`_least_distortion`), and a
-plan past the tolerance records how much more the landing one measured.
+distortion, so plans can be compared: the plan that lands within the tolerance competes with
+the knapsack's at the rule's rounding (:func:`_knapsack`), which may end further past the
+target; the knapsack's replaces it when it measures under ``1 / CLEAR_GAIN`` of its distortion
+(:func:`_least_distortion`), and a plan past the tolerance records how much more the landing
+one measured. Finer roundings are never chosen for a lower distortion alone: they cost speed.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ DISTORTION_EXPONENT = 1.0
 """``cost_exponent`` of scores that are measured output distortions (:mod:`.sensitivity`),
 additive across groups: a plan's total distortion is the sum of its removed units' scores."""
 CLEAR_GAIN = 1.5
-"""How many times less distortion another plan must measure to replace the first that lands
+"""How many times less distortion the knapsack's plan must measure to replace the one that lands
 (:func:`_least_distortion`): the distortions come from a few samples and add up only roughly."""
 
 
@@ -317,12 +317,8 @@ def allocate(
         return Plan(removed, _cost_after(analysis, metric, removed))
     if CostModel(analysis, metric).original_total <= 0:
         raise TargetError(f"the model has no {metric.label} to reduce ({metric.description})")
-    measured = cost_exponent == DISTORTION_EXPONENT and c.scope == "global"
     best: Plan | None = None
-    landed: list[Plan] = []
     for steps in rounding_levels(analysis.groups, c, rule):
-        if landed and not _keeps_speed(analysis, c, steps):
-            break
         if c.scope == "uniform":
             removed = _allocate_uniform(analysis, scores, metric, target.value, c, steps)
         else:
@@ -336,46 +332,33 @@ def allocate(
         if best is None or _miss(plan, target) < _miss(best, target):
             best = plan
         if target.value - tolerance <= plan.achieved <= target.value:
-            landed.append(plan)
-            if not measured:
-                break
-    if measured and landed:
-        return _least_distortion(analysis, scores, target, tolerance, c, metric, rule, landed)
+            if cost_exponent == DISTORTION_EXPONENT and c.scope == "global":
+                return _least_distortion(analysis, scores, target, tolerance, c, metric, rule, plan)
+            break
     return best
-
-
-def _keeps_speed(analysis: Analysis, c: Constraints, steps: dict[int, int]) -> bool:
-    """Whether every group ``4 * round_to`` wide or wider still rounds to ``min(8, round_to)``
-    channels at least (:func:`rounding_levels`): the rounding that keeps the fast kernels."""
-    wide, speed = 4 * c.round_to, min(8, c.round_to)
-    return all(steps[g.id] >= speed for g in analysis.groups if g.prunable and len(g.units) >= wide)
 
 
 def _least_distortion(
     analysis: Analysis, scores: dict[int, np.ndarray], target: Target, tolerance: float, c: Constraints,
-    metric: CostMetric, rule: dict[int, int], landed: list[Plan],
+    metric: CostMetric, rule: dict[int, int], landing: Plan,
 ) -> Plan:
     """With measured distortions (additive: a plan's distortion is the total of its removed
-    units' scores), the first plan that lands within the tolerance, unless a plan measures
-    clearly less (under ``1 / CLEAR_GAIN`` of its distortion): the least distorting of those
-    that land at any rounding level that keeps wide groups fast, and :func:`_knapsack`'s at the
-    rule's rounding, whose last step may go further past the target. Landing can cost far more:
-    when a wide group's next step would go past the tolerance, the steps that land instead may
-    halve narrow groups, each of which distorts the outputs more (CREPE tiny's pitch tracker at
-    ``--flops 0.8``: two 16-channel convolutions halved, 0.16 of the outputs' energy, against
-    0.0017 for eight more of the 128-channel first convolution's channels)."""
+    units' scores), ``landing``, the plan that lands within the tolerance, unless
+    :func:`_knapsack`'s plan at the rule's rounding, whose last step may go further past the
+    target, measures clearly less (under ``1 / CLEAR_GAIN`` of its distortion). Landing can
+    cost far more: when a wide group's next step would go past the tolerance, the steps that
+    land instead may halve narrow groups, each of which distorts the outputs more (CREPE tiny's
+    pitch tracker at ``--flops 0.8``: two 16-channel convolutions halved, 0.16 of the outputs'
+    energy, against 0.0017 for eight more of the 128-channel first convolution's channels)."""
     cost = CostModel(analysis, metric)
     removed = _knapsack(analysis, scores, cost, target.value * cost.original_total, c, rule)
-    knapsack = Plan(removed, _cost_after(analysis, metric, removed))
-    candidates = [*landed, *([knapsack] if knapsack.achieved <= target.value else [])]
-    least = min(candidates, key=lambda plan: _distortion(scores, plan.removed))
-    first, least_distortion = _distortion(scores, landed[0].removed), _distortion(scores, least.removed)
-    if least_distortion * CLEAR_GAIN >= first:
-        return landed[0]
-    if least.achieved >= target.value - tolerance:
-        return least
-    landing = min(_distortion(scores, plan.removed) for plan in landed)
-    return Plan(least.removed, least.achieved, landing_distortion=landing / least_distortion if least_distortion else math.inf)
+    achieved = _cost_after(analysis, metric, removed)
+    least, landed = _distortion(scores, removed), _distortion(scores, landing.removed)
+    if achieved > target.value or least * CLEAR_GAIN >= landed:
+        return landing
+    if achieved >= target.value - tolerance:
+        return Plan(removed, achieved)
+    return Plan(removed, achieved, landing_distortion=landed / least if least > 0 else math.inf)
 
 
 @dataclass(frozen=True)
