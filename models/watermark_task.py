@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shipped import package_dir
+from .shipped import package_dir, shipped_file
 from .tasks import Shapes, Task, run_batched
 
 __all__ = ["WatermarkDecodeTask", "WatermarkEmbedTask", "photo_crops", "messages", "watermarked", "bit_accuracy"]
@@ -94,11 +94,7 @@ class _RivaGAN(Task):
     round_to = 8  # 32 channels a layer
 
     def _model(self, part: str) -> Path:
-        folder = package_dir("imwatermark")
-        path = folder / f"rivagan_{part}.onnx" if folder else None
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"invisible-watermark is not installed: {_INSTALL_HINT}")
-        return path
+        return shipped_file("imwatermark", f"rivagan_{part}.onnx", _INSTALL_HINT)
 
     @cached_property
     def test_frames(self) -> np.ndarray:
