@@ -363,6 +363,9 @@ def _least_distortion(
 
 @dataclass(frozen=True)
 class _Step:
+    """A group's next removal: its units, the elements leaving each axis, the units' summed
+    scores (with measured distortions, the distortion it adds) and the cost it saves."""
+
     group: int
     units: list[int]
     counts: dict[int, int]
