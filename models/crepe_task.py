@@ -73,8 +73,14 @@ def raw_pitch_accuracy(estimates: np.ndarray, fundamentals: np.ndarray) -> float
     return float(np.mean(1200 * np.abs(np.log2(estimates / fundamentals)) < TOLERANCE_CENTS))
 
 
-def crepe_module(weights: Path):
-    """CREPE tiny as a PyTorch module with the state dict at ``weights`` (needs the bench extra's torch)."""
+def crepe_module(weights: Path, channel_major: bool = False):
+    """CREPE tiny as a PyTorch module with the state dict at ``weights`` (needs the bench extra's torch).
+
+    CREPE flattens the last convolution's ``(channel c, time t)`` map time-major, feature
+    ``t * 64 + c``, through a permute before the reshape. ``channel_major`` gives the same
+    function flattened ``c * 4 + t`` with no permute, the classifier's columns reordered to
+    match. Torch-Pruning 1.6.1 maps a pruned channel to classifier columns as if no permute came
+    before the flatten, so on CREPE's own form it removes the wrong columns."""
     import torch
     import torch.nn.functional as F
 
@@ -96,10 +102,16 @@ def crepe_module(weights: Path):
                 x = F.pad(x, (0, 0, 254, 254) if k == 1 else (0, 0, 31, 32))
                 x = getattr(self, f"conv{k}_BN")(F.relu(getattr(self, f"conv{k}")(x)))
                 x = F.max_pool2d(x, (2, 1), (2, 1))
-            return torch.sigmoid(self.classifier(x.permute(0, 2, 1, 3).reshape(x.shape[0], -1)))
+            features = x if channel_major else x.permute(0, 2, 1, 3)
+            return torch.sigmoid(self.classifier(features.reshape(x.shape[0], -1)))
 
     model = Crepe()
-    model.load_state_dict(torch.load(weights, map_location="cpu"))
+    state = torch.load(weights, map_location="cpu")
+    if channel_major:
+        columns = state["classifier.weight"]
+        times = columns.shape[1] // Crepe.widths[-1]
+        state["classifier.weight"] = columns.reshape(-1, times, Crepe.widths[-1]).transpose(1, 2).reshape(columns.shape)
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -133,11 +145,12 @@ class CrepeTask(Task):
 
     def torch_prune(self, ratio: float, output: Path) -> Path:
         """Torch-Pruning's global L2-magnitude channel pruning at ``ratio`` of the PyTorch model,
-        widths multiples of ``round_to``, the classifier's outputs kept, exported to ``output``."""
+        widths multiples of ``round_to``, the classifier's outputs kept, exported to ``output``. It
+        prunes the channel-major form of the same function, which it handles exactly."""
         import torch
         import torch_pruning as tp
 
-        model = crepe_module(self.weights)
+        model = crepe_module(self.weights, channel_major=True)
         pruner = tp.pruner.MetaPruner(
             model, torch.from_numpy(harmonic_frames(2, seed=2)[0]), importance=tp.importance.MagnitudeImportance(p=2),
             global_pruning=True, pruning_ratio=ratio, ignored_layers=[model.classifier], round_to=self.round_to,

