@@ -692,6 +692,50 @@ def test_flatten_reshape_gemm(tmp_path, body, consts, expect, per_channel, k_axi
                                   (gone[:, None] * per_channel + np.arange(per_channel)).ravel())
 
 
+PERMUTED_FLATTEN = [
+    # (body, constants, shapes after, merged size after the channel axis, K axis of G): the
+    # conv's channels moved inside the merge by a Transpose
+    pytest.param("t = Transpose <perm = [0, 2, 3, 1]> (a)\nf = Flatten (t)\ny = Gemm (f, G)",
+                 {"G": (512, 10)}, {"G": (256, 10)}, 1, 0, id="NHWC_Flatten_Gemm"),
+    pytest.param("r = Relu (a)\nt = Transpose <perm = [0, 2, 1, 3]> (r)\nf = Reshape (t, T)\ny = Gemm <transB = 1> (f, G)",
+                 {"T": i64(1, -1), "G": (10, 512)}, {"G": (10, 256)}, 8, 1, id="Relu_HCW_Reshape_Gemm_transB"),
+]
+
+
+@pytest.mark.parametrize("body, consts, expect, inner, k_axis", PERMUTED_FLATTEN)
+def test_flatten_after_a_permute_keeps_the_channels(tmp_path, body, consts, expect, inner, k_axis):
+    """A permute before the flatten (Keras' channels-last Flatten, CREPE's ``permute(0, 2, 1,
+    3).reshape(N, -1)``) leaves the channels inside the merge: channel c is feature ``f`` with
+    ``(f // inner) % 8 == c``, ``inner`` the product of the merged sizes after the channel axis
+    (1 for NHWC, 8 for ``[H, C, W]``)."""
+    graph = build(tmp_path, chain(body, "float[1,10] y"), 13, {"W1": (8, 3, 3, 3), "B1": (8,), **consts})
+    result, pruned = prune_exact(graph)
+    assert shapes_of(pruned, ["W1", *expect]) == {"W1": (4, 3, 3, 3), **expect}
+    features = np.arange(512)
+    np.testing.assert_array_equal(removed(result, "G", k_axis),
+                                  features[np.isin((features // inner) % 8, removed(result, "W1", 0))])
+
+
+def test_flatten_of_a_matmul_output_permuted_keeps_its_last_axis(tmp_path):
+    """MatMul writes channels on its last axis: ``[1, 8, 6] -> [1, 6, 8]`` then flattened to 48
+    couples the 6 channels, features ``c*8 .. c*8 + 7``, as without the permute (the rows,
+    the convolution's channels, are then inside the merge: a barrier)."""
+    body = """
+        s = Reshape (a, S)
+        m = MatMul (s, Wm)
+        t = Transpose <perm = [0, 2, 1]> (m)
+        f = Reshape (t, T)
+        y = Gemm (f, G)
+    """
+    graph = build(tmp_path, chain(body, "float[1,10] y"), 13,
+                  {"W1": (8, 3, 3, 3), "B1": (8,), "S": i64(1, 8, 64), "Wm": (64, 6), "T": i64(1, 48), "G": (48, 10)})
+    result, pruned = prune_exact(graph)
+    gone = removed(result, "Wm", 1)
+    assert len(gone) == 3 and initializer(pruned, "G").shape == (24, 10)
+    assert not group_of(result.analysis, "W1", 0).prunable
+    np.testing.assert_array_equal(removed(result, "G", 0), (gone[:, None] * 8 + np.arange(8)).ravel())
+
+
 def test_flatten_with_shape_computed_target(tmp_path):
     """``x.view(x.size(0), -1)`` as PyTorch exports it: Shape -> Gather -> Unsqueeze -> Concat
     gives the Reshape target. At the bound input shape the target is a constant [1, -1]."""

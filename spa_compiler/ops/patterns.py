@@ -1,7 +1,8 @@
 """Graph patterns the reshape rules recognise around a split or merge of axes: attention
 (a product of two activations: Q·Kᵀ, P·V), channel shuffles (split, Transpose, merge), grouped-query
 repeats of key/value heads (an Expand from size 1), recurrent outputs (``[directions, hidden]``),
-and the axes a consumer slices, gathers or splits along."""
+the axes a consumer slices, gathers or splits along, and which axis of a transposed tensor
+carries the channels of the layer that wrote it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "through_transposes", "selected_downstream", "followed_by_shuffle", "repeats_inner_axis",
-    "comes_from_attention", "comes_from_recurrent", "feeds_attention",
+    "comes_from_attention", "comes_from_recurrent", "feeds_attention", "channel_axis",
 ]
 
 
@@ -118,3 +119,46 @@ def feeds_attention(c: Coupler, name: str, depth: int = 6) -> bool:
             if any(feeds_attention(c, out, depth - 1) for out in node.outputs if out):
                 return True
     return False
+
+
+_CHANNELS_ON_AXIS_1 = frozenset({
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+    "GlobalMaxPool", "BatchNormalization", "InstanceNormalization", "LRN",
+})
+_CHANNELS_ON_LAST_AXIS = frozenset({"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul"})
+_KEEPS_LAYOUT = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu",
+    "Softplus", "Mish", "Gelu", "Erf", "Identity", "Dropout", "Cast", "Neg", "Abs", "Add", "Sub", "Mul", "Div",
+    "Pad", "QuantizeLinear", "DequantizeLinear",
+})
+
+
+def channel_axis(c: Coupler, name: str) -> int | None:
+    """The axis of ``name`` that holds the channels of the layer that wrote it, or None when
+    that is not known. Looking up through Transposes (axis ``i`` of a Transpose's output is axis
+    ``perm[i]`` of its input) and ops that keep the layout (activations, element-wise ops on a
+    tensor of the same rank, Pad), to an op whose layout ONNX fixes: channels on axis 1
+    (convolutions, pooling, BatchNorm), or on the last axis (MatMul, Gemm with a constant weight).
+    A permute before a flatten (``[N, C, T] -> [N, T, C] -> [N, T*C]``) leaves the channels
+    inside the merge."""
+    rank = len(c.shape(name))
+    origin = list(range(rank))
+    node = c.producer(name)
+    while node is not None and node.op_type == "Transpose":
+        perm = node.attr("perm") or list(reversed(range(rank)))
+        origin = [perm[o] for o in origin]
+        node = c.producer(node.inputs[0])
+    while node is not None and node.op_type in _KEEPS_LAYOUT:
+        source = next((i for i in node.inputs if i and not c.is_constant(i)), None)
+        if source is None or len(c.shape(source)) != rank:
+            return None
+        node = c.producer(source)
+    if node is None:
+        return None
+    if node.op_type in _CHANNELS_ON_AXIS_1:
+        channels = 1
+    elif node.op_type in _CHANNELS_ON_LAST_AXIS and any(c.is_constant(i) for i in node.inputs[:2]):
+        channels = rank - 1  # a layer's weight; a product of two activations (P·V) makes heads instead
+    else:
+        return None
+    return origin.index(channels) if channels in origin else None

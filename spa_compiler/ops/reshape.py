@@ -4,7 +4,12 @@ Reshape and Flatten are described by blocks: both shapes are cut into the shorte
 whose sizes multiply to the same number. A run of one axis on each side is identity. A *merge*
 (input axes ``a0, a1, ...`` into one output axis, as Flatten does with ``C, H, W``) couples output
 element ``f`` with element ``f // (|a1| * |a2| * ...)`` of the outermost input axis ``a0``: removing
-channel c removes the slab of features ``c*HW .. (c+1)*HW - 1``; the inner axes are barriers. A
+channel c removes the slab of features ``c*HW .. (c+1)*HW - 1``; the inner axes are barriers.
+Where a permute put the channels inside the merge (``[N, C, T] -> [N, T, C] -> [N, T*C]``, found
+by :func:`~spa_compiler.ops.patterns.channel_axis`), element ``f`` is element
+``(f // inner) % |ak|`` of the channel axis ``ak``, ``inner`` the product of the merged sizes
+after it: channel c is features ``c, C + c, 2C + c, ...`` (times ``inner``); the other axes are
+barriers. A
 *split* (one input axis into ``b0, b1, ...``) couples input element i with its digit on one
 output axis ``bk``, ``(i // (|b(k+1)| * ...)) % |bk|``: the outermost axis that nothing downstream
 slices, gathers or splits along. Hidden index ``h*D + d`` belongs to head h, so heads (or
@@ -44,7 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .patterns import (
-    comes_from_attention, comes_from_recurrent, feeds_attention, followed_by_shuffle, repeats_inner_axis,
+    channel_axis, comes_from_attention, comes_from_recurrent, feeds_attention, followed_by_shuffle, repeats_inner_axis,
     selected_downstream,
 )
 from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
@@ -104,10 +109,11 @@ def couple_reshape(c: Coupler, x: str, y: str) -> dict[int, int]:
                 c.couple(y, big_b[0], x, innermost, np.arange(n), np.arange(n) % a[innermost])
                 coupled[big_b[0]] = innermost
             else:
-                outer = big_a[0]
-                inner = math.prod(a[k] for k in big_a[1:])
-                c.couple(y, big_b[0], x, outer, np.arange(n), np.arange(n) // inner)
-                coupled[big_b[0]] = outer
+                channels = channel_axis(c, x)
+                unit_axis = channels if channels in big_a else big_a[0]
+                inner = math.prod(a[k] for k in big_a if k > unit_axis)
+                c.couple(y, big_b[0], x, unit_axis, np.arange(n), (np.arange(n) // inner) % a[unit_axis])
+                coupled[big_b[0]] = unit_axis
         elif len(big_a) > 1 and len(big_b) > 1:
             if _couple_outer_slabs(c, x, y, [a[k] for k in big_a], [b[k] for k in big_b], big_a[0], big_b[0]):
                 coupled[big_b[0]] = big_a[0]
