@@ -699,6 +699,9 @@ PERMUTED_FLATTEN = [
                  {"G": (512, 10)}, {"G": (256, 10)}, 1, 0, id="NHWC_Flatten_Gemm"),
     pytest.param("r = Relu (a)\nt = Transpose <perm = [0, 2, 1, 3]> (r)\nf = Reshape (t, T)\ny = Gemm <transB = 1> (f, G)",
                  {"T": i64(1, -1), "G": (10, 512)}, {"G": (10, 256)}, 8, 1, id="Relu_HCW_Reshape_Gemm_transB"),
+    # TensorFlow's BatchNorm written as Mul and Add after the Transpose to NHWC
+    pytest.param("t = Transpose <perm = [0, 2, 3, 1]> (a)\nm = Mul (t, S)\nb = Add (m, Sb)\nf = Flatten (b)\ny = Gemm (f, G)",
+                 {"S": (8,), "Sb": (8,), "G": (512, 10)}, {"G": (256, 10)}, 1, 0, id="NHWC_Mul_Add_Flatten_Gemm"),
 ]
 
 
@@ -714,6 +717,29 @@ def test_flatten_after_a_permute_keeps_the_channels(tmp_path, body, consts, expe
     features = np.arange(512)
     np.testing.assert_array_equal(removed(result, "G", k_axis),
                                   features[np.isin((features // inner) % 8, removed(result, "W1", 0))])
+
+
+def test_flatten_of_embedding_rows_beside_features_keeps_their_last_axis(tmp_path):
+    """Keras' Flatten of ``[tokens, features]`` where the features are an embedding's rows joined
+    with a convolution's channels (deepcut): the last axis holds the channels, so feature ``f``
+    of the 1024 is position ``f % 16`` of the 16 (6 embedding dimensions, the convolution's 8, 2
+    more), and the convolution's channels prune (the embedding tables' columns are hidden
+    dimensions, left whole)."""
+    body = """
+        t = Transpose <perm = [0, 2, 3, 1]> (a)
+        r = Reshape (t, R)
+        e = Gather (E, ids)
+        e2 = Gather (E2, ids)
+        c = Concat <axis = 2> (e, r, e2)
+        f = Flatten (c)
+        y = Gemm (f, G)
+    """
+    graph = build(tmp_path, chain(body, "float[1,10] y", f"{X}, int64[1,64] ids"), 13,
+                  {"W1": (8, 3, 3, 3), "B1": (8,), "R": i64(1, 64, 8), "E": (10, 6), "E2": (10, 2), "G": (1024, 10)})
+    result, pruned = prune_exact(graph)
+    assert shapes_of(pruned, ["W1", "E", "E2", "G"]) == {"W1": (4, 3, 3, 3), "E": (10, 6), "E2": (10, 2), "G": (768, 10)}
+    features = np.arange(1024)
+    np.testing.assert_array_equal(removed(result, "G", 0), features[np.isin(features % 16, 6 + removed(result, "W1", 0))])
 
 
 def test_flatten_of_a_matmul_output_permuted_keeps_its_last_axis(tmp_path):

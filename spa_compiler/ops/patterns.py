@@ -129,7 +129,7 @@ _CHANNELS_ON_LAST_AXIS = frozenset({"MatMul", "Gemm", "MatMulInteger", "QLinearM
 _KEEPS_LAYOUT = frozenset({
     "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu",
     "Softplus", "Mish", "Gelu", "Erf", "Identity", "Dropout", "Cast", "Neg", "Abs", "Add", "Sub", "Mul", "Div",
-    "Pad", "QuantizeLinear", "DequantizeLinear",
+    "Pad", "QuantizeLinear", "DequantizeLinear", "Concat", "Max", "Min",
 })
 
 
@@ -137,18 +137,18 @@ def channel_axis(c: Coupler, name: str) -> int | None:
     """The axis of ``name`` that holds the channels of the layer that wrote it, or None when
     that is not known. Looking up through Transposes (axis ``i`` of a Transpose's output is axis
     ``perm[i]`` of its input) and ops that keep the layout (activations, element-wise ops on a
-    tensor of the same rank, Pad), to an op whose layout ONNX fixes: channels on axis 1
-    (convolutions, pooling, BatchNorm), or on the last axis (MatMul, Gemm with a constant weight).
+    tensor of the same rank, Pad, Concat), to an op whose layout ONNX fixes: channels on axis 1
+    (convolutions, pooling, BatchNorm), or on the last axis (MatMul, Gemm with a constant weight,
+    rows gathered from an embedding table).
     A permute before a flatten (``[N, C, T] -> [N, T, C] -> [N, T*C]``) leaves the channels
     inside the merge."""
     rank = len(c.shape(name))
     origin = list(range(rank))
     node = c.producer(name)
-    while node is not None and node.op_type == "Transpose":
-        perm = node.attr("perm") or list(reversed(range(rank)))
-        origin = [perm[o] for o in origin]
-        node = c.producer(node.inputs[0])
-    while node is not None and node.op_type in _KEEPS_LAYOUT:
+    while node is not None and (node.op_type == "Transpose" or node.op_type in _KEEPS_LAYOUT):
+        if node.op_type == "Transpose":
+            perm = node.attr("perm") or list(reversed(range(rank)))
+            origin = [perm[o] for o in origin]
         source = next((i for i in node.inputs if i and not c.is_constant(i)), None)
         if source is None or len(c.shape(source)) != rank:
             return None
@@ -159,6 +159,9 @@ def channel_axis(c: Coupler, name: str) -> int | None:
         channels = 1
     elif node.op_type in _CHANNELS_ON_LAST_AXIS and any(c.is_constant(i) for i in node.inputs[:2]):
         channels = rank - 1  # a layer's weight; a product of two activations (P·V) makes heads instead
+    elif node.op_type == "Gather" and c.is_constant(node.inputs[0]) and len(c.shape(node.inputs[0])) == 2 \
+            and int(node.attr("axis", 0)) == 0:
+        channels = rank - 1  # rows of an embedding table
     else:
         return None
     return origin.index(channels) if channels in origin else None
