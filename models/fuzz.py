@@ -4,8 +4,9 @@ The generator builds graphs with ``onnx.helper`` (no PyTorch) from the patterns 
 knows: conv stacks with residual Adds, grouped and depthwise convs, Concat/Split/Slice/Gather
 along channels, normalisations, activations, element-wise ops with per-channel and scalar
 constants, Transposes, pooling, resizing and padding, squeeze-and-excitation gates, channel
-shuffles, attention blocks (Reshape into heads, Transpose, MatMul, Softmax), Flatten into Gemm,
-GroupNorm as PyTorch exports it before opset 21 (Reshape, InstanceNormalization, Reshape),
+shuffles, attention blocks (Reshape into heads, Transpose, MatMul, Softmax), Flatten into Gemm
+(at times after a permute that puts the channels inside the merge), GroupNorm as PyTorch
+exports it before opset 21 (Reshape, InstanceNormalization, Reshape),
 ``torch.chunk`` at Slice bounds computed at run time, and a few ops that must block (Softmax, LRN, reductions over channels). Every opset from 11 to 23
 is drawn, and ops whose signature changed across opsets are written the way that opset wants
 (Split sizes, Squeeze/Unsqueeze and Reduce axes as attributes or inputs, Resize's ``roi``, ...).
@@ -1014,6 +1015,10 @@ def _head_gemm(b: _Builder, x: str) -> str:
         pooled = b.op("GlobalAveragePool", [x], (n, c, 1, 1))
         flat = b.squeeze(pooled, [2, 3]) if b.choices.chance(0.5) else b.op("Flatten", [pooled], (n, c))
     else:
+        if b.choices.chance(0.3):  # the channels inside the merge: Keras' channels-last Flatten, permute-then-reshape
+            perm = b.choices.choice([[0, 2, 3, 1], [0, 2, 1, 3]])
+            x = b.op("Transpose", [x], tuple(b.shapes[x][p] for p in perm), perm=perm)
+            pre = f"permute {perm} and flatten"
         flat = (b.op("Flatten", [x], (n, c * h * w)) if b.choices.chance(0.7)
                 else b.reshape(x, (n, c * h * w)))
     features, k = b.shapes[flat][1], b.choices.integer(1, 10)
