@@ -160,7 +160,7 @@ def channel_axis(c: Coupler, name: str) -> int | None:
     elif node.op_type in _CHANNELS_ON_LAST_AXIS and any(c.is_constant(i) for i in node.inputs[:2]):
         channels = rank - 1  # a layer's weight; a product of two activations (P·V) makes heads instead
     elif node.op_type == "Gather" and c.is_constant(node.inputs[0]) and len(c.shape(node.inputs[0])) == 2 \
-            and int(node.attr("axis", 0)) == 0:
+            and normalize_axis(int(node.attr("axis", 0)), 2) == 0:
         channels = rank - 1  # rows of an embedding table
     else:
         return None
