@@ -139,9 +139,9 @@ def channel_axis(c: Coupler, name: str) -> int | None:
     ``perm[i]`` of its input) and ops that keep the layout (activations, element-wise ops on a
     tensor of the same rank, Pad, Concat), to an op whose layout ONNX fixes: channels on axis 1
     (convolutions, pooling, BatchNorm), or on the last axis (MatMul, Gemm with a constant weight,
-    rows gathered from an embedding table).
-    A permute before a flatten (``[N, C, T] -> [N, T, C] -> [N, T*C]``) leaves the channels
-    inside the merge."""
+    rows gathered from an embedding table). A permute before a flatten (``[N, C, T] -> [N, T, C]
+    -> [N, T*C]``) leaves the channels inside the merge. Whichever single axis a merge couples,
+    its index map is exact: a wrong guess only leaves the channels a barrier."""
     rank = len(c.shape(name))
     origin = list(range(rank))
     node = c.producer(name)
