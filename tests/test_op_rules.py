@@ -762,6 +762,26 @@ def test_flatten_of_a_matmul_output_permuted_keeps_its_last_axis(tmp_path):
     np.testing.assert_array_equal(removed(result, "G", 0), (gone[:, None] * 8 + np.arange(8)).ravel())
 
 
+def test_channels_last_split_before_a_convolution_keeps_the_channels(tmp_path):
+    """Keras' ``Dense -> Reshape((4, 4, 8)) -> Conv2D`` exported to NCHW: the dense layer's
+    feature ``f`` is channel ``f % 8`` of the convolution that reads it, so its 128 features
+    leave 16 at a time (every 8th) with that convolution's input channels."""
+    body = """
+        f = Flatten (a)
+        d = Gemm (f, G)
+        r = Reshape (d, R)
+        t = Transpose <perm = [0, 3, 1, 2]> (r)
+        y = Conv (t, W2)
+    """
+    graph = build(tmp_path, chain(body, "float[1,5,2,2] y"), 13,
+                  {"W1": (8, 3, 3, 3), "B1": (8,), "G": (512, 128), "R": i64(1, 4, 4, 8), "W2": (5, 8, 3, 3)})
+    result, pruned = prune_exact(graph)
+    gone = removed(result, "W2", 1)
+    assert len(gone) == 4 and shapes_of(pruned, ["G", "W2"]) == {"G": (256, 64), "W2": (5, 4, 3, 3)}
+    features = np.arange(128)
+    np.testing.assert_array_equal(removed(result, "G", 1), features[np.isin(features % 8, gone)])
+
+
 def test_flatten_with_shape_computed_target(tmp_path):
     """``x.view(x.size(0), -1)`` as PyTorch exports it: Shape -> Gather -> Unsqueeze -> Concat
     gives the Reshape target. At the bound input shape the target is a constant [1, -1]."""

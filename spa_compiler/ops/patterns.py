@@ -2,7 +2,7 @@
 (a product of two activations: Q·Kᵀ, P·V), channel shuffles (split, Transpose, merge), grouped-query
 repeats of key/value heads (an Expand from size 1), recurrent outputs (``[directions, hidden]``),
 the axes a consumer slices, gathers or splits along, and which axis of a transposed tensor
-carries the channels of the layer that wrote it."""
+carries the channels of the layer that wrote it or of the layers that read it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "through_transposes", "selected_downstream", "followed_by_shuffle", "repeats_inner_axis",
-    "comes_from_attention", "comes_from_recurrent", "feeds_attention", "channel_axis",
+    "comes_from_attention", "comes_from_recurrent", "feeds_attention", "channel_axis", "channel_axis_read",
 ]
 
 
@@ -165,3 +165,36 @@ def channel_axis(c: Coupler, name: str) -> int | None:
     else:
         return None
     return origin.index(channels) if channels in origin else None
+
+
+def channel_axis_read(c: Coupler, name: str, depth: int = 8) -> int | None:
+    """The axis of ``name`` that the layers reading it take for their input channels, or None
+    when that is not known or its readers disagree: the mirror of :func:`channel_axis`, looking
+    down through Transposes (a reader's axis ``j`` of a Transpose's output is axis ``perm[j]``
+    of its input) and ops that keep the layout, to axis 1 of a convolution's, pooling's or
+    BatchNorm's data, the last axis of a MatMul's with a constant weight, or a Gemm's. A
+    channels-last split before a convolution (Keras' ``Dense -> Reshape((h, w, c))`` into
+    NCHW) leaves the channels innermost."""
+    rank = len(c.shape(name))
+    found = {_axis_read_by(c, node, name, rank, depth) for node in c.consumers(name)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _axis_read_by(c: Coupler, node: "Node", name: str, rank: int, depth: int) -> int | None:
+    """The axis of ``name`` (rank ``rank``) that ``node``, one of its readers, takes for channels."""
+    if node.op_type == "Transpose":
+        perm = node.attr("perm") or list(reversed(range(rank)))
+        read = channel_axis_read(c, node.outputs[0], depth - 1) if depth else None
+        return perm[read] if read is not None else None
+    if node.op_type in _KEEPS_LAYOUT:
+        same_rank = len(c.shape(node.outputs[0])) == rank
+        return channel_axis_read(c, node.outputs[0], depth - 1) if depth and same_rank else None
+    if node.inputs[0] != name:
+        return None
+    if node.op_type in _CHANNELS_ON_AXIS_1:
+        return 1
+    if node.op_type == "MatMul" and c.is_constant(node.inputs[1]):
+        return rank - 1
+    if node.op_type == "Gemm" and c.is_constant(node.inputs[1]):
+        return 0 if node.attr("transA", 0) else 1
+    return None

@@ -12,7 +12,9 @@ after it: channel c is features ``c, C + c, 2C + c, ...`` (times ``inner``); the
 barriers. A
 *split* (one input axis into ``b0, b1, ...``) couples input element i with its digit on one
 output axis ``bk``, ``(i // (|b(k+1)| * ...)) % |bk|``: the outermost axis that nothing downstream
-slices, gathers or splits along. Hidden index ``h*D + d`` belongs to head h, so heads (or
+slices, gathers or splits along, or, outside attention, the axis the layers reading the result
+take for channels (:func:`~spa_compiler.ops.patterns.channel_axis_read`: a channels-last split
+before a convolution). Hidden index ``h*D + d`` belongs to head h, so heads (or
 groups) leave whole and the merge back ``[H, D] -> H*D`` maps them again; a fused projection
 split as ``[3, H, D]`` and then sliced into q, k, v couples on H. The other axes of the split
 are never pruned. A split that a
@@ -49,8 +51,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .patterns import (
-    channel_axis, comes_from_attention, comes_from_recurrent, feeds_attention, followed_by_shuffle, repeats_inner_axis,
-    selected_downstream,
+    channel_axis, channel_axis_read, comes_from_attention, comes_from_recurrent, feeds_attention, followed_by_shuffle,
+    repeats_inner_axis, selected_downstream,
 )
 from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
 from .runtime_shapes import couple_computed_entry, couple_run_time_target, rewrite_run_time_target
@@ -131,6 +133,10 @@ def couple_reshape(c: Coupler, x: str, y: str) -> dict[int, int]:
                 unit_axis = next((k for k in big_b if k not in selected), big_b[0])
                 if attention and c.head_dims:
                     unit_axis = big_b[-1]
+                elif not attention:
+                    read = channel_axis_read(c, y)
+                    if read in big_b and read not in selected:
+                        unit_axis = read
                 inner = math.prod(b[k] for k in big_b if k > unit_axis)
                 c.couple(x, big_a[0], y, unit_axis, np.arange(n), (np.arange(n) // inner) % b[unit_axis])
                 coupled[unit_axis] = big_a[0]
