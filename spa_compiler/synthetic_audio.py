@@ -22,10 +22,14 @@ at 0.5: 0.714 and 0.733, keeping the contour convolution's channel 5 of 8 where 
 channel 1). Calibrated on 128 clips of its task's own kind it keeps 0.994 at 0.75 (0.985 at 0.5).
 
 A note's waveform is one period of its partials, read at the note's phase: the cost is the
-clip's length, whatever the number of partials.
+clip's length, whatever the number of partials. The period is a weighted sum of sine and cosine
+tables of the partials that every note shares, and only the part of a note inside its clip is
+made (2048 clips of two seconds in 7 s instead of 16).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -49,18 +53,32 @@ def waveform_layout(shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _note(rng: np.random.Generator, length: int) -> np.ndarray:
-    """One note of ``length`` samples, from its attack to its release (see the module docstring)."""
-    t = np.arange(length) / RATE
+@functools.cache
+def _partial_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One period's points ``c`` (``TABLE + 1`` of them, 0 to 1), and ``sin 2πhc``, ``cos 2πhc``
+    for every partial ``h`` up to ``MAX_PARTIALS``: a note's period is their sum weighted by its
+    amplitudes and phases."""
+    cycle = np.arange(TABLE + 1) / TABLE
+    angles = 2 * np.pi * np.arange(1, MAX_PARTIALS + 1)[:, None] * cycle
+    return cycle, np.sin(angles), np.cos(angles)
+
+
+def _note(rng: np.random.Generator, duration: int, first: int, last: int) -> np.ndarray:
+    """Samples ``first`` to ``last`` (from the note's start) of one note lasting ``duration``
+    samples, from its attack to its release (see the module docstring); the note's parameters
+    are drawn whatever part is asked, so the draws that follow do not depend on it."""
+    index = np.arange(first, max(first, last))
+    t = index / RATE
     fundamental = np.exp(rng.uniform(np.log(60.0), np.log(1000.0)))
     partials = np.arange(1, min(MAX_PARTIALS, int(RATE / 2 / fundamental)) + 1)
     amplitudes = partials ** -rng.uniform(0.5, 2.5)
     phases = rng.uniform(0, 2 * np.pi, len(partials))
-    cycle = np.arange(TABLE + 1) / TABLE  # one period of the tone, read at the note's phase
-    period = amplitudes @ np.sin(2 * np.pi * partials[:, None] * cycle + phases[:, None])
+    cycle, sines, cosines = _partial_tables()
+    count = len(partials)  # sin(a + φ) = sin a cos φ + cos a sin φ
+    period = (amplitudes * np.cos(phases)) @ sines[:count] + (amplitudes * np.sin(phases)) @ cosines[:count]
     tone = np.interp((fundamental * t) % 1.0, cycle, period)
     attack = np.minimum(1.0, t / rng.uniform(0.002, 0.05))
-    release = np.minimum(1.0, (length - np.arange(length)) / (0.02 * RATE))
+    release = np.minimum(1.0, (duration - index) / (0.02 * RATE))
     return attack * np.exp(-t * rng.uniform(0.0, 6.0)) * release * tone
 
 
@@ -74,9 +92,8 @@ def audio_notes(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtyp
         for _ in range(rng.integers(1, 6)):
             start, duration = int(rng.integers(-length // 4, length)), max(1, int(rng.uniform(0.1, 1.0) * length))
             first, last = max(start, 0), min(length, start + duration)  # the part of the note inside the clip
-            note = rng.uniform(0.2, 1.0) * _note(rng, duration)
-            if last > first:
-                wave[first:last] += note[first - start : last - start]
+            loudness = rng.uniform(0.2, 1.0)
+            wave[first:max(first, last)] += loudness * _note(rng, duration, first - start, last - start)
         wave += rng.normal(0, rng.uniform(0.001, 0.1) * max(np.abs(wave).max(), 1e-3), length)
         wave *= rng.uniform(0.1, 0.9) / max(np.abs(wave).max(), 1e-9)
         waves[row] = wave

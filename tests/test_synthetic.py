@@ -239,6 +239,32 @@ def test_audio_and_other_floats(tmp_path):
     assert waveform_values(graph) == 16000
 
 
+@pytest.mark.parametrize("first, last", [(0, 4000), (1200, 4000), (0, 900), (700, 2500), (3000, 3000)])
+def test_a_note_made_in_part_is_that_part_of_the_whole_note(first, last):
+    """Only the part of a note inside its clip is made: samples ``first`` to ``last`` of a
+    4000-sample note equal those of the whole note (1e-12), and the draws after it are the same.
+    The whole note's period is the sum of its partials, ``Σ_h h^-p sin(2πhc + φ_h)``."""
+    from spa_compiler.synthetic_audio import MAX_PARTIALS, RATE, TABLE, _note
+
+    whole_rng, part_rng = np.random.default_rng(11), np.random.default_rng(11)
+    whole, part = _note(whole_rng, 4000, 0, 4000), _note(part_rng, 4000, first, last)
+    assert part.shape == (last - first,)
+    np.testing.assert_allclose(part, whole[first:last], rtol=0, atol=1e-12)
+    assert whole_rng.random() == part_rng.random()
+
+    draws = np.random.default_rng(11)  # the note's parameters, drawn in _note's order
+    fundamental = np.exp(draws.uniform(np.log(60.0), np.log(1000.0)))
+    partials = np.arange(1, min(MAX_PARTIALS, int(RATE / 2 / fundamental)) + 1)
+    amplitudes, phases = partials ** -draws.uniform(0.5, 2.5), draws.uniform(0, 2 * np.pi, len(partials))
+    cycle = np.arange(TABLE + 1) / TABLE
+    period = amplitudes @ np.sin(2 * np.pi * partials[:, None] * cycle + phases[:, None])
+    t = np.arange(4000) / RATE
+    attack, decay = np.minimum(1.0, t / draws.uniform(0.002, 0.05)), np.exp(-t * draws.uniform(0.0, 6.0))
+    release = np.minimum(1.0, (4000 - np.arange(4000)) / (0.02 * RATE))
+    expected = attack * decay * release * np.interp((fundamental * t) % 1.0, cycle, period)
+    np.testing.assert_allclose(whole, expected, rtol=0, atol=1e-12)
+
+
 def test_keras_inputs_float_ids_and_channels_last_audio(tmp_path):
     """As TensorFlow exports Keras models: character ids given as floats, cast to integers for an
     Embedding's Gather, get ids drawn from the table (not standard-normal floats, which cast to
