@@ -32,6 +32,7 @@ import onnx
 from onnx import helper
 
 from .ir import Graph
+from .proto_copy import keep_initializers
 
 __all__ = ["Branch", "find_branches", "remove_branches", "gate_branches", "gate_name"]
 
@@ -173,8 +174,6 @@ def remove_branches(graph: Graph, branches: list[Branch]) -> onnx.ModelProto:
         kept = live
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    initializers = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(initializers)
+    keep_initializers(model.graph, used)
     del model.graph.value_info[:]
     return model

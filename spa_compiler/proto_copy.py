@@ -3,11 +3,13 @@ weights) are never copied."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["copy_without_initializers", "copy_fields", "copy_field"]
+__all__ = ["copy_without_initializers", "copy_fields", "copy_field", "keep_initializers"]
 
 
 def copy_without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
@@ -18,6 +20,15 @@ def copy_without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.M
     copy_fields(model.graph, copy.graph, skip="initializer")
     copy.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
     return copy
+
+
+def keep_initializers(graph: onnx.GraphProto, names: Collection[str]) -> None:
+    """Remove from ``graph`` every initializer not named in ``names``, in place: the others stay
+    where they are, their bytes not copied (clearing the list and adding back the kept ones
+    copies them all: 3 s for a 500 MB model)."""
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in names:
+            del graph.initializer[index]
 
 
 def copy_fields(source: Message, target: Message, skip: str) -> None:

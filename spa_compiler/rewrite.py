@@ -19,7 +19,7 @@ from . import streaming
 from .analysis import Analysis
 from .errors import VerificationError
 from .ir import Node
-from .proto_copy import copy_without_initializers
+from .proto_copy import copy_without_initializers, keep_initializers
 from .ops import get_rule
 from .quantized import requantize
 from .subgraphs import all_initializers, subgraphs_of, walk_nodes
@@ -190,9 +190,7 @@ class _ProtoRewriter:
         graph.initializer.extend(self.new_initializers)
         used = {name for node in walk_nodes(graph) for name in node.input}
         used |= {o.name for o in graph.output}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        keep_initializers(graph, used)
         share_identical(self.model)
         self._sync_initializer_inputs()
         del graph.value_info[:]

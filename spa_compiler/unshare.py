@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .proto_copy import keep_initializers
 from .subgraphs import defined_names, subgraphs_of, walk_nodes
 
 __all__ = ["unshare", "share_identical"]
@@ -167,9 +168,7 @@ def share_identical(model: onnx.ModelProto) -> int:
             for slot, name in enumerate(node.input):
                 if name in first:
                     node.input[slot] = first[name]
-        kept = [t for t in graph.initializer if t.name not in first]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        keep_initializers(graph, {t.name for t in graph.initializer if t.name not in first})
     return len(first)
 
 
