@@ -9,7 +9,7 @@ from .analysis import Analysis, analyze_graph
 from .config import PruneConfig
 from .criteria import get_criterion
 from .depth_prune import KeepWidths, PruneDepth
-from .evaluate import Evaluate
+from .evaluate import Evaluate, EvaluateOriginal
 from .head_rotation import RotateHeads
 from .ir import Graph, load_model
 from .model_files import check_input_path, check_output_path
@@ -25,7 +25,7 @@ from .stages import (
 )
 from .state import Progress, PruneState
 
-__all__ = ["default_passes", "output_passes", "prune_graph", "prune", "analyze"]
+__all__ = ["default_passes", "input_passes", "output_passes", "prune_graph", "prune", "analyze"]
 
 
 def default_passes(config: PruneConfig) -> list[PassLike]:
@@ -77,9 +77,15 @@ def prune(
     source = Path(model_path)
     check_input_path(source)
     output = check_output_path(output_path, source=model_path)
-    passes = [Load(), *default_passes(config), *output_passes(config, output)]
+    passes = [*input_passes(config), *default_passes(config), *output_passes(config, output)]
     state = Pipeline(passes, progress)(PruneState(config, source=source))
     return state.report
+
+
+def input_passes(config: PruneConfig) -> list[PassLike]:
+    """Before the model is pruned: (score the input model with ``--eval``, so that a script that
+    cannot score it fails before any work is done,) load it."""
+    return [EvaluateOriginal(config.evaluation), Load()] if config.evaluation else [Load()]
 
 
 def output_passes(config: PruneConfig, output: Path) -> list[PassLike]:

@@ -2,7 +2,10 @@
 
 The file defines ``score(model_path: str) -> float`` (higher is better), e.g. the accuracy of the
 model at ``model_path`` on the user's validation set. It runs in this process, on the input
-model and on the written pruned model, and both figures go in the report.
+model and on the written pruned model, and both figures go in the report. The input model is
+scored first, before anything is pruned, so that a script that cannot score it fails in seconds
+and writes nothing; a script that fails only on the pruned model leaves that model written, and
+the error says where.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from .errors import InputError
 from .pipeline import Pass
 from .state import PruneState
 
-__all__ = ["load_score_function", "scored", "Evaluate"]
+__all__ = ["load_score_function", "scored", "EvaluateOriginal", "Evaluate"]
 
 
 def load_score_function(path: str | Path) -> Callable[[str], float]:
@@ -38,29 +41,44 @@ def load_score_function(path: str | Path) -> Callable[[str], float]:
     return score
 
 
-def scored(score: Callable[[str], float], model: Path, which: str) -> float:
-    """``score(model)`` as a float; one clear error when it fails or is not finite."""
+def scored(score: Callable[[str], float], model: Path, which: str, aftermath: str = "") -> float:
+    """``score(model)`` as a float; one clear error when it fails or is not finite (``aftermath``,
+    if given, is appended to it: what the failure leaves behind)."""
     try:
         value = float(score(str(model)))
     except Exception as exc:
-        raise InputError(f"--eval: score() failed on the {which} model ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"--eval: score() failed on the {which} model ({type(exc).__name__}: {exc}){aftermath}") from None
     if not math.isfinite(value):
-        raise InputError(f"--eval: score() returned {value} for the {which} model; it must return a finite number")
+        raise InputError(f"--eval: score() returned {value} for the {which} model; it must return a finite number"
+                         f"{aftermath}")
     return value
 
 
-class Evaluate(Pass):
-    """Score the input and the written pruned model with the user's metric."""
+class EvaluateOriginal(Pass):
+    """Score the input model with the user's metric, before any work is done on it."""
 
-    name, description = "evaluate", "scoring the original and pruned models with --eval"
-    requires, provides = ("source", "output"), ("eval_before", "eval_after")
+    name, description = "evaluate original", "scoring the original model with --eval"
+    requires, provides = ("source",), ("eval_before",)
 
     def __init__(self, script: str | Path) -> None:
         self.score = load_score_function(script)
 
     def run(self, state: PruneState) -> PruneState:
-        """The original is scored unless an earlier step did (a sweep scores it once for all points)."""
-        if state.eval_before is None:
-            state.eval_before = scored(self.score, state.source, "original")
-        state.eval_after = scored(self.score, state.output, "pruned")
+        state.eval_before = scored(self.score, state.source, "original")
+        return state
+
+
+class Evaluate(Pass):
+    """Score the written pruned model with the user's metric (the original was scored by
+    :class:`EvaluateOriginal`, or once for all points of a sweep)."""
+
+    name, description = "evaluate", "scoring the pruned model with --eval"
+    requires, provides = ("eval_before", "output"), ("eval_after",)
+
+    def __init__(self, script: str | Path) -> None:
+        self.score = load_score_function(script)
+
+    def run(self, state: PruneState) -> PruneState:
+        state.eval_after = scored(self.score, state.output, "pruned",
+                                  f"; the pruned model is written to {state.output}, unscored")
         return state

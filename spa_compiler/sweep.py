@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from .api import default_passes, output_passes
+from .api import default_passes, input_passes, output_passes
 from .config import PruneConfig
 from .errors import OutputError, SpaError
-from .evaluate import load_score_function, scored
 from .pipeline import PassLike, Pipeline
 from .report import PruneReport
-from .stages import Analyse, CollectStatistics, Load
+from .stages import Analyse, CollectStatistics
 from .state import Progress, PruneState
 
 __all__ = [
@@ -125,9 +124,7 @@ def prepare(
     collects them), then scored (and sensitivities measured) per criterion. With ``--eval`` the
     original model's score is in every state."""
     first = points[0].config(base)
-    shared = Pipeline([Load(), Analyse()], progress)(PruneState(first, source=source))
-    if base.evaluation:
-        shared.eval_before = scored(load_score_function(base.evaluation), source, "original")
+    shared = Pipeline([*input_passes(base), Analyse()], progress)(PruneState(first, source=source))
     with_statistics = None
     states = {}
     for point in points:

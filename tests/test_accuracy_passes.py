@@ -332,6 +332,35 @@ def test_held_out_fidelity_and_eval(tmp_path, calibration):
     assert "held out" in report.calibration
 
 
+@pytest.mark.parametrize("fails_on", ["original", "pruned"])
+def test_an_eval_script_that_fails_leaves_no_silent_output(tmp_path, fails_on):
+    """A score() that fails on the input model stops the run before anything is pruned or
+    written (the script is called once); one that fails only on the pruned model leaves that
+    verified model written and the error says where."""
+    calls = tmp_path / "calls.txt"
+    failing = "True" if fails_on == "original" else "path.endswith('small.onnx')"
+    script = tmp_path / "metric.py"
+    script.write_text(
+        "def score(path):\n"
+        f"    with open({str(calls)!r}, 'a') as calls:\n"
+        "        calls.write(path + '\\n')\n"
+        f"    if {failing}:\n"
+        "        raise RuntimeError('no labels here')\n"
+        "    return 1.0\n"
+    )
+    out = tmp_path / "small.onnx"
+    with pytest.raises(InputError) as error:
+        prune(EXAMPLE, out, PruneConfig(flops=0.5, criterion="l2", allocation="score", refit_rounds=0,
+                                        bench_runs=0, evaluation=str(script)))
+    assert f"score() failed on the {fails_on} model (RuntimeError: no labels here)" in str(error.value)
+    scored_paths = calls.read_text().split()
+    if fails_on == "original":
+        assert scored_paths == [str(EXAMPLE)] and not out.exists()
+    else:
+        assert scored_paths == [str(EXAMPLE), str(out)] and f"the pruned model is written to {out}" in str(error.value)
+        assert len(outputs(str(out), np.zeros((1, 3, 32, 32), np.float32))) == 1
+
+
 def test_data_free_fidelity_is_measured_on_unseen_synthetic_samples(tmp_path):
     """Data-free, the report also compares outputs on 16 synthetic samples made like the
     statistics' (another seed), compared batch by batch as on the whole set at once."""
