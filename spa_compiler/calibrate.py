@@ -60,6 +60,7 @@ __all__ = [
     "exposing",
     "with_weight_inputs",
     "consumer_layers",
+    "cast_exactly",
     "load_calibration",
     "sameness",
     "collect_statistics",
@@ -216,9 +217,27 @@ def _check_array(name: str, array: np.ndarray, graph: Graph, count: int) -> np.n
         raise InputError(f"calibration array '{name}' has shape {array.shape}; expected ({layout}) to match the model input")
     dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
     try:
-        return sample_major(graph, name, array.astype(dtype, copy=False), count)
+        return sample_major(graph, name, cast_exactly(array, dtype, f"calibration array '{name}'"), count)
     except ValueError as exc:
         raise InputError(f"calibration array '{name}': {exc}") from None
+
+
+def cast_exactly(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """``array`` (``what``, as errors name it) cast to an input's type, refused when the cast would change what it says: to an
+    integer or boolean type only values that type holds exactly (token ids 101.0, not 0.5 or
+    2**40 for int32), to a floating type no finite value that overflows."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        cast = array.astype(dtype, copy=False)
+        if cast.dtype == array.dtype:
+            return cast
+        integral = np.issubdtype(dtype, np.integer) or dtype == np.bool_
+        changed = np.flatnonzero(cast.astype(array.dtype) != array) if integral else []
+    if not integral:
+        changed = np.flatnonzero(np.isfinite(array) & ~np.isfinite(cast)) if array.dtype.kind in "fc" else []
+    if len(changed):
+        raise InputError(f"{what} holds {array.flat[changed[0]].item()!r}, which the input's type "
+                         f"{np.dtype(dtype).name} cannot hold; give the values the model takes, as {np.dtype(dtype).name}")
+    return cast
 
 
 def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .calibrate import read_arrays
+from .calibrate import cast_exactly, read_arrays
 from .errors import InputError
 from .ir import load_model
 from .known_text import SHIPPED, VOCABULARIES, known_text, shipped_shape
@@ -112,8 +112,8 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tens
 
 
 def _checked(declared: ort.NodeArg, array: np.ndarray, data: str | Path | None) -> np.ndarray:
-    """``array`` cast to the input's type, after checking its shape against the declared one
-    (fixed sizes past the samples' axis must match)."""
+    """``array`` cast to the input's type (only if that keeps its values), after checking its
+    shape against the declared one (fixed sizes past the samples' axis must match)."""
     shape = declared.shape
     fixed = [isinstance(size, int) and size != array.shape[k] for k, size in enumerate(shape[1:], 1)] \
         if array.ndim == len(shape) else [True]
@@ -122,4 +122,4 @@ def _checked(declared: ort.NodeArg, array: np.ndarray, data: str | Path | None) 
                          f"{tuple(shape)} (first axis: samples)")
     if declared.type not in _NUMPY_TYPES:
         raise InputError(f"--data {data}: input '{declared.name}' is {declared.type}, which distillation does not feed")
-    return array.astype(_NUMPY_TYPES[declared.type], copy=False)
+    return cast_exactly(array, np.dtype(_NUMPY_TYPES[declared.type]), f"--data {data}: array '{declared.name}'")

@@ -297,6 +297,9 @@ def test_cli_refuses_data_and_teacher_that_do_not_fit(gpt2, tmp_path, exported):
     np.savez(tmp_path / "short.npz", input=np.zeros((8, 16), np.int64))
     assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", source, "--data", tmp_path / "short.npz"),
                           "--data", "shape", r"\(8, 16\)")
+    np.savez(tmp_path / "fractions.npz", input=np.full((8, 32), 0.5))
+    assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", source, "--data", tmp_path / "fractions.npz"),
+                          "--data", "array 'input' holds 0.5", "int64 cannot hold")
     assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", exported("resnet_tiny_basic"),
                                   "--data", data), "--teacher", "pruned from")
     assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", source, "--data", data, "-o", pruned),
@@ -305,4 +308,5 @@ def test_cli_refuses_data_and_teacher_that_do_not_fit(gpt2, tmp_path, exported):
                           "BERT uncased WordPiece")
     assert_one_line_error(run_cli(tmp_path, "distill", pruned, "--teacher", source, "--data", data,
                                   "--input-shape", "input=1x32"), "--input-shape is for the shipped sentences")
-    assert snapshot(tmp_path, pruned) == {**before, **snapshot(tmp_path / "wrong.npz", tmp_path / "short.npz")}
+    written = (tmp_path / f"{name}.npz" for name in ("wrong", "short", "fractions"))
+    assert snapshot(tmp_path, pruned) == {**before, **snapshot(*written)}

@@ -3,6 +3,8 @@ with calibration data and data-free."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +12,7 @@ from rich.console import Console
 
 import spa_compiler.secondorder as obs
 from spa_compiler import InputError, PruneConfig, load_model, prune, prune_graph, synthetic_inputs
-from spa_compiler.calibrate import load_calibration, sameness
+from spa_compiler.calibrate import cast_exactly, load_calibration, sameness
 from spa_compiler.feature_rows import conv_patches
 from spa_compiler.report import render_report
 from spa_compiler.synthetic import synthetic_calibration
@@ -264,6 +266,26 @@ def test_calibration_files(tmp_path, exported):
     np.savez(tmp_path / "nan.npz", input=data)
     with pytest.raises(InputError, match="input holds NaN or infinite values"):
         load_calibration(tmp_path / "nan.npz", graph, 4)
+
+
+def test_calibration_values_the_input_type_cannot_hold_are_refused(tmp_path, exported):
+    """Arrays are cast to the input's type only when that keeps every value: integers to float and
+    integral floats to integer ids pass unchanged, a fraction, an out-of-range id or a finite
+    value that overflows float32 is one clear error naming it."""
+    np.testing.assert_array_equal(cast_exactly(np.array([101.0, 2054.0]), np.dtype(np.int64), "ids"), [101, 2054])
+    assert cast_exactly(np.arange(3), np.dtype(np.float32), "x").dtype == np.float32
+    assert cast_exactly(np.array([True, False]), np.dtype(np.bool_), "mask").dtype == np.bool_
+    for values, dtype, shown in (([1.0, 0.5], np.int64, "0.5"), ([7, 2**40], np.int32, str(2**40)),
+                                 ([2.0, 3.0], np.bool_, "2.0"), ([1.0, 1e40], np.float32, "1e+40"),
+                                 ([-1, 3], np.uint8, "-1")):
+        with pytest.raises(InputError, match=f"ids holds {re.escape(shown)}, which the input's type "
+                                             f"{np.dtype(dtype).name} cannot hold"):
+            cast_exactly(np.array(values), np.dtype(dtype), "ids")
+    graph = load_model(exported("conv_fc"))
+    wide = np.full((4, *graph.input_shapes["input"][1:]), 1e39)
+    np.savez(tmp_path / "wide.npz", input=wide)
+    with pytest.raises(InputError, match="calibration array 'input' holds 1e\\+39"):
+        load_calibration(tmp_path / "wide.npz", graph, 4)
 
 
 def test_degenerate_calibration_is_reported(tmp_path, exported):
