@@ -73,8 +73,7 @@ def blocked_summary(analysis: Analysis) -> str:
     """The three most common reasons channels are blocked, for messages."""
     reasons = Counter(u.blocked_by for g in analysis.groups for u in g.units if u.blocked_by)
     reasons.update(f"{b.op_type} node '{b.node}': {b.reason}" for b in analysis.barriers)
-    top = [reason for reason, _ in reasons.most_common(3)]
-    return "; ".join(top) if top else "no channel is blocked"
+    return "; ".join(reason for reason, _ in reasons.most_common(3))
 
 
 class Analyse(Pass):
@@ -104,7 +103,9 @@ class Analyse(Pass):
                 g.prunable for g in analyze_graph(state.graph, config.exclude, True, allow_io_change=config.allow_io_change).groups)
             hint = ("; its channels are normalised over together (LayerNorm): --prune-hidden prunes them "
                     "all the same, lossy" if hidden else "")
-            raise TargetError(f"nothing in this model can be pruned; blocked by: {blocked_summary(analysis)}{hint}")
+            why = f"blocked by: {blocked_summary(analysis)}" if analysis.groups else \
+                "it has no layer with weight channels to remove (Conv, Gemm or MatMul with a constant weight, RNN/GRU/LSTM)"
+            raise TargetError(f"nothing in this model can be pruned; {why}{hint}")
         state.analysis = analysis
         return state
 
@@ -304,9 +305,10 @@ def check_reachable(analysis: Analysis, target: Target, plan: Plan, constraints:
     cost = CostModel(analysis, metric)
     prunable_axes = {a for g in analysis.groups for u in g.units if not u.blocked for a in u.members}
     fixed = sum(v for t, v in zip(cost.terms, cost.values) if not prunable_axes.intersection(t.axes))
+    blocked = blocked_summary(analysis)
     reasons = [
-        f"{fixed / cost.original_total:.0%} of the {metric.label} are in layers whose channels cannot be pruned "
-        f"(blocked by: {blocked_summary(analysis)})"
+        f"{fixed / cost.original_total:.0%} of the {metric.label} are in layers whose channels cannot be pruned"
+        + (f" (blocked by: {blocked})" if blocked else "")
     ]
     tied = [g for g in analysis.groups if analysis.kind(g) == "heads" and len(g.units) == 1]
     if tied:

@@ -314,7 +314,17 @@ def test_nothing_prunable(tmp_path):
          tmp_path / "single.onnx")
     before = snapshot(tmp_path)
     result = run_cli(tmp_path, "single.onnx", "--flops", "0.5", "--bench-runs", "0", "-o", "out.onnx")
-    assert_one_line_error(result, r"nothing")
+    assert_one_line_error(result, r"nothing in this model can be pruned; blocked by: .*graph output")
+    assert snapshot(tmp_path) == before
+
+
+def test_model_without_weighted_layers_says_so(tmp_path):
+    """A graph of element-wise ops has no channel groups at all: the error says what it lacks."""
+    save(make_model([helper.make_node("Add", ["x", "x"], ["y"])], [tensor("x", [1, 4])], [tensor("y", [1, 4])], []),
+         tmp_path / "add.onnx")
+    before = snapshot(tmp_path)
+    result = run_cli(tmp_path, "add.onnx", "--flops", "0.5", "--bench-runs", "0", "-o", "out.onnx")
+    assert_one_line_error(result, r"nothing in this model can be pruned; it has no layer with weight channels to remove")
     assert snapshot(tmp_path) == before
 
 
