@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+import numbers
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal
+
+import numpy as np
 
 from .allocate import Constraints, Target
 from .cost import CostMetric, get_metric
@@ -40,6 +44,67 @@ def default_criterion(calibrated: bool) -> str:
     return "obs" if calibrated else "obs_joint"
 
 
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError("a number")
+    return float(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError("a whole number")
+    return int(value)
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError("True or False")
+    return bool(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a string")
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError("a path")
+    return os.fspath(value)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise TypeError("a tuple of names")
+    return tuple(names)
+
+
+def _shapes(value: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (tuple, list)) for k, v in value.items()):
+        raise TypeError("a dict of input name to shape, e.g. {'x': (1, 3, 224, 224)}")
+    try:
+        return {name: tuple(_integer(size) for size in shape) for name, shape in value.items()}
+    except TypeError:
+        raise TypeError("a dict of input name to a shape of whole numbers, e.g. {'x': (1, 3, 224, 224)}") from None
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+# Each field's annotation (as Python keeps it: unevaluated, quotes made single) -> the check
+# that accepts (and normalises) its values.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "float": _number, "float | None": _optional(_number), "int": _integer, "int | None": _optional(_integer),
+    "bool": _flag, "bool | None": _optional(_flag), "str | None": _optional(_text),
+    "tuple[str, ...]": _names, "dict[str, tuple[int, ...]]": _shapes,
+    "Literal['global', 'uniform']": _text, "Literal['sensitivity', 'score']": _text, "Literal['width', 'depth']": _text,
+    "str | os.PathLike[str] | None": _optional(_path),
+}
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that decides the output. Exactly one of flops/params/ratio/latency is set."""
@@ -62,7 +127,7 @@ class PruneConfig:
     seed: int = 0
     verify: bool = True
     bench_runs: int = 20
-    calibration: str | None = None
+    calibration: str | os.PathLike[str] | None = None  # an .npz or a folder of .npy files; held as a str
     calibration_samples: int | None = None  # None: samples_for() chooses
     calibration_batch: int = 16
     allocation: Literal["sensitivity", "score"] = "sensitivity"
@@ -71,8 +136,20 @@ class PruneConfig:
     known_text: bool = True  # data-free, English sentences for a recognised vocabulary (spa_compiler.known_text)
     self_written: bool = True  # data-free, a causal language model's statistics from its own text (spa_compiler.self_written)
     refit_residual: bool = True  # re-fit residual blocks toward the stream's sum (spa_compiler.residual_target)
-    evaluation: str | None = None  # a Python file defining score(model_path) -> float
+    evaluation: str | os.PathLike[str] | None = None  # a Python file defining score(model_path) -> float; held as a str
     reinit: bool = False  # write the pruned architecture with fresh weights (spa_compiler.reinit)
+
+    def __post_init__(self) -> None:
+        """Every option checked for its type, so that a Python caller's mistake is one clear
+        error here and not a failure deep inside a pass; values normalised to the types the
+        passes read (NumPy scalars to Python's, paths to ``str``, lists to tuples)."""
+        for option in fields(self):
+            value = getattr(self, option.name)
+            try:
+                object.__setattr__(self, option.name, _CHECKS[option.type](value))
+            except TypeError as expected:
+                raise TargetError(f"PruneConfig.{option.name} must be {expected}, got {value!r} "
+                                  f"({type(value).__name__})") from None
 
     def samples_for(self, synthetic_tokens: bool = False, picture_values: int = 0, waveform_values: int = 0) -> int:
         """Calibration samples to use: as asked, else ``CALIBRATION_SAMPLES``; when there is no

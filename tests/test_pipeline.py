@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,34 @@ def test_user_errors_pass_through_unwrapped():
     config = PruneConfig(flops=0.01, min_keep=0.5)
     with pytest.raises(TargetError, match="cannot reach --flops 0.01"):
         Pipeline(default_passes(config))(state_for(config))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"flops": "0.5"}, r"PruneConfig\.flops must be a number, got '0\.5' \(str\)"),
+    ({"flops": True}, r"PruneConfig\.flops must be a number, got True \(bool\)"),
+    ({"flops": 0.5, "round_to": 2.5}, r"PruneConfig\.round_to must be a whole number, got 2\.5"),
+    ({"flops": 0.5, "calibration": 123}, r"PruneConfig\.calibration must be a path, got 123 \(int\)"),
+    ({"flops": 0.5, "exclude": ["conv1", 1]}, r"PruneConfig\.exclude must be a tuple of names"),
+    ({"flops": 0.5, "input_shapes": {"input": "1x3x32x32"}}, r"PruneConfig\.input_shapes must be a dict of input name"),
+    ({"flops": 0.5, "input_shapes": {"input": (1, 3, 32.5, 32)}}, r"a shape of whole numbers"),
+    ({"flops": 0.5, "verify": "no"}, r"PruneConfig\.verify must be True or False"),
+    ({"flops": 0.5, "scope": 1}, r"PruneConfig\.scope must be a string"),
+])
+def test_options_of_the_wrong_type_are_one_clear_error(options, message):
+    with pytest.raises(TargetError, match=message):
+        PruneConfig(**options)
+
+
+def test_options_are_normalised_to_the_types_passes_read():
+    """NumPy scalars, paths, lists and a single excluded name are accepted as what they mean."""
+    config = PruneConfig(flops=np.float32(0.5), round_to=np.int64(8), calibration=Path("data.npz"),
+                         exclude="conv1", allow_io_change=["logits*"], input_shapes={"input": [1, np.int64(3), 32, 32]},
+                         verify=np.bool_(False), calibration_samples=None)
+    assert (config.flops, config.round_to, config.calibration, config.exclude, config.allow_io_change) == \
+        (0.5, 8, "data.npz", ("conv1",), ("logits*",))
+    assert type(config.flops) is float and type(config.round_to) is int and config.verify is False
+    assert config.input_shapes == {"input": (1, 3, 32, 32)} and type(config.input_shapes["input"][1]) is int
+    assert replace(config, seed=1).exclude == ("conv1",)
 
 
 def test_a_pass_missing_its_inputs_says_so():
