@@ -314,7 +314,7 @@ def main() -> None:
         code = command(args=args, prog_name=name, standalone_mode=False)
     except typer.TyperException as exc:  # usage errors: bad option, bad value
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        _error("error", f"{message} (see spa-prune --help)")
+        _error("error", f"{message} (see {name} --help)")
         code = getattr(exc, "exit_code", 2)
     except typer.Abort:
         _error("interrupted", "nothing was written")

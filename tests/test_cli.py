@@ -482,8 +482,14 @@ def test_negative_bench_runs_is_rejected(tmp_path, example):
 def test_usage_errors_are_one_line(tmp_path, example, args):
     before = snapshot(tmp_path)
     result = run_cli(tmp_path, example.name, *args, "--bench-runs", "0", "-o", "out.onnx")
-    assert_one_line_error(result, re.escape(args[0]))
+    assert_one_line_error(result, re.escape(args[0]), r"\(see spa-prune --help\)$")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["sweep", "distill"])
+def test_a_commands_usage_error_points_to_its_own_help(tmp_path, example, command):
+    result = run_cli(tmp_path, command, example.name, "--no-such-option")
+    assert_one_line_error(result, "--no-such-option", rf"\(see spa-prune {command} --help\)$")
 
 
 # --------------------------------------------------------------------------- good paths
