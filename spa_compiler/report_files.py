@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .report import (
-    PruneReport, _count, data_free, describe_fidelity, fidelity_warning, landing_note, sameness_warning, short_name,
+    PruneReport, _count, data_free, describe_fidelity, fidelity_warning, integer_note, landing_note, sameness_warning,
+    short_name,
 )
 
 if TYPE_CHECKING:
@@ -138,6 +139,7 @@ def run_markdown(report: PruneReport, picture: str | None) -> str:
         f"criterion {report.criterion}); output `{report.output}`.", "",
         *_costs_table(report), "", *_fidelity_lines(report),
         *([f"- statistics: {report.calibration}"] if report.calibration else []),
+        *([f"- {integer_note(report)}"] if integer_note(report) else []),
         *([f"- channel order: {report.order_choice}"] if report.order_choice else []),
         *([f"- {landing_note(report)}"] if report.landing_distortion is not None else []),
         *([f"- {sameness_warning(report)}"] if report.calibration_warning else []), "",

@@ -12,15 +12,20 @@ exact with respect to the original with those channels zeroed, not merely unread
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
 
+from helpers import EXAMPLE
 from models.exactness import relative_error
 from spa_compiler import PruneConfig, load_model, prune, prune_graph, synthetic_inputs
 from spa_compiler.errors import UnsupportedModelError
+from spa_compiler.report import QUANTIZE_AFTER, fidelity_warning, integer_note, render_report
+from spa_compiler.report_files import run_markdown
 from spa_compiler.rewrite import rewrite_model
 from spa_compiler.verify import run_model
 
@@ -256,6 +261,36 @@ def test_accurate_pipeline_requantizes_refitted_weights(tmp_path):
     assert not np.array_equal(_init(pruned, "W2"), original_w2)  # compensated, then re-quantized
     assert report.fidelity.cosine >= 0.95
     assert report.requantized[0] == len(refitted) >= 1 and report.requantized[1] >= 0
+
+
+def _poor(report):
+    """``report`` as if its outputs had moved far (cosine 0.5), to see the warning it would print."""
+    return replace(report, fidelity=replace(report.fidelity, cosine=0.5), held_out_fidelity=None)
+
+
+@pytest.mark.accurate
+def test_dynamic_weights_are_named_as_not_compensated_with_what_to_do(tmp_path):
+    """The default pipeline on a dynamic model compensates none of its integer weights (their
+    products are integer: no float view to re-fit): the report counts them, says so, and its
+    advice puts pruning the float model before quantizing it first. The fast pipeline, which
+    compensates nothing anyway, does not add the note; a float model never does."""
+    onnx.save(_dynamic_conv_model(np.array(128, np.uint8)), str(tmp_path / "q.onnx"))
+    report = prune(tmp_path / "q.onnx", tmp_path / "out.onnx", PruneConfig(ratio=0.5, round_to=1, bench_runs=0))
+    assert report.integer_weights == 2 and report.compensated == 0
+    assert report.calibration.startswith("data-free")
+    note = integer_note(report)
+    assert note.startswith("quantized: 2 weights are read by integer products") and QUANTIZE_AFTER in note
+    console = Console(record=True, width=1000)
+    render_report(report, console)
+    assert note in console.export_text() and f"- {note}" in run_markdown(report, None)
+    assert fidelity_warning(_poor(report)).startswith(
+        f"warning: the pruned model's outputs differ markedly from the original's; {QUANTIZE_AFTER}, give real samples")
+    fast = prune(tmp_path / "q.onnx", tmp_path / "fast.onnx",
+                 PruneConfig(ratio=0.5, round_to=1, bench_runs=0, criterion="l2", allocation="score", refit_rounds=0))
+    assert fast.integer_weights == 2 and integer_note(fast) is None
+    floats = prune(EXAMPLE, tmp_path / "float.onnx", PruneConfig(ratio=0.5, bench_runs=0))
+    assert floats.integer_weights == 0 and integer_note(floats) is None
+    assert QUANTIZE_AFTER not in fidelity_warning(_poor(floats))
 
 
 def _blockwise_model() -> onnx.ModelProto:
