@@ -223,9 +223,10 @@ def _check_array(name: str, array: np.ndarray, graph: Graph, count: int) -> np.n
 
 
 def cast_exactly(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
-    """``array`` (``what``, as errors name it) cast to an input's type, refused when the cast would change what it says: to an
-    integer or boolean type only values that type holds exactly (token ids 101.0, not 0.5 or
-    2**40 for int32), to a floating type no finite value that overflows."""
+    """``array`` (``what``, as errors name it) cast to an input's type, refused when the cast
+    would change what it says: to an integer or boolean type only values that type holds
+    exactly (token ids 101.0, not 0.5 or 2**40 for int32), to a floating type no finite value
+    that overflows."""
     with np.errstate(invalid="ignore", over="ignore"):
         cast = array.astype(dtype, copy=False)
         if cast.dtype == array.dtype:

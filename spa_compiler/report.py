@@ -381,7 +381,7 @@ def fidelity_warning(report: PruneReport) -> str | None:
 QUANTIZE_AFTER = "prune the float model and quantize the pruned one (e.g. onnxruntime's quantize_dynamic)"
 INTEGER_NOTE = (
     "quantized: {count} weights are read by integer products (MatMulInteger/ConvInteger, dynamic quantization): "
-    "ranked by their dequantized values, but neither compensated nor re-fitted, and attention heads go whole; "
+    "ranked by their dequantized values, but neither compensated nor re-fitted; "
     f"for the float pipeline's accuracy, {QUANTIZE_AFTER}"
 )
 """The dynamic-quantization note. all-MiniLM-L6-v2 quantized by ``quantize_dynamic`` and pruned
