@@ -5,17 +5,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from . import __version__
 from .api import analyze as analyze_model
 from .api import prune
 from .config import PruneConfig
@@ -59,6 +64,12 @@ errors = Console(stderr=True)
 
 def _default_output(model: Path) -> Path:
     return model.with_name(model.stem + ".pruned.onnx")
+
+
+def versions() -> str:
+    """spa-prune's version and those of what it computes with, for bug reports and pinning."""
+    return (f"spa-prune {__version__} (onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
+            f"numpy {np.__version__}, Python {platform.python_version()})")
 
 
 def _list_ops() -> None:
@@ -170,9 +181,7 @@ def reported_errors(debug: bool) -> Iterator[None]:
     3: a bug); ``debug`` shows tracebacks instead."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
     if not debug:  # the command owns the process: onnxruntime's optimiser notes (a node it leaves) stay quiet
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)
+        ort.set_default_logger_severity(3)
     try:
         yield
     except SpaError as exc:
@@ -249,9 +258,14 @@ def run(
     analyze: bool = typer.Option(False, "--analyze", help="Print the channel groups and barriers; prune nothing."),
     list_ops: bool = typer.Option(False, "--list-ops", help="List the ops spa-prune understands."),
     list_criteria: bool = typer.Option(False, "--list-criteria", help="List the available criteria."),
+    version: bool = typer.Option(False, "--version", help="Print the versions of spa-prune, onnx, onnxruntime, "
+                                 "NumPy and Python, and exit."),
     debug: bool = DEBUG,
 ) -> None:
     with reported_errors(debug):
+        if version:
+            console.print(versions(), highlight=False)
+            return
         if list_ops or list_criteria:
             _list_ops() if list_ops else _list_criteria()
             return

@@ -8,6 +8,7 @@ Good input must give a valid, smaller ONNX model whose numbers match the target.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import spa_compiler
 from helpers import EXAMPLE, dynamic_example_file
 
 CLI = [sys.executable, "-m", "spa_compiler.cli"]
@@ -594,6 +596,16 @@ def test_list_ops(tmp_path):
     ops = {line.split("│")[1].strip() for line in result.stdout.splitlines() if line.count("│") >= 3}
     assert {"Conv", "Concat", "Reshape", "Gemm", "BatchNormalization"} <= ops, ops
     assert "barrier" in result.stdout
+
+
+def test_version_names_spa_prune_and_what_it_runs_on(tmp_path):
+    result = run_cli(tmp_path, "--version")
+    assert result.returncode == 0 and result.stderr == ""
+    installed = importlib.metadata.version("spa-prune")  # the package's version is spa_compiler.__version__
+    assert installed == spa_compiler.__version__
+    assert re.fullmatch(rf"spa-prune {re.escape(installed)} \(onnx {re.escape(onnx.__version__)}, onnxruntime "
+                        rf"{re.escape(ort.__version__)}, numpy {re.escape(np.__version__)}, Python 3\.\d+\.\d+\)",
+                        result.stdout.strip())
 
 
 def test_list_criteria(tmp_path):
