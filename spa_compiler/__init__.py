@@ -37,10 +37,10 @@ from .config import PruneConfig
 from .pipeline import Pass, Pipeline, PipelineError
 from .report import PruneReport
 from .state import PruneState
-
-__version__ = "0.1.0"
+from .versions import __version__
 
 __all__ = [
+    "__version__",
     "Analysis", "Constraints", "CostModel", "Criterion", "Graph", "Group", "InputError", "ModelError",
     "OpRule", "OutputError", "Pass", "Pipeline", "PipelineError", "Plan", "PruneConfig", "PruneReport",
     "PruneState", "ScoreContext", "SpaError", "Target", "TargetError", "Unit", "UnsupportedModelError",

@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-import numpy as np
-import onnx
 import onnxruntime as ort
 import typer
 from rich.console import Console
@@ -20,7 +17,6 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
 from .api import analyze as analyze_model
 from .api import prune
 from .config import PruneConfig
@@ -30,6 +26,7 @@ from .shapes import parse_input_shapes
 from .model_files import check_output_path
 from .ops import registered_ops
 from .report import render_analysis, render_report
+from .versions import versions_line
 
 __all__ = ["app", "main", "make_config", "reported_errors", "check_report_dir", "written_after"]
 
@@ -64,12 +61,6 @@ errors = Console(stderr=True)
 
 def _default_output(model: Path) -> Path:
     return model.with_name(model.stem + ".pruned.onnx")
-
-
-def versions() -> str:
-    """spa-prune's version and those of what it computes with, for bug reports and pinning."""
-    return (f"spa-prune {__version__} (onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
-            f"numpy {np.__version__}, Python {platform.python_version()})")
 
 
 def _list_ops() -> None:
@@ -264,7 +255,7 @@ def run(
 ) -> None:
     with reported_errors(debug):
         if version:
-            console.print(versions(), highlight=False)
+            console.print(versions_line(), highlight=False)
             return
         if list_ops or list_criteria:
             _list_ops() if list_ops else _list_criteria()

@@ -22,6 +22,7 @@ from .quantized import saturation
 from .shapes import input_shape_option
 from .subgraphs import control_flow_notes
 from .verify import POOR_COSINE, Fidelity, custom_ops
+from .versions import versions
 
 if TYPE_CHECKING:
     from .state import PruneState
@@ -119,7 +120,8 @@ class PruneReport:
         data = asdict(self)
         data["fidelity"] = asdict(self.fidelity) if self.fidelity is not None else None
         data["held_out_fidelity"] = asdict(self.held_out_fidelity) if self.held_out_fidelity is not None else None
-        data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio, latency_ratio=self.latency_ratio)
+        data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio, latency_ratio=self.latency_ratio,
+                    versions=versions())
         return data
 
     def to_json(self) -> str:

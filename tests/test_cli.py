@@ -511,6 +511,9 @@ def test_prune_example(tmp_path, example):
     assert report["macs_after"] < report["macs_before"]
     assert report["target_kind"] == "flops" and report["target_value"] == 0.5
     assert report["output"].endswith("out.onnx")
+    assert report["versions"] == {"spa-prune": spa_compiler.__version__, "onnx": onnx.__version__,
+                                  "onnxruntime": ort.__version__, "numpy": np.__version__,
+                                  "python": ".".join(map(str, sys.version_info[:3]))}
 
     original, pruned = onnx.load(str(example)), onnx.load(str(tmp_path / "out.onnx"))
     onnx.checker.check_model(pruned, full_check=True)
