@@ -8,7 +8,9 @@ each graph input is classified from the graph and filled accordingly:
   spectrum ``1/f²`` is that of photographs, under occluding rectangles, ellipses and strokes,
   near-grey colours) and *text* (lines of English words in glyphs that ship with spa-prune, dark
   on a light textured page, half of them upside down: :mod:`.rendered_text`), then mapped into
-  the model's range by ``x = a z + b`` (see below).
+  the model's range by ``x = a z + b`` (see below). An 8-bit input (``uint8``, the same
+  shapes) takes raw pixel values, which the model scales itself: ``x = round(255 z)``, and the
+  BatchNorms still choose content and polarity. (Before, its samples were all zeros: one input.)
 - **frames** (the same at rank 5, ``[N, C, D, H, W]`` or ``[N, D, H, W, C]``: a video, a volume,
   or one frame for a 3-D convolution): each sample one such picture seen through a window that
   pans across it by up to ``MAX_PAN`` pixels a frame, so that neighbouring frames are alike, as
@@ -62,6 +64,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
@@ -89,6 +92,7 @@ SCORE_SAMPLES = 6  # images per candidate run through the model to compare Batch
 CHUNK_VALUES = 2**23  # float64 values of the fields made at a time (64 MB)
 CONTENTS = {"natural": 0.0, "text": 1.0, "natural and text": 0.5}  # share of text images
 MAX_PAN = 2  # pixels a synthetic clip's window moves per frame, at most
+PIXELS = "as 8-bit pixel values 0 to 255 (the input's type; the model scales them)"
 
 
 def synthetic_calibration(graph: Graph, samples: int, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
@@ -134,9 +138,9 @@ def waveform_values(graph: Graph) -> int:
 
 
 def _image_layout(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
-    """"NCHW" or "NHWC" for a float image-like shape, "NCDHW" or "NDHWC" for frames of them,
-    else None."""
-    if len(shape) not in (4, 5) or not np.issubdtype(dtype, np.floating):
+    """"NCHW" or "NHWC" for an image-like shape of floats or 8-bit pixels, "NCDHW" or "NDHWC" for
+    frames of them, else None."""
+    if len(shape) not in (4, 5) or not (np.issubdtype(dtype, np.floating) or dtype == np.uint8):
         return None
     if shape[1] in (1, 3, 4) and min(shape[-2:]) >= MIN_IMAGE_SIDE:
         return "NCHW" if len(shape) == 4 else "NCDHW"
@@ -336,6 +340,11 @@ def _standardising(pictures: np.ndarray) -> tuple[float, float]:
     return 1.0 / std, -float(pictures.mean()) / std
 
 
+def _pixel_range(pictures: np.ndarray) -> tuple[float, float]:
+    """``(255, 0)``: 8-bit pixel values, which the model scales itself."""
+    return 255.0, 0.0
+
+
 def _image_input(
     graph: Graph, name: str, samples: int, arrays: dict[str, np.ndarray], rng: np.random.Generator
 ) -> tuple[np.ndarray, str]:
@@ -355,11 +364,15 @@ def _image_input(
         return frames_content(rng, n, channels, frames, height, width, text_share)
 
     def as_input(pictures: np.ndarray, scale: float, shift: float) -> np.ndarray:
-        """``scale * pictures + shift`` in the input's layout and dtype, made in ``pictures``."""
+        """``scale * pictures + shift`` in the input's layout and dtype, made in ``pictures``
+        (rounded, for 8-bit pixels)."""
         pictures *= scale
         pictures += shift
+        if pixels:
+            np.rint(pictures, out=pictures)
         return (pictures if layout[1] == "C" else np.moveaxis(pictures, 1, -1)).astype(dtype, copy=False)
 
+    pixels = dtype == np.uint8
     batchnorms = _batchnorms(graph)
     text_line = is_text_line(height, width)
     shape_note = f"; text alone: shaped like a text line ({width}x{height})" if text_line else ""
@@ -368,9 +381,9 @@ def _image_input(
         pictures = draw(samples, CONTENTS[content])
         inverted = np.arange(samples) // 2 % 2 == 1  # pairs alternate: either kind of scene, both polarities
         pictures[inverted] = 1 - pictures[inverted]
-        return as_input(pictures, *_standardising(pictures)), (
-            f"{samples} {content} {noun}, half inverted, standardised to zero mean and unit variance "
-            f"(a default: no BatchNorm to fit){shape_note}"
+        how = PIXELS if pixels else "standardised to zero mean and unit variance (a default: no BatchNorm to fit)"
+        return as_input(pictures, *(_pixel_range if pixels else _standardising)(pictures)), (
+            f"{samples} {content} {noun}, half inverted, {how}{shape_note}"
         )
     fit = int(np.clip(2_000_000 // (channels * (frames or 1) * height * width), 2, FIT_SAMPLES))
     texts = draw(fit, 1.0)
@@ -380,13 +393,14 @@ def _image_input(
         naturals = draw(fit, 0.0)
         alternating = np.stack([naturals, texts], axis=1).reshape(2 * fit, *texts.shape[1:])[:fit]
         families = {"natural": naturals, "text": texts, "natural and text": alternating}
-    pair = _first_batchnorm(graph, name) if layout == "NCHW" else None
+    pair = _first_batchnorm(graph, name) if layout == "NCHW" and not pixels else None
+    fitted = _pixel_range if pixels else partial(fit_image_range, graph, *pair) if pair else _standardising
     session = session_for(exposing(graph.model, sorted({n.inputs[0] for n in batchnorms})), optimize=False)
     scored = []
     for content, pictures in families.items():
         for inverted in (False, True):
             z = 1 - pictures if inverted else pictures
-            candidate = _Candidate(content, inverted, *(fit_image_range(graph, *pair, z) if pair else _standardising(z)))
+            candidate = _Candidate(content, inverted, *fitted(z))
             x = as_input(z[:SCORE_SAMPLES].copy(), candidate.scale, candidate.shift)
             feeds = [model_feeds(graph, {**{k: v[i : i + 1] for k, v in arrays.items()}, name: x[i : i + 1]})
                      for i in range(len(x))]
@@ -396,7 +410,7 @@ def _image_input(
     pictures = draw(samples, CONTENTS[best.content])
     if best.inverted:
         np.subtract(1, pictures, out=pictures)
-    how = f"range fitted to BatchNorm '{pair[1].name}' after Conv '{pair[0].name}'" if pair \
+    how = PIXELS if pixels else f"range fitted to BatchNorm '{pair[1].name}' after Conv '{pair[0].name}'" if pair \
         else "standardised to zero mean and unit variance (a default: no BatchNorm right after a first Conv)"
     chosen = "polarity" if text_line else "content and polarity"
     return as_input(pictures, best.scale, best.shift), (

@@ -112,6 +112,45 @@ def test_a_text_line_without_batchnorm_gets_text_alone(tmp_path, monkeypatch, he
 
 
 
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_8_bit_pixels_are_pictures_in_0_to_255(tmp_path, batchnorm):
+    """A uint8 image input (the model casts and normalises it itself) gets the synthetic pictures
+    as raw pixel values, ``round(255 z)``, not zeros; with a BatchNorm after the model's own
+    normalisation the content and polarity chosen bring its input statistics near the recorded
+    ones, as for a float input."""
+    float_model, weight, stats = _image_model(tmp_path, batchnorm)
+    front = [helper.make_node("Cast", ["pixels"], ["p"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["p", "mean255"], ["centred"]),
+             helper.make_node("Div", ["centred", "std255"], ["x"])]
+    model = float_model.model
+    inputs = [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [1, 3, 32, 32])]
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    initializers.update(mean255=np.array(255 * TRUE_MEAN, np.float32), std255=np.array(255 * TRUE_STD, np.float32))
+    path = _save(tmp_path, front + list(model.graph.node), inputs, list(model.graph.output), initializers, "u8.onnx")
+    arrays, description = synthetic_calibration(load_model(path), SAMPLES, seed=0)
+    pixels = arrays["pixels"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (SAMPLES, 3, 32, 32)
+    assert pixels.min() <= 20 and pixels.max() >= 235 and len(np.unique(pixels)) > 200
+    assert "as 8-bit pixel values 0 to 255 (the input's type; the model scales them)" in description
+    if not batchnorm:
+        assert "'pixels': 24 natural and text pictures, half inverted, as 8-bit pixel values" in description
+        return
+    # the recorded statistics are of natural pictures: that content, as drawn, is chosen
+    assert "'pixels': 24 natural pictures (as drawn), x = 255 z +0, as 8-bit" in description
+    importance = stats["gamma"] ** 2 / np.sum(stats["gamma"] ** 2)
+
+    def mean_error(images: np.ndarray) -> float:
+        """The γ²-weighted mean over channels of |mean - μ| / σ of the BatchNorm input."""
+        response = _conv((images / 255.0 - TRUE_MEAN) / TRUE_STD, weight.astype(np.float64))
+        return float(np.sum(importance * np.abs(response.mean(axis=(0, 2, 3)) - stats["mean"]) / np.sqrt(stats["var"])))
+
+    response = _conv((pixels / 255.0 - TRUE_MEAN) / TRUE_STD, weight.astype(np.float64))
+    variance_error = np.sum(importance * np.abs(np.log(response.var(axis=(0, 2, 3)) / stats["var"])))
+    # measured 0.107 and 0.055; all-zero pixels, the samples before, miss the means by 2.11
+    assert mean_error(pixels) < 0.2 and variance_error < 0.25
+    assert mean_error(np.zeros_like(pixels)) > 10 * mean_error(pixels)
+
+
 def test_a_text_line_with_batchnorm_chooses_only_the_polarity_of_text(tmp_path):
     """A text-line crop's candidates are text alone: the BatchNorm fit picks its polarity and range."""
     rng = np.random.default_rng(3)
