@@ -39,7 +39,8 @@ ids as the integer ones; float ``[N, T]``, ``[N, 1 or 2, T]`` or ``[N, T, 1 or 2
 scaler's inverse of standard normal values, ``x = offset + z / scale``: the training features'
 mean and deviation, which it records as a BatchNorm does (a digits MLP data-free at ``--flops
 0.3`` reads 0.961 of its test images, 0.975 unpruned, where plain standard normal features
-gave 0.942); other floats standard normal; other integers zeros.
+gave 0.942); other floats standard normal; other 8-bit inputs (bytes, pixels) uniform over 0 to
+255; other integers zeros.
 
 **Lengths.** Real batches are sentences of many lengths padded to one: attention spreads over
 fewer tokens in a short one. When an integer or boolean ``[N, T]`` mask (one :mod:`.token_mask`
@@ -61,7 +62,9 @@ from .ir import Graph, Node
 from .synthetic_audio import audio_notes, waveform_layout
 from .token_mask import attention_mask
 
-__all__ = ["TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input", "is_waveform", "varied_lengths"]
+__all__ = [
+    "TokenPrior", "token_prior", "token_ids", "embedding_table", "non_image_input", "is_waveform", "varied_lengths", "BYTES",
+]
 
 PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 TRAINED_NORM = 0.5  # rows shorter than this times the median norm are never drawn
@@ -71,6 +74,7 @@ REGION_DENSITY = 0.9  # share of typical rows that marks the frequency-ordered b
 EARLY_DENSITY = 0.5  # at most this share of the rows before the block may be typical
 ZIPF_OFFSET = 2.7
 SHORTEST = 0.25  # shortest synthetic sequence, as a share of the bound length
+BYTES = "8-bit values uniform over 0 to 255"
 NORM_BLOCK_ELEMENTS = 1 << 18  # table elements whose norms are computed at once
 
 
@@ -199,6 +203,8 @@ def non_image_input(
             inverse = np.divide(z, scale, out=np.zeros_like(z), where=scale != 0)
             return (offset + inverse).astype(dtype), "standard normal through the inverse of its Scaler"
         return rng.standard_normal(shape).astype(dtype), "standard normal"
+    if dtype == np.uint8:
+        return rng.integers(0, 256, shape, dtype=np.uint8), BYTES
     return np.zeros(shape, dtype), "zeros"
 
 

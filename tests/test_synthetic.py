@@ -132,6 +132,11 @@ def test_8_bit_pixels_are_pictures_in_0_to_255(tmp_path, batchnorm):
     assert pixels.dtype == np.uint8 and pixels.shape == (SAMPLES, 3, 32, 32)
     assert pixels.min() <= 20 and pixels.max() >= 235 and len(np.unique(pixels)) > 200
     assert "as 8-bit pixel values 0 to 255 (the input's type; the model scales them)" in description
+    from spa_compiler.verify import verification_inputs
+
+    feeds, source = verification_inputs(load_model(path), seed=0)  # the first fidelity figure's inputs
+    assert source == "synthetic inputs (8-bit values uniform over 0 to 255)"
+    assert feeds["pixels"].dtype == np.uint8 and len(np.unique(feeds["pixels"])) == 256
     if not batchnorm:
         assert "'pixels': 24 natural and text pictures, half inverted, as 8-bit pixel values" in description
         return
