@@ -353,6 +353,7 @@ def _image_input(
     module docstring); ``arrays`` holds the other inputs, fed alongside."""
     shape = (samples, *graph.input_shapes[name][1:])
     dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.dtypes[name])
+    pixels = dtype == np.uint8
     layout = _image_layout(shape, dtype)
     channels, frames, height, width = _picture_sizes(shape, layout)
     noun = "pictures" if frames is None else "single-frame pictures" if frames == 1 else f"{frames}-frame panning clips"
@@ -372,7 +373,6 @@ def _image_input(
             np.rint(pictures, out=pictures)
         return (pictures if layout[1] == "C" else np.moveaxis(pictures, 1, -1)).astype(dtype, copy=False)
 
-    pixels = dtype == np.uint8
     batchnorms = _batchnorms(graph)
     text_line = is_text_line(height, width)
     shape_note = f"; text alone: shaped like a text line ({width}x{height})" if text_line else ""
