@@ -44,7 +44,7 @@ from .state import PruneState
 from .synthetic import picture_values, synthetic_calibration, waveform_values
 from .synthetic_tokens import embedding_table
 from .token_augment import MORE_SEQUENCES, first_sequences, tokens_wanted, with_token_copies
-from .verify import SILENT, custom_ops, held_out_fidelity, verify_model
+from .verify import SILENT, custom_ops, held_out_fidelity, require_runnable, verify_model
 
 __all__ = [
     "Load", "Analyse", "CollectStatistics", "HeldOutOnly", "Score", "Allocate", "Rewrite", "Verify", "RestoreOutputs",
@@ -124,6 +124,7 @@ class CollectStatistics(Pass):
             state.statistics, state.calibration_data = {}, {}
             state.calibration = f"none: onnxruntime cannot run {', '.join(unrunnable)}, so scores are magnitudes"
             return state
+        require_runnable(graph)
         layers = consumer_layers(state.analysis)
         wide = [layer.node for layer in layers if layer.features(graph) > MAX_FEATURES]
         layers = [layer for layer in layers if layer.node not in wide]

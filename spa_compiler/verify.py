@@ -38,7 +38,7 @@ from .token_mask import attention_mask, padding_zeroed
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Fidelity", "verify_model", "run_model", "run_reference", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
+    "Fidelity", "verify_model", "run_model", "run_reference", "require_runnable", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
     "FidelitySums", "decision_outputs", "verification_inputs", "ARG_MAX", "THRESHOLD",
 ]
 
@@ -172,6 +172,23 @@ def run_reference(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     return session.run(None, {**feeds, **weights})
 
 
+def require_runnable(graph: Graph, seed: int = 0) -> None:
+    """Raise :class:`ModelError` when onnxruntime cannot run the input model itself on the
+    verification's inputs (:func:`verification_inputs`), as when a shape its exporter wrote does
+    not fit."""
+    try:
+        run_reference(graph, verification_inputs(graph, seed)[0])
+    except Exception as exc:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception alone
+        raise _input_model_fails(exc) from None
+
+
+def _input_model_fails(exc: Exception) -> ModelError:
+    """spa-prune runs the model to score, compensate and verify the pruning: a failure to run the
+    input model is the model's, not the pruning's."""
+    return ModelError(f"onnxruntime cannot run the input model ({first_line(exc)}); spa-prune runs the model to "
+                      "measure and verify the pruning: check that it runs in onnxruntime as it is, or export it again")
+
+
 def _checker_error(model: onnx.ModelProto) -> str | None:
     try:
         streaming.check_model(model)
@@ -237,6 +254,13 @@ def verify_model(
     (cosine under ``POOR_COSINE``), that of its unoptimised run if onnxruntime's optimisations
     change its outputs (:func:`_unoptimised_if_changed`)."""
     reference = original if reference is None else reference
+    feeds, source = verification_inputs(reference, seed)
+    try:  # first: a model that does not run is not the pruning's fault
+        before = run_reference(reference, feeds)
+    except Exception as exc:
+        if not custom_ops(reference):
+            raise _input_model_fails(exc) from None
+        before = None
     serialized = None if streaming.has_external(pruned) else pruned.SerializeToString()
     try:
         streaming.check_model(pruned) if serialized is None else onnx.checker.check_model(serialized)
@@ -251,13 +275,8 @@ def verify_model(
     if emptied:
         raise VerificationError(f"internal error: tensor '{emptied[0]}' would lose every element; nothing was written")
     _check_shapes(original, pruned, expected)
-    feeds, source = verification_inputs(reference, seed)
-    try:
-        before = run_reference(reference, feeds)
-    except Exception as exc:
-        if custom_ops(reference):
-            return None
-        raise ModelError(f"onnxruntime cannot run the input model ({first_line(exc)})") from None
+    if before is None:
+        return None
     before = [narrow(name, value) for name, value in zip(original.outputs, before)]
     pruned_feeds = {k: narrow(k, v) for k, v in feeds.items()}
     try:

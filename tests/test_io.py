@@ -408,6 +408,26 @@ def test_prune_failure_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx"]
 
 
+@pytest.mark.parametrize("pipeline", ["fast", pytest.param("default", marks=pytest.mark.accurate)])
+def test_a_model_onnxruntime_refuses_is_a_model_error(tmp_path, pipeline):
+    """An export whose shapes do not fit (a bias of 5 channels added to 4) is the model's fault,
+    said as such by the first pass that runs it (the statistics', or the verification's before it
+    checks the pruned model); nothing is written."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in [("W1", (8, 3, 3, 3)), ("W2", (4, 8, 3, 3)), ("b", (5, 1, 1))]]
+    model = small_model(
+        [helper.make_node("Conv", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "W2"], ["c"]), helper.make_node("Add", ["c", "b"], ["y"], name="bias")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights,
+    )
+    onnx.save(model, str(tmp_path / "misfit.onnx"))
+    with pytest.raises(ModelError, match=r"onnxruntime cannot run the input model \(.*Node \(bias\) Op \(Add\)"):
+        prune(tmp_path / "misfit.onnx", tmp_path / "out.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["misfit.onnx"]
+
+
 # --------------------------------------------------------------------------- criterion registry
 
 
