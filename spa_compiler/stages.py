@@ -29,7 +29,7 @@ from .calibrate import (
 from .config import TARGET_TOLERANCE, PruneConfig
 from .cost import CostMetric, CostModel
 from .criteria import Criterion, ScoreContext, comparable_scores
-from .errors import TargetError
+from .errors import ModelError, TargetError
 from .interface import interface_changes, narrow as narrow_io, narrow_all, resize_declarations
 from .errors import first_line
 from .attention_heads import rotatable_heads
@@ -142,6 +142,7 @@ class CollectStatistics(Pass):
             state.statistics, state.calibration_data, state.held_out = {}, {}, None
             state.calibration = f"none: the model does not run on one sample at a time ({first_line(exc)}); scores are magnitudes"
             return state
+        _require_finite(state.statistics, "its calibration samples" if config.calibration else "synthetic samples")
         if wide:
             named = ", ".join(wide[:3]) + (", ..." if len(wide) > 3 else "")
             one = len(wide) == 1
@@ -209,6 +210,19 @@ class CollectStatistics(Pass):
                 progress: Callable[[int, int], None]) -> dict[str, LayerStatistics]:
         """The layers' statistics over ``data``, in this process (a subclass may spread the work)."""
         return collect_statistics(graph, layers, data, config.calibration_batch, seed=config.seed, progress=progress)
+
+
+def _require_finite(statistics: dict[str, LayerStatistics], samples: str) -> None:
+    """Raise :class:`ModelError` when a layer's inputs were not finite on ``samples``: every
+    statistic taken from them (scores, compensation, re-fit) would be NaN."""
+    unusable = [node for node, stats in statistics.items() if not np.isfinite(stats.hessian).all()]
+    if unusable:
+        more = f" and {len(unusable) - 1} more layers" if len(unusable) > 1 else ""
+        raise ModelError(
+            f"the input model's activations are not finite (inf or NaN) on {samples} (the input of "
+            f"'{unusable[0]}'{more}), so no statistics can be taken from them: prune by the weights alone "
+            "(--criterion l2 --allocation score --refit 0), or calibrate (--calib) on samples the model computes finitely"
+        )
 
 
 def shapes_bound(graph: Graph, config: PruneConfig) -> str:

@@ -428,6 +428,29 @@ def test_a_model_onnxruntime_refuses_is_a_model_error(tmp_path, pipeline):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["misfit.onnx"]
 
 
+@pytest.mark.accurate
+def test_activations_that_are_not_finite_are_said_and_the_weights_alone_still_prune(tmp_path):
+    """A model computing NaN on some inputs (the square root of negative values) gives statistics
+    of NaN: the statistics pass says so and what prunes without them, and that prunes it."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in [("W1", (32, 3, 3, 3)), ("W2", (4, 32, 3, 3))]]
+    model = small_model(
+        [helper.make_node("Sqrt", ["x"], ["s"]), helper.make_node("Conv", ["s", "W1"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Conv", ["r", "W2"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 12, 12])], weights,
+    )
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    with pytest.raises(ModelError, match=r"not finite \(inf or NaN\) on synthetic samples \(the input of 'Conv_1' "
+                                         r"and 1 more layers\).*--criterion l2 --allocation score --refit 0"):
+        prune(tmp_path / "nan.onnx", tmp_path / "out.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert not (tmp_path / "out.onnx").exists()
+    weights_alone = PruneConfig(flops=0.5, bench_runs=0, criterion="l2", allocation="score", refit_rounds=0)
+    report = prune(tmp_path / "nan.onnx", tmp_path / "out.onnx", weights_alone)
+    assert report.flops_ratio == pytest.approx(0.5, abs=0.02)
+
+
 # --------------------------------------------------------------------------- criterion registry
 
 
