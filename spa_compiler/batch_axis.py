@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .ir import Graph
 from .sample_layout import model_feeds, sample_shape
 from .shapes import synthetic_inputs
-from .verify import reference_session
+from .verify import quiet_run, reference_session
 
 __all__ = ["fixed_batch", "declares_batch_of_one", "samples_per_run", "activations"]
 
@@ -69,8 +68,7 @@ def _runs_batched(graph: Graph) -> bool:
     except Exception:  # noqa: BLE001  (custom ops and the like: not this probe's question)
         return True
     samples = synthetic_inputs({name: (2, *sample_shape(graph, name)) for name in graph.input_shapes}, graph.dtypes)
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a failure is the answer, not an error to log
+    quiet = quiet_run()  # a failure is the answer, not an error to log
     try:
         batched = session.run(None, {**model_feeds(graph, samples), **weights}, quiet)
     except Exception:  # noqa: BLE001  (onnxruntime raises its own error types, one per status)

@@ -306,14 +306,14 @@ def _run_for_shapes(
     bound: dict[str, tuple[int, ...]],
     dtypes: dict[str, int],
 ) -> dict[str, tuple[int, ...]]:
-    from .verify import session_for
+    from .verify import quiet_run, session_for
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     try:
-        outputs = session_for(probe, optimize=False).run(names, synthetic_inputs(bound, dtypes))
+        outputs = session_for(probe, optimize=False).run(names, synthetic_inputs(bound, dtypes), quiet_run())
     except Exception as exc:
         # e.g. a custom op: the nodes touching these tensors become barriers
         log.warning("shapes of %d tensors unknown (e.g. '%s'): %s", len(names), names[0], first_line(exc))
