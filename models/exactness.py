@@ -162,7 +162,7 @@ def zero_readers(graph: Graph, analysis: Analysis, removed_by_axis: dict[int, np
 
 def zero_contracted(graph: Graph, analysis: Analysis, removed: dict[int, list[int]]) -> list[str]:
     """For the removed units (group id -> unit indices) that a MatMul of two activations
-    contracts, zero their source: their slabs of the weight output axes (roots) and of the
+    contracts (one of unknown shapes is a barrier: none), zero their source: their slabs of the weight output axes (roots) and of the
     constants added to them (biases). A projection ``x @ W + b`` followed by Reshape and
     Transpose then delivers exact zeros to the product. Returns the names of the constants changed."""
     model = analysis.graph
@@ -170,7 +170,7 @@ def zero_contracted(graph: Graph, analysis: Analysis, removed: dict[int, list[in
     biases: set[str] = set()
     for node in model.nodes:
         constant = [model.is_constant(i) for i in node.inputs]
-        if node.op_type == "MatMul" and not any(constant):
+        if node.op_type == "MatMul" and not any(constant) and all(i in model.shapes for i in node.inputs):
             a, b = node.inputs
             contracted |= {analysis.axis_id(a, model.rank(a) - 1), analysis.axis_id(b, max(model.rank(b) - 2, 0))}
         elif node.op_type == "Add":
