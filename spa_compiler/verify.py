@@ -38,7 +38,8 @@ from .token_mask import attention_mask, padding_zeroed
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Fidelity", "verify_model", "run_model", "run_reference", "require_runnable", "quiet_run", "session_for", "custom_ops", "fidelity", "held_out_fidelity",
+    "Fidelity", "verify_model", "run_model", "run_reference", "require_runnable", "quiet_run", "session_for",
+    "custom_ops", "fidelity", "held_out_fidelity",
     "FidelitySums", "decision_outputs", "verification_inputs", "ARG_MAX", "THRESHOLD",
 ]
 
