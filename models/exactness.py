@@ -162,9 +162,10 @@ def zero_readers(graph: Graph, analysis: Analysis, removed_by_axis: dict[int, np
 
 def zero_contracted(graph: Graph, analysis: Analysis, removed: dict[int, list[int]]) -> list[str]:
     """For the removed units (group id -> unit indices) that a MatMul of two activations
-    contracts (one of unknown shapes is a barrier: none), zero their source: their slabs of the weight output axes (roots) and of the
-    constants added to them (biases). A projection ``x @ W + b`` followed by Reshape and
-    Transpose then delivers exact zeros to the product. Returns the names of the constants changed."""
+    contracts (none for a MatMul of unknown shapes, a barrier), zero their source: their slabs of
+    the weight output axes (roots) and of the constants added to them (biases). A projection
+    ``x @ W + b`` followed by Reshape and Transpose then delivers exact zeros to the product.
+    Returns the names of the constants changed."""
     model = analysis.graph
     contracted: set[int] = set()
     biases: set[str] = set()

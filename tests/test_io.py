@@ -408,7 +408,7 @@ def test_prune_failure_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx"]
 
 
-@pytest.mark.parametrize("pipeline", ["fast", pytest.param("default", marks=pytest.mark.accurate)])
+@pytest.mark.parametrize("pipeline", ["fast", pytest.param("default", marks=pytest.mark.accurate)])  # by the marker
 def test_a_model_onnxruntime_refuses_is_a_model_error(tmp_path, pipeline):
     """An export whose shapes do not fit (a bias of 5 channels added to 4) is the model's fault,
     said as such by the first pass that runs it (the statistics', or the verification's before it
