@@ -19,9 +19,12 @@ reader of such a *fill* (one value everywhere) read by an earlier one its own co
 Reshape and fill whose shape a ``Concat`` shared with an earlier one computes its own copy of
 that ``Concat`` (its other inputs still shared); and then every node input that reads a 1-D
 initializer shared with an earlier one its own copy; copies are named ``<name>.<k>``. Only
-vectors are copied: a shared matrix is a tied weight (an embedding read by the output
-projection, ALBERT's layers), which its readers must keep tied, and large; the copy of a vector
-kept on disk (a streamed model's) refers to the same bytes. Names read inside a control-flow
+vectors and fills are copied: a shared matrix is a tied weight (an embedding read by the output
+projection, ALBERT's layers), which its readers must keep tied, and large; but a matrix of one
+value is a fill the exporter folded (RWKV's dynamo export writes all five recurrent states of
+every layer into one ``[batch, hidden, layers]`` initializer of zeros, which would tie the
+residual stream to every layer's attention channels). The copy of a vector kept on disk (a
+streamed model's) refers to the same bytes. Names read inside a control-flow
 subgraph and graph outputs are left shared.
 
 After the rewrite, :func:`share_identical` makes matrices that hold the same values one again:
@@ -33,7 +36,7 @@ Vectors and scalars stay as they are (a quantized model keeps a zero point per t
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator
 
 import numpy as np
@@ -107,8 +110,11 @@ def _own_copies(graph: onnx.GraphProto, taken: set[str], copied: Callable[[onnx.
 
 
 def _own_vectors(graph: onnx.GraphProto, taken: set[str]) -> int:
-    """Give each reader of a shared 1-D initializer its own copy; the number of copies."""
-    vectors = {t.name: t for t in graph.initializer if len(t.dims) == 1}
+    """Give each reader of a shared 1-D initializer, or of a shared initializer that holds one
+    value everywhere (a fill the exporter folded), its own copy; the number of copies."""
+    reads = Counter(name for node in graph.node for name in node.input)
+    vectors = {t.name: t for t in graph.initializer
+               if len(t.dims) == 1 or (len(t.dims) > 1 and reads[t.name] > 1 and _holds_one_value(t))}
     copies = []
     for node, slot, name in _later_reads(graph, vectors, lambda node: range(len(node.input))):
         copy = onnx.TensorProto()
@@ -118,6 +124,14 @@ def _own_vectors(graph: onnx.GraphProto, taken: set[str]) -> int:
         node.input[slot] = copy.name
     graph.initializer.extend(copies)
     return len(copies)
+
+
+def _holds_one_value(tensor: onnx.TensorProto) -> bool:
+    """Whether the initializer ``tensor`` (not one kept on disk) holds one value everywhere."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    value = numpy_helper.to_array(tensor)
+    return bool(value.size) and bool((value == value.flat[0]).all())
 
 
 def _later_reads(graph: onnx.GraphProto, names: Collection[str],

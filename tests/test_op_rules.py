@@ -656,6 +656,102 @@ def test_gather_elements_along_channels_blocks_them(tmp_path):
     assert "GatherElements" in " ".join(group_of(analysis, "W1", 0).blocked_reasons)
 
 
+def _distinct_rows(shape: tuple[int, ...], axis: int, size: int, seed: int = 0) -> np.ndarray:
+    """Int64 indices of ``shape`` in ``[0, size)``, distinct along ``axis`` (a scatter without a
+    reduction is defined only when no two updates land on one element)."""
+    rng = np.random.default_rng(seed)
+    moved = list(shape)
+    count = moved.pop(axis)
+    rows = [rng.permutation(size)[:count] for _ in range(int(np.prod(moved)))]
+    return np.moveaxis(np.asarray(rows, dtype=np.int64).reshape(*moved, count), -1, axis)
+
+
+SCATTER_SOURCES = "b = Conv <pads = [1, 1, 1, 1]> (x, W3, B3)"
+SCATTER_CONSTS = {"W1": (8, 3, 3, 3), "B1": (8,), "W3": (8, 3, 3, 3), "B3": (8,)}
+
+
+def test_scatter_elements_keeps_channels_on_other_axes(tmp_path):
+    """Rows of one conv's output scattered into another's along the height: the channel axis of
+    the data, the indices, the updates and the output is one, so both convs lose the same
+    channels and the constant indices lose them too, their values unchanged."""
+    indices = _distinct_rows((1, 8, 3, 8), 2, 8)
+    body = f"""{SCATTER_SOURCES}
+        u = Slice (b, S0, S1, S2)
+        h = ScatterElements <axis = 2> (a, I, u)
+        y = Conv (h, W2)"""
+    graph = build(tmp_path, chain(body, Y4), 13, {**SCATTER_CONSTS, "S0": i64(2), "S1": i64(5), "S2": i64(2),
+                                                  "I": indices, "W2": (4, 8, 1, 1)})
+    result, pruned = prune_exact(graph)
+    gone = removed(result, "W1", 0)
+    assert len(gone) == 4
+    np.testing.assert_array_equal(removed(result, "W3", 0), gone)
+    np.testing.assert_array_equal(input_value(pruned, nodes(pruned, "ScatterElements")[0], 1),
+                                  np.delete(indices, gone, axis=1))
+
+
+@pytest.mark.parametrize("opset, reduction", [(13, ""), (16, " <reduction = \"add\">")])
+def test_scatter_nd_keeps_the_axes_past_the_addressed_ones(tmp_path, opset, reduction):
+    """Two rows (batch, height) of one conv's channels-last output written over another's, as an
+    exported ``x[:, t] = ...`` writes one step of every channel, with and without a reduction:
+    the channels of the data, the updates and the output are one axis; the indices stay."""
+    indices = i64(0, 3, 0, 5).reshape(2, 1, 2)  # q = 3, addressing m = 2 axes; updates [2, 1, 8, 8]
+    body = f"""{SCATTER_SOURCES}
+        t = Transpose <perm = [0, 2, 3, 1]> (a)
+        s = Transpose <perm = [2, 0, 3, 1]> (b)
+        u = Slice (s, S0, S1, S2)
+        n = ScatterND{reduction} (t, I, u)
+        h = Transpose <perm = [0, 3, 1, 2]> (n)
+        y = Conv (h, W2)"""
+    graph = build(tmp_path, chain(body, Y4), opset, {**SCATTER_CONSTS, "S0": i64(2), "S1": i64(4), "S2": i64(0),
+                                                     "I": indices, "W2": (4, 8, 1, 1)})
+    result, pruned = prune_exact(graph)
+    gone = removed(result, "W1", 0)
+    assert len(gone) == 4
+    np.testing.assert_array_equal(removed(result, "W3", 0), gone)
+    np.testing.assert_array_equal(input_value(pruned, nodes(pruned, "ScatterND")[0], 1), indices)
+
+
+def test_scatters_into_one_initializer_of_zeros_prune_apart(tmp_path):
+    """Two convs' outputs scattered into one initializer of zeros (RWKV's dynamo export keeps
+    every recurrent state of every layer in one): each scatter gets its own copy on loading, so
+    channel k of one conv no longer leaves with channel k of the other (16 units, not 8); exact."""
+    body = f"""{SCATTER_SOURCES}
+        p = ScatterElements <axis = 3> (Z, I, a)
+        q = ScatterElements <axis = 3> (Z, J, b)
+        h = Concat <axis = 1> (p, q)
+        y = Conv (h, W2)"""
+    graph = build(tmp_path, chain(body, "float[1,4,8,16] y"), 13, {
+        **SCATTER_CONSTS, "Z": np.zeros((1, 8, 8, 16), np.float32), "I": _distinct_rows((1, 8, 8, 8), 3, 16),
+        "J": _distinct_rows((1, 8, 8, 8), 3, 16, seed=1), "W2": (4, 16, 1, 1)})
+    assert sorted(n.inputs[0] for n in graph.nodes if n.op_type == "ScatterElements") == ["Z", "Z.1"]
+    assert len(group_of(analyze_graph(graph), "W1", 0).units) == 16
+    result, pruned = prune_exact(graph)
+    kept = [8 - len(removed(result, weight, 0)) for weight in ("W1", "W3")]
+    assert sum(kept) == 8
+    assert [initializer(pruned, name).shape for name in ("Z", "Z.1")] == [(1, k, 8, 16) for k in kept]
+
+
+@pytest.mark.parametrize("scatter", ["ScatterElements <axis = 1> (a, I, u)", "ScatterND (a, J, v)"])
+def test_scatter_onto_addressed_channels_blocks_them(tmp_path, scatter):
+    """Scattered along the channels (or with every axis addressed), which output channel an
+    update lands on is whatever the indices say: the data's channels may not go, nor the three
+    of the other conv's that the updates carry (the five it does not read may)."""
+    body = f"""{SCATTER_SOURCES}
+        u = Slice (b, S0, S1, S2)
+        v = Reshape (u, R)
+        h = {scatter}
+        y = Conv (h, W2)"""
+    graph = build(tmp_path, chain(body, Y4), 13, {
+        **SCATTER_CONSTS, "S0": i64(0), "S1": i64(3), "S2": i64(1), "R": i64(3, 64),
+        "I": _distinct_rows((1, 3, 8, 8), 1, 8), "J": np.stack(np.meshgrid(
+            [0], [1, 4, 6], np.arange(8), np.arange(8), indexing="ij"), axis=-1).reshape(3, 64, 4).astype(np.int64),
+        "W2": (4, 8, 1, 1)})
+    analysis = analyze_graph(graph)
+    assert not group_of(analysis, "W1", 0).prunable
+    assert group_of(analysis, "W3", 0).prunable == [3, 4, 5, 6, 7]
+    assert "Scatter" in " ".join(group_of(analysis, "W1", 0).blocked_reasons)
+
+
 def test_transpose_then_matmul(tmp_path):
     """NCHW -> NHWC, then MatMul with a weight [C, K]: the weight's rows go with the channels."""
     body = "t = Transpose <perm = [0, 2, 3, 1]> (a)\ny = MatMul (t, Wm)"

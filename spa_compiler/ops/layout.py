@@ -1,6 +1,6 @@
-"""Ops that move, join, cut or repeat axes: Concat, Split, Slice, Gather, Transpose, Squeeze,
-Unsqueeze, Shape, Expand, ConstantOfShape, Tile (Reshape and Flatten, which regroup axes:
-:mod:`.reshape`)."""
+"""Ops that move, join, cut or repeat axes: Concat, Split, Slice, Gather, GatherElements,
+ScatterElements, ScatterND, Transpose, Squeeze, Unsqueeze, Shape, Expand, ConstantOfShape, Tile
+(Reshape and Flatten, which regroup axes: :mod:`.reshape`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from ..ir import Node
 
 __all__ = [
-    "Concat", "Split", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Shape", "Expand", "ConstantOfShape", "Tile",
+    "Concat", "Split", "Slice", "Gather", "GatherElements", "ScatterElements", "ScatterND", "Transpose", "Squeeze",
+    "Unsqueeze", "Shape", "Expand", "ConstantOfShape", "Tile",
 ]
 
 
@@ -220,6 +221,49 @@ class GatherElements(OpRule):
             elif size_data == size_indices:
                 c.couple(data, k, y, k)
                 c.couple(indices, k, y, k)
+
+
+@register_op("ScatterElements", "Scatter")
+class ScatterElements(OpRule):
+    """``y = data`` with ``y[i0..indices[i0..ik..]..] = updates[i0..ik..]`` along ``axis``: on
+    every other axis where the data and the indices have the same size, position p of the data,
+    the indices, the updates and the output is one, and a removed position leaves all four.
+    Along ``axis`` (and on axes the indices cover only in part) which output position an update
+    lands on is whatever the indices hold: a barrier. Constant indices are sliced with their
+    axes; their values stay."""
+
+    summary = "non-scattered axes identity with the indices and updates; the scattered axis a barrier"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        data, indices, updates, y = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]
+        axis = normalize_axis(int(node.attr("axis", 0)), len(c.shape(data)))
+        for k, (size_data, size_indices) in enumerate(zip(c.shape(data), c.shape(indices))):
+            if k != axis and size_data == size_indices:
+                for name in (data, indices, updates):
+                    c.couple(name, k, y, k)
+
+
+@register_op("ScatterND", opsets=(11, 23))
+class ScatterND(OpRule):
+    """``y = data`` with ``y[indices[i, :]] = updates[i]`` (``i`` the indices' leading axes):
+    each index row addresses the data's first ``m`` axes (``m`` the indices' last size), and
+    each update is a slice over the data's remaining axes. Data axis ``j >= m`` is output axis
+    ``j`` and updates axis ``q - 1 + j - m`` (``q`` the indices' rank), position for position,
+    whatever the indices hold or the reduction is: channels there leave all three together
+    (RWKV's recurrence writing one time step of every channel at a time). The addressed axes
+    and which update goes where are barriers."""
+
+    summary = "axes past the addressed ones identity with the updates; addressed axes a barrier"
+
+    def couple(self, node: "Node", c: Coupler) -> None:
+        data, indices, updates, y = node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0]
+        addressed = c.shape(indices)[-1]
+        if not isinstance(addressed, (int, np.integer)):
+            raise Unsupported(f"the last size of its indices '{indices}' is not known")
+        lead = len(c.shape(indices)) - 1
+        for j in range(int(addressed), len(c.shape(data))):
+            c.couple(data, j, y, j)
+            c.couple(updates, lead + j - int(addressed), y, j)
 
 
 @register_op("Transpose")
