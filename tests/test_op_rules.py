@@ -638,12 +638,17 @@ def test_gather_elements_keeps_channels_on_other_axes(tmp_path):
     indices = np.random.default_rng(0).integers(0, 8, size=(1, 8, 8, 5)).astype(np.int64)
     graph = build(tmp_path, chain("h = GatherElements <axis = 3> (a, I)\ny = Conv (h, W2)", "float[1,4,8,5] y"), 13,
                   {"W1": (8, 3, 3, 3), "B1": (8,), "I": indices, "W2": (4, 8, 1, 1)})
+    _assert_half_leave_with_the_indices(graph, ("W2", 1), "GatherElements", indices)
+
+
+def _assert_half_leave_with_the_indices(graph: Graph, partner: tuple[str, int], op: str, indices: np.ndarray) -> None:
+    """Pruned exactly, four of W1's eight channels leave, with the same positions of ``partner``
+    (a tensor and axis) and of the constant indices of the ``op`` node, whose values stay."""
     result, pruned = prune_exact(graph)
     gone = removed(result, "W1", 0)
     assert len(gone) == 4
-    np.testing.assert_array_equal(removed(result, "W2", 1), gone)
-    np.testing.assert_array_equal(input_value(pruned, nodes(pruned, "GatherElements")[0], 1),
-                                  np.delete(indices, gone, axis=1))
+    np.testing.assert_array_equal(removed(result, *partner), gone)
+    np.testing.assert_array_equal(input_value(pruned, nodes(pruned, op)[0], 1), np.delete(indices, gone, axis=1))
 
 
 def test_gather_elements_along_channels_blocks_them(tmp_path):
@@ -681,12 +686,7 @@ def test_scatter_elements_keeps_channels_on_other_axes(tmp_path):
         y = Conv (h, W2)"""
     graph = build(tmp_path, chain(body, Y4), 13, {**SCATTER_CONSTS, "S0": i64(2), "S1": i64(5), "S2": i64(2),
                                                   "I": indices, "W2": (4, 8, 1, 1)})
-    result, pruned = prune_exact(graph)
-    gone = removed(result, "W1", 0)
-    assert len(gone) == 4
-    np.testing.assert_array_equal(removed(result, "W3", 0), gone)
-    np.testing.assert_array_equal(input_value(pruned, nodes(pruned, "ScatterElements")[0], 1),
-                                  np.delete(indices, gone, axis=1))
+    _assert_half_leave_with_the_indices(graph, ("W3", 0), "ScatterElements", indices)
 
 
 @pytest.mark.parametrize("opset, reduction", [(13, ""), (16, " <reduction = \"add\">")])
