@@ -24,7 +24,7 @@ class ActivationAware(Criterion):
         by_axis = group.by_axis()
         for axis_id, stats in ctx.statistics_for(group):
             layer = stats.layer
-            weights = np.abs(layer.matrix(ctx.analysis.graph.constants[layer.weight]).astype(np.float64))
+            weights = np.abs(layer.matrix(ctx.analysis.graph.float_constants[layer.weight]).astype(np.float64))
             norms = np.sqrt(np.maximum(np.diag(stats.hessian)[:-1], 0.0))
             per_feature = (weights * norms).sum(axis=0)
             units, channels = by_axis[axis_id]

@@ -38,7 +38,7 @@ class OBSCompensation(Pass):
             axis = state.analysis.axis_id(stats.layer.weight, stats.layer.axis)
             channels = state.removed_by_axis.get(axis)
             if channels is not None and len(channels):
-                state.compensated.update(compensate_layer(stats, state.analysis.graph.constants, channels))
+                state.compensated.update(compensate_layer(stats, state.analysis.graph.float_constants, channels))
         return state
 
 
@@ -60,7 +60,7 @@ class OBS(Criterion):
         by_axis = group.by_axis()
         for axis_id, stats in ctx.statistics_for(group):
             layer = stats.layer
-            weights = augmented(layer, ctx.analysis.graph.constants)
+            weights = augmented(layer, ctx.analysis.graph.float_constants)
             inverse = stats.inverse(DAMPING)
             energy = (float(np.sum((weights @ stats.hessian) * weights)) or 1.0) if self.relative else 1.0
             units, channels = by_axis[axis_id]
@@ -74,8 +74,9 @@ class OBS(Criterion):
         consumers = []
         for axis_id, stats in ctx.statistics_for(group):
             units, channels = by_axis[axis_id]
-            consumers.append(Consumer(augmented(stats.layer, ctx.analysis.graph.constants), stats.inverse(DAMPING),
-                                      np.asarray(units), np.asarray(channels), stats.layer.features_per_channel))
+            weights = augmented(stats.layer, ctx.analysis.graph.float_constants)
+            consumers.append(Consumer(weights, stats.inverse(DAMPING), np.asarray(units), np.asarray(channels),
+                                      stats.layer.features_per_channel))
         return greedy_scores(consumers, len(group.units), group.prunable)
 
 

@@ -41,7 +41,7 @@ import onnx
 
 from . import streaming
 from .analysis import Analysis
-from .quantized import with_float_weights
+from .quantized import float_product, with_float_weights
 from .errors import InputError
 from .ir import Graph, Node
 from .shapes import free_batch_copy
@@ -60,6 +60,7 @@ __all__ = [
     "exposing",
     "with_weight_inputs",
     "consumer_layers",
+    "layer_output",
     "cast_exactly",
     "load_calibration",
     "sameness",
@@ -160,6 +161,13 @@ class LayerStatistics:
         return streaming.remapped(cache[key]) if isinstance(cache[key], str) else cache[key]
 
 
+def layer_output(graph: Graph, node: Node) -> str:
+    """The float tensor a consumer layer computes: its output, or an integer product's rescaled
+    one (:func:`~spa_compiler.quantized.float_product`)."""
+    floats = float_product(graph, node) if len(node.inputs) > 1 and node.inputs[1] in graph.integer_weights else None
+    return floats[1] if floats else node.outputs[0]
+
+
 def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
     """The constant bias added to this layer's output, if it is a plain per-output vector: the
     node's own (``view.bias``), or for a layer whose outputs lie along the last axis a constant
@@ -169,11 +177,12 @@ def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
         return view.bias if graph.is_constant(view.bias) and graph.constants[view.bias].size == view.outputs else None
     if view.channel_axis != -1:
         return None  # a [outputs] vector added to channels-first outputs would broadcast along the last axis
-    consumers = graph.consumers.get(node.outputs[0], [])
+    output = layer_output(graph, node)
+    consumers = graph.consumers.get(output, [])
     if len(consumers) != 1:
         return None
     rule = get_rule(consumers[0].domain, consumers[0].op_type, graph.opset)
-    bias = rule.added_bias(consumers[0], node.outputs[0]) if rule else None
+    bias = rule.added_bias(consumers[0], output) if rule else None
     if bias and graph.is_constant(bias) and graph.constants[bias].shape == (view.outputs,):
         return bias
     return None
@@ -182,7 +191,9 @@ def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
 def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
     """Every node reading a group's channels through a constant weight as a plain linear map
     (what its op rule's ``input_weight`` says: a one-group Conv, a Gemm, a MatMul with a 2-D
-    weight, ...), outside control-flow subgraphs (whose tensors onnxruntime cannot return). A
+    weight, ...; an integer product of a dynamic weight reads the float tensor it quantizes:
+    :func:`~spa_compiler.quantized.float_product`), outside control-flow subgraphs (whose
+    tensors onnxruntime cannot return). A
     2-D convolution with at most ``MAX_PATCH_FEATURES`` patch features gets patch statistics,
     any other one channel statistics (one row per kernel position)."""
     graph = analysis.graph
@@ -193,12 +204,13 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
         for node in graph.consumers.get(ref.tensor, []):
             rule = get_rule(node.domain, node.op_type, graph.opset)
             view = rule.input_weight(node, ref.tensor, ref.axis, weight.shape) if rule and not node.scope else None
-            if view is None:
+            floats = float_product(graph, node) if ref.tensor in graph.integer_weights else (node.inputs[0], "")
+            if view is None or floats is None:
                 continue
             positions = int(np.prod(view.kernel))
             patches = len(view.kernel) == 2 and positions * weight.shape[ref.axis] <= MAX_PATCH_FEATURES
             layers[node.name] = ConsumerLayer(
-                node.name, node.op_type, node.inputs[0], ref.tensor, ref.axis,
+                node.name, node.op_type, floats[0], ref.tensor, ref.axis,
                 positions if patches else 1, _bias_of(graph, node, view),
                 1 if patches else positions, patches, view.channel_axis,
             )

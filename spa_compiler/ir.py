@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,12 @@ class Graph:
         op dequantized, any other constant as it is."""
         weight = self.integer_weights.get(name)
         return weight.dequantize(self.constants[name]) if weight is not None else self.constants[name]
+
+    @property
+    def float_constants(self) -> Mapping[str, np.ndarray]:
+        """The constants by name, as :meth:`float_value` reads them (what compensation and the
+        re-fit fit the weights of: a dynamic weight's float value)."""
+        return _FloatConstants(self)
 
     def set_constant(self, name: str, value: np.ndarray) -> None:
         """Give the initializer ``name`` a new value, in ``constants`` and in the model (where a
@@ -377,3 +383,21 @@ def _with_inner_nodes(protos, nodes: list[Node], scope: str = "") -> list[Node]:
                 node.inner_nodes_analysed = True
         flat.append(node)
     return flat
+
+
+class _FloatConstants(Mapping):
+    """A graph's constants as :meth:`Graph.float_value` reads them; nothing is copied ahead."""
+
+    def __init__(self, graph: Graph) -> None:
+        self._graph = graph
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._graph.constants:
+            raise KeyError(name)
+        return self._graph.float_value(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._graph.constants)
+
+    def __len__(self) -> int:
+        return len(self._graph.constants)

@@ -42,18 +42,21 @@ from . import streaming
 from .errors import VerificationError
 
 if TYPE_CHECKING:
-    from .ir import Graph
+    from .ir import Graph, Node
 
 __all__ = [
     "QuantizedWeight",
     "FOLD_EXCLUDED",
     "unsupported_quantization",
+    "as_stored",
     "dequantized_weights",
+    "float_product",
     "integer_weights",
     "requantize",
     "saturation",
     "stored_range",
     "with_float_weights",
+    "without_float_view",
     "zero_slabs",
 ]
 
@@ -172,17 +175,24 @@ def dequantized_weights(
     return found
 
 
-def _scale_of_integer_product(graph: "Graph", output: str) -> np.ndarray | None:
-    """The weight's scale in the rescaling ``quantize_dynamic`` writes after an integer product:
-    ``Cast(product) * S`` with ``S`` the weight's scale, or ``scale_x * scale_w``."""
+def _rescaling(graph: "Graph", output: str) -> "Node | None":
+    """The ``Mul`` of the rescaling ``quantize_dynamic`` writes after an integer product:
+    ``Cast(product) * S``, the Cast and the Mul the only readers of what they read."""
     readers = graph.consumers.get(output, [])
     if len(readers) != 1 or readers[0].op_type != "Cast":
         return None
-    cast_output = readers[0].outputs[0]
-    readers = graph.consumers.get(cast_output, [])
-    if len(readers) != 1 or readers[0].op_type != "Mul":
+    readers = graph.consumers.get(readers[0].outputs[0], [])
+    return readers[0] if len(readers) == 1 and readers[0].op_type == "Mul" else None
+
+
+def _scale_of_integer_product(graph: "Graph", output: str) -> np.ndarray | None:
+    """The weight's scale in the rescaling after an integer product (:func:`_rescaling`):
+    ``S`` is the weight's scale, or ``scale_x * scale_w``."""
+    rescale = _rescaling(graph, output)
+    if rescale is None:
         return None
-    for name in (n for n in readers[0].inputs if n != cast_output):
+    cast_output = graph.producer[rescale.inputs[0]].outputs[0] if rescale.inputs[0] in graph.producer else ""
+    for name in (n for n in rescale.inputs if n != cast_output):
         if graph.is_constant(name):
             return graph.constants[name]
         producer = graph.producer.get(name)
@@ -191,6 +201,23 @@ def _scale_of_integer_product(graph: "Graph", output: str) -> np.ndarray | None:
             if len(constant) == 1:
                 return constant[0]
     return None
+
+
+def float_product(graph: "Graph", node: "Node") -> tuple[str, str] | None:
+    """``(x, y)``: the float tensors an integer product of a dynamic weight computes
+    ``y ≈ x · w`` between, when it reads ``DynamicQuantizeLinear(x)`` (values and zero point) and
+    its product is rescaled (``y = Cast(product) * scale_x * scale_w``) with the weight's scale
+    known; else None. ``y - x · w`` is only the rounding of ``x`` to its dynamic grid, so the
+    statistics and the re-fit read ``x`` and write ``w``'s float value, quantized again."""
+    weight = graph.integer_weights.get(node.inputs[1])
+    quantizer = graph.producer.get(node.inputs[0])
+    if weight is None or weight.scale is None or quantizer is None or quantizer.op_type != "DynamicQuantizeLinear":
+        return None
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else ""
+    if quantizer.outputs[0] != node.inputs[0] or zero_point not in ("", *quantizer.outputs[2:3]):
+        return None
+    rescale = _rescaling(graph, node.outputs[0])
+    return (quantizer.inputs[0], rescale.outputs[0]) if rescale is not None else None
 
 
 def integer_weights(graph: "Graph") -> dict[str, QuantizedWeight]:
@@ -218,20 +245,37 @@ def integer_weights(graph: "Graph") -> dict[str, QuantizedWeight]:
     return found
 
 
+def without_float_view(graph: "Graph") -> list[str]:
+    """The dynamic weights some integer product of which has no float view
+    (:func:`float_product`): compensation and the re-fit leave them as they are."""
+    return [name for name, _ in graph.integer_weights.items()
+            if any(float_product(graph, node) is None for node in graph.consumers.get(name, []))]
+
+
 def requantize(graph: "Graph", values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``values`` (new float values of constants, e.g. re-fitted weights) with every QDQ weight's
-    value replaced by its quantized storage, at the original scale and zero point (lossy)."""
+    """``values`` (new values of constants, e.g. re-fitted weights) as the model stores them:
+    every QDQ weight's float value replaced by its quantized storage, and a dynamic weight's
+    float value quantized, both at the original scale and zero point (lossy)."""
     result = {}
     for name, value in values.items():
         weight = graph.quantized.get(name)
         if weight is None:
-            stored = graph.constants.get(name)
-            if stored is not None and np.issubdtype(stored.dtype, np.integer) and not np.issubdtype(value.dtype, np.integer):
-                raise VerificationError(f"internal error: float values for integer constant '{name}'; nothing was written")
-            result[name] = value
-            continue
-        result[weight.storage] = weight.quantize(value, graph.constants[weight.storage])
+            result[name] = as_stored(graph, name, value)
+        else:
+            result[weight.storage] = weight.quantize(value, graph.constants[weight.storage])
     return result
+
+
+def as_stored(graph: "Graph", name: str, value: np.ndarray) -> np.ndarray:
+    """A new ``value`` of constant ``name`` as the model stores it: float values of a dynamic
+    weight quantized at its original scale and zero point (lossy), anything else as it is."""
+    stored = graph.constants.get(name)
+    if stored is None or not np.issubdtype(stored.dtype, np.integer) or np.issubdtype(value.dtype, np.integer):
+        return value
+    weight = graph.integer_weights.get(name)
+    if weight is None or weight.scale is None:
+        raise VerificationError(f"internal error: float values for integer constant '{name}'; nothing was written")
+    return weight.quantize(value, stored)
 
 
 def stored_range(stored: np.ndarray) -> tuple[int, int]:
@@ -244,11 +288,12 @@ def stored_range(stored: np.ndarray) -> tuple[int, int]:
 
 
 def saturation(graph: "Graph", values: dict[str, np.ndarray]) -> tuple[int, int]:
-    """How many of ``values`` (new float values of constants) are QDQ weights, and how many more
+    """How many of ``values`` (new float values of constants) are quantized weights, and how many more
     of their stored values sit at the ends of the original's range once quantized again (values
     beyond it, clipped: :func:`stored_range`)."""
     count = saturated = 0
-    for name, stored in requantize(graph, {n: v for n, v in values.items() if n in graph.quantized}).items():
+    quantized = {n: v for n, v in values.items() if n in graph.quantized or n in graph.integer_weights}
+    for name, stored in requantize(graph, quantized).items():
         original = graph.constants[name]
         low, high = stored_range(original)
         count += 1

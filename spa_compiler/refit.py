@@ -73,6 +73,7 @@ from .calibrate import ConsumerLayer
 from .cost import node_macs
 from .paired import PairedRunner, PairedStatistics
 from .pipeline import Pass
+from .quantized import as_stored
 from .residual_target import extended_target, residual_stream
 from .rewrite import rewrite_model, slice_constant
 from .secondorder import augmented, feature_columns
@@ -412,7 +413,8 @@ class Refit(Pass):
             for step, (stage, samples) in enumerate(zip(sequence, counts)):
                 state.note(f"re-fitting layers, stage {step + 1}/{len(sequence)} (sweep {sweep + 1}/{self.rounds})")
                 weights = {
-                    name: slice_constant(analysis, state.removed_by_axis, name, state.compensated.get(name, graph.constants[name]))
+                    name: slice_constant(analysis, state.removed_by_axis, name,
+                                         as_stored(graph, name, state.compensated.get(name, graph.constants[name])))
                     for name in refitted
                 }
                 data = {name: array[:samples] for name, array in state.calibration_data.items()}
@@ -427,7 +429,7 @@ class Refit(Pass):
     def _apply(state: PruneState, layer: ConsumerLayer, paired: PairedStatistics, trust: float) -> str:
         """Re-fit one layer (``trust``: see :func:`refit_layer`); returns the kind of re-fit chosen
         (a ridge is "weights")."""
-        constants = state.graph.constants
+        constants = state.graph.float_constants
         axis = state.analysis.axis_id(layer.weight, layer.axis)
         removed = state.removed_by_axis.get(axis, np.zeros(0, dtype=np.int64))
         current = augmented(layer, ChainMap(state.compensated, constants))  # no lookup of every constant

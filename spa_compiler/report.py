@@ -18,7 +18,7 @@ from .cost import CostModel
 from .interface import interface_changes
 from .known_text import SHIPPED
 from .model_files import file_bytes
-from .quantized import saturation
+from .quantized import saturation, without_float_view
 from .shapes import input_shape_option
 from .subgraphs import control_flow_notes
 from .verify import POOR_COSINE, Fidelity, custom_ops
@@ -84,7 +84,8 @@ class PruneReport:
     landing_distortion: float | None = None  # past the target's tolerance: the landing plan measured this many times more
     compensated: int = 0
     requantized: tuple[int, int] = (0, 0)  # re-fitted QDQ weights quantized again, values saturated
-    integer_weights: int = 0  # weights read by MatMulInteger/ConvInteger (dynamic quantization): never compensated
+    integer_weights: int = 0  # weights read by MatMulInteger/ConvInteger (dynamic quantization) that have no
+    # float view (no DynamicQuantizeLinear input, or no known scale): never compensated
     timings: dict[str, float] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)  # peak resident memory when each pass ended
     latency_before_ms: float | None = None
@@ -221,7 +222,7 @@ def build_report(state: PruneState) -> PruneReport:
         rotation_dropped=state.rotation.dropped if state.rotation is not None else 0,
         rotation_error=state.rotation.error if state.rotation is not None else 0.0,
         requantized=saturation(state.graph, state.compensated),
-        integer_weights=len(state.graph.integer_weights),
+        integer_weights=len(without_float_view(state.graph)),
         timings=state.timings,
         peak_mb=state.peak_mb,
         latency_before_ms=state.latency_before_ms,
@@ -382,13 +383,14 @@ def fidelity_warning(report: PruneReport) -> str | None:
 
 QUANTIZE_AFTER = "prune the float model and quantize the pruned one (e.g. onnxruntime's quantize_dynamic)"
 INTEGER_NOTE = (
-    "quantized: {count} weights are read by integer products (MatMulInteger/ConvInteger, dynamic quantization): "
-    "ranked by their dequantized values, but neither compensated nor re-fitted; "
-    f"for the float pipeline's accuracy, {QUANTIZE_AFTER}"
+    "quantized: {count} weights are read by integer products (MatMulInteger/ConvInteger, dynamic quantization) "
+    "whose float inputs or scales were not found: ranked by their dequantized values, but neither compensated "
+    f"nor re-fitted; for the float pipeline's accuracy, {QUANTIZE_AFTER}"
 )
-"""The dynamic-quantization note. all-MiniLM-L6-v2 quantized by ``quantize_dynamic`` and pruned
-to ``--flops 0.5`` data-free keeps a sentence-embedding cosine of 0.747 to the quantized
-original; the float model pruned, then quantized, keeps 0.869 (``python -m models.quantize``)."""
+"""The note on dynamic weights the default pipeline cannot fit: those of an integer product
+that does not read ``DynamicQuantizeLinear`` or is not rescaled by a known scale
+(:func:`~spa_compiler.quantized.float_product`); the others are compensated and re-fitted in
+floats and quantized again."""
 
 
 def integer_note(report: PruneReport) -> str | None:

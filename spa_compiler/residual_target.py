@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibrate import ConsumerLayer
+from .calibrate import ConsumerLayer, layer_output
 from .ir import Graph
 
 __all__ = ["residual_stream", "residual_rows", "extended_target", "SUMS"]
@@ -44,7 +44,7 @@ def residual_stream(graph: Graph, layer: ConsumerLayer) -> str | None:
     node = graph.node_by_name[layer.node]
     if layer.channel_axis != -1 or layer.rows_per_output != 1:
         return None
-    output = node.outputs[0]
+    output = layer_output(graph, node)
     readers = graph.consumers.get(output, [])
     if len(readers) == 1 and readers[0].op_type == "Add" and layer.bias in readers[0].inputs:  # the bias first
         output = readers[0].outputs[0]

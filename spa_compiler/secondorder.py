@@ -80,7 +80,8 @@ def augmented(layer: ConsumerLayer, constants: Mapping[str, np.ndarray]) -> np.n
     return np.hstack([matrix, bias[:, None]])
 
 
-def compensate_layer(stats: LayerStatistics, constants: dict[str, np.ndarray], channels: np.ndarray) -> dict[str, np.ndarray]:
+def compensate_layer(stats: LayerStatistics, constants: Mapping[str, np.ndarray],
+                     channels: np.ndarray) -> dict[str, np.ndarray]:
     """New values of the layer's weight (and bias) once its input ``channels`` are removed,
     at the original shapes (the removed columns become zero)."""
     layer = stats.layer

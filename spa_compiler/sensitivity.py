@@ -65,7 +65,7 @@ from .cost import node_macs
 from .criteria import ScoreContext, get_criterion
 from .ir import Graph
 from .pipeline import Pass
-from .quantized import zero_slabs
+from .quantized import as_stored, zero_slabs
 from .rewrite import removed_indices
 from .secondorder import compensate_layer
 from .state import PruneState
@@ -362,18 +362,19 @@ class MeasureSensitivity(Pass):
         """Consumer weights (and biases) that emulate removing ``units`` of ``group`` (for a
         rotated query/key group, which has none, its projections' zeroed columns); without
         ``compensate``, the layers with statistics keep their weights (for their names)."""
-        constants = state.graph.constants
+        graph = state.graph
+        constants = graph.constants
         zeroable = set(state.rotation.zeroable.get(group.id, [])) if state.rotation is not None else set()
         weights: dict[str, np.ndarray] = {}
         for axis, channels in removed_indices(state.analysis, {group.id: units}).items():
             stats = layers.get(axis)
             if stats is not None:
                 layer = stats.layer
-                weights.update(compensate_layer(stats, constants, channels) if compensate else
+                weights.update(compensate_layer(stats, graph.float_constants, channels) if compensate else
                                {name: constants[name] for name in (layer.weight, layer.bias) if name})
             elif axis in zeroable or axis in set(state.analysis.tags.get("consumer", [])):
                 ref = state.analysis.axes[axis]
                 value = weights.get(ref.tensor, constants[ref.tensor]).copy()
-                zero_slabs(state.graph, ref.tensor, value, ref.axis, channels)
+                zero_slabs(graph, ref.tensor, value, ref.axis, channels)
                 weights[ref.tensor] = value
-        return {name: value.astype(constants[name].dtype) for name, value in weights.items()}
+        return {name: as_stored(graph, name, value).astype(constants[name].dtype) for name, value in weights.items()}

@@ -17,9 +17,11 @@ MatMul; a per-column ``b_zero`` (``[N]``) is sliced with B's columns, a per-row 
 (``[M]``) with A's rows. ``ConvInteger(x, w, x_zero, w_zero)``: ``Y = conv(x - x_zero, w - w_zero)``,
 coupled as Conv; a per-output-channel ``w_zero`` (``[O]``) is sliced with the filters; ``x_zero``
 is a scalar. Their float scales multiply the product afterwards (``Cast -> Mul``), through
-ordinary element-wise rules. They give no float weight view (``input_weight``): second-order
-statistics, compensation and re-fit leave them alone, and criteria rank their weights by
-``(q - zero) * scale`` (:mod:`spa_compiler.quantized`).
+ordinary element-wise rules. Their weight views (``input_weight``) are MatMul's and Conv's
+(without a bias input): where the integer product reads ``DynamicQuantizeLinear(x)`` and the
+weight's scale is known, statistics read the float ``x`` and compensation and the re-fit fit the
+weight's float value, quantized again (:func:`spa_compiler.quantized.float_product`); criteria
+rank the weights by ``(q - zero) * scale``.
 """
 
 from __future__ import annotations
@@ -96,10 +98,6 @@ class MatMulInteger(MatMul):
                 raise Unsupported("a per-column b_zero_point on a batched B is not understood")
             _couple_parameter(c, input_at(node, 3), b, rb - 1, "b_zero_point")
 
-    def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
-        return None  # integer product: no float statistics, compensation or re-fit
-
-
 @register_op("ConvInteger", opsets=(10, 23))
 class ConvInteger(Conv):
     """Conv on ``x - x_zero`` and ``w - w_zero`` (no bias input); per-filter zero point sliced."""
@@ -115,4 +113,5 @@ class ConvInteger(Conv):
         _couple_parameter(c, input_at(node, 3), node.inputs[1], 0, "w_zero_point")
 
     def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
-        return None  # integer product: no float statistics, compensation or re-fit
+        view = super().input_weight(node, weight, axis, shape)
+        return None if view is None else WeightView(view.outputs, view.channel_axis, view.kernel)  # input 2: x_zero
