@@ -191,7 +191,7 @@ def _scale_of_integer_product(graph: "Graph", output: str) -> np.ndarray | None:
     rescale = _rescaling(graph, output)
     if rescale is None:
         return None
-    cast_output = graph.producer[rescale.inputs[0]].outputs[0] if rescale.inputs[0] in graph.producer else ""
+    cast_output = graph.consumers[output][0].outputs[0]
     for name in (n for n in rescale.inputs if n != cast_output):
         if graph.is_constant(name):
             return graph.constants[name]

@@ -480,6 +480,21 @@ def test_float_values_for_a_dynamic_weight_are_quantized_on_its_grid(tmp_path):
         requantize(graph, {"W2": np.zeros((12, 4), np.float32)})
 
 
+def test_the_scale_is_found_on_either_side_of_the_rescaling(tmp_path):
+    """``Cast(product) * scale`` or ``scale * Cast(product)``: the weight's scale and its float
+    view are found either way."""
+    from spa_compiler.quantized import float_product
+
+    model = _dynamic_matmul_model()
+    for node in model.graph.node:
+        if node.output[0] == "y":
+            node.input[0], node.input[1] = node.input[1], node.input[0]
+    onnx.save(model, str(tmp_path / "q.onnx"))
+    graph = load_model(tmp_path / "q.onnx")
+    assert graph.integer_weights["W2"].scale == np.float32(0.01)
+    assert float_product(graph, graph.consumers["W2"][0]) == ("r1", "y")
+
+
 def test_latency_profile_charges_fused_qlinearconv_kernels_to_their_conv(tmp_path):
     """onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into a QLinearConv named
     ``<conv>_token_<n>``; its kernel time belongs to the Conv (so --latency can prune it)."""
