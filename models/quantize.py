@@ -121,12 +121,12 @@ _PIPELINES = {
 }
 
 
-def _zoo_case(arch: str, folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, Callable, dict]:
+def _zoo_case(arch: str, folder: pathlib.Path, quantizer: Callable) -> tuple[pathlib.Path, pathlib.Path, Callable, dict]:
     from .export import export_architecture
 
     source = export_architecture(arch, folder / f"{arch}.onnx")
     feeds = {"input": np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)}
-    return source, static_qdq(source, folder / f"{arch}_qdq.onnx"), run_outputs(feeds), {"quantizer": static_qdq}
+    return source, quantizer(source, folder / f"{arch}_quantized.onnx"), run_outputs(feeds), {"quantizer": quantizer}
 
 
 def _minilm_case(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, Callable, dict]:
@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     and the default pipeline (data-free), beside its float original pruned the same way."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--pipelines", default="fast,default")
-    parser.add_argument("--models", default="mobilenet_v2_tiny,resnet_tiny_basic,minilm")
+    parser.add_argument("--models", default="mobilenet_v2_tiny,resnet_tiny_basic,resnet_tiny_basic:dynamic,minilm",
+                        help="zoo architectures (quantized static QDQ, or dynamically with ':dynamic') and minilm "
+                             "(dynamically); default: %(default)s")
     parser.add_argument("--digits", action="store_true", help="print the trained digits ResNet's accuracies instead")
     args = parser.parse_args(argv)
     if args.digits:
@@ -186,11 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         for name in args.models.split(","):
-            source, quantized, outputs, extra = _minilm_case(folder) if name == "minilm" else _zoo_case(name, folder)
+            arch, dynamic = name.removesuffix(":dynamic"), name == "minilm" or name.endswith(":dynamic")
+            source, quantized, outputs, extra = _minilm_case(folder) if name == "minilm" else \
+                _zoo_case(arch, folder, dynamic_int8 if dynamic else static_qdq)
             for pipeline in args.pipelines.split(","):
                 f = compare(source, quantized, folder, outputs, flops=0.5, **_PIPELINES[pipeline], **extra)
-                kind = "dynamic int8" if name == "minilm" else "QDQ int8 per channel"
-                print(f"| {name} | {kind} | {pipeline} | {f['quantized_flops_ratio']:.3f} | {f['cosine_pruned']:.4f}"
+                kind = "dynamic int8" if dynamic else "QDQ int8 per channel"
+                print(f"| {arch} | {kind} | {pipeline} | {f['quantized_flops_ratio']:.3f} | {f['cosine_pruned']:.4f}"
                       f" | {f['cosine_unpruned']:.4f} | {f['quantized_kept']:.4f} | {f['float_kept']:.4f}"
                       f" | {f['quantized_after_kept']:.4f} | {f['int8_initializers']} | {f['quantized_seconds']:.1f} / {f['float_seconds']:.1f} |",
                       flush=True)
