@@ -248,7 +248,7 @@ def integer_weights(graph: "Graph") -> dict[str, QuantizedWeight]:
 def without_float_view(graph: "Graph") -> list[str]:
     """The dynamic weights some integer product of which has no float view
     (:func:`float_product`): compensation and the re-fit leave them as they are."""
-    return [name for name, _ in graph.integer_weights.items()
+    return [name for name in graph.integer_weights
             if any(float_product(graph, node) is None for node in graph.consumers.get(name, []))]
 
 

@@ -98,6 +98,7 @@ class MatMulInteger(MatMul):
                 raise Unsupported("a per-column b_zero_point on a batched B is not understood")
             _couple_parameter(c, input_at(node, 3), b, rb - 1, "b_zero_point")
 
+
 @register_op("ConvInteger", opsets=(10, 23))
 class ConvInteger(Conv):
     """Conv on ``x - x_zero`` and ``w - w_zero`` (no bias input); per-filter zero point sliced."""
@@ -113,5 +114,5 @@ class ConvInteger(Conv):
         _couple_parameter(c, input_at(node, 3), node.inputs[1], 0, "w_zero_point")
 
     def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
-        view = super().input_weight(node, weight, axis, shape)
-        return None if view is None else WeightView(view.outputs, view.channel_axis, view.kernel)  # input 2: x_zero
+        view = super().input_weight(node, weight, axis, shape)  # Conv's, whose input 2 is a bias
+        return None if view is None else WeightView(view.outputs, view.channel_axis, view.kernel)  # here x_zero
