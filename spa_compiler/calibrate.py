@@ -161,15 +161,22 @@ class LayerStatistics:
         return streaming.remapped(cache[key]) if isinstance(cache[key], str) else cache[key]
 
 
+def layer_tensors(graph: Graph, node: Node) -> tuple[str, str] | None:
+    """``(input, output)``: the float tensors a weighted node reads and computes, its first input
+    and its output; for an integer product of a dynamic weight, those of its float view
+    (:func:`~spa_compiler.quantized.float_product`), None when it has none."""
+    if len(node.inputs) > 1 and node.inputs[1] in graph.integer_weights:
+        return float_product(graph, node)
+    return node.inputs[0], node.outputs[0]
+
+
 def layer_output(graph: Graph, node: Node) -> str:
-    """The float tensor a consumer layer computes: its output, or an integer product's rescaled
-    one (:func:`~spa_compiler.quantized.float_product`)."""
-    floats = float_product(graph, node) if len(node.inputs) > 1 and node.inputs[1] in graph.integer_weights else None
-    return floats[1] if floats else node.outputs[0]
+    """The float tensor a consumer layer computes (one with float tensors: :func:`layer_tensors`)."""
+    return layer_tensors(graph, node)[1]
 
 
-def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
-    """The constant bias added to this layer's output, if it is a plain per-output vector: the
+def _bias_of(graph: Graph, node: Node, view: WeightView, output: str) -> str | None:
+    """The constant bias added to this layer's float ``output``, if it is a plain per-output vector: the
     node's own (``view.bias``), or for a layer whose outputs lie along the last axis a constant
     that the node alone reading its output adds to it first (an Add's other operand, a fused
     op's bias input: what its rule's ``added_bias`` says)."""
@@ -177,7 +184,6 @@ def _bias_of(graph: Graph, node: Node, view: WeightView) -> str | None:
         return view.bias if graph.is_constant(view.bias) and graph.constants[view.bias].size == view.outputs else None
     if view.channel_axis != -1:
         return None  # a [outputs] vector added to channels-first outputs would broadcast along the last axis
-    output = layer_output(graph, node)
     consumers = graph.consumers.get(output, [])
     if len(consumers) != 1:
         return None
@@ -204,14 +210,14 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
         for node in graph.consumers.get(ref.tensor, []):
             rule = get_rule(node.domain, node.op_type, graph.opset)
             view = rule.input_weight(node, ref.tensor, ref.axis, weight.shape) if rule and not node.scope else None
-            floats = float_product(graph, node) if ref.tensor in graph.integer_weights else (node.inputs[0], "")
+            floats = layer_tensors(graph, node)
             if view is None or floats is None:
                 continue
             positions = int(np.prod(view.kernel))
             patches = len(view.kernel) == 2 and positions * weight.shape[ref.axis] <= MAX_PATCH_FEATURES
             layers[node.name] = ConsumerLayer(
                 node.name, node.op_type, floats[0], ref.tensor, ref.axis,
-                positions if patches else 1, _bias_of(graph, node, view),
+                positions if patches else 1, _bias_of(graph, node, view, floats[1]),
                 1 if patches else positions, patches, view.channel_axis,
             )
     return list(layers.values())
