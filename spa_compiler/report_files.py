@@ -1,8 +1,8 @@
 """Reports as files a pipeline can attach to a model card: ``report.md`` and pictures.
 
 A single run (``--report DIR``) writes ``report.md`` (costs before and after, fidelity, the width
-of every group before and after, what blocked what) and ``widths.png`` (a bar chart of those
-widths). A sweep writes ``sweep.json`` (every figure of every point), ``report.md`` (a table per
+of every group before and after, what blocked what) and ``widths.png`` (per group, the share
+of its channels kept). A sweep writes ``sweep.json`` (every figure of every point), ``report.md`` (a table per
 criterion, the chosen points, what blocked what) and ``pareto.png`` (quality against measured
 latency and against FLOPs, per criterion a line through its Pareto front, the unpruned model marked).
 
@@ -32,7 +32,7 @@ from .report import (
 if TYPE_CHECKING:
     from .sweep import PointResult, SweepResult
 
-__all__ = ["quality", "quality_label", "chosen_point", "pareto_points", "write_run_report", "write_sweep_report"]
+__all__ = ["quality", "quality_label", "chosen_point", "pareto_points", "width_bars", "write_run_report", "write_sweep_report"]
 
 log = logging.getLogger(__name__)
 
@@ -215,20 +215,35 @@ def _pyplot():
     return plt
 
 
+def width_bars(report: PruneReport) -> list[tuple[str, float, str, bool]]:
+    """Per group, what its bar in ``widths.png`` shows: its name, the share of its channels
+    (units) kept ``after / before``, that count as text, and whether all of them are blocked."""
+    return [(short_name(g.name, 48), g.channels_after / g.channels_before, f"{g.channels_after}/{g.channels_before}",
+             g.blocked >= g.channels_before) for g in report.groups if g.channels_before]
+
+
 def plot_widths(report: PruneReport, path: Path) -> None:
-    """Horizontal bars per group: width before (light) and after (dark)."""
+    """Horizontal bars per group: the share of its channels kept (dark; grey when every channel
+    is blocked), on a light bar of the whole group, each labelled ``after/before``. Shares, not
+    counts: one wide group (a classifier over thousands of classes) would flatten the others."""
     plt = _pyplot()
-    groups = report.groups
-    names = [short_name(g.name, 48) for g in groups]
-    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.22 * len(groups)))
-    positions = range(len(groups))
-    axes.barh(positions, [g.channels_before for g in groups], color="#c8d3e0", label="before")
-    axes.barh(positions, [g.channels_after for g in groups], color="#2b5d8c", label="after")
-    axes.set_yticks(list(positions), names, fontsize=7)
+    bars = width_bars(report)
+    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.22 * len(bars)))
+    positions = range(len(bars))
+    axes.barh(positions, [1.0] * len(bars), color="#c8d3e0", label="removed")
+    for blocked, color, label in ((False, "#2b5d8c", "kept"), (True, "#9a9a9a", "blocked (kept whole)")):
+        rows = [(position, share) for position, (_, share, _, whole) in zip(positions, bars) if whole == blocked]
+        if rows:
+            axes.barh(*zip(*rows), color=color, label=label)
+    for position, (_, _, count, _) in zip(positions, bars):
+        axes.text(1.01, position, count, va="center", fontsize=7)
+    axes.set_yticks(list(positions), [name for name, *_ in bars], fontsize=7)
+    axes.set_xlim(0, 1.2)
+    axes.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     axes.invert_yaxis()
-    axes.set_xlabel("channels (units) per group")
-    axes.set_title(f"{Path(report.input).name}: --{report.target_kind} {report.target_value:g} ({report.criterion})")
-    axes.legend(loc="best")
+    axes.set_xlabel("share of the group's channels (units) kept; right: kept/before")
+    axes.set_title(f"{Path(report.input).name}: --{report.target_kind} {report.target_value:g} ({report.criterion})", pad=18)
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=7, frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -21,7 +21,7 @@ from spa_compiler.calibrate import add_statistics, collect_statistics, consumer_
 from spa_compiler.cli import written_after
 from spa_compiler.distributed import statistics_shards
 from spa_compiler.errors import OutputError
-from spa_compiler.report_files import chosen_point, pareto_points, write_run_report, write_sweep_report
+from spa_compiler.report_files import chosen_point, pareto_points, width_bars, write_run_report, write_sweep_report
 from spa_compiler.sweep import SweepPoint, run_sweep, sweep_points
 from spa_compiler.synthetic import synthetic_calibration
 from tests.test_cli import EXAMPLE, assert_one_line_error, run_cli
@@ -148,6 +148,11 @@ def test_run_report_widths(swept, tmp_path):
     for group in report.groups:
         assert f"| {group.name} | {group.kind} | {group.channels_before} | {group.channels_after} |" in markdown
     assert (tmp_path / "widths.png").read_bytes()[:4] == b"\x89PNG"
+    bars = width_bars(report)  # what the picture draws: shares kept, so one wide group flattens none
+    assert [label for _, _, label, _ in bars] == [f"{g.channels_after}/{g.channels_before}" for g in report.groups]
+    assert [share for _, share, _, _ in bars] == pytest.approx([g.channels_after / g.channels_before for g in report.groups])
+    assert min(share for _, share, _, _ in bars) <= 0.75
+    assert [blocked for *_, blocked in bars] == [g.blocked == g.channels_before for g in report.groups]
 
 
 def _statistics_inputs():
