@@ -72,6 +72,7 @@ class Fidelity:
 
 
 POOR_COSINE = 0.9  # fidelity the report warns of (report.fidelity_warning)
+STANDARD_NORMAL = "standard-normal inputs"
 SILENT = 1e-3  # a sample's outputs below this share of the largest sample's are all but zero
 OPTIMISER_CHANGE = 1e-3  # relative change between onnxruntime's optimised and unoptimised runs beyond rounding
 
@@ -359,7 +360,9 @@ def _unoptimised_if_changed(measured: Fidelity, before: list[np.ndarray], after:
 
 def verification_inputs(graph: Graph, seed: int) -> tuple[dict[str, np.ndarray], str]:
     """The seeded inputs of the bound shapes that verification runs both models on, and what
-    they are, for the report: standard-normal floats (:func:`~spa_compiler.shapes.synthetic_inputs`);
+    they are, for the report: standard-normal floats (:func:`~spa_compiler.shapes.synthetic_inputs`;
+    said as such when every input is one, so that the report does not confuse them with the
+    held-out synthetic samples of data-free calibration);
     integers, and floats an embedding table reads, as data-free calibration makes them
     (:func:`~spa_compiler.synthetic_tokens.non_image_input`):
     token ids drawn from the vocabulary's prior where an embedding table reads them, ones for a
@@ -376,6 +379,8 @@ def verification_inputs(graph: Graph, seed: int) -> tuple[dict[str, np.ndarray],
             notes.append(note)
     if any("token ids" in note for note in notes):
         return feeds, "synthetic inputs (token ids from the vocabulary's prior)"
+    if not notes:
+        return feeds, STANDARD_NORMAL
     said = [BYTES] if BYTES in notes else []
     if "zeros" in notes:
         said.append(f"{'integer inputs' if set(notes) == {'zeros'} else 'some integer inputs'} all zero")

@@ -405,7 +405,7 @@ def test_verification_feeds_token_ids_from_the_prior(tmp_path):
     assert all(np.array_equal(feeds[k], again[k]) for k in feeds)
     image_graph, _, _ = _image_model(tmp_path, batchnorm=False)
     image_feeds, image_source = verification_inputs(image_graph, seed=0)
-    assert image_source == "synthetic inputs" and abs(float(image_feeds["x"].std()) - 1) < 0.2
+    assert image_source == "standard-normal inputs" and abs(float(image_feeds["x"].std()) - 1) < 0.2
 
 
 @pytest.mark.accurate

@@ -103,10 +103,10 @@ def test_the_report_says_over_which_samples_and_when_a_figure_means_nothing():
     from spa_compiler.verify import Fidelity
 
     held = Fidelity(0.5, 0.17, 0.9855, None, samples=16, source="16 held-out synthetic samples", counted=8, scale=256.0)
-    noise = Fidelity(7e-4, 1.0, 0.0256, None, samples=1, counted=0, scale=0.0017)
+    noise = Fidelity(7e-4, 1.0, 0.0256, None, samples=1, source="standard-normal inputs", counted=0, scale=0.0017)
     assert describe_fidelity(held) == (
         "outputs vs original on 16 held-out synthetic samples: cosine 0.9855 over 8 of 16 samples (the other 8: "
         "outputs all but zero in both models), relative error 0.17")
     assert describe_fidelity(noise, held) == (
-        "outputs vs original on synthetic inputs not compared: both models' outputs are all but zero there (6.6e-06 of "
+        "outputs vs original on standard-normal inputs not compared: both models' outputs are all but zero there (6.6e-06 of "
         "their size on 16 held-out synthetic samples)")
