@@ -7,7 +7,9 @@ constants, Transposes, pooling, resizing and padding, squeeze-and-excitation gat
 shuffles, attention blocks (Reshape into heads, Transpose, MatMul, Softmax), Flatten into Gemm
 (at times after a permute that puts the channels inside the merge), GroupNorm as PyTorch
 exports it before opset 21 (Reshape, InstanceNormalization, Reshape),
-``torch.chunk`` at Slice bounds computed at run time, and a few ops that must block (Softmax, LRN, reductions over channels). Every opset from 11 to 23
+``torch.chunk`` at Slice bounds computed at run time, and a few ops that must block (Softmax, LRN, reductions over channels);
+slice assignments (``ScatterElements``, ``ScatterND``) in a block set of their own
+(:data:`SCATTER_BLOCKS`, which ``tests/test_fuzz.py`` draws from). Every opset from 11 to 23
 is drawn, and ops whose signature changed across opsets are written the way that opset wants
 (Split sizes, Squeeze/Unsqueeze and Reduce axes as attributes or inputs, Resize's ``roi``, ...).
 Every graph passes ``onnx.checker.check_model(full_check=True)`` before it is used.
@@ -983,6 +985,37 @@ def _squeeze_round_trip(b: _Builder, x: str) -> str:
     return b.squeeze(wide, None if implicit else [axis])
 
 
+def _scatter(b: _Builder, x: str) -> str:
+    """``x[rows] = f(x[rows])`` along the height, the width or the channels, as exports write a
+    slice assignment: ``ScatterElements`` with an index grid of the updates' shape, or
+    ``ScatterND`` on that axis moved to the front; a reduction where the opset has one. Along
+    the channels the indices address the pruned axis: those channels must stay."""
+    shape = b.shapes[x]
+    axis = b.choices.choice([1, 2, 3])
+    rows = b.choices.subset(shape[axis], b.choices.integer(1, shape[axis]))
+    picked_shape = tuple(len(rows) if k == axis else d for k, d in enumerate(shape))
+    picked = b.node("Gather", [x, b.ints(rows)], [picked_shape], axis=axis)[0]
+    updates = b.binary("Mul", picked, b.floats((1,), 1.0, low=0.5))
+    reductions = ["none"] + ["add", "mul"] * (b.opset >= 16) + ["max", "min"] * (b.opset >= 18)
+    reduction = b.choices.choice(reductions)
+    attrs = {"reduction": reduction} if reduction != "none" else {}
+    if b.choices.chance(0.5):
+        b.log.append(f"scatter elements axis {axis} rows {rows} ({reduction})")
+        grid = np.broadcast_to(np.asarray(rows).reshape([-1 if k == axis else 1 for k in range(4)]), picked_shape)
+        return b.op("ScatterElements", [x, b.const(grid.astype(np.int64), "i"), updates], shape, axis=axis, **attrs)
+    b.log.append(f"scatter nd axis {axis} rows {rows} ({reduction})")
+    perm = [axis, *(k for k in range(4) if k != axis)]
+    front = b.op("Transpose", [x], tuple(shape[k] for k in perm), perm=perm)
+    moved = b.op("Transpose", [updates], tuple(picked_shape[k] for k in perm), perm=perm)
+    indices = b.const(np.asarray(rows, np.int64).reshape(-1, 1), "i")
+    written = b.op("ScatterND", [front, indices, moved], b.shapes[front], **attrs)
+    return b.op("Transpose", [written], shape, perm=[int(k) for k in np.argsort(perm)])
+
+
+SCATTER_BLOCKS: dict[str, Callable[[_Builder, str], str]] = {"conv": _conv, "residual": _residual, "scatter": _scatter}
+"""Blocks of the scatter property test (``tests/test_fuzz.py``); kept apart from :data:`BLOCKS`
+so that a seed of ``python -m models.fuzz`` keeps drawing the graph it drew."""
+
 BLOCKS: dict[str, Callable[[_Builder, str], str]] = {
     "conv": _conv, "grouped_conv": _grouped_conv, "conv_transpose": _conv_transpose,
     "channels_last_linear": _channels_last_linear, "width_linear": _width_linear,
@@ -1064,9 +1097,11 @@ def _attempt(b: _Builder, block: Callable[[_Builder, str], str], x: str) -> str 
         return None
 
 
-def generate_graph(choices: Choices) -> FuzzGraph:
-    """A random valid model: an input, a stem conv, 1 to 9 blocks and a head (sometimes an
-    intermediate tensor is a second output; sometimes the batch size is a named dimension)."""
+def generate_graph(choices: Choices, blocks: dict[str, Callable[[_Builder, str], str]] | None = None) -> FuzzGraph:
+    """A random valid model: an input, a stem conv, 1 to 9 of ``blocks`` (default :data:`BLOCKS`)
+    and a head (sometimes an intermediate tensor is a second output; sometimes the batch size is
+    a named dimension)."""
+    blocks = BLOCKS if blocks is None else blocks
     opset = choices.integer(*OPSETS)
     b = _Builder(opset, choices, np.random.default_rng(choices.integer(0, 2**32 - 1)))
     n, c, h, w = choices.integer(1, 2), choices.integer(1, 4), choices.integer(3, 10), choices.integer(3, 10)
@@ -1074,10 +1109,10 @@ def generate_graph(choices: Choices) -> FuzzGraph:
     x = b.conv("x", choices.integer(2, 16), 3, pad=1) if choices.chance(0.9) else "x"
     b.log.append(f"input {[n, c, h, w]}" + (f" -> stem conv ->{b.shapes[x][1]}" if x != "x" else ""))
     b.trunks.append(x)
-    names = list(BLOCKS)
+    names = list(blocks)
     wanted = choices.integer(1, 9)
     while len(b.trunks) <= wanted:
-        y = _attempt(b, BLOCKS[choices.choice(names)], x)
+        y = _attempt(b, blocks[choices.choice(names)], x)
         if y is not None:
             x = y
             b.trunks.append(x)
