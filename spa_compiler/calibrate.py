@@ -42,7 +42,7 @@ import onnx
 from . import streaming
 from .analysis import Analysis
 from .quantized import float_product, with_float_weights
-from .errors import InputError
+from .errors import InputError, first_line
 from .ir import Graph, Node
 from .shapes import free_batch_copy
 from .batch_axis import samples_per_run
@@ -268,12 +268,28 @@ def load_calibration(path: str | os.PathLike, graph: Graph, samples: int) -> dic
     return {name: _check_array(name, arrays[name], graph, count)[:samples] for name in graph.inputs}
 
 
+SAMPLE_FILES = ("give an .npz of one array per input name (numpy.savez), one .npy for a model of one input, "
+                "or a folder of NAME.npy files")
+
+
+def _file_arrays(path: Path, inputs: list[str], option: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file by name, or of an ``.npy`` file as the only input's."""
+    data = np.load(path)
+    if isinstance(data, np.ndarray):
+        if len(inputs) != 1:
+            raise InputError(f"{option} {path} is one array and the model has {len(inputs)} inputs "
+                             f"({', '.join(inputs)}); {SAMPLE_FILES}")
+        return {inputs[0]: data}
+    with data:
+        return {name: data[name] for name in data.files}
+
+
 def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--calib",
                 axes: dict[str, int | None] | None = None) -> dict[str, np.ndarray]:
     """Arrays keyed by input name, samples along each input's axis in ``axes`` (the first when
     not given; None: a scalar input, one value for all), from an ``.npz`` file or a directory
     holding ``NAME.npy`` per input (or, for a one-input model, any ``*.npy`` files, concatenated
-    in name order), every one with the same non-zero number of samples and finite. Errors name
+    in name order), or for a one-input model an ``.npy`` file, every one with the same non-zero number of samples and finite. Errors name
     the file as given to ``option``."""
     path = Path(path)
     if not path.exists():
@@ -288,10 +304,10 @@ def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--cal
             else:
                 raise InputError(f"{option} {path}: expected {', '.join(n + '.npy' for n in inputs)}")
         else:
-            with np.load(path) as data:
-                arrays = {name: data[name] for name in data.files}
+            arrays = _file_arrays(path, inputs, option)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{option} {path} cannot be read as numpy data ({exc})") from None
+        reason = "it holds Python objects, not arrays" if "pickle" in str(exc) else first_line(exc)
+        raise InputError(f"{option} {path} cannot be read as numpy data ({reason}); {SAMPLE_FILES}") from None
     missing = [name for name in inputs if name not in arrays]
     if missing:
         raise InputError(f"{option} {path} has no array for input(s) {', '.join(missing)}; keys: {', '.join(arrays)}")

@@ -101,7 +101,8 @@ HEAD_DIMS = typer.Option(
          "attention's heads can be rotated, whole heads otherwise.",
 )
 CALIB = typer.Option(
-    None, help="Calibration data for obs/activation: .npz keyed by input name, or a folder of .npy files. "
+    None, help="Calibration data for obs/activation: .npz keyed by input name, a folder of .npy files, or one .npy "
+    "for a model of one input. "
     "Without it the inputs are synthetic, shaped like what the graph expects; a model of the BERT uncased "
     "vocabulary reads English sentences that ship with spa-prune; a causal language model writes its own text."
 )

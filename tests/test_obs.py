@@ -12,7 +12,7 @@ from rich.console import Console
 
 import spa_compiler.secondorder as obs
 from spa_compiler import InputError, PruneConfig, load_model, prune, prune_graph, synthetic_inputs
-from spa_compiler.calibrate import cast_exactly, load_calibration, sameness
+from spa_compiler.calibrate import cast_exactly, load_calibration, read_arrays, sameness
 from spa_compiler.feature_rows import conv_patches
 from spa_compiler.report import render_report
 from spa_compiler.synthetic import synthetic_calibration
@@ -256,6 +256,17 @@ def test_calibration_files(tmp_path, exported):
     folder.mkdir()
     np.save(folder / "input.npy", data)
     np.testing.assert_array_equal(load_calibration(folder, graph, 100)["input"], data)
+    np.save(tmp_path / "one.npy", data)  # one array: the one input's samples
+    np.testing.assert_array_equal(load_calibration(tmp_path / "one.npy", graph, 100)["input"], data)
+    with pytest.raises(InputError, match=r"one\.npy is one array and the model has 2 inputs \(ids, mask\)"):
+        read_arrays(tmp_path / "one.npy", ["ids", "mask"])
+    np.save(tmp_path / "objects.npy", np.array([{"input": data}], dtype=object))
+    with pytest.raises(InputError, match=r"cannot be read as numpy data \(it holds Python objects, not arrays\); "
+                                         r"give an \.npz of one array per input name"):
+        load_calibration(tmp_path / "objects.npy", graph, 4)
+    (tmp_path / "notes.txt").write_text("not samples")
+    with pytest.raises(InputError, match=r"notes\.txt cannot be read as numpy data \(.*\); give an \.npz"):
+        load_calibration(tmp_path / "notes.txt", graph, 4)
     np.savez(tmp_path / "wrong.npz", other=data)
     with pytest.raises(InputError, match="no array for input"):
         load_calibration(tmp_path / "wrong.npz", graph, 4)
