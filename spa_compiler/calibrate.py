@@ -289,8 +289,8 @@ def read_arrays(path: str | os.PathLike, inputs: list[str], option: str = "--cal
     """Arrays keyed by input name, samples along each input's axis in ``axes`` (the first when
     not given; None: a scalar input, one value for all), from an ``.npz`` file or a directory
     holding ``NAME.npy`` per input (or, for a one-input model, any ``*.npy`` files, concatenated
-    in name order), or for a one-input model an ``.npy`` file, every one with the same non-zero number of samples and finite. Errors name
-    the file as given to ``option``."""
+    in name order), or for a one-input model an ``.npy`` file, every one with the same non-zero
+    number of samples and finite. Errors name the file as given to ``option``."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{option} {path}: no such file or directory")

@@ -50,8 +50,9 @@ def distill(
     teacher: Path = typer.Option(..., "--teacher", help="The .onnx model PRUNED was pruned from."),
     data: Optional[Path] = typer.Option(
         None, "--data", show_default=False,
-        help="Inputs to train on: .npz (arrays named by input), a folder of NAME.npy, or one .npy for a model of one input. Without it, a model of the "
-             "BERT uncased vocabulary trains on the English sentences that ship with spa-prune."),
+        help="Inputs to train on: .npz (arrays named by input), a folder of NAME.npy, or one .npy for a model of "
+             "one input. Without it, a model of the BERT uncased vocabulary trains on the English sentences that "
+             "ship with spa-prune."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path.",
                                           show_default="PRUNED.distilled.onnx"),
     epochs: int = typer.Option(3, min=1, help="Passes over the training samples."),
