@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -237,8 +238,17 @@ def build_report(state: PruneState) -> PruneReport:
     )
 
 
+def _files(report: PruneReport) -> str:
+    """``input -> output`` by file name, or by path when the names are the same (the paths are
+    in the JSON report): a path deep in site-packages would wrap the table's title."""
+    source, output = Path(report.input), Path(report.output)
+    if source.name == output.name:
+        return f"{source} -> {output}"
+    return f"{source.name} -> {output.name}"
+
+
 def render_report(report: PruneReport, console: Console) -> None:
-    table = Table(title=escape(f"spa-prune: {report.input} -> {report.output}"))
+    table = Table(title=escape(f"spa-prune: {_files(report)}"))
     for column in ("", "before", "after", "ratio"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("FLOPs (MACs)", _count(report.macs_before), _count(report.macs_after),

@@ -559,6 +559,22 @@ def test_deterministic_output(tmp_path, example):
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
+def test_the_report_title_names_the_files_without_their_folders(tmp_path, example):
+    """A model deep in site-packages would wrap the table's title over lines; the title names
+    the files (their paths when the names are the same), the JSON report keeps the paths."""
+    deep = tmp_path / "lib" / "python3.11" / "site-packages" / "vendor" / "models"
+    deep.mkdir(parents=True)
+    (deep / "det.onnx").write_bytes(example.read_bytes())
+    result = run_cli(tmp_path, deep / "det.onnx", "--flops", "0.5", "--bench-runs", "0", "-o", "small.onnx",
+                     "--json-report", "r.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "spa-prune: det.onnx -> small.onnx" in result.stdout and "site-packages" not in result.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["input"] == str(deep / "det.onnx")
+    result = run_cli(tmp_path, deep / "det.onnx", "--flops", "0.5", "--bench-runs", "0", "-o", "det.onnx")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"spa-prune:{deep / 'det.onnx'}->det.onnx" in "".join(result.stdout.split())  # wrapped over lines
+
+
 def test_output_file_permissions_follow_umask(tmp_path, example):
     """The pruned model is an ordinary file: readable by whoever could read a file the user
     creates (mode 0o666 & ~umask), not private like a temporary file."""
