@@ -293,12 +293,13 @@ def verify_model(
         session = session_for(pruned, serialized=serialized, layout=False, fallback=False)  # as users will run it
         after = session.run(None, pruned_feeds)
     except Exception as exc:
-        if _optimisable(original.model):
+        level = _running_level(original.model, feeds)
+        if level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED:
             raise VerificationError(_run_failure(pruned, serialized, pruned_feeds, first_line(exc))) from None
         log.warning("onnxruntime's extended graph optimisations cannot run the input model either (%s): the pruned "
                     "model is checked with the optimisations that run it", first_line(exc))
         try:
-            after = session_for(pruned, serialized=serialized, layout=False).run(None, pruned_feeds)
+            after = _session(pruned, _options(level, 0, None), serialized).run(None, pruned_feeds)
         except Exception as again:
             raise VerificationError(f"internal error: onnxruntime cannot run the pruned model ({first_line(again)}); "
                                     "nothing was written") from None
@@ -320,13 +321,19 @@ def verify_model(
     return _unoptimised_if_changed(measured, before, after, plain, source, decisions)
 
 
-def _optimisable(model: onnx.ModelProto) -> bool:
-    """Whether onnxruntime builds a session for ``model`` with its extended graph optimisations."""
-    try:
-        session_for(model, layout=False, fallback=False)
-    except Exception:
-        return False
-    return True
+def _running_level(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> ort.GraphOptimizationLevel:
+    """The highest graph-optimisation level, extended at most, at which onnxruntime both builds a
+    session for ``model`` and runs it on ``feeds`` (none when no other does). Building is not
+    enough: onnxruntime 1.32 builds an extended session for a model whose Resize reads its empty
+    ``roi`` and ``scales`` from graph inputs, then fails to run it (see :func:`_run_failure`)."""
+    extended = _LEVELS.index(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    for level in _LEVELS[extended:-1]:
+        try:
+            _session(model, _options(level, 0, None), None).run(None, feeds, quiet_run())
+        except Exception:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception alone
+            continue
+        return level
+    return _LEVELS[-1]
 
 
 def _run_failure(pruned: onnx.ModelProto, serialized: bytes | None, feeds: dict[str, np.ndarray], error: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -166,6 +167,23 @@ def test_a_graph_only_onnxruntimes_optimiser_cannot_run_is_still_checked(workdir
     assert "resize x2 linear (sizes)" in graph.describe() and graph.model.opset_import[0].version == 11
     assert check_graph(graph, INPUT_RUN_CRASH, workdir) == Outcome("pruned", "2 of 22 channels in 2 groups")
 
+
+INPUT_OPTIMISED_RUN_CRASH = 2413235  # the same Resize at opset 11, its roi and scales empty graph inputs
+
+
+def test_a_pruned_model_whose_optimised_run_fails_as_the_inputs_does_is_checked_at_the_level_that_runs_it(
+        workdir, caplog):
+    """onnxruntime 1.32 builds an extended session for the input model and then fails running it,
+    as it fails the pruned model's: not the pruning's doing, so the pruned model is checked at the
+    level that runs the input (basic) and written. It was refused, advising another target, which
+    failed alike; a pruning whose optimised run fails where the input's runs stays refused (above)."""
+    graph = fuzz_seed(INPUT_OPTIMISED_RUN_CRASH)
+    assert "resize x2 linear (sizes)" in graph.describe() and "weights listed as inputs" in graph.describe()
+    feeds = {"x": np.zeros([d.dim_value for d in graph.model.graph.input[0].type.tensor_type.shape.dim], np.float32)}
+    with pytest.raises(Exception, match="Gather"):
+        session_for(graph.model, layout=False, fallback=False).run(None, feeds)
+    assert check_graph(graph, INPUT_OPTIMISED_RUN_CRASH, workdir) == Outcome("pruned", "1 of 2 channels in 1 groups")
+    assert "cannot run the input model either" in caplog.text
 
 INPUT_OPTIMISER_CRASH = 600000871  # a Transpose into a Resize that sizes its axes 2 and 3 (opset 18)
 
