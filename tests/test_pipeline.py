@@ -185,6 +185,8 @@ def test_wheel_installs_only_spa_compiler(tmp_path):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"spa_compiler"}
     assert "spa_compiler/passes/obs.py" in names and "spa_compiler/cli.py" in names
+    shipped = ("english.txt", "bert_uncased.npz", "glyphs.npz", "LICENSE_DEJAVU.txt")  # data-free text and glyphs
+    assert {f"spa_compiler/text/{name}" for name in shipped} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "spa-prune = spa_compiler.cli:main" in entry_points and "spa_prune.criteria" not in entry_points
 
