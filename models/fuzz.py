@@ -7,9 +7,9 @@ constants, Transposes, pooling, resizing and padding, squeeze-and-excitation gat
 shuffles, attention blocks (Reshape into heads, Transpose, MatMul, Softmax), Flatten into Gemm
 (at times after a permute that puts the channels inside the merge), GroupNorm as PyTorch
 exports it before opset 21 (Reshape, InstanceNormalization, Reshape),
-``torch.chunk`` at Slice bounds computed at run time, and a few ops that must block (Softmax, LRN, reductions over channels);
-slice assignments (``ScatterElements``, ``ScatterND``) in a block set of their own
-(:data:`SCATTER_BLOCKS`, which ``tests/test_fuzz.py`` draws from). Every opset from 11 to 23
+``torch.chunk`` at Slice bounds computed at run time, and a few ops that must block (Softmax, LRN,
+reductions over channels); slice assignments (``ScatterElements``, ``ScatterND``) in a block set
+of their own (:data:`SCATTER_BLOCKS`, which ``tests/test_fuzz.py`` draws from). Every opset from 11 to 23
 is drawn, and ops whose signature changed across opsets are written the way that opset wants
 (Split sizes, Squeeze/Unsqueeze and Reduce axes as attributes or inputs, Resize's ``roi``, ...).
 Every graph passes ``onnx.checker.check_model(full_check=True)`` before it is used.
@@ -1012,7 +1012,9 @@ def _scatter(b: _Builder, x: str) -> str:
     return b.op("Transpose", [written], shape, perm=[int(k) for k in np.argsort(perm)])
 
 
-SCATTER_BLOCKS: dict[str, Callable[[_Builder, str], str]] = {"conv": _conv, "residual": _residual, "scatter": _scatter}
+SCATTER_BLOCKS: dict[str, Callable[[_Builder, str], str]] = {
+    "conv": _conv, "residual": _residual, "scatter": _scatter,
+}
 """Blocks of the scatter property test (``tests/test_fuzz.py``); kept apart from :data:`BLOCKS`
 so that a seed of ``python -m models.fuzz`` keeps drawing the graph it drew."""
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np

@@ -1,10 +1,11 @@
 """Reports as files a pipeline can attach to a model card: ``report.md`` and pictures.
 
 A single run (``--report DIR``) writes ``report.md`` (costs before and after, fidelity, the width
-of every group before and after, what blocked what) and ``widths.png`` (per group, the share
-of its channels kept). A sweep writes ``sweep.json`` (every figure of every point), ``report.md`` (a table per
-criterion, the chosen points, what blocked what) and ``pareto.png`` (quality against measured
-latency and against FLOPs, per criterion a line through its Pareto front, the unpruned model marked).
+of every group before and after, what blocked what) and ``widths.png`` (per group, the share of
+its channels kept). A sweep writes ``sweep.json`` (every figure of every point), ``report.md`` (a
+table per criterion, the chosen points, what blocked what) and ``pareto.png`` (quality against
+measured latency and against FLOPs, per criterion a line through its Pareto front, the unpruned
+model marked).
 
 *Quality* is the user's ``--eval`` score when given, else the cosine between the pruned and the
 original outputs on held-out calibration samples when there are any, else on synthetic inputs.
@@ -32,7 +33,9 @@ from .report import (
 if TYPE_CHECKING:
     from .sweep import PointResult, SweepResult
 
-__all__ = ["quality", "quality_label", "chosen_point", "pareto_points", "width_bars", "write_run_report", "write_sweep_report"]
+__all__ = [
+    "quality", "quality_label", "chosen_point", "pareto_points", "width_bars", "write_run_report", "write_sweep_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +245,8 @@ def plot_widths(report: PruneReport, path: Path) -> None:
     axes.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     axes.invert_yaxis()
     axes.set_xlabel("share of the group's channels (units) kept; right: kept/before")
-    axes.set_title(f"{Path(report.input).name}: --{report.target_kind} {report.target_value:g} ({report.criterion})", pad=18)
+    target = f"--{report.target_kind} {report.target_value:g}"
+    axes.set_title(f"{Path(report.input).name}: {target} ({report.criterion})", pad=18)
     axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=7, frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

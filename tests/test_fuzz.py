@@ -59,7 +59,8 @@ def test_graphs_with_slice_assignments_prune_exactly_or_refuse(workdir):
         graph = generate_graph(RandomChoices(seed), SCATTER_BLOCKS)
         outcome = check_graph(graph, seed, workdir)
         assert outcome.status in ("pruned", "blocked"), f"seed {seed}, {graph.describe()}: {outcome.reason}"
-        outcomes.append((outcome.status, "scatter" in graph.describe(), re.search(r"scatter \w+ axis [23]", graph.describe())))
+        described = graph.describe()
+        outcomes.append((outcome.status, "scatter" in described, re.search(r"scatter \w+ axis [23]", described)))
     assert sum(status == "pruned" and scatter for status, scatter, _ in outcomes) >= 80
     assert sum(status == "pruned" and bool(spatial) for status, _, spatial in outcomes) >= 65
 

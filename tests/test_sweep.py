@@ -150,7 +150,8 @@ def test_run_report_widths(swept, tmp_path):
     assert (tmp_path / "widths.png").read_bytes()[:4] == b"\x89PNG"
     bars = width_bars(report)  # what the picture draws: shares kept, so one wide group flattens none
     assert [label for _, _, label, _ in bars] == [f"{g.channels_after}/{g.channels_before}" for g in report.groups]
-    assert [share for _, share, _, _ in bars] == pytest.approx([g.channels_after / g.channels_before for g in report.groups])
+    shares = [g.channels_after / g.channels_before for g in report.groups]
+    assert [share for _, share, _, _ in bars] == pytest.approx(shares)
     assert min(share for _, share, _, _ in bars) <= 0.75
     assert [blocked for *_, blocked in bars] == [g.blocked == g.channels_before for g in report.groups]
 

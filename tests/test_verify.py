@@ -108,5 +108,5 @@ def test_the_report_says_over_which_samples_and_when_a_figure_means_nothing():
         "outputs vs original on 16 held-out synthetic samples: cosine 0.9855 over 8 of 16 samples (the other 8: "
         "outputs all but zero in both models), relative error 0.17")
     assert describe_fidelity(noise, held) == (
-        "outputs vs original on standard-normal inputs not compared: both models' outputs are all but zero there (6.6e-06 of "
-        "their size on 16 held-out synthetic samples)")
+        "outputs vs original on standard-normal inputs not compared: both models' outputs are all but zero there "
+        "(6.6e-06 of their size on 16 held-out synthetic samples)")
