@@ -1,11 +1,13 @@
 """The sample axis of the runs that feed many samples (statistics, held-out fidelity).
 
-Exporters often fix the batch dimension of every input at 1 (``torch.onnx.export`` without
-dynamic axes). Such a model usually computes each sample on its own all the same, so the copies
-that runs build (:func:`~spa_compiler.shapes.free_batch`) declare a first dimension of 1 as
-symbolic, and :func:`fixed_batch` probes once per graph whether a batch of two then gives,
-sample for sample, what two runs of one give. Only when it does not (a Reshape to a constant
-batch of 1, samples mixed) do the statistics runs feed one sample at a time. The re-fit's, the
+Exporters often fix the batch dimension of every input, at 1 or at the example's batch
+(``torch.onnx.export`` without dynamic axes). Such a model usually computes each sample on its
+own all the same, so the copies that runs build (:func:`~spa_compiler.shapes.free_batch`)
+declare that dimension as symbolic, and :func:`fixed_batch` probes once per graph whether a
+batch of two then gives, sample for sample, what two runs of one give. Only when it does not (a
+Reshape to a constant batch, samples mixed) does every run hold exactly the declared batch
+(:func:`exact_batch`), the last run of a count it does not divide topped up with copies of its last
+sample, which no result keeps (:func:`~spa_compiler.sample_layout.padded`). The re-fit's, the
 sensitivity's and the depth units' runs keep one sample per run for a model declaring a batch of 1
 (:meth:`~spa_compiler.paired.PairedRunner.batch_for`). The pruned model keeps the input model's
 declared shapes; only these internal copies differ. Runs hold samples sample-major
@@ -19,10 +21,10 @@ import onnx
 
 from .ir import Graph
 from .sample_layout import model_feeds, sample_shape
-from .shapes import synthetic_inputs
+from .shapes import declared_batch, synthetic_inputs
 from .verify import quiet_run, reference_session
 
-__all__ = ["fixed_batch", "declares_batch_of_one", "samples_per_run", "activations"]
+__all__ = ["fixed_batch", "exact_batch", "declares_batch_of_one", "samples_per_run", "activations"]
 
 PROBE_RTOL = 1e-3  # batched and single-sample kernels may sum in different orders
 RUN_BYTES = 64 << 20  # tensors one run of many samples holds, at most (unless one sample takes more)
@@ -38,13 +40,23 @@ def fixed_batch(graph: Graph) -> bool:
     return graph.__dict__["_fixed_batch"]
 
 
-def samples_per_run(graph: Graph, batch_size: int, tensors: set[str], bound: int | None = None) -> int:
-    """Samples per onnxruntime run: one when the batch is fixed, otherwise ``batch_size``, fewer
-    when ``tensors`` (those a run returns or holds) would take more than ``bound`` bytes
-    (``RUN_BYTES`` unless given): such runs are memory-bound (ResNet-50 runs a third slower per
-    image in batches of 8 than one at a time, its layers' inputs, 35 MB per image, returned)."""
+def exact_batch(graph: Graph) -> int | None:
+    """The samples every run of the model's copies must hold: its declared batch where the batch
+    is fixed (:func:`fixed_batch`; 1 when it declares none), 1 for a model declaring a batch of 1
+    (its runs stay those of single samples, their folds and row draws too), else None (any)."""
     if fixed_batch(graph):
-        return 1
+        return declared_batch(graph.model) or 1
+    return 1 if declares_batch_of_one(graph.model) else None
+
+
+def samples_per_run(graph: Graph, batch_size: int, tensors: set[str], bound: int | None = None) -> int:
+    """Samples per onnxruntime run: the declared batch when the batch is fixed, otherwise
+    ``batch_size``, fewer when ``tensors`` (those a run returns or holds) would take more than
+    ``bound`` bytes (``RUN_BYTES`` unless given): such runs are memory-bound (ResNet-50 runs a
+    third slower per image in batches of 8 than one at a time, its layers' inputs, 35 MB per
+    image, returned)."""
+    if fixed_batch(graph):
+        return declared_batch(graph.model) or 1
     bound = RUN_BYTES if bound is None else bound
     return max(1, min(batch_size, bound // max(_tensor_bytes(graph, tensors), 1)))
 
@@ -73,10 +85,13 @@ def _runs_batched(graph: Graph) -> bool:
         batched = session.run(None, {**model_feeds(graph, samples), **weights}, quiet)
     except Exception:  # noqa: BLE001  (onnxruntime raises its own error types, one per status)
         return False
-    if not declares_batch_of_one(graph.model):
+    if declared_batch(graph.model) is None and not declares_batch_of_one(graph.model):
         return True  # the model itself names its batch axis
-    singles = [session.run(None, model_feeds(graph, {k: v[i:i + 1] for k, v in samples.items()}) | weights, quiet)
-               for i in range(2)]
+    try:
+        singles = [session.run(None, model_feeds(graph, {k: v[i:i + 1] for k, v in samples.items()}) | weights, quiet)
+                   for i in range(2)]
+    except Exception:  # noqa: BLE001  (a Reshape to a constant batch of two or more)
+        return False
     return all(_agree(both, [one[k] for one in singles]) for k, both in enumerate(batched))
 
 

@@ -45,8 +45,8 @@ from .quantized import float_product, with_float_weights
 from .errors import InputError, first_line
 from .ir import Graph, Node
 from .shapes import free_batch_copy
-from .batch_axis import samples_per_run
-from .sample_layout import model_feeds, sample_axis, sample_major
+from .batch_axis import exact_batch, samples_per_run
+from .sample_layout import run_samples, sample_axis, sample_major
 from .ops import WeightView, get_rule
 from .feature_rows import feature_width, layer_features, row_count, row_products, sample_rows
 from .token_mask import attention_mask
@@ -413,7 +413,7 @@ def collect_statistics(
     statistics of shards covering every batch add up (:func:`add_statistics`) to those of one
     run over all."""
     activations = sorted({layer.activation for layer in layers})
-    run_size = statistics_batch_size(graph, batch_size, layers)
+    run_size, exact = statistics_batch_size(graph, batch_size, layers), exact_batch(graph)
     session = session_for(exposing(graph.model, activations))  # optimised (NCHWc): ResNet-50 runs a quarter quicker
     widths = {layer.node: feature_width(layer, graph.shapes[layer.activation]) + 1 for layer in layers}
     chunks = streaming.statistics_chunks(graph, layers, [8 * widths[layer.node] ** 2 for layer in layers])
@@ -434,7 +434,7 @@ def collect_statistics(
             for offset in range(0, count, run_size):
                 feeds = {name: array[offset:offset + run_size] for name, array in batch.items()}
                 samples = len(next(iter(feeds.values())))
-                values = dict(zip(names, session.run(names, model_feeds(graph, feeds))))
+                values = dict(zip(names, run_samples(session, names, graph, feeds, exact)))
                 for layer in chunk:  # in layer order, as one run over the batch draws them
                     x = values[layer.activation]
                     if layer.node not in drawn or not drawn[layer.node].shared:

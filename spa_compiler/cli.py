@@ -115,7 +115,7 @@ CALIB_SAMPLES = typer.Option(
 )
 CALIB_BATCH = typer.Option(
     16, min=1, help="Samples whose statistics rows are drawn together, and at most per onnxruntime run (fewer where "
-    "a run would hold over 64 MB of layer inputs, or the model computes one sample at a time).",
+    "a run would hold over 64 MB of layer inputs; exactly its declared batch where the model fixes it inside).",
 )
 ALLOCATION = typer.Option(
     "sensitivity", help="sensitivity: share the target by each group's measured effect on the outputs; "

@@ -27,8 +27,8 @@ import onnx
 
 from .allocate import Plan
 from .analysis import Analysis, analyze_graph
-from .batch_axis import declares_batch_of_one, fixed_batch
-from .sample_layout import model_feeds
+from .batch_axis import exact_batch
+from .sample_layout import run_samples
 from .calibrate import load_calibration
 from .cost import CostModel, node_macs
 from .depth import Branch, find_branches, gate_branches, gate_name, remove_branches
@@ -63,11 +63,11 @@ def branch_distortions(graph: Graph, branches: list[Branch], data: dict[str, np.
     """``D`` of each branch removed alone (see the module docstring) on ``data`` (first axis samples)."""
     session = session_for(gate_branches(graph, branches))
     count = len(next(iter(data.values())))
-    batch = 1 if fixed_batch(graph) or declares_batch_of_one(graph.model) else count  # as the re-fit's runs
+    batch = exact_batch(graph) or count  # as the re-fit's runs
 
     def outputs(removed: Branch | None) -> list[np.ndarray]:
         gates = {gate_name(b): np.asarray(0 if b is removed else 1, _numpy_dtype(graph, b)) for b in branches}
-        runs = [session.run(None, {**model_feeds(graph, {k: v[i:i + batch] for k, v in data.items()}), **gates})
+        runs = [run_samples(session, None, graph, {k: v[i:i + batch] for k, v in data.items()}, batch, gates)
                 for i in range(0, count, batch)]
         return [np.concatenate(parts).astype(np.float64) for parts in zip(*runs)]
 

@@ -24,10 +24,10 @@ from .calibrate import (
     exposing,
     with_weight_inputs,
 )
-from .batch_axis import declares_batch_of_one, fixed_batch
+from .batch_axis import exact_batch
 from .feature_rows import feature_width, layer_features, row_products, sample_rows
 from .residual_target import residual_rows
-from .sample_layout import model_feeds
+from .sample_layout import run_samples
 from .ir import Graph
 from .subnetwork import prefix_model
 from .token_mask import attention_mask
@@ -112,7 +112,7 @@ class PairedRunner:
         self.graph = graph
         self.streams = streams or {}
         self.pruned = with_weight_inputs(pruned, weights)
-        self.fixed = fixed_batch(graph) or declares_batch_of_one(graph.model)  # see batch_for
+        self.exact = exact_batch(graph)  # see batch_for
         self.batch_size = batch_size
         self.layers = layers
         self.original: dict[str, list[_OriginalRows]] = {}
@@ -122,8 +122,8 @@ class PairedRunner:
         that declares a batch of 1 runs one sample at a time even where it could run more
         (:mod:`~spa_compiler.batch_axis`): its folds and row draws stay those of single samples,
         and its runs hold one sample's activations (ResNet-50's take 100 MB per image, 1.6 GB in
-        a run of 16)."""
-        return 1 if self.fixed else min(self.batch_size, max(1, -(-samples // 2)))
+        a run of 16). A model whose runs must hold its declared batch runs that many."""
+        return self.exact or min(self.batch_size, max(1, -(-samples // 2)))
 
     def batches(self, samples: int) -> list[tuple[int, int]]:
         """The ``(start, stop)`` sample ranges a stage of ``samples`` runs in."""
@@ -151,7 +151,7 @@ class PairedRunner:
         for (start, stop), batch_layers in sorted(readers.items(), key=lambda item: (item[0][1] - item[0][0], item[0])):
             feeds = {name: array[start:stop] for name, array in data.items()}
             activations = self._read(batch_layers)
-            values = dict(zip(activations, session.run(activations, model_feeds(self.graph, feeds))))
+            values = dict(zip(activations, run_samples(session, activations, graph, feeds, self.exact)))
             mask = attention_mask(feeds)
             for layer in batch_layers:
                 x = values[layer.activation]
@@ -186,8 +186,8 @@ class PairedRunner:
         spans = {layer.node: {(rows.start, rows.stop): rows for rows in self.original[layer.node]} for layer in layers}
         stats: dict[str, PairedStatistics] = {}
         def run(span: tuple[int, int]) -> list[np.ndarray]:
-            return session.run(activations, {**model_feeds(graph, {name: array[span[0]:span[1]] for name, array in data.items()}),
-                                             **weights})
+            part = {name: array[span[0]:span[1]] for name, array in data.items()}
+            return run_samples(session, activations, graph, part, self.exact, weights)
 
         for index, ((start, stop), values) in enumerate(one_ahead(run, self.batches(len(next(iter(data.values())))))):
             narrowed = dict(zip(activations, values))

@@ -11,7 +11,7 @@ samples lie along its first axis all three change nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .shapes import sample_axes
 if TYPE_CHECKING:
     from .ir import Graph
 
-__all__ = ["sample_axis", "sample_shape", "sample_major", "model_feeds"]
+__all__ = ["sample_axis", "sample_shape", "sample_major", "model_feeds", "padded", "unpadded", "run_samples"]
 
 
 def sample_axis(graph: Graph, name: str) -> int | None:
@@ -58,3 +58,32 @@ def model_feeds(graph: Graph, arrays: dict[str, np.ndarray]) -> dict[str, np.nda
         axis = sample_axis(graph, name) if name in graph.input_shapes else 0
         feeds[name] = np.asarray(array[0]) if axis is None else np.moveaxis(array, 0, axis) if axis else array
     return feeds
+
+
+def padded(arrays: dict[str, np.ndarray], size: int | None) -> dict[str, np.ndarray]:
+    """Sample-major ``arrays`` (one run's samples) topped up to ``size`` samples with copies of
+    their last one, for a model whose runs must hold exactly ``size``
+    (:func:`~spa_compiler.batch_axis.exact_batch`); as they are when ``size`` is None or reached."""
+    count = len(next(iter(arrays.values())))
+    if size is None or count >= size:
+        return arrays
+    return {name: np.concatenate([array, np.repeat(array[-1:], size - count, axis=0)])
+            for name, array in arrays.items()}
+
+
+def unpadded(values: list[np.ndarray], count: int, size: int | None) -> list[np.ndarray]:
+    """The results of a run :func:`padded` from ``count`` samples to ``size``: each value whose
+    first axis holds the run's ``size`` samples cut to the ``count`` real ones."""
+    if size is None or count >= size:
+        return values
+    return [value[:count] if np.ndim(value) and len(value) == size else value for value in values]
+
+
+def run_samples(session: Any, names: list[str] | None, graph: Graph, arrays: dict[str, np.ndarray],
+                size: int | None, extra: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The values ``names`` (None: the outputs) of an onnxruntime ``session`` of the model's on
+    ``arrays``, one run's sample-major samples, with the ``extra`` feeds (weights): the samples
+    :func:`padded` to ``size`` and the values cut back to them (:func:`unpadded`)."""
+    count = len(next(iter(arrays.values())))
+    values = session.run(names, {**model_feeds(graph, padded(arrays, size)), **(extra or {})})
+    return unpadded(values, count, size)

@@ -58,8 +58,8 @@ import onnx
 
 from .allocate import DISTORTION_EXPONENT, unit_steps
 from .analysis import Group
-from .batch_axis import declares_batch_of_one, fixed_batch
-from .sample_layout import model_feeds
+from .batch_axis import exact_batch
+from .sample_layout import model_feeds, padded, unpadded
 from .calibrate import LayerStatistics, exposing, with_weight_inputs
 from .cost import node_macs
 from .criteria import ScoreContext, get_criterion
@@ -183,7 +183,7 @@ class TailRunner:
                  changed: list[set[str]]) -> None:
         self.graph, self.model = graph, model
         self.samples = len(next(iter(feeds.values())))
-        self.batch = 1 if fixed_batch(graph) or declares_batch_of_one(graph.model) else self.samples  # as the re-fit's runs
+        self.batch = exact_batch(graph) or self.samples  # as the re-fit's runs
         self.mask = attention_mask(feeds)
         boundary = sorted(set().union(*(tail_boundary(model, tail_nodes(model, c)) for c in changed)) - set(feeds))
         cached = all(name in graph.shapes and name in graph.dtypes for name in boundary) and sum(
@@ -191,11 +191,15 @@ class TailRunner:
             for name in boundary
         ) * self.samples <= CACHE_BYTES
         self.whole = session_for(exposing(model, boundary) if cached else model)
-        self.runs = [model_feeds(graph, {k: v[i:i + self.batch] for k, v in feeds.items()})
-                     for i in range(0, self.samples, self.batch)]
+        starts = range(0, self.samples, self.batch)
+        self.counts = [min(self.batch, self.samples - start) for start in starts]  # the last run's may be padded
+        self.runs = [model_feeds(graph, padded({k: v[i:i + self.batch] for k, v in feeds.items()}, self.batch))
+                     for i in starts]
         names = list(graph.outputs) + (boundary if cached else [])
-        per_run = [dict(zip(names, self.whole.run(names, run))) for run in self.runs]
-        self.reference = {name: self._outputs(_joined([r[name] for r in per_run])) for name in graph.outputs}
+        per_run = [dict(zip(names, self.whole.run(names, run))) for run in self.runs]  # the parts run on these, padded
+        outputs = [self._unpadded([r[name] for name in graph.outputs], count) for r, count in zip(per_run, self.counts)]
+        self.reference = {name: self._outputs(_joined(list(parts)))
+                          for name, parts in zip(graph.outputs, zip(*outputs))}
         # each run's activations as that run computed them: their first axis need not be the batch
         self.boundary_runs = [{**run, **{n: r[n] for n in boundary}} for run, r in zip(self.runs, per_run)] if cached else None
 
@@ -213,10 +217,14 @@ class TailRunner:
         def outputs(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if session is None:
                 return {}
-            results = [session.run(names, {**run, **weights}) for run in runs]
+            results = [self._unpadded(session.run(names, {**run, **weights}), count)
+                       for run, count in zip(runs, self.counts)]
             return {name: self._outputs(_joined(parts)) for name, parts in zip(names, zip(*results))}
 
         return outputs
+
+    def _unpadded(self, values: list[np.ndarray], count: int) -> list[np.ndarray]:
+        return unpadded(values, count, self.batch)
 
     def _outputs(self, y: np.ndarray) -> np.ndarray:
         return padding_zeroed(y.astype(np.float64), self.mask)

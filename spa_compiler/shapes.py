@@ -18,7 +18,7 @@ from .subgraphs import all_initializers, inner_value_infos
 
 __all__ = [
     "parse_input_shapes", "input_shape_option", "dims_text", "bind_input_shapes", "with_free_axes", "shape_skeleton", "weights_as_inputs", "large_float", "synthetic_inputs",
-    "infer_shapes", "free_batch", "free_batch_copy", "sample_axes",
+    "infer_shapes", "declared_batch", "free_batch", "free_batch_copy", "sample_axes",
 ]
 
 BATCH = "batch"
@@ -325,19 +325,36 @@ def _run_for_shapes(
     return found
 
 
+def declared_batch(model: onnx.ModelProto) -> int | None:
+    """The size the main graph's first input with a sample axis (:func:`sample_axes`) fixes there:
+    1 for most exports without dynamic axes, the example's batch for some; None where it leaves
+    that axis free. (The first: copies that feed weights as inputs list them after the model's
+    own.)"""
+    initializers, samples = {t.name for t in model.graph.initializer}, sample_axes(model)
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        axis = samples.get(value.name)
+        if axis is not None:
+            dim = value.type.tensor_type.shape.dim[axis]
+            return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+    return None
+
+
 def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     """Declare, in place, the sample axis (:func:`sample_axes`) of the main graph's inputs where
-    it is 1, and the first axis of 1 of its outputs, as the symbolic ``batch``, and leave the first
-    dimension of 1 of its value infos unknown (an intermediate tensor's leading 1 need not be the
-    samples'); returns ``model``. A free dimension accepts any size, so a dimension of 1 that
-    is not a sample axis stays valid at its value."""
-    samples = sample_axes(model)
+    it is the declared batch ``n`` (:func:`declared_batch`; 1 when there is none), and the first
+    axis of size ``n`` of its outputs, as the symbolic ``batch``, and leave a first dimension of
+    ``n`` of its value infos unknown (an intermediate tensor's leading ``n`` need not be the
+    samples'); returns ``model``. A free dimension accepts any size, so a dimension of ``n``
+    that is not a sample axis stays valid at its value."""
+    samples, size = sample_axes(model), declared_batch(model) or 1
     for values, declared in ((model.graph.input, True), (model.graph.output, True), (model.graph.value_info, False)):
         for value in values:
             dims = value.type.tensor_type.shape.dim
-            ones = [axis for axis, dim in enumerate(dims) if dim.HasField("dim_value") and dim.dim_value == 1]
-            axis = samples.get(value.name, ones[0] if ones and declared else 0)
-            if axis is None or axis not in ones:
+            sized = [axis for axis, dim in enumerate(dims) if dim.HasField("dim_value") and dim.dim_value == size]
+            axis = samples.get(value.name, sized[0] if sized and declared else 0)
+            if axis is None or axis not in sized:
                 continue
             if declared:
                 dims[axis].dim_param = BATCH

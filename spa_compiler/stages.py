@@ -21,7 +21,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from .allocate import Constraints, Plan, Target, allocate
 from .analysis import Analysis, analyze_graph
 from .bench import measure_latency
-from .batch_axis import activations, samples_per_run
+from .batch_axis import activations, fixed_batch, samples_per_run
 from .calibrate import (
     MAX_FEATURES, ConsumerLayer, LayerStatistics, array_shapes, collect_statistics, consumer_layers, load_calibration,
     sameness,
@@ -141,9 +141,10 @@ class CollectStatistics(Pass):
 
         try:
             state.statistics = self.collect(graph, layers, data, state.config, report)
-        except InvalidArgument as exc:  # the inputs' first axis is no sample axis (e.g. fixed at 2)
+        except InvalidArgument as exc:  # the inputs' sample axes are none (sizes fixed otherwise)
             state.statistics, state.calibration_data, state.held_out = {}, {}, None
-            state.calibration = f"none: the model does not run on one sample at a time ({first_line(exc)}); scores are magnitudes"
+            state.calibration = (f"none: the model does not run on batches of its samples ({first_line(exc)}); "
+                                 "scores are magnitudes")
             return state
         _require_finite(state.statistics, "its calibration samples" if config.calibration else "synthetic samples")
         if wide:
@@ -401,7 +402,8 @@ class Verify(Pass):
         state.fidelity = verify_model(state.graph, state.model, shapes, state.config.seed, narrow, original)
         if state.held_out is not None and state.fidelity is not None:
             batch = samples_per_run(state.graph, state.config.calibration_batch, activations(state.graph))
-            held = held_out_fidelity(original, state.model, state.held_out, batch, narrow, _held_out_source(state))
+            held = held_out_fidelity(original, state.model, state.held_out, batch, narrow, _held_out_source(state),
+                                     fixed_batch(state.graph))
             if state.fidelity.scale < SILENT * held.scale:  # both models' outputs there all but zero: nothing to compare
                 state.fidelity = replace(state.fidelity, counted=0)
             state.held_out_fidelity = held

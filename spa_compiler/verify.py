@@ -30,7 +30,7 @@ from . import streaming
 from .errors import ModelError, VerificationError
 from .errors import first_line
 from .ir import STANDARD_DOMAINS, Graph, Node
-from .sample_layout import model_feeds
+from .sample_layout import model_feeds, padded, unpadded
 from .shapes import free_batch, free_batch_copy, large_float, shape_skeleton, synthetic_inputs, weights_as_inputs
 from .synthetic_tokens import BYTES, embedding_table, non_image_input
 from .token_mask import attention_mask, padding_zeroed
@@ -557,19 +557,21 @@ def fidelity(before: list[np.ndarray], after: list[np.ndarray], source: str = "s
 
 
 def held_out_fidelity(original: Graph, pruned: onnx.ModelProto, samples: dict[str, np.ndarray], batch: int,
-                      narrow: Narrowing = _unchanged, source: str = "held-out calibration samples") -> Fidelity:
+                      narrow: Narrowing = _unchanged, source: str = "held-out calibration samples",
+                      exact: bool = False) -> Fidelity:
     """:func:`fidelity` on held-out samples (keyed by input, first axis samples), run in batches
-    of ``batch`` (1 when the model's batch axis is fixed) and compared batch by batch; ``narrow``
-    as in :func:`verify_model`; ``source`` says what the samples are."""
+    of ``batch`` (the declared batch when the model's batch axis is fixed: ``exact``, the last
+    batch then topped up to it, :func:`~spa_compiler.sample_layout.padded`) and compared batch by
+    batch; ``narrow`` as in :func:`verify_model`; ``source`` says what the samples are."""
     count = len(next(iter(samples.values())))
     reference, weights = reference_session(original)
     session = session_for(free_batch_copy(pruned) if batch > 1 else pruned, layout=False)
     sums = FidelitySums(decision_outputs(original))
     for i in range(0, count, batch):
         feeds = {k: v[i:i + batch] for k, v in samples.items()}
-        taken = model_feeds(original, feeds)
-        before = reference.run(None, {**taken, **weights})
-        after = session.run(None, {k: narrow(k, v) for k, v in taken.items()})
+        taken, size = model_feeds(original, padded(feeds, batch if exact else None)), len(next(iter(feeds.values())))
+        before = unpadded(reference.run(None, {**taken, **weights}), size, batch if exact else None)
+        after = unpadded(session.run(None, {k: narrow(k, v) for k, v in taken.items()}), size, batch if exact else None)
         mask = attention_mask(feeds)  # outputs at padding count for nothing
         sums.add([padding_zeroed(narrow(name, value), mask) for name, value in zip(original.outputs, before)],
                  [padding_zeroed(value, mask) for value in after])
