@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .calibrate import cast_exactly, read_arrays
@@ -19,6 +20,7 @@ from .errors import InputError
 from .ir import load_model
 from .known_text import SHIPPED, VOCABULARIES, known_text, shipped_shape
 from .model_files import check_input_path, check_output_path
+from .shapes import declared_batch
 from .synthetic import synthetic_calibration
 
 __all__ = ["DistillData", "HELD_OUT_SHARE", "distillation_data", "onnx_session"]
@@ -52,6 +54,10 @@ def distillation_data(pruned: str | Path, teacher: str | Path, data: str | Path 
     check_output_path(output, pruned)
     inputs = onnx_session(pruned).get_inputs()
     teacher_inputs = onnx_session(teacher).get_inputs()
+    batch = declared_batch(onnx.load(str(pruned), load_external_data=False))
+    if batch not in (None, 1):
+        raise InputError(f"{pruned} fixes a batch of {batch} samples in its inputs; distillation trains on batches of "
+                         "its own size: export the model with a free batch axis (or a batch of 1), then prune it again")
     if _signature(teacher_inputs) != _signature(inputs):
         raise InputError(f"--teacher {teacher} takes {_described(teacher_inputs)}, {pruned} takes "
                          f"{_described(inputs)}: give the model {pruned.name} was pruned from")

@@ -200,3 +200,16 @@ def test_re_fit_runs_return_at_most_their_bound_of_layer_inputs(tmp_path, monkey
     np.savez(calib, x=np.random.default_rng(2).standard_normal((32, 3, 8, 8)).astype(np.float32))
     prune_graph(_per_sample(tmp_path), PruneConfig(flops=0.7, criterion="obs", calibration=calib, round_to=1))
     assert sizes == [batch]
+
+
+def test_distillation_refuses_a_model_that_fixes_a_batch_of_four(tmp_path):
+    """Distillation trains on batches of its own size: a model declaring a batch of 4 is refused
+    in one line that says what to do, before PyTorch is needed."""
+    from spa_compiler.distill_data import distillation_data
+    from spa_compiler.errors import InputError
+
+    _reshaped_to_one(tmp_path, batch=4)
+    model = tmp_path / "model.onnx"
+    np.savez(tmp_path / "data.npz", x=np.zeros((16, 3, 8, 8), np.float32))
+    with pytest.raises(InputError, match=r"fixes a batch of 4 samples .* export the model with a free batch axis"):
+        distillation_data(model, model, tmp_path / "data.npz", tmp_path / "out.onnx")
