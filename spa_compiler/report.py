@@ -82,7 +82,7 @@ class PruneReport:
     calibration: str | None = None
     calibration_warning: str | None = None  # why the --calib (or synthetic) samples describe one input, not many
     order_choice: str | None = None  # groups ordered by the criterion's alternative (sensitivity pass)
-    landing_distortion: float | None = None  # past the target's tolerance: the landing plan measured this many times more
+    landing_distortion: float | None = None  # past the tolerance: the plan closer to the target measured this many times more
     compensated: int = 0
     requantized: tuple[int, int] = (0, 0)  # re-fitted QDQ weights quantized again, values saturated
     integer_weights: int = 0  # weights read by MatMulInteger/ConvInteger (dynamic quantization) that have no
@@ -433,7 +433,7 @@ def landing_note(report: PruneReport) -> str:
     cost = (f"{times:.1f} times this plan's measured output distortion" if times != float("inf")
             else "measured output distortion where this plan adds none")
     return (f"{reached}past --{report.target_kind} {report.target_value:g} by more than the tolerance "
-            f"{TARGET_TOLERANCE:g}: the steps that would have landed within it cost {cost}")
+            f"{TARGET_TOLERANCE:g}: the steps that would have come closer cost {cost}")
 
 
 def sameness_warning(report: PruneReport) -> str:
