@@ -31,7 +31,8 @@ the knapsack's at the rule's rounding (:func:`_knapsack`), which may end further
 target; the knapsack's replaces it when it measures under ``1 / CLEAR_GAIN`` of its distortion
 (:func:`_least_distortion`), and a plan past the tolerance records how much more the one closer
 to the target measured. When no rounding lands, the plan that comes closest competes with the
-knapsack's at its own rounding. Finer roundings are never chosen for a lower distortion alone: they cost speed.
+knapsack's at its own rounding. Finer roundings are never chosen for a lower distortion alone:
+they cost speed.
 """
 
 from __future__ import annotations
@@ -358,8 +359,8 @@ def _least_distortion(
     outputs more (CREPE tiny's pitch tracker at ``--flops 0.8``: two 16-channel convolutions
     halved, 0.16 of the outputs' energy, against 0.0017 for eight more of the 128-channel first
     convolution's channels). The greedy plan that misses does worse still: it takes every step
-    short of the tolerance's floor, however distorting, before the step past it it had set
-    aside (PESTO's pitch estimator, data-free at ``--flops 0.75``: three narrow convolutions
+    short of the tolerance's floor, however distorting, before the step past that floor it had
+    set aside (PESTO's pitch estimator, data-free at ``--flops 0.75``: three narrow convolutions
     cut to a tenth for 2% of the FLOPs, then its wide group's step to 0.715 all the same)."""
     cost = CostModel(analysis, metric)
     removed = _knapsack(analysis, scores, cost, target.value * cost.original_total, c, steps)
