@@ -213,3 +213,24 @@ def test_distillation_refuses_a_model_that_fixes_a_batch_of_four(tmp_path):
     np.savez(tmp_path / "data.npz", x=np.zeros((16, 3, 8, 8), np.float32))
     with pytest.raises(InputError, match=r"fixes a batch of 4 samples .* export the model with a free batch axis"):
         distillation_data(model, model, tmp_path / "data.npz", tmp_path / "out.onnx")
+
+
+@pytest.mark.accurate
+def test_mtcnn_exported_with_four_faces_prunes_with_its_statistics(tmp_path):
+    """MTCNN's refinement network as ``models.torch_zoo`` defines it (random weights), exported
+    with 4 faces: the exporter writes its flattening as a Reshape to ``[4, -1]``. Data-free at
+    half the FLOPs it is pruned from statistics of 256 synthetic pictures run four at a time,
+    its layers compensated, and it keeps its declared batch."""
+    torch = pytest.importorskip("torch")
+    from models.torch_zoo import MODELS, export_network
+    from spa_compiler import prune
+
+    torch.manual_seed(0)
+    source = export_network(MODELS["mtcnn_rnet"].build().eval(), {"faces": (4, 3, 24, 24)}, tmp_path / "rnet.onnx")
+    graph = load_model(source)
+    assert fixed_batch(graph) and exact_batch(graph) == 4
+    report = prune(source, tmp_path / "pruned.onnx", PruneConfig(flops=0.5, bench_runs=0))
+    assert report.calibration.startswith("data-free, 256 synthetic samples") and report.compensated >= 3
+    assert report.flops_ratio <= 0.5 and report.held_out_fidelity.samples == 16
+    pruned = onnx.load(str(tmp_path / "pruned.onnx"))
+    assert [d.dim_value for d in pruned.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 24, 24]
