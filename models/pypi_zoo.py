@@ -24,7 +24,7 @@ from spa_compiler import PruneConfig
 
 from .shipped import package_dir
 from .table import print_table, write_json
-from .zoo_rows import exactness, pruned_outcome
+from .zoo_rows import chosen_models, exactness, pruned_outcome
 
 __all__ = ["MODELS", "Shipped", "run"]
 
@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--flops", type=float, default=0.5, help="the target (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    names = args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    names = chosen_models(parser, args.models, MODELS)
     with tempfile.TemporaryDirectory(prefix="spa_pypi_zoo_") as folder:
         rows = run(names, args.flops, Path(folder))
     print()

@@ -31,7 +31,7 @@ from spa_compiler import PruneConfig
 
 from .shipped import shipped_file
 from .table import print_table, write_json
-from .zoo_rows import exactness, pruned_outcome
+from .zoo_rows import chosen_models, exactness, pruned_outcome
 
 __all__ = ["MODELS", "Shipped", "export", "export_network", "run"]
 
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--flops", default="0.75,0.5", help="comma-separated targets (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    names = args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    names = chosen_models(parser, args.models, MODELS)
     targets = [float(value) for value in args.flops.split(",")]
     with tempfile.TemporaryDirectory(prefix="spa_torch_zoo_") as folder:
         rows = run(names, targets, Path(folder))

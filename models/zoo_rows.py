@@ -3,6 +3,8 @@ the exactness check on the same graph with random weights (no PyTorch needed).""
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Collection
 from pathlib import Path
 
 from spa_compiler import PruneConfig, SpaError, load_model, prune
@@ -10,7 +12,7 @@ from spa_compiler.verify import require_runnable
 
 from .exactness import RTOL, randomize_weights, steered_error
 
-__all__ = ["EXACTNESS", "exactness", "pruned_outcome"]
+__all__ = ["EXACTNESS", "chosen_models", "exactness", "pruned_outcome"]
 
 EXACTNESS = PruneConfig(ratio=0.5, round_to=1, min_keep=0.0, criterion="l2", allocation="score", refit_rounds=0,
                         bench_runs=0, verify=False)
@@ -43,3 +45,13 @@ def exactness(source: Path, shapes: dict[str, tuple[int, ...]]) -> str:
     except RuntimeError as failure:  # the plan could not be steered: a defect
         return f"FAILED: {failure}"
     return f"{error:.1e} ({removed} channels)" + ("" if error <= RTOL else f" FAILED: above {RTOL:g}")
+
+
+def chosen_models(parser: argparse.ArgumentParser, names: str, models: Collection[str]) -> list[str]:
+    """The comma-separated ``names`` of a zoo's ``--models``, each one of ``models``; the
+    parser's error naming the others otherwise."""
+    chosen = names.split(",")
+    unknown = [name for name in chosen if name not in models]
+    if unknown:
+        parser.error(f"unknown models {', '.join(unknown)}; choose from {', '.join(models)}")
+    return chosen
