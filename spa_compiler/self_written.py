@@ -32,8 +32,8 @@ import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from .analysis import Analysis
-from .batch_axis import samples_per_run
-from .sample_layout import model_feeds
+from .batch_axis import exact_batch, samples_per_run
+from .sample_layout import run_samples
 from .cost import node_macs
 from .errors import first_line
 from .ir import Graph
@@ -106,10 +106,10 @@ def write_sequences(graph: Graph, feeds: dict[str, np.ndarray], io: LanguageMode
     """``feeds`` with every sequence's tokens after the first written by the model (see the
     module docstring); None when the model is not causal over its token input."""
     session, weights = reference_session(graph)
-    output = graph.outputs.index(io.scores)
+    output, exact = graph.outputs.index(io.scores), exact_batch(graph)
 
     def scores(samples: dict[str, np.ndarray]) -> np.ndarray:
-        return session.run(None, {**model_feeds(graph, samples), **weights})[output]
+        return run_samples(session, None, graph, samples, exact, weights)[output]
 
     if not _causal(scores, feeds, io):
         return None

@@ -17,17 +17,20 @@ from spa_compiler.self_written import LEAST_SEQUENCES, language_model_io, self_w
 VOCABULARY, LENGTH, WIDTH = 12, 10, 16
 
 
-def _successor_model(path, causal: bool = True, batch: int = 1):
+def _successor_model(path, causal: bool = True, batch: int = 1, reshaped: bool = False):
     """``input_ids [N, T] -> logits [N, T, V]``: position t's scores are 40 at the successor
     ``(id + 5) mod V`` of token t and 0 elsewhere, through an embedding table and a projection
     (a first-order language model, causal); or (``causal`` False) with every position's
     embedding shifted by the sequence's mean embedding, which reads later tokens. Declared for
-    ``batch`` sequences."""
+    ``batch`` sequences; ``reshaped``: the embeddings pass a Reshape to the constant
+    ``[batch, T, width]``, as exports that fold the batch write it."""
     rng = np.random.default_rng(0)
     table = rng.standard_normal((VOCABULARY, WIDTH)).astype(np.float32)
     successor = np.eye(VOCABULARY, dtype=np.float32)[(np.arange(VOCABULARY) + 5) % VOCABULARY] * 40
     projection = np.linalg.lstsq(table, successor, rcond=None)[0].astype(np.float32)
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["embedded"])]
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["gathered"])]
+    nodes.append(helper.make_node("Reshape", ["gathered", "shape"], ["embedded"]) if reshaped
+                 else helper.make_node("Identity", ["gathered"], ["embedded"]))
     hidden = "embedded"
     if not causal:
         nodes += [helper.make_node("ReduceMean", ["embedded", "axis1"], ["mean"], keepdims=1),
@@ -39,7 +42,8 @@ def _successor_model(path, causal: bool = True, batch: int = 1):
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, LENGTH])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, LENGTH, VOCABULARY])],
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(projection, "projection"),
-         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")],
+         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+         numpy_helper.from_array(np.array([batch, LENGTH, WIDTH], dtype=np.int64), "shape")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return load_model(path)
@@ -87,12 +91,27 @@ def test_writing_is_bounded_by_its_budget(tmp_path, monkeypatch):
     assert result.data is None and "prior tokens" in result.note
 
 
-def test_a_model_that_does_not_run_one_sequence_at_a_time_keeps_the_prior(tmp_path):
-    """A first axis fixed at 2 (no sample axis that a copy may free): writing cannot run, and the
-    report says so in one line instead of failing."""
-    graph = _successor_model(tmp_path / "pairs.onnx", batch=2)
-    result = self_written(graph, _prior_feeds(), 1e3, 8, 0)
-    assert result.data is None and result.note.startswith("the model did not run to write sequences (")
+@pytest.mark.parametrize("inside", [False, True], ids=["free-in-a-copy", "fixed-inside"])
+def test_a_model_declaring_a_batch_of_two_writes_its_sequences(tmp_path, inside):
+    """A first axis fixed at 2: the runs' copies free it, or, where a Reshape holds it inside,
+    every run holds exactly two sequences (the causality probe's one topped up with a copy). The
+    sequences are the successor chains of their first tokens all the same."""
+    graph = _successor_model(tmp_path / "pairs.onnx", batch=2, reshaped=inside)
+    result = self_written(graph, _prior_feeds(count=19), 1e3, 8, 0)
+    tokens = result.data["input_ids"]
+    assert len(tokens) == 19 and "19 written" in result.note
+    np.testing.assert_array_equal(tokens[:, 1:], (tokens[:, :-1] + 5) % VOCABULARY)
+
+
+def test_a_model_that_does_not_run_to_write_keeps_the_prior_and_says_so_in_one_line(tmp_path, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    def refuse(*args, **kwargs):
+        raise InvalidArgument("Got invalid dimensions for input: input_ids\nindex: 0 Got: 1 Expected: 3")
+
+    monkeypatch.setattr(written_module, "write_sequences", refuse)
+    result = self_written(_successor_model(tmp_path / "lm.onnx"), _prior_feeds(), 1e3, 8, 0)
+    assert result.data is None and result.note.startswith("the model did not run to write sequences (Got invalid")
     assert result.note.endswith("), so prior tokens") and "\n" not in result.note
 
 
