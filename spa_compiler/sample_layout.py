@@ -83,7 +83,11 @@ def run_samples(session: Any, names: list[str] | None, graph: Graph, arrays: dic
                 size: int | None, extra: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """The values ``names`` (None: the outputs) of an onnxruntime ``session`` of the model's on
     ``arrays``, one run's sample-major samples, with the ``extra`` feeds (weights): the samples
-    :func:`padded` to ``size`` and the values cut back to them (:func:`unpadded`)."""
+    :func:`padded` to ``size`` and the values cut back to them (:func:`unpadded`). A value that
+    is a fed input is copied: onnxruntime 1.23 returns such a value in the fed array's memory,
+    which a padded copy does not outlive."""
     count = len(next(iter(arrays.values())))
-    values = session.run(names, {**model_feeds(graph, padded(arrays, size)), **(extra or {})})
+    feeds = {**model_feeds(graph, padded(arrays, size)), **(extra or {})}
+    requested = names if names is not None else [output.name for output in session.get_outputs()]
+    values = [np.array(value) if name in feeds else value for name, value in zip(requested, session.run(names, feeds))]
     return unpadded(values, count, size)
