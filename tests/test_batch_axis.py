@@ -45,7 +45,7 @@ def _per_sample(folder, batch: int = 1) -> Graph:
                        folder, batch)
 
 
-def _reshaped_to_one(folder, batch: int = 1) -> Graph:
+def _batch_in_reshape(folder, batch: int = 1) -> Graph:
     """The flattening Reshape holds the batch as a constant, as exporters fold ``x.view(x.shape[0], -1)``."""
     shape = numpy_helper.from_array(np.array([batch, -1], np.int64), "shape")
     return _conv_model([helper.make_node("Reshape", ["c2", "shape"], ["y"], name="flat")], [shape], [batch, 256],
@@ -65,7 +65,7 @@ def test_a_declared_batch_of_one_runs_batched_where_samples_are_independent(tmp_
     assert graph.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the model itself is unchanged
 
 
-@pytest.mark.parametrize("build", [_reshaped_to_one, _mixing_samples], ids=["reshape-to-1", "mean-over-samples"])
+@pytest.mark.parametrize("build", [_batch_in_reshape, _mixing_samples], ids=["reshape-to-1", "mean-over-samples"])
 def test_a_batch_the_model_fixes_inside_runs_one_sample_at_a_time(build, tmp_path):
     graph = build(tmp_path)
     assert fixed_batch(graph)
@@ -79,7 +79,7 @@ def test_a_declared_batch_of_four_runs_any_batch_where_samples_are_independent(t
 
 
 def test_a_batch_of_four_the_model_fixes_inside_runs_four_samples_at_a_time(tmp_path):
-    graph = _reshaped_to_one(tmp_path, batch=4)
+    graph = _batch_in_reshape(tmp_path, batch=4)
     assert fixed_batch(graph) and exact_batch(graph) == 4
     assert statistics_batch_size(graph, 16, consumer_layers(analyze_graph(graph))) == 4
 
@@ -92,7 +92,7 @@ def test_statistics_of_a_fixed_batch_count_no_sample_twice(tmp_path, monkeypatch
     monkeypatch.setattr(calibrate, "ROWS_PER_FEATURE", 128)
     data = {"x": np.random.default_rng(3).standard_normal((10, 3, 8, 8)).astype(np.float32)}
     (tmp_path / "fixed").mkdir()
-    fixed = _reshaped_to_one(tmp_path / "fixed", batch=4)
+    fixed = _batch_in_reshape(tmp_path / "fixed", batch=4)
     free = _per_sample(tmp_path, batch=4)
     stats = [collect_statistics(g, consumer_layers(analyze_graph(g)), data, batch_size=6) for g in (fixed, free)]
     for name in ("conv1", "conv2"):
@@ -111,7 +111,7 @@ def test_a_fixed_batch_of_four_prunes_as_a_free_batch_does_and_keeps_its_shapes(
     np.savez(calib, x=np.random.default_rng(2).standard_normal((30, 3, 8, 8)).astype(np.float32))
     config = PruneConfig(flops=0.7, calibration=calib, round_to=1)
     (tmp_path / "fixed").mkdir()
-    fixed = prune_graph(_reshaped_to_one(tmp_path / "fixed", batch=4), config)
+    fixed = prune_graph(_batch_in_reshape(tmp_path / "fixed", batch=4), config)
     free = prune_graph(_per_sample(tmp_path, batch=4), config)
     values = (*fixed.model.graph.input, *fixed.model.graph.output)
     dims = [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in values]
@@ -208,7 +208,7 @@ def test_distillation_refuses_a_model_that_fixes_a_batch_of_four(tmp_path):
     from spa_compiler.distill_data import distillation_data
     from spa_compiler.errors import InputError
 
-    _reshaped_to_one(tmp_path, batch=4)
+    _batch_in_reshape(tmp_path, batch=4)
     model = tmp_path / "model.onnx"
     np.savez(tmp_path / "data.npz", x=np.zeros((16, 3, 8, 8), np.float32))
     with pytest.raises(InputError, match=r"fixes a batch of 4 samples .* export the model with a free batch axis"):
