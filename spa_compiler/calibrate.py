@@ -93,6 +93,7 @@ class ConsumerLayer:
     rows_per_output: int = 1  # kernel positions of a Conv with channel statistics, else 1
     patches: bool = False  # a 2-D Conv with im2col patch statistics (else channel statistics)
     channel_axis: int = -1  # the input's axis of channels: 1 (channels first, a Conv) or -1 (last)
+    bias_columns: int = 0  # the bias is the first this many of its tensor's last axis (0: all; WeightView)
 
     def features(self, graph: Graph) -> int:
         """Columns of ``matrix(W)``: the width of ``H`` (without the constant 1)."""
@@ -108,6 +109,29 @@ class ConsumerLayer:
             return matrix.reshape(like.shape).astype(like.dtype)
         moved = np.moveaxis(like, self.axis, -1).shape
         return np.moveaxis(matrix.reshape(moved), -1, self.axis).astype(like.dtype)
+
+    def bias_rows(self, bias: np.ndarray) -> np.ndarray:
+        """The bias of each row of ``matrix(W)``, from the bias tensor: each output's bias
+        (:func:`bias_part`) shared evenly by its ``rows_per_output`` rows, in float64."""
+        k = self.rows_per_output
+        return np.repeat(bias_part(bias, self.bias_columns).reshape(-1).astype(np.float64) / k, k)
+
+    def bias_from_rows(self, rows: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """The bias tensor, shaped and typed as ``like``, whose outputs' biases are the sums of
+        ``rows`` over each output's rows (the inverse of :meth:`bias_rows`); any part of ``like``
+        past ``bias_columns`` is kept."""
+        outputs = rows.reshape(-1, self.rows_per_output).sum(axis=1)
+        if not self.bias_columns:
+            return outputs.reshape(like.shape).astype(like.dtype)
+        updated = like.copy()
+        updated[..., : self.bias_columns] = outputs.reshape(*like.shape[:-1], self.bias_columns)
+        return updated
+
+
+def bias_part(bias: np.ndarray, columns: int) -> np.ndarray:
+    """The part of a bias tensor that is a layer's bias: the first ``columns`` of its last axis
+    (0: all of it)."""
+    return bias[..., :columns] if columns else bias
 
 
 @dataclass
@@ -181,7 +205,8 @@ def _bias_of(graph: Graph, node: Node, view: WeightView, output: str) -> str | N
     that the node alone reading its output adds to it first (an Add's other operand, a fused
     op's bias input: what its rule's ``added_bias`` says)."""
     if view.bias is not None:
-        return view.bias if graph.is_constant(view.bias) and graph.constants[view.bias].size == view.outputs else None
+        plain = graph.is_constant(view.bias) and bias_part(graph.constants[view.bias], view.bias_columns).size == view.outputs
+        return view.bias if plain else None
     if view.channel_axis != -1:
         return None  # a [outputs] vector added to channels-first outputs would broadcast along the last axis
     consumers = graph.consumers.get(output, [])
@@ -218,7 +243,7 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
             layers[node.name] = ConsumerLayer(
                 node.name, node.op_type, floats[0], ref.tensor, ref.axis,
                 positions if patches else 1, _bias_of(graph, node, view, floats[1]),
-                1 if patches else positions, patches, view.channel_axis,
+                1 if patches else positions, patches, view.channel_axis, view.bias_columns,
             )
     return list(layers.values())
 

@@ -438,8 +438,5 @@ class Refit(Pass):
             return "unchanged"  # its own held-out rows say a re-fit would not help
         state.compensated[layer.weight] = layer.from_matrix(matrix, constants[layer.weight])
         if layer.bias is not None:
-            original = constants[layer.bias]
-            state.compensated[layer.bias] = (
-                bias.reshape(-1, layer.rows_per_output).sum(axis=1).reshape(original.shape).astype(original.dtype)
-            )
+            state.compensated[layer.bias] = layer.bias_from_rows(bias, constants[layer.bias])
         return ridge if isinstance(ridge, str) else "weights"

@@ -40,11 +40,14 @@ with the LayerNorm (or RMSNorm) after it."""
 def residual_stream(graph: Graph, layer: ConsumerLayer) -> str | None:
     """The tensor ``r`` that the layer's output (after its bias) is added to, when that sum
     (:data:`SUMS`) is the output's only reader, ``r`` is no constant and both have one shape
-    (the sum's: no broadcasting); else None."""
+    (the sum's: no broadcasting); else None. The output must be ``W x`` itself, one value per
+    weight row along its last axis (a recurrent layer's is not: its rows are gates)."""
     node = graph.node_by_name[layer.node]
-    if layer.channel_axis != -1 or layer.rows_per_output != 1:
-        return None
     output = layer_output(graph, node)
+    weight = graph.constants[layer.weight]
+    weight_rows = weight.size // weight.shape[layer.axis]
+    if layer.channel_axis != -1 or layer.rows_per_output != 1 or graph.shapes.get(output, (0,))[-1] != weight_rows:
+        return None
     readers = graph.consumers.get(output, [])
     if len(readers) == 1 and readers[0].op_type == "Add" and layer.bias in readers[0].inputs:  # the bias first
         output = readers[0].outputs[0]

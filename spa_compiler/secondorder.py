@@ -75,8 +75,7 @@ def augmented(layer: ConsumerLayer, constants: Mapping[str, np.ndarray]) -> np.n
     """The layer's ``[rows, features + 1]`` matrix, its bias (or zeros) last; with channel
     statistics each output's bias is shared evenly by its kernel positions' rows."""
     matrix = layer.matrix(constants[layer.weight]).astype(np.float64)
-    k = layer.rows_per_output
-    bias = np.repeat(constants[layer.bias].reshape(-1).astype(np.float64) / k, k) if layer.bias else np.zeros(len(matrix))
+    bias = layer.bias_rows(constants[layer.bias]) if layer.bias else np.zeros(len(matrix))
     return np.hstack([matrix, bias[:, None]])
 
 
@@ -91,10 +90,7 @@ def compensate_layer(stats: LayerStatistics, constants: Mapping[str, np.ndarray]
     result = compensated(weights if layer.bias else weights[:, :-1], inverse, columns)
     updates = {layer.weight: layer.from_matrix(result[:, : weights.shape[1] - 1], constants[layer.weight])}
     if layer.bias:
-        bias = constants[layer.bias]
-        updates[layer.bias] = (
-            result[:, -1].reshape(-1, layer.rows_per_output).sum(axis=1).reshape(bias.shape).astype(bias.dtype)
-        )
+        updates[layer.bias] = layer.bias_from_rows(result[:, -1], constants[layer.bias])
     return updates
 
 

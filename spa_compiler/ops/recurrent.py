@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from .common import input_at
-from .registry import Coupler, OpRule, Rewriter, Unsupported, register_op
+from .registry import Coupler, OpRule, Rewriter, Unsupported, WeightView, register_op
 
 if TYPE_CHECKING:
     from ..ir import Node
@@ -80,6 +80,14 @@ class Recurrent(OpRule):
     def _hidden_output(node: "Node") -> tuple[str, int]:
         """A tensor and axis that hold the hidden units: Y's last axis, else Y_h's."""
         return (node.outputs[0], 3) if node.outputs[0] else (node.outputs[1], 2)
+
+    def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
+        """W ``[dirs, G*H, input]`` applied to x's last axis at every step, in every direction:
+        ``dirs * G*H`` outputs (the gates' pre-activations ``W x_t``), their bias the first
+        ``G*H`` of each direction's row of B (``Wb``; ``Rb``, the rest, is the recurrence's)."""
+        if node.inputs[1] != weight or axis != 2:
+            return None
+        return WeightView(shape[0] * shape[1], -1, bias=input_at(node, 3) or None, bias_columns=shape[1])
 
     def rewrite(self, node: "Node", r: Rewriter) -> None:
         r.set_attr(node, "hidden_size", r.new_shape(node.inputs[2])[2])

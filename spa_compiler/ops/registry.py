@@ -106,12 +106,15 @@ class WeightView:
     output position, ``W`` a ``[outputs, channels * prod(kernel)]`` matrix (channel-major, then
     kernel positions), ``x`` the input's channels along ``channel_axis`` (1: channels first, as a
     convolution reads them; -1: the last axis, as a linear layer does), ``bias`` the node's own
-    bias input (None: none, or one added by a later node)."""
+    bias input (None: none, or one added by a later node), ``bias_columns`` how much of its last
+    axis is the bias of ``W x`` (0: all of it; a recurrent layer's ``B`` is ``[dirs, 2 G H]``,
+    ``W``'s bias the first ``G H`` of each direction's row, the recurrence's the rest)."""
 
     outputs: int
     channel_axis: int
     kernel: tuple[int, ...] = ()
     bias: str | None = None
+    bias_columns: int = 0
 
 
 class OpRule:
