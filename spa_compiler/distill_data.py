@@ -54,10 +54,7 @@ def distillation_data(pruned: str | Path, teacher: str | Path, data: str | Path 
     check_output_path(output, pruned)
     inputs = onnx_session(pruned).get_inputs()
     teacher_inputs = onnx_session(teacher).get_inputs()
-    batch = declared_batch(onnx.load(str(pruned), load_external_data=False))
-    if batch not in (None, 1):
-        raise InputError(f"{pruned} fixes a batch of {batch} samples in its inputs; distillation trains on batches of "
-                         "its own size: export the model with a free batch axis (or a batch of 1), then prune it again")
+    batch = declared_batch(onnx.load(str(pruned), load_external_data=False)) or 1
     if _signature(teacher_inputs) != _signature(inputs):
         raise InputError(f"--teacher {teacher} takes {_described(teacher_inputs)}, {pruned} takes "
                          f"{_described(inputs)}: give the model {pruned.name} was pruned from")
@@ -68,9 +65,10 @@ def distillation_data(pruned: str | Path, teacher: str | Path, data: str | Path 
     arrays = {i.name: _checked(i, array, data) for i, array in zip(inputs, given.values())}
     count = len(next(iter(arrays.values())))
     held_out = max(1, int(count * HELD_OUT_SHARE))
-    if count - held_out < 2:
-        raise InputError(f"--data {data}: {count} samples; distillation needs at least 3 (the last "
-                         f"{HELD_OUT_SHARE:.1%} are held out)")
+    if count - held_out < max(2, batch):
+        raise InputError(f"--data {data}: {count} samples, {count - held_out} to train on once the last {HELD_OUT_SHARE:.1%} "
+                         f"are held out; distillation needs at least {max(2, batch)}"
+                         + (f" (the model declares a batch of {batch})" if batch > 2 else "") + ": give more samples")
     return DistillData(pruned, teacher, {name: array[:-held_out] for name, array in arrays.items()},
                        {name: array[-held_out:] for name, array in arrays.items()},
                        str(data) if data is not None else SHIPPED)
@@ -91,9 +89,10 @@ def _shipped_sentences(teacher: Path, inputs: Sequence[ort.NodeArg], bound: dict
     the first that the model leaves free bound to the longest sentence), or an error saying
     ``--data`` is needed."""
     count, length = shipped_shape()
-    shapes = {i.name: (1, *(size if isinstance(size, int) and size > 0 else length for size in i.shape[1:]))
+    batch = declared_batch(onnx.load(str(teacher), load_external_data=False)) or 1
+    shapes = {i.name: (batch, *(size if isinstance(size, int) and size > 0 else length for size in i.shape[1:]))
               for i in inputs}
-    shapes.update({name: (1, *shape[1:]) for name, shape in bound.items()})
+    shapes.update({name: (batch, *shape[1:]) for name, shape in bound.items()})
     graph = load_model(teacher, shapes)
     text = known_text(graph, synthetic_calibration(graph, count, seed)[0])
     if text is None:

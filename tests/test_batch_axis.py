@@ -202,17 +202,21 @@ def test_re_fit_runs_return_at_most_their_bound_of_layer_inputs(tmp_path, monkey
     assert sizes == [batch]
 
 
-def test_distillation_refuses_a_model_that_fixes_a_batch_of_four(tmp_path):
-    """Distillation trains on batches of its own size: a model declaring a batch of 4 is refused
-    in one line that says what to do, before PyTorch is needed."""
+def test_distillation_needs_a_declared_batch_of_samples_to_train_on(tmp_path):
+    """A model declaring a batch of 4 trains on batches of 4: 4 samples, one of them held out,
+    are refused in one line that says what to do, before PyTorch is needed; 5 are enough."""
     from spa_compiler.distill_data import distillation_data
     from spa_compiler.errors import InputError
 
     _batch_in_reshape(tmp_path, batch=4)
     model = tmp_path / "model.onnx"
-    np.savez(tmp_path / "data.npz", x=np.zeros((16, 3, 8, 8), np.float32))
-    with pytest.raises(InputError, match=r"fixes a batch of 4 samples .* export the model with a free batch axis"):
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(InputError, match=r"4 samples, 3 to train on .* needs at least 4 \(the model declares a batch "
+                                         r"of 4\): give more samples"):
         distillation_data(model, model, tmp_path / "data.npz", tmp_path / "out.onnx")
+    np.savez(tmp_path / "data.npz", x=np.zeros((5, 3, 8, 8), np.float32))
+    prepared = distillation_data(model, model, tmp_path / "data.npz", tmp_path / "out.onnx")
+    assert (len(prepared.train["x"]), len(prepared.test["x"])) == (4, 1)
 
 
 @pytest.mark.accurate

@@ -115,14 +115,15 @@ def test_model_declaring_a_batch_of_one_trains_on_batches(exported, tmp_path):
 
 
 def _two_layer_model(weights: list[np.ndarray], batch: int | str, reshape: bool) -> onnx.ModelProto:
-    """x[batch, 8] -> MatMul -> Relu -> (Reshape to [1, -1]: two samples would become one row)
-    -> MatMul -> y[batch, 4]."""
+    """x[batch, 8] -> MatMul -> Relu -> (Reshape to [batch, -1], or [1, -1] for a free batch: any
+    other batch fails or merges samples) -> MatMul -> y[batch, 4]."""
     h = onnx.helper
     nodes = [h.make_node("MatMul", ["x", "w0"], ["a"]), h.make_node("Relu", ["a"], ["r"]),
              h.make_node("Reshape", ["r", "shape"], ["f"]) if reshape else h.make_node("Identity", ["r"], ["f"]),
              h.make_node("MatMul", ["f", "w1"], ["y"])]
     initializers = [onnx.numpy_helper.from_array(w, name) for w, name in zip(weights, ("w0", "w1"))]
-    initializers.append(onnx.numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape"))
+    rows = batch if isinstance(batch, int) and batch > 0 else 1
+    initializers.append(onnx.numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), "shape"))
     graph = h.make_graph(nodes, "two_layers", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 8])],
                          [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 4])], initializers)
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
@@ -149,6 +150,47 @@ def test_model_that_cannot_batch_trains_one_sample_at_a_time(tmp_path):
                      progress=lambda step, total, loss: steps.append(total))
     assert steps == [42] * 42
     assert result.written == "distilled" and result.after < 0.8 * result.before, result
+
+
+@pytest.mark.parametrize("reshape, steps", [(True, 5), (False, 1)])
+def test_model_declaring_a_batch_of_four_keeps_it(tmp_path, reshape, steps):
+    """A model exported with 4 samples: with a Reshape to [4, -1] it trains on batches of exactly
+    4 (21 training samples: 5 steps an epoch, one sample left out), else on batches of any size
+    (one step); either way the distilled model declares a batch of 4 and comes closer to the
+    teacher on the 3 held-out samples, run topped up to 4."""
+    teacher, student, data = _teacher_and_student(tmp_path, 4, reshape=reshape)
+    output, totals = tmp_path / "out.onnx", []
+    result = distill(student, teacher, data, output, epochs=8, learning_rate=1e-2,
+                     progress=lambda step, total, loss: totals.append(total))
+    assert totals == [8 * steps] * (8 * steps)
+    assert (result.samples, result.held_out) == (21, 3)
+    assert result.written == "distilled" and result.after < 0.8 * result.before, result
+    session = ort.InferenceSession(str(output))
+    assert session.get_inputs()[0].shape == [4, 8] and session.get_outputs()[0].shape == [4, 4]
+    x = np.random.default_rng(5).standard_normal((4, 8)).astype(np.float32)
+    assert session.run(None, {"x": x})[0].shape == (4, 4)
+
+
+def test_inputs_and_outputs_named_by_numbers_keep_their_names(tmp_path):
+    """The TorchScript exporter names outputs it was not told to name by numbers ("44"), which the
+    tracer refuses as names: the distilled model is traced under other names and renamed, its
+    input "0" and output "7" as the pruned model's, though the trace numbers its own tensors too."""
+    teacher, student, data = _teacher_and_student(tmp_path, "N", reshape=False)
+    for path in (teacher, student):
+        model = onnx.load(str(path))
+        for node in model.graph.node:
+            node.input[:] = ["0" if name == "x" else name for name in node.input]
+            node.output[:] = ["7" if name == "y" else name for name in node.output]
+        model.graph.input[0].name, model.graph.output[0].name = "0", "7"
+        onnx.save(model, str(path))
+    np.savez(data, **{"0": np.load(data)["x"]})
+    output = tmp_path / "out.onnx"
+    result = distill(student, teacher, data, output, epochs=4, learning_rate=1e-2)
+    assert result.written == "distilled" and result.after < 0.8 * result.before, result
+    session = ort.InferenceSession(str(output))
+    assert [i.name for i in session.get_inputs()] == ["0"] and [o.name for o in session.get_outputs()] == ["7"]
+    x = np.random.default_rng(4).standard_normal((5, 8)).astype(np.float32)
+    assert session.run(None, {"0": x})[0].shape == (5, 4)
 
 
 def test_batch_declared_as_minus_one_stays_free(tmp_path):

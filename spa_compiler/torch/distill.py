@@ -28,12 +28,16 @@ ship with it (:mod:`~spa_compiler.known_text`; axes the model leaves free bound 
 sentence, or as the caller binds them): all-MiniLM-L6-v2 pruned data-free to half its FLOPs,
 0.930 -> 0.942 in three epochs, 0.947 in ten, with no data anywhere.
 
-Batches are of ``BATCH_SIZE`` samples. A pruned model that declares a batch of 1 (an export
-without dynamic axes, or ``--input-shape``) trains on batches all the same when it computes each
-sample on its own (:func:`~spa_compiler.batch_axis.fixed_batch`), converted from a copy whose
-batch is free; one sample at a time only when it does not. The teacher's outputs are computed
-once and held, unless they take more than ``TARGET_BYTES``: then each batch's are computed as it
-is trained on.
+Batches are of ``BATCH_SIZE`` samples. A pruned model that declares its batch (an export
+without dynamic axes: most write 1, some the example's size; or ``--input-shape``) trains on
+batches all the same when it computes each sample on its own
+(:func:`~spa_compiler.batch_axis.fixed_batch`), converted from a copy whose batch is free; else
+on batches of exactly its declared size (MTCNN's stages flatten with a Reshape to ``[4, -1]``),
+each epoch's last few samples, fewer than that, left out (the order is drawn anew each epoch).
+Every onnxruntime run of a model that declares its batch holds exactly that many samples, the
+last topped up with copies (:func:`~spa_compiler.sample_layout.padded`). The teacher's outputs
+are computed once and held, unless they take more than ``TARGET_BYTES``: then each batch's are
+computed as it is trained on. The distilled model declares the batch the pruned one did.
 
 The trained module is exported back to ONNX (opset 17, the pruned model's input and output names,
 traced). Axes the pruned model leaves free (the samples', a sequence length) stay free when the
@@ -67,14 +71,15 @@ from ..distill_data import HELD_OUT_SHARE, DistillData, distillation_data, onnx_
 from ..ir import load_model
 from ..known_text import SHIPPED
 from ..model_files import save_model
-from ..shapes import free_batch_copy
+from ..sample_layout import padded, unpadded
+from ..shapes import declared_batch, free_batch_copy
 from ..token_augment import REPLACED, TokenCopies, with_copies_to
 from ..token_mask import attention_mask
 from .convert import to_torch
 
 __all__ = ["DistillResult", "distill", "distill_checked", "distillation_loss", "export_module", "HELD_OUT_SHARE", "BATCH_SIZE", "OPSET"]
 
-BATCH_SIZE = 32  # samples per step (1 for a model that cannot compute more than one sample at a time)
+BATCH_SIZE = 32  # samples per step (the declared batch for a model that cannot compute other batches)
 OPSET = 17  # of the exported distilled model
 WEIGHT_DECAY = 1e-4
 COPIES_UP_TO = 1024  # training token sequences that copies top a smaller set up to
@@ -155,21 +160,21 @@ def distill_checked(prepared: DistillData, output: str | Path, epochs: int = 3, 
     pruned, teacher, output, train, test = prepared.pruned, prepared.teacher, Path(output), prepared.train, prepared.test
     samples, held_out = (len(next(iter(part.values()))) for part in (train, test))
     proto = onnx.load(str(pruned), load_external_data=False)
-    graph = load_model(pruned, {name: (1, *np.shape(array)[1:]) for name, array in train.items()})  # free axes bound
+    declared = declared_batch(proto) or (1 if declares_batch_of_one(proto) else None)  # what every run holds
+    graph = load_model(pruned, {name: (declared or 1, *np.shape(array)[1:]) for name, array in train.items()})
     copies = with_copies_to(graph, train, COPIES_UP_TO, seed) if token_copies else TokenCopies(train)
     train = copies.data
-    declared_one = declares_batch_of_one(proto)
-    batch = BATCH_SIZE if not declared_one or not fixed_batch(graph) else 1
-    targets = _TeacherOutputs(teacher, train)
-    before = _held_out_error(pruned, teacher, test)
+    exact = declared if declared and fixed_batch(graph) else None  # samples every step of the module holds
+    targets = _TeacherOutputs(teacher, train, declared)
+    before = _held_out_error(pruned, teacher, test, declared)
     with tempfile.TemporaryDirectory() as folder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
-            module = _train(_trainable(pruned, declared_one and batch > 1, Path(folder)), train, targets, batch,
-                            epochs, learning_rate, seed, progress)
-        distilled, fixed = export_module(module, proto, train, Path(folder) / "distilled.onnx", declared_one)
-        mismatch = _export_mismatch(module, distilled, test, batch)
-        after = _held_out_error(distilled, teacher, test) if mismatch is None else float("nan")
+            module = _train(_trainable(pruned, bool(declared) and not exact, Path(folder)), train, targets,
+                            exact or BATCH_SIZE, bool(exact), epochs, learning_rate, seed, progress)
+        distilled, fixed = export_module(module, proto, train, Path(folder) / "distilled.onnx", declared)
+        mismatch = _export_mismatch(module, distilled, test, declared, exact)
+        after = _held_out_error(distilled, teacher, test, declared) if mismatch is None else float("nan")
         better = mismatch is None and after < before
         save_model(onnx.load(str(distilled if better else pruned)), output)
     return DistillResult(before, after, "distilled" if better else "pruned", samples, held_out, epochs,
@@ -178,7 +183,7 @@ def distill_checked(prepared: DistillData, output: str | Path, epochs: int = 3, 
 
 
 def _trainable(pruned: Path, free_batch: bool, folder: Path) -> torch.nn.Module:
-    """The pruned model in PyTorch; converted from a copy whose declared batch of 1 is free when
+    """The pruned model in PyTorch; converted from a copy whose declared batch is free when
     ``free_batch`` (the model computes each sample on its own: it trains on batches)."""
     if not free_batch:
         return to_torch(pruned)
@@ -187,19 +192,26 @@ def _trainable(pruned: Path, free_batch: bool, folder: Path) -> torch.nn.Module:
     return to_torch(copy)
 
 
-def _run(session: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Every output of ``session``'s model on ``arrays``, in batches of 64 (one sample at a time
-    when the model declares a batch of 1)."""
+def _run(session: ort.InferenceSession, arrays: dict[str, np.ndarray], declared: int | None) -> list[np.ndarray]:
+    """Every output of ``session``'s model on ``arrays``, in runs of 64 samples, or of exactly
+    the ``declared`` batch of a model that declares one (:func:`_in_runs`)."""
     names = [i.name for i in session.get_inputs()]
-    count = len(next(iter(arrays.values())))
-    step = 1 if _declares_batch_of_one(session) else 64
-    runs = [session.run(None, {name: arrays[name][start:start + step] for name in names})
-            for start in range(0, count, step)]
+    return _in_runs(lambda run: session.run(None, {name: run[name] for name in names}), arrays, declared or 64,
+                    declared)
+
+
+def _in_runs(compute: Callable[[dict[str, np.ndarray]], Sequence], arrays: dict[str, np.ndarray], step: int,
+             exact: int | None) -> list[np.ndarray]:
+    """``compute``'s outputs on ``arrays`` run ``step`` samples at a time, joined; with ``exact``
+    every run holds exactly that many, the last topped up with copies of its last sample
+    (:func:`~spa_compiler.sample_layout.padded`) and its outputs cut back to the samples given.
+    Outputs are copied out of each run (onnxruntime may return a fed array's memory)."""
+    count, runs = len(next(iter(arrays.values()))), []
+    for start in range(0, count, step):
+        run = {name: array[start:start + step] for name, array in arrays.items()}
+        outputs = compute(padded(run, exact))
+        runs.append([np.array(value) for value in unpadded(list(outputs), min(step, count - start), exact)])
     return [np.concatenate(parts) for parts in zip(*runs)]
-
-
-def _declares_batch_of_one(session: ort.InferenceSession) -> bool:
-    return any(v.shape and v.shape[0] == 1 for v in (*session.get_inputs(), *session.get_outputs()))
 
 
 class _TeacherOutputs:
@@ -207,16 +219,17 @@ class _TeacherOutputs:
     when they take at most ``TARGET_BYTES``, else computed for each batch as it is trained on
     (a detector's full-resolution maps over thousands of pages)."""
 
-    def __init__(self, teacher: Path, arrays: dict[str, np.ndarray]) -> None:
-        self.session, self.arrays = onnx_session(teacher), arrays
+    def __init__(self, teacher: Path, arrays: dict[str, np.ndarray], declared: int | None) -> None:
+        self.session, self.arrays, self.declared = onnx_session(teacher), arrays, declared
         count = len(next(iter(arrays.values())))
-        per_sample = sum(o.nbytes for o in _run(self.session, {k: v[:1] for k, v in arrays.items()}))
-        self.held = _run(self.session, arrays) if per_sample * count <= TARGET_BYTES else None
+        per_sample = sum(o.nbytes for o in _run(self.session, {k: v[:1] for k, v in arrays.items()}, declared))
+        self.held = _run(self.session, arrays, declared) if per_sample * count <= TARGET_BYTES else None
 
     def __getitem__(self, index: np.ndarray) -> list[torch.Tensor]:
         if self.held is not None:
             return [torch.from_numpy(t[index]) for t in self.held]
-        return [torch.from_numpy(t) for t in _run(self.session, {k: v[index] for k, v in self.arrays.items()})]
+        chosen = {k: v[index] for k, v in self.arrays.items()}
+        return [torch.from_numpy(t) for t in _run(self.session, chosen, self.declared)]
 
 
 def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
@@ -224,29 +237,32 @@ def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
     return None if mask is None else torch.from_numpy(mask.astype(np.float32))
 
 
-def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray]) -> float:
-    outputs = [torch.from_numpy(o) for o in _run(onnx_session(path), arrays)]
-    targets = [torch.from_numpy(t) for t in _run(onnx_session(teacher), arrays)]
+def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray], declared: int | None) -> float:
+    outputs = [torch.from_numpy(o) for o in _run(onnx_session(path), arrays, declared)]
+    targets = [torch.from_numpy(t) for t in _run(onnx_session(teacher), arrays, declared)]
     return float(distillation_loss(outputs, targets, _float_mask(arrays)))
 
 
 def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: _TeacherOutputs, batch_size: int,
-           epochs: int, learning_rate: float, seed: int,
+           whole_batches: bool, epochs: int, learning_rate: float, seed: int,
            progress: Callable[[int, int, float], None] | None) -> torch.nn.Module:
+    """``module`` trained on ``arrays`` toward ``targets``, ``batch_size`` samples a step (with
+    ``whole_batches``, exactly that many: each epoch's remainder is left out)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     names = list(arrays)
     inputs = [torch.from_numpy(arrays[name]) for name in names]
     mask = _float_mask(arrays)
     count = len(inputs[0])
-    steps = epochs * math.ceil(count / batch_size)
+    batches = count // batch_size if whole_batches else math.ceil(count / batch_size)
+    steps = epochs * batches
     optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     module.eval()  # BatchNorm statistics kept, dropout off; gradients flow all the same
     step = 0
     for _ in range(epochs):
         order = torch.randperm(count, generator=generator)
-        for start in range(0, count, batch_size):
+        for start in range(0, batches * batch_size, batch_size):
             index = order[start:start + batch_size].numpy()
             produced = module(*(x[index] for x in inputs))
             produced = list(produced) if isinstance(produced, (tuple, list)) else [produced]
@@ -262,9 +278,9 @@ def _train(module: torch.nn.Module, arrays: dict[str, np.ndarray], targets: _Tea
 
 
 def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[str, np.ndarray], path: Path,
-                  declared_one: bool = False) -> tuple[Path, tuple[str, ...]]:
+                  declared: int | None = None) -> tuple[Path, tuple[str, ...]]:
     """``module`` exported to ``path`` with the pruned model's input and output names, traced on
-    two samples (one when the pruned model declares a batch of 1, which the export keeps). Every
+    two samples (on its ``declared`` batch when the pruned model declares one, which the export keeps). Every
     axis the pruned model leaves free stays free when the export, run on the samples cut to half
     their size along those axes, reproduces the module there (a trace records shapes as the
     module computes them, or as constants); else only the samples' axis stays free, any other
@@ -272,7 +288,7 @@ def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[
     returned as ``name[axis]=size``."""
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in initializers]
-    sample = {v.name: arrays[v.name][: 1 if declared_one else 2] for v in inputs}
+    sample = {v.name: arrays[v.name][: declared or 2] for v in inputs}
     free = {value.name: {axis: dim.dim_param or ("samples" if axis == 0 else f"{value.name}_{axis}")
                          for axis, dim in enumerate(value.type.tensor_type.shape.dim)
                          if not (dim.HasField("dim_value") and dim.dim_value > 0)}  # -1 or 0, as Paddle writes, is free
@@ -283,7 +299,7 @@ def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[
     halved = _halved(sample, free)
     if any(halved[name].shape != array.shape for name, array in sample.items()):
         _trace(module, inputs, proto, sample, free, path)
-        if _export_mismatch(module, path, halved, len(next(iter(sample.values())))) is None:
+        if _export_mismatch(module, path, halved, declared, declared) is None:
             return path, ()
     _trace(module, inputs, proto, sample, batch_only, path)
     return path, fixed
@@ -291,13 +307,42 @@ def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[
 
 def _trace(module: torch.nn.Module, inputs: list[onnx.ValueInfoProto], proto: onnx.ModelProto,
            sample: dict[str, np.ndarray], dynamic: dict[str, dict[int, str]], path: Path) -> None:
-    """``module`` traced on ``sample`` into ``path``, the axes ``dynamic`` names left free."""
+    """``module`` traced on ``sample`` into ``path``, the axes ``dynamic`` names left free, its
+    inputs and outputs named as the pruned model's: traced under placeholder names, then renamed
+    (:func:`_renamed`), since the tracer refuses a name that is a number, as the TorchScript
+    exporter names the outputs it was not told to name."""
+    real = [v.name for v in inputs] + [v.name for v in proto.graph.output]
+    placeholders = [f"spa_input_{k}" for k in range(len(inputs))] + [f"spa_output_{k}" for k in range(len(proto.graph.output))]
+    placeholder = dict(zip(real, placeholders))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on values it records as constants
         torch.onnx.export(module, tuple(torch.from_numpy(sample[v.name]) for v in inputs), str(path), dynamo=False,
-                          opset_version=OPSET, input_names=[v.name for v in inputs],
-                          output_names=[v.name for v in proto.graph.output],
-                          dynamic_axes={name: axes for name, axes in dynamic.items() if axes} or None)
+                          opset_version=OPSET, input_names=placeholders[: len(inputs)],
+                          output_names=placeholders[len(inputs):],
+                          dynamic_axes={placeholder[name]: axes for name, axes in dynamic.items() if axes} or None)
+    traced = onnx.load(str(path))
+    _renamed(traced.graph, dict(zip(placeholders, real)))
+    onnx.save(traced, str(path))
+
+
+def _renamed(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Every reference in ``graph`` (and the subgraphs of its nodes) to a tensor ``names`` maps
+    renamed to what it maps to; any other tensor already bearing one of the new names first
+    takes that name with ``.traced`` appended (a trace numbers its tensors)."""
+    taken = set(names.values()) - set(names)
+    moved = {**{name: f"{name}.traced" for name in taken}, **names}
+
+    def rename(part: onnx.GraphProto) -> None:
+        for node in part.node:
+            node.input[:] = [moved.get(name, name) for name in node.input]
+            node.output[:] = [moved.get(name, name) for name in node.output]
+            for attribute in node.attribute:
+                for subgraph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                    rename(subgraph)
+        for value in (*part.input, *part.output, *part.value_info, *part.initializer):
+            value.name = moved.get(value.name, value.name)
+
+    rename(graph)
 
 
 def _halved(sample: dict[str, np.ndarray], free: dict[str, dict[int, str]]) -> dict[str, np.ndarray]:
@@ -307,12 +352,14 @@ def _halved(sample: dict[str, np.ndarray], free: dict[str, dict[int, str]]) -> d
             for name, array in sample.items()}
 
 
-def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray], batch: int) -> str | None:
+def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray], declared: int | None,
+                     exact: int | None) -> str | None:
     """None when the exported model at ``path`` gives the module's outputs on ``arrays`` (a batch
     other than the traced one) within ``EXPORT_TOLERANCE`` of their largest magnitude; else why not.
-    The module runs ``batch`` samples at a time, as it trained."""
+    The exported model runs its ``declared`` batch at a time (if any), the module ``exact``
+    samples at a time where it must, as it trained."""
     try:
-        exported, trained = _run(onnx_session(path), arrays), _run_module(module, arrays, batch)
+        exported, trained = _run(onnx_session(path), arrays, declared), _run_module(module, arrays, exact)
     except Exception as exc:  # onnxruntime's or torch's own error types: the trace baked in a shape
         return f"fails on the held-out samples ({' '.join(str(exc).split())[:200]})"
     for ours, theirs in zip(exported, trained):
@@ -322,13 +369,13 @@ def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.n
     return None
 
 
-def _run_module(module: torch.nn.Module, arrays: dict[str, np.ndarray], step: int) -> list[np.ndarray]:
-    """Every output of ``module`` on ``arrays`` (in input order), ``step`` samples at a time."""
-    count = len(next(iter(arrays.values())))
-    runs = []
+def _run_module(module: torch.nn.Module, arrays: dict[str, np.ndarray], exact: int | None) -> list[np.ndarray]:
+    """Every output of ``module`` on ``arrays`` (in input order), ``BATCH_SIZE`` samples at a
+    time, or exactly ``exact`` (:func:`_in_runs`)."""
+    def compute(run: dict[str, np.ndarray]) -> list[np.ndarray]:
+        produced = module(*(torch.from_numpy(a) for a in run.values()))
+        return [t.numpy() for t in (produced if isinstance(produced, (tuple, list)) else [produced])]
+
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
-        for start in range(0, count, step):
-            produced = module(*(torch.from_numpy(a[start:start + step]) for a in arrays.values()))
-            runs.append([t.numpy() for t in (produced if isinstance(produced, (tuple, list)) else [produced])])
-    return [np.concatenate(parts) for parts in zip(*runs)]
+        return _in_runs(compute, arrays, exact or BATCH_SIZE, exact)
