@@ -165,16 +165,16 @@ def distill_checked(prepared: DistillData, output: str | Path, epochs: int = 3, 
     copies = with_copies_to(graph, train, COPIES_UP_TO, seed) if token_copies else TokenCopies(train)
     train = copies.data
     exact = declared if declared and fixed_batch(graph) else None  # samples every step of the module holds
-    targets = _TeacherOutputs(teacher, train, declared)
-    before = _held_out_error(pruned, teacher, test, declared)
+    targets = _TeacherOutputs(teacher, train)
+    before = _held_out_error(pruned, teacher, test)
     with tempfile.TemporaryDirectory() as folder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # onnx2torch's notes on deprecated indexing and the like
             module = _train(_trainable(pruned, bool(declared) and not exact, Path(folder)), train, targets,
                             exact or BATCH_SIZE, bool(exact), epochs, learning_rate, seed, progress)
         distilled, fixed = export_module(module, proto, train, Path(folder) / "distilled.onnx", declared)
-        mismatch = _export_mismatch(module, distilled, test, declared, exact)
-        after = _held_out_error(distilled, teacher, test, declared) if mismatch is None else float("nan")
+        mismatch = _export_mismatch(module, distilled, test, exact)
+        after = _held_out_error(distilled, teacher, test) if mismatch is None else float("nan")
         better = mismatch is None and after < before
         save_model(onnx.load(str(distilled if better else pruned)), output)
     return DistillResult(before, after, "distilled" if better else "pruned", samples, held_out, epochs,
@@ -192,12 +192,22 @@ def _trainable(pruned: Path, free_batch: bool, folder: Path) -> torch.nn.Module:
     return to_torch(copy)
 
 
-def _run(session: ort.InferenceSession, arrays: dict[str, np.ndarray], declared: int | None) -> list[np.ndarray]:
+def _run(session: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Every output of ``session``'s model on ``arrays``, in runs of 64 samples, or of exactly
-    the ``declared`` batch of a model that declares one (:func:`_in_runs`)."""
+    the batch the model declares (:func:`_declared_batch`, :func:`_in_runs`)."""
     names = [i.name for i in session.get_inputs()]
+    declared = _declared_batch(session)
     return _in_runs(lambda run: session.run(None, {name: run[name] for name in names}), arrays, declared or 64,
                     declared)
+
+
+def _declared_batch(session: ort.InferenceSession) -> int | None:
+    """The samples every run of ``session``'s model holds: the first dimension its first input
+    fixes, else 1 where an input or output fixes a first dimension of 1; None when it is free."""
+    first = session.get_inputs()[0].shape
+    if first and isinstance(first[0], int) and first[0] > 0:
+        return first[0]
+    return 1 if any(v.shape and v.shape[0] == 1 for v in (*session.get_inputs(), *session.get_outputs())) else None
 
 
 def _in_runs(compute: Callable[[dict[str, np.ndarray]], Sequence], arrays: dict[str, np.ndarray], step: int,
@@ -219,17 +229,16 @@ class _TeacherOutputs:
     when they take at most ``TARGET_BYTES``, else computed for each batch as it is trained on
     (a detector's full-resolution maps over thousands of pages)."""
 
-    def __init__(self, teacher: Path, arrays: dict[str, np.ndarray], declared: int | None) -> None:
-        self.session, self.arrays, self.declared = onnx_session(teacher), arrays, declared
+    def __init__(self, teacher: Path, arrays: dict[str, np.ndarray]) -> None:
+        self.session, self.arrays = onnx_session(teacher), arrays
         count = len(next(iter(arrays.values())))
-        per_sample = sum(o.nbytes for o in _run(self.session, {k: v[:1] for k, v in arrays.items()}, declared))
-        self.held = _run(self.session, arrays, declared) if per_sample * count <= TARGET_BYTES else None
+        per_sample = sum(o.nbytes for o in _run(self.session, {k: v[:1] for k, v in arrays.items()}))
+        self.held = _run(self.session, arrays) if per_sample * count <= TARGET_BYTES else None
 
     def __getitem__(self, index: np.ndarray) -> list[torch.Tensor]:
         if self.held is not None:
             return [torch.from_numpy(t[index]) for t in self.held]
-        chosen = {k: v[index] for k, v in self.arrays.items()}
-        return [torch.from_numpy(t) for t in _run(self.session, chosen, self.declared)]
+        return [torch.from_numpy(t) for t in _run(self.session, {k: v[index] for k, v in self.arrays.items()})]
 
 
 def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
@@ -237,9 +246,9 @@ def _float_mask(arrays: dict[str, np.ndarray]) -> torch.Tensor | None:
     return None if mask is None else torch.from_numpy(mask.astype(np.float32))
 
 
-def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray], declared: int | None) -> float:
-    outputs = [torch.from_numpy(o) for o in _run(onnx_session(path), arrays, declared)]
-    targets = [torch.from_numpy(t) for t in _run(onnx_session(teacher), arrays, declared)]
+def _held_out_error(path: Path, teacher: Path, arrays: dict[str, np.ndarray]) -> float:
+    outputs = [torch.from_numpy(o) for o in _run(onnx_session(path), arrays)]
+    targets = [torch.from_numpy(t) for t in _run(onnx_session(teacher), arrays)]
     return float(distillation_loss(outputs, targets, _float_mask(arrays)))
 
 
@@ -299,7 +308,7 @@ def export_module(module: torch.nn.Module, proto: onnx.ModelProto, arrays: dict[
     halved = _halved(sample, free)
     if any(halved[name].shape != array.shape for name, array in sample.items()):
         _trace(module, inputs, proto, sample, free, path)
-        if _export_mismatch(module, path, halved, declared, declared) is None:
+        if _export_mismatch(module, path, halved, declared) is None:
             return path, ()
     _trace(module, inputs, proto, sample, batch_only, path)
     return path, fixed
@@ -352,14 +361,12 @@ def _halved(sample: dict[str, np.ndarray], free: dict[str, dict[int, str]]) -> d
             for name, array in sample.items()}
 
 
-def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray], declared: int | None,
-                     exact: int | None) -> str | None:
+def _export_mismatch(module: torch.nn.Module, path: Path, arrays: dict[str, np.ndarray], exact: int | None) -> str | None:
     """None when the exported model at ``path`` gives the module's outputs on ``arrays`` (a batch
     other than the traced one) within ``EXPORT_TOLERANCE`` of their largest magnitude; else why not.
-    The exported model runs its ``declared`` batch at a time (if any), the module ``exact``
-    samples at a time where it must, as it trained."""
+    The module runs ``exact`` samples at a time where it must, as it trained."""
     try:
-        exported, trained = _run(onnx_session(path), arrays, declared), _run_module(module, arrays, exact)
+        exported, trained = _run(onnx_session(path), arrays), _run_module(module, arrays, exact)
     except Exception as exc:  # onnxruntime's or torch's own error types: the trace baked in a shape
         return f"fails on the held-out samples ({' '.join(str(exc).split())[:200]})"
     for ours, theirs in zip(exported, trained):
