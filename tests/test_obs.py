@@ -150,16 +150,17 @@ def test_a_channel_that_is_a_linear_combination_is_removed_with_no_error(tmp_pat
     assert sorted(result.compensated) == ["W2"]
 
 
-def _features_into_an_lstm(path, hidden: int = 4):
-    """x[N,5,8] -> MatMul W1 -> Add b1 -> Transpose -> LSTM (8 -> ``hidden``) -> Y: feature 6 is
-    features 0 + 1, feature 7 the constant 2; the LSTM's hidden units, a graph output, stay."""
+def _features_into_a_recurrent_layer(path, op: str, hidden: int = 4):
+    """x[N,5,8] -> MatMul W1 -> Add b1 -> Transpose -> ``op`` (8 -> ``hidden``) -> Y: feature 6
+    is features 0 + 1, feature 7 the constant 2; the hidden units, a graph output, stay."""
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
     text = f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 5, 8] x) => (float[5, 1, N, {hidden}] y) {{
             m = MatMul (x, W1)
             a = Add (m, b1)
             t = Transpose <perm = [1, 0, 2]> (a)
-            y = LSTM <hidden_size = {hidden}> (t, W, R, B)
+            y = {op} <hidden_size = {hidden}> (t, W, R, B)
         }}
     """
     model = onnx.parser.parse_model(text)
@@ -167,19 +168,21 @@ def _features_into_an_lstm(path, hidden: int = 4):
     w1, b1 = rng.standard_normal((8, 8)), 0.1 * rng.standard_normal(8)
     w1[:, 6], b1[6] = w1[:, 0] + w1[:, 1], b1[0] + b1[1]
     w1[:, 7], b1[7] = 0.0, 2.0
-    constants = {"W1": w1, "b1": b1, "W": 0.5 * rng.standard_normal((1, 4 * hidden, 8)),
-                 "R": 0.5 * rng.standard_normal((1, 4 * hidden, hidden)), "B": 0.5 * rng.standard_normal((1, 8 * hidden))}
+    constants = {"W1": w1, "b1": b1, "W": 0.5 * rng.standard_normal((1, gates * hidden, 8)),
+                 "R": 0.5 * rng.standard_normal((1, gates * hidden, hidden)),
+                 "B": 0.5 * rng.standard_normal((1, 2 * gates * hidden))}
     model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items())
     onnx.save(model, path)
     return path
 
 
-def test_an_lstm_reading_pruned_features_is_compensated_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("op, gates", [("RNN", 1), ("GRU", 3), ("LSTM", 4)])
+def test_a_recurrent_layer_reading_pruned_features_is_compensated_exactly(tmp_path, monkeypatch, op, gates):
     """Features 6 and 7 are a combination of two others and a constant: removing either leaves
-    the LSTM's gates unchanged once its input weights take the first up and the input half of its
-    bias (``B[:, :4H]``, not the recurrence's half) the second."""
+    the gates unchanged once the input weights take the first up and the input half of the bias
+    (``B[:, :G H]``, not the recurrence's half) the second."""
     monkeypatch.setattr(obs, "DAMPING", 1e-9)
-    source = _features_into_an_lstm(tmp_path / "m.onnx")
+    source = _features_into_a_recurrent_layer(tmp_path / "m.onnx", op)
     rng = np.random.default_rng(5)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 5, 8)).astype(np.float32))
     graph = load_model(source, {"x": (1, 5, 8)})
@@ -187,7 +190,7 @@ def test_an_lstm_reading_pruned_features_is_compensated_exactly(tmp_path, monkey
                                             calibration=str(tmp_path / "calib.npz")))
     assert set(result.removed_by_axis[result.analysis.axis_id("W1", 1)].tolist()) in ({0, 7}, {1, 7}, {6, 7})
     assert sorted(result.compensated) == ["B", "W"]
-    assert np.array_equal(result.compensated["B"][:, 16:], graph.constants["B"][:, 16:])
+    assert np.array_equal(result.compensated["B"][:, gates * 4:], graph.constants["B"][:, gates * 4:])
     fresh = {"x": rng.standard_normal((16, 5, 8)).astype(np.float32)}
     assert relative_error(run_model(graph.model, fresh), run_model(result.model, fresh)) < 1e-5
     uncompensated = prune_graph(graph, PruneConfig(ratio=0.25, round_to=1, min_keep=0.0, criterion="l2"))
