@@ -66,13 +66,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..batch_axis import declares_batch_of_one, fixed_batch
+from ..batch_axis import fixed_batch
 from ..distill_data import HELD_OUT_SHARE, DistillData, distillation_data, onnx_session
 from ..ir import load_model
 from ..known_text import SHIPPED
 from ..model_files import save_model
 from ..sample_layout import padded, unpadded
-from ..shapes import declared_batch, free_batch_copy
+from ..shapes import free_batch_copy
 from ..token_augment import REPLACED, TokenCopies, with_copies_to
 from ..token_mask import attention_mask
 from .convert import to_torch
@@ -160,7 +160,7 @@ def distill_checked(prepared: DistillData, output: str | Path, epochs: int = 3, 
     pruned, teacher, output, train, test = prepared.pruned, prepared.teacher, Path(output), prepared.train, prepared.test
     samples, held_out = (len(next(iter(part.values()))) for part in (train, test))
     proto = onnx.load(str(pruned), load_external_data=False)
-    declared = declared_batch(proto) or (1 if declares_batch_of_one(proto) else None)  # what every run holds
+    declared = _declared_batch(onnx_session(pruned))  # what every run holds
     graph = load_model(pruned, {name: (declared or 1, *np.shape(array)[1:]) for name, array in train.items()})
     copies = with_copies_to(graph, train, COPIES_UP_TO, seed) if token_copies else TokenCopies(train)
     train = copies.data
