@@ -239,7 +239,7 @@ def consumer_layers(analysis: Analysis) -> list[ConsumerLayer]:
             if view is None or floats is None:
                 continue
             positions = int(np.prod(view.kernel))
-            patches = len(view.kernel) == 2 and positions * weight.shape[ref.axis] <= MAX_PATCH_FEATURES
+            patches = view.patches and len(view.kernel) == 2 and positions * weight.shape[ref.axis] <= MAX_PATCH_FEATURES
             layers[node.name] = ConsumerLayer(
                 node.name, node.op_type, floats[0], ref.tensor, ref.axis,
                 positions if patches else 1, _bias_of(graph, node, view, floats[1]),

@@ -200,6 +200,49 @@ def test_a_recurrent_layer_reading_pruned_features_is_compensated_exactly(tmp_pa
     assert relative_error(run_model(graph.model, fresh), run_model(uncompensated.model, fresh)) > 0.05
 
 
+def _features_into_a_transposed_convolution(path, kernel: int, stride: int, pads: int):
+    """x[N,8,6,6] -> Conv 1x1 (8 -> 8) -> ConvTranspose (8 -> 3, ``kernel``, ``stride``, ``pads``)
+    -> y: feature 7 is features 0 + 1."""
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 8, 6, 6] x) => (float[N, 3, H, W] y) {{
+            a = Conv (x, W1, b1)
+            y = ConvTranspose <strides = [{stride}, {stride}], pads = [{pads}, {pads}, {pads}, {pads}]> (a, W, B)
+        }}
+    """
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(6)
+    w1, b1 = rng.standard_normal((8, 8, 1, 1)), 0.1 * rng.standard_normal(8)
+    w1[7], b1[7] = w1[0] + w1[1], b1[0] + b1[1]
+    constants = {"W1": w1, "b1": b1, "W": 0.5 * rng.standard_normal((8, 3, kernel, kernel)), "B": rng.standard_normal(3)}
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items())
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("kernel, stride, pads", [(2, 2, 0), (3, 2, 1)])
+def test_a_transposed_convolution_reading_pruned_features_is_compensated_exactly(tmp_path, monkeypatch, kernel,
+                                                                                 stride, pads):
+    """Feature 7 is the sum of features 0 and 1: removing one of the three leaves the output
+    unchanged once the transposed convolution's weights (every kernel position's) take it up.
+    Overlapping kernel positions (3 at stride 2) change nothing: each position's share is exact
+    on its own. Its bias, added once to every output, is left as it is."""
+    monkeypatch.setattr(obs, "DAMPING", 1e-9)
+    source = _features_into_a_transposed_convolution(tmp_path / "m.onnx", kernel, stride, pads)
+    rng = np.random.default_rng(7)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 8, 6, 6)).astype(np.float32))
+    graph = load_model(source, {"x": (1, 8, 6, 6)})
+    result = prune_graph(graph, PruneConfig(ratio=0.125, round_to=1, min_keep=0.0, criterion="obs", refit_rounds=0,
+                                            calibration=str(tmp_path / "calib.npz")))
+    removed = set(result.removed_by_axis[result.analysis.axis_id("W1", 0)].tolist())
+    assert len(removed) == 1 and removed <= {0, 1, 7}
+    assert sorted(result.compensated) == ["W"]
+    fresh = {"x": rng.standard_normal((8, 8, 6, 6)).astype(np.float32)}
+    assert relative_error(run_model(graph.model, fresh), run_model(result.model, fresh)) < 1e-5
+    uncompensated = prune_graph(graph, PruneConfig(ratio=0.125, round_to=1, min_keep=0.0, criterion="l2"))
+    assert relative_error(run_model(graph.model, fresh), run_model(uncompensated.model, fresh)) > 0.05
+
+
 def test_without_compensation_the_same_removal_loses_accuracy(tmp_path):
     source = _two_layer_model(tmp_path / "m.onnx", combination=True)
     rng = np.random.default_rng(3)

@@ -147,6 +147,18 @@ class ConvTranspose(_ConvBase):
         x, w = node.inputs[0], node.inputs[1]
         return [(x, k) for k in range(len(shape(x)))] + [(w, k) for k in range(1, len(shape(w)))]
 
+    def input_weight(self, node: "Node", weight: str, axis: int, shape: tuple[int, ...]) -> WeightView | None:
+        """``W[i, o, k...]`` of a one-group transposed convolution over channels-first X: input
+        position ``p`` adds ``W[:, o, k] · X[:, p]`` to output ``o`` at ``p s + k`` (less the pads),
+        one linear map of ``X[:, p]`` per kernel position. Where kernel positions overlap
+        (kernel > stride) an output sums several, and the statistics treat each on its own. The
+        view has no bias: ``B[o]`` is added once to every output, which no kernel position's row
+        owns (a constant that one removed channel adds through ``W[c, o, k]`` differs by ``k``),
+        so compensation changes the weights alone."""
+        if node.inputs[1] != weight or int(node.attr("group", 1)) != 1:
+            return None
+        return WeightView(shape[1], 1, tuple(shape[2:]), None, patches=False)
+
 
 @register_op("Gemm")
 class Gemm(OpRule):

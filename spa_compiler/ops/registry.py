@@ -108,13 +108,18 @@ class WeightView:
     convolution reads them; -1: the last axis, as a linear layer does), ``bias`` the node's own
     bias input (None: none, or one added by a later node), ``bias_columns`` how much of its last
     axis is the bias of ``W x`` (0: all of it; a recurrent layer's ``B`` is ``[dirs, 2 G H]``,
-    ``W``'s bias the first ``G H`` of each direction's row, the recurrence's the rest)."""
+    ``W``'s bias the first ``G H`` of each direction's row, the recurrence's the rest),
+    ``patches`` whether an output position reads a window of kernel positions of the input (a
+    Conv: im2col patch statistics apply) or, False, each kernel position's row of ``W`` reads one
+    input position (a ConvTranspose spreads every input position over the kernel: statistics of
+    the input's positions, one row per output channel and kernel position)."""
 
     outputs: int
     channel_axis: int
     kernel: tuple[int, ...] = ()
     bias: str | None = None
     bias_columns: int = 0
+    patches: bool = True
 
 
 class OpRule:
