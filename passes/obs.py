@@ -18,7 +18,7 @@ import numpy as np
 from spa_compiler.analysis import Group
 from spa_compiler.criteria import Criterion, ScoreContext, register_criterion
 from spa_compiler.pipeline import Pass
-from spa_compiler.secondorder import DAMPING, Consumer, augmented, compensate_layer, greedy_scores, removal_costs
+from spa_compiler.secondorder import Consumer, compensate_layer, compensation_system, greedy_scores, removal_costs
 from spa_compiler.state import PruneState
 
 from .magnitude import L2Magnitude
@@ -60,8 +60,7 @@ class OBS(Criterion):
         by_axis = group.by_axis()
         for axis_id, stats in ctx.statistics_for(group):
             layer = stats.layer
-            weights = augmented(layer, ctx.analysis.graph.float_constants)
-            inverse = stats.inverse(DAMPING)
+            weights, inverse = compensation_system(stats, ctx.analysis.graph.float_constants)
             energy = (float(np.sum((weights @ stats.hessian) * weights)) or 1.0) if self.relative else 1.0
             units, channels = by_axis[axis_id]
             costs = removal_costs(weights, inverse, channels, layer.features_per_channel)
@@ -74,8 +73,8 @@ class OBS(Criterion):
         consumers = []
         for axis_id, stats in ctx.statistics_for(group):
             units, channels = by_axis[axis_id]
-            weights = augmented(stats.layer, ctx.analysis.graph.float_constants)
-            consumers.append(Consumer(weights, stats.inverse(DAMPING), np.asarray(units), np.asarray(channels),
+            weights, inverse = compensation_system(stats, ctx.analysis.graph.float_constants)
+            consumers.append(Consumer(weights, inverse, np.asarray(units), np.asarray(channels),
                                       stats.layer.features_per_channel))
         return greedy_scores(consumers, len(group.units), group.prunable)
 

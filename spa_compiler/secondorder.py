@@ -36,7 +36,7 @@ import numpy as np
 from .calibrate import ConsumerLayer, LayerStatistics
 
 __all__ = [
-    "DAMPING", "feature_columns", "removal_costs", "compensated", "augmented", "compensate_layer", "Consumer",
+    "DAMPING", "feature_columns", "removal_costs", "compensated", "augmented", "compensation_system", "compensate_layer", "Consumer",
     "greedy_scores", "GREEDY_STEPS", "GREEDY_SHARE", "GREEDY_MAX_FEATURES",
 ]
 
@@ -79,16 +79,26 @@ def augmented(layer: ConsumerLayer, constants: Mapping[str, np.ndarray]) -> np.n
     return np.hstack([matrix, bias[:, None]])
 
 
+def compensation_system(stats: LayerStatistics, constants: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, (H + λI)⁻¹)`` that removal costs and compensation work with: with a bias, ``W``
+    augmented by it and ``H`` by the constant feature, so a removed channel's mean moves into
+    the bias; without one, the features alone (a removed channel's mean then costs what the
+    remaining channels cannot carry of it)."""
+    weights = augmented(stats.layer, constants)
+    if stats.layer.bias is None:
+        return weights[:, :-1], stats.inverse(DAMPING, with_bias=False)
+    return weights, stats.inverse(DAMPING)
+
+
 def compensate_layer(stats: LayerStatistics, constants: Mapping[str, np.ndarray],
                      channels: np.ndarray) -> dict[str, np.ndarray]:
     """New values of the layer's weight (and bias) once its input ``channels`` are removed,
     at the original shapes (the removed columns become zero)."""
     layer = stats.layer
-    weights = augmented(layer, constants)
-    columns = feature_columns(channels, layer.features_per_channel)
-    inverse = stats.inverse(DAMPING, with_bias=layer.bias is not None)
-    result = compensated(weights if layer.bias else weights[:, :-1], inverse, columns)
-    updates = {layer.weight: layer.from_matrix(result[:, : weights.shape[1] - 1], constants[layer.weight])}
+    weights, inverse = compensation_system(stats, constants)
+    result = compensated(weights, inverse, feature_columns(channels, layer.features_per_channel))
+    updates = {layer.weight: layer.from_matrix(result[:, : weights.shape[1] - (layer.bias is not None)],
+                                               constants[layer.weight])}
     if layer.bias:
         updates[layer.bias] = layer.bias_from_rows(result[:, -1], constants[layer.bias])
     return updates
