@@ -61,7 +61,9 @@ class OBS(Criterion):
         for axis_id, stats in ctx.statistics_for(group):
             layer = stats.layer
             weights, inverse = compensation_system(stats, ctx.analysis.graph.float_constants)
-            energy = (float(np.sum((weights @ stats.hessian) * weights)) or 1.0) if self.relative else 1.0
+            features = weights.shape[1]  # with the constant feature when the layer has a bias
+            hessian = stats.hessian[:features, :features]
+            energy = (float(np.sum((weights @ hessian) * weights)) or 1.0) if self.relative else 1.0
             units, channels = by_axis[axis_id]
             costs = removal_costs(weights, inverse, channels, layer.features_per_channel)
             totals += np.bincount(units, weights=costs / energy, minlength=len(group.units))

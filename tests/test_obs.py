@@ -243,6 +243,19 @@ def test_a_transposed_convolution_reading_pruned_features_is_compensated_exactly
     assert relative_error(run_model(graph.model, fresh), run_model(uncompensated.model, fresh)) > 0.05
 
 
+@pytest.mark.parametrize("criterion", ["obs", "obs_joint", "obs_relative"])
+def test_every_second_order_criterion_scores_a_layer_without_a_bias(tmp_path, monkeypatch, criterion):
+    """The transposed convolution has no bias: each criterion scores it over its features alone
+    and removes one of the three features that carry a sum, which compensation makes free."""
+    monkeypatch.setattr(obs, "DAMPING", 1e-9)
+    source = _features_into_a_transposed_convolution(tmp_path / "m.onnx", 2, 2, 0)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(8).standard_normal((16, 8, 6, 6)).astype(np.float32))
+    graph = load_model(source, {"x": (1, 8, 6, 6)})
+    result = prune_graph(graph, PruneConfig(ratio=0.125, round_to=1, min_keep=0.0, criterion=criterion,
+                                            refit_rounds=0, calibration=str(tmp_path / "calib.npz")))
+    assert set(result.removed_by_axis[result.analysis.axis_id("W1", 0)].tolist()) <= {0, 1, 7}
+
+
 def test_without_compensation_the_same_removal_loses_accuracy(tmp_path):
     source = _two_layer_model(tmp_path / "m.onnx", combination=True)
     rng = np.random.default_rng(3)
